@@ -1,0 +1,83 @@
+"""The configuration every stage reads: ``configs/default.yaml``, a user file over it, then ``key=value`` sets.
+
+One merged, validated dict flows from the CLI (or the Snakefile) into the stage functions; each stage reads
+its own section (``slide``, ``tissue``, ``tiling``, ``extract``, ``cluster``, ``mil``, ``heatmap``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULTS_PATH = CONFIG_DIR / "default.yaml"
+SCHEMA_PATH = CONFIG_DIR / "schema.yaml"
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``, recursing into nested dicts (lists and scalars are replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def parse_set(item: str) -> dict:
+    """``tiling.tile_px=224`` -> ``{"tiling": {"tile_px": 224}}``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(None, f"--set {item!r} is not key=value", "e.g. --set tiling.tile_px=224")
+    key, value = item.split("=", 1)
+    node: dict[str, Any] = {}
+    out = node
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node[p] = {}
+        node = node[p]
+    node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def validate(config: dict) -> dict:
+    """Check ``config`` against ``configs/schema.yaml``; the error names the bad key and value."""
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        where = ".".join(str(p) for p in e.path) or "(top level)"
+        raise ConfigError(None, f"config key {where}: {e.message}", "see configs/default.yaml for the options")
+    return config
+
+
+def load_config(config_file: str | Path | None = None, sets: list[str] | tuple = (),
+                overrides: dict | None = None) -> dict:
+    """Defaults, then ``config_file`` (YAML or JSON), then ``overrides``, then each ``--set``; validated."""
+    config = yaml.safe_load(DEFAULTS_PATH.read_text())
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.exists():
+            raise ConfigError(path, "config file does not exist")
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(path, f"config file is not valid YAML: {e}") from e
+        if not isinstance(user, dict):
+            raise ConfigError(path, "config file must hold a mapping of keys")
+        config = deep_merge(config, user)
+    if overrides:
+        config = deep_merge(config, overrides)
+    for item in sets:
+        config = deep_merge(config, parse_set(item))
+    return validate(config)
+
+
+def dumps(config: dict) -> str:
+    """Canonical JSON of a config (section), for provenance attrs and Snakemake params."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))

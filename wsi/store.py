@@ -1,0 +1,536 @@
+"""The per-slide Zarr v3 store: the contract between the stages.
+
+Every stage reads and writes slides only through this module. ``tile`` creates the store; ``extract`` adds
+``features/<encoder>``; ``predict`` adds ``scores/<run>``; ``heatmap`` only reads.
+
+Layout of ``<out>/stores/<slide_id>.zarr`` (schema_version 1)
+==============================================================
+
+============================  ==========================  =====================================================
+path                          kind                        what
+============================  ==========================  =====================================================
+attrs ``schema_version``      int                         1; bumped on a breaking change
+attrs ``slide_id``            str                         file name of the slide without its extension
+attrs ``slide``               :class:`SlideAttrs`         source path/size/mtime, backend, vendor, level-0 size,
+                                                          MPP and where it came from, objective power, levels
+attrs ``tiling``              :class:`TilingAttrs`        target MPP, tile size, read level, footprint at
+                                                          level 0, tissue parameters, codec, wsi version
+attrs ``complete``            bool                        set last by ``tile``; a store without it is absent
+``coords``                    int64 (N, 2)                x, y of each tile's top-left corner at level 0
+``tissue_fraction``           float32 (N,)                tissue share of each tile, from the tissue mask
+``tiles``                     uint8 (N, T, T, 3)          RGB tiles at ``target_mpp``; chunked by
+                                                          ``tiling.chunk_tiles`` tiles; absent when
+                                                          ``tiling.store_pixels`` is false
+``mask/tissue``               uint8 (h, w)                tissue mask (0/1); attrs ``downsample`` (level-0
+                                                          pixels per mask pixel) and ``mpp``
+``mask/thumbnail``            uint8 (h, w, 3)             RGB thumbnail on the mask's grid; same attrs
+``features/<key>``            float32 (N, D)              written by extract; attrs :class:`FeatureAttrs`
+                                                          and ``complete``; ``key = encoder_key(encoder)``
+``scores/<run>/attention``    float32 (N,)                per-tile attention (sums to 1 over the slide)
+``scores/<run>/class_scores`` float32 (N, C)              per-tile class probabilities
+attrs of ``scores/<run>``     :class:`ScoreAttrs` +       model run, classes, encoder, slide prediction
+                              ``complete``
+============================  ==========================  =====================================================
+
+Completion and atomicity
+------------------------
+* ``tile`` writes the whole store under a temporary sibling name, sets ``complete`` last and renames it into
+  place, so a killed run never leaves a store that claims to be complete.
+* ``features/<key>`` and ``scores/<run>`` are written in place, with ``complete`` set last on the array or
+  group. Anything without ``complete`` is treated as absent: the next run deletes and redoes it.
+* Writers that run in parallel (Dask tasks) write whole chunks only, so no two writers share a chunk: Zarr v3
+  has no write locks.
+
+Tile codecs
+-----------
+``lossless`` stores tiles with Blosc/zstd. ``jpeg`` and ``jpegxl`` use :class:`TileImageCodec`, a Zarr v3
+array-to-bytes codec (name ``wsi.tile_image``) that encodes each tile of a chunk as its own image, so lossy
+compression never bleeds across tiles. Reading such a store needs ``import wsi.store`` (which registers it).
+
+>>> import tempfile, numpy as np
+>>> d = tempfile.mkdtemp()
+>>> slide = SlideAttrs(source_path="a.svs", source_size=1, source_mtime=0.0, backend="openslide",
+...                    vendor="aperio", width=1024, height=512, mpp_x=0.25, mpp_y=0.25, mpp_source="file",
+...                    objective_power=40.0, level_count=1, level_downsamples=(1.0,))
+>>> tiling = TilingAttrs(target_mpp=0.5, tile_px=256, overlap_px=0, read_level=0, read_downsample=1.0,
+...                      tile_px_level0=512.0, stride_px_level0=512.0, effective_mpp=0.5,
+...                      min_tissue_fraction=0.25, store_pixels=True, codec="lossless", quality=90,
+...                      chunk_tiles=2, tissue={}, wsi_version="0.1.0")
+>>> w = TileStoreWriter.create(f"{d}/a.zarr", "a", slide, tiling,
+...                            coords=np.array([[0, 0], [512, 0]]), tissue_fraction=np.array([1.0, 0.5]))
+>>> w.write_tiles(0, np.zeros((2, 256, 256, 3), np.uint8))
+>>> w.write_mask(np.ones((16, 32), bool), np.zeros((16, 32, 3), np.uint8), downsample=32.0, mpp=8.0)
+>>> store = w.commit()
+>>> store.n_tiles, store.tiling.tile_px, store.has_pixels
+(2, 256, True)
+>>> SlideStore.open(f"{d}/a.zarr").coords.tolist()
+[[0, 0], [512, 0]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.codec import ArrayBytesCodec
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from .errors import StoreError
+
+SCHEMA_VERSION = 1
+TILE_CODECS = ("lossless", "jpeg", "jpegxl")
+
+
+# --------------------------------------------------------------------------------------------- attrs models
+class _Attrs:
+    """from_dict/to_dict for the frozen attrs dataclasses; unknown or missing keys are errors."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = required - set(data)
+        if missing:
+            raise ValueError(f"{cls.__name__}: missing keys {sorted(missing)}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                v = data[f.name]
+                values[f.name] = tuple(v) if isinstance(v, list) else v
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+@dataclass(frozen=True)
+class SlideAttrs(_Attrs):
+    """What was read from the slide file; ``mpp_source`` is ``file``, ``override`` or ``default``."""
+
+    source_path: str
+    source_size: int
+    source_mtime: float
+    backend: str
+    vendor: str | None
+    width: int
+    height: int
+    mpp_x: float
+    mpp_y: float
+    mpp_source: str
+    objective_power: float | None
+    level_count: int
+    level_downsamples: tuple
+
+    def __post_init__(self):
+        if self.mpp_source not in ("file", "override", "default"):
+            raise ValueError(f"SlideAttrs.mpp_source must be file|override|default, got {self.mpp_source!r}")
+        if not (self.mpp_x > 0 and self.mpp_y > 0):
+            raise ValueError(f"SlideAttrs: MPP must be positive, got {self.mpp_x}, {self.mpp_y}")
+
+
+@dataclass(frozen=True)
+class TilingAttrs(_Attrs):
+    """How the tiles were cut. Sizes are recorded three ways: requested (``target_mpp``, ``tile_px``), at the
+    read level (``read_level``, ``read_downsample``) and at level 0 (``tile_px_level0``, the footprint of one
+    tile, and ``stride_px_level0``, the step between neighbouring tiles)."""
+
+    target_mpp: float
+    tile_px: int
+    overlap_px: int
+    read_level: int
+    read_downsample: float
+    tile_px_level0: float
+    stride_px_level0: float
+    effective_mpp: float
+    min_tissue_fraction: float
+    store_pixels: bool
+    codec: str
+    quality: int
+    chunk_tiles: int
+    tissue: dict = field(default_factory=dict)
+    wsi_version: str = ""
+
+    def __post_init__(self):
+        if self.codec not in TILE_CODECS:
+            raise ValueError(f"TilingAttrs.codec must be one of {TILE_CODECS}, got {self.codec!r}")
+        if self.tile_px <= 0 or self.chunk_tiles <= 0:
+            raise ValueError("TilingAttrs: tile_px and chunk_tiles must be positive")
+
+
+@dataclass(frozen=True)
+class FeatureAttrs(_Attrs):
+    """Where a feature matrix came from: enough to recompute it or to refuse mixing encoders."""
+
+    encoder: str
+    dim: int
+    weights_source: str
+    weights_sha256: str | None
+    input_size: tuple
+    interpolation: str
+    mean: tuple
+    std: tuple
+    precision: str
+    wsi_version: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreAttrs(_Attrs):
+    """Per-tile scores of one trained model run on this slide, and the slide-level prediction."""
+
+    run: str
+    model: str
+    encoder: str
+    classes: tuple
+    probabilities: tuple
+    predicted: str
+    wsi_version: str = ""
+
+
+# ------------------------------------------------------------------------------------------ tile codec
+@dataclass(frozen=True)
+class TileImageCodec(ArrayBytesCodec):
+    """Zarr v3 array-to-bytes codec: each (T, T, 3) tile of a (k, T, T, 3) uint8 chunk becomes one JPEG or
+    JPEG-XL image. Chunk bytes: uint32 k, k uint32 lengths, then the k images."""
+
+    is_fixed_size = False
+    format: str = "jpeg"
+    quality: int = 90
+
+    @classmethod
+    def from_dict(cls, data):
+        config = data.get("configuration", {})
+        return cls(format=config.get("format", "jpeg"), quality=int(config.get("quality", 90)))
+
+    def to_dict(self):
+        return {"name": "wsi.tile_image", "configuration": {"format": self.format, "quality": self.quality}}
+
+    def _encode_one(self, tile: np.ndarray) -> bytes:
+        import imagecodecs
+
+        if self.format == "jpeg":
+            return imagecodecs.jpeg_encode(np.ascontiguousarray(tile), level=self.quality)
+        return imagecodecs.jpegxl_encode(np.ascontiguousarray(tile), level=self.quality)
+
+    def _decode_one(self, data: bytes) -> np.ndarray:
+        import imagecodecs
+
+        if self.format == "jpeg":
+            return imagecodecs.jpeg_decode(data)
+        return imagecodecs.jpegxl_decode(data)
+
+    async def _encode_single(self, chunk_array, chunk_spec):
+        tiles = chunk_array.as_numpy_array()
+        blobs = [self._encode_one(t) for t in tiles]
+        header = struct.pack(f"<I{len(blobs)}I", len(blobs), *[len(b) for b in blobs])
+        payload = np.frombuffer(header + b"".join(blobs), dtype=np.uint8)
+        return chunk_spec.prototype.buffer.from_array_like(payload)
+
+    async def _decode_single(self, chunk_bytes, chunk_spec):
+        raw = chunk_bytes.to_bytes()
+        (k,) = struct.unpack_from("<I", raw, 0)
+        lengths = struct.unpack_from(f"<{k}I", raw, 4)
+        offset = 4 + 4 * k
+        out = np.empty(chunk_spec.shape, dtype=np.uint8)
+        for i, n in enumerate(lengths):
+            out[i] = self._decode_one(raw[offset:offset + n]).reshape(chunk_spec.shape[1:])
+            offset += n
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(out)
+
+    def compute_encoded_size(self, input_byte_length, chunk_spec):
+        raise NotImplementedError("variable-size codec")
+
+
+zarr.registry.register_codec("wsi.tile_image", TileImageCodec)
+
+
+def _lossless() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
+
+
+def encoder_key(encoder: str) -> str:
+    """The array name of an encoder's features: ``hf-hub:MahmoodLab/UNI`` -> ``hf-hub_MahmoodLab_UNI``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", encoder)
+
+
+def store_path(out_dir, slide_id: str) -> Path:
+    return Path(out_dir) / "stores" / f"{slide_id}.zarr"
+
+
+def _read_attrs(node, key: str, model, path):
+    try:
+        return model.from_dict(dict(node.attrs[key]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise StoreError(path, f"store attrs '{key}' are missing or invalid: {e}",
+                         "re-run `wsi tile` for this slide") from e
+
+
+# ------------------------------------------------------------------------------------------ reading
+class SlideStore:
+    """A complete per-slide store, opened for reading and for adding features and scores."""
+
+    def __init__(self, path: str | os.PathLike, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        self.slide_id: str = group.attrs["slide_id"]
+        self.slide = _read_attrs(group, "slide", SlideAttrs, path)
+        self.tiling = _read_attrs(group, "tiling", TilingAttrs, path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "SlideStore":
+        """Open a store that ``tile`` completed; anything else is a :class:`StoreError` naming the path."""
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(path, "store does not exist", "run `wsi tile` for this slide first")
+        try:
+            group = zarr.open_group(str(path), mode="r+")
+        except Exception as e:  # zarr raises several types for damaged metadata
+            raise StoreError(path, f"not a readable Zarr store ({type(e).__name__}: {e})",
+                             "delete it and re-run `wsi tile`") from e
+        if group.attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(path, f"store schema_version is {group.attrs.get('schema_version')!r}, "
+                                   f"this wsi reads {SCHEMA_VERSION}", "re-run `wsi tile`")
+        if group.attrs.get("complete") is not True:
+            raise StoreError(path, "store is incomplete (tiling did not finish)", "re-run `wsi tile`")
+        return cls(path, group)
+
+    # -- tiles
+    @property
+    def n_tiles(self) -> int:
+        return int(self.group["coords"].shape[0])
+
+    @property
+    def coords(self) -> np.ndarray:
+        return np.asarray(self.group["coords"][:], dtype=np.int64).reshape(-1, 2)
+
+    @property
+    def tissue_fraction(self) -> np.ndarray:
+        return np.asarray(self.group["tissue_fraction"][:], dtype=np.float32)
+
+    @property
+    def has_pixels(self) -> bool:
+        return "tiles" in self.group
+
+    def read_tiles(self, lo: int, hi: int) -> np.ndarray:
+        """Tiles ``lo:hi`` as uint8 (n, T, T, 3); the store must hold pixels (see ``has_pixels``)."""
+        if not self.has_pixels:
+            raise StoreError(self.path, "store is coordinates-only (tiling.store_pixels=false)",
+                             "read the tiles from the slide with wsi.tiling.read_tiles")
+        try:
+            return np.asarray(self.group["tiles"][lo:hi])
+        except Exception as e:
+            raise StoreError(self.path, f"tiles {lo}:{hi} cannot be decoded ({type(e).__name__}: {e})",
+                             "delete the store and re-run `wsi tile`") from e
+
+    def mask(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """(tissue mask bool (h, w), thumbnail RGB (h, w, 3), downsample = level-0 px per mask px)."""
+        m = self.group["mask/tissue"]
+        return np.asarray(m[:]).astype(bool), np.asarray(self.group["mask/thumbnail"][:]), float(
+            m.attrs["downsample"])
+
+    # -- features
+    def features_array_path(self, encoder: str) -> str:
+        return f"features/{encoder_key(encoder)}"
+
+    def has_features(self, encoder: str) -> bool:
+        name = self.features_array_path(encoder)
+        return name in self.group and self.group[name].attrs.get("complete") is True
+
+    def feature_encoders(self) -> list[str]:
+        if "features" not in self.group:
+            return []
+        return sorted(a.attrs["encoder"] for _, a in self.group["features"].arrays()
+                      if a.attrs.get("complete") is True)
+
+    def create_features(self, encoder: str, dim: int, chunk_tiles: int) -> zarr.Array:
+        """A fresh, incomplete ``features/<key>`` array (NaN-filled, so a chunk never written reads as NaN).
+        An incomplete one from a killed run is replaced; a complete one is never overwritten."""
+        if self.has_features(encoder):
+            raise StoreError(self.path, f"features for {encoder} are already complete",
+                             "delete them first to recompute")
+        features = self.group.require_group("features")
+        key = encoder_key(encoder)
+        if key in features:
+            shutil.rmtree(self.path / "features" / key)
+        return features.create_array(key, shape=(self.n_tiles, dim), chunks=(max(1, chunk_tiles), dim),
+                                     dtype="float32", fill_value=np.nan, compressors=[_lossless()])
+
+    def features_writer(self, encoder: str) -> zarr.Array:
+        """The incomplete ``features/<key>`` array for a task to write its chunk-aligned rows into."""
+        return zarr.open_array(str(self.path / "features" / encoder_key(encoder)), mode="r+")
+
+    def complete_features(self, encoder: str, attrs: FeatureAttrs) -> None:
+        """Check every row is written and finite, then mark the features complete."""
+        arr = self.features_writer(encoder)
+        data = np.asarray(arr[:])
+        bad = ~np.isfinite(data).all(axis=1)
+        if bad.any():
+            raise StoreError(self.path, f"features for {encoder} have {int(bad.sum())} unwritten or "
+                                        f"non-finite rows (first tile index {int(np.flatnonzero(bad)[0])})")
+        arr.attrs.update({**attrs.to_dict(), "complete": True})
+
+    def features(self, encoder: str) -> np.ndarray:
+        if not self.has_features(encoder):
+            raise StoreError(self.path, f"no complete features for encoder {encoder}",
+                             f"run `wsi extract --encoder {encoder}`")
+        return np.asarray(self.group[self.features_array_path(encoder)][:], dtype=np.float32)
+
+    def feature_attrs(self, encoder: str) -> FeatureAttrs:
+        attrs = dict(self.group[self.features_array_path(encoder)].attrs)
+        attrs.pop("complete", None)
+        return FeatureAttrs.from_dict(attrs)
+
+    # -- scores
+    def has_scores(self, run: str) -> bool:
+        name = f"scores/{run}"
+        return name in self.group and self.group[name].attrs.get("complete") is True
+
+    def write_scores(self, run: str, attention: np.ndarray, class_scores: np.ndarray, attrs: ScoreAttrs):
+        """Write (or replace) one run's per-tile scores; ``complete`` is set after both arrays."""
+        n = self.n_tiles
+        attention = np.asarray(attention, np.float32).reshape(n)
+        class_scores = np.asarray(class_scores, np.float32).reshape(n, -1)
+        scores = self.group.require_group("scores")
+        if run in scores:
+            shutil.rmtree(self.path / "scores" / run)
+        g = scores.create_group(run)
+        g.create_array("attention", shape=attention.shape, dtype="float32",
+                       chunks=(max(1, n),), compressors=[_lossless()])[:] = attention
+        g.create_array("class_scores", shape=class_scores.shape, dtype="float32",
+                       chunks=(max(1, n), class_scores.shape[1]), compressors=[_lossless()])[:] = class_scores
+        g.attrs.update({**attrs.to_dict(), "complete": True})
+
+    def scores(self, run: str) -> tuple[np.ndarray, np.ndarray, ScoreAttrs]:
+        if not self.has_scores(run):
+            raise StoreError(self.path, f"no complete scores for model run {run}", "run `wsi predict` first")
+        g = self.group[f"scores/{run}"]
+        attrs = dict(g.attrs)
+        attrs.pop("complete", None)
+        return (np.asarray(g["attention"][:], np.float32), np.asarray(g["class_scores"][:], np.float32),
+                ScoreAttrs.from_dict(attrs))
+
+
+def open_cohort(out_dir) -> list[SlideStore]:
+    """Every complete store under ``<out>/stores``, sorted by slide id (incomplete ones are skipped)."""
+    stores = []
+    for p in sorted((Path(out_dir) / "stores").glob("*.zarr")):
+        try:
+            stores.append(SlideStore.open(p))
+        except StoreError:
+            continue
+    return stores
+
+
+# ------------------------------------------------------------------------------------------ writing
+class TileStoreWriter:
+    """Builds a store under a temporary sibling name; :meth:`commit` marks it complete and renames it."""
+
+    def __init__(self, final: Path, tmp: Path, group: zarr.Group):
+        self.final, self.tmp, self.group = final, tmp, group
+
+    @classmethod
+    def create(cls, path, slide_id: str, slide: SlideAttrs, tiling: TilingAttrs, *,
+               coords: np.ndarray, tissue_fraction: np.ndarray) -> "TileStoreWriter":
+        final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.attrs.update({"schema_version": SCHEMA_VERSION, "slide_id": slide_id, "slide": slide.to_dict(),
+                            "tiling": tiling.to_dict(), "complete": False})
+        coords = np.asarray(coords, np.int64).reshape(-1, 2)
+        n = coords.shape[0]
+        chunk = max(1, n)
+        group.create_array("coords", shape=(n, 2), chunks=(chunk, 2), dtype="int64",
+                           compressors=[_lossless()])[:] = coords
+        group.create_array("tissue_fraction", shape=(n,), chunks=(chunk,), dtype="float32",
+                           compressors=[_lossless()])[:] = np.asarray(tissue_fraction, np.float32)
+        if tiling.store_pixels:
+            t = tiling.tile_px
+            kwargs = ({"compressors": [_lossless()]} if tiling.codec == "lossless" else
+                      {"serializer": TileImageCodec(format=tiling.codec, quality=tiling.quality),
+                       "compressors": None})
+            group.create_array("tiles", shape=(n, t, t, 3), chunks=(tiling.chunk_tiles, t, t, 3),
+                               dtype="uint8", fill_value=0, **kwargs)
+        return cls(final, tmp, group)
+
+    def write_tiles(self, lo: int, tiles: np.ndarray) -> None:
+        """Write tiles ``lo:lo+len(tiles)``; callers pass whole chunks (the last may be short)."""
+        self.group["tiles"][lo:lo + len(tiles)] = tiles
+
+    def write_mask(self, tissue: np.ndarray, thumbnail: np.ndarray, *, downsample: float, mpp: float) -> None:
+        mask = self.group.require_group("mask")
+        for name, data in (("tissue", np.asarray(tissue, np.uint8)), ("thumbnail", np.asarray(thumbnail))):
+            arr = mask.create_array(name, shape=data.shape, chunks=data.shape, dtype="uint8",
+                                    compressors=[_lossless()])
+            arr[...] = data
+            arr.attrs.update({"downsample": float(downsample), "mpp": float(mpp)})
+
+    def commit(self) -> SlideStore:
+        """Mark complete, then move into place; an old store at the final path is replaced as a whole."""
+        self.group.attrs["complete"] = True
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return SlideStore.open(self.final)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def is_complete(path) -> bool:
+    """True when ``path`` is a store that ``tile`` finished (cheap: reads the root attrs only)."""
+    try:
+        g = zarr.open_group(str(path), mode="r")
+        return g.attrs.get("complete") is True and g.attrs.get("schema_version") == SCHEMA_VERSION
+    except Exception:
+        return False
+
+
+def export_h5(store: SlideStore, encoder: str, path) -> Path:
+    """Write ``features`` (N, D) and ``coords`` (N, 2) in the CLAM/TRIDENT layout, via tmp + rename.
+
+    Attrs on ``coords`` follow CLAM's patch files (``patch_size`` and ``patch_level`` at level 0) and TRIDENT's
+    (``patch_size_level0``, ``target_mag``), so their MIL and heatmap code read our output unchanged.
+    """
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    feats = store.features(encoder)
+    fattrs = store.feature_attrs(encoder)
+    t = store.tiling
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=feats)
+        c = f.create_dataset("coords", data=store.coords)
+        c.attrs["patch_size"] = int(round(t.tile_px_level0))
+        c.attrs["patch_level"] = 0
+        c.attrs["patch_size_level0"] = int(round(t.tile_px_level0))
+        c.attrs["target_mpp"] = t.target_mpp
+        c.attrs["target_mag"] = round(10.0 / t.target_mpp)  # 0.5 um/px ~ 20x by the usual convention
+        c.attrs["level0_width"], c.attrs["level0_height"] = store.slide.width, store.slide.height
+        f.attrs["slide_id"] = store.slide_id
+        f.attrs["encoder"] = encoder
+        f.attrs["weights_source"] = fattrs.weights_source
+    os.replace(tmp, path)
+    return path
