@@ -16,6 +16,8 @@ from pathlib import Path
 def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--out", required=out_required, type=Path, help="output folder (stores, features, models...)")
     p.add_argument("--config", dest="config_file", type=Path, help="YAML config over configs/default.yaml")
+    p.add_argument("--config-json", help="JSON config mapping merged after --config (the Snakefile passes its "
+                   "config this way, so a changed parameter re-runs the stage)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set tiling.tile_px=224 (repeatable)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tile", help="tissue mask + tiles of each slide into OUT/stores/<slide_id>.zarr")
     p.add_argument("slides", nargs="+", type=Path, help="slide files (or folders of slides)")
     _common(p)
+    p.add_argument("--status", type=Path, help="write the outcome as JSON here and exit 0 when a slide failed "
+                   "(it is still listed in OUT/failures.csv); for workflow jobs that must not stop the cohort")
 
     p = sub.add_parser("inspect", help="print a store's summary")
     p.add_argument("stores", nargs="+", type=Path)
@@ -81,7 +85,12 @@ def _version() -> str:
 def _config(args, overrides: dict | None = None) -> dict:
     from .config import load_config
 
-    return load_config(args.config_file, args.sets, overrides=overrides)
+    import json
+
+    from .config import deep_merge
+
+    merged = json.loads(args.config_json) if getattr(args, "config_json", None) else {}
+    return load_config(args.config_file, args.sets, overrides=deep_merge(merged, overrides or {}))
 
 
 def _drop_none(d: dict) -> dict:
@@ -104,7 +113,17 @@ def run(args) -> int:
 
         config = _config(args)
         results = tile_slides(expand_slide_paths(args.slides), args.out, config, progress=args.progress)
-        return 1 if any(r.error for r in results) else 0
+        failed = [r for r in results if r.error]
+        print(f"tiled {len(results) - len(failed)} of {len(results)} slides into {args.out / 'stores'}"
+              + (f"; {len(failed)} failed (see {args.out / 'failures.csv'})" if failed else ""))
+        if args.status:
+            from .provenance import write_status
+
+            write_status(args.status, "tile", [{"slide_id": r.slide_id, "source": str(r.source),
+                                                "status": "failed" if r.error else "done", "cause": r.error,
+                                                "n_tiles": r.n_tiles} for r in results], config)
+            return 0
+        return 1 if failed else 0
 
     if args.command == "inspect":
         from .store import SlideStore, describe

@@ -534,3 +534,25 @@ def export_h5(store: SlideStore, encoder: str, path) -> Path:
         f.attrs["weights_source"] = fattrs.weights_source
     os.replace(tmp, path)
     return path
+
+
+def describe(store: SlideStore) -> str:
+    """The summary ``wsi inspect`` prints: slide, MPP, read level, tiles, codec, what later stages added."""
+    s, t = store.slide, store.tiling
+    lines = [
+        f"store      {store.path}",
+        f"slide      {store.slide_id}  ({s.source_path})",
+        f"backend    {s.backend} (vendor {s.vendor or '-'}), level 0 {s.width} x {s.height}, "
+        f"{s.level_count} levels",
+        f"mpp        {s.mpp_x:.4g} x {s.mpp_y:.4g} um/px (from {s.mpp_source}), "
+        f"objective {s.objective_power or '-'}x",
+        f"tiling     target {t.target_mpp:g} um/px (effective {t.effective_mpp:.4g}), {t.tile_px} px, "
+        f"overlap {t.overlap_px}, read level {t.read_level} (downsample {t.read_downsample:.4g}), "
+        f"footprint {t.tile_px_level0:.1f} px at level 0",
+        f"tiles      {store.n_tiles} ({'pixels, ' + t.codec if store.has_pixels else 'coordinates only'}), "
+        f"min tissue fraction {t.min_tissue_fraction:g}",
+        f"features   {', '.join(store.feature_encoders()) or '-'}",
+        f"scores     {', '.join(sorted(n for n in store.group['scores'].group_keys())) if 'scores' in store.group else '-'}",
+        "complete   yes",
+    ]
+    return "\n".join(lines)

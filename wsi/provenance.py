@@ -1,0 +1,30 @@
+"""Status files: what a workflow job did, with the wsi version and the config it ran with.
+
+The Snakemake rules track these small JSON files instead of the stores themselves: a job that finishes
+writes one (tmp + rename) even when some slides failed, so one bad slide never stops the cohort; the
+failures are in the file, in ``OUT/failures.csv`` and in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def write_status(path, stage: str, items: list[dict], config: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"stage": stage, "wsi_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "items": items, "config": config}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_status(path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,265 @@
+"""Open a whole-slide image, resolve its microns per pixel, and read regions fast.
+
+Backends
+--------
+``openslide`` (OpenSlide 4: SVS, NDPI, MRXS, SCN, BIF, generic and OME TIFF, DICOM) is tried first because it
+knows the most vendor formats; ``tiffslide`` (pure Python over tifffile) is the fallback for TIFF-like files
+OpenSlide refuses. ``slide.backend: auto`` tries them in that order; naming one uses only that one.
+
+MPP
+---
+Microns per pixel come from the file (``openslide.mpp-x`` / ``tiffslide.mpp-x``), then from the override table
+(``slide.mpp_overrides``: CSV ``slide_id,mpp``; it wins over the file, since labs use it to correct wrong
+files), then from ``slide.default_mpp``. A value outside ``slide.mpp_range`` (e.g. 72-dpi TIFF defaults that
+read as ~350 um/px) is an error naming the override table, never a silent guess.
+
+Reading
+-------
+:meth:`Slide.read_region` returns RGB uint8 with transparent (unscanned) pixels painted white. The tiler reads
+whole rows of tiles per call (see ``wsi.tiling``), which amortises the per-call overhead of OpenSlide over
+many tiles; ``bench/tiling.py`` compares backends and the decode floor.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, SlideError
+
+#: File endings the folder scan picks up. A DICOM slide is a folder of ``.dcm`` files; pass its folder.
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".tif", ".tiff", ".dcm")
+_DOUBLE_SUFFIXES = (".ome.tif", ".ome.tiff")
+
+
+def slide_id_from_path(path: str | os.PathLike) -> str:
+    """The file name without its extension (``a.ome.tif`` -> ``a``); a DICOM folder's own name."""
+    p = Path(path)
+    if p.is_dir():
+        return p.name
+    name = p.name
+    for suffix in _DOUBLE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return p.stem
+
+
+def expand_slide_paths(paths) -> list[Path]:
+    """Files as given; folders expanded to the slides in them (sorted), DICOM folders kept whole."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not any(c.suffix.lower() == ".dcm" for c in p.iterdir()):
+            out.extend(sorted(c for c in p.iterdir() if c.is_file() and c.suffix.lower() in SLIDE_SUFFIXES
+                              and not c.name.startswith(".")))
+        else:
+            out.append(p)
+    return out
+
+
+def load_mpp_overrides(path: str | os.PathLike | None) -> dict[str, float]:
+    """``slide_id,mpp`` CSV -> {slide_id: mpp}; a bad row is an error naming the file and row."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(path, "MPP override table does not exist", "fix slide.mpp_overrides")
+    overrides = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"slide_id", "mpp"} <= set(reader.fieldnames):
+            raise ConfigError(path, "MPP override table needs the columns slide_id,mpp")
+        for i, row in enumerate(reader, start=2):
+            try:
+                overrides[row["slide_id"].strip()] = float(row["mpp"])
+            except (TypeError, ValueError):
+                raise ConfigError(path, f"line {i}: mpp {row['mpp']!r} is not a number") from None
+    return overrides
+
+
+@dataclass
+class Slide:
+    """An open slide. Level geometry comes from the backend; ``mpp_x``/``mpp_y`` are the resolved level-0 MPP."""
+
+    path: Path
+    slide_id: str
+    backend: str
+    handle: object
+    mpp_x: float
+    mpp_y: float
+    mpp_source: str
+    vendor: str | None
+    objective_power: float | None
+    level_dimensions: tuple = field(default=())
+    level_downsamples: tuple = field(default=())
+
+    @property
+    def width(self) -> int:
+        return int(self.level_dimensions[0][0])
+
+    @property
+    def height(self) -> int:
+        return int(self.level_dimensions[0][1])
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp_x * float(self.level_downsamples[level])
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) of ``level``, top-left at level-0 ``(x, y)``; unscanned areas white."""
+        try:
+            if self.backend == "tiffslide":
+                rgb = self.handle.read_region((int(x), int(y)), level, (int(width), int(height)), as_array=True)
+                rgb = np.asarray(rgb)
+                if rgb.ndim == 3 and rgb.shape[2] == 4:
+                    rgb = _over_white(rgb)
+                return np.ascontiguousarray(rgb[..., :3])
+            rgba = np.asarray(self.handle.read_region((int(x), int(y)), level, (int(width), int(height))))
+            return _over_white(rgba)
+        except Exception as e:  # both backends raise their own types for damaged tiles
+            raise SlideError(self.path, f"cannot read level {level} at ({x}, {y}) size {width}x{height}: "
+                                        f"{type(e).__name__}: {e}", "the file may be truncated or corrupt") from e
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite RGBA (non-premultiplied, as both backends return it) over white, the colour of glass."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.uint16)
+    return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _open_backend(path: Path, backend: str):
+    if backend == "openslide":
+        import openslide
+
+        return openslide.OpenSlide(str(path))
+    import tiffslide
+
+    return tiffslide.TiffSlide(str(path))
+
+
+def _file_mpp(handle, backend: str) -> tuple[float | None, float | None]:
+    props = handle.properties
+    prefix = "openslide" if backend == "openslide" else "tiffslide"
+    values = []
+    for axis in ("x", "y"):
+        v = props.get(f"{prefix}.mpp-{axis}")
+        try:
+            values.append(float(v) if v not in (None, "") else None)
+        except ValueError:
+            values.append(None)
+    return values[0], values[1] if values[1] is not None else values[0]
+
+
+def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides: str | dict | None = None,
+               default_mpp: float | None = None, mpp_range=(0.05, 20.0)) -> Slide:
+    """Open ``path`` with the configured backend and resolve its MPP (see the module docstring).
+
+    Keyword arguments are the ``slide:`` section of the config, so ``open_slide(p, **config["slide"])`` works;
+    ``mpp_overrides`` may be the CSV path or an already loaded {slide_id: mpp}.
+    """
+    path = Path(path)
+    slide_id = slide_id_from_path(path)
+    if not path.exists():
+        raise SlideError(path, "file does not exist")
+    if backend not in ("auto", "openslide", "tiffslide"):
+        raise ConfigError(None, f"slide.backend {backend!r} is not auto|openslide|tiffslide")
+    candidates = ("openslide", "tiffslide") if backend == "auto" else (backend,)
+    errors = []
+    handle = used = None
+    for name in candidates:
+        try:
+            handle, used = _open_backend(path, name), name
+            break
+        except Exception as e:  # each backend has its own "unsupported"/"corrupt" exception types
+            errors.append(f"{name}: {type(e).__name__}: {str(e) or 'cannot open'}")
+    if handle is None:
+        raise SlideError(path, "not a readable slide (" + "; ".join(errors) + ")",
+                         "check the file is a complete slide in a supported format")
+    try:
+        overrides = mpp_overrides if isinstance(mpp_overrides, dict) else load_mpp_overrides(mpp_overrides)
+        mpp_x, mpp_y = _file_mpp(handle, used)
+        source = "file"
+        if slide_id in overrides:
+            mpp_x = mpp_y = overrides[slide_id]
+            source = "override"
+        elif mpp_x is None:
+            if default_mpp is None:
+                raise SlideError(path, "the file records no microns per pixel",
+                                 f"add '{slide_id},<mpp>' to the table named by slide.mpp_overrides, "
+                                 "or set slide.default_mpp")
+            mpp_x = mpp_y = float(default_mpp)
+            source = "default"
+        lo, hi = mpp_range
+        for value in (mpp_x, mpp_y):
+            if not (lo <= value <= hi):
+                raise SlideError(path, f"implausible MPP {value:g} um/px from {source} (expected {lo:g}-{hi:g})",
+                                 f"add '{slide_id},<mpp>' to the table named by slide.mpp_overrides")
+        props = handle.properties
+        prefix = "openslide" if used == "openslide" else "tiffslide"
+        power = props.get(f"{prefix}.objective-power")
+        try:
+            power = float(power) if power not in (None, "") else None
+        except ValueError:
+            power = None
+        return Slide(path=path, slide_id=slide_id, backend=used, handle=handle, mpp_x=float(mpp_x),
+                     mpp_y=float(mpp_y), mpp_source=source, vendor=props.get(f"{prefix}.vendor"),
+                     objective_power=power,
+                     level_dimensions=tuple(tuple(int(v) for v in d) for d in handle.level_dimensions),
+                     level_downsamples=tuple(float(d) for d in handle.level_downsamples))
+    except Exception:
+        handle.close()
+        raise
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Where to read for a target MPP: the level, its MPP, and the resampling factor to the target (>= 1)."""
+
+    level: int
+    level_mpp: float
+    scale: float  # level pixels per target pixel; 1.0 means no resampling
+
+    @property
+    def effective_mpp(self) -> float:
+        return self.level_mpp * self.scale
+
+
+def choose_level(slide: Slide, target_mpp: float, tolerance: float = 0.05) -> ReadPlan:
+    """The coarsest level not coarser than ``target_mpp`` (within ``tolerance``), as DESIGN.md says.
+
+    A level within the tolerance is read as is (no resampling; the effective MPP is recorded); otherwise the
+    finer level is read and area-averaged down by ``scale``. A target finer than level 0 beyond the tolerance
+    is an error: upsampling would invent detail.
+    """
+    best = None
+    for level in range(slide.level_count):
+        mpp = slide.level_mpp(level)
+        if mpp <= target_mpp * (1 + tolerance) and (best is None or mpp > slide.level_mpp(best)):
+            best = level
+    if best is None:
+        raise SlideError(slide.path, f"target {target_mpp:g} um/px is finer than the slide's level 0 "
+                                     f"({slide.mpp_x:g} um/px)", "choose a larger tiling.target_mpp")
+    mpp = slide.level_mpp(best)
+    scale = target_mpp / mpp
+    if abs(scale - 1) <= tolerance:
+        scale = 1.0
+    return ReadPlan(level=best, level_mpp=mpp, scale=scale)

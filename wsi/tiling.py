@@ -1,0 +1,333 @@
+"""Slides to tiles: the tissue mask, the tile grid at a target MPP, and the per-slide store.
+
+For each slide: open it (:mod:`wsi.slide`), read a thumbnail at ``tissue.mask_mpp`` in strips (never a whole
+level), compute the tissue mask (:mod:`wsi.tissue`), lay the tile grid at ``tiling.target_mpp``, keep tiles
+whose tissue share reaches ``tiling.min_tissue_fraction``, then stream the kept tiles into the store
+(:mod:`wsi.store`) chunk by chunk and commit it.
+
+Geometry (all recorded in the store's ``tiling`` attrs)
+-------------------------------------------------------
+The read level is the coarsest one not coarser than the target (:func:`wsi.slide.choose_level`). One tile is
+``s = round(tile_px * target_mpp / level_mpp)`` level pixels, area-averaged down to ``tile_px`` when ``s``
+differs; so ``effective_mpp = level_mpp * s / tile_px``. Tiles step by ``s - round(overlap_px * s / tile_px)``
+level pixels; level-0 coordinates are those level positions times the level's downsample, rounded.
+
+Speed
+-----
+Tiles that touch in a row are read with one backend call per run of up to ``_MAX_RUN_PX`` level pixels and
+cut in memory, in a thread pool (OpenSlide and the JPEG decoders release the GIL). A tile's pixels depend
+only on its own level box, so :func:`read_tiles` gives the same pixels whatever batch a tile is read in: the
+extractor reads coordinates-only stores with it and gets what the tiler would have stored.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .errors import SlideError, WsiError, clear_failure, record_failure
+from .slide import Slide, choose_level, load_mpp_overrides, open_slide, slide_id_from_path
+from .store import SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, is_complete, store_path
+from .tissue import TissueParams, qc_image, tissue_mask
+
+_MAX_RUN_PX = 8192          # longest row run read in one backend call (level pixels)
+_STRIP_BYTES = 64 << 20     # thumbnail strips: at most this much RGBA per backend call
+
+
+# --------------------------------------------------------------------------------------------- thumbnail
+def read_thumbnail(slide: Slide, mpp: float) -> tuple[np.ndarray, float]:
+    """RGB thumbnail at ``mpp`` um/px, read in horizontal strips from the best level and area-averaged.
+
+    Returns (rgb (h, w, 3), downsample = level-0 pixels per thumbnail pixel). Memory stays at one strip.
+    """
+    downsample = max(1.0, mpp / slide.mpp_x)
+    out_w = max(1, int(round(slide.width / downsample)))
+    out_h = max(1, int(round(slide.height / downsample)))
+    plan = choose_level(slide, slide.mpp_x * downsample, tolerance=0.0)
+    level_w, level_h = slide.level_dimensions[plan.level]
+    rows_per_px = level_h / out_h  # level rows per thumbnail row
+    strip_rows = max(1, int(_STRIP_BYTES // (4 * level_w * max(rows_per_px, 1.0))))
+    thumb = np.empty((out_h, out_w, 3), np.uint8)
+    level_ds = slide.level_downsamples[plan.level]
+    for r0 in range(0, out_h, strip_rows):
+        r1 = min(out_h, r0 + strip_rows)
+        y0, y1 = int(round(r0 * rows_per_px)), min(level_h, int(round(r1 * rows_per_px)))
+        strip = slide.read_region(0, int(round(y0 * level_ds)), plan.level, level_w, max(1, y1 - y0))
+        thumb[r0:r1] = np.asarray(Image.fromarray(strip).resize((out_w, r1 - r0), Image.Resampling.BOX))
+    return thumb, slide.width / out_w
+
+
+# --------------------------------------------------------------------------------------------- grid
+@dataclass(frozen=True)
+class TileGrid:
+    """Every tile position of a slide at the read level, before tissue filtering."""
+
+    level: int
+    level_downsample: float
+    tile_level_px: int     # s: one tile's edge in read-level pixels
+    stride_level_px: int   # step between neighbouring tiles in read-level pixels
+    cols: int
+    rows: int
+
+    def coords(self) -> np.ndarray:
+        """Level-0 (x, y) of every grid tile, row-major (the store's tile order)."""
+        ys, xs = np.meshgrid(np.arange(self.rows), np.arange(self.cols), indexing="ij")
+        lx, ly = xs.ravel() * self.stride_level_px, ys.ravel() * self.stride_level_px
+        return np.stack([np.round(lx * self.level_downsample), np.round(ly * self.level_downsample)],
+                        axis=1).astype(np.int64)
+
+
+def tile_grid(slide: Slide, *, target_mpp: float, tile_px: int, overlap_px: int = 0,
+              level_tolerance: float = 0.05) -> TileGrid:
+    if overlap_px >= tile_px:
+        raise SlideError(slide.path, f"overlap_px {overlap_px} must be smaller than tile_px {tile_px}")
+    plan = choose_level(slide, target_mpp, level_tolerance)
+    s = tile_px if plan.scale == 1.0 else int(round(tile_px * plan.scale))
+    stride = s - int(round(overlap_px * s / tile_px))
+    level_w, level_h = slide.level_dimensions[plan.level]
+    cols = (level_w - s) // stride + 1 if level_w >= s else 0
+    rows = (level_h - s) // stride + 1 if level_h >= s else 0
+    return TileGrid(level=plan.level, level_downsample=float(slide.level_downsamples[plan.level]),
+                    tile_level_px=s, stride_level_px=stride, cols=int(cols), rows=int(rows))
+
+
+def tissue_fractions(mask: np.ndarray, downsample: float, coords: np.ndarray, footprint: float) -> np.ndarray:
+    """Share of mask pixels inside each tile's level-0 box, from an integral image (O(1) per tile)."""
+    if len(coords) == 0:
+        return np.zeros(0, np.float32)
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
+    h, w = mask.shape
+
+    def edges(start):
+        lo = np.clip(np.round(start / downsample).astype(np.int64), 0, None)
+        hi = np.round((start + footprint) / downsample).astype(np.int64)
+        return lo, np.maximum(hi, lo + 1)
+
+    x0, x1 = edges(coords[:, 0])
+    y0, y1 = edges(coords[:, 1])
+    x0, x1 = np.minimum(x0, w), np.minimum(x1, w)
+    y0, y1 = np.minimum(y0, h), np.minimum(y1, h)
+    area = (x1 - x0) * (y1 - y0)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return np.where(area > 0, inside / np.maximum(area, 1), 0.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- pixels
+def _level_box(tiling: TilingAttrs, coords: np.ndarray) -> tuple[np.ndarray, int]:
+    """Read-level top-left of each tile and the tile's edge in read-level pixels."""
+    s = int(round(tiling.tile_px_level0 / tiling.read_downsample))
+    return np.round(coords / tiling.read_downsample).astype(np.int64), s
+
+
+def _row_runs(level_xy: np.ndarray, s: int) -> list[tuple[int, int]]:
+    """Split tile indices into runs read with one call: same row, near neighbours, bounded width."""
+    runs, start = [], 0
+    for i in range(1, len(level_xy) + 1):
+        if (i == len(level_xy) or level_xy[i, 1] != level_xy[start, 1]
+                or not 0 <= level_xy[i, 0] - level_xy[i - 1, 0] <= 2 * s
+                or level_xy[i, 0] + s - level_xy[start, 0] > _MAX_RUN_PX):
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def _read_run(slide: Slide, tiling: TilingAttrs, level_xy: np.ndarray, s: int) -> np.ndarray:
+    x0, y0 = int(level_xy[0, 0]), int(level_xy[0, 1])
+    width = int(level_xy[-1, 0]) + s - x0
+    ds = tiling.read_downsample
+    region = slide.read_region(int(round(x0 * ds)), int(round(y0 * ds)), tiling.read_level, width, s)
+    t = tiling.tile_px
+    tiles = np.empty((len(level_xy), t, t, 3), np.uint8)
+    for i, lx in enumerate(level_xy[:, 0] - x0):
+        crop = region[:, lx:lx + s]
+        tiles[i] = crop if s == t else np.asarray(Image.fromarray(crop).resize((t, t), Image.Resampling.BOX))
+    return tiles
+
+
+def iter_tiles(slide: Slide, tiling: TilingAttrs, coords: np.ndarray, *, threads: int | None = None):
+    """Yield (first tile index, uint8 tiles) in order, reading row runs in a bounded thread pool."""
+    level_xy, s = _level_box(tiling, np.asarray(coords, np.int64).reshape(-1, 2))
+    runs = _row_runs(level_xy, s)
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        for lo, hi in runs:
+            pending.append((lo, pool.submit(_read_run, slide, tiling, level_xy[lo:hi], s)))
+            if len(pending) >= 2 * threads:  # bound memory: a few runs in flight
+                lo_done, fut = pending.popleft()
+                yield lo_done, fut.result()
+        while pending:
+            lo_done, fut = pending.popleft()
+            yield lo_done, fut.result()
+
+
+def read_tiles(slide: Slide, tiling: TilingAttrs, coords: np.ndarray, *, threads: int | None = None) -> np.ndarray:
+    """Tiles at ``coords`` (level-0) exactly as the tiler stores them: uint8 (n, tile_px, tile_px, 3)."""
+    t = tiling.tile_px
+    out = np.empty((len(coords), t, t, 3), np.uint8)
+    for lo, tiles in iter_tiles(slide, tiling, coords, threads=threads):
+        out[lo:lo + len(tiles)] = tiles
+    return out
+
+
+# --------------------------------------------------------------------------------------------- one slide
+def _tiling_attrs(slide: Slide, grid: TileGrid, cfg: dict, tissue: TissueParams) -> TilingAttrs:
+    level_mpp = slide.level_mpp(grid.level)
+    t = cfg["tiling"]
+    return TilingAttrs(
+        target_mpp=float(t["target_mpp"]), tile_px=int(t["tile_px"]), overlap_px=int(t["overlap_px"]),
+        read_level=grid.level, read_downsample=grid.level_downsample,
+        tile_px_level0=grid.tile_level_px * grid.level_downsample,
+        stride_px_level0=grid.stride_level_px * grid.level_downsample,
+        effective_mpp=level_mpp * grid.tile_level_px / int(t["tile_px"]),
+        min_tissue_fraction=float(t["min_tissue_fraction"]), store_pixels=bool(t["store_pixels"]),
+        codec=t["codec"], quality=int(t["quality"]), chunk_tiles=int(t["chunk_tiles"]),
+        tissue=tissue.to_dict(), wsi_version=__version__)
+
+
+def _slide_attrs(slide: Slide) -> SlideAttrs:
+    st = slide.path.stat()
+    return SlideAttrs(source_path=str(slide.path.resolve()), source_size=st.st_size, source_mtime=st.st_mtime,
+                      backend=slide.backend, vendor=slide.vendor, width=slide.width, height=slide.height,
+                      mpp_x=slide.mpp_x, mpp_y=slide.mpp_y, mpp_source=slide.mpp_source,
+                      objective_power=slide.objective_power, level_count=slide.level_count,
+                      level_downsamples=slide.level_downsamples)
+
+
+def _up_to_date(path: Path, slide: Slide, tiling: TilingAttrs) -> bool:
+    """A complete store made from this very file with these very parameters needs no redo."""
+    if not is_complete(path):
+        return False
+    store = SlideStore.open(path)
+    same_source = (store.slide.source_size, store.slide.source_mtime) == (
+        slide.path.stat().st_size, slide.path.stat().st_mtime)
+    return same_source and store.tiling == tiling
+
+
+def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None,
+               progress: bool = False) -> SlideStore:
+    """Tile one slide into ``<out>/stores/<slide_id>.zarr`` and write ``<out>/qc/<slide_id>.png``.
+
+    A complete store made from the same file with the same parameters is returned as is. Raises a
+    :class:`~wsi.errors.WsiError` naming the file for anything the lab must fix.
+    """
+    slide_cfg = dict(config["slide"])
+    if mpp_overrides is not None:
+        slide_cfg["mpp_overrides"] = mpp_overrides
+    tissue = TissueParams.from_dict(config["tissue"])
+    with open_slide(path, **slide_cfg) as slide:
+        grid = tile_grid(slide, target_mpp=config["tiling"]["target_mpp"], tile_px=config["tiling"]["tile_px"],
+                         overlap_px=config["tiling"]["overlap_px"],
+                         level_tolerance=config["tiling"]["level_tolerance"])
+        tiling = _tiling_attrs(slide, grid, config, tissue)
+        final = store_path(out_dir, slide.slide_id)
+        if _up_to_date(final, slide, tiling):
+            return SlideStore.open(final)
+
+        thumb, mask_ds = read_thumbnail(slide, tissue.mask_mpp)
+        mask = tissue_mask(thumb, mask_ds * slide.mpp_x, tissue)
+        _write_png(Path(out_dir) / "qc" / f"{slide.slide_id}.png", qc_image(thumb, mask))
+        if not mask.any():
+            raise SlideError(slide.path, "no tissue found on the slide",
+                             "check the thumbnail in qc/; loosen tissue.saturation_min if tissue is very pale")
+        coords = grid.coords()
+        fractions = tissue_fractions(mask, mask_ds, coords, tiling.tile_px_level0)
+        keep = fractions >= tiling.min_tissue_fraction
+        if not keep.any():
+            raise SlideError(slide.path, f"no tile reaches min_tissue_fraction {tiling.min_tissue_fraction:g}",
+                             "the tissue is smaller than one tile; lower tiling.min_tissue_fraction or tile_px")
+        coords, fractions = coords[keep], fractions[keep]
+
+        writer = TileStoreWriter.create(final, slide.slide_id, _slide_attrs(slide), tiling, coords=coords,
+                                        tissue_fraction=fractions)
+        try:
+            writer.write_mask(mask, thumb, downsample=mask_ds, mpp=mask_ds * slide.mpp_x)
+            if tiling.store_pixels:
+                _write_tiles(writer, slide, tiling, coords, progress=progress)
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def _write_tiles(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, coords: np.ndarray,
+                 *, progress: bool) -> None:
+    """Stream tiles into whole chunks of the store as the row runs arrive, in order."""
+    from tqdm import tqdm
+
+    chunk, t = tiling.chunk_tiles, tiling.tile_px
+    buffer = np.empty((chunk, t, t, 3), np.uint8)
+    filled = written = 0
+    bar = tqdm(total=len(coords), unit="tile", desc=slide.slide_id, disable=not progress, leave=False)
+    with ThreadPoolExecutor(1) as write_pool:  # compress + write one chunk while the next is read
+        write_future = None
+        for _, tiles in iter_tiles(slide, tiling, coords):
+            while len(tiles):
+                take = min(chunk - filled, len(tiles))
+                buffer[filled:filled + take] = tiles[:take]
+                filled, tiles = filled + take, tiles[take:]
+                if filled == chunk:
+                    if write_future is not None:
+                        write_future.result()
+                    write_future = write_pool.submit(writer.write_tiles, written, buffer.copy())
+                    written, filled = written + chunk, 0
+            bar.update(written + filled - bar.n)
+        if write_future is not None:
+            write_future.result()
+        if filled:
+            writer.write_tiles(written, buffer[:filled])
+    bar.close()
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(rgb).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------- cohort
+@dataclass(frozen=True)
+class TileResult:
+    slide_id: str
+    source: Path
+    n_tiles: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def tile_slides(paths, out_dir, config: dict, *, progress: bool = True) -> list[TileResult]:
+    """Tile every slide; a bad slide gets a one-line error and a ``failures.csv`` row, the rest go on.
+
+    Two files with the same slide id both fail: their stores would overwrite each other.
+    """
+    from tqdm import tqdm
+
+    paths = [Path(p) for p in paths]
+    ids = [slide_id_from_path(p) for p in paths]
+    overrides = load_mpp_overrides(config["slide"].get("mpp_overrides"))
+    results = []
+    for path, slide_id in tqdm(list(zip(paths, ids)), unit="slide", desc="tile", disable=not progress):
+        start = time.perf_counter()
+        try:
+            if ids.count(slide_id) > 1:
+                others = [str(p) for p, i in zip(paths, ids) if i == slide_id and p != path]
+                raise SlideError(path, f"slide id '{slide_id}' is also the id of {', '.join(others)}",
+                                 "rename one of them: each slide id names one store")
+            store = tile_slide(path, out_dir, config, mpp_overrides=overrides, progress=progress)
+            clear_failure(out_dir, slide_id, "tile")
+            results.append(TileResult(slide_id, path, store.n_tiles, time.perf_counter() - start))
+        except WsiError as e:
+            record_failure(out_dir, slide_id, "tile", path, e.one_line())
+            print(f"wsi tile: {e.one_line()}", flush=True)
+            results.append(TileResult(slide_id, path, 0, time.perf_counter() - start, e.one_line()))
+    return results
