@@ -1,0 +1,26 @@
+# wsi workflow: slides -> tiles -> features -> (train) -> predict -> heatmaps -> report.
+# Parameters: configs/default.yaml (validated by configs/schema.yaml), overridden with --configfile / --config.
+# Each rule calls the thin `wsi <stage>` CLI; the logic lives in the wsi library.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "configs/default.yaml"
+
+
+validate(config, "configs/schema.yaml")
+
+
+include: "pipelines/common.smk"
+include: "pipelines/tile.smk"
+include: "pipelines/extract.smk"
+include: "pipelines/mil.smk"
+include: "pipelines/heatmap.smk"
+include: "pipelines/report.smk"
+
+
+rule all:
+    input:
+        final_targets,
+    default_target: True

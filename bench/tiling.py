@@ -1,0 +1,151 @@
+"""Tiling benchmark: time and peak memory of `tile` against the JPEG decode floor, measured in one run.
+
+    python bench/tiling.py [--width 40000 --height 30000] [--threads N]
+
+Makes (once, cached under bench/out/) a pyramidal JPEG Aperio-like slide at 0.25 um/px with levels 1, 4, 16
+(no 2x level, so 0.5 um/px tiles are read at level 0 and area-averaged), then measures in this one run:
+
+* floor: decoding, with imagecodecs in a thread pool of the same size as the tiler's, every level-0 JPEG tile
+  of the file that lies under a kept tile (raw tile bytes read with tifffile); nothing else;
+* tile (openslide and tiffslide backends, pixels stored lossless / JPEG q90, and coordinates only), each in a
+  fresh subprocess so its peak RSS is its own;
+
+and prints seconds, ratio to the floor, tiles/s, bytes per stored tile and peak memory. Machines here are
+noisy: compare ratios from one run, not seconds across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_slide(path: Path, width: int, height: int) -> None:
+    from wsi.demo import write_synthetic_slide
+
+    if path.exists():
+        return
+    t = time.perf_counter()
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_synthetic_slide(tmp, width=width, height=height, mpp=0.25, downsamples=(1, 4, 16), seed=1,
+                          tumour_boxes=[(width // 3, height // 3, width // 3 + 3000, height // 3 + 2000)])
+    os.replace(tmp, path)
+    print(f"made {path.name} ({width} x {height}) in {time.perf_counter() - t:.1f} s")
+
+
+def decode_floor(slide_path: Path, coords: np.ndarray, footprint: float, threads: int) -> tuple[float, int]:
+    """Seconds to decode the level-0 JPEG tiles under the kept tiles' footprints, and how many there were."""
+    import imagecodecs
+    import tifffile
+
+    with tifffile.TiffFile(slide_path) as tif:
+        page = tif.pages[0]
+        th, tw = page.tilelength, page.tilewidth
+        across = -(-page.imagewidth // tw)
+        needed = set()
+        for x, y in coords:
+            for ty in range(int(y // th), int((y + footprint - 1) // th) + 1):
+                for tx in range(int(x // tw), int((x + footprint - 1) // tw) + 1):
+                    needed.add(ty * across + tx)
+        tables = page.jpegtables
+        fh = tif.filehandle
+        blobs = []
+        for i in sorted(needed):
+            fh.seek(page.dataoffsets[i])
+            blobs.append(fh.read(page.databytecounts[i]))
+        colorspace = "YCBCR" if page.photometric == 6 else None
+
+    def decode(blob):
+        return imagecodecs.jpeg_decode(blob, tables=tables, colorspace=colorspace, outcolorspace="RGB")
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(decode, blobs):
+            pass
+    return time.perf_counter() - start, len(blobs)
+
+
+def run_tiling(slide: Path, out: Path, sets: list[str]) -> dict:
+    """`tile_slides` in a fresh process; returns seconds, tiles and that process's peak RSS."""
+    code = (
+        "import json, sys, time, resource\n"
+        "from wsi.config import load_config\nfrom wsi.tiling import tile_slides\n"
+        f"cfg = load_config(sets={sets!r})\n"
+        "t = time.perf_counter()\n"
+        f"r = tile_slides([{str(slide)!r}], {str(out)!r}, cfg, progress=False)[0]\n"
+        "dt = time.perf_counter() - t\n"
+        "print(json.dumps({'seconds': dt, 'tiles': r.n_tiles, 'error': r.error,"
+        " 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=int, default=40000)
+    parser.add_argument("--height", type=int, default=30000)
+    parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
+    args = parser.parse_args()
+
+    work = HERE / "out"
+    work.mkdir(exist_ok=True)
+    slide = work / f"bench_{args.width}x{args.height}.svs"
+    make_slide(slide, args.width, args.height)
+
+    cases = [
+        ("openslide, lossless", ["slide.backend=openslide"]),
+        ("tiffslide, lossless", ["slide.backend=tiffslide"]),
+        ("openslide, jpeg q90", ["slide.backend=openslide", "tiling.codec=jpeg"]),
+        ("openslide, coords only", ["slide.backend=openslide", "tiling.store_pixels=false"]),
+    ]
+    results = []
+    for name, sets in cases:
+        out = work / "tiling_run"
+        r = run_tiling(slide, out, sets)
+        if r["error"]:
+            raise SystemExit(f"{name}: {r['error']}")
+        store = out / "stores" / f"{slide.stem}.zarr"
+        tiles_dir = store / "tiles"
+        r["bytes_per_tile"] = dir_bytes(tiles_dir) / r["tiles"] if tiles_dir.exists() else 0
+        results.append((name, r))
+        if name.startswith("openslide, lossless"):
+            from wsi.store import SlideStore
+
+            s = SlideStore.open(store)
+            coords, footprint = s.coords, s.tiling.tile_px_level0
+    floor_s, n_jpeg = decode_floor(slide, coords, footprint, args.threads)
+    floor_1, _ = decode_floor(slide, coords, footprint, 1)
+
+    print(f"\nslide {args.width} x {args.height} px at 0.25 um/px -> 0.5 um/px 256 px tiles; "
+          f"{os.cpu_count()} cores, {args.threads} threads")
+    print(f"decode floor: {n_jpeg} level-0 JPEG tiles under tissue in {floor_s:.2f} s with {args.threads} "
+          f"threads ({floor_1:.2f} s in one thread)")
+    print(f"{'case':28s} {'seconds':>8s} {'x floor':>8s} {'tiles':>7s} {'tiles/s':>8s} {'KB/tile':>8s} "
+          f"{'peak MB':>8s}")
+    for name, r in results:
+        print(f"{name:28s} {r['seconds']:8.2f} {r['seconds'] / floor_s:8.2f} {r['tiles']:7d} "
+              f"{r['tiles'] / r['seconds']:8.0f} {r['bytes_per_tile'] / 1024:8.1f} {r['peak_mb']:8.0f}")
+    shutil.rmtree(work / "tiling_run", ignore_errors=True)
+    print(f"(this process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()

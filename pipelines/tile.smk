@@ -1,0 +1,21 @@
+# Tile: one job per slide -> OUT/stores/<slide_id>.zarr (+ OUT/qc/<slide_id>.png); the job's status file is
+# what Snakemake tracks, so a slide that fails is recorded (status, failures.csv) without stopping the cohort.
+
+
+rule tile:
+    input:
+        slide=lambda w: slide_files()[w.slide],
+    output:
+        status=OUT / "status" / "tile" / "{slide}.json",
+    params:
+        out=OUT,
+        cfg=stage_config("slide", "tissue", "tiling"),
+    log:
+        OUT / "logs" / "tile" / "{slide}.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "wsi tile {input.slide:q} --out {params.out:q} --config-json {params.cfg} --status {output.status:q}"
+        " --no-progress > {log:q} 2>&1"
