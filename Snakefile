@@ -1,12 +1,15 @@
 # wsi workflow: slides -> tiles -> features -> (train) -> predict -> heatmaps -> report.
 # Parameters: configs/default.yaml (validated by configs/schema.yaml), overridden with --configfile / --config.
 # Each rule calls the thin `wsi <stage>` CLI; the logic lives in the wsi library.
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "configs/default.yaml"
+# Defaults from the workflow's own folder, so `snakemake -s <wsi>/Snakefile` works from any directory.
+configfile: Path(workflow.basedir) / "configs" / "default.yaml"
 
 
 validate(config, "configs/schema.yaml")

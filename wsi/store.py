@@ -449,6 +449,8 @@ class TileStoreWriter:
                coords: np.ndarray, tissue_fraction: np.ndarray) -> "TileStoreWriter":
         final = Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.partial-*"):  # left by a killed run of this slide
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         group.attrs.update({"schema_version": SCHEMA_VERSION, "slide_id": slide_id, "slide": slide.to_dict(),

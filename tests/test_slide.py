@@ -1,0 +1,106 @@
+"""Opening slides with both backends, MPP resolution and read-level choice."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsi.demo import write_synthetic_slide
+from wsi.errors import ConfigError, SlideError
+from wsi.slide import choose_level, expand_slide_paths, load_mpp_overrides, open_slide, slide_id_from_path
+
+REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_real_aperio_slide_opens_with_its_mpp(backend):
+    with open_slide(REAL_SLIDE, backend=backend) as slide:
+        assert slide.backend == backend
+        assert (slide.width, slide.height) == (2220, 2967)
+        assert slide.mpp_x == pytest.approx(0.499)
+        assert slide.mpp_source == "file"
+        assert slide.vendor == "aperio"
+        assert slide.objective_power == 20.0
+        region = slide.read_region(500, 800, 0, 64, 48)
+        assert region.shape == (48, 64, 3) and region.dtype == np.uint8
+
+
+def test_backends_read_identical_pixels_from_the_real_slide():
+    with open_slide(REAL_SLIDE, backend="openslide") as a, open_slide(REAL_SLIDE, backend="tiffslide") as b:
+        np.testing.assert_array_equal(a.read_region(300, 400, 0, 512, 256), b.read_region(300, 400, 0, 512, 256))
+
+
+def test_auto_backend_falls_back_to_tiffslide_for_a_tiff_openslide_refuses(tmp_path):
+    # A single-page, untiled TIFF: OpenSlide's generic-tiff reader wants tiled images, tiffslide reads it.
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, np.full((64, 96, 3), 200, np.uint8))
+    with open_slide(path, default_mpp=0.5) as slide:
+        assert slide.backend == "tiffslide"
+        assert slide.read_region(0, 0, 0, 8, 8).mean() == 200
+
+
+def test_not_a_slide_is_a_one_line_error_naming_the_file(tmp_path):
+    path = tmp_path / "notes.svs"
+    path.write_text("this is not a slide")
+    with pytest.raises(SlideError) as e:
+        open_slide(path)
+    message = str(e.value)
+    assert str(path) in message and "not a readable slide" in message and "\n" not in message
+
+
+def test_missing_mpp_is_an_error_naming_the_override_unless_overridden_or_defaulted(tmp_path):
+    path = write_synthetic_slide(tmp_path / "nompp.tif", width=1024, height=768, mpp=None, kind="generic").path
+    with pytest.raises(SlideError, match="mpp_overrides"):
+        open_slide(path)
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide_id,mpp\nnompp,0.5\n")
+    with open_slide(path, mpp_overrides=str(table)) as slide:
+        assert (slide.mpp_x, slide.mpp_source) == (0.5, "override")
+    with open_slide(path, default_mpp=0.25) as slide:
+        assert (slide.mpp_x, slide.mpp_source) == (0.25, "default")
+
+
+def test_implausible_mpp_is_an_error_not_a_guess(tmp_path):
+    path = tmp_path / "dpi72.tif"
+    # A 72-dpi resolution, as image editors write it, reads as ~353 um/px.
+    tifffile.imwrite(path, np.full((512, 512, 3), 230, np.uint8), tile=(256, 256), resolution=(72, 72),
+                     resolutionunit="INCH")
+    with pytest.raises(SlideError, match="implausible MPP") as e:
+        open_slide(path, backend="tiffslide", default_mpp=0.5)
+    assert "mpp_overrides" in str(e.value)
+
+
+def test_override_table_errors_name_the_table(tmp_path):
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide,microns\na,0.5\n")
+    with pytest.raises(ConfigError, match="slide_id,mpp"):
+        load_mpp_overrides(table)
+    table.write_text("slide_id,mpp\na,half\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        load_mpp_overrides(table)
+
+
+def test_level_choice_on_non_integer_downsamples(tmp_path):
+    path = write_synthetic_slide(tmp_path / "s.svs", width=2700, height=1800, mpp=0.25,
+                                 downsamples=(1, 3, 9)).path
+    with open_slide(path) as slide:
+        assert [round(d, 1) for d in slide.level_downsamples] == [1.0, 3.0, 9.0]
+        # coarsest level not coarser than the target; resample the rest with area averaging
+        plan = choose_level(slide, 0.5)
+        assert (plan.level, plan.scale) == (0, 2.0)
+        plan = choose_level(slide, 1.0)
+        assert plan.level == 1 and plan.scale == pytest.approx(1.0 / 0.75, rel=1e-3)
+        # within 5% of a level: read it as is and record the effective MPP
+        plan = choose_level(slide, 0.77)
+        assert (plan.level, plan.scale) == (1, 1.0) and plan.effective_mpp == pytest.approx(0.75, rel=1e-3)
+        with pytest.raises(SlideError, match="finer than the slide"):
+            choose_level(slide, 0.1)
+
+
+def test_slide_ids_and_folder_expansion(tmp_path):
+    assert slide_id_from_path("a/b/case-01.svs") == "case-01"
+    assert slide_id_from_path("x.ome.tiff") == "x"
+    for name in ("b.svs", "a.ndpi", "notes.txt", ".hidden.svs"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in expand_slide_paths([tmp_path])] == ["a.ndpi", "b.svs"]

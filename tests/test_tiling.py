@@ -1,0 +1,236 @@
+"""Tiling slides into per-slide stores: geometry, pixels, codecs, bad input, interrupted runs, Snakemake."""
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi.cli import main as wsi_main
+from wsi.config import load_config
+from wsi.demo import write_synthetic_slide
+from wsi.slide import open_slide
+from wsi.store import SlideStore, is_complete, store_path
+from wsi.tiling import read_tiles, tile_slides
+
+REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_glass_slide(path):
+    """An Aperio-style slide of bare glass: tiles, levels and MPP are fine, there is no tissue."""
+    import tifffile
+
+    description = "Aperio Image Library v12.0.0\n2048x2048 [0,0 2048x2048] (256x256) JPEG/RGB Q=85|AppMag = 20|MPP = 0.5"
+    glass = np.random.default_rng(0).normal(238, 3, (2048, 2048, 3)).clip(0, 255).astype(np.uint8)
+    tifffile.imwrite(path, glass, tile=(256, 256), compression="jpeg", photometric="rgb", description=description,
+                     metadata=None)
+
+
+def tile(paths, out, *sets):
+    return tile_slides(paths, out, load_config(sets=list(sets)), progress=False)
+
+
+@pytest.fixture(scope="module")
+def slide_025(tmp_path_factory):
+    """A 0.25 um/px slide with levels 1, 4, 16 and a tumour box: 0.5 um/px tiles need 2x area averaging."""
+    folder = tmp_path_factory.mktemp("s025")
+    return write_synthetic_slide(folder / "s025.svs", width=4096, height=3072, mpp=0.25, seed=3,
+                                 tumour_boxes=[(1024, 1024, 2048, 2048)])
+
+
+def test_tiles_are_cut_at_the_target_mpp_with_level0_coords(slide_025, tmp_path):
+    [result] = tile([slide_025.path], tmp_path)
+    assert result.error is None and result.n_tiles > 0
+    store = SlideStore.open(store_path(tmp_path, "s025"))
+    t = store.tiling
+    assert (t.read_level, t.tile_px, t.tile_px_level0, t.stride_px_level0) == (0, 256, 512.0, 512.0)
+    assert t.effective_mpp == pytest.approx(0.5)
+    coords = store.coords
+    assert (coords % 512 == 0).all() and (coords[:, 0] + 512 <= 4096).all() and (coords[:, 1] + 512 <= 3072).all()
+    assert (store.tissue_fraction >= t.min_tissue_fraction).all()
+    assert store.slide.mpp_x == 0.25 and store.slide.mpp_source == "file"
+    # each stored tile is the 2x2 area average of its level-0 footprint
+    with open_slide(slide_025.path) as slide:
+        x, y = coords[len(coords) // 2]
+        level0 = slide.read_region(int(x), int(y), 0, 512, 512).astype(np.float64)
+    expected = level0.reshape(256, 2, 256, 2, 3).mean(axis=(1, 3))
+    got = store.read_tiles(len(coords) // 2, len(coords) // 2 + 1)[0].astype(np.float64)
+    assert np.abs(got - expected).max() <= 1.0
+
+
+def test_tiles_cover_the_tissue_and_skip_glass(slide_025, tmp_path):
+    tile([slide_025.path], tmp_path)
+    store = SlideStore.open(store_path(tmp_path, "s025"))
+    centres = store.coords + 256
+    x0, y0, x1, y1 = slide_025.tumour_boxes[0]
+    inside_tumour = ((centres[:, 0] > x0) & (centres[:, 0] < x1) & (centres[:, 1] > y0) & (centres[:, 1] < y1))
+    assert inside_tumour.sum() >= 3  # the tumour region is tiled
+    tiles = store.read_tiles(0, store.n_tiles)
+    assert (tiles.reshape(len(tiles), -1).mean(axis=1) < 235).all()  # no tile is bare glass
+
+
+@pytest.mark.parametrize("path_kind", ["real", "synthetic"])
+def test_both_backends_give_the_same_tiles(path_kind, slide_025, tmp_path):
+    path = REAL_SLIDE if path_kind == "real" else slide_025.path
+    tile([path], tmp_path / "o", "slide.backend=openslide")
+    tile([path], tmp_path / "t", "slide.backend=tiffslide")
+    a, b = (SlideStore.open(store_path(tmp_path / d, Path(path).stem)) for d in ("o", "t"))
+    assert a.slide.backend == "openslide" and b.slide.backend == "tiffslide"
+    np.testing.assert_array_equal(a.coords, b.coords)
+    np.testing.assert_array_equal(a.read_tiles(0, a.n_tiles), b.read_tiles(0, b.n_tiles))
+
+
+def test_non_integer_level_is_read_and_resampled(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "odd.svs", width=3600, height=2700, mpp=0.25, downsamples=(1, 3, 9))
+    [result] = tile([slide.path], tmp_path, "tiling.target_mpp=1.0", "tiling.tile_px=128")
+    assert result.error is None
+    store = SlideStore.open(store_path(tmp_path, "odd"))
+    t = store.tiling
+    assert t.read_level == 1 and t.read_downsample == pytest.approx(3.0, rel=1e-3)
+    assert t.effective_mpp == pytest.approx(1.0, rel=0.01)
+    assert t.tile_px_level0 == pytest.approx(128 * 4, rel=0.01)
+    assert store.read_tiles(0, 2).shape == (2, 128, 128, 3)
+
+
+def test_coordinates_only_store_and_read_tiles_give_the_stored_pixels(slide_025, tmp_path):
+    tile([slide_025.path], tmp_path / "px")
+    tile([slide_025.path], tmp_path / "co", "tiling.store_pixels=false")
+    with_pixels = SlideStore.open(store_path(tmp_path / "px", "s025"))
+    coords_only = SlideStore.open(store_path(tmp_path / "co", "s025"))
+    assert not coords_only.has_pixels
+    np.testing.assert_array_equal(with_pixels.coords, coords_only.coords)
+    pick = np.array([0, 3, 4, 5, len(with_pixels.coords) - 1])
+    with open_slide(slide_025.path) as slide:
+        reread = read_tiles(slide, coords_only.tiling, coords_only.coords[pick])
+    np.testing.assert_array_equal(reread, with_pixels.read_tiles(0, with_pixels.n_tiles)[pick])
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "jpegxl"])
+def test_lossy_codecs_are_close_to_lossless_and_smaller(codec, slide_025, tmp_path):
+    tile([slide_025.path], tmp_path / "lossless")
+    tile([slide_025.path], tmp_path / codec, f"tiling.codec={codec}", "tiling.quality=90")
+    a, b = (SlideStore.open(store_path(tmp_path / d, "s025")) for d in ("lossless", codec))
+    diff = np.abs(a.read_tiles(0, a.n_tiles).astype(int) - b.read_tiles(0, b.n_tiles).astype(int))
+    assert diff.mean() < 3.0
+
+    def size(store):
+        return sum(f.stat().st_size for f in (store.path / "tiles").rglob("*") if f.is_file())
+
+    assert size(b) < 0.6 * size(a)
+
+
+def test_pen_marks_and_specks_are_not_tiled(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "pen.svs", width=4096, height=3072, mpp=0.5, seed=5,
+                                  pen_marks=True, specks=True)
+    tile([slide.path], tmp_path)
+    store = SlideStore.open(store_path(tmp_path, "pen"))
+    fp = store.tiling.tile_px_level0
+
+    def overlaps(box):
+        x0, y0, x1, y1 = box
+        c = store.coords
+        return (c[:, 0] < x1) & (c[:, 0] + fp > x0) & (c[:, 1] < y1) & (c[:, 1] + fp > y0)
+
+    on_tissue = np.zeros(store.n_tiles, bool)
+    for box in slide.tissue_boxes:
+        on_tissue |= overlaps(box)
+    assert on_tissue.all(), "every kept tile touches tissue; none sits on pen ink or specks on glass alone"
+
+
+def test_real_slide_tiles_and_inspect(tmp_path, capsys):
+    assert wsi_main(["tile", str(REAL_SLIDE), "--out", str(tmp_path), "--no-progress"]) == 0
+    store = SlideStore.open(store_path(tmp_path, "cmu_small_region"))
+    assert store.n_tiles > 20
+    assert (tmp_path / "qc" / "cmu_small_region.png").exists()
+    capsys.readouterr()
+    assert wsi_main(["inspect", str(store.path)]) == 0
+    summary = capsys.readouterr().out
+    assert "0.499" in summary and f"tiles      {store.n_tiles}" in summary and "complete   yes" in summary
+
+
+def test_bad_slides_fail_alone_with_one_line_each(slide_025, tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    good = slides / "good.svs"
+    shutil.copy(slide_025.path, good)
+    (slides / "notaslide.svs").write_text("plain text, not a slide")
+    data = slide_025.path.read_bytes()
+    (slides / "truncated.svs").write_bytes(data[: len(data) // 3])
+    write_synthetic_slide(slides / "nompp.tif", width=1024, height=1024, mpp=None, kind="generic")
+    write_glass_slide(slides / "glass.svs")
+    (slides / "dup").mkdir()
+    shutil.copy(slide_025.path, slides / "dup" / "twin.svs")
+    shutil.copy(slide_025.path, slides / "twin.svs")
+    out = tmp_path / "out"
+
+    code = wsi_main(["tile", str(slides), str(slides / "dup" / "twin.svs"), "--out", str(out), "--no-progress"])
+    assert code == 1
+    assert SlideStore.open(store_path(out, "good")).n_tiles > 0
+    with open(out / "failures.csv") as f:
+        rows = {r["slide_id"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"notaslide", "truncated", "nompp", "glass", "twin"}
+    assert "not a readable slide" in rows["notaslide"]["cause"]
+    assert "mpp_overrides" in rows["nompp"]["cause"]
+    assert "no tissue" in rows["glass"]["cause"]
+    assert "also the id of" in rows["twin"]["cause"]
+    assert all(r["stage"] == "tile" and "\n" not in r["cause"] for r in rows.values())
+    for slide_id in rows:
+        assert not is_complete(store_path(out, slide_id))
+
+
+def test_killed_run_leaves_no_complete_store_and_rerun_completes(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "big.svs", width=12288, height=8192, mpp=0.25, seed=2)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "wsi.cli", "tile", str(slide.path), "--out", str(out),
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((out / "stores").glob(".big.zarr.partial-*/tiles/c")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((out / "stores").glob(".big.zarr.partial-*")), "the kill landed mid-write"
+    assert not is_complete(store_path(out, "big"))
+    with pytest.raises(Exception, match="does not exist|incomplete"):
+        SlideStore.open(store_path(out, "big"))
+
+    [result] = tile([slide.path], out)
+    assert result.error is None
+    assert is_complete(store_path(out, "big"))
+    assert not list((out / "stores").glob(".big.zarr.partial-*")), "stale partial stores are cleaned up"
+
+
+def test_rerun_with_nothing_new_does_nothing_and_a_changed_parameter_redoes(slide_025, tmp_path):
+    tile([slide_025.path], tmp_path)
+    path = store_path(tmp_path, "s025")
+    stamp = (path / "zarr.json").stat().st_mtime_ns
+    tile([slide_025.path], tmp_path)
+    assert (path / "zarr.json").stat().st_mtime_ns == stamp
+    tile([slide_025.path], tmp_path, "tiling.tile_px=128")
+    assert SlideStore.open(path).tiling.tile_px == 128
+
+
+@pytest.mark.slow
+def test_snakemake_tiles_a_folder_one_job_per_slide_and_reruns_nothing(tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(2):
+        write_synthetic_slide(slides / f"case{i}.svs", width=2048, height=1536, mpp=0.5, seed=i)
+    (slides / "broken.svs").write_text("not a slide")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(tmp_path), "--until", "tile", "--config", f"slides_dir={slides}", f"out_dir={out}",
+           "mode=features"]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert is_complete(store_path(out, "case0")) and is_complete(store_path(out, "case1"))
+    assert "broken" in (out / "failures.csv").read_text()
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    assert second.returncode == 0
+    assert "Nothing to be done" in second.stdout + second.stderr
