@@ -15,6 +15,16 @@ configfile: Path(workflow.basedir) / "configs" / "default.yaml"
 validate(config, "configs/schema.yaml")
 
 
+# With cluster.kind=slurm the cohort jobs start their Dask workers through dask-jobqueue, so they run
+# on the submit host rather than holding an allocation themselves.
+if config["cluster"]["kind"] == "slurm":
+
+    localrules:
+        extract,
+        train,
+        predict,
+
+
 include: "pipelines/common.smk"
 include: "pipelines/tile.smk"
 include: "pipelines/extract.smk"
