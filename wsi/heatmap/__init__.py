@@ -1,0 +1,338 @@
+"""Tumour heatmaps: per-tile scores of a model run, painted where the tiles are, for pathologists' viewers.
+
+For each slide with complete ``scores/<run>`` in its store, ``heatmap`` writes to
+``OUT/heatmaps/<run>/<slide_id>/``:
+
+================  ==========================================================================================
+file              what
+================  ==========================================================================================
+``overlay.png``   the store's thumbnail with the heatmap blended in (``heatmap.alpha``), a colour bar and the
+                  slide's prediction in the title (layout: :mod:`wsi.heatmap.images`)
+``heatmap.png``   the heatmap alone, RGBA on the thumbnail's pixel grid (same size as the thumbnail;
+                  transparent where there is no tile)
+``tiles.geojson`` one ``tile`` per tile with its measurements, classified where the tumour probability
+                  reaches ``heatmap.threshold``, plus the tumour region outline (:mod:`wsi.heatmap.geojson`);
+                  QuPath: File > Import objects
+``heatmap.tif``   tiled pyramidal RGBA TIFF over the slide's full extent, MPP = slide MPP x
+                  ``heatmap.downsample`` (:mod:`wsi.heatmap.tiff` says why)
+``top_tiles.png`` the ``heatmap.top_k`` most and least attended tiles
+``heatmap.json``  written last: parameters, a digest of the scores, the prediction, the files. A slide whose
+                  ``heatmap.json`` matches the current parameters and scores is not redone.
+================  ==========================================================================================
+
+Every file is written under a temporary name and renamed into place. What is painted is ``heatmap.value``:
+``attention`` (where the model looked) or ``tumour`` (the per-tile probability of ``heatmap.tumour_class``),
+normalised by rank within the slide (``percentile``) or, for probabilities, shown as they are (``raw``).
+Rasters and alignment rules are in :mod:`wsi.heatmap.raster`. A slide with fewer than two tiles gets valid,
+empty outputs and a warning.
+
+``high_res=True`` re-scores a finer, overlapping grid read from the slide (:mod:`wsi.heatmap.high_res`) and
+writes the same files to ``OUT/heatmaps/<run>/<slide_id>/high_res/``; the stores are not touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import ConfigError, StoreError, WsiError, clear_failure, record_failure
+from ..store import SlideStore, open_cohort, store_path
+from .geojson import feature_collection
+from .images import blend, save_overlay, save_tile_grid
+from .raster import NORMALIZATIONS, TileValues, colour_table, normalise, render, to_rgba
+from .tiff import write_pyramid
+
+__all__ = ["HeatmapParams", "HeatmapSummary", "SlideScores", "heatmap_dir", "heatmap_slide", "heatmaps",
+           "stored_scores"]
+
+VALUES = ("attention", "tumour")
+OUTPUTS = ("overlay.png", "heatmap.png", "tiles.geojson", "heatmap.tif", "top_tiles.png")
+STAGE = "heatmap"
+_REGION_COLOUR = (220, 40, 40)  # QuPath colour of the tumour classification
+
+
+@dataclass(frozen=True)
+class HeatmapParams:
+    """The ``heatmap:`` config section, checked, plus what high-res mode needs from ``slide:``/``extract:``."""
+
+    downsample: float
+    value: str
+    normalize: str
+    smooth_sigma: float
+    threshold: float
+    tumour_class: str | None
+    top_k: int
+    colormap: str
+    alpha: float
+    high_res_overlap: float
+    slide: dict          # config["slide"]: opening the slide for coordinates-only stores and high-res mode
+    checkpoint: str | None  # config["extract"]["checkpoint"]: the encoder's local weights (high-res mode)
+    batch_size: int      # config["extract"]["batch_size"]: tiles per forward pass (high-res mode)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "HeatmapParams":
+        h = config["heatmap"]
+        if h["value"] not in VALUES:
+            raise ConfigError(None, f"heatmap.value {h['value']!r} is not one of {VALUES}")
+        if h["normalize"] not in NORMALIZATIONS:
+            raise ConfigError(None, f"heatmap.normalize {h['normalize']!r} is not one of {NORMALIZATIONS}")
+        if h["normalize"] == "raw" and h["value"] == "attention":
+            raise ConfigError(None, "heatmap.normalize=raw shows probabilities as they are, but attention "
+                                    "weights have no absolute scale", "use normalize=percentile or value=tumour")
+        colour_table(h["colormap"])
+        return cls(downsample=float(h["downsample"]), value=h["value"], normalize=h["normalize"],
+                   smooth_sigma=float(h["smooth_sigma"]), threshold=float(h["threshold"]),
+                   tumour_class=h["tumour_class"], top_k=int(h["top_k"]), colormap=h["colormap"],
+                   alpha=float(h["alpha"]), high_res_overlap=float(h["high_res_overlap"]),
+                   slide=dict(config["slide"]), checkpoint=config["extract"]["checkpoint"],
+                   batch_size=int(config["extract"]["batch_size"]))
+
+
+@dataclass(frozen=True)
+class SlideScores:
+    """Per-tile scores of one slide under one model run, and the slide's prediction.
+
+    ``store_tiles`` is true when row ``i`` is tile ``i`` of the store (so its pixels can come from there)."""
+
+    coords: np.ndarray          # int64 (N, 2) level-0 top-left corners
+    size: float                 # tile footprint at level 0
+    attention: np.ndarray       # float32 (N,)
+    class_scores: np.ndarray    # float32 (N, C)
+    classes: tuple
+    probabilities: tuple
+    predicted: str
+    store_tiles: bool
+
+    def class_index(self, name: str | None, run: str) -> int:
+        """Index of the tumour class: ``name``, or the last class when ``name`` is None."""
+        if name is None:
+            return len(self.classes) - 1
+        if name not in self.classes:
+            raise ConfigError(None, f"heatmap.tumour_class {name!r} is not a class of model run {run} "
+                                    f"(classes: {', '.join(map(str, self.classes))})")
+        return self.classes.index(name)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.coords, self.attention, self.class_scores):
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update(json.dumps([self.size, list(self.classes), self.predicted]).encode())
+        return h.hexdigest()
+
+
+@dataclass
+class HeatmapSummary:
+    done: list[str] = dataclasses.field(default_factory=list)
+    failed: list[str] = dataclasses.field(default_factory=list)
+
+
+def heatmap_dir(out_dir, run: str, slide_id: str) -> Path:
+    return Path(out_dir) / "heatmaps" / run / slide_id
+
+
+def stored_scores(store: SlideStore, run: str) -> SlideScores:
+    """The store's ``scores/<run>`` with its tile geometry; damaged or non-finite scores are a StoreError."""
+    try:
+        attention, class_scores, attrs = store.scores(run)
+    except WsiError:
+        raise
+    except Exception as e:  # zarr/numcodecs raise their own types for damaged chunks
+        raise StoreError(store.path, f"scores/{run} cannot be read ({type(e).__name__}: {e})",
+                         f"re-run `wsi predict` for {store.slide_id}") from e
+    if not (np.isfinite(attention).all() and np.isfinite(class_scores).all()):
+        raise StoreError(store.path, f"scores/{run} hold non-finite values", "re-run `wsi predict`")
+    if class_scores.shape[1] != len(attrs.classes):
+        raise StoreError(store.path, f"scores/{run} have {class_scores.shape[1]} class columns for "
+                                     f"{len(attrs.classes)} classes", "re-run `wsi predict`")
+    return SlideScores(coords=store.coords, size=float(store.tiling.tile_px_level0), attention=attention,
+                       class_scores=class_scores, classes=tuple(attrs.classes),
+                       probabilities=tuple(attrs.probabilities), predicted=attrs.predicted, store_tiles=True)
+
+
+def _mask(store: SlideStore) -> tuple[np.ndarray, float]:
+    try:
+        _, thumbnail, downsample = store.mask()
+    except Exception as e:  # a store without mask/ (or a damaged one) is not a usable tile store
+        raise StoreError(store.path, f"mask/thumbnail cannot be read ({type(e).__name__}: {e})",
+                         "re-run `wsi tile` for this slide") from e
+    return thumbnail, downsample
+
+
+@contextmanager
+def _replacing(path: Path):
+    """Yield a temporary sibling of ``path`` to write; rename it into place only if the block succeeds."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_tiles(store: SlideStore, scores: SlideScores, indices: np.ndarray, params: HeatmapParams) -> np.ndarray:
+    """Pixels of tiles ``indices``: from the store when it holds them, else read from the slide."""
+    if scores.store_tiles and store.has_pixels:
+        return np.stack([store.read_tiles(int(i), int(i) + 1)[0] for i in indices])
+    from ..slide import open_slide
+    from ..tiling import read_tiles
+
+    with open_slide(store.slide.source_path, **params.slide) as slide:
+        return read_tiles(slide, store.tiling, scores.coords[indices])
+
+
+def _top_and_bottom(attention: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-attention, kind="stable")
+    top = order[:k]
+    bottom = order[::-1][: min(k, len(order) - len(top))]
+    return top, bottom
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    with _replacing(path) as tmp:
+        tmp.write_text(json.dumps(doc, separators=(",", ":")))
+
+
+def _params_doc(params: HeatmapParams, high_res: bool) -> dict:
+    doc = dataclasses.asdict(params)
+    doc["high_res"] = high_res
+    return doc
+
+
+def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *,
+                  high_res: bool = False) -> dict[str, Path]:
+    """Write one slide's heatmap files (see the module docstring); returns {file name: path}."""
+    if high_res:
+        from .high_res import rescore
+
+        scores = rescore(store, run, out_dir, params)
+    else:
+        scores = stored_scores(store, run)
+    folder = heatmap_dir(out_dir, run, store.slide_id) / ("high_res" if high_res else "")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / name for name in OUTPUTS}
+    slide = store.slide
+
+    tumour_index = scores.class_index(params.tumour_class, run)
+    tumour_name = str(scores.classes[tumour_index])
+    tumour = scores.class_scores[:, tumour_index]
+    n = len(scores.coords)
+    note = None
+    if n < 2:
+        note = f"{n} tile(s): nothing to rank, the heatmaps are left empty"
+        warnings.warn(f"{store.slide_id}: {note}", stacklevel=2)
+    shown = n if n >= 2 else 0
+    painted = scores.attention if params.value == "attention" else tumour
+    tiles = TileValues(scores.coords[:shown], scores.size, normalise(painted[:shown], params.normalize))
+    table = colour_table(params.colormap)
+
+    # PNGs on the thumbnail's grid; smoothing keeps its level-0 width whatever the grid
+    thumbnail, mask_ds = _mask(store)
+    value, coverage = render(tiles, mask_ds, 0, 0, thumbnail.shape[1], thumbnail.shape[0],
+                             params.smooth_sigma * params.downsample / mask_ds)
+    rgba = to_rgba(value, coverage, table)
+    from PIL import Image
+
+    with _replacing(paths["heatmap.png"]) as tmp:
+        Image.fromarray(rgba, "RGBA").save(tmp, format="PNG")
+    p_pred = dict(zip(scores.classes, scores.probabilities)).get(scores.predicted, float("nan"))
+    title = (f"{store.slide_id}: predicted {scores.predicted} (p = {p_pred:.2f})  |  run {run}"
+             + ("  |  high-res" if high_res else "") + (f"  |  {note}" if note else ""))
+    subject = "attention" if params.value == "attention" else f"{tumour_name} probability"
+    bar_label = subject + (" (percentile within slide)" if params.normalize == "percentile" else "")
+    with _replacing(paths["overlay.png"]) as tmp:
+        save_overlay(tmp, blend(thumbnail, rgba, params.alpha), title=title, colormap=params.colormap,
+                     bar_label=bar_label)
+
+    measurements = {"attention": scores.attention[:shown],
+                    "attention percentile": normalise(scores.attention[:shown], "percentile")}
+    for c, name in enumerate(scores.classes):
+        measurements[f"{name} probability"] = scores.class_scores[:shown, c]
+    collection = feature_collection(scores.coords[:shown], scores.size, measurements,
+                                    tumour[:shown] >= params.threshold, tumour_name, _REGION_COLOUR,
+                                    f"{tumour_name} region (probability >= {params.threshold:g})")
+    _write_json(paths["tiles.geojson"], collection)
+
+    description = {"wsi_version": __version__, "slide_id": store.slide_id, "run": run, "value": params.value,
+                   "class": tumour_name, "normalize": params.normalize, "colormap": params.colormap,
+                   "value_range": [0.0, 1.0], "downsample": params.downsample,
+                   "slide_mpp": [slide.mpp_x, slide.mpp_y], "slide_size": [slide.width, slide.height]}
+    with _replacing(paths["heatmap.tif"]) as tmp:
+        write_pyramid(tmp, tiles, width0=slide.width, height0=slide.height, mpp=(slide.mpp_x, slide.mpp_y),
+                      downsample=params.downsample, sigma=params.smooth_sigma, table=table,
+                      description=description)
+
+    top, bottom = _top_and_bottom(scores.attention[:shown], params.top_k)
+    percentile = measurements["attention percentile"]
+    rows = []
+    for heading, picked in (("highest attention", top), ("lowest attention", bottom)):
+        pixels = _read_tiles(store, scores, picked, params) if len(picked) else np.zeros((0, 1, 1, 3), np.uint8)
+        captions = [f"attention pct {percentile[i]:.2f}\n{tumour_name} p = {tumour[i]:.2f}" for i in picked]
+        rows.append((heading, pixels, captions))
+    with _replacing(paths["top_tiles.png"]) as tmp:
+        save_tile_grid(tmp, rows, title=title)
+
+    _write_json(folder / "heatmap.json", {
+        "wsi_version": __version__, "slide_id": store.slide_id, "run": run, "n_tiles": n, "note": note,
+        "params": _params_doc(params, high_res), "scores_sha256": scores.digest(), "predicted": scores.predicted,
+        "probabilities": dict(zip(map(str, scores.classes), map(float, scores.probabilities))),
+        "outputs": list(OUTPUTS)})
+    return paths
+
+
+def _up_to_date(store: SlideStore, run: str, out_dir, params: HeatmapParams) -> bool:
+    """The slide's ``heatmap.json`` is there, for these parameters and these very scores, with every file."""
+    folder = heatmap_dir(out_dir, run, store.slide_id)
+    try:
+        done = json.loads((folder / "heatmap.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (done.get("params") == json.loads(json.dumps(_params_doc(params, False)))
+            and done.get("scores_sha256") == stored_scores(store, run).digest()
+            and all((folder / name).exists() for name in OUTPUTS))
+
+
+def heatmaps(out_dir, run: str, config: dict, *, slide_ids: list[str] | None = None, high_res: bool = False,
+             progress: bool = True) -> HeatmapSummary:
+    """Heatmaps of every slide with scores of ``run`` (or of ``slide_ids``); see the module docstring.
+
+    A slide that fails gets one ``failures.csv`` row (stage ``heatmap``) and a line on stderr; the others go
+    on. Slides already done with the same parameters and scores are skipped (high-res ones are always
+    redone: their scores are not stored). Raises StoreError when no slide at all has scores for ``run``.
+    """
+    from tqdm import tqdm
+
+    params = HeatmapParams.from_config(config)
+    out_dir = Path(out_dir)
+    if high_res and not (out_dir / "models" / run).is_dir():
+        raise ConfigError(out_dir / "models" / run, "model run folder does not exist",
+                          "high-res mode re-scores tiles with the trained model; check --model-run")
+    if slide_ids is None:
+        slide_ids = [s.slide_id for s in open_cohort(out_dir) if s.has_scores(run)]
+        if not slide_ids:
+            raise StoreError(out_dir / "stores", f"no complete store has scores of model run {run!r}",
+                             f"run `wsi predict --model {out_dir / 'models' / run}` first")
+    summary = HeatmapSummary()
+    for slide_id in tqdm(slide_ids, unit="slide", desc=STAGE, disable=not progress):
+        source = store_path(out_dir, slide_id)
+        try:
+            store = SlideStore.open(source)
+            if high_res or not _up_to_date(store, run, out_dir, params):
+                heatmap_slide(store, run, out_dir, params, high_res=high_res)
+            clear_failure(out_dir, slide_id, STAGE)
+            summary.done.append(slide_id)
+        except (WsiError, OSError) as e:
+            cause = e.one_line() if isinstance(e, WsiError) else f"{source}: {type(e).__name__}: {e}"
+            record_failure(out_dir, slide_id, STAGE, source, cause)
+            print(f"wsi heatmap: {cause}", file=sys.stderr, flush=True)
+            summary.failed.append(slide_id)
+    return summary
