@@ -11,7 +11,7 @@ rule report:
     params:
         out=OUT,
         run=RUN,
-        cfg=stage_config("labels", "mode", "extract", "mil", "heatmap"),
+        cfg=stage_config("labels", "mode", "model_dir", "extract", "mil", "heatmap"),
     log:
         OUT / "logs" / "report.log",
     threads: 1
