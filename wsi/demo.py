@@ -1,0 +1,770 @@
+"""Synthetic H&E-like whole-slide images, so the demo and every test run on a fresh machine with no data.
+
+:func:`write_synthetic_slide` writes a pyramidal, JPEG-tiled TIFF that openslide (4.x) and tiffslide both open
+and decode to identical pixels; :func:`make_demo_cohort` writes a small labelled cohort of them.
+
+What a slide shows
+------------------
+White-ish glass with slight noise; tissue pieces with wobbly outlines: pink eosin stroma with streaky fibres
+and sparse spindle-shaped purple nuclei, pale fat (white vacuoles in thin pink septa), a few small separate
+biopsy fragments, and optional dense tumour (crowded, larger, darker, irregular nuclei). Options add marker-pen
+strokes (blue, green, black, red) over glass and tissue edges, and dust/debris specks and faint smudges on
+glass. Colours are mixed with Beer-Lambert optical densities of haematoxylin and eosin.
+
+Every pixel is a deterministic function of its level-0 position and its size (the level's downsample), so
+tiles are rendered independently and streamed to :class:`tifffile.TiffWriter` (a 40,000 x 30,000 slide never
+holds a level in memory), and coarse levels look like area-averaged level 0 without computing level 0: edges
+are anti-aliased over the pixel footprint, fine noise fades with the downsample, and nuclei smaller than a
+pixel turn into their mean coverage. Features are sized in microns (nuclei 5-11 um, fat cells ~70 um), so a
+0.25 um/px slide shows the same tissue as a 0.5 um/px one at twice the pixels; a slide written with
+``mpp=None`` is drawn as if at 0.5 um/px.
+
+The returned :class:`SyntheticSlide` holds the level-0 boxes of what was drawn (tissue pieces, tumour, pen
+strokes, specks and smudges) and :meth:`SyntheticSlide.truth_masks` renders the exact per-pixel ground truth
+at any downsample, from the same functions that drew the pixels.
+
+File layout and vendor quirks (openslide 4.0.1 / openslide-python 1.4, tiffslide 3.0, tifffile 2026.3)
+------------------------------------------------------------------------------------------------------------
+* Tiles are JPEG in YCbCr with 2x2 chroma subsampling (tifffile's default for RGB + JPEG; PhotometricInterpretation
+  YCbCr, ReferenceBlackWhite written). Both backends decode them to the same bytes (exactly, not within a
+  tolerance); against the rendered RGB the error is JPEG's (a few levels on average at quality 85).
+* ``kind="aperio"``: page 0 is level 0, tiled, ImageDescription ``Aperio Image Library v12.0.0`` +
+  ``|AppMag = <10/mpp>|MPP = <mpp>``. Page 1 is a stripped JPEG *thumbnail* (longest side 768 px), as in a real
+  SVS: tifffile (hence tiffslide) always takes an SVS's second page for the thumbnail, so without it level 1
+  would vanish. Pages 2+ are the lower levels, tiled, NewSubfileType 0 (tifffile stops reading SVS levels at a
+  page flagged "reduced"). openslide reports vendor ``aperio``, ``openslide.mpp-x`` = MPP and
+  ``openslide.objective-power`` = AppMag; tiffslide reports vendor ``aperio`` and ``tiffslide.mpp-x`` = MPP.
+  With ``mpp=None`` the description has neither MPP nor AppMag and both backends report no MPP.
+* ``kind="generic"``: a plain tiled TIFF, lower levels on following pages flagged NewSubfileType 1 (reduced).
+  The MPP is in XResolution/YResolution with ResolutionUnit centimeter (10,000 / mpp pixels per cm; lower
+  levels carry their own coarser resolution). openslide reports vendor ``generic-tiff`` and
+  ``openslide.mpp-x`` from the resolution tags; tiffslide reports ``tiffslide.mpp-x`` likewise. With
+  ``mpp=None`` the file has no resolution tags at all (as an un-calibrated scanner would leave it), and
+  neither backend reports an MPP (no 72-dpi style guess).
+* BigTIFF is used when a level's raw size passes 2 GiB; both backends read it.
+
+>>> import tempfile, openslide
+>>> s = write_synthetic_slide(tempfile.mkdtemp() + "/a.svs", width=1024, height=768, tumour_tiles=1)
+>>> with openslide.OpenSlide(s.path) as o:
+...     o.properties["openslide.vendor"], o.properties["openslide.mpp-x"], o.level_count
+('aperio', '0.5', 3)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .errors import ConfigError
+
+Box = tuple[int, int, int, int]
+
+KINDS = ("aperio", "generic")
+RENDER_MPP_WITHOUT_CALIBRATION = 0.5  # um/px used to size features when a slide is written with mpp=None
+THUMBNAIL_PX = 768  # longest side of an SVS thumbnail page
+APERIO_HEADER = "Aperio Image Library v12.0.0"
+
+# Optical density per unit stain (R, G, B); a pixel transmits exp(-sum(conc * od)) of the light.
+EOSIN_OD = np.array([0.05, 0.60, 0.22], np.float32)
+HAEM_OD = np.array([0.62, 0.78, 0.28], np.float32)
+GLASS_RGB = np.array([242.0, 241.0, 245.0], np.float32)
+GLASS_NOISE_LEVELS = 2.0  # std of the per-pixel glass noise at level 0, in 8-bit levels
+# Marker ink transmittance (R, G, B) at full density.
+PEN_INKS = {
+    "blue": (0.20, 0.34, 0.76),
+    "green": (0.26, 0.60, 0.40),
+    "black": (0.15, 0.15, 0.17),
+    "red": (0.80, 0.17, 0.22),
+}
+SMUDGE_T = np.array([0.90, 0.90, 0.885], np.float32)  # transmittance at the centre of a smudge
+SPECK_TS = ((0.30, 0.29, 0.28), (0.45, 0.36, 0.27), (0.55, 0.55, 0.52))  # dark dust, brown debris, grey
+
+
+# ------------------------------------------------------------------------------------------ hashing + noise
+def _hash01(seed: int, ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
+    """Uniform [0, 1) floats from integer lattice coordinates: a splitmix64-style mix, no state."""
+    with np.errstate(over="ignore"):  # wrap-around multiplication is the point of the mix
+        h = (np.asarray(ix, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
+            np.asarray(iy, np.int64).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)) ^ np.uint64(
+            (seed * 0x165667B19E3779F9) & 0xFFFFFFFFFFFFFFFF)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
+    return ((h >> np.uint64(40)).astype(np.float32)) * np.float32(2.0 ** -24)
+
+
+def _interp(coords: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Lattice cell (relative to the first one), smoothstep weight of its upper neighbour, first cell, count."""
+    g = coords / spacing
+    i0 = np.floor(g).astype(np.int64)
+    f = (g - i0).astype(np.float32)
+    lo = int(i0.min())
+    return i0 - lo, f * f * (3 - 2 * f), lo, int(i0.max()) - lo + 2
+
+
+def _noise(seed: int, xs: np.ndarray, ys: np.ndarray, spacing_x: float, spacing_y: float | None = None,
+           pixel: float = 1.0) -> np.ndarray:
+    """Smooth value noise in [-1, 1] on the grid ``ys x xs`` (level-0 px), lattice ``spacing`` px.
+
+    Separable: interpolate the lattice along x for the lattice rows in reach, then those rows along y. Its
+    contrast fades as the pixel (``pixel`` level-0 px) outgrows the lattice, as area averaging would fade it.
+    """
+    spacing_y = spacing_x if spacing_y is None else spacing_y
+    fade = np.float32(min(1.0, min(spacing_x, spacing_y) / pixel))
+    if fade < 0.5:  # mostly averaged away; skipping it spares hashing a lattice finer than the pixels
+        return np.zeros((ys.size, xs.size), np.float32)
+    ix, fx, x0, nx = _interp(xs, spacing_x)
+    iy, fy, y0, ny = _interp(ys, spacing_y)
+    lattice = 2 * _hash01(seed, np.arange(x0, x0 + nx)[None, :], np.arange(y0, y0 + ny)[:, None]) - 1
+    rows = lattice[:, ix] * (1 - fx) + lattice[:, ix + 1] * fx
+    return (rows[iy] * ((1 - fy) * fade)[:, None]) + rows[iy + 1] * (fy * fade)[:, None]
+
+
+def _overlap(centre: np.ndarray, lo: float, hi: float, pixel: float) -> np.ndarray:
+    """Share of the pixel interval [centre - pixel/2, centre + pixel/2] that lies inside [lo, hi]."""
+    return np.clip(np.minimum(centre + pixel / 2, hi) - np.maximum(centre - pixel / 2, lo), 0, None) / pixel
+
+
+def _edge(signed_distance: np.ndarray, pixel: float) -> np.ndarray:
+    """Anti-aliased coverage of a region from its signed distance (level-0 px, positive inside)."""
+    return np.clip(signed_distance / pixel + 0.5, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------- scene
+@dataclass(frozen=True)
+class _Blob:
+    """A tissue piece or tumour region: a wobbly (super)ellipse. ``inward`` wobble keeps it inside its box."""
+
+    cx: float
+    cy: float
+    rx: float
+    ry: float
+    angle: float
+    wobble: float
+    power: float
+    inward: bool
+    seed: int
+
+    def box(self) -> Box:
+        if self.inward:
+            ex, ey = self.rx, self.ry
+        else:
+            c, s = math.cos(self.angle), math.sin(self.angle)
+            ex = math.hypot(self.rx * c, self.ry * s) * (1 + self.wobble)
+            ey = math.hypot(self.rx * s, self.ry * c) * (1 + self.wobble)
+        return (math.floor(self.cx - ex), math.floor(self.cy - ey), math.ceil(self.cx + ex), math.ceil(self.cy + ey))
+
+    def signed_distance(self, xs: np.ndarray, ys: np.ndarray, pixel: float) -> np.ndarray:
+        """Approximate distance to the outline in level-0 px, positive inside, on the grid ``ys x xs``."""
+        c, s = math.cos(self.angle), math.sin(self.angle)
+        dx = (xs - self.cx)[None, :].astype(np.float32)
+        dy = (ys - self.cy)[:, None].astype(np.float32)
+        u = np.abs(dx * c + dy * s) / self.rx
+        v = np.abs(dy * c - dx * s) / self.ry
+        rho = np.sqrt(u * u + v * v) if self.power == 2 else (u ** self.power + v ** self.power) ** (1 / self.power)
+        r = min(self.rx, self.ry)
+        n = 0.7 * _noise(self.seed, xs, ys, 0.45 * r, pixel=pixel) + 0.3 * _noise(self.seed + 1, xs, ys, 0.12 * r,
+                                                                                  pixel=pixel)
+        wob = self.wobble * ((n + 1) / 2 if self.inward else -n)
+        return (1 - rho - wob) * r
+
+
+@dataclass(frozen=True)
+class _Stroke:
+    """A marker-pen stroke: a polyline of level-0 points, ``half_width`` px, ink transmittance ``ink``."""
+
+    points: tuple
+    half_width: float
+    colour: str
+    seed: int
+
+    def box(self) -> Box:
+        p = np.asarray(self.points)
+        lo, hi = p.min(0) - self.half_width, p.max(0) + self.half_width
+        return (math.floor(lo[0]), math.floor(lo[1]), math.ceil(hi[0]), math.ceil(hi[1]))
+
+    def coverage(self, xs: np.ndarray, ys: np.ndarray, pixel: float) -> np.ndarray:
+        """Anti-aliased coverage on the grid ``ys x xs``; each segment only touches the pixels in its reach."""
+        dist = np.full((ys.size, xs.size), np.inf, np.float32)
+        reach = self.half_width + pixel
+        p = np.asarray(self.points, np.float32)
+        for a, b in zip(p[:-1], p[1:]):
+            c0, c1 = np.searchsorted(xs, [min(a[0], b[0]) - reach, max(a[0], b[0]) + reach])
+            r0, r1 = np.searchsorted(ys, [min(a[1], b[1]) - reach, max(a[1], b[1]) + reach])
+            if c0 == c1 or r0 == r1:
+                continue
+            X, Y = xs[None, c0:c1].astype(np.float32) - a[0], ys[r0:r1, None].astype(np.float32) - a[1]
+            ab = b - a
+            t = np.clip((X * ab[0] + Y * ab[1]) / float(ab @ ab), 0, 1)
+            np.minimum(dist[r0:r1, c0:c1], np.hypot(X - t * ab[0], Y - t * ab[1]), out=dist[r0:r1, c0:c1])
+        return _edge(self.half_width - dist, pixel)
+
+
+@dataclass(frozen=True)
+class _Speck:
+    """A dust or debris speck (``radius`` px, transmittance ``ink``) or, with ``smudge``, a faint smear."""
+
+    cx: float
+    cy: float
+    radius: float
+    ink: tuple
+    smudge: bool
+    seed: int
+
+    def box(self) -> Box:
+        r = self.radius
+        return (math.floor(self.cx - r), math.floor(self.cy - r), math.ceil(self.cx + r), math.ceil(self.cy + r))
+
+    def coverage(self, xs: np.ndarray, ys: np.ndarray, pixel: float) -> np.ndarray:
+        dx = (xs - self.cx)[None, :].astype(np.float32)
+        dy = (ys - self.cy)[:, None].astype(np.float32)
+        if self.smudge:  # a soft bump with streaks, zero outside its radius
+            rho2 = (dx * dx + dy * dy) / self.radius ** 2
+            streaks = 0.7 + 0.3 * _noise(self.seed, xs, ys, self.radius / 3, self.radius / 12, pixel=pixel)
+            return np.clip(1 - rho2, 0, None) ** 2 * streaks
+        if self.radius >= pixel:
+            return _edge(self.radius - np.sqrt(dx * dx + dy * dy), pixel)
+        half = self.radius * math.sqrt(math.pi) / 2  # sub-pixel: a square of equal area keeps the mean right
+        return (_overlap(ys, self.cy - half, self.cy + half, pixel)[:, None]
+                * _overlap(xs, self.cx - half, self.cx + half, pixel)[None, :]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """Everything drawn on one slide, in level-0 px; ``um`` is the render scale in um per level-0 px."""
+
+    width: int
+    height: int
+    um: float
+    seed: int
+    tissue: tuple  # _Blob, main pieces first
+    n_main: int  # how many of ``tissue`` are main pieces (fat only grows in those)
+    tumours: tuple  # _Blob
+    strokes: tuple  # _Stroke
+    specks: tuple  # _Speck (dust, debris and smudges)
+
+    def px(self, microns: float) -> float:
+        return microns / self.um
+
+    def touches(self, region: Box) -> bool:
+        """Whether anything but glass may show in ``region`` (level-0 box)."""
+        objects = self.tissue + self.tumours + self.strokes + self.specks
+        return any(_intersects(o.box(), region) for o in objects)
+
+
+def _intersects(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+# --------------------------------------------------------------------------------------- tissue texture
+@dataclass(frozen=True)
+class _Nuclei:
+    """A population of nuclei, one per kept cell of a warped jittered lattice (``cell`` um); sizes in um."""
+
+    cell: float
+    keep: float  # share of cells that hold a nucleus
+    radius: tuple  # (min, max) semi-minor axis
+    aspect: tuple  # (min, max) semi-major / semi-minor
+    haem: tuple  # (min, max) haematoxylin concentration
+    warp: float  # lattice warp amplitude, in cells
+    wobble: float  # outline irregularity
+
+
+STROMA_NUCLEI = _Nuclei(cell=12.0, keep=0.30, radius=(1.3, 1.9), aspect=(1.8, 3.2), haem=(1.2, 1.6), warp=0.8,
+                        wobble=0.1)
+TUMOUR_NUCLEI = _Nuclei(cell=9.5, keep=0.88, radius=(3.0, 4.6), aspect=(1.0, 1.5), haem=(1.5, 2.4), warp=0.45,
+                        wobble=0.35)
+
+
+def _nuclei_absorbance(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: float,
+                       where: np.ndarray) -> np.ndarray:
+    """(h, w, 3) share of light the nuclei absorb, for nuclei centred where ``where`` (h, w) > 0. Discrete
+    nuclei blend into their mean absorbance as the pixel outgrows them (what area averaging of level 0 gives).
+    """
+    cell = scene.px(nuc.cell)
+    r_mean = scene.px(sum(nuc.radius) / 2)
+    mean_area = math.pi * r_mean ** 2 * sum(nuc.aspect) / 2
+    mean_field = nuc.keep * mean_area / cell ** 2 * (1 - np.exp(-HAEM_OD * (sum(nuc.haem) / 2)))
+    blend = float(np.clip((pixel - r_mean) / (cell / 2 - r_mean), 0, 1))
+    if blend >= 1:
+        return np.broadcast_to(mean_field.astype(np.float32), (ys.size, xs.size, 3))
+    density = _nuclei_density(nuc, seed, scene, xs, ys, pixel, where)
+    density *= 1 + 0.22 * _noise(seed + 14, xs, ys, scene.px(0.9), pixel=pixel)  # chromatin
+    absorbed = 1 - np.exp(-HAEM_OD * density[..., None])
+    return absorbed if blend <= 0 else (1 - blend) * absorbed + blend * mean_field
+
+
+def _nuclei_density(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: float, where: np.ndarray) -> np.ndarray:
+    """(h, w) haematoxylin density of the nuclei: each an ellipse splatted into its own small patch, with an
+    anti-aliased outline roughened by noise; where nuclei overlap the denser wins."""
+    cell = scene.px(nuc.cell)
+    shape = (ys.size, xs.size)
+    # the nuclei of the lattice cells within reach of this region, with their hashed parameters
+    reach = (nuc.warp + 1) * cell + scene.px(nuc.radius[1] * nuc.aspect[1])
+    cx = np.arange(math.floor((xs[0] - reach) / cell), math.ceil((xs[-1] + reach) / cell) + 1)
+    cy = np.arange(math.floor((ys[0] - reach) / cell), math.ceil((ys[-1] + reach) / cell) + 1)
+    gy, gx = np.nonzero(_hash01(seed + 6, cx[None, :], cy[:, None]) < nuc.keep)
+    ix, iy = cx[gx], cy[gy]
+    lattice_x, lattice_y = (cx + 0.5) * cell, (cy + 0.5) * cell
+    centres_x = (ix + 0.2 + 0.6 * _hash01(seed + 1, ix, iy)) * cell
+    centres_y = (iy + 0.2 + 0.6 * _hash01(seed + 2, ix, iy)) * cell
+    centres_x += nuc.warp * cell * _noise(seed + 11, lattice_x, lattice_y, 2.7 * cell)[gy, gx]
+    centres_y += nuc.warp * cell * _noise(seed + 12, lattice_x, lattice_y, 2.7 * cell)[gy, gx]
+
+    # patches: the pixels each nucleus may touch; keep the nuclei centred in ``where`` that reach the region
+    size = math.ceil(2 * scene.px(nuc.radius[1] * nuc.aspect[1]) / pixel) + 2
+    col = np.floor((centres_x - xs[0]) / pixel).astype(np.int64)
+    row = np.floor((centres_y - ys[0]) / pixel).astype(np.int64)
+    col0, row0 = col - size // 2 + 1, row - size // 2 + 1
+    keep = (col0 + size > 0) & (col0 < shape[1]) & (row0 + size > 0) & (row0 < shape[0])
+    keep &= where[np.clip(row, 0, shape[0] - 1), np.clip(col, 0, shape[1] - 1)] > 0
+    density = np.zeros(shape, np.float32)
+    if not keep.any():
+        return density
+    ix, iy, col0, row0 = ix[keep], iy[keep], col0[keep, None, None], row0[keep, None, None]
+    centres_x, centres_y = centres_x[keep, None, None], centres_y[keep, None, None]
+    minor = scene.px(nuc.radius[0]) + scene.px(nuc.radius[1] - nuc.radius[0]) * _hash01(seed + 3, ix, iy)
+    major = minor * (nuc.aspect[0] + (nuc.aspect[1] - nuc.aspect[0]) * _hash01(seed + 4, ix, iy))
+    angle = math.pi * _hash01(seed + 5, ix, iy)
+    conc = nuc.haem[0] + (nuc.haem[1] - nuc.haem[0]) * _hash01(seed + 7, ix, iy)
+    minor, major, conc = minor[:, None, None], major[:, None, None], conc[:, None, None]
+
+    offsets = np.arange(size)
+    cols = col0 + offsets[None, None, :]
+    rows = row0 + offsets[None, :, None]
+    dx = (xs[0] + (cols + 0.5) * pixel - centres_x).astype(np.float32)
+    dy = (ys[0] + (rows + 0.5) * pixel - centres_y).astype(np.float32)
+    c, s = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    u = (dx * c + dy * s) / major
+    v = (dy * c - dx * s) / minor
+    valid = (cols >= 0) & (cols < shape[1]) & (rows >= 0) & (rows < shape[0])
+    flat = np.where(valid, rows * shape[1] + cols, 0)
+    rough = nuc.wobble * _noise(seed + 13, xs, ys, scene.px(1.6), pixel=pixel).ravel()[flat]
+    cover = _edge((1 - np.sqrt(u * u + v * v) - rough) * minor, pixel)
+    np.maximum.at(density.ravel(), flat[valid], (cover * conc)[valid])
+    return density
+
+
+def _fat_septa(scene: _Scene, xs, ys, pixel: float) -> np.ndarray:
+    """Coverage of the thin walls between fat vacuoles: the bisectors of a jittered point lattice (Voronoi)."""
+    cell = scene.px(70.0)
+    half_width = scene.px(1.6)
+    gx, gy = xs / cell, ys / cell
+    ix, iy = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
+    dists = []
+    for ox in (-1, 0, 1):
+        for oy in (-1, 0, 1):
+            cx, cy = ix[None, :] + ox, iy[:, None] + oy
+            px_ = cx + 0.15 + 0.7 * _hash01(scene.seed + 21, cx, cy)
+            py_ = cy + 0.15 + 0.7 * _hash01(scene.seed + 22, cx, cy)
+            dists.append(np.hypot(gx[None, :] - px_, gy[:, None] - py_) * cell)
+    d = np.partition(np.stack(dists), 1, axis=0)
+    to_wall = (d[1] - d[0]) / 2
+    return _overlap(to_wall, -half_width, half_width, pixel)
+
+
+# ------------------------------------------------------------------------------------------- rendering
+@dataclass(frozen=True)
+class _Layers:
+    """Coverages (0..1) of what lies at each pixel of a region."""
+
+    tissue: np.ndarray
+    tumour: np.ndarray
+    fat: np.ndarray
+    pens: list  # (coverage, _Stroke)
+    specks: list  # (coverage, _Speck)
+
+
+def _layers(scene: _Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> _Layers:
+    shape = (ys.size, xs.size)
+    region = (math.floor(xs[0] - pixel), math.floor(ys[0] - pixel), math.ceil(xs[-1] + pixel) + 1,
+              math.ceil(ys[-1] + pixel) + 1)
+    tissue = np.zeros(shape, np.float32)
+    fat = np.zeros(shape, np.float32)
+    for i, blob in enumerate(scene.tissue):
+        if not _intersects(blob.box(), region):
+            continue
+        sd = blob.signed_distance(xs, ys, pixel)
+        np.maximum(tissue, _edge(sd, pixel), out=tissue)
+        if i < scene.n_main:  # fat: patches of the inner part of main pieces, never at the rim
+            inner = _edge(sd - scene.px(150), pixel)
+            if inner.any():
+                patches = _noise(scene.seed + 31 + i, xs, ys, scene.px(260), pixel=pixel)
+                np.maximum(fat, inner * _edge((patches - 0.25) * scene.px(260), pixel), out=fat)
+    tumour = np.zeros(shape, np.float32)
+    for blob in scene.tumours:
+        if _intersects(blob.box(), region):
+            np.maximum(tumour, _edge(blob.signed_distance(xs, ys, pixel), pixel), out=tumour)
+    np.maximum(tissue, tumour, out=tissue)
+    fat *= 1 - tumour
+    pens = [(s.coverage(xs, ys, pixel), s) for s in scene.strokes if _intersects(s.box(), region)]
+    specks = [(s.coverage(xs, ys, pixel), s) for s in scene.specks if _intersects(s.box(), region)]
+    return _Layers(tissue, tumour, fat, pens, specks)
+
+
+def _render(scene: _Scene, x0: float, y0: float, pixel: float, light: np.ndarray) -> np.ndarray:
+    """RGB uint8 of the region whose top-left is level-0 (x0, y0), pixels ``pixel`` level-0 px wide, lit by
+    ``light`` (h, w, 3), the glass's brightness with its noise."""
+    h, w = light.shape[:2]
+    xs = x0 + (np.arange(w, dtype=np.float64) + 0.5) * pixel
+    ys = y0 + (np.arange(h, dtype=np.float64) + 0.5) * pixel
+    lay = _layers(scene, xs, ys, pixel)
+    transmit = np.ones((h, w, 3), np.float32)
+    if lay.tissue.any():
+        transmit = _tissue_transmittance(scene, lay, xs, ys, pixel)
+    for cov, speck in lay.specks:
+        ink = SMUDGE_T if speck.smudge else np.asarray(speck.ink, np.float32)
+        transmit *= 1 - cov[..., None] * (1 - ink)
+    for cov, stroke in lay.pens:
+        density = 0.85 + 0.15 * _noise(stroke.seed, xs, ys, stroke.half_width * 3, stroke.half_width / 3,
+                                       pixel=pixel)
+        ink = np.asarray(PEN_INKS[stroke.colour], np.float32) ** density[..., None]
+        transmit *= 1 - cov[..., None] * (1 - ink)
+    return np.clip(light * transmit + 0.5, 0, 255).astype(np.uint8)
+
+
+def _glass(seed: int, size: int, pixel: float) -> np.ndarray:
+    """(size, size, 3) float32 glass brightness with per-pixel noise, fainter on coarser pixels (averaged)."""
+    noise = np.random.default_rng([seed, 0x61A55]).standard_normal((size, size, 3), np.float32)
+    return GLASS_RGB + noise * np.float32(GLASS_NOISE_LEVELS / pixel)
+
+
+def _tissue_transmittance(scene: _Scene, lay: _Layers, xs, ys, pixel: float) -> np.ndarray:
+    """(h, w, 3) light transmitted by the tissue (1 on glass): stroma, fat and tumour backgrounds, then nuclei."""
+    seed = scene.seed
+    big = _noise(seed + 41, xs, ys, scene.px(300), pixel=pixel)
+    fibres_x = _noise(seed + 42, xs, ys, scene.px(40), scene.px(5), pixel=pixel)
+    fibres_y = _noise(seed + 43, xs, ys, scene.px(5), scene.px(40), pixel=pixel)
+    along_x = np.clip(0.5 + 1.5 * _noise(seed + 44, xs, ys, scene.px(300), pixel=pixel), 0, 1)
+    eosin = 0.58 + 0.08 * big + 0.22 * (along_x * fibres_x + (1 - along_x) * fibres_y)
+    stroma_t = np.exp(-EOSIN_OD * eosin[..., None] - HAEM_OD * 0.05)
+
+    w_tum = lay.tumour
+    w_fat = lay.fat
+    w_str = np.clip(1 - w_tum - w_fat, 0, 1)
+    absorbed = w_str[..., None] * _nuclei_absorbance(STROMA_NUCLEI, seed + 100, scene, xs, ys, pixel,
+                                                     w_str * lay.tissue)
+    background = w_str[..., None] * stroma_t
+    if w_fat.any():
+        septa = _fat_septa(scene, xs, ys, pixel)[..., None]
+        septa_t = np.exp(-EOSIN_OD * 0.95 - HAEM_OD * 0.05)
+        background += w_fat[..., None] * (1 - septa * (1 - septa_t))
+    if w_tum.any():
+        cytoplasm = 0.42 + 0.06 * big
+        tum_t = np.exp(-EOSIN_OD * cytoplasm[..., None] - HAEM_OD * 0.22)
+        background += w_tum[..., None] * tum_t
+        absorbed += w_tum[..., None] * _nuclei_absorbance(TUMOUR_NUCLEI, seed + 200, scene, xs, ys, pixel, w_tum)
+    tissue_t = background * (1 - absorbed)
+    t = lay.tissue[..., None]
+    return 1 - t + t * tissue_t
+
+
+# -------------------------------------------------------------------------------------- scene generation
+def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_boxes: Sequence[Box], tumour_tiles: int,
+           pen_marks: bool, specks: bool) -> _Scene:
+    rng = np.random.default_rng([seed, 0x5EED])
+    seeds = iter(rng.integers(1, 2 ** 31, size=1000).tolist())
+    short = min(width, height)
+
+    main: list[_Blob] = []
+    n_main = 1 if short < 3000 or rng.random() < 0.4 else 2
+    for k in range(n_main):
+        if n_main == 1:
+            cx, cy = width * rng.uniform(0.42, 0.58), height * rng.uniform(0.42, 0.58)
+            rx, ry = width * rng.uniform(0.24, 0.30), height * rng.uniform(0.24, 0.30)
+        else:
+            cx = width * (0.3 + 0.4 * k + rng.uniform(-0.04, 0.04))
+            cy = height * rng.uniform(0.42, 0.58)
+            rx, ry = width * rng.uniform(0.14, 0.18), height * rng.uniform(0.25, 0.30)
+        main.append(_Blob(cx, cy, rx, ry, rng.uniform(-0.4, 0.4), wobble=0.18, power=2, inward=False,
+                          seed=next(seeds)))
+
+    def in_tissue(x, y, margin_px):
+        xs, ys = np.array([float(x)]), np.array([float(y)])
+        return any(b.signed_distance(xs, ys, 1.0)[0, 0] > margin_px for b in main)
+
+    # small biopsy fragments on the glass, clear of the main pieces
+    fragments: list[_Blob] = []
+    taken = [b.box() for b in main]
+    for _ in range(40):
+        if len(fragments) == 3:
+            break
+        r = rng.uniform(110, 190) / um
+        if min(width, height) < 6 * r:  # no room on a tiny slide
+            break
+        cx, cy = rng.uniform(r * 1.4, width - r * 1.4), rng.uniform(r * 1.4, height - r * 1.4)
+        blob = _Blob(cx, cy, r * rng.uniform(1.0, 1.4), r, rng.uniform(0, math.pi), wobble=0.15, power=2,
+                     inward=False, seed=next(seeds))
+        box = blob.box()
+        grown = (box[0] - 0.03 * short, box[1] - 0.03 * short, box[2] + 0.03 * short, box[3] + 0.03 * short)
+        if box[0] > 0 and box[1] > 0 and box[2] < width and box[3] < height and not any(
+                _intersects(grown, t) for t in taken):
+            fragments.append(blob)
+            taken.append(box)
+
+    tumours = [_Blob((x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2, 0.0, wobble=0.12, power=4,
+                     inward=True, seed=next(seeds)) for x0, y0, x1, y1 in tumour_boxes]
+    for _ in range(tumour_tiles):
+        for _attempt in range(200):  # a focus about one 256-px tile at 0.5 um/px, inside a main piece
+            half = rng.uniform(60, 80) / um
+            cx, cy = rng.uniform(half, width - half), rng.uniform(half, height - half)
+            if in_tissue(cx, cy, half * 1.3) and not any(
+                    math.hypot(cx - t.cx, cy - t.cy) < 2.5 * half for t in tumours):
+                tumours.append(_Blob(cx, cy, half * rng.uniform(0.9, 1.1), half * rng.uniform(0.9, 1.1), 0.0,
+                                     wobble=0.15, power=4, inward=True, seed=next(seeds)))
+                break
+        else:
+            raise ConfigError(path, f"no room for {tumour_tiles} tumour foci in a {width} x {height} slide",
+                              "ask for fewer tumour_tiles or a larger slide")
+
+    strokes: list[_Stroke] = []
+    if pen_marks:  # arcs just outside the main pieces' rims, the way pathologists circle a region
+        for k, colour in enumerate(PEN_INKS):
+            blob = main[k % len(main)]
+            start = rng.uniform(0, 2 * math.pi)
+            angles = start + np.linspace(0, rng.uniform(0.8, 1.3), 40)
+            scale = rng.uniform(1.02, 1.22)
+            wiggle = 1 + 0.03 * np.sin(np.linspace(0, rng.uniform(3, 9), 40))
+            c, s = math.cos(blob.angle), math.sin(blob.angle)
+            ex, ey = blob.rx * scale * wiggle * np.cos(angles), blob.ry * scale * wiggle * np.sin(angles)
+            pts = np.stack([blob.cx + ex * c - ey * s, blob.cy + ex * s + ey * c], 1)
+            pts = np.clip(pts, 0.02 * short, [width - 0.02 * short, height - 0.02 * short])
+            strokes.append(_Stroke(tuple(map(tuple, pts.round(1).tolist())), max(6.0, 0.008 * short), colour,
+                                   next(seeds)))
+
+    speck_list: list[_Speck] = []
+    if specks:
+        all_tissue = main + fragments
+
+        def clear_of_tissue(x, y, r):
+            xs = np.linspace(x - r, x + r, 5)
+            ys = np.linspace(y - r, y + r, 5)
+            return all(b.signed_distance(xs, ys, 1.0).max() < -150 / um for b in all_tissue)
+
+        for smudge, count in ((False, 14), (True, 3)):
+            placed = 0
+            for _ in range(400):
+                if placed == count:
+                    break
+                r = min(rng.uniform(250, 450) / um, short / 8) if smudge else rng.uniform(3, 22) / um
+                x, y = rng.uniform(r, width - r), rng.uniform(r, height - r)
+                spaced = all(math.hypot(x - o.cx, y - o.cy) > r + o.radius + 100 / um for o in speck_list)
+                if spaced and clear_of_tissue(x, y, r):
+                    ink = SPECK_TS[int(rng.integers(len(SPECK_TS)))]
+                    speck_list.append(_Speck(x, y, r, ink, smudge, next(seeds)))
+                    placed += 1
+    return _Scene(width, height, um, seed, tuple(main + fragments), len(main), tuple(tumours), tuple(strokes),
+                  tuple(speck_list))
+
+
+# ----------------------------------------------------------------------------------------------- result
+@dataclass(frozen=True)
+class SyntheticSlide:
+    """A slide written by :func:`write_synthetic_slide` and the level-0 boxes (x0, y0, x1, y1) of what it shows.
+
+    ``tissue_boxes`` bound each tissue piece (tumour lies inside tissue), ``pen_boxes`` each pen stroke,
+    ``speck_boxes`` each dust/debris speck and smudge. Boxes bound their objects; :meth:`truth_masks` gives
+    the exact pixels.
+    """
+
+    path: Path
+    width: int
+    height: int
+    mpp: float | None
+    tumour_boxes: tuple[Box, ...]
+    tissue_boxes: tuple[Box, ...]
+    pen_boxes: tuple[Box, ...]
+    speck_boxes: tuple[Box, ...]
+    scene: _Scene = field(repr=False, compare=False)
+
+    def truth_masks(self, downsample: float) -> dict[str, np.ndarray]:
+        """Ground truth on the grid of ``ceil(h / downsample) x ceil(w / downsample)`` pixels (sampled at their
+        centres): boolean ``tissue``, ``tumour``, ``fat``, ``pen`` and ``speck`` (specks and smudges)."""
+        w, h = math.ceil(self.width / downsample), math.ceil(self.height / downsample)
+        out = {k: np.zeros((h, w), bool) for k in ("tissue", "tumour", "fat", "pen", "speck")}
+        step = 512
+        for r in range(0, h, step):
+            ys = (np.arange(r, min(h, r + step)) + 0.5) * downsample
+            xs = (np.arange(w) + 0.5) * downsample
+            lay = _layers(self.scene, xs, ys, downsample)
+            rows = slice(r, r + ys.size)
+            out["tissue"][rows] = lay.tissue > 0.5
+            out["tumour"][rows] = lay.tumour > 0.5
+            out["fat"][rows] = (lay.fat > 0.5) & (lay.tissue > 0.5)
+            for cov, _ in lay.pens:
+                out["pen"][rows] |= cov > 0.5
+            for cov, _ in lay.specks:
+                out["speck"][rows] |= cov > 0.05
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ writer
+def _check_args(path: Path, width: int, height: int, mpp: float | None, tile: int, downsamples, jpeg_quality: int,
+                kind: str) -> tuple[float, ...]:
+    def bad(cause: str, hint: str | None = None):
+        raise ConfigError(path, cause, hint)
+
+    if kind not in KINDS:
+        bad(f"unknown synthetic slide kind {kind!r}", f"use one of {', '.join(KINDS)}")
+    if width < 1 or height < 1:
+        bad(f"slide size must be positive, got {width} x {height}")
+    if mpp is not None and not (0 < mpp < 100):
+        bad(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
+    if tile < 16 or tile % 16:
+        bad(f"tile must be a positive multiple of 16 (JPEG 2x2 subsampled blocks), got {tile}")
+    if not 1 <= jpeg_quality <= 100:
+        bad(f"jpeg_quality must be 1..100, got {jpeg_quality}")
+    ds = tuple(float(d) for d in downsamples)
+    if not ds or ds[0] != 1 or any(b <= a for a, b in zip(ds, ds[1:])):
+        bad(f"downsamples must start at 1 and increase, got {tuple(downsamples)}")
+    return ds
+
+
+def _level_tiles(scene: _Scene, level: int, downsample: float, size: tuple[int, int], tile: int,
+                 pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
+    """The tiles of one level in TIFF order, rendered a row at a time on ``pool``. Each tile takes its glass
+    noise from a hashed window of a texture twice the tile's size, so no two neighbours repeat it."""
+    w, h = size
+    light = _glass(scene.seed, 2 * tile, downsample)
+    glass = np.clip(light + 0.5, 0, 255).astype(np.uint8)
+    room = tile
+
+    def one(col_row):
+        col, row = col_row
+        oy = int(_hash01(scene.seed + level, col, row) * room)
+        ox = int(_hash01(scene.seed - level, col, row) * room)
+        x0, y0 = col * tile * downsample, row * tile * downsample
+        span = tile * downsample
+        if not scene.touches((math.floor(x0 - downsample), math.floor(y0 - downsample),
+                              math.ceil(x0 + span + downsample), math.ceil(y0 + span + downsample))):
+            return glass[oy:oy + tile, ox:ox + tile]
+        return _render(scene, x0, y0, downsample, light[oy:oy + tile, ox:ox + tile])
+
+    for row in range(math.ceil(h / tile)):
+        yield from pool.map(one, [(col, row) for col in range(math.ceil(w / tile))])
+
+
+def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 0.5, tile: int = 256,
+                          downsamples: Sequence[float] = (1, 4, 16), jpeg_quality: int = 85, kind: str = "aperio",
+                          seed: int = 0, tumour_boxes: Sequence[Box] | None = None, tumour_tiles: int = 0,
+                          pen_marks: bool = False, specks: bool = False) -> SyntheticSlide:
+    """Write a pyramidal JPEG-tiled H&E-like slide to ``path``; return its ground truth.
+
+    ``kind`` is ``aperio`` (SVS-like, MPP in the description) or ``generic`` (tiled TIFF, MPP in the
+    resolution tags); ``mpp=None`` writes no MPP at all (see the module docstring for what each backend then
+    reports). One level per entry of ``downsamples`` (starting at 1, any increasing factors such as
+    (1, 3, 9)), each ``ceil(size / downsample)`` pixels. ``tumour_boxes`` (level-0 x0, y0, x1, y1) are filled
+    with tumour (a rounded box, its corners trimmed); ``tumour_tiles`` adds that many small tumour foci of
+    about one 256-px tile at 0.5 um/px inside tissue. ``pen_marks`` draws blue, green, black and red marker
+    arcs over glass and tissue edges; ``specks`` adds dust/debris specks and faint smudges on glass.
+    Deterministic for a ``seed``.
+    """
+    path = Path(path)
+    ds = _check_args(path, width, height, mpp, tile, downsamples, jpeg_quality, kind)
+    for b in tumour_boxes or ():
+        if len(b) != 4 or not (0 <= b[0] < b[2] <= width and 0 <= b[1] < b[3] <= height):
+            raise ConfigError(path, f"tumour box {tuple(b)} is not (x0, y0, x1, y1) inside {width} x {height}")
+    um = mpp if mpp is not None else RENDER_MPP_WITHOUT_CALIBRATION
+    scene = _scene(path, width, height, um, seed, [tuple(int(v) for v in b) for b in tumour_boxes or ()], tumour_tiles,
+                   pen_marks, specks)
+    sizes = [(max(1, math.ceil(width / d)), max(1, math.ceil(height / d))) for d in ds]
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    common = dict(photometric="rgb", compression="jpeg", compressionargs={"level": jpeg_quality}, metadata=None)
+    bigtiff = width * height * 3 > 2 ** 31
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif, ThreadPoolExecutor(2) as pool:
+        for level, (d, (w, h)) in enumerate(zip(ds, sizes)):
+            page = dict(common, tile=(tile, tile), shape=(h, w, 3), dtype=np.uint8)
+            if kind == "aperio":
+                page["description"] = _aperio_description(width, height, (w, h), tile, jpeg_quality, mpp)
+            else:
+                page["subfiletype"] = 1 if level else 0
+                if mpp is not None:
+                    page["resolution"] = (1e4 / (mpp * width / w), 1e4 / (mpp * height / h))
+                    page["resolutionunit"] = "CENTIMETER"
+            tif.write(_level_tiles(scene, level, d, (w, h), tile, pool), **page)
+            if kind == "aperio" and level == 0:
+                tif.write(_thumbnail(scene), rowsperstrip=16,
+                          description=_aperio_description(width, height, None, tile, jpeg_quality, mpp), **common)
+
+    boxes = lambda objs: tuple(_clip_box(o.box(), width, height) for o in objs)  # noqa: E731
+    return SyntheticSlide(path=path, width=width, height=height, mpp=mpp, tumour_boxes=boxes(scene.tumours),
+                          tissue_boxes=boxes(scene.tissue), pen_boxes=boxes(scene.strokes),
+                          speck_boxes=boxes(scene.specks), scene=scene)
+
+
+def _clip_box(box: Box, width: int, height: int) -> Box:
+    return (max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3]))
+
+
+def _thumbnail(scene: _Scene) -> np.ndarray:
+    """The whole slide at about ``THUMBNAIL_PX`` px on its longest side, rendered in one piece."""
+    d = max(scene.width, scene.height) / THUMBNAIL_PX
+    w, h = max(1, round(scene.width / d)), max(1, round(scene.height / d))
+    return _render(scene, 0, 0, scene.width / w, _glass(scene.seed, max(w, h), d)[:h, :w])
+
+
+def _aperio_description(width: int, height: int, level_size: tuple[int, int] | None, tile: int, quality: int,
+                        mpp: float | None) -> str:
+    """The ImageDescription an Aperio scanner writes: header line, then ``|key = value`` pairs."""
+    if level_size is None:
+        line = f"{width}x{height} -> thumbnail"
+    elif level_size == (width, height):
+        line = f"{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+    else:
+        line = f"{width}x{height} -> {level_size[0]}x{level_size[1]} - ({tile}x{tile}) JPEG/RGB Q={quality}"
+    keys = "" if mpp is None else f"|AppMag = {round(10 / mpp)}|MPP = {mpp:g}"
+    return f"{APERIO_HEADER}\r\n{line}{keys}"
+
+
+# ------------------------------------------------------------------------------------------------ cohort
+def make_demo_cohort(outdir, *, n_slides: int = 8, seed: int = 0) -> Path:
+    """Write ``outdir/slides/<slide_id>.svs`` and ``outdir/labels.csv`` (``slide_id,label,patient_id``).
+
+    Labels are balanced ``normal``/``tumour``; tumour slides carry 3-6 small foci of about one tile each
+    (few positives among many tiles, like lymph-node metastases). Scanners are mixed as in a real cohort:
+    even slides are 0.5 um/px (20x), odd ones 0.25 um/px (40x, so tiling at 0.5 um/px resamples); each is
+    about 2.6 x 2 mm and gives roughly 150-250 tissue tiles of 256 px at 0.5 um/px. Two patients own two
+    slides each, so patient-grouped cross-validation matters. Deterministic for a ``seed``.
+    """
+    outdir = Path(outdir)
+    if n_slides < 2:
+        raise ConfigError(outdir, f"a demo cohort needs at least 2 slides (one per label), got {n_slides}")
+    rng = np.random.default_rng([seed, 0xC0407])
+    labels = ["tumour"] * (n_slides // 2) + ["normal"] * (n_slides - n_slides // 2)
+    labels = [labels[i] for i in rng.permutation(n_slides)]
+    patients = _patients(n_slides)
+    rows = []
+    for i in range(n_slides):
+        slide_id = f"demo_{i + 1:03d}"
+        mpp = 0.5 if i % 2 == 0 else 0.25
+        size = (round(2600 / mpp), round(2000 / mpp))
+        foci = int(rng.integers(3, 7)) if labels[i] == "tumour" else 0
+        write_synthetic_slide(outdir / "slides" / f"{slide_id}.svs", width=size[0], height=size[1], mpp=mpp,
+                              downsamples=(1, 4, 16), seed=int(rng.integers(2 ** 31)), tumour_tiles=foci,
+                              pen_marks=bool(rng.random() < 0.4), specks=bool(rng.random() < 0.5))
+        rows.append({"slide_id": slide_id, "label": labels[i], "patient_id": patients[i]})
+    labels_path = outdir / "labels.csv"
+    with open(labels_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["slide_id", "label", "patient_id"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return labels_path
+
+
+def _patients(n_slides: int) -> list[str]:
+    """Patient ids: slides 1+2 and (from 6 slides on) 5+6 share a patient; every other slide has its own."""
+    shared = {1: 0} | ({5: 4} if n_slides >= 6 else {})
+    owner: list[int] = []
+    for i in range(n_slides):
+        owner.append(owner[shared[i]] if i in shared else (max(owner) + 1 if owner else 0))
+    return [f"P{o + 1:03d}" for o in owner]
