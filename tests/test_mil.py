@@ -1,0 +1,412 @@
+"""wsi.mil on real Zarr stores with synthetic features, trained on a real Dask LocalCluster.
+
+The cohort: every slide is a bag of background tiles (Gaussian features); tumour slides also hold a few tiles
+(3 of ~60) from a shifted distribution. Mean pooling barely sees 3 tiles; attention should find them.
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wsi.config import load_config
+from wsi.errors import ConfigError, read_failures
+from wsi.mil import (create_model, list_models, load_cohort, load_ensemble, make_folds, predict, read_labels,
+                     train, train_fold)
+from wsi.mil.data import Cohort
+from wsi.mil.metrics import classification_metrics
+from wsi.mil.training import FoldTask, TrainParams
+from wsi.store import FeatureAttrs, SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, store_path
+
+ENCODER = "toy-encoder"
+DIM = 16
+TUMOUR_TILES = 3
+
+
+# ------------------------------------------------------------------------------------------ helpers
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models train fastest on one thread (the CI cores are shared); Dask workers set their own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _feature_attrs(dim=DIM, sha="a" * 64):
+    return FeatureAttrs(encoder=ENCODER, dim=dim, weights_source="test", weights_sha256=sha, input_size=(3, 8, 8),
+                        interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), precision="fp32")
+
+
+def make_store(out, slide_id, features=None, *, n_tiles=None, sha="a" * 64, mark_complete=True):
+    """A real complete store (coordinates only) with ``features`` under ENCODER (None: no features)."""
+    n = len(features) if features is not None else n_tiles
+    slide = SlideAttrs(source_path=f"{slide_id}.svs", source_size=1, source_mtime=0.0, backend="openslide",
+                       vendor="aperio", width=256 * 16, height=256 * 16, mpp_x=0.5, mpp_y=0.5, mpp_source="file",
+                       objective_power=20.0, level_count=1, level_downsamples=(1.0,))
+    tiling = TilingAttrs(target_mpp=0.5, tile_px=256, overlap_px=0, read_level=0, read_downsample=1.0,
+                         tile_px_level0=256.0, stride_px_level0=256.0, effective_mpp=0.5, min_tissue_fraction=0.25,
+                         store_pixels=False, codec="lossless", quality=90, chunk_tiles=32)
+    coords = np.stack([np.arange(n) % 16, np.arange(n) // 16], axis=1) * 256
+    store = TileStoreWriter.create(store_path(out, slide_id), slide_id, slide, tiling, coords=coords,
+                                   tissue_fraction=np.ones(n)).commit()
+    if features is not None:
+        arr = store.create_features(ENCODER, features.shape[1], chunk_tiles=32)
+        arr[:] = features
+        if mark_complete:
+            store.complete_features(ENCODER, _feature_attrs(features.shape[1], sha))
+        else:  # a foreign or damaged writer: complete flag without the finiteness check
+            arr.attrs.update({**_feature_attrs(features.shape[1], sha).to_dict(), "complete": True})
+    return store
+
+
+def bag_features(rng, tumour: bool, n_tiles: int, dim=DIM):
+    """Background tiles N(0, 1); a tumour bag's first TUMOUR_TILES rows (placed at random) shifted by +2.5 on
+    8 dims. Returns (features, indices of tumour tiles)."""
+    x = rng.normal(size=(n_tiles, dim)).astype(np.float32)
+    where = rng.choice(n_tiles, TUMOUR_TILES, replace=False) if tumour else np.array([], int)
+    x[where, :8] += 2.5
+    return x, where
+
+
+def make_cohort(out, n_per_class=9, *, seed=0, patients_per_slide=1, extra_rows=()):
+    """Stores + labels.csv (normal/tumour); returns (labels path, {slide_id: tumour tile indices})."""
+    rng = np.random.default_rng(seed)
+    rows, truth = [], {}
+    for i in range(2 * n_per_class):
+        tumour = i % 2 == 1
+        sid = f"s{i:02d}"
+        feats, where = bag_features(rng, tumour, int(rng.integers(40, 80)))
+        make_store(out, sid, feats)
+        truth[sid] = where
+        rows.append((sid, "tumour" if tumour else "normal", f"p{i // patients_per_slide:02d}"))
+    rows += list(extra_rows)
+    labels = out / "labels.csv"
+    labels.write_text("slide_id,label,patient_id\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    return labels, truth
+
+
+def mil_config(labels, **mil):
+    config = load_config(overrides={
+        "labels": str(labels), "extract": {"encoder": ENCODER},
+        "cluster": {"kind": "local", "n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"},
+        "mil": {"hidden_dim": 32, "dropout": 0.1, "folds": 3, "epochs": 20, "patience": 6, "lr": 5e-3,
+                "bootstrap": 200, **mil}})
+    return config
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def fold_task(cohort: Cohort, run_dir, config, fold=0, model="abmil"):
+    from wsi.mil.models import model_config
+
+    f = make_folds(cohort, config["mil"]["folds"], config["mil"]["seed"])[fold]
+    by_id = {b.slide_id: b for b in cohort.bags}
+    return FoldTask(str(run_dir), fold, ENCODER, model_config(model, DIM, 2, config["mil"]),
+                    TrainParams.from_config(config["mil"]),
+                    *(tuple(by_id[s] for s in ids) for ids in (f.train, f.val, f.test)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One cohort and one ABMIL run trained through the CLI (`wsi train`) on a real LocalCluster."""
+    from wsi.cli import main
+
+    out = tmp_path_factory.mktemp("mil")
+    labels, truth = make_cohort(out)
+    make_store(out, "unlabelled", bag_features(np.random.default_rng(9), True, 50)[0])
+    sets = ["extract.encoder=" + ENCODER, "cluster.n_workers=2", "cluster.threads_per_worker=1",
+            "cluster.dashboard_address=':0'", "mil.hidden_dim=32", "mil.dropout=0.1", "mil.folds=3",
+            "mil.epochs=20", "mil.patience=6", "mil.lr=0.005", "mil.bootstrap=200"]
+    argv = ["train", "--out", str(out), "--labels", str(labels), "--model", "abmil", "--run-name", "toy",
+            "--no-progress"] + [a for s in sets for a in ("--set", s)]
+    assert main(argv) == 0
+    return out, labels, truth, out / "models" / "toy"
+
+
+# ------------------------------------------------------------------------------------------ models
+@pytest.mark.parametrize("name", ["abmil", "clam_sb", "clam_mb", "transmil"])
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_every_model_scores_tiles_and_attention_sums_to_one(name, n_classes):
+    model = create_model(name, in_dim=DIM, n_classes=n_classes, hidden_dim=32).eval()
+    for n in (1, 5, 200):  # 200 > landmarks: TransMIL takes its Nyström path
+        out = model(torch.randn(n, DIM))
+        assert out.logits.shape == (n_classes,)
+        assert out.tile_logits.shape == (n, n_classes)
+        assert out.attention.shape == ((n_classes if name == "clam_mb" else 1), n)
+        assert torch.allclose(out.attention.sum(dim=1), torch.ones(out.attention.shape[0]), atol=1e-5)
+        assert (out.attention >= 0).all()
+
+
+@pytest.mark.parametrize("name", ["abmil", "clam_sb", "clam_mb"])
+def test_gated_attention_slide_logits_are_attention_weighted_tile_logits(name):
+    """The documented decomposition: slide logit c = sum_i a_i(c) * tile logit (i, c)."""
+    model = create_model(name, in_dim=DIM, n_classes=3, hidden_dim=32).eval()
+    out = model(torch.randn(30, DIM))
+    expected = torch.stack([out.attention_for(c) @ out.tile_logits[:, c] for c in range(3)])
+    assert torch.allclose(out.logits, expected, atol=1e-5)
+
+
+def test_clam_instance_loss_only_when_training_with_a_label():
+    model = create_model("clam_sb", in_dim=DIM, n_classes=2, hidden_dim=32, k_sample=4)
+    x = torch.randn(20, DIM)
+    assert float(model.train()(x, label=1).aux_loss.detach()) > 0
+    assert float(model(x).aux_loss) == 0
+    assert float(model.eval()(x, label=1).aux_loss) == 0
+    assert float(create_model("abmil", in_dim=DIM, n_classes=2).train()(x, label=1).aux_loss.detach()) == 0
+
+
+def test_transmil_nystrom_attention_is_close_to_exact_softmax_attention():
+    from wsi.mil.models import NystromSelfAttention
+
+    torch.manual_seed(0)
+    layer = NystromSelfAttention(32, heads=4, landmarks=64, dropout=0.0).eval()
+    x = torch.randn(300, 32) * 0.3
+    approx, _ = layer(x)
+    layer.landmarks = 10_000  # same weights, exact path
+    exact, _ = layer(x)
+    assert torch.allclose(approx, exact, atol=2e-2)
+
+
+def test_registry_lists_models_and_rejects_unknown_names():
+    assert list_models() == ["abmil", "clam_mb", "clam_sb", "transmil"]
+    with pytest.raises(ConfigError, match="unknown MIL model 'attnmil'.*abmil, clam_mb, clam_sb, transmil"):
+        create_model("attnmil", in_dim=4, n_classes=2)
+
+
+def test_seeded_models_are_identical_and_dropout_follows_the_generator():
+    a, b = (create_model("transmil", in_dim=DIM, n_classes=2, hidden_dim=32) for _ in range(2))
+    a.seed(torch.Generator().manual_seed(3))
+    b.seed(torch.Generator().manual_seed(3))
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), ka
+    x = torch.randn(50, DIM)
+    torch.manual_seed(1)
+    ya = a.train()(x).logits
+    torch.manual_seed(2)  # the global RNG must not matter
+    yb = b.train()(x).logits
+    assert torch.equal(ya, yb)
+
+
+# ------------------------------------------------------------------------------------------ labels and folds
+def test_folds_are_stratified_grouped_by_patient_and_cover_every_slide_once(tmp_path):
+    labels, _ = make_cohort(tmp_path, n_per_class=12, patients_per_slide=2)
+    cohort = load_cohort(tmp_path, labels, ENCODER)
+    patient = {b.slide_id: b.patient_id for b in cohort.bags}
+    label = {b.slide_id: b.label for b in cohort.bags}
+    folds = make_folds(cohort, 4, seed=0)
+    tested = [s for f in folds for s in f.test]
+    assert sorted(tested) == sorted(patient)
+    for f in folds:
+        assert not (set(f.train) & set(f.val)) and not (set(f.train) & set(f.test)) and not (set(f.val) & set(f.test))
+        assert len(f.train) + len(f.val) + len(f.test) == len(patient)
+        assert {label[s] for s in f.test} == {"normal", "tumour"}
+        test_patients = {patient[s] for s in f.test}
+        assert not test_patients & {patient[s] for s in f.train + f.val}
+    assert make_folds(cohort, 4, seed=0) == folds
+    assert make_folds(cohort, 4, seed=1) != folds
+
+
+def test_given_splits_are_used(tmp_path):
+    make_cohort(tmp_path, n_per_class=3)
+    labels = tmp_path / "split.csv"
+    rows = [f"s{i:02d},{'tumour' if i % 2 else 'normal'},{sp}" for i, sp in
+            enumerate(["train", "train", "val", "val", "test", "test"])]
+    labels.write_text("slide_id,label,split\n" + "\n".join(rows) + "\n")
+    (fold,) = make_folds(load_cohort(tmp_path, labels, ENCODER), 5, seed=0)
+    assert (fold.train, fold.val, fold.test) == (("s00", "s01"), ("s02", "s03"), ("s04", "s05"))
+    labels.write_text("slide_id,label,split\n" + "\n".join(rows[:4]) + "\n")
+    with pytest.raises(ConfigError, match="split.csv: split column has no test slides"):
+        make_folds(load_cohort(tmp_path, labels, ENCODER), 5, seed=0)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("s00,normal\ns01,tumour\nnope,tumour\n", r"labels.csv: 1 labelled slide\(s\) have no complete store .*: nope"),
+    ("s00,normal\ns02,normal\n", "labels.csv: labels table has a single class 'normal'"),
+    ("s00,normal\ns00,tumour\n", "listed more than once: s00"),
+    ("s00,normal\ns01,\n", r"empty label in data row\(s\) 2"),
+])
+def test_bad_labels_tables_are_named_errors(tmp_path, rows, message):
+    make_cohort(tmp_path, n_per_class=2)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\n" + rows)
+    with pytest.raises(ConfigError, match=message):
+        load_cohort(tmp_path, labels, ENCODER)
+
+
+def test_labels_file_without_label_column_or_missing_file(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide,class\na,b\n")
+    with pytest.raises(ConfigError, match=r"bad.csv: labels file lacks column\(s\) \['label', 'slide_id'\]"):
+        read_labels(bad)
+    with pytest.raises(ConfigError, match="missing.csv: labels file does not exist"):
+        read_labels(tmp_path / "missing.csv")
+
+
+def test_class_with_fewer_patients_than_folds_fails_before_training(tmp_path):
+    labels, _ = make_cohort(tmp_path, n_per_class=6)
+    rows = read_csv(labels)
+    kept = [r for r in rows if r["label"] == "normal" or r["slide_id"] in ("s01", "s03")]
+    labels.write_text("slide_id,label\n" + "".join(f"{r['slide_id']},{r['label']}\n" for r in kept))
+    with pytest.raises(ConfigError, match=r"class 'tumour' has 2 patient\(s\) \(2 slide\(s\)\), fewer than mil.folds=3"):
+        make_folds(load_cohort(tmp_path, labels, ENCODER), 3, seed=0)
+
+
+def test_empty_bags_nan_features_and_missing_features_are_named(tmp_path):
+    labels, _ = make_cohort(tmp_path, n_per_class=3)
+    make_store(tmp_path, "empty", np.zeros((0, DIM), np.float32))
+    nan = np.random.default_rng(0).normal(size=(20, DIM)).astype(np.float32)
+    nan[7, 3] = np.nan
+    make_store(tmp_path, "nan", nan, mark_complete=False)
+    make_store(tmp_path, "nofeat", n_tiles=10)
+    base = labels.read_text()
+    labels.write_text(base + "empty,tumour,pe\nnan,normal,pn\n")
+    with pytest.raises(ConfigError, match=r"empty bags \(no tiles\): empty; 1 slide\(s\) have NaN/inf features: "
+                                          r"nan \(tile 7\)"):
+        load_cohort(tmp_path, labels, ENCODER)
+    labels.write_text(base + "nofeat,tumour,px\n")
+    with pytest.raises(ConfigError, match=f"1 have no features for encoder {ENCODER}: nofeat"):
+        load_cohort(tmp_path, labels, ENCODER)
+    cohort = load_cohort(tmp_path, labels, ENCODER, skip_missing=True)
+    assert [e[0] for e in cohort.excluded] == ["nofeat"]
+    assert set(cohort.unlabelled) == {"empty", "nan"}  # stores without a label are reported, not used
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_same_seed_trains_to_identical_weights_and_predictions(tmp_path):
+    labels, _ = make_cohort(tmp_path, n_per_class=6)
+    config = mil_config(labels, epochs=3)
+    cohort = load_cohort(tmp_path, labels, ENCODER)
+    results = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        results.append(train_fold(fold_task(cohort, tmp_path / name, config, model="clam_sb")))
+    assert results[0]["test"] == results[1]["test"]
+    wa, wb = load_file(tmp_path / "a" / "fold_0.safetensors"), load_file(tmp_path / "b" / "fold_0.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    other = mil_config(labels, epochs=3, seed=1)
+    (tmp_path / "c").mkdir()
+    assert train_fold(fold_task(cohort, tmp_path / "c", other, model="clam_sb"))["test"] != results[0]["test"]
+
+
+@pytest.mark.parametrize("model", ["clam_mb", "transmil"])
+def test_other_models_learn_the_toy_task(tmp_path, model):
+    labels, _ = make_cohort(tmp_path, n_per_class=9)
+    config = mil_config(labels, patience=20)
+    cohort = load_cohort(tmp_path, labels, ENCODER)
+    result = train_fold(fold_task(cohort, tmp_path, config, model=model))
+    targets = {b.slide_id: b.target for b in cohort.bags}
+    probs = np.array([p[1] for p in result["test"].values()])
+    y = np.array([targets[s] for s in result["test"]])
+    assert classification_metrics(y, np.stack([1 - probs, probs], 1), ["normal", "tumour"],
+                                  n_bootstrap=0)["auroc"]["tumour"]["value"] >= 0.9
+
+
+def test_run_folder_holds_weights_config_predictions_metrics_and_roc(trained):
+    out, labels, _, run_dir = trained
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["complete"] is True and info["encoder"] == ENCODER
+    assert info["classes"] == ["normal", "tumour"] and info["label_map"] == {"normal": 0, "tumour": 1}
+    assert info["model"] == {"name": "abmil", "in_dim": DIM, "n_classes": 2, "hidden_dim": 32, "dropout": 0.1}
+    assert info["training"]["lr"] == 0.005 and info["training"]["folds"] == 3
+    assert info["unlabelled"] == ["unlabelled"]
+    for f in info["folds"]:
+        assert (run_dir / f["weights"]).is_file() and (run_dir / f"fold_{f['fold']}.json").is_file()
+    rows = read_csv(run_dir / "cv_predictions.csv")
+    assert list(rows[0]) == ["slide_id", "patient_id", "label", "fold", "prob_normal", "prob_tumour", "predicted"]
+    assert sorted(r["slide_id"] for r in rows) == sorted(r["slide_id"] for r in read_csv(labels))
+    for r in rows:
+        assert float(r["prob_normal"]) + float(r["prob_tumour"]) == pytest.approx(1, abs=1e-5)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    auroc = metrics["auroc"]["tumour"]
+    assert auroc["value"] >= 0.9
+    assert auroc["ci95"][0] <= auroc["value"] <= auroc["ci95"][1]
+    assert metrics["balanced_accuracy"]["value"] >= 0.8
+    assert sum(map(sum, metrics["confusion_matrix"]["counts"])) == len(rows)
+    assert (run_dir / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in (out / "models").iterdir() if p.name.startswith(".")]
+
+
+def test_failed_training_leaves_the_previous_run_untouched(trained, tmp_path):
+    out, labels, _, run_dir = trained
+    before = (run_dir / "run.json").read_text()
+    config = mil_config(labels, run_name="toy")
+    config["cluster"] = {**config["cluster"], "kind": "address", "address": "tcp://127.0.0.1:1",
+                         "connect_timeout_s": 1}
+    with pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
+        train(out, config, progress=False)
+    assert (run_dir / "run.json").read_text() == before
+    assert not [p for p in (out / "models").iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------ prediction
+def test_predict_writes_scores_and_predictions_and_attention_finds_tumour(trained):
+    out, labels, truth, run_dir = trained
+    make_store(out, "nofeat", n_tiles=5)
+    summary = predict(out, run_dir, load_config(), slide_ids=None)
+    assert "nofeat" in summary.failed and "s01" in summary.done
+    rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
+    assert summary.predictions_csv == out / "predictions" / "toy" / "predictions.csv"
+    assert set(rows) == set(truth) | {"unlabelled"}
+    right = sum(r["predicted"] == ("tumour" if truth[s].size else "normal") for s, r in rows.items() if s in truth)
+    assert right >= len(truth) - 1
+    hits = []
+    for sid, where in truth.items():
+        attention, tile_scores, attrs = SlideStore.open(store_path(out, sid)).scores("toy")
+        assert attention.sum() == pytest.approx(1, abs=1e-4)
+        assert np.allclose(tile_scores.sum(axis=1), 1, atol=1e-4)
+        assert attrs.classes == ("normal", "tumour") and attrs.predicted == rows[sid]["predicted"]
+        assert attrs.probabilities[1] == pytest.approx(float(rows[sid]["prob_tumour"]), abs=1e-6)
+        if where.size:
+            hits.append(int(np.argmax(attention)) in set(where))
+            assert tile_scores[where, 1].mean() > np.delete(tile_scores[:, 1], where).mean()
+    assert np.mean(hits) >= 0.8
+    failure = [r for r in read_failures(out) if r["stage"] == "predict"]
+    assert [r["slide_id"] for r in failure] == ["nofeat"]
+    assert f"no complete features for encoder {ENCODER}" in failure[0]["cause"]
+
+
+def test_predict_rejects_features_from_another_encoder_per_slide(trained, tmp_path):
+    out, _, _, run_dir = trained
+    other = tmp_path / "other"
+    make_store(other, "wide", np.random.default_rng(0).normal(size=(30, 2 * DIM)).astype(np.float32))
+    make_store(other, "reweighed", np.random.default_rng(1).normal(size=(30, DIM)).astype(np.float32), sha="b" * 64)
+    make_store(other, "fine", np.random.default_rng(2).normal(size=(30, DIM)).astype(np.float32))
+    summary = predict(other, run_dir, load_config(), slide_ids=["wide", "reweighed", "fine", "absent"])
+    assert summary.done == ["fine"] and summary.failed == ["wide", "reweighed", "absent"]
+    causes = {r["slide_id"]: r["cause"] for r in read_failures(other)}
+    assert f"features have shape (30, {2 * DIM}), model run toy expects (N, {DIM})" in causes["wide"]
+    assert "another encoder" in causes["wide"]
+    assert "come from weights bbbbbbbbbbbb, model run toy was trained on weights aaaaaaaaaaaa" in causes["reweighed"]
+    assert "store does not exist" in causes["absent"]
+    assert [r["slide_id"] for r in read_csv(summary.predictions_csv)] == ["fine"]
+
+
+def test_ensemble_averages_folds_and_checks_the_feature_size(trained):
+    _, _, truth, run_dir = trained
+    ensemble = load_ensemble(run_dir)
+    assert (ensemble.run, ensemble.encoder, ensemble.classes, ensemble.model_name) == (
+        "toy", ENCODER, ["normal", "tumour"], "abmil")
+    assert len(ensemble.models) == 3
+    features, where = bag_features(np.random.default_rng(5), True, 60)
+    attention, tile_scores, probs = ensemble.score_bag(features)
+    assert attention.shape == (60,) and tile_scores.shape == (60, 2) and probs.shape == (2,)
+    singles = [torch.softmax(m(torch.from_numpy(features)).logits, 0).detach().numpy() for m in ensemble.models]
+    assert np.allclose(probs, np.mean(singles, axis=0), atol=1e-6)
+    with pytest.raises(ConfigError, match="another encoder"):
+        ensemble.score_bag(np.zeros((4, DIM + 1), np.float32))
+
+
+def test_load_ensemble_refuses_incomplete_runs(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ConfigError, match="half: not a complete model run"):
+        load_ensemble(tmp_path / "half")
+    (tmp_path / "half" / "run.json").write_text(json.dumps({"complete": False, "schema_version": 1}))
+    with pytest.raises(ConfigError, match="incomplete"):
+        load_ensemble(tmp_path / "half")

@@ -1,0 +1,253 @@
+"""Bags for MIL: the labels table joined to the stores, checked before any training, and the folds.
+
+Labels table: a CSV with ``slide_id`` and ``label`` and, optionally, ``patient_id`` (default: the slide id) and
+``split`` (``train``/``val``/``test``: use these instead of cross-validation). Other columns are ignored.
+Label names map to class indices in ``mil.classes`` order, or sorted order when that is null; the map is kept
+in the model run (``run.json``).
+
+Everything that would make training meaningless is a :class:`ConfigError` raised here, before a fold starts,
+naming the labels file and the offending slides: unknown slide ids (no store, or no features for the
+encoder), one class only, a class with fewer patients than folds, empty bags, non-finite features, feature
+sizes that disagree. Complete stores without a label are not an error; they are listed in ``run.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError
+from ..store import SlideStore, is_complete, open_cohort, store_path
+
+SPLITS = ("train", "val", "test")
+_SHOWN = 8  # slide ids quoted in one error message
+
+
+@dataclass(frozen=True)
+class Bag:
+    """One labelled slide: where its features are and its class index (small, so Dask ships it cheaply)."""
+
+    slide_id: str
+    patient_id: str
+    label: str
+    target: int
+    store: str
+    n_tiles: int
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class Cohort:
+    labels_path: Path
+    encoder: str
+    classes: tuple[str, ...]
+    in_dim: int
+    bags: tuple[Bag, ...]
+    unlabelled: tuple[str, ...]                 # complete stores that have no row in the labels table
+    excluded: tuple[tuple[str, str], ...]       # (slide_id, why) labelled slides left out (mil.skip_missing)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Slide ids of one fold: trained on ``train``, early-stopped on ``val``, predicted on ``test``."""
+
+    index: int
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+
+
+def _listing(ids) -> str:
+    ids = list(ids)
+    shown = ", ".join(str(i) for i in ids[:_SHOWN])
+    return shown + (f" and {len(ids) - _SHOWN} more" if len(ids) > _SHOWN else "")
+
+
+def read_labels(path) -> pd.DataFrame:
+    """The labels table as strings, with ``patient_id`` filled in; malformed tables are a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, "labels file does not exist", "pass --labels FILE (CSV slide_id,label)")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ConfigError(path, f"labels file is not a readable CSV: {e}") from e
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = {"slide_id", "label"} - set(table.columns)
+    if missing:
+        raise ConfigError(path, f"labels file lacks column(s) {sorted(missing)}; it has {list(table.columns)}",
+                          "expected slide_id,label[,patient_id,split]")
+    table = table.apply(lambda col: col.str.strip())
+    for column in ("slide_id", "label"):
+        empty = table.index[table[column] == ""]
+        if len(empty):
+            raise ConfigError(path, f"empty {column} in data row(s) {_listing(empty + 1)}")
+    duplicated = table.loc[table["slide_id"].duplicated(), "slide_id"].unique()
+    if len(duplicated):
+        raise ConfigError(path, f"slide id(s) listed more than once: {_listing(duplicated)}")
+    if "patient_id" not in table.columns:
+        table["patient_id"] = ""
+    table.loc[table["patient_id"] == "", "patient_id"] = table["slide_id"]
+    if "split" in table.columns:
+        bad = table.loc[~table["split"].isin(SPLITS), "slide_id"]
+        if len(bad):
+            raise ConfigError(path, f"split must be one of {'/'.join(SPLITS)}; slide(s) {_listing(bad)} have "
+                                    f"{_listing(table.loc[bad.index, 'split'].unique())}")
+    return table
+
+
+def _class_names(table, classes, path) -> tuple[str, ...]:
+    found = sorted(table["label"].unique())
+    if classes is None:
+        names = tuple(found)
+    else:
+        names = tuple(str(c) for c in classes)
+        unknown = sorted(set(found) - set(names))
+        if unknown:
+            raise ConfigError(path, f"label(s) {_listing(unknown)} are not in mil.classes {list(names)}")
+    if len(found) < 2:
+        raise ConfigError(path, f"labels table has a single class {found[0]!r}; MIL needs at least two"
+                          if found else "labels table has no rows")
+    return names
+
+
+def load_cohort(out_dir, labels_path, encoder: str, *, classes=None, skip_missing: bool = False) -> Cohort:
+    """Join the labels table to ``OUT/stores`` and check every bag (reads each bag once).
+
+    ``skip_missing``: labelled slides without a complete store or without features for ``encoder`` are left out
+    (and listed in :attr:`Cohort.excluded`) instead of being an error.
+    """
+    labels_path = Path(labels_path)
+    table = read_labels(labels_path)
+    names = _class_names(table, classes, labels_path)
+    index = {name: i for i, name in enumerate(names)}
+
+    excluded, no_store, no_features = [], [], []
+    kept = []
+    for row in table.itertuples(index=False):
+        path = store_path(out_dir, row.slide_id)
+        if not is_complete(path):
+            no_store.append(row.slide_id)
+            excluded.append((row.slide_id, f"no complete store at {path}"))
+        elif not (store := SlideStore.open(path)).has_features(encoder):
+            no_features.append(row.slide_id)
+            excluded.append((row.slide_id, f"no features for encoder {encoder}"))
+        else:
+            kept.append((row, store))
+    if (no_store or no_features) and not skip_missing:
+        parts = []
+        if no_store:
+            parts.append(f"{len(no_store)} labelled slide(s) have no complete store under "
+                         f"{Path(out_dir) / 'stores'}: {_listing(no_store)}")
+        if no_features:
+            parts.append(f"{len(no_features)} have no features for encoder {encoder}: {_listing(no_features)}")
+        raise ConfigError(labels_path, "; ".join(parts),
+                          "fix the slide ids, run `wsi tile`/`wsi extract` for them, or set mil.skip_missing=true")
+
+    bags, empty, non_finite, dims = [], [], [], {}
+    for row, store in kept:
+        features = store.features(encoder)
+        dims.setdefault(features.shape[1], []).append(row.slide_id)
+        if features.shape[0] == 0:
+            empty.append(row.slide_id)
+        elif not np.isfinite(features).all():
+            bad_tile = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
+            non_finite.append(f"{row.slide_id} (tile {bad_tile})")
+        bags.append(Bag(row.slide_id, row.patient_id, row.label, index[row.label], str(store.path),
+                        int(features.shape[0]), getattr(row, "split", None)))
+    problems = []
+    if empty:
+        problems.append(f"{len(empty)} slide(s) have empty bags (no tiles): {_listing(empty)}")
+    if non_finite:
+        problems.append(f"{len(non_finite)} slide(s) have NaN/inf features: {_listing(non_finite)}")
+    if len(dims) > 1:
+        problems.append("feature sizes differ between slides: " + "; ".join(
+            f"D={d} for {_listing(ids)}" for d, ids in sorted(dims.items())))
+    if problems:
+        raise ConfigError(labels_path, "; ".join(problems),
+                          f"re-run `wsi extract --encoder {encoder}` for them, or drop them from the labels")
+    _require_two_classes(bags, names, labels_path)
+
+    labelled = set(table["slide_id"])
+    unlabelled = tuple(s.slide_id for s in open_cohort(out_dir) if s.slide_id not in labelled)
+    return Cohort(labels_path, encoder, names, next(iter(dims)) if dims else 0, tuple(bags), unlabelled,
+                  tuple(excluded))
+
+
+def _require_two_classes(bags: list[Bag], names: tuple[str, ...], path) -> None:
+    """After skipping slides, at least two classes must still have bags."""
+    present = sorted({b.label for b in bags})
+    if len(present) < 2:
+        raise ConfigError(path, f"after leaving out slides without stores/features, only class(es) "
+                                f"{present} remain; MIL needs at least two of {list(names)}")
+
+
+def make_folds(cohort: Cohort, n_folds: int, seed: int) -> list[Fold]:
+    """The folds to train: the table's ``split`` column when it has one, else ``n_folds`` stratified folds
+    grouped by patient (no patient in two folds). In fold ``i`` fold ``i`` is the test set and fold ``i+1``
+    (cyclically) the validation set for early stopping, so every slide is predicted exactly once by a model
+    that neither trained nor early-stopped on it."""
+    path = cohort.labels_path
+    bags = cohort.bags
+    if any(b.split for b in bags):
+        sets = {s: tuple(b.slide_id for b in bags if b.split == s) for s in SPLITS}
+        empty = [s for s in SPLITS if not sets[s]]
+        if empty:
+            raise ConfigError(path, f"split column has no {'/'.join(empty)} slides",
+                              "give train, val and test slides, or drop the split column to cross-validate")
+        folds = [Fold(0, sets["train"], sets["val"], sets["test"])]
+    else:
+        folds = _cross_validation_folds(cohort, n_folds, seed)
+    for fold in folds:
+        missing = sorted(set(cohort.classes) - {b.label for b in bags if b.slide_id in set(fold.train)})
+        if missing:
+            raise ConfigError(path, f"fold {fold.index} has no training slides of class(es) {missing}",
+                              "add slides of that class or lower mil.folds")
+    return folds
+
+
+def _cross_validation_folds(cohort: Cohort, n_folds: int, seed: int) -> list[Fold]:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    path, bags = cohort.labels_path, cohort.bags
+    if n_folds < 3:
+        raise ConfigError(path, f"mil.folds is {n_folds}; cross-validation needs at least 3 folds "
+                                "(test, validation and training folds)")
+    for name in cohort.classes:
+        patients = {b.patient_id for b in bags if b.label == name}
+        slides = sum(b.label == name for b in bags)
+        if 0 < len(patients) < n_folds:
+            raise ConfigError(path, f"class {name!r} has {len(patients)} patient(s) ({slides} slide(s)), fewer "
+                                    f"than mil.folds={n_folds}", "lower mil.folds or add slides of that class")
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    targets = np.array([b.target for b in bags])
+    groups = np.array([b.patient_id for b in bags])
+    fold_of = np.empty(len(bags), dtype=int)
+    for i, (_, test) in enumerate(splitter.split(np.zeros(len(bags)), targets, groups)):
+        fold_of[test] = i
+    ids = np.array([b.slide_id for b in bags])
+    folds = []
+    for i in range(n_folds):
+        val = (i + 1) % n_folds
+        folds.append(Fold(i, tuple(ids[(fold_of != i) & (fold_of != val)]), tuple(ids[fold_of == val]),
+                          tuple(ids[fold_of == i])))
+    return folds
+
+
+def class_weights(targets, n_classes: int) -> np.ndarray:
+    """Inverse-frequency weights n / (C * n_c) (absent classes get 0), so each class weighs the same."""
+    counts = np.bincount(np.asarray(targets, dtype=int), minlength=n_classes).astype(float)
+    with np.errstate(divide="ignore"):
+        weights = np.where(counts > 0, counts.sum() / (n_classes * counts), 0.0)
+    return weights
+
+
+def subsample(n_tiles: int, limit: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted indices of ``limit`` tiles drawn without replacement, or None when the bag is small enough."""
+    if n_tiles <= limit:
+        return None
+    return np.sort(rng.choice(n_tiles, size=limit, replace=False))
+

@@ -1,0 +1,167 @@
+"""Apply a trained run: the fold ensemble scores bags, :func:`predict` streams a cohort's stores through it.
+
+Ensemble scores of one bag: slide probabilities are the mean of the folds' softmax outputs; the predicted
+class is their argmax; attention is the mean of the folds' attention (for ``clam_mb``, each fold's branch of
+the predicted class), so it still sums to 1; per-tile class scores are the mean of the folds' per-tile softmax
+(see :mod:`.models` for what a tile score is for each architecture).
+
+:func:`predict` writes ``scores/<run>`` into every store and ``OUT/predictions/<run>/predictions.csv``
+(slide_id, ``prob_<class>`` per class, predicted). Slides that cannot be scored (no store, no features for the
+run's encoder, features of another size or from other weights) get a ``failures.csv`` row (stage
+``predict``) and the others carry on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import ConfigError, clear_failure, record_failure
+from ..store import ScoreAttrs, SlideStore, open_cohort, store_path
+from .models import MILModel, create_model
+from .training import RUN_SCHEMA_VERSION, autocast_context, autocast_dtype, probability_columns, write_csv
+
+
+@dataclass
+class Ensemble:
+    """The folds of one trained run, ready to score bags of ``encoder`` features."""
+
+    run: str
+    model_name: str
+    encoder: str
+    classes: list[str]
+    in_dim: int
+    model_dir: Path
+    feature_attrs: dict
+    models: list[MILModel] = field(repr=False)
+    device: torch.device
+    precision: str
+
+    def check_features(self, features: np.ndarray, source=None) -> None:
+        """A bag this ensemble can score: (N >= 1, in_dim) and finite; else a ConfigError naming ``source``."""
+        if features.ndim != 2 or features.shape[1] != self.in_dim:
+            raise ConfigError(source, f"features have shape {tuple(features.shape)}, model run {self.run} expects "
+                                      f"(N, {self.in_dim}) features of {self.encoder}",
+                              "was the model trained on another encoder?")
+        if features.shape[0] == 0:
+            raise ConfigError(source, "empty bag (no tiles)")
+        if not np.isfinite(features).all():
+            raise ConfigError(source, "features contain NaN/inf", f"re-run `wsi extract --encoder {self.encoder}`")
+
+    def score_bag(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``features`` (N, D) -> attention (N,) summing to 1, per-tile class scores (N, C), slide
+        probabilities (C,), averaged over the folds."""
+        features = np.asarray(features, dtype=np.float32)
+        self.check_features(features)
+        x = torch.from_numpy(features).to(self.device)
+        dtype = autocast_dtype(self.precision, self.device)
+        with torch.inference_mode(), autocast_context(self.device, dtype):
+            outputs = [m(x) for m in self.models]
+        probs = torch.stack([torch.softmax(o.logits.float(), dim=0) for o in outputs]).mean(dim=0)
+        predicted = int(probs.argmax())
+        attention = torch.stack([o.attention_for(predicted).float() for o in outputs]).mean(dim=0)
+        tile_scores = torch.stack([torch.softmax(o.tile_logits.float(), dim=1) for o in outputs]).mean(dim=0)
+        return attention.cpu().numpy(), tile_scores.cpu().numpy(), probs.cpu().numpy()
+
+
+def read_run(model_dir) -> dict:
+    """``run.json`` of a complete run; anything else is a ConfigError naming the folder."""
+    model_dir = Path(model_dir)
+    path = model_dir / "run.json"
+    if not path.is_file():
+        raise ConfigError(model_dir, "not a complete model run (no run.json)",
+                          "point --model at OUT/models/<run> of a finished `wsi train`")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, f"run.json is not valid JSON: {e}") from e
+    if info.get("complete") is not True or info.get("schema_version") != RUN_SCHEMA_VERSION:
+        raise ConfigError(path, f"model run is incomplete or of another format (schema_version "
+                                f"{info.get('schema_version')!r}, this wsi reads {RUN_SCHEMA_VERSION})",
+                          "re-run `wsi train`")
+    return info
+
+
+def load_ensemble(model_dir, *, device: str | torch.device | None = None, precision: str = "auto") -> Ensemble:
+    """Every fold of the run in ``model_dir`` (``OUT/models/<run>``), in eval mode on ``device`` (default: CUDA
+    when present)."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    info = read_run(model_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = []
+    for fold in info["folds"]:
+        path = model_dir / fold["weights"]
+        model = create_model(**info["model"])
+        try:
+            model.load_state_dict(load_file(path))
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(path, f"fold weights cannot be loaded into {info['model']['name']}: {e}",
+                              "re-run `wsi train`") from e
+        models.append(model.to(device).eval())
+    return Ensemble(run=info["run"], model_name=info["model"]["name"], encoder=info["encoder"],
+                    classes=list(info["classes"]), in_dim=int(info["model"]["in_dim"]), model_dir=model_dir,
+                    feature_attrs=info.get("feature_attrs") or {}, models=models, device=device,
+                    precision=precision)
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    predictions_csv: Path
+    done: list[str]
+    failed: list[str]
+
+
+def _check_weights(ensemble: Ensemble, store: SlideStore) -> None:
+    trained = ensemble.feature_attrs.get("weights_sha256")
+    found = store.feature_attrs(ensemble.encoder).weights_sha256
+    if trained and found and trained != found:
+        raise ConfigError(store.path, f"features of {ensemble.encoder} come from weights {found[:12]}, model run "
+                                      f"{ensemble.run} was trained on weights {trained[:12]}",
+                          "re-extract with the run's encoder weights")
+
+
+def _score_store(ensemble: Ensemble, store: SlideStore) -> np.ndarray:
+    """Score one store and write ``scores/<run>`` into it; returns the slide probabilities."""
+    features = store.features(ensemble.encoder)
+    ensemble.check_features(features, store.path)
+    _check_weights(ensemble, store)
+    attention, tile_scores, probs = ensemble.score_bag(features)
+    store.write_scores(ensemble.run, attention, tile_scores, ScoreAttrs(
+        run=ensemble.run, model=ensemble.model_name, encoder=ensemble.encoder, classes=tuple(ensemble.classes),
+        probabilities=tuple(float(p) for p in probs), predicted=ensemble.classes[int(np.argmax(probs))],
+        wsi_version=__version__))
+    return probs
+
+
+def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = None) -> PredictSummary:
+    """Score ``slide_ids`` (default: every complete store under ``OUT/stores``) with the run in ``model_dir``,
+    one store at a time; returns where ``predictions.csv`` is and which slides were done or failed."""
+    ensemble = load_ensemble(model_dir, precision=config["mil"]["precision"])
+    if slide_ids is None:
+        targets = [(s.slide_id, s.path) for s in open_cohort(out_dir)]
+    else:
+        targets = [(sid, store_path(out_dir, sid)) for sid in slide_ids]
+    rows, done, failed = [], [], []
+    for slide_id, path in targets:
+        try:
+            probs = _score_store(ensemble, SlideStore.open(path))
+        except Exception as e:  # one bad store must not stop the cohort; the row names the cause
+            cause = e.one_line() if hasattr(e, "one_line") else f"{type(e).__name__}: {e}"
+            record_failure(out_dir, slide_id, "predict", path, cause)
+            failed.append(slide_id)
+            continue
+        clear_failure(out_dir, slide_id, "predict")
+        rows.append([slide_id, *(float(p) for p in probs), ensemble.classes[int(np.argmax(probs))]])
+        done.append(slide_id)
+    folder = Path(out_dir) / "predictions" / ensemble.run
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path = write_csv(folder / "predictions.csv",
+                         ["slide_id", *probability_columns(ensemble.classes), "predicted"], rows)
+    return PredictSummary(csv_path, done, failed)

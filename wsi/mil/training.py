@@ -1,0 +1,357 @@
+"""Cross-validated MIL training: one Dask task per fold, the run folder written atomically.
+
+``OUT/models/<run>/`` (built as ``OUT/models/.<run>.partial-*`` and renamed into place when finished):
+
+=========================  ====================================================================================
+``run.json``               written last; ``complete: true``, the model config (rebuilds the network), encoder and
+                           its feature attrs, classes (label map: name -> index), training parameters, the
+                           slide ids of every fold, unlabelled and excluded slides, the metrics
+``fold_<i>.safetensors``   the weights of fold ``i`` at its best validation epoch
+``fold_<i>.json``          per-epoch history of fold ``i`` (train/validation loss, learning rate, seconds)
+``cv_predictions.csv``     slide_id, patient_id, label, fold, ``prob_<class>`` per class, predicted
+``metrics.json``           AUROC, balanced accuracy, F1, confusion matrix with 95% bootstrap CIs (:mod:`.metrics`)
+``roc.png``                ROC curve(s) of the pooled out-of-fold predictions
+=========================  ====================================================================================
+
+Training: AdamW with cosine learning-rate decay over ``mil.epochs``, cross-entropy weighted by inverse class
+frequency (per bag: every bag's loss is scaled by its class weight), one bag per step, bags above
+``mil.max_train_tiles`` tiles subsampled (training only; validation and test use whole bags), early stopping
+when the validation loss has not improved for ``mil.patience`` epochs, the best epoch's weights kept. Every
+random draw (initialisation, dropout, bag order, subsampling) comes from generators seeded by
+(``mil.seed``, fold), so the same seed gives the same weights on CPU. CUDA with autocast (bf16, else fp16 with
+loss scaling) when a GPU is present; folds ask Dask for ``GPU=1`` on GPU clusters, so one fold holds one GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import ConfigError, record_failure
+from ..store import SlideStore, encoder_key
+from .data import Bag, Cohort, Fold, class_weights, load_cohort, make_folds, subsample
+from .metrics import classification_metrics, plot_roc
+from .models import MILModel, create_model, model_config
+
+RUN_SCHEMA_VERSION = 1
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The ``mil`` keys that steer the optimisation (the model's own keys go into its model config)."""
+
+    epochs: int
+    patience: int
+    lr: float
+    weight_decay: float
+    max_train_tiles: int
+    seed: int
+    precision: str
+
+    @classmethod
+    def from_config(cls, mil: dict) -> "TrainParams":
+        return cls(**{f.name: mil[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class FoldTask:
+    """Everything one fold needs, small enough to ship to a Dask worker: store paths, not features."""
+
+    run_dir: str
+    fold: int
+    encoder: str
+    model: dict
+    params: TrainParams
+    train: tuple[Bag, ...]
+    val: tuple[Bag, ...]
+    test: tuple[Bag, ...]
+
+
+# ------------------------------------------------------------------------------------------ one fold
+def fold_seed(seed: int, fold: int) -> int:
+    """A well-mixed 63-bit seed for (seed, fold)."""
+    return int(np.random.SeedSequence([seed, fold]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None = float32; ``auto`` is bf16 on a GPU that has it, fp16 on older GPUs, float32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def iter_bags(bags, encoder: str):
+    """Yield ``(bag, features (N, D) float32)`` one store at a time, reading the next bag in a thread while
+    the caller trains on the current one."""
+    if not bags:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_read_bag, bags[0], encoder)
+        for i, bag in enumerate(bags):
+            features = pending.result()
+            if i + 1 < len(bags):
+                pending = pool.submit(_read_bag, bags[i + 1], encoder)
+            yield bag, features
+
+
+def _read_bag(bag: Bag, encoder: str) -> np.ndarray:
+    return SlideStore.open(bag.store).features(encoder)
+
+
+def _evaluate(model: MILModel, bags, encoder, device, dtype, weights: torch.Tensor):
+    """(class-weighted mean loss, probabilities (n, C)) over whole bags."""
+    model.eval()
+    total, weight_sum, probs = 0.0, 0.0, []
+    with torch.inference_mode():
+        for bag, features in iter_bags(bags, encoder):
+            with autocast_context(device, dtype):
+                logits = model(torch.from_numpy(features).to(device)).logits.float()
+            target = torch.tensor([bag.target], device=device)
+            total += float(weights[bag.target] * torch.nn.functional.cross_entropy(logits[None], target))
+            weight_sum += float(weights[bag.target])
+            probs.append(torch.softmax(logits, dim=0).cpu().numpy())
+    return total / max(weight_sum, 1e-12), np.array(probs).reshape(len(bags), -1)
+
+
+def train_fold(task: FoldTask, *, device: str | torch.device | None = None) -> dict:
+    """Train fold ``task.fold``, write ``fold_<i>.safetensors`` and ``fold_<i>.json`` into ``task.run_dir``, and
+    return a small summary with the test slides' probabilities."""
+    from safetensors.torch import save_file
+
+    p = task.params
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = autocast_dtype(p.precision, device)
+    seed = fold_seed(p.seed, task.fold)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    model = create_model(**task.model)
+    model.seed(generator)
+    model.to(device)
+    n_classes = task.model["n_classes"]
+    weights = torch.tensor(class_weights([b.target for b in task.train], n_classes), dtype=torch.float32,
+                           device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=p.epochs, eta_min=p.lr * 0.01)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    history, best_loss, best_epoch, best_state, stale = [], float("inf"), -1, None, 0
+    for epoch in range(p.epochs):
+        model.train()
+        started = time.perf_counter()
+        order = [task.train[i] for i in rng.permutation(len(task.train))]
+        train_loss = 0.0
+        for bag, features in iter_bags(order, task.encoder):
+            keep = subsample(features.shape[0], p.max_train_tiles, rng)
+            x = torch.from_numpy(features if keep is None else features[keep]).to(device)
+            target = torch.tensor([bag.target], device=device)
+            with autocast_context(device, dtype):
+                out = model(x, label=bag.target)
+                loss = (weights[bag.target] * torch.nn.functional.cross_entropy(out.logits.float()[None], target)
+                        + out.aux_loss.float())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            train_loss += float(loss.detach())
+        train_seconds = time.perf_counter() - started
+        lr = optimizer.param_groups[0]["lr"]
+        schedule.step()
+        val_loss, _ = _evaluate(model, task.val, task.encoder, device, dtype, weights)
+        history.append({"epoch": epoch, "train_loss": train_loss / len(task.train), "val_loss": val_loss,
+                        "lr": lr, "train_seconds": train_seconds,
+                        "val_seconds": time.perf_counter() - started - train_seconds})
+        if best_state is None or val_loss < best_loss:
+            best_loss, best_epoch, stale = val_loss, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= p.patience:
+                break
+    model.load_state_dict(best_state)
+    _, test_probs = _evaluate(model, task.test, task.encoder, device, dtype, weights)
+
+    run_dir = Path(task.run_dir)
+    save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, run_dir / f"fold_{task.fold}.safetensors",
+              metadata={"fold": str(task.fold), "model": task.model["name"], "encoder": task.encoder})
+    summary = {"fold": task.fold, "best_epoch": best_epoch, "best_val_loss": best_loss,
+               "epochs_run": len(history), "device": str(device), "autocast": str(dtype) if dtype else "fp32",
+               "class_weights": weights.cpu().tolist(), "n_train": len(task.train), "n_val": len(task.val),
+               "n_test": len(task.test)}
+    write_json(run_dir / f"fold_{task.fold}.json", {**summary, "history": history})
+    return {**summary, "test": {b.slide_id: probs.tolist() for b, probs in zip(task.test, test_probs)}}
+
+
+def _fold_on_worker(task: FoldTask) -> dict:
+    """A fold as a Dask task: torch may use the worker's threads (the nanny pins OMP_NUM_THREADS to 1)."""
+    from distributed import get_worker
+
+    torch.set_num_threads(get_worker().state.nthreads)
+    return train_fold(task)
+
+
+def _run_folds(tasks: list[FoldTask], cluster_cfg: dict, progress: bool) -> list[dict]:
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    from ..cluster import dask_client, gpu_resources
+
+    with dask_client(cluster_cfg) as client:
+        resources = gpu_resources(client)
+        futures = [client.submit(_fold_on_worker, t, key=f"mil-fold-{t.fold}-{uuid.uuid4().hex[:8]}",
+                                 resources=resources, pure=False) for t in tasks]
+        for _ in tqdm(as_completed(futures), total=len(futures), desc="folds", disable=not progress):
+            pass
+        return sorted(client.gather(futures), key=lambda r: r["fold"])
+
+
+# ------------------------------------------------------------------------------------------ the run
+def write_json(path, obj) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def probability_columns(classes) -> list[str]:
+    return [f"prob_{c}" for c in classes]
+
+
+def write_csv(path, header: list[str], rows: list[list]) -> Path:
+    """CSV via tmp + rename."""
+    path = Path(path)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def run_name(config: dict) -> str:
+    """``mil.run_name``, or ``<model>_<encoder key>``; a plain folder name."""
+    name = config["mil"].get("run_name") or f"{config['mil']['model']}_{encoder_key(config['extract']['encoder'])}"
+    if not _RUN_NAME.match(name):
+        raise ConfigError(None, f"mil.run_name {name!r} is not a plain folder name",
+                          "use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an old run there is replaced as a whole."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _report_cohort(out_dir, cohort: Cohort) -> None:
+    if cohort.unlabelled:
+        print(f"wsi train: {len(cohort.unlabelled)} store(s) have no label and are not used: "
+              f"{', '.join(cohort.unlabelled)}", file=sys.stderr)
+    for slide_id, why in cohort.excluded:
+        print(f"wsi train: labelled slide {slide_id} left out: {why}", file=sys.stderr)
+        record_failure(out_dir, slide_id, "train", cohort.labels_path, why)
+
+
+def train(out_dir, config: dict, *, progress: bool = True) -> Path:
+    """Cross-validate ``config["mil"]["model"]`` on the labelled stores of ``out_dir`` and return the run
+    folder ``OUT/models/<run>``. All input checks (:func:`.data.load_cohort`, :func:`.data.make_folds`) run
+    before the first fold starts."""
+    mil = config["mil"]
+    encoder = config["extract"]["encoder"]
+    if not config.get("labels"):
+        raise ConfigError(None, "no labels table (config key labels is null)", "pass --labels FILE")
+    name = run_name(config)
+    cohort = load_cohort(out_dir, config["labels"], encoder, classes=mil.get("classes"),
+                         skip_missing=bool(mil.get("skip_missing")))
+    folds = make_folds(cohort, mil["folds"], mil["seed"])
+    model = model_config(mil["model"], cohort.in_dim, len(cohort.classes), mil)
+    params = TrainParams.from_config(mil)
+    _report_cohort(out_dir, cohort)
+
+    models_dir = Path(out_dir) / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = models_dir / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    by_id = {b.slide_id: b for b in cohort.bags}
+    tasks = [FoldTask(str(tmp), f.index, encoder, model, params, *(tuple(by_id[s] for s in ids)
+                                                                   for ids in (f.train, f.val, f.test)))
+             for f in folds]
+    try:
+        results = _run_folds(tasks, config["cluster"], progress)
+        metrics = _write_outputs(tmp, cohort, folds, results, mil)
+        first = SlideStore.open(cohort.bags[0].store)
+        write_json(tmp / "run.json", {
+            "schema_version": RUN_SCHEMA_VERSION, "complete": True, "run": name, "wsi_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": model, "encoder": encoder,
+            "feature_attrs": first.feature_attrs(encoder).to_dict(), "classes": list(cohort.classes),
+            "label_map": {c: i for i, c in enumerate(cohort.classes)}, "labels": str(cohort.labels_path),
+            "training": {**asdict(params), "folds": len(folds), "optimizer": "AdamW",
+                         "schedule": "cosine to 1% of lr", "loss": "cross-entropy x inverse class frequency",
+                         "split": "given" if cohort.bags[0].split else "stratified, grouped by patient"},
+            "folds": [{"fold": f.index, "weights": f"fold_{f.index}.safetensors", "train": list(f.train),
+                       "val": list(f.val), "test": list(f.test),
+                       **{k: r[k] for k in ("best_epoch", "best_val_loss", "epochs_run")}}
+                      for f, r in zip(folds, results)],
+            "unlabelled": list(cohort.unlabelled), "excluded": [list(e) for e in cohort.excluded],
+            "metrics": {k: metrics[k] for k in ("auroc", "balanced_accuracy", "f1")},
+        })
+        final = models_dir / name
+        _commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_outputs(run_dir: Path, cohort: Cohort, folds: list[Fold], results: list[dict], mil: dict) -> dict:
+    """cv_predictions.csv, metrics.json and roc.png from the folds' test predictions."""
+    by_id = {b.slide_id: b for b in cohort.bags}
+    rows, y_true, probs, patients = [], [], [], []
+    for fold, result in zip(folds, results):
+        for slide_id in fold.test:
+            p = result["test"][slide_id]
+            bag = by_id[slide_id]
+            rows.append([slide_id, bag.patient_id, bag.label, fold.index, *p,
+                         cohort.classes[int(np.argmax(p))]])
+            y_true.append(bag.target)
+            probs.append(p)
+            patients.append(bag.patient_id)
+    write_csv(run_dir / "cv_predictions.csv",
+              ["slide_id", "patient_id", "label", "fold", *probability_columns(cohort.classes), "predicted"], rows)
+    metrics = classification_metrics(y_true, probs, cohort.classes, groups=patients,
+                                     n_bootstrap=mil["bootstrap"], seed=mil["seed"])
+    write_json(run_dir / "metrics.json", metrics)
+    plot_roc(y_true, probs, cohort.classes, metrics, run_dir / "roc.png")
+    return metrics
