@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from wsi.errors import ConfigError
-from wsi.heatmap.raster import TileValues, colour_table, normalise, paint, render, to_rgba
+from wsi.heatmap.raster import TileValues, colour_table, normalise, paint, render, render_rgba, to_rgba
 from wsi.heatmap.tiff import pyramid_shapes
 
 
@@ -72,3 +72,12 @@ def test_pyramid_levels_halve_down_to_one_tile_and_cover_the_slide():
     assert levels[0] == (938, 3125, 32.0)                     # ceil: the last pixel overhangs the slide
     assert [ds for _, _, ds in levels] == [32.0, 64.0, 128.0, 256.0, 512.0]
     assert max(levels[-1][:2]) <= 256 < max(levels[-2][:2])
+
+
+def test_rendering_in_bands_gives_the_whole_raster():
+    rng = np.random.default_rng(2)
+    tiles = TileValues(rng.integers(0, 3000, (80, 2)), 200.0, rng.random(80))
+    table = colour_table("viridis")
+    whole = to_rgba(*render(tiles, 16.0, 0, 0, 200, 190, sigma=1.5), table)
+    banded = render_rgba(tiles, 16.0, 200, 190, table, sigma=1.5, band=32)
+    assert (banded == whole).all()

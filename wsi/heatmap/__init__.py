@@ -49,7 +49,7 @@ from ..errors import ConfigError, StoreError, WsiError, clear_failure, record_fa
 from ..store import SlideStore, open_cohort, store_path
 from .geojson import feature_collection
 from .images import blend, save_overlay, save_tile_grid
-from .raster import NORMALIZATIONS, TileValues, colour_table, normalise, render, to_rgba
+from .raster import NORMALIZATIONS, TileValues, colour_table, normalise, render_rgba
 from .tiff import write_pyramid
 
 __all__ = ["HeatmapParams", "HeatmapSummary", "SlideScores", "heatmap_dir", "heatmap_slide", "heatmaps",
@@ -237,9 +237,8 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
 
     # PNGs on the thumbnail's grid; smoothing keeps its level-0 width whatever the grid
     thumbnail, mask_ds = _mask(store)
-    value, coverage = render(tiles, mask_ds, 0, 0, thumbnail.shape[1], thumbnail.shape[0],
-                             params.smooth_sigma * params.downsample / mask_ds)
-    rgba = to_rgba(value, coverage, table)
+    rgba = render_rgba(tiles, mask_ds, thumbnail.shape[1], thumbnail.shape[0], table,
+                       params.smooth_sigma * params.downsample / mask_ds)
     from PIL import Image
 
     with _replacing(paths["heatmap.png"]) as tmp:

@@ -1,9 +1,10 @@
 """The PNG pictures of a slide's heatmap: the overlay on the thumbnail, and the top/bottom attended tiles.
 
-The overlay is laid out pixel by pixel (no automatic layout that could stretch it): a title strip, the
+The overlay is assembled pixel by pixel (no automatic layout that could stretch it): a title strip, the
 thumbnail panel (the thumbnail scaled by a whole number, nearest neighbour, so its aspect ratio and pixel
-grid are the thumbnail's), and a colour-bar strip. The panel's box is written into the PNG's ``Description``
-text chunk as JSON (``{"panel": [x, y, width, height], "scale": s}``), so scripts can crop it.
+grid are the thumbnail's) and a colour-bar strip. Only the two strips are drawn by matplotlib; the panel,
+often millions of pixels, never goes through its resampling. The panel's box is written into the PNG's
+``Description`` text chunk as JSON (``{"panel": [x, y, width, height], "scale": s}``), so scripts can crop it.
 Figures are built on ``matplotlib.figure.Figure`` directly: no pyplot, no global figure state.
 """
 
@@ -31,11 +32,25 @@ def _figure(width_px: int, height_px: int):
     return Figure(figsize=(width_px / _DPI, height_px / _DPI), dpi=_DPI)
 
 
-def blend(thumbnail: np.ndarray, rgba: np.ndarray, alpha: float) -> np.ndarray:
-    """The thumbnail with the heatmap colours laid over it at ``alpha`` x the heatmap's own coverage."""
-    a = alpha * rgba[..., 3:4].astype(np.float32) / 255.0
-    mixed = thumbnail.astype(np.float32) * (1.0 - a) + rgba[..., :3].astype(np.float32) * a
-    return np.round(mixed).astype(np.uint8)
+def _pixels(fig) -> np.ndarray:
+    """The figure drawn as RGB uint8."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def blend(thumbnail: np.ndarray, rgba: np.ndarray, alpha: float, band: int = 256) -> np.ndarray:
+    """The thumbnail with the heatmap colours laid over it at ``alpha`` x the heatmap's own coverage
+    (integer arithmetic, ``band`` rows at a time to keep the temporaries small)."""
+    out = np.empty(thumbnail.shape, np.uint8)
+    for y in range(0, thumbnail.shape[0], band):
+        rows = slice(y, y + band)
+        a = np.rint(alpha * rgba[rows, :, 3:4]).astype(np.uint16)  # 0..255
+        mixed = thumbnail[rows].astype(np.uint16) * (255 - a) + rgba[rows, :, :3].astype(np.uint16) * a
+        out[rows] = (mixed + 127) // 255
+    return out
 
 
 def panel_scale(width: int, height: int) -> int:
@@ -45,22 +60,27 @@ def panel_scale(width: int, height: int) -> int:
 
 def save_overlay(path: Path, panel: np.ndarray, *, title: str, colormap: str, bar_label: str) -> None:
     """Write title + ``panel`` (already blended, RGB) zoomed by :func:`panel_scale` + colour bar to ``path``."""
-    from matplotlib import colors, cm
+    from matplotlib import cm, colors
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     h, w = panel.shape[:2]
     s = panel_scale(w, h)
-    zoomed = np.repeat(np.repeat(panel, s, axis=0), s, axis=1)
-    width, height = w * s, _TITLE_PX + h * s + _BAR_PX
-    fig = _figure(width, height)
-    fig.figimage(zoomed, xo=0, yo=_BAR_PX, origin="upper")
-    fig.text(0.5, 1.0 - _TITLE_PX / 2 / height, title, ha="center", va="center", fontsize=10, wrap=True)
-    bar = fig.add_axes((0.08, 38 / height, 0.84, 12 / height))
-    fig.colorbar(cm.ScalarMappable(colors.Normalize(0.0, 1.0), colormap), cax=bar, orientation="horizontal")
+    width = w * s
+    head = _figure(width, _TITLE_PX)
+    head.text(0.5, 0.5, title, ha="center", va="center", fontsize=10)
+    foot = _figure(width, _BAR_PX)
+    bar = foot.add_axes((0.08, 38 / _BAR_PX, 0.84, 12 / _BAR_PX))
+    foot.colorbar(cm.ScalarMappable(colors.Normalize(0.0, 1.0), colormap), cax=bar, orientation="horizontal")
     bar.tick_params(labelsize=7, length=2, pad=1)
     bar.set_xlabel(bar_label, fontsize=8, labelpad=1)
-    description = {"panel": [0, _TITLE_PX, w * s, h * s], "scale": s}
-    fig.savefig(path, format="png", dpi=_DPI,
-                metadata={"Title": title, "Description": json.dumps(description), "Software": "wsi heatmap"})
+    zoomed = np.repeat(np.repeat(panel, s, axis=0), s, axis=1) if s > 1 else panel
+    info = PngInfo()
+    info.add_text("Title", title)
+    info.add_text("Description", json.dumps({"panel": [0, _TITLE_PX, width, h * s], "scale": s}))
+    info.add_text("Software", "wsi heatmap")
+    image = np.concatenate([_pixels(head), zoomed, _pixels(foot)], axis=0)
+    Image.fromarray(image).save(path, format="PNG", pnginfo=info)
 
 
 def save_tile_grid(path: Path, rows: list[tuple[str, np.ndarray, list[str]]], *, title: str) -> None:

@@ -80,26 +80,31 @@ def paint(tiles: TileValues, downsample: float, x0: int, y0: int, width: int, he
           ) -> tuple[np.ndarray, np.ndarray]:
     """Area-weighted (sum of value x weight, sum of weight) over grid pixels ``[x0, x0+width) x [y0, y0+height)``.
 
-    Only tiles overlapping the window are touched, so memory follows the window, not the slide.
+    Only tiles overlapping the window are touched, in batches of bounded size taken in row order, each
+    accumulated over its own band of rows: memory follows the window and the batch, not the slide.
     """
-    acc = np.zeros(height * width, np.float64)
-    weight = np.zeros(height * width, np.float64)
+    acc = np.zeros((height, width), np.float32)
+    weight = np.zeros((height, width), np.float32)
     xs, ys = tiles.coords[:, 0].astype(np.float64), tiles.coords[:, 1].astype(np.float64)
     hit = ((xs < (x0 + width) * downsample) & (xs + tiles.size > x0 * downsample)
            & (ys < (y0 + height) * downsample) & (ys + tiles.size > y0 * downsample))
     index = np.flatnonzero(hit)
+    index = index[np.argsort(ys[index], kind="stable")]
     span = int(math.ceil(tiles.size / downsample)) + 1
     batch = max(1, _PAINT_BATCH // (span * span))
+    values = np.asarray(tiles.values, np.float64)
     for lo in range(0, len(index), batch):
         part = index[lo:lo + batch]
         cols, wx = _axis_weights(xs[part], tiles.size, downsample, x0, width, span)
         rows, wy = _axis_weights(ys[part], tiles.size, downsample, y0, height, span)
+        top, bottom = int(rows.min()), int(rows.max()) + 1
         w = (wy[:, :, None] * wx[:, None, :]).ravel()
-        flat = (rows[:, :, None] * width + cols[:, None, :]).ravel()
-        v = np.repeat(np.asarray(tiles.values, np.float64)[part], span * span)
-        acc += np.bincount(flat, weights=w * v, minlength=acc.size)
-        weight += np.bincount(flat, weights=w, minlength=weight.size)
-    return acc.reshape(height, width), weight.reshape(height, width)
+        flat = ((rows - top)[:, :, None] * width + cols[:, None, :]).ravel()
+        band = (bottom - top) * width
+        acc[top:bottom] += np.bincount(flat, weights=w * np.repeat(values[part], span * span),
+                                       minlength=band).reshape(bottom - top, width)
+        weight[top:bottom] += np.bincount(flat, weights=w, minlength=band).reshape(bottom - top, width)
+    return acc, weight
 
 
 def render(tiles: TileValues, downsample: float, x0: int, y0: int, width: int, height: int,
@@ -108,14 +113,29 @@ def render(tiles: TileValues, downsample: float, x0: int, y0: int, width: int, h
     coverage = covered share of each pixel, clipped to 1. ``sigma`` is the Gaussian in this grid's pixels."""
     halo = smoothing_radius(sigma)
     acc, weight = paint(tiles, downsample, x0 - halo, y0 - halo, width + 2 * halo, height + 2 * halo)
-    coverage = np.clip(weight[halo:halo + height, halo:halo + width], 0.0, 1.0)
+    inner = (slice(halo, halo + height), slice(halo, halo + width))
+    coverage = np.minimum(weight[inner], 1.0)
+    if not coverage.any():  # no tile here: skip the filtering (most windows of a sparse slide)
+        return np.zeros((height, width), np.float32), coverage
     if halo:
-        acc = ndimage.gaussian_filter(acc, sigma, mode="constant", truncate=_GAUSS_TRUNCATE)
-        weight = ndimage.gaussian_filter(weight, sigma, mode="constant", truncate=_GAUSS_TRUNCATE)
-        acc, weight = acc[halo:halo + height, halo:halo + width], weight[halo:halo + height, halo:halo + width]
-    value = np.divide(acc, weight, out=np.zeros_like(acc), where=weight > 1e-12)
+        acc = ndimage.gaussian_filter(acc, sigma, mode="constant", truncate=_GAUSS_TRUNCATE)[inner]
+        weight = ndimage.gaussian_filter(weight, sigma, mode="constant", truncate=_GAUSS_TRUNCATE)[inner]
+    else:
+        acc, weight = acc[inner], weight[inner]
+    value = np.divide(acc, weight, out=np.zeros_like(acc), where=weight > 1e-6)
     value = np.where(coverage > 0, np.clip(value, 0.0, 1.0), 0.0)
-    return value.astype(np.float32), coverage.astype(np.float32)
+    return value.astype(np.float32), coverage
+
+
+def render_rgba(tiles: TileValues, downsample: float, width: int, height: int, table: np.ndarray,
+                sigma: float = 0.0, band: int = 256) -> np.ndarray:
+    """:func:`to_rgba` of :func:`render` over a whole grid, ``band`` rows at a time: the same pixels, with
+    float temporaries of one band only."""
+    rgba = np.empty((height, width, 4), np.uint8)
+    for y in range(0, height, band):
+        rows = min(band, height - y)
+        rgba[y:y + rows] = to_rgba(*render(tiles, downsample, 0, y, width, rows, sigma), table)
+    return rgba
 
 
 def colour_table(name: str) -> np.ndarray:
@@ -132,9 +152,7 @@ def colour_table(name: str) -> np.ndarray:
 
 def to_rgba(value: np.ndarray, coverage: np.ndarray, table: np.ndarray) -> np.ndarray:
     """uint8 RGBA: colour from ``table`` by value, alpha from coverage (0 = no tile there)."""
-    index = np.clip(np.round(value * 255), 0, 255).astype(np.intp)
     rgba = np.empty(value.shape + (4,), np.uint8)
-    rgba[..., :3] = table[index]
-    rgba[..., 3] = np.round(np.clip(coverage, 0.0, 1.0) * 255).astype(np.uint8)
+    rgba[..., :3] = table[np.rint(np.clip(value, 0.0, 1.0) * 255).astype(np.uint8)]
+    rgba[..., 3] = np.rint(np.clip(coverage, 0.0, 1.0) * 255).astype(np.uint8)
     return rgba
-
