@@ -231,6 +231,9 @@ def test_snakemake_tiles_a_folder_one_job_per_slide_and_reruns_nothing(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert is_complete(store_path(out, "case0")) and is_complete(store_path(out, "case1"))
     assert "broken" in (out / "failures.csv").read_text()
+    assert "rule tile:" in first.stderr and first.stderr.count("rule tile:") == 3  # one job per slide
+    stamp = (store_path(out, "case0") / "zarr.json").stat().st_mtime_ns
     second = subprocess.run(cmd, capture_output=True, text=True)
     assert second.returncode == 0
-    assert "Nothing to be done" in second.stdout + second.stderr
+    assert "rule tile:" not in second.stderr  # nothing new: no job runs
+    assert (store_path(out, "case0") / "zarr.json").stat().st_mtime_ns == stamp
