@@ -1,0 +1,210 @@
+"""Tissue mask and artefact rejection, from a low-resolution RGB thumbnail.
+
+:func:`tissue_mask` keeps every stained tissue piece (pale stroma, fat, small biopsy fragments) and rejects
+glass, marker ink (blue, green, black, red), dust/debris specks and faint smudges. Sizes in
+:class:`TissueParams` are in microns, so the same parameters give the same mask from a thumbnail at any
+resolution (within a pixel of its outline).
+
+Steps (``rgb`` in, boolean mask out; ``mpp`` is the thumbnail's pixel size):
+
+1. **Glass white balance.** The glass colour is estimated as the median of the brightest tenth of pixels and
+   divided out, so scanners with a grey, yellow or blue cast behave like white glass. When that estimate is
+   not near-neutral and bright (a thumbnail filled with tissue), plain white is used.
+2. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
+   *stained* when its saturation ``(max - min) / max`` reaches ``saturation_min`` and its brightness (mean of
+   R, G, B relative to the glass) is at most ``brightness_max``. Faintly stained pixels (saturation of at
+   least half of ``saturation_min``) count too when they touch stained ones within ``close_um``: fat shows in a
+   thumbnail only as a faint pink net of septa around white vacuoles.
+3. **Pen ink** (``pen_filter``). Ink is told from stain by colour: green (green the strongest channel, never
+   so in H&E), blue (blue strongest with little red; haematoxylin keeps much more red), red (red with little
+   green and blue, beyond eosin), black (dark and grey). Faint ink at stroke edges is taken as ink when it
+   touches firm ink, then ink grows by one pixel (a thumbnail blurs stroke edges over about one pixel).
+4. **Clean-up.** Closing by a disc of ``close_um`` joins tissue split by thin gaps; holes smaller than
+   ``min_hole_um2`` (fat vacuoles, small lumens) are filled when ``fill_holes``; pieces smaller than
+   ``min_fragment_um2`` (dust, debris, leftover ink fringes) are dropped.
+
+Only numpy and scipy.ndimage; distance transforms make the morphology cost independent of its radius.
+
+>>> import numpy as np
+>>> thumb = np.full((64, 64, 3), 240, np.uint8)
+>>> thumb[16:48, 16:48] = (225, 150, 190)            # a pink piece of 256 x 256 um at 8 um/px
+>>> mask = tissue_mask(thumb, 8.0, TissueParams.default())
+>>> int(mask.sum()), bool(mask[32, 32]), bool(mask[2, 2])
+(1024, True, False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import ConfigError
+
+QC_OUTLINE_RGB = (0, 220, 0)  # mask outline colour in QC images
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """The ``tissue:`` section of the config (see ``configs/default.yaml`` for each key's meaning)."""
+
+    mask_mpp: float
+    saturation_min: float
+    brightness_max: float
+    pen_filter: bool
+    min_fragment_um2: float
+    min_hole_um2: float
+    fill_holes: bool
+    close_um: float
+
+    def __post_init__(self):
+        def bad(key: str, why: str):
+            raise ConfigError(None, f"config key tissue.{key}: {why}, got {getattr(self, key)!r}",
+                              "see configs/default.yaml")
+
+        if not self.mask_mpp > 0:
+            bad("mask_mpp", "must be a positive number of microns per pixel")
+        for key in ("saturation_min", "brightness_max"):
+            if not 0 <= getattr(self, key) <= 1:
+                bad(key, "must be within 0..1")
+        for key in ("min_fragment_um2", "min_hole_um2", "close_um"):
+            if not getattr(self, key) >= 0:
+                bad(key, "must be 0 or more")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TissueParams:
+        """From the config's ``tissue`` section; unknown or missing keys are errors."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        missing = [n for n in names if n not in data]
+        if unknown or missing:
+            raise ConfigError(None, f"tissue section: unknown keys {unknown}, missing keys {missing}",
+                              "see configs/default.yaml")
+        return cls(**{n: data[n] for n in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def default(cls) -> TissueParams:
+        """The ``tissue`` section of ``configs/default.yaml`` (the one place defaults live)."""
+        from .config import load_config
+
+        return cls.from_dict(load_config()["tissue"])
+
+
+def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
+    """Boolean (h, w) tissue mask of an RGB uint8 thumbnail (h, w, 3) whose pixels are ``mpp`` um wide."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or rgb.dtype != np.uint8:
+        raise ValueError(f"tissue_mask needs an RGB uint8 image (h, w, 3), got {rgb.dtype} {rgb.shape}")
+    if not mpp > 0:
+        raise ValueError(f"tissue_mask needs the thumbnail's positive um per pixel, got {mpp!r}")
+    img = _white_balance(rgb[..., :3].astype(np.float32) / 255)
+    hi, lo = img.max(axis=2), img.min(axis=2)
+    saturation = (hi - lo) / np.maximum(hi, 1e-6)
+    brightness = img.mean(axis=2)
+    if params.pen_filter:  # ink first, so its colour neither counts as stain nor tints the faint test
+        ink = _pen(img, saturation, params.saturation_min)
+        saturation[ink] = 0
+    stained = (brightness <= params.brightness_max) & (saturation >= params.saturation_min)
+    faint = (brightness <= params.brightness_max) | (saturation >= params.saturation_min / 2)
+    tissue = stained | (faint & _touching(faint, stained))
+    if params.pen_filter:
+        tissue &= ~ink
+
+    radius = params.close_um / mpp
+    if radius >= 0.5:
+        tissue = _close(tissue, radius)
+    px_area = mpp * mpp
+    if params.fill_holes and params.min_hole_um2 > 0:
+        tissue = _fill_small_holes(tissue, params.min_hole_um2 / px_area)
+    return _drop_small(tissue, params.min_fragment_um2 / px_area)
+
+
+def qc_image(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A copy of the thumbnail with the mask's outline drawn in green (2 px), for a per-slide QC PNG."""
+    rgb = np.asarray(rgb)[..., :3]
+    mask = np.asarray(mask, bool)
+    if rgb.shape[:2] != mask.shape:
+        raise ValueError(f"qc_image: thumbnail {rgb.shape[:2]} and mask {mask.shape} differ in size")
+    inner = ndimage.binary_erosion(mask, iterations=2, border_value=0)
+    out = rgb.astype(np.uint8, copy=True)
+    out[mask & ~inner] = QC_OUTLINE_RGB
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def _white_balance(img: np.ndarray) -> np.ndarray:
+    """``img`` (float RGB in 0..1) divided by the glass colour, clipped to 0..1."""
+    brightness = img.mean(axis=2)
+    glass = np.median(img[brightness >= np.quantile(brightness, 0.9)], axis=0)
+    neutral = glass.max() >= 0.6 and glass.min() >= 0.88 * glass.max()
+    if not neutral:  # the brightest tenth is tissue, not glass
+        return img
+    return np.clip(img / glass, 0, 1)
+
+
+def _pen(img: np.ndarray, saturation: np.ndarray, saturation_min: float) -> np.ndarray:
+    """Marker ink: firm ink by colour, plus the faint ink that touches it, grown by one pixel."""
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    hi = img.max(axis=2)
+    green = (g >= np.maximum(r, b)) & (saturation >= 0.2)
+    blue = (b >= np.maximum(r, g)) & (r <= 0.55 * b) & (saturation >= 0.3)
+    red = (r >= 0.35) & (g <= 0.45 * r) & (b <= 0.55 * r)
+    black = (hi <= 0.35) & (saturation <= 0.45)
+    firm = green | blue | red | black
+    if not firm.any():
+        return firm
+    # faint ink: any colour H&E never has (green-most, or blue-most with little red), or dark grey
+    faint = (((g >= np.maximum(r, b)) | ((b >= np.maximum(r, g)) & (r <= 0.8 * b)))
+             & (saturation >= saturation_min / 2)) | ((hi <= 0.6) & (saturation <= 0.25))
+    ink = firm | (faint & _touching(faint | firm, firm))
+    return ndimage.binary_dilation(ink, structure=np.ones((3, 3), bool))
+
+
+def _touching(region: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Pixels of ``region`` whose connected piece (8-connected) holds a pixel of ``seeds``."""
+    labels, n = ndimage.label(region | seeds, structure=np.ones((3, 3), bool))
+    hit = np.zeros(n + 1, bool)
+    hit[labels[seeds]] = True
+    hit[0] = False
+    return hit[labels]
+
+
+def _close(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Morphological closing by a disc of ``radius`` px, via distance transforms (cost independent of it).
+
+    Padded by the radius, so tissue at the image border is not eaten by the erosion.
+    """
+    pad = int(np.ceil(radius)) + 1
+    padded = np.pad(mask, pad)
+    grown = ndimage.distance_transform_edt(~padded) <= radius
+    closed = ndimage.distance_transform_edt(grown) > radius
+    return closed[pad:-pad, pad:-pad]
+
+
+def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
+    """Fill background pieces that do not touch the border and are smaller than ``max_px`` pixels."""
+    labels, n = ndimage.label(~mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    fill = sizes < max_px
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    fill[border] = False
+    fill[0] = False
+    return mask | fill[labels]
+
+
+def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """Remove 8-connected pieces smaller than ``min_px`` pixels."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return mask
+    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_px
+    keep[0] = False
+    return keep[labels]
