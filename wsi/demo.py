@@ -76,6 +76,7 @@ EOSIN_OD = np.array([0.05, 0.60, 0.22], np.float32)
 HAEM_OD = np.array([0.62, 0.78, 0.28], np.float32)
 GLASS_RGB = np.array([242.0, 241.0, 245.0], np.float32)
 GLASS_NOISE_LEVELS = 2.0  # std of the per-pixel glass noise at level 0, in 8-bit levels
+GLASS_PERIOD = 509  # px; the glass noise repeats with this period on every level (prime: never in step with tiles)
 # Marker ink transmittance (R, G, B) at full density.
 PEN_INKS = {
     "blue": (0.20, 0.34, 0.76),
@@ -432,10 +433,33 @@ def _render(scene: _Scene, x0: float, y0: float, pixel: float, light: np.ndarray
     return np.clip(light * transmit + 0.5, 0, 255).astype(np.uint8)
 
 
-def _glass(seed: int, size: int, pixel: float) -> np.ndarray:
-    """(size, size, 3) float32 glass brightness with per-pixel noise, fainter on coarser pixels (averaged)."""
-    noise = np.random.default_rng([seed, 0x61A55]).standard_normal((size, size, 3), np.float32)
-    return GLASS_RGB + noise * np.float32(GLASS_NOISE_LEVELS / pixel)
+def _glass(seed: int, pixel: float) -> np.ndarray:
+    """(2P, 2P, 3) float32 glass brightness with per-pixel noise, for pixels ``pixel`` level-0 px wide (fainter
+    when coarser, as averaging makes it). It repeats every ``GLASS_PERIOD`` px; doubled so a window fits."""
+    noise = np.random.default_rng([seed, 0x61A55, round(pixel * 1000)]).standard_normal(
+        (GLASS_PERIOD, GLASS_PERIOD, 3), np.float32)
+    return np.tile(GLASS_RGB + noise * np.float32(GLASS_NOISE_LEVELS / pixel), (2, 2, 1))
+
+
+def _window(texture: np.ndarray, col: int, row: int, width: int, height: int) -> np.ndarray:
+    """The ``height x width`` window of a periodic texture whose top-left is level pixel (col, row)."""
+    if width <= GLASS_PERIOD and height <= GLASS_PERIOD:
+        r, c = row % GLASS_PERIOD, col % GLASS_PERIOD
+        return texture[r:r + height, c:c + width]
+    rows = (row + np.arange(height)) % GLASS_PERIOD
+    cols = (col + np.arange(width)) % GLASS_PERIOD
+    return texture[rows[:, None], cols[None, :]]
+
+
+def _render_region(scene: _Scene, downsample: float, col: int, row: int, width: int, height: int) -> np.ndarray:
+    """RGB uint8 (height, width, 3) of the level with this downsample, from level pixel (col, row); rendered in
+    bands so memory stays bounded."""
+    glass = _glass(scene.seed, downsample)
+    band = 512
+    return np.concatenate([
+        _render(scene, col * downsample, r * downsample, downsample,
+                _window(glass, col, r, width, min(band, row + height - r)))
+        for r in range(row, row + height, band)], axis=0)
 
 
 def _tissue_transmittance(scene: _Scene, lay: _Layers, xs, ys, pixel: float) -> np.ndarray:
@@ -586,6 +610,12 @@ class SyntheticSlide:
     speck_boxes: tuple[Box, ...]
     scene: _Scene = field(repr=False, compare=False)
 
+    def render_level(self, downsample: float, col: int, row: int, width: int, height: int) -> np.ndarray:
+        """The RGB pixels (height, width, 3) the writer JPEG-encoded for the level with this ``downsample``,
+        from level pixel (col, row): ground truth for pixel reads (level pixel i covers level-0
+        [i * downsample, (i + 1) * downsample))."""
+        return _render_region(self.scene, downsample, col, row, width, height)
+
     def truth_masks(self, downsample: float) -> dict[str, np.ndarray]:
         """Ground truth on the grid of ``ceil(h / downsample) x ceil(w / downsample)`` pixels (sampled at their
         centres): boolean ``tissue``, ``tumour``, ``fat``, ``pen`` and ``speck`` (specks and smudges)."""
@@ -629,28 +659,23 @@ def _check_args(path: Path, width: int, height: int, mpp: float | None, tile: in
     return ds
 
 
-def _level_tiles(scene: _Scene, level: int, downsample: float, size: tuple[int, int], tile: int,
+def _level_tiles(scene: _Scene, downsample: float, size: tuple[int, int], tile: int,
                  pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
-    """The tiles of one level in TIFF order, rendered a row at a time on ``pool``. Each tile takes its glass
-    noise from a hashed window of a texture twice the tile's size, so no two neighbours repeat it."""
+    """The tiles of one level in TIFF order, rendered a row of tiles at a time on ``pool``."""
     w, h = size
-    light = _glass(scene.seed, 2 * tile, downsample)
+    light = _glass(scene.seed, downsample)
     glass = np.clip(light + 0.5, 0, 255).astype(np.uint8)
-    room = tile
 
     def one(col_row):
         col, row = col_row
-        oy = int(_hash01(scene.seed + level, col, row) * room)
-        ox = int(_hash01(scene.seed - level, col, row) * room)
-        x0, y0 = col * tile * downsample, row * tile * downsample
-        span = tile * downsample
+        x0, y0, span = col * downsample, row * downsample, tile * downsample
         if not scene.touches((math.floor(x0 - downsample), math.floor(y0 - downsample),
                               math.ceil(x0 + span + downsample), math.ceil(y0 + span + downsample))):
-            return glass[oy:oy + tile, ox:ox + tile]
-        return _render(scene, x0, y0, downsample, light[oy:oy + tile, ox:ox + tile])
+            return _window(glass, col, row, tile, tile)
+        return _render(scene, x0, y0, downsample, _window(light, col, row, tile, tile))
 
-    for row in range(math.ceil(h / tile)):
-        yield from pool.map(one, [(col, row) for col in range(math.ceil(w / tile))])
+    for row in range(0, h, tile):
+        yield from pool.map(one, [(col, row) for col in range(0, w, tile)])
 
 
 def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 0.5, tile: int = 256,
@@ -691,7 +716,7 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
                 if mpp is not None:
                     page["resolution"] = (1e4 / (mpp * width / w), 1e4 / (mpp * height / h))
                     page["resolutionunit"] = "CENTIMETER"
-            tif.write(_level_tiles(scene, level, d, (w, h), tile, pool), **page)
+            tif.write(_level_tiles(scene, d, (w, h), tile, pool), **page)
             if kind == "aperio" and level == 0:
                 tif.write(_thumbnail(scene), rowsperstrip=16,
                           description=_aperio_description(width, height, None, tile, jpeg_quality, mpp), **common)
@@ -707,10 +732,10 @@ def _clip_box(box: Box, width: int, height: int) -> Box:
 
 
 def _thumbnail(scene: _Scene) -> np.ndarray:
-    """The whole slide at about ``THUMBNAIL_PX`` px on its longest side, rendered in one piece."""
+    """The whole slide at about ``THUMBNAIL_PX`` px on its longest side."""
     d = max(scene.width, scene.height) / THUMBNAIL_PX
     w, h = max(1, round(scene.width / d)), max(1, round(scene.height / d))
-    return _render(scene, 0, 0, scene.width / w, _glass(scene.seed, max(w, h), d)[:h, :w])
+    return _render_region(scene, scene.width / w, 0, 0, w, h)
 
 
 def _aperio_description(width: int, height: int, level_size: tuple[int, int] | None, tile: int, quality: int,
