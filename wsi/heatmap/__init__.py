@@ -78,6 +78,8 @@ class HeatmapParams:
     slide: dict          # config["slide"]: opening the slide for coordinates-only stores and high-res mode
     checkpoint: str | None  # config["extract"]["checkpoint"]: the encoder's local weights (high-res mode)
     batch_size: int      # config["extract"]["batch_size"]: tiles per forward pass (high-res mode)
+    encoder_precision: str  # config["extract"]["precision"] (high-res mode)
+    mil_precision: str   # config["mil"]["precision"] (high-res mode)
 
     @classmethod
     def from_config(cls, config: dict) -> "HeatmapParams":
@@ -95,7 +97,8 @@ class HeatmapParams:
                    tumour_class=h["tumour_class"], top_k=int(h["top_k"]), colormap=h["colormap"],
                    alpha=float(h["alpha"]), high_res_overlap=float(h["high_res_overlap"]),
                    slide=dict(config["slide"]), checkpoint=config["extract"]["checkpoint"],
-                   batch_size=int(config["extract"]["batch_size"]))
+                   batch_size=int(config["extract"]["batch_size"]),
+                   encoder_precision=config["extract"]["precision"], mil_precision=config["mil"]["precision"])
 
 
 @dataclass(frozen=True)
