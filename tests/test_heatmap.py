@@ -226,14 +226,17 @@ def test_pngs_keep_the_thumbnail_aspect_ratio_and_show_it_outside_the_tiles(pain
     assert not (shrunk[block] == thumb[block]).all()          # the heatmap is blended over the tiles
 
 
+def _count(image: np.ndarray, channel: int) -> int:
+    """Pixels of pure red (channel 0) or blue (channel 2) tile colour."""
+    return int(((image[..., channel] > 200) & (image[..., 2 - channel] < 50)).sum())
+
+
 def test_top_tiles_grid_shows_the_most_attended_tiles_first(painted):
     out, _ = painted
     grid = np.asarray(Image.open(heatmap_dir(out, RUN, "s1") / "top_tiles.png").convert("RGB")).astype(int)
     top, bottom = grid[: grid.shape[0] // 2], grid[grid.shape[0] // 2:]
-    red = lambda im: ((im[..., 0] > 200) & (im[..., 2] < 50)).sum()   # noqa: E731
-    blue = lambda im: ((im[..., 2] > 200) & (im[..., 0] < 50)).sum()  # noqa: E731
-    assert red(top) > 1000 and blue(top) == 0                  # block tiles (red) have the highest attention
-    assert blue(bottom) > 1000 and red(bottom) == 0
+    assert _count(top, 0) > 1000 and _count(top, 2) == 0      # block tiles (red) have the highest attention
+    assert _count(bottom, 2) > 1000 and _count(bottom, 0) == 0
 
 
 def test_smoothing_softens_edges_but_keeps_the_block_on_top(tmp_path):
@@ -241,7 +244,7 @@ def test_smoothing_softens_edges_but_keeps_the_block_on_top(tmp_path):
     heatmaps(tmp_path, RUN, _config(smooth_sigma=2.0), progress=False)
     with openslide.OpenSlide(str(heatmap_dir(tmp_path, RUN, "s1") / "heatmap.tif")) as slide:
         values = _values(np.asarray(slide.read_region((0, 0), 0, slide.dimensions)))
-    block, outside = _expected(32.0, values.shape)
+    block, _ = _expected(32.0, values.shape)
     c0, c1, r0, r1 = BLOCK
     core = np.zeros_like(block)
     core[r0 * 10 + 8:r1 * 10 - 8, c0 * 10 + 8:c1 * 10 - 8] = True   # 8 px = the kernel's reach at sigma 2

@@ -116,7 +116,7 @@ def _blocks_constant(rgba: np.ndarray, block: int) -> bool:
 
 def test_high_res_rescores_a_half_tile_grid_and_leaves_the_store_alone(scored, painted):
     outs, slide_path, checkpoint = scored
-    out, config = outs["pixels"]
+    out, _ = outs["pixels"]
     _, summary, before, after = painted
     assert summary.done == ["hr"] and summary.failed == []
     folder = heatmap_dir(out, RUN, "hr") / "high_res"

@@ -11,7 +11,7 @@ from wsi.heatmap.tiff import pyramid_shapes
 def test_tile_edges_inside_a_pixel_count_by_the_covered_share():
     # one 64 px tile at level-0 x = 48: grid pixels of 32 px are [32, 64) half, [64, 96) fully, [96, 128) half
     tiles = TileValues(np.array([[48, 0]]), 64.0, np.array([0.8]))
-    acc, weight = paint(tiles, 32.0, 0, 0, 5, 3)
+    _, weight = paint(tiles, 32.0, 0, 0, 5, 3)
     assert weight[0].tolist() == [0.0, 0.5, 1.0, 0.5, 0.0]
     assert weight[1].tolist() == [0.0, 0.5, 1.0, 0.5, 0.0]
     assert weight[2].tolist() == [0.0] * 5

@@ -82,7 +82,7 @@ class HeatmapParams:
     mil_precision: str   # config["mil"]["precision"] (high-res mode)
 
     @classmethod
-    def from_config(cls, config: dict) -> "HeatmapParams":
+    def from_config(cls, config: dict) -> HeatmapParams:
         h = config["heatmap"]
         if h["value"] not in VALUES:
             raise ConfigError(None, f"heatmap.value {h['value']!r} is not one of {VALUES}")

@@ -62,8 +62,8 @@ def fine_grid(store: SlideStore, slide, overlap: float) -> np.ndarray:
     from ..tiling import TileGrid, tissue_fractions
 
     t = store.tiling
-    edge = int(round(t.tile_px_level0 / t.read_downsample))  # one tile in read-level pixels, as the tiler reads
-    stride = max(1, int(round(edge * (1.0 - overlap))))
+    edge = round(t.tile_px_level0 / t.read_downsample)  # one tile in read-level pixels, as the tiler reads
+    stride = max(1, round(edge * (1.0 - overlap)))
     level_w, level_h = slide.level_dimensions[t.read_level]
     grid = TileGrid(level=t.read_level, level_downsample=t.read_downsample, tile_level_px=edge,
                     stride_level_px=stride, cols=max(0, (level_w - edge) // stride + 1),

@@ -90,7 +90,7 @@ def paint(tiles: TileValues, downsample: float, x0: int, y0: int, width: int, he
            & (ys < (y0 + height) * downsample) & (ys + tiles.size > y0 * downsample))
     index = np.flatnonzero(hit)
     index = index[np.argsort(ys[index], kind="stable")]
-    span = int(math.ceil(tiles.size / downsample)) + 1
+    span = math.ceil(tiles.size / downsample) + 1
     batch = max(1, _PAINT_BATCH // (span * span))
     values = np.asarray(tiles.values, np.float64)
     for lo in range(0, len(index), batch):
