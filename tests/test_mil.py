@@ -254,7 +254,8 @@ def test_class_with_fewer_patients_than_folds_fails_before_training(tmp_path):
     rows = read_csv(labels)
     kept = [r for r in rows if r["label"] == "normal" or r["slide_id"] in ("s01", "s03")]
     labels.write_text("slide_id,label\n" + "".join(f"{r['slide_id']},{r['label']}\n" for r in kept))
-    with pytest.raises(ConfigError, match=r"class 'tumour' has 2 patient\(s\) \(2 slide\(s\)\), fewer than mil.folds=3"):
+    with pytest.raises(ConfigError,
+                       match=r"class 'tumour' has 2 patient\(s\) \(2 slide\(s\)\), fewer than mil.folds=3"):
         make_folds(load_cohort(tmp_path, labels, ENCODER), 3, seed=0)
 
 

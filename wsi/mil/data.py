@@ -60,7 +60,8 @@ class Fold:
     test: tuple[str, ...]
 
 
-def _listing(ids) -> str:
+def format_ids(ids) -> str:
+    """Up to a few ids, comma-separated, then "and N more"."""
     ids = list(ids)
     shown = ", ".join(str(i) for i in ids[:_SHOWN])
     return shown + (f" and {len(ids) - _SHOWN} more" if len(ids) > _SHOWN else "")
@@ -84,18 +85,18 @@ def read_labels(path) -> pd.DataFrame:
     for column in ("slide_id", "label"):
         empty = table.index[table[column] == ""]
         if len(empty):
-            raise ConfigError(path, f"empty {column} in data row(s) {_listing(empty + 1)}")
+            raise ConfigError(path, f"empty {column} in data row(s) {format_ids(empty + 1)}")
     duplicated = table.loc[table["slide_id"].duplicated(), "slide_id"].unique()
     if len(duplicated):
-        raise ConfigError(path, f"slide id(s) listed more than once: {_listing(duplicated)}")
+        raise ConfigError(path, f"slide id(s) listed more than once: {format_ids(duplicated)}")
     if "patient_id" not in table.columns:
         table["patient_id"] = ""
     table.loc[table["patient_id"] == "", "patient_id"] = table["slide_id"]
     if "split" in table.columns:
         bad = table.loc[~table["split"].isin(SPLITS), "slide_id"]
         if len(bad):
-            raise ConfigError(path, f"split must be one of {'/'.join(SPLITS)}; slide(s) {_listing(bad)} have "
-                                    f"{_listing(table.loc[bad.index, 'split'].unique())}")
+            raise ConfigError(path, f"split must be one of {'/'.join(SPLITS)}; slide(s) {format_ids(bad)} have "
+                                    f"{format_ids(table.loc[bad.index, 'split'].unique())}")
     return table
 
 
@@ -107,7 +108,7 @@ def _class_names(table, classes, path) -> tuple[str, ...]:
         names = tuple(str(c) for c in classes)
         unknown = sorted(set(found) - set(names))
         if unknown:
-            raise ConfigError(path, f"label(s) {_listing(unknown)} are not in mil.classes {list(names)}")
+            raise ConfigError(path, f"label(s) {format_ids(unknown)} are not in mil.classes {list(names)}")
     if len(found) < 2:
         raise ConfigError(path, f"labels table has a single class {found[0]!r}; MIL needs at least two"
                           if found else "labels table has no rows")
@@ -141,9 +142,9 @@ def load_cohort(out_dir, labels_path, encoder: str, *, classes=None, skip_missin
         parts = []
         if no_store:
             parts.append(f"{len(no_store)} labelled slide(s) have no complete store under "
-                         f"{Path(out_dir) / 'stores'}: {_listing(no_store)}")
+                         f"{Path(out_dir) / 'stores'}: {format_ids(no_store)}")
         if no_features:
-            parts.append(f"{len(no_features)} have no features for encoder {encoder}: {_listing(no_features)}")
+            parts.append(f"{len(no_features)} have no features for encoder {encoder}: {format_ids(no_features)}")
         raise ConfigError(labels_path, "; ".join(parts),
                           "fix the slide ids, run `wsi tile`/`wsi extract` for them, or set mil.skip_missing=true")
 
@@ -160,12 +161,12 @@ def load_cohort(out_dir, labels_path, encoder: str, *, classes=None, skip_missin
                         int(features.shape[0]), getattr(row, "split", None)))
     problems = []
     if empty:
-        problems.append(f"{len(empty)} slide(s) have empty bags (no tiles): {_listing(empty)}")
+        problems.append(f"{len(empty)} slide(s) have empty bags (no tiles): {format_ids(empty)}")
     if non_finite:
-        problems.append(f"{len(non_finite)} slide(s) have NaN/inf features: {_listing(non_finite)}")
+        problems.append(f"{len(non_finite)} slide(s) have NaN/inf features: {format_ids(non_finite)}")
     if len(dims) > 1:
         problems.append("feature sizes differ between slides: " + "; ".join(
-            f"D={d} for {_listing(ids)}" for d, ids in sorted(dims.items())))
+            f"D={d} for {format_ids(ids)}" for d, ids in sorted(dims.items())))
     if problems:
         raise ConfigError(labels_path, "; ".join(problems),
                           f"re-run `wsi extract --encoder {encoder}` for them, or drop them from the labels")

@@ -44,7 +44,7 @@ import torch
 from .. import __version__
 from ..errors import ConfigError, record_failure
 from ..store import SlideStore, encoder_key
-from .data import Bag, Cohort, Fold, class_weights, load_cohort, make_folds, subsample
+from .data import Bag, Cohort, Fold, class_weights, format_ids, load_cohort, make_folds, subsample
 from .metrics import classification_metrics, plot_roc
 from .models import MILModel, create_model, model_config
 
@@ -278,7 +278,7 @@ def _commit_dir(tmp: Path, final: Path) -> None:
 def _report_cohort(out_dir, cohort: Cohort) -> None:
     if cohort.unlabelled:
         print(f"wsi train: {len(cohort.unlabelled)} store(s) have no label and are not used: "
-              f"{', '.join(cohort.unlabelled)}", file=sys.stderr)
+              f"{format_ids(cohort.unlabelled)}", file=sys.stderr)
     for slide_id, why in cohort.excluded:
         print(f"wsi train: labelled slide {slide_id} left out: {why}", file=sys.stderr)
         record_failure(out_dir, slide_id, "train", cohort.labels_path, why)
