@@ -138,16 +138,18 @@ def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, bat
     enc = owner.encoder
     threads = decode_threads or owner.decode_threads
     store = SlideStore.open(path)
+    chunk = store.tiling.chunk_tiles
+    step = max(chunk, batch_size // chunk * chunk)  # reads of whole chunks: each chunk is decoded once
     features = np.empty((hi - lo, enc.dim), np.float32)
     with tile_reader(store, slide_cfg) as read, ThreadPoolExecutor(threads) as pool:
         pending: deque = deque()
-        for a in range(lo, hi, batch_size):
-            b = min(a + batch_size, hi)
+        for a in range(lo, hi, step):
+            b = min(a + step, hi)
             pending.append((a, pool.submit(lambda a=a, b=b: enc.prepare(read(a, b)))))
-            if len(pending) > threads:  # the decode threads stay one batch each ahead of the model
-                _embed_next(owner, pending, features, lo)
+            if len(pending) > threads:  # the decode threads stay one read each ahead of the model
+                _embed_next(owner, pending, features, lo, batch_size)
         while pending:
-            _embed_next(owner, pending, features, lo)
+            _embed_next(owner, pending, features, lo, batch_size)
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0]) + lo
@@ -159,12 +161,14 @@ def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, bat
     return hi - lo
 
 
-def _embed_next(owner: EncoderPlugin, pending: deque, features: np.ndarray, lo: int) -> None:
+def _embed_next(owner: EncoderPlugin, pending: deque, features: np.ndarray, lo: int, batch_size: int) -> None:
+    """Wait for the oldest read and run it through the model, ``batch_size`` tiles at a time."""
     a, fut = pending.popleft()
-    batch = fut.result()
-    with owner.lock:
-        out = owner.encoder.forward(batch)
-    features[a - lo:a - lo + len(out)] = out
+    block = fut.result()
+    for i in range(0, len(block), batch_size):
+        with owner.lock:
+            out = owner.encoder.forward(block[i:i + batch_size])
+        features[a - lo + i:a - lo + i + len(out)] = out
 
 
 def complete_slide(path: str, encoder: str, attrs: dict, h5: str | None, *range_results: int) -> str:

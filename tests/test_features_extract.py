@@ -1,0 +1,275 @@
+"""Cohort extraction on a real Dask cluster: equality with a plain forward pass, skipping, exports, bad input,
+a worker that dies mid-task, coordinates-only stores, and real ImageNet weights on real tissue."""
+
+import os
+import threading
+from pathlib import Path
+
+import cloudpickle
+import h5py
+import numpy as np
+import pytest
+from distributed import Client, WorkerPlugin
+
+from test_features_encoders import lite0_checkpoint, plain_forward, save_tiny
+from wsi.cluster import local_cluster
+from wsi.config import load_config
+from wsi.errors import read_failures
+from wsi.features import extract_cohort, h5_path
+from wsi.store import SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, store_path
+from wsi.tiling import tile_slides as tile_cohort
+
+REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
+cloudpickle.register_pickle_by_value(__import__(__name__))  # workers need not import this test module
+
+
+def write_store(out: Path, slide_id: str, tiles: np.ndarray, *, chunk_tiles: int = 8, codec: str = "lossless"):
+    """A complete store of ``tiles`` laid out on a row of a pretend slide."""
+    n, t = len(tiles), tiles.shape[1]
+    slide = SlideAttrs(source_path=f"{slide_id}.svs", source_size=1, source_mtime=0.0, backend="openslide",
+                       vendor="aperio", width=max(1, n) * 2 * t, height=2 * t, mpp_x=0.25, mpp_y=0.25,
+                       mpp_source="file", objective_power=40.0, level_count=1, level_downsamples=(1.0,))
+    tiling = TilingAttrs(target_mpp=0.5, tile_px=t, overlap_px=0, read_level=0, read_downsample=1.0,
+                         tile_px_level0=2.0 * t, stride_px_level0=2.0 * t, effective_mpp=0.5,
+                         min_tissue_fraction=0.25, store_pixels=True, codec=codec, quality=90,
+                         chunk_tiles=chunk_tiles, tissue={}, wsi_version="test")
+    coords = np.stack([np.arange(n) * 2 * t, np.zeros(n, int)], axis=1)
+    writer = TileStoreWriter.create(store_path(out, slide_id), slide_id, slide, tiling, coords=coords,
+                                    tissue_fraction=np.ones(n))
+    for lo in range(0, n, chunk_tiles):
+        writer.write_tiles(lo, tiles[lo:lo + chunk_tiles])
+    writer.write_mask(np.ones((4, 4), bool), np.zeros((4, 4, 3), np.uint8), downsample=64.0, mpp=16.0)
+    return writer.commit()
+
+
+def tissue_like(n: int, t: int, seed: int) -> np.ndarray:
+    """Pink/purple blotches on a pale background: enough structure for features to differ per tile."""
+    rng = np.random.default_rng(seed)
+    base = np.array([230, 180, 210]) - rng.integers(0, 90, (n, 1, 1, 3))
+    noise = rng.normal(0, 25, (n, t, t, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two single-threaded worker processes, shared by the tests that pass its address."""
+    cfg = {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"}
+    with local_cluster(cfg, gpus=[]) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors")
+
+
+def config(cluster, checkpoint, **extract):
+    cfg = load_config()
+    cfg["cluster"].update({"kind": "address", "address": cluster.scheduler_address})
+    cfg["extract"].update({"encoder": "test_vit", "checkpoint": str(checkpoint), "batch_size": 5,
+                           "tiles_per_task": 16, **extract})
+    return cfg
+
+
+@pytest.mark.parametrize("tiles_per_task,batch_size", [(16, 5), (40, 64)])
+def test_features_equal_a_plain_forward_pass_and_are_exported(cluster, tiny_vit, tmp_path, tiles_per_task,
+                                                               batch_size):
+    tiles = {"a": tissue_like(37, 48, 1), "b": tissue_like(8, 48, 2), "c": tissue_like(0, 48, 3)}
+    for slide_id, t in tiles.items():
+        write_store(tmp_path, slide_id, t, chunk_tiles=8)
+    summary = extract_cohort(tmp_path, config(cluster, tiny_vit, tiles_per_task=tiles_per_task,
+                                              batch_size=batch_size), progress=False)
+    assert sorted(summary.done) == ["a", "b", "c"] and summary.failed == [] and summary.n_tiles == 45
+    for slide_id, t in tiles.items():
+        store = SlideStore.open(store_path(tmp_path, slide_id))
+        feats = store.features("test_vit")
+        assert feats.shape == (len(t), 64)
+        if len(t):
+            np.testing.assert_allclose(feats, plain_forward("test_vit", tiny_vit, t), rtol=1e-4, atol=1e-5)
+        attrs = store.feature_attrs("test_vit")
+        assert attrs.dim == 64 and attrs.weights_source == str(tiny_vit.resolve())
+        assert store.group["features/test_vit"].chunks == (8, 64)
+        with h5py.File(h5_path(tmp_path, "test_vit", slide_id)) as f:
+            np.testing.assert_array_equal(f["features"][:], feats)
+            np.testing.assert_array_equal(f["coords"][:], store.coords)
+            assert f["coords"].attrs["patch_size"] == 96 and f["coords"].attrs["patch_level"] == 0
+    assert read_failures(tmp_path) == []
+
+
+def test_complete_slides_are_skipped_and_new_ones_done(cluster, tiny_vit, tmp_path):
+    write_store(tmp_path, "old", tissue_like(10, 32, 4))
+    cfg = config(cluster, tiny_vit)
+    assert extract_cohort(tmp_path, cfg, progress=False).done == ["old"]
+    chunk = store_path(tmp_path, "old") / "features" / "test_vit" / "c" / "0" / "0"
+    stamp = chunk.stat().st_mtime_ns
+    write_store(tmp_path, "new", tissue_like(10, 32, 5))
+    h5_path(tmp_path, "test_vit", "old").unlink()
+    summary = extract_cohort(tmp_path, cfg, progress=False)
+    assert summary.skipped == ["old"] and summary.done == ["new"]
+    assert chunk.stat().st_mtime_ns == stamp  # not recomputed
+    assert h5_path(tmp_path, "test_vit", "old").exists()  # the missing export is written again
+
+
+def test_bad_stores_fail_alone_with_one_row_each(cluster, tiny_vit, tmp_path):
+    write_store(tmp_path, "good", tissue_like(20, 32, 6))
+    corrupt = write_store(tmp_path, "corrupt", tissue_like(20, 32, 7))
+    (corrupt.path / "tiles" / "c" / "1" / "0" / "0" / "0").write_bytes(b"\x00garbage" * 10)
+    unfinished = write_store(tmp_path, "unfinished", tissue_like(4, 32, 8))
+    unfinished.group.attrs["complete"] = False  # as if tiling had been killed before its commit
+    (store_path(tmp_path, "broken") / "zarr.json").parent.mkdir(parents=True)
+    (store_path(tmp_path, "broken") / "zarr.json").write_text("{not json")
+
+    summary = extract_cohort(tmp_path, config(cluster, tiny_vit), slide_ids=None, progress=False)
+    assert summary.done == ["good"]
+    assert sorted(summary.failed) == ["broken", "corrupt", "unfinished"]
+    rows = {r["slide_id"]: r for r in read_failures(tmp_path)}
+    assert set(rows) == {"broken", "corrupt", "unfinished"} and {r["stage"] for r in rows.values()} == {"extract"}
+    assert "tiles 8:16 cannot be decoded" in rows["corrupt"]["cause"]  # the damaged chunk
+    assert "incomplete" in rows["unfinished"]["cause"]
+    assert "not a readable Zarr store" in rows["broken"]["cause"]
+    assert not SlideStore.open(corrupt.path).has_features("test_vit")
+    assert not h5_path(tmp_path, "test_vit", "corrupt").exists()
+    assert SlideStore.open(store_path(tmp_path, "good")).has_features("test_vit")
+
+
+def test_nan_features_name_slide_and_tile(cluster, tmp_path):
+    """A ViT whose patch embedding is scaled up overflows LayerNorm on bright tiles only."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny(tmp_path / "vit.safetensors")
+    state = load_file(str(path))
+    state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"] * 3e21
+    save_file(state, str(path))
+    grey = np.full((6, 32, 32, 3), 128, np.uint8)  # ~ the model's mean (0.5): near-zero input, finite features
+    bright = grey.copy()
+    bright[4] = 255
+    ref_grey, ref_bright = plain_forward("test_vit", path, grey), plain_forward("test_vit", path, bright)
+    assert np.isfinite(ref_grey).all() and not np.isfinite(ref_bright[4]).all()  # the premise holds
+
+    write_store(tmp_path, "grey", grey)
+    write_store(tmp_path, "bright", bright)
+    summary = extract_cohort(tmp_path, config(cluster, path), progress=False)
+    assert summary.done == ["grey"] and summary.failed == ["bright"]
+    cause = summary.causes["bright"]
+    assert "NaN/Inf features for 1 tiles of slide bright, first tile 4 at (256, 0)" in cause
+    assert not SlideStore.open(store_path(tmp_path, "bright")).has_features("test_vit")
+
+
+class DieMidTask(WorkerPlugin):
+    """Kills its worker process while an extraction task runs, once per marker file."""
+
+    def __init__(self, markers: list[str]):
+        self.markers = markers
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and "embed_tile_range" in str(key):
+            for marker in self.markers:
+                if not os.path.exists(marker):
+                    Path(marker).touch()
+                    threading.Timer(0.05, os._exit, (1,)).start()  # mid-task: the forward pass is running
+                    return
+
+
+def test_worker_dying_mid_task_is_retried_and_the_slide_is_whole(cluster, tiny_vit, tmp_path):
+    tiles = tissue_like(48, 48, 9)
+    write_store(tmp_path, "s", tiles)
+    marker = tmp_path / "died"
+    with Client(cluster) as client:
+        client.register_plugin(DieMidTask([str(marker)]), name="die-mid-task")
+        try:
+            summary = extract_cohort(tmp_path, config(cluster, tiny_vit), progress=False)
+        finally:
+            client.unregister_worker_plugin("die-mid-task")
+        client.wait_for_workers(2, timeout=60)
+    assert marker.exists(), "a worker was killed"
+    assert summary.done == ["s"]
+    feats = SlideStore.open(store_path(tmp_path, "s")).features("test_vit")
+    np.testing.assert_allclose(feats, plain_forward("test_vit", tiny_vit, tiles), rtol=1e-4, atol=1e-5)
+
+
+def test_worker_deaths_beyond_the_allowed_retries_fail_the_slide_not_the_cohort(cluster, tiny_vit, tmp_path):
+    write_store(tmp_path, "a", tissue_like(16, 32, 10))
+    write_store(tmp_path, "b", tissue_like(16, 32, 11))
+    scheduler = cluster.scheduler  # in this process: no retry after a worker death, for this test only
+    allowed, scheduler.allowed_failures = scheduler.allowed_failures, 0
+    try:
+        with Client(cluster) as client:
+            client.register_plugin(DieMidTask([str(tmp_path / "died")]), name="die-mid-task")
+            try:
+                summary = extract_cohort(tmp_path, config(cluster, tiny_vit, tiles_per_task=8), progress=False)
+            finally:
+                client.unregister_worker_plugin("die-mid-task")
+            client.wait_for_workers(2, timeout=60)
+    finally:
+        scheduler.allowed_failures = allowed
+    assert summary.failed, "the killed task was not retried"
+    for slide_id in summary.failed:
+        assert "KilledWorker" in summary.causes[slide_id]
+        assert not SlideStore.open(store_path(tmp_path, slide_id)).has_features("test_vit")
+    assert set(summary.done) | set(summary.failed) == {"a", "b"}
+
+
+def tile_slides(paths, out, cfg):
+    [result] = tile_cohort(paths, out, cfg, progress=False)
+    assert result.error is None
+
+
+def test_coordinates_only_store_reads_the_slide(cluster, tiny_vit, tmp_path):
+    cfg = config(cluster, tiny_vit)
+    tile_slides([REAL_SLIDE], tmp_path / "px", cfg)
+    cfg["tiling"]["store_pixels"] = False
+    tile_slides([REAL_SLIDE], tmp_path / "co", cfg)
+    for out in ("px", "co"):
+        assert extract_cohort(tmp_path / out, cfg, progress=False).done == ["cmu_small_region"]
+    px, co = (SlideStore.open(store_path(tmp_path / d, "cmu_small_region")) for d in ("px", "co"))
+    assert not co.has_pixels and px.n_tiles > 10
+    np.testing.assert_allclose(co.features("test_vit"), px.features("test_vit"), rtol=1e-5, atol=1e-6)
+
+
+def test_coordinates_only_store_whose_slide_changed_fails(cluster, tiny_vit, tmp_path):
+    cfg = config(cluster, tiny_vit)
+    cfg["tiling"]["store_pixels"] = False
+    slide = tmp_path / "slides" / "moved.svs"
+    slide.parent.mkdir()
+    slide.write_bytes(REAL_SLIDE.read_bytes())
+    tile_slides([slide], tmp_path, cfg)
+    os.utime(slide, (1, 1))
+    summary = extract_cohort(tmp_path, cfg, progress=False)
+    assert summary.failed == ["moved"] and "changed since it was tiled" in summary.causes["moved"]
+
+
+@pytest.mark.slow
+def test_real_weights_on_real_tissue_separate_tissue_from_glass(cluster, tmp_path):
+    """ImageNet EfficientNet-Lite0 on the real Aperio fixture: finite features, and tissue tiles and glass tiles
+    fall into two groups that a nearest-centroid rule tells apart."""
+    cfg = config(cluster, lite0_checkpoint(), encoder="tf_efficientnet_lite0", batch_size=16)
+    cfg["tiling"].update({"tile_px": 128, "target_mpp": 1.0, "min_tissue_fraction": 0.0})
+    tile_slides([REAL_SLIDE], tmp_path, cfg)
+    summary = extract_cohort(tmp_path, cfg, progress=False)
+    assert summary.done == ["cmu_small_region"]
+    store = SlideStore.open(store_path(tmp_path, "cmu_small_region"))
+    feats, fraction = store.features("tf_efficientnet_lite0"), store.tissue_fraction
+    assert feats.shape[1] == 1280 and np.isfinite(feats).all()
+    tissue, glass = feats[fraction > 0.9], feats[fraction < 0.02]
+    assert len(tissue) >= 5 and len(glass) >= 5
+    correct = 0
+    for group, other, label in ((tissue, glass, 0), (glass, tissue, 1)):
+        for i in range(len(group)):  # leave-one-out nearest centroid
+            rest = np.delete(group, i, axis=0)
+            d_same = np.linalg.norm(group[i] - rest.mean(0))
+            d_other = np.linalg.norm(group[i] - other.mean(0))
+            correct += d_same < d_other
+    assert correct / (len(tissue) + len(glass)) >= 0.95
+
+
+def test_cli_extract_runs_on_a_scheduler_address(cluster, tiny_vit, tmp_path, capsys):
+    from wsi.cli import main as wsi_main
+
+    write_store(tmp_path, "a", tissue_like(12, 32, 12))
+    args = ["extract", "--out", str(tmp_path), "--encoder", "test_vit", "--checkpoint", str(tiny_vit),
+            "--cluster", cluster.scheduler_address, "--batch-size", "4", "--no-progress"]
+    assert wsi_main(args) == 0
+    assert SlideStore.open(store_path(tmp_path, "a")).has_features("test_vit")
+    assert "Dask dashboard: http" in capsys.readouterr().err
+    assert wsi_main([*args[:-1], "--checkpoint", str(tmp_path / "nowhere.pth")]) == 2
+    assert "nowhere.pth: checkpoint does not exist" in capsys.readouterr().err
