@@ -361,15 +361,19 @@ def _fat_septa(scene: _Scene, xs, ys, pixel: float) -> np.ndarray:
     half_width = scene.px(1.6)
     gx, gy = xs / cell, ys / cell
     ix, iy = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
-    dists = []
-    for ox in (-1, 0, 1):
-        for oy in (-1, 0, 1):
-            cx, cy = ix[None, :] + ox, iy[:, None] + oy
-            px_ = cx + 0.15 + 0.7 * _hash01(scene.seed + 21, cx, cy)
-            py_ = cy + 0.15 + 0.7 * _hash01(scene.seed + 22, cx, cy)
-            dists.append(np.hypot(gx[None, :] - px_, gy[:, None] - py_) * cell)
-    d = np.partition(np.stack(dists), 1, axis=0)
-    to_wall = (d[1] - d[0]) / 2
+    cx = np.arange(ix[0] - 1, ix[-1] + 2)[None, :]  # the lattice cells in reach, one point each
+    cy = np.arange(iy[0] - 1, iy[-1] + 2)[:, None]
+    points_x = cx + 0.15 + 0.7 * _hash01(scene.seed + 21, cx, cy)
+    points_y = cy + 0.15 + 0.7 * _hash01(scene.seed + 22, cx, cy)
+    nearest = np.full((ys.size, xs.size), np.inf, np.float32)  # distance to the nearest point, then the next
+    second = nearest.copy()
+    for ox in (0, 1, 2):
+        for oy in (0, 1, 2):
+            r, c = (iy - iy[0] + oy)[:, None], (ix - ix[0] + ox)[None, :]
+            d = np.hypot(gx[None, :] - points_x[r, c], gy[:, None] - points_y[r, c]) * cell
+            np.minimum(second, np.maximum(nearest, d), out=second)
+            np.minimum(nearest, d, out=nearest)
+    to_wall = (second - nearest) / 2
     return _overlap(to_wall, -half_width, half_width, pixel)
 
 
@@ -493,8 +497,16 @@ def _tissue_transmittance(scene: _Scene, lay: _Layers, xs, ys, pixel: float) -> 
 
 
 # -------------------------------------------------------------------------------------- scene generation
+def _clear_of(blobs: Sequence[_Blob], x: float, y: float, r: float, margin: float) -> bool:
+    """Whether the square of half-side ``r`` around (x, y) stays ``margin`` px outside every blob."""
+    xs, ys = np.linspace(x - r, x + r, 5), np.linspace(y - r, y + r, 5)
+    return all(b.signed_distance(xs, ys, 1.0).max() < -margin for b in blobs)
+
+
 def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_boxes: Sequence[Box], tumour_tiles: int,
            pen_marks: bool, specks: bool) -> _Scene:
+    """Where everything goes, drawn from ``seed``: one or two main tissue pieces scaled to the slide, up to
+    three small fragments on the glass, tumour, pen arcs along the main pieces' rims, specks and smudges."""
     rng = np.random.default_rng([seed, 0x5EED])
     seeds = iter(rng.integers(1, 2 ** 31, size=1000).tolist())
     short = min(width, height)
@@ -512,37 +524,24 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
         main.append(_Blob(cx, cy, rx, ry, rng.uniform(-0.4, 0.4), wobble=0.18, power=2, inward=False,
                           seed=next(seeds)))
 
-    def in_tissue(x, y, margin_px):
-        xs, ys = np.array([float(x)]), np.array([float(y)])
-        return any(b.signed_distance(xs, ys, 1.0)[0, 0] > margin_px for b in main)
-
-    # small biopsy fragments on the glass, clear of the main pieces
-    fragments: list[_Blob] = []
-    taken = [b.box() for b in main]
-    for _ in range(40):
-        if len(fragments) == 3:
-            break
+    fragments: list[_Blob] = []  # small biopsy fragments (110-190 um), clear of the main pieces and each other
+    for _ in range(60):
         r = rng.uniform(110, 190) / um
-        if min(width, height) < 6 * r:  # no room on a tiny slide
+        if len(fragments) == 3 or short < 6 * r:
             break
-        cx, cy = rng.uniform(r * 1.4, width - r * 1.4), rng.uniform(r * 1.4, height - r * 1.4)
-        blob = _Blob(cx, cy, r * rng.uniform(1.0, 1.4), r, rng.uniform(0, math.pi), wobble=0.15, power=2,
-                     inward=False, seed=next(seeds))
-        box = blob.box()
-        grown = (box[0] - 0.03 * short, box[1] - 0.03 * short, box[2] + 0.03 * short, box[3] + 0.03 * short)
-        if box[0] > 0 and box[1] > 0 and box[2] < width and box[3] < height and not any(
-                _intersects(grown, t) for t in taken):
-            fragments.append(blob)
-            taken.append(box)
+        cx, cy = rng.uniform(1.6 * r, width - 1.6 * r), rng.uniform(1.6 * r, height - 1.6 * r)
+        if _clear_of(main + fragments, cx, cy, 1.5 * r, 0.04 * short):
+            fragments.append(_Blob(cx, cy, r * rng.uniform(1.0, 1.4), r, rng.uniform(0, math.pi), wobble=0.15,
+                                   power=2, inward=False, seed=next(seeds)))
 
     tumours = [_Blob((x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2, 0.0, wobble=0.12, power=4,
                      inward=True, seed=next(seeds)) for x0, y0, x1, y1 in tumour_boxes]
-    for _ in range(tumour_tiles):
-        for _attempt in range(200):  # a focus about one 256-px tile at 0.5 um/px, inside a main piece
+    for _ in range(tumour_tiles):  # foci of about one 256-px tile at 0.5 um/px, well inside a main piece
+        for _attempt in range(200):
             half = rng.uniform(60, 80) / um
             cx, cy = rng.uniform(half, width - half), rng.uniform(half, height - half)
-            if in_tissue(cx, cy, half * 1.3) and not any(
-                    math.hypot(cx - t.cx, cy - t.cy) < 2.5 * half for t in tumours):
+            inside = any(b.signed_distance(np.array([cx]), np.array([cy]), 1.0)[0, 0] > 1.3 * half for b in main)
+            if inside and all(math.hypot(cx - t.cx, cy - t.cy) > 2.5 * half for t in tumours):
                 tumours.append(_Blob(cx, cy, half * rng.uniform(0.9, 1.1), half * rng.uniform(0.9, 1.1), 0.0,
                                      wobble=0.15, power=4, inward=True, seed=next(seeds)))
                 break
@@ -551,43 +550,33 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
                               "ask for fewer tumour_tiles or a larger slide")
 
     strokes: list[_Stroke] = []
-    if pen_marks:  # arcs just outside the main pieces' rims, the way pathologists circle a region
+    if pen_marks:  # arcs along the main pieces' rims, the way pathologists circle a region
         for k, colour in enumerate(PEN_INKS):
             blob = main[k % len(main)]
-            start = rng.uniform(0, 2 * math.pi)
-            angles = start + np.linspace(0, rng.uniform(0.8, 1.3), 40)
-            scale = rng.uniform(1.02, 1.22)
-            wiggle = 1 + 0.03 * np.sin(np.linspace(0, rng.uniform(3, 9), 40))
+            angles = rng.uniform(0, 2 * math.pi) + np.linspace(0, rng.uniform(0.8, 1.3), 40)
+            scale = rng.uniform(1.02, 1.22) * (1 + 0.03 * np.sin(np.linspace(0, rng.uniform(3, 9), 40)))
             c, s = math.cos(blob.angle), math.sin(blob.angle)
-            ex, ey = blob.rx * scale * wiggle * np.cos(angles), blob.ry * scale * wiggle * np.sin(angles)
+            ex, ey = blob.rx * scale * np.cos(angles), blob.ry * scale * np.sin(angles)
             pts = np.stack([blob.cx + ex * c - ey * s, blob.cy + ex * s + ey * c], 1)
             pts = np.clip(pts, 0.02 * short, [width - 0.02 * short, height - 0.02 * short])
             strokes.append(_Stroke(tuple(map(tuple, pts.round(1).tolist())), max(6.0, 0.008 * short), colour,
                                    next(seeds)))
 
-    speck_list: list[_Speck] = []
-    if specks:
-        all_tissue = main + fragments
-
-        def clear_of_tissue(x, y, r):
-            xs = np.linspace(x - r, x + r, 5)
-            ys = np.linspace(y - r, y + r, 5)
-            return all(b.signed_distance(xs, ys, 1.0).max() < -150 / um for b in all_tissue)
-
-        for smudge, count in ((False, 14), (True, 3)):
+    dirt: list[_Speck] = []
+    if specks:  # smudges first (they need the room), then specks; all on glass, apart from each other
+        for smudge, count in ((True, 3), (False, 14)):
             placed = 0
             for _ in range(400):
                 if placed == count:
                     break
-                r = min(rng.uniform(250, 450) / um, short / 8) if smudge else rng.uniform(3, 22) / um
+                r = min(rng.uniform(120, 250) / um, short / 10) if smudge else rng.uniform(3, 22) / um
                 x, y = rng.uniform(r, width - r), rng.uniform(r, height - r)
-                spaced = all(math.hypot(x - o.cx, y - o.cy) > r + o.radius + 100 / um for o in speck_list)
-                if spaced and clear_of_tissue(x, y, r):
-                    ink = SPECK_TS[int(rng.integers(len(SPECK_TS)))]
-                    speck_list.append(_Speck(x, y, r, ink, smudge, next(seeds)))
+                apart = all(math.hypot(x - o.cx, y - o.cy) > r + o.radius + 60 / um for o in dirt)
+                if apart and _clear_of(main + fragments, x, y, r, 60 / um):
+                    dirt.append(_Speck(x, y, r, SPECK_TS[int(rng.integers(len(SPECK_TS)))], smudge, next(seeds)))
                     placed += 1
     return _Scene(width, height, um, seed, tuple(main + fragments), len(main), tuple(tumours), tuple(strokes),
-                  tuple(speck_list))
+                  tuple(dirt))
 
 
 # ----------------------------------------------------------------------------------------------- result

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny slides made by :mod:`wsi.demo` (written once per test session) and the real slide.
+
+``make_slide(name, **kwargs)`` writes ``<session tmp>/slides/<name>`` with
+:func:`wsi.demo.write_synthetic_slide` the first time and returns the same :class:`~wsi.demo.SyntheticSlide`
+afterwards; asking for one name with other arguments is an error, so two tests never share a slide by
+accident. Tests must not modify these files (copy one first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsi.demo import SyntheticSlide, write_synthetic_slide
+
+REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
+
+
+@pytest.fixture(scope="session")
+def real_slide_path() -> Path:
+    """A real Aperio SVS (CC0, 2220 x 2967 px at 0.499 um/px, one level); see tests/data/README.md."""
+    return REAL_SLIDE
+
+
+@pytest.fixture(scope="session")
+def make_slide(tmp_path_factory):
+    """``make_slide(name, **write_synthetic_slide kwargs) -> SyntheticSlide``, written once per session."""
+    folder = tmp_path_factory.mktemp("slides")
+    made: dict[str, tuple[dict, SyntheticSlide]] = {}
+
+    def make(name: str, **kwargs) -> SyntheticSlide:
+        if name in made:
+            if made[name][0] != kwargs:
+                raise ValueError(f"slide {name!r} was already made with {made[name][0]}, not {kwargs}")
+            return made[name][1]
+        slide = write_synthetic_slide(folder / name, **kwargs)
+        made[name] = (kwargs, slide)
+        return slide
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_slide(make_slide) -> SyntheticSlide:
+    """2048 x 1536 px Aperio-like slide at 0.5 um/px, levels 1/4/16, two small tumour foci."""
+    return make_slide("small.svs", width=2048, height=1536, mpp=0.5, seed=0, tumour_tiles=2)
+
+
+@pytest.fixture(scope="session")
+def artefact_slide(make_slide) -> SyntheticSlide:
+    """4096 x 3072 px at 0.5 um/px with pen strokes of every colour, dust specks, smudges and a tumour focus."""
+    return make_slide("artefacts.svs", width=4096, height=3072, mpp=0.5, seed=1, tumour_tiles=1, pen_marks=True,
+                      specks=True)
