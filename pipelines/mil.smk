@@ -27,6 +27,7 @@ rule predict:
         run=MODEL_DIR / "run.json",
     output:
         predictions=OUT / "predictions" / RUN / "predictions.csv",
+        status=OUT / "status" / "predict" / f"{RUN}.json",
     params:
         out=OUT,
         model=MODEL_DIR,
@@ -39,4 +40,4 @@ rule predict:
         runtime=120,
     shell:
         "wsi predict --out {params.out:q} --model {params.model:q} --config-json {params.cfg}"
-        " --no-progress > {log:q} 2>&1"
+        " --status {output.status:q} --no-progress > {log:q} 2>&1"

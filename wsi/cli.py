@@ -21,6 +21,8 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set tiling.tile_px=224 (repeatable)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--status", type=Path, help="write the outcome per slide as JSON here and exit 0 even when "
+                   "slides failed (they are in OUT/failures.csv); for workflow jobs that must not stop the cohort")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tile", help="tissue mask + tiles of each slide into OUT/stores/<slide_id>.zarr")
     p.add_argument("slides", nargs="+", type=Path, help="slide files (or folders of slides)")
     _common(p)
-    p.add_argument("--status", type=Path, help="write the outcome as JSON here and exit 0 when a slide failed "
-                   "(it is still listed in OUT/failures.csv); for workflow jobs that must not stop the cohort")
 
     p = sub.add_parser("inspect", help="print a store's summary")
     p.add_argument("stores", nargs="+", type=Path)
@@ -106,6 +106,23 @@ def _cluster_override(value: str | None) -> dict:
     return {"kind": "address", "address": value}
 
 
+def _items(summary, *fields) -> list[dict]:
+    return [{"slide_id": slide_id, "status": field} for field in fields for slide_id in getattr(summary, field)]
+
+
+def _finish(args, config: dict, items: list[dict]) -> int:
+    """Report the per-slide outcome; exit 1 when a slide failed, unless a workflow job asked for --status."""
+    failed = [i for i in items if i["status"] == "failed"]
+    print(f"wsi {args.command}: {len(items) - len(failed)} of {len(items)} slides ok"
+          + (f"; {len(failed)} failed (see {args.out / 'failures.csv'})" if failed else ""))
+    if args.status:
+        from .provenance import write_status
+
+        write_status(args.status, args.command, items, config)
+        return 0
+    return 1 if failed else 0
+
+
 def run(args) -> int:
     if args.command == "tile":
         from .slide import expand_slide_paths
@@ -113,17 +130,9 @@ def run(args) -> int:
 
         config = _config(args)
         results = tile_slides(expand_slide_paths(args.slides), args.out, config, progress=args.progress)
-        failed = [r for r in results if r.error]
-        print(f"tiled {len(results) - len(failed)} of {len(results)} slides into {args.out / 'stores'}"
-              + (f"; {len(failed)} failed (see {args.out / 'failures.csv'})" if failed else ""))
-        if args.status:
-            from .provenance import write_status
-
-            write_status(args.status, "tile", [{"slide_id": r.slide_id, "source": str(r.source),
-                                                "status": "failed" if r.error else "done", "cause": r.error,
-                                                "n_tiles": r.n_tiles} for r in results], config)
-            return 0
-        return 1 if failed else 0
+        return _finish(args, config, [{"slide_id": r.slide_id, "source": str(r.source),
+                                       "status": "failed" if r.error else "done", "cause": r.error,
+                                       "n_tiles": r.n_tiles} for r in results])
 
     if args.command == "inspect":
         from .store import SlideStore, describe
@@ -150,9 +159,9 @@ def run(args) -> int:
         overrides = _drop_none({"extract": {"encoder": args.encoder, "batch_size": args.batch_size,
                                             "checkpoint": str(args.checkpoint) if args.checkpoint else None},
                                 "cluster": _cluster_override(args.cluster)})
-        summary = extract_cohort(args.out, _config(args, overrides), slide_ids=args.slide_ids or None,
-                                 progress=args.progress)
-        return 1 if summary.failed else 0
+        config = _config(args, overrides)
+        summary = extract_cohort(args.out, config, slide_ids=args.slide_ids or None, progress=args.progress)
+        return _finish(args, config, _items(summary, "done", "skipped", "failed"))
 
     if args.command == "train":
         from .mil import train
@@ -167,16 +176,18 @@ def run(args) -> int:
     if args.command == "predict":
         from .mil import predict
 
-        summary = predict(args.out, args.model_dir, _config(args), slide_ids=args.slide_ids or None)
+        config = _config(args)
+        summary = predict(args.out, args.model_dir, config, slide_ids=args.slide_ids or None)
         print(f"predictions: {summary.predictions_csv}")
-        return 1 if summary.failed else 0
+        return _finish(args, config, _items(summary, "done", "failed"))
 
     if args.command == "heatmap":
         from .heatmap import heatmaps
 
-        summary = heatmaps(args.out, args.model_run, _config(args), slide_ids=args.slide_ids or None,
+        config = _config(args)
+        summary = heatmaps(args.out, args.model_run, config, slide_ids=args.slide_ids or None,
                            high_res=args.high_res, progress=args.progress)
-        return 1 if summary.failed else 0
+        return _finish(args, config, _items(summary, "done", "failed"))
 
     if args.command == "report":
         from .report import write_report

@@ -405,7 +405,7 @@ class SlideStore:
         """Write (or replace) one run's per-tile scores; ``complete`` is set after both arrays."""
         n = self.n_tiles
         attention = np.asarray(attention, np.float32).reshape(n)
-        class_scores = np.asarray(class_scores, np.float32).reshape(n, -1)
+        class_scores = np.asarray(class_scores, np.float32).reshape(n, len(attrs.classes))
         scores = self.group.require_group("scores")
         if run in scores:
             shutil.rmtree(self.path / "scores" / run)
