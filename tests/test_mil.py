@@ -240,6 +240,15 @@ def test_bad_labels_tables_are_named_errors(tmp_path, rows, message):
         load_cohort(tmp_path, labels, ENCODER)
 
 
+def test_class_order_comes_from_mil_classes(tmp_path):
+    labels, _ = make_cohort(tmp_path, n_per_class=3)
+    cohort = load_cohort(tmp_path, labels, ENCODER, classes=["tumour", "normal"])
+    assert cohort.classes == ("tumour", "normal")
+    assert all(b.target == (0 if b.label == "tumour" else 1) for b in cohort.bags)
+    with pytest.raises(ConfigError, match=r"label\(s\) normal are not in mil.classes \['tumour', 'benign'\]"):
+        load_cohort(tmp_path, labels, ENCODER, classes=["tumour", "benign"])
+
+
 def test_labels_file_without_label_column_or_missing_file(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("slide,class\na,b\n")
@@ -279,7 +288,50 @@ def test_empty_bags_nan_features_and_missing_features_are_named(tmp_path):
     assert set(cohort.unlabelled) == {"empty", "nan"}  # stores without a label are reported, not used
 
 
+# ------------------------------------------------------------------------------------------ metrics
+def test_metrics_match_sklearn_and_intervals_bracket_them():
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 80)
+    probs = rng.dirichlet([1, 1, 1], 80) + np.eye(3)[y] * rng.random((80, 1))
+    probs /= probs.sum(axis=1, keepdims=True)
+    m = classification_metrics(y, probs, ["a", "b", "c"], groups=np.arange(80) // 2, n_bootstrap=300)
+    expected = roc_auc_score(y, probs, multi_class="ovr", average=None)
+    assert [m["auroc"][c]["value"] for c in "abc"] == pytest.approx(expected)
+    assert m["auroc_macro"]["value"] == pytest.approx(expected.mean())
+    assert m["f1"]["value"] == pytest.approx(f1_score(y, probs.argmax(1), average="macro"))
+    assert m["balanced_accuracy"]["value"] == pytest.approx(balanced_accuracy_score(y, probs.argmax(1)))
+    assert m["confusion_matrix"]["counts"] == confusion_matrix(y, probs.argmax(1)).tolist()
+    assert m["n_patients"] == 40 and m["bootstrap"]["unit"] == "patient"
+    for fig in [m["f1"], m["balanced_accuracy"], m["auroc_macro"], *m["auroc"].values()]:
+        assert fig["ci95"][0] < fig["value"] < fig["ci95"][1]
+    binary = classification_metrics(y[y < 2], probs[y < 2][:, :2], ["neg", "pos"], n_bootstrap=0)
+    assert list(binary["auroc"]) == ["pos"] and binary["positive_class"] == "pos"
+    assert binary["auroc"]["pos"]["value"] == pytest.approx(roc_auc_score(y[y < 2], probs[y < 2][:, 1]))
+
+
 # ------------------------------------------------------------------------------------------ training
+def test_same_seed_gives_the_same_run_through_dask(trained):
+    out, labels, _, run_dir = trained
+    again = train(out, mil_config(labels, run_name="toy_again"), progress=False)
+    assert (again / "cv_predictions.csv").read_text() == (run_dir / "cv_predictions.csv").read_text()
+    for fold in range(3):
+        first, second = (load_file(d / f"fold_{fold}.safetensors") for d in (run_dir, again))
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_one_fold_at_a_time_per_worker_using_all_its_threads(tmp_path):
+    labels, _ = make_cohort(tmp_path, n_per_class=3)
+    config = mil_config(labels, epochs=2, bootstrap=0)
+    config["cluster"].update(n_workers=1, threads_per_worker=2)
+    run_dir = train(tmp_path, config, progress=False)
+    folds = sorted((json.loads((run_dir / f"fold_{i}.json").read_text()) for i in range(3)),
+                   key=lambda f: f["started"])
+    assert [f["torch_threads"] for f in folds] == [2, 2, 2]
+    assert all(a["finished"] <= b["started"] for a, b in zip(folds, folds[1:]))
+
+
 def test_same_seed_trains_to_identical_weights_and_predictions(tmp_path):
     labels, _ = make_cohort(tmp_path, n_per_class=6)
     config = mil_config(labels, epochs=3)
@@ -402,6 +454,21 @@ def test_ensemble_averages_folds_and_checks_the_feature_size(trained):
     assert np.allclose(probs, np.mean(singles, axis=0), atol=1e-6)
     with pytest.raises(ConfigError, match="another encoder"):
         ensemble.score_bag(np.zeros((4, DIM + 1), np.float32))
+
+
+def test_clam_mb_ensemble_paints_the_attention_branch_of_the_predicted_class():
+    from wsi.mil import Ensemble
+
+    model = create_model("clam_mb", in_dim=DIM, n_classes=3, hidden_dim=32)
+    model.seed(torch.Generator().manual_seed(0))
+    ensemble = Ensemble(run="r", model_name="clam_mb", encoder=ENCODER, classes=["a", "b", "c"], in_dim=DIM,
+                        model_dir=None, feature_attrs={}, models=[model.eval()], device=torch.device("cpu"),
+                        precision="fp32")
+    features = np.random.default_rng(0).normal(size=(40, DIM)).astype(np.float32)
+    attention, _, probs = ensemble.score_bag(features)
+    branches = model(torch.from_numpy(features)).attention.detach().numpy()
+    assert np.allclose(attention, branches[int(np.argmax(probs))], atol=1e-6)
+    assert not np.allclose(attention, branches[(int(np.argmax(probs)) + 1) % 3], atol=1e-3)
 
 
 def test_load_ensemble_refuses_incomplete_runs(tmp_path):

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from distributed import WorkerPlugin, as_completed, get_worker
 
 from .. import __version__
 from ..errors import ConfigError, record_failure
@@ -149,9 +151,8 @@ def train_fold(task: FoldTask, *, device: str | torch.device | None = None) -> d
     generator = torch.Generator(device=device).manual_seed(seed)
     rng = np.random.default_rng(seed)
 
-    model = create_model(**task.model)
-    model.seed(generator)
-    model.to(device)
+    model = create_model(**task.model).to(device)
+    model.seed(generator)  # after .to(): the generator draws on the parameters' device
     n_classes = task.model["n_classes"]
     weights = torch.tensor(class_weights([b.target for b in task.train], n_classes), dtype=torch.float32,
                            device=device)
@@ -159,6 +160,7 @@ def train_fold(task: FoldTask, *, device: str | torch.device | None = None) -> d
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=p.epochs, eta_min=p.lr * 0.01)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
+    started_at = time.time()
     history, best_loss, best_epoch, best_state, stale = [], float("inf"), -1, None, 0
     for epoch in range(p.epochs):
         model.train()
@@ -201,32 +203,47 @@ def train_fold(task: FoldTask, *, device: str | torch.device | None = None) -> d
     summary = {"fold": task.fold, "best_epoch": best_epoch, "best_val_loss": best_loss,
                "epochs_run": len(history), "device": str(device), "autocast": str(dtype) if dtype else "fp32",
                "class_weights": weights.cpu().tolist(), "n_train": len(task.train), "n_val": len(task.val),
-               "n_test": len(task.test)}
+               "n_test": len(task.test), "torch_threads": torch.get_num_threads(), "started": started_at,
+               "finished": time.time()}
     write_json(run_dir / f"fold_{task.fold}.json", {**summary, "history": history})
     return {**summary, "test": {b.slide_id: probs.tolist() for b, probs in zip(task.test, test_probs)}}
 
 
-def _fold_on_worker(task: FoldTask) -> dict:
-    """A fold as a Dask task: torch may use the worker's threads (the nanny pins OMP_NUM_THREADS to 1)."""
-    from distributed import get_worker
+class FoldSlot(WorkerPlugin):
+    """One fold at a time per worker, using all of the worker's threads (or its one GPU): Dask would otherwise
+    start as many folds on a worker as it has threads, each of them using every thread."""
 
-    torch.set_num_threads(get_worker().state.nthreads)
-    return train_fold(task)
+    name = "wsi-mil-fold-slot"
+
+    def setup(self, worker):
+        self.lock = threading.Lock()
+
+
+def _fold_on_worker(task: FoldTask) -> dict:
+    """A fold as a Dask task, in the worker's fold slot; torch gets the worker's threads (the nanny pins
+    OMP_NUM_THREADS to 1)."""
+    worker = get_worker()
+    with worker.plugins[FoldSlot.name].lock:
+        torch.set_num_threads(worker.state.nthreads)
+        return train_fold(task)
 
 
 def _run_folds(tasks: list[FoldTask], cluster_cfg: dict, progress: bool) -> list[dict]:
-    from distributed import as_completed
     from tqdm import tqdm
 
     from ..cluster import dask_client, gpu_resources
 
     with dask_client(cluster_cfg) as client:
         resources = gpu_resources(client)
-        futures = [client.submit(_fold_on_worker, t, key=f"mil-fold-{t.fold}-{uuid.uuid4().hex[:8]}",
-                                 resources=resources, pure=False) for t in tasks]
-        for _ in tqdm(as_completed(futures), total=len(futures), desc="folds", disable=not progress):
-            pass
-        return sorted(client.gather(futures), key=lambda r: r["fold"])
+        client.register_plugin(FoldSlot(), name=FoldSlot.name)
+        try:
+            futures = [client.submit(_fold_on_worker, t, key=f"mil-fold-{t.fold}-{uuid.uuid4().hex[:8]}",
+                                     resources=resources, pure=False) for t in tasks]
+            for _ in tqdm(as_completed(futures), total=len(futures), desc="folds", disable=not progress):
+                pass
+            return sorted(client.gather(futures), key=lambda r: r["fold"])
+        finally:
+            client.unregister_worker_plugin(FoldSlot.name)
 
 
 # ------------------------------------------------------------------------------------------ the run
