@@ -145,7 +145,7 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
 
 def _provenance_html(out_dir: Path, run: str, model_dir: Path, run_info: dict, config: dict) -> str:
     items = [("wsi version", __version__), ("output folder", str(out_dir.resolve())), ("model run", run),
-             ("model folder", str(model_dir)), ("model", run_info.get("model_config", {}).get("name", "–")),
+             ("model folder", str(model_dir)), ("model", run_info.get("model", {}).get("name", "–")),
              ("encoder", run_info.get("encoder", config.get("extract", {}).get("encoder", "–"))),
              ("mode", config.get("mode", "–"))]
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items)
