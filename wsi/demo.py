@@ -291,17 +291,29 @@ def _nuclei_absorbance(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: fl
     """(h, w, 3) share of light the nuclei absorb, for nuclei centred where ``where`` (h, w) > 0. Discrete
     nuclei blend into their mean absorbance as the pixel outgrows them (what area averaging of level 0 gives).
     """
-    cell = scene.px(nuc.cell)
     r_mean = scene.px(sum(nuc.radius) / 2)
-    mean_area = math.pi * r_mean ** 2 * sum(nuc.aspect) / 2
-    mean_field = nuc.keep * mean_area / cell ** 2 * (1 - np.exp(-HAEM_OD * (sum(nuc.haem) / 2)))
-    blend = float(np.clip((pixel - r_mean) / (cell / 2 - r_mean), 0, 1))
+    blend = float(np.clip((pixel - r_mean) / (scene.px(nuc.cell) / 2 - r_mean), 0, 1))
     if blend >= 1:
-        return np.broadcast_to(mean_field.astype(np.float32), (ys.size, xs.size, 3))
+        return np.broadcast_to(_mean_absorbance(nuc, seed, scene), (ys.size, xs.size, 3))
+    absorbed = _discrete_absorbance(nuc, seed, scene, xs, ys, pixel, where)
+    return absorbed if blend <= 0 else (1 - blend) * absorbed + blend * _mean_absorbance(nuc, seed, scene)
+
+
+def _mean_absorbance(nuc: _Nuclei, seed: int, scene: _Scene) -> np.ndarray:
+    """(3,) mean absorbance of the nuclei over a 160 um square drawn at level 0: the shade they average to."""
+    xs = np.arange(math.ceil(scene.px(160))) + 0.5
+    return _discrete_absorbance(nuc, seed, scene, xs, xs, 1.0, np.ones((xs.size, xs.size))).mean(axis=(0, 1))
+
+
+def _discrete_absorbance(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: float,
+                         where: np.ndarray) -> np.ndarray:
+    """(h, w, 3) absorbance of the individual nuclei, their haematoxylin textured (chromatin)."""
     density = _nuclei_density(nuc, seed, scene, xs, ys, pixel, where)
-    density *= 1 + 0.22 * _noise(seed + 14, xs, ys, scene.px(0.9), pixel=pixel)  # chromatin
-    absorbed = 1 - np.exp(-HAEM_OD * density[..., None])
-    return absorbed if blend <= 0 else (1 - blend) * absorbed + blend * mean_field
+    density *= 1 + 0.22 * _noise(seed + 14, xs, ys, scene.px(0.9), pixel=pixel)
+    absorbed = np.zeros((*density.shape, 3), np.float32)
+    hit = density > 0  # nuclei cover a small share of the pixels: exp only there
+    absorbed[hit] = 1 - np.exp(-HAEM_OD * density[hit][:, None])
+    return absorbed
 
 
 def _nuclei_density(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: float, where: np.ndarray) -> np.ndarray:
@@ -322,10 +334,11 @@ def _nuclei_density(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: float
     centres_y += nuc.warp * cell * _noise(seed + 12, lattice_x, lattice_y, 2.7 * cell)[gy, gx]
 
     # patches: the pixels each nucleus may touch; keep the nuclei centred in ``where`` that reach the region
-    size = math.ceil(2 * scene.px(nuc.radius[1] * nuc.aspect[1]) / pixel) + 2
-    col = np.floor((centres_x - xs[0]) / pixel).astype(np.int64)
-    row = np.floor((centres_y - ys[0]) / pixel).astype(np.int64)
-    col0, row0 = col - size // 2 + 1, row - size // 2 + 1
+    half = math.ceil(scene.px(nuc.radius[1] * nuc.aspect[1]) / pixel) + 1  # outline + its anti-aliasing
+    size = 2 * half + 1
+    col = np.rint((centres_x - xs[0]) / pixel).astype(np.int64)  # the pixel whose centre is nearest
+    row = np.rint((centres_y - ys[0]) / pixel).astype(np.int64)
+    col0, row0 = col - half, row - half
     keep = (col0 + size > 0) & (col0 < shape[1]) & (row0 + size > 0) & (row0 < shape[0])
     keep &= where[np.clip(row, 0, shape[0] - 1), np.clip(col, 0, shape[1] - 1)] > 0
     density = np.zeros(shape, np.float32)
@@ -342,8 +355,8 @@ def _nuclei_density(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: float
     offsets = np.arange(size)
     cols = col0 + offsets[None, None, :]
     rows = row0 + offsets[None, :, None]
-    dx = (xs[0] + (cols + 0.5) * pixel - centres_x).astype(np.float32)
-    dy = (ys[0] + (rows + 0.5) * pixel - centres_y).astype(np.float32)
+    dx = (xs[0] + cols * pixel - centres_x).astype(np.float32)  # xs, ys are pixel centres
+    dy = (ys[0] + rows * pixel - centres_y).astype(np.float32)
     c, s = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
     u = (dx * c + dy * s) / major
     v = (dy * c - dx * s) / minor
@@ -491,9 +504,11 @@ def _tissue_transmittance(scene: _Scene, lay: _Layers, xs, ys, pixel: float) -> 
         tum_t = np.exp(-EOSIN_OD * cytoplasm[..., None] - HAEM_OD * 0.22)
         background += w_tum[..., None] * tum_t
         absorbed += w_tum[..., None] * _nuclei_absorbance(TUMOUR_NUCLEI, seed + 200, scene, xs, ys, pixel, w_tum)
-    tissue_t = background * (1 - absorbed)
+    background *= 1 - absorbed
+    if lay.tissue.min() == 1:  # the common tile: all tissue
+        return background
     t = lay.tissue[..., None]
-    return 1 - t + t * tissue_t
+    return 1 - t + t * background
 
 
 # -------------------------------------------------------------------------------------- scene generation
@@ -745,10 +760,12 @@ def make_demo_cohort(outdir, *, n_slides: int = 8, seed: int = 0) -> Path:
     """Write ``outdir/slides/<slide_id>.svs`` and ``outdir/labels.csv`` (``slide_id,label,patient_id``).
 
     Labels are balanced ``normal``/``tumour``; tumour slides carry 3-6 small foci of about one tile each
-    (few positives among many tiles, like lymph-node metastases). Scanners are mixed as in a real cohort:
-    even slides are 0.5 um/px (20x), odd ones 0.25 um/px (40x, so tiling at 0.5 um/px resamples); each is
-    about 2.6 x 2 mm and gives roughly 150-250 tissue tiles of 256 px at 0.5 um/px. Two patients own two
-    slides each, so patient-grouped cross-validation matters. Deterministic for a ``seed``.
+    (few positives among many tiles, like lymph-node metastases). Each slide shows about 2.8 x 2.2 mm of
+    glass with roughly 120-150 tissue tiles of 256 px at 0.5 um/px. Scanners are mixed as in a real cohort:
+    every fourth slide from the second on is 0.25 um/px (40x, so tiling at 0.5 um/px area-averages), the
+    rest 0.5 um/px (20x); all have levels 1, 4, 16. From 3 slides on, slides 1 and 2 belong to one patient
+    (and from 7 on, slides 5 and 6 to another), so patient-grouped cross-validation matters.
+    Deterministic for a ``seed``; returns the labels path.
     """
     outdir = Path(outdir)
     if n_slides < 2:
@@ -760,11 +777,11 @@ def make_demo_cohort(outdir, *, n_slides: int = 8, seed: int = 0) -> Path:
     rows = []
     for i in range(n_slides):
         slide_id = f"demo_{i + 1:03d}"
-        mpp = 0.5 if i % 2 == 0 else 0.25
-        size = (round(2600 / mpp), round(2000 / mpp))
-        foci = int(rng.integers(3, 7)) if labels[i] == "tumour" else 0
-        write_synthetic_slide(outdir / "slides" / f"{slide_id}.svs", width=size[0], height=size[1], mpp=mpp,
-                              downsamples=(1, 4, 16), seed=int(rng.integers(2 ** 31)), tumour_tiles=foci,
+        mpp = 0.25 if i % 4 == 1 else 0.5
+        write_synthetic_slide(outdir / "slides" / f"{slide_id}.svs", width=round(2800 / mpp),
+                              height=round(2200 / mpp), mpp=mpp, downsamples=(1, 4, 16),
+                              seed=int(rng.integers(2 ** 31)),
+                              tumour_tiles=int(rng.integers(3, 7)) if labels[i] == "tumour" else 0,
                               pen_marks=bool(rng.random() < 0.4), specks=bool(rng.random() < 0.5))
         rows.append({"slide_id": slide_id, "label": labels[i], "patient_id": patients[i]})
     labels_path = outdir / "labels.csv"
@@ -776,9 +793,9 @@ def make_demo_cohort(outdir, *, n_slides: int = 8, seed: int = 0) -> Path:
 
 
 def _patients(n_slides: int) -> list[str]:
-    """Patient ids: slides 1+2 and (from 6 slides on) 5+6 share a patient; every other slide has its own."""
-    shared = {1: 0} | ({5: 4} if n_slides >= 6 else {})
+    """Patient ids in slide order: slides 1+2 share one from 3 slides on, slides 5+6 from 7 on."""
+    shared = ({1: 0} if n_slides >= 3 else {}) | ({5: 4} if n_slides >= 7 else {})
     owner: list[int] = []
     for i in range(n_slides):
-        owner.append(owner[shared[i]] if i in shared else (max(owner) + 1 if owner else 0))
+        owner.append(owner[shared[i]] if i in shared else len(set(owner)))
     return [f"P{o + 1:03d}" for o in owner]

@@ -1,0 +1,194 @@
+"""wsi.demo: synthetic slides open in openslide and tiffslide with identical pixels, report the MPP their
+format promises, show what their ground truth says, and the demo cohort's labels match its slides."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import openslide
+import pytest
+import tiffslide
+from scipy import ndimage
+
+from wsi.demo import PEN_INKS, make_demo_cohort, write_synthetic_slide
+from wsi.errors import ConfigError
+
+
+def read_openslide(path, level: int) -> np.ndarray:
+    with openslide.OpenSlide(str(path)) as s:
+        return np.asarray(s.read_region((0, 0), level, s.level_dimensions[level]).convert("RGB"))
+
+
+def box_pixels(truth: np.ndarray, box, downsample: float) -> np.ndarray:
+    """The part of a truth mask (on a grid of ``downsample``) inside a level-0 box."""
+    x0, y0, x1, y1 = (int(v // downsample) for v in box)
+    return truth[y0:y1 + 1, x0:x1 + 1]
+
+
+@pytest.mark.parametrize("kind", ["aperio", "generic"])
+def test_both_backends_decode_identical_pixels_close_to_the_rendering(make_slide, kind):
+    slide = make_slide(f"pair_{kind}.tif", width=1200, height=900, kind=kind, seed=4, tumour_tiles=1,
+                       pen_marks=True)
+    with openslide.OpenSlide(str(slide.path)) as o, tiffslide.TiffSlide(slide.path) as t:
+        assert o.level_dimensions == t.level_dimensions == ((1200, 900), (300, 225), (75, 57))
+        for level, downsample in enumerate((1, 4, 16)):
+            size = o.level_dimensions[level]
+            a = np.asarray(o.read_region((0, 0), level, size).convert("RGB"))
+            b = t.read_region((0, 0), level, size, as_array=True)
+            assert np.array_equal(a, b), f"level {level}: openslide and tiffslide decode differently"
+            # against what was rendered: the error is JPEG's (quality 85, 2x2 chroma subsampling), and colours
+            # are not swapped or shifted (YCbCr read back as RGB would be off by tens of levels)
+            err = a.astype(int) - slide.render_level(downsample, 0, 0, *size)
+            assert np.abs(err).mean() < 3.0 and np.percentile(np.abs(err), 99) < 30
+            assert np.abs(err.mean(axis=(0, 1))).max() < 1.5
+
+
+@pytest.mark.parametrize(("kind", "mpp", "vendor", "objective"), [
+    ("aperio", 0.5, "aperio", "20"),
+    ("aperio", 0.25, "aperio", "40"),
+    ("aperio", None, "aperio", None),
+    ("generic", 0.5, "generic-tiff", None),
+    ("generic", None, "generic-tiff", None),
+])
+def test_each_kind_reports_its_mpp_in_both_backends(tmp_path, kind, mpp, vendor, objective):
+    path = write_synthetic_slide(tmp_path / "s.tif", width=512, height=384, mpp=mpp, kind=kind,
+                                 downsamples=(1, 4)).path
+    with openslide.OpenSlide(str(path)) as o, tiffslide.TiffSlide(path) as t:
+        assert o.properties["openslide.vendor"] == vendor
+        assert o.properties.get("openslide.objective-power") == objective
+        if mpp is None:
+            assert "openslide.mpp-x" not in o.properties and t.properties["tiffslide.mpp-x"] is None
+        else:
+            assert float(o.properties["openslide.mpp-x"]) == pytest.approx(mpp, rel=1e-6)
+            assert float(o.properties["openslide.mpp-y"]) == pytest.approx(mpp, rel=1e-6)
+            assert t.properties["tiffslide.mpp-x"] == pytest.approx(mpp, rel=1e-6)
+        assert o.level_count == t.level_count == 2
+
+
+def test_levels_may_be_any_increasing_factors(make_slide):
+    slide = make_slide("odd_levels.svs", width=2000, height=1500, downsamples=(1, 3, 9), seed=2)
+    with openslide.OpenSlide(str(slide.path)) as o, tiffslide.TiffSlide(slide.path) as t:
+        assert o.level_dimensions == ((2000, 1500), (667, 500), (223, 167))
+        assert o.level_downsamples == pytest.approx((1, 3, 9), rel=3e-3)
+        assert t.level_downsamples == pytest.approx(o.level_downsamples)
+
+
+@pytest.fixture(scope="module")
+def coarse_case(make_slide):
+    """A slide with a tumour box, and its level 0 as rendered (1536 x 1152: divisible by 3, 4 and 16)."""
+    slide = make_slide("coarse.svs", width=1536, height=1152, seed=2, tumour_boxes=[(600, 400, 1000, 760)],
+                       pen_marks=True)
+    return slide, slide.render_level(1, 0, 0, 1536, 1152).astype(float)
+
+
+@pytest.mark.parametrize("downsample", [3, 4, 16])
+def test_coarse_levels_look_like_area_averaged_level0(coarse_case, downsample):
+    slide, fine = coarse_case
+    cols, rows = 1536 // downsample, 1152 // downsample
+    averaged = fine.reshape(rows, downsample, cols, downsample, 3).mean(axis=(1, 3))
+    diff = slide.render_level(downsample, 0, 0, cols, rows) - averaged
+    # per pixel they differ only where nuclei shrink below a pixel and turn into their mean shade
+    assert np.abs(diff).mean() < 3.5
+    truth = slide.truth_masks(downsample)
+    assert np.abs(diff[truth["tissue"]].mean(axis=0)).max() < 2.5  # the same colour on average
+    assert np.abs(diff[truth["tumour"]].mean(axis=0)).max() < 8  # dense nuclei: the same shade within 3%
+
+
+def test_same_seed_same_pixels_other_seed_other_slide(tmp_path):
+    def level1(name, seed):
+        path = write_synthetic_slide(tmp_path / name, width=1024, height=768, seed=seed, tumour_tiles=1).path
+        return read_openslide(path, 1)
+
+    a, b, c = level1("a.svs", 5), level1("b.svs", 5), level1("c.svs", 6)
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c).mean() > 5
+
+
+def test_tumour_foci_are_tile_sized_dark_crowded_and_inside_tissue(small_slide):
+    slide = small_slide
+    truth = slide.truth_masks(1)
+    assert len(slide.tumour_boxes) == 2
+    dark = read_openslide(slide.path, 0).astype(float).mean(axis=2) < 130  # nuclei
+    for box in slide.tumour_boxes:
+        x0, y0, x1, y1 = box
+        assert 200 <= x1 - x0 <= 360 and 200 <= y1 - y0 <= 360  # ~ one 256-px tile at 0.5 um/px
+        assert any(t[0] <= x0 and t[1] <= y0 and x1 <= t[2] and y1 <= t[3] for t in slide.tissue_boxes)
+        assert truth["tumour"][y0:y1, x0:x1].mean() > 0.7  # a rounded, ragged square
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        assert dark[cy - 64:cy + 64, cx - 64:cx + 64].mean() > 0.25  # crowded dark nuclei
+    stroma = truth["tissue"] & ~truth["tumour"] & ~truth["fat"]
+    assert dark[stroma].mean() < 0.12  # sparse nuclei in normal stroma
+    assert not (truth["tumour"] & ~truth["tissue"]).any()
+
+
+def test_pen_strokes_have_their_ink_colour_on_glass(artefact_slide):
+    slide = artefact_slide
+    truth = slide.truth_masks(4)
+    level1 = read_openslide(slide.path, 1).astype(int)
+    assert len(slide.pen_boxes) == len(PEN_INKS) == 4  # one stroke per ink, in PEN_INKS order
+    for colour, box in zip(PEN_INKS, slide.pen_boxes):
+        stroke = np.zeros_like(truth["pen"])
+        x0, y0, x1, y1 = (v // 4 for v in box)
+        stroke[y0:y1 + 1, x0:x1 + 1] = truth["pen"][y0:y1 + 1, x0:x1 + 1]
+        core = ndimage.binary_erosion(stroke, iterations=2) & ~truth["tissue"]
+        r, g, b = level1[core].mean(axis=0)
+        expected = {"blue": b > r + 80 and b > g + 60, "green": g > r + 50 and g > b + 30,
+                    "black": max(r, g, b) < 80, "red": r > g + 100 and r > b + 100}
+        assert expected[colour], f"{colour} stroke reads as {r:.0f}, {g:.0f}, {b:.0f}"
+
+
+def test_specks_and_smudges_lie_on_glass(artefact_slide):
+    slide = artefact_slide
+    truth = slide.truth_masks(8)
+    assert len(slide.speck_boxes) >= 10
+    assert sum(box_pixels(truth["tissue"], box, 8).sum() for box in slide.speck_boxes) == 0
+    assert sum(box_pixels(truth["speck"], box, 8).sum() for box in slide.speck_boxes) == truth["speck"].sum()
+
+
+def test_fat_is_pale_and_part_of_the_tissue(artefact_slide):
+    slide = artefact_slide
+    truth = slide.truth_masks(16)
+    assert truth["fat"].sum() > 200 and not (truth["fat"] & ~truth["tissue"]).any()
+    level2 = read_openslide(slide.path, 2).astype(float).mean(axis=2)
+    stroma = truth["tissue"] & ~truth["fat"] & ~truth["tumour"]
+    assert level2[truth["fat"]].mean() > level2[stroma].mean() + 30
+
+
+@pytest.mark.parametrize(("kwargs", "cause"), [
+    ({"kind": "hamamatsu"}, "unknown synthetic slide kind"),
+    ({"downsamples": (2, 4)}, "downsamples must start at 1"),
+    ({"downsamples": (1, 4, 4)}, "downsamples must start at 1"),
+    ({"tile": 100}, "tile must be a positive multiple of 16"),
+    ({"mpp": -0.5}, "mpp must be a positive number"),
+    ({"tumour_boxes": [(0, 0, 5000, 10)]}, "tumour box"),
+    ({"tumour_tiles": 50}, "no room for 50 tumour foci"),
+])
+def test_bad_arguments_fail_with_one_line_naming_the_file(tmp_path, kwargs, cause):
+    path = tmp_path / "bad.svs"
+    with pytest.raises(ConfigError) as err:
+        write_synthetic_slide(path, **{"width": 1024, "height": 768, **kwargs})
+    message = str(err.value)
+    assert message.startswith(str(path)) and cause in message and "\n" not in message
+    assert not path.exists()
+
+
+@pytest.mark.slow
+def test_demo_cohort_labels_match_its_slides(tmp_path):
+    labels = make_demo_cohort(tmp_path / "demo", n_slides=3, seed=7)
+    with open(labels, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["slide_id", "label", "patient_id"]
+    slides = sorted(p.stem for p in (tmp_path / "demo" / "slides").glob("*.svs"))
+    assert [r["slide_id"] for r in rows] == slides == ["demo_001", "demo_002", "demo_003"]
+    assert sorted(r["label"] for r in rows) == ["normal", "normal", "tumour"]
+    assert rows[0]["patient_id"] == rows[1]["patient_id"] != rows[2]["patient_id"]
+    for row, mpp in zip(rows, (0.5, 0.25, 0.5)):  # mixed scanners: the second slide is 40x
+        with openslide.OpenSlide(str(tmp_path / "demo" / "slides" / f"{row['slide_id']}.svs")) as s:
+            assert float(s.properties["openslide.mpp-x"]) == mpp and s.level_count == 3
+            assert s.dimensions[0] * mpp == pytest.approx(2800, abs=1)
+
+
+def test_demo_cohort_needs_both_labels(tmp_path):
+    with pytest.raises(ConfigError, match="at least 2 slides"):
+        make_demo_cohort(tmp_path, n_slides=1)
