@@ -104,3 +104,11 @@ def test_slide_ids_and_folder_expansion(tmp_path):
     for name in ("b.svs", "a.ndpi", "notes.txt", ".hidden.svs"):
         (tmp_path / name).write_text("")
     assert [p.name for p in expand_slide_paths([tmp_path])] == ["a.ndpi", "b.svs"]
+
+
+def test_damaged_tiff_header_is_a_slide_error_from_both_backends(tmp_path):
+    path = tmp_path / "damaged.svs"
+    path.write_bytes(b"II*\x00" + bytes(range(256)) * 16)  # a TIFF signature, then garbage
+    with pytest.raises(SlideError, match="not a readable slide") as e:
+        open_slide(path)
+    assert "openslide" in str(e.value) and "tiffslide" in str(e.value)

@@ -206,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     except WsiError as e:
         print(f"wsi {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable output folder, disk full: nothing was taken as complete
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"wsi {args.command}: error: {where}{e.strerror or e} (check the output folder is writable and "
+              "has free space)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

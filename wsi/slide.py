@@ -154,13 +154,23 @@ def _over_white(rgba: np.ndarray) -> np.ndarray:
 
 
 def _open_backend(path: Path, backend: str):
+    """Open with one backend and touch its metadata: tiffslide opens lazily, so a damaged file only fails here."""
     if backend == "openslide":
         import openslide
 
-        return openslide.OpenSlide(str(path))
-    import tiffslide
+        handle = openslide.OpenSlide(str(path))
+    else:
+        import tiffslide
 
-    return tiffslide.TiffSlide(str(path))
+        handle = tiffslide.TiffSlide(str(path))
+    try:
+        dict(handle.properties)
+        if not handle.level_dimensions or min(handle.level_dimensions[0]) <= 0:
+            raise ValueError("no image levels")
+    except Exception:
+        handle.close()
+        raise
+    return handle
 
 
 def _file_mpp(handle, backend: str) -> tuple[float | None, float | None]:
