@@ -574,7 +574,7 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
             ex, ey = blob.rx * scale * np.cos(angles), blob.ry * scale * np.sin(angles)
             pts = np.stack([blob.cx + ex * c - ey * s, blob.cy + ex * s + ey * c], 1)
             pts = np.clip(pts, 0.02 * short, [width - 0.02 * short, height - 0.02 * short])
-            strokes.append(_Stroke(tuple(map(tuple, pts.round(1).tolist())), max(6.0, 0.008 * short), colour,
+            strokes.append(_Stroke(tuple(map(tuple, pts.round(1).tolist())), max(6.0, 0.02 * short), colour,
                                    next(seeds)))
 
     dirt: list[_Speck] = []

@@ -12,13 +12,16 @@ Steps (``rgb`` in, boolean mask out; ``mpp`` is the thumbnail's pixel size):
    not near-neutral and bright (a thumbnail filled with tissue), plain white is used.
 2. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
    *stained* when its saturation ``(max - min) / max`` reaches ``saturation_min`` and its brightness (mean of
-   R, G, B relative to the glass) is at most ``brightness_max``. Faintly stained pixels (saturation of at
-   least half of ``saturation_min``) count too when they touch stained ones within ``close_um``: fat shows in a
-   thumbnail only as a faint pink net of septa around white vacuoles.
+   R, G, B relative to the glass) is at most ``brightness_max``. *Faint* pixels (darker than
+   ``brightness_max``, or tinted as stain tints, green the darkest, with half of ``saturation_min``) count too
+   where they touch stained ones: fat shows in a thumbnail only as a faint pink net of septa around white
+   vacuoles, which hole filling then closes.
 3. **Pen ink** (``pen_filter``). Ink is told from stain by colour: green (green the strongest channel, never
-   so in H&E), blue (blue strongest with little red; haematoxylin keeps much more red), red (red with little
-   green and blue, beyond eosin), black (dark and grey). Faint ink at stroke edges is taken as ink when it
-   touches firm ink, then ink grows by one pixel (a thumbnail blurs stroke edges over about one pixel).
+   so in H&E), blue (blue strongest with little red; haematoxylin keeps much more red), red (blue barely
+   above green, where eosin's pink has blue well above green), black (dark and grey). Faint ink at stroke
+   edges, with the same hue but little saturation, is ink when it touches firm ink; then ink grows by two
+   pixels (a thumbnail blurs stroke edges over about a pixel, and JPEG rings around strong edges). Red blood cells are as red as red ink: with
+   ``pen_filter`` a haemorrhage is lost with the ink.
 4. **Clean-up.** Closing by a disc of ``close_um`` joins tissue split by thin gaps; holes smaller than
    ``min_hole_um2`` (fat vacuoles, small lumens) are filled when ``fill_holes``; pieces smaller than
    ``min_fragment_um2`` (dust, debris, leftover ink fringes) are dropped.
@@ -111,7 +114,9 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray
         ink = _pen(img, saturation, params.saturation_min)
         saturation[ink] = 0
     stained = (brightness <= params.brightness_max) & (saturation >= params.saturation_min)
-    faint = (brightness <= params.brightness_max) | (saturation >= params.saturation_min / 2)
+    # faintly tinted the way stain tints (green absorbed most), not JPEG's colour fringes next to strong edges
+    stain_tint = (saturation >= params.saturation_min / 2) & (img[..., 1] <= img[..., [0, 2]].min(axis=2))
+    faint = (brightness <= params.brightness_max) | stain_tint
     tissue = stained | (faint & _touching(faint, stained))
     if params.pen_filter:
         tissue &= ~ink
@@ -149,21 +154,26 @@ def _white_balance(img: np.ndarray) -> np.ndarray:
 
 
 def _pen(img: np.ndarray, saturation: np.ndarray, saturation_min: float) -> np.ndarray:
-    """Marker ink: firm ink by colour, plus the faint ink that touches it, grown by one pixel."""
+    """Marker ink: firm ink by colour, plus the faint ink (stroke edges) that touches it, grown by two pixels
+    (a thumbnail blurs stroke edges over a pixel, and JPEG rings around them).
+
+    In stained tissue green is always the darkest channel and red the brightest or nearly so; hue runs from
+    purple (haematoxylin, blue a little above red) to pink (eosin, blue well above green). Ink leaves that
+    range: green (green the brightest), blue (blue the brightest, little red), red (blue barely above green,
+    unlike eosin's pink) and black (dark grey, or darker than the densest nuclei).
+    """
     r, g, b = img[..., 0], img[..., 1], img[..., 2]
     hi = img.max(axis=2)
-    green = (g >= np.maximum(r, b)) & (saturation >= 0.2)
-    blue = (b >= np.maximum(r, g)) & (r <= 0.55 * b) & (saturation >= 0.3)
-    red = (r >= 0.35) & (g <= 0.45 * r) & (b <= 0.55 * r)
-    black = (hi <= 0.35) & (saturation <= 0.45)
-    firm = green | blue | red | black
+    greenish = g >= np.maximum(r, b)
+    bluish = (b >= np.maximum(r, g)) & (r <= 0.8 * b)
+    reddish = (r >= np.maximum(g, b)) & (b - g <= 0.25 * (r - g))
+    firm = ((greenish & (saturation >= 0.2)) | (bluish & (r <= 0.55 * b) & (saturation >= 0.3))
+            | (reddish & (saturation >= 0.55)) | (hi <= 0.25) | ((hi <= 0.4) & (saturation <= 0.2)))
     if not firm.any():
         return firm
-    # faint ink: any colour H&E never has (green-most, or blue-most with little red), or dark grey
-    faint = (((g >= np.maximum(r, b)) | ((b >= np.maximum(r, g)) & (r <= 0.8 * b)))
-             & (saturation >= saturation_min / 2)) | ((hi <= 0.6) & (saturation <= 0.25))
-    ink = firm | (faint & _touching(faint | firm, firm))
-    return ndimage.binary_dilation(ink, structure=np.ones((3, 3), bool))
+    faint = ((greenish | bluish | reddish) & (saturation >= saturation_min / 2)) | ((hi <= 0.6) & (saturation <= 0.25))
+    ink = firm | (faint & _touching(faint, firm))
+    return ndimage.binary_dilation(ink, structure=np.ones((3, 3), bool), iterations=2)
 
 
 def _touching(region: np.ndarray, seeds: np.ndarray) -> np.ndarray:
