@@ -112,3 +112,17 @@ def test_damaged_tiff_header_is_a_slide_error_from_both_backends(tmp_path):
     with pytest.raises(SlideError, match="not a readable slide") as e:
         open_slide(path)
     assert "openslide" in str(e.value) and "tiffslide" in str(e.value)
+
+
+def test_direct_jpeg_tile_reader_matches_both_backends_at_every_level(tmp_path):
+    path = write_synthetic_slide(tmp_path / "p.svs", width=3000, height=2200, mpp=0.25, downsamples=(1, 4, 16),
+                                 seed=4).path
+    with open_slide(path) as fast, open_slide(path, backend="openslide") as o, \
+            open_slide(path, backend="tiffslide") as t:
+        assert fast.pixel_backend == "jpeg-tiles" and o.pixel_backend == "openslide"
+        for level, (x, y, w, h) in [(0, (100, 37, 700, 300)), (1, (400, 800, 300, 200)), (2, (0, 0, 187, 137))]:
+            region = fast.read_region(x, y, level, w, h)
+            np.testing.assert_array_equal(region, o.read_region(x, y, level, w, h))
+            np.testing.assert_array_equal(region, t.read_region(x, y, level, w, h))
+        # past the image edge: white, like OpenSlide's transparent pixels over glass
+        np.testing.assert_array_equal(fast.read_region(2900, 2100, 0, 200, 200), o.read_region(2900, 2100, 0, 200, 200))

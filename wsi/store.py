@@ -261,7 +261,7 @@ zarr.registry.register_codec("wsi.tile_image", TileImageCodec)
 
 
 def _lossless() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
+    return BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle)
 
 
 def encoder_key(encoder: str) -> str:

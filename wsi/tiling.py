@@ -42,6 +42,14 @@ _MAX_RUN_PX = 8192          # longest row run read in one backend call (level pi
 _STRIP_BYTES = 64 << 20     # thumbnail strips: at most this much RGBA per backend call
 
 
+def level0_position(level_px: int, downsample: float) -> int:
+    """The level-0 coordinate that every backend maps back to ``level_px`` on a level of ``downsample``.
+
+    Backends take level-0 locations and truncate ``location / downsample``; rounding up (by at most one level-0
+    pixel, which is less than one level pixel) keeps that exact when the downsample is not an integer."""
+    return int(np.ceil(level_px * downsample - 1e-6))
+
+
 # --------------------------------------------------------------------------------------------- thumbnail
 def read_thumbnail(slide: Slide, mpp: float) -> tuple[np.ndarray, float]:
     """RGB thumbnail at ``mpp`` um/px, read in horizontal strips from the best level and area-averaged.
@@ -60,7 +68,7 @@ def read_thumbnail(slide: Slide, mpp: float) -> tuple[np.ndarray, float]:
     for r0 in range(0, out_h, strip_rows):
         r1 = min(out_h, r0 + strip_rows)
         y0, y1 = int(round(r0 * rows_per_px)), min(level_h, int(round(r1 * rows_per_px)))
-        strip = slide.read_region(0, int(round(y0 * level_ds)), plan.level, level_w, max(1, y1 - y0))
+        strip = slide.read_region(0, level0_position(y0, level_ds), plan.level, level_w, max(1, y1 - y0))
         thumb[r0:r1] = np.asarray(Image.fromarray(strip).resize((out_w, r1 - r0), Image.Resampling.BOX))
     return thumb, slide.width / out_w
 
@@ -149,7 +157,7 @@ def _read_run(slide: Slide, tiling: TilingAttrs, level_xy: np.ndarray, s: int) -
     x0, y0 = int(level_xy[0, 0]), int(level_xy[0, 1])
     width = int(level_xy[-1, 0]) + s - x0
     ds = tiling.read_downsample
-    region = slide.read_region(int(round(x0 * ds)), int(round(y0 * ds)), tiling.read_level, width, s)
+    region = slide.read_region(level0_position(x0, ds), level0_position(y0, ds), tiling.read_level, width, s)
     t = tiling.tile_px
     offsets = level_xy[:, 0] - x0
     factor = s // t
