@@ -34,6 +34,6 @@ include: "pipelines/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         final_targets,
-    default_target: True

@@ -14,16 +14,23 @@ RUN = (
     else config["mil"]["run_name"] or f"{config['mil']['model']}_{ENCODER_KEY}"
 )
 MODEL_DIR = (
-    Path(config["model_dir"]) if config["mode"] == "predict" and config.get("model_dir") else OUT / "models" / RUN
+    Path(config["model_dir"])
+    if config["mode"] == "predict" and config.get("model_dir")
+    else OUT / "models" / RUN
 )
 
 if config.get("demo") and (
     Path(config["slides_dir"]).name != "slides"
-    or Path(config["labels"] or "").resolve() != Path(config["slides_dir"]).parent.resolve() / "labels.csv"
+    or Path(config["labels"] or "").resolve()
+    != Path(config["slides_dir"]).parent.resolve() / "labels.csv"
 ):
-    raise ValueError("demo mode writes <folder>/slides and <folder>/labels.csv: set slides_dir and labels so")
+    raise ValueError(
+        "demo mode writes <folder>/slides and <folder>/labels.csv: set slides_dir and labels so"
+    )
 if config["mode"] == "train" and not config.get("labels"):
-    raise ValueError("mode=train needs a labels table: set labels=<csv> (slide_id,label[,patient_id])")
+    raise ValueError(
+        "mode=train needs a labels table: set labels=<csv> (slide_id,label[,patient_id])"
+    )
 if config["mode"] == "predict" and not config.get("model_dir"):
     raise ValueError("mode=predict needs model_dir=<OUT/models/<run>> of a trained run")
 
@@ -33,13 +40,18 @@ def slide_files(wildcards=None):
     if config.get("demo"):
         checkpoints.demo_data.get()
     folder = Path(config["slides_dir"])
-    return {slide_id_from_path(p): str(p) for p in expand_slide_paths([folder])} if folder.exists() else {}
+    return (
+        {slide_id_from_path(p): str(p) for p in expand_slide_paths([folder])}
+        if folder.exists()
+        else {}
+    )
 
 
 def stage_config(*sections):
     """The config sections a stage depends on, as a shell-quoted JSON argument for `wsi --config-json`.
 
-    Passed as a rule param, so changing one of these parameters re-runs that stage and those after it."""
+    Passed as a rule param, so changing one of these parameters re-runs that stage and those after it.
+    """
     return shlex.quote(json.dumps({s: config[s] for s in sections}, sort_keys=True))
 
 
@@ -63,15 +75,15 @@ if config.get("demo"):
         output:
             slides=directory(config["slides_dir"]),
             labels=config["labels"],
-        params:
-            folder=Path(config["slides_dir"]).parent,
-            n=config["demo"]["n_slides"],
-            seed=config["demo"]["seed"],
         log:
             OUT / "logs" / "demo_data.log",
         threads: 1
         resources:
             mem_mb=2000,
             runtime=10,
+        params:
+            folder=Path(config["slides_dir"]).parent,
+            n=config["demo"]["n_slides"],
+            seed=config["demo"]["seed"],
         shell:
             "wsi demo-data {params.folder} --n-slides {params.n} --seed {params.seed} > {log} 2>&1"

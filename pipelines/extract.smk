@@ -7,15 +7,15 @@ rule extract:
         tile_status,
     output:
         status=OUT / "status" / "extract" / f"{ENCODER_KEY}.json",
-    params:
-        out=OUT,
-        cfg=stage_config("slide", "extract", "cluster"),
     log:
         OUT / "logs" / "extract" / f"{ENCODER_KEY}.log",
     threads: workflow.cores
     resources:
         mem_mb=16000,
         runtime=720,
+    params:
+        out=OUT,
+        cfg=stage_config("slide", "extract", "cluster"),
     shell:
         "wsi extract --out {params.out:q} --config-json {params.cfg} --status {output.status:q}"
         " --no-progress > {log:q} 2>&1"

@@ -6,16 +6,16 @@ rule heatmap:
         predictions=OUT / "predictions" / RUN / "predictions.csv",
     output:
         status=OUT / "status" / "heatmap" / RUN / "{slide}.json",
-    params:
-        out=OUT,
-        run=RUN,
-        cfg=stage_config("slide", "heatmap"),
     log:
         OUT / "logs" / "heatmap" / RUN / "{slide}.log",
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        out=OUT,
+        run=RUN,
+        cfg=stage_config("slide", "heatmap"),
     shell:
         "wsi heatmap --out {params.out:q} --model-run {params.run:q} {wildcards.slide:q}"
         " --config-json {params.cfg} --status {output.status:q} --no-progress > {log:q} 2>&1"

@@ -8,15 +8,15 @@ rule train:
         labels=config["labels"] or [],
     output:
         run=OUT / "models" / RUN / "run.json",
-    params:
-        out=OUT,
-        cfg=stage_config("labels", "extract", "cluster", "mil"),
     log:
         OUT / "logs" / "train" / f"{RUN}.log",
     threads: workflow.cores
     resources:
         mem_mb=16000,
         runtime=720,
+    params:
+        out=OUT,
+        cfg=stage_config("labels", "extract", "cluster", "mil"),
     shell:
         "wsi train --out {params.out:q} --config-json {params.cfg} --no-progress > {log:q} 2>&1"
 
@@ -28,16 +28,16 @@ rule predict:
     output:
         predictions=OUT / "predictions" / RUN / "predictions.csv",
         status=OUT / "status" / "predict" / f"{RUN}.json",
-    params:
-        out=OUT,
-        model=MODEL_DIR,
-        cfg=stage_config("extract", "cluster"),
     log:
         OUT / "logs" / "predict" / f"{RUN}.log",
     threads: 2
     resources:
         mem_mb=8000,
         runtime=120,
+    params:
+        out=OUT,
+        model=MODEL_DIR,
+        cfg=stage_config("extract", "cluster"),
     shell:
         "wsi predict --out {params.out:q} --model {params.model:q} --config-json {params.cfg}"
         " --status {output.status:q} --no-progress > {log:q} 2>&1"

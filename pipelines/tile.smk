@@ -7,15 +7,15 @@ rule tile:
         slide=lambda w: slide_files()[w.slide],
     output:
         status=OUT / "status" / "tile" / "{slide}.json",
-    params:
-        out=OUT,
-        cfg=stage_config("slide", "tissue", "tiling"),
     log:
         OUT / "logs" / "tile" / "{slide}.log",
     threads: 2
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        out=OUT,
+        cfg=stage_config("slide", "tissue", "tiling"),
     shell:
         "wsi tile {input.slide:q} --out {params.out:q} --config-json {params.cfg} --status {output.status:q}"
         " --no-progress > {log:q} 2>&1"
