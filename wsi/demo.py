@@ -29,7 +29,7 @@ File layout and vendor quirks (openslide 4.0.1 / openslide-python 1.4, tiffslide
   YCbCr, ReferenceBlackWhite written). Both backends decode them to the same bytes (exactly, not within a
   tolerance); against the rendered RGB the error is JPEG's (a few levels on average at quality 85).
 * ``kind="aperio"``: page 0 is level 0, tiled, ImageDescription ``Aperio Image Library v12.0.0`` +
-  ``|AppMag = <10/mpp>|MPP = <mpp>``. Page 1 is a stripped JPEG *thumbnail* (longest side 768 px), as in a real
+  ``|AppMag = <10/mpp>|MPP = <mpp>``. Page 1 is a stripped JPEG *thumbnail* (longest side <= 768 px), as in a real
   SVS: tifffile (hence tiffslide) always takes an SVS's second page for the thumbnail, so without it level 1
   would vanish. Pages 2+ are the lower levels, tiled, NewSubfileType 0 (tifffile stops reading SVS levels at a
   page flagged "reduced"). openslide reports vendor ``aperio``, ``openslide.mpp-x`` = MPP and
@@ -39,8 +39,9 @@ File layout and vendor quirks (openslide 4.0.1 / openslide-python 1.4, tiffslide
   The MPP is in XResolution/YResolution with ResolutionUnit centimeter (10,000 / mpp pixels per cm; lower
   levels carry their own coarser resolution). openslide reports vendor ``generic-tiff`` and
   ``openslide.mpp-x`` from the resolution tags; tiffslide reports ``tiffslide.mpp-x`` likewise. With
-  ``mpp=None`` the file has no resolution tags at all (as an un-calibrated scanner would leave it), and
-  neither backend reports an MPP (no 72-dpi style guess).
+  ``mpp=None`` the tags hold tifffile's default, 1 pixel per unit with ResolutionUnit NONE (no physical
+  unit, as an un-calibrated scanner leaves it), and neither backend reports an MPP. Aperio files carry
+  that default too; their MPP lives only in the description.
 * BigTIFF is used when a level's raw size passes 2 GiB; both backends read it.
 
 >>> import tempfile, openslide
@@ -181,7 +182,7 @@ class _Blob:
 
 @dataclass(frozen=True)
 class _Stroke:
-    """A marker-pen stroke: a polyline of level-0 points, ``half_width`` px, ink transmittance ``ink``."""
+    """A marker-pen stroke: a polyline of level-0 points, ``half_width`` px, ink ``colour`` (a PEN_INKS key)."""
 
     points: tuple
     half_width: float
@@ -413,11 +414,12 @@ def _layers(scene: _Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> _Lay
             continue
         sd = blob.signed_distance(xs, ys, pixel)
         np.maximum(tissue, _edge(sd, pixel), out=tissue)
-        if i < scene.n_main:  # fat: patches of the inner part of main pieces, never at the rim
+        if i < scene.n_main:  # fat: lobules in the inner part of main pieces, never at the rim
             inner = _edge(sd - scene.px(150), pixel)
             if inner.any():
-                patches = _noise(scene.seed + 31 + i, xs, ys, scene.px(260), pixel=pixel)
-                np.maximum(fat, inner * _edge((patches - 0.25) * scene.px(260), pixel), out=fat)
+                spacing = max(scene.px(260), 0.25 * min(blob.rx, blob.ry))  # larger lobules in larger pieces
+                lobules = _noise(scene.seed + 31 + i, xs, ys, spacing, pixel=pixel)
+                np.maximum(fat, inner * _edge((lobules - 0.3) * spacing, pixel), out=fat)
     tumour = np.zeros(shape, np.float32)
     for blob in scene.tumours:
         if _intersects(blob.box(), region):
@@ -568,7 +570,8 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
     if pen_marks:  # arcs along the main pieces' rims, the way pathologists circle a region
         for k, colour in enumerate(PEN_INKS):
             blob = main[k % len(main)]
-            angles = rng.uniform(0, 2 * math.pi) + np.linspace(0, rng.uniform(0.8, 1.3), 40)
+            start = 2 * math.pi * (k // len(main)) / math.ceil(len(PEN_INKS) / len(main)) + rng.uniform(0, 1)
+            angles = start + np.linspace(0, rng.uniform(0.8, 1.3), 40)  # strokes on one piece spread round it
             scale = rng.uniform(1.02, 1.22) * (1 + 0.03 * np.sin(np.linspace(0, rng.uniform(3, 9), 40)))
             c, s = math.cos(blob.angle), math.sin(blob.angle)
             ex, ey = blob.rx * scale * np.cos(angles), blob.ry * scale * np.sin(angles)
@@ -736,8 +739,8 @@ def _clip_box(box: Box, width: int, height: int) -> Box:
 
 
 def _thumbnail(scene: _Scene) -> np.ndarray:
-    """The whole slide at about ``THUMBNAIL_PX`` px on its longest side."""
-    d = max(scene.width, scene.height) / THUMBNAIL_PX
+    """The whole slide at about ``THUMBNAIL_PX`` px on its longest side (at most its own size)."""
+    d = max(1.0, max(scene.width, scene.height) / THUMBNAIL_PX)
     w, h = max(1, round(scene.width / d)), max(1, round(scene.height / d))
     return _render_region(scene, scene.width / w, 0, 0, w, h)
 
@@ -756,12 +759,14 @@ def _aperio_description(width: int, height: int, level_size: tuple[int, int] | N
 
 
 # ------------------------------------------------------------------------------------------------ cohort
-def make_demo_cohort(outdir, *, n_slides: int = 8, seed: int = 0) -> Path:
+def make_demo_cohort(outdir, *, n_slides: int = 8, seed: int = 0,
+                     field_mm: tuple[float, float] = (2.8, 2.2)) -> Path:
     """Write ``outdir/slides/<slide_id>.svs`` and ``outdir/labels.csv`` (``slide_id,label,patient_id``).
 
     Labels are balanced ``normal``/``tumour``; tumour slides carry 3-6 small foci of about one tile each
-    (few positives among many tiles, like lymph-node metastases). Each slide shows about 2.8 x 2.2 mm of
-    glass with roughly 120-150 tissue tiles of 256 px at 0.5 um/px. Scanners are mixed as in a real cohort:
+    (few positives among many tiles, like lymph-node metastases). Each slide shows ``field_mm`` (width,
+    height) of glass; the default gives roughly 120-150 tissue tiles of 256 px at 0.5 um/px (2 x 1.6 mm is
+    the smallest that always has room for 6 foci). Scanners are mixed as in a real cohort:
     every fourth slide from the second on is 0.25 um/px (40x, so tiling at 0.5 um/px area-averages), the
     rest 0.5 um/px (20x); all have levels 1, 4, 16. From 3 slides on, slides 1 and 2 belong to one patient
     (and from 7 on, slides 5 and 6 to another), so patient-grouped cross-validation matters.
@@ -778,8 +783,8 @@ def make_demo_cohort(outdir, *, n_slides: int = 8, seed: int = 0) -> Path:
     for i in range(n_slides):
         slide_id = f"demo_{i + 1:03d}"
         mpp = 0.25 if i % 4 == 1 else 0.5
-        write_synthetic_slide(outdir / "slides" / f"{slide_id}.svs", width=round(2800 / mpp),
-                              height=round(2200 / mpp), mpp=mpp, downsamples=(1, 4, 16),
+        write_synthetic_slide(outdir / "slides" / f"{slide_id}.svs", width=round(field_mm[0] * 1000 / mpp),
+                              height=round(field_mm[1] * 1000 / mpp), mpp=mpp, downsamples=(1, 4, 16),
                               seed=int(rng.integers(2 ** 31)),
                               tumour_tiles=int(rng.integers(3, 7)) if labels[i] == "tumour" else 0,
                               pen_marks=bool(rng.random() < 0.4), specks=bool(rng.random() < 0.5))

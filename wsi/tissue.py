@@ -10,23 +10,24 @@ Steps (``rgb`` in, boolean mask out; ``mpp`` is the thumbnail's pixel size):
 1. **Glass white balance.** The glass colour is estimated as the median of the brightest tenth of pixels and
    divided out, so scanners with a grey, yellow or blue cast behave like white glass. When that estimate is
    not near-neutral and bright (a thumbnail filled with tissue), plain white is used.
-2. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
+2. **Pen ink** (``pen_filter``), found first so ink never counts as stain. Ink is told from stain by colour:
+   green (green the strongest channel, never so in H&E), blue (blue strongest with little red; haematoxylin
+   keeps much more red), red (blue barely above green, where eosin's pink has blue well above green), black
+   (dark grey, or darker than the densest nuclei). Faint ink at stroke edges, with the same hue but little
+   saturation, is ink where it touches firm ink; then ink grows by two pixels (a thumbnail blurs stroke
+   edges over about a pixel, and JPEG rings around strong edges). Red blood cells are as red as red ink:
+   with ``pen_filter`` a haemorrhage is lost with the ink.
+3. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
    *stained* when its saturation ``(max - min) / max`` reaches ``saturation_min`` and its brightness (mean of
    R, G, B relative to the glass) is at most ``brightness_max``. *Faint* pixels (darker than
    ``brightness_max``, or tinted as stain tints, green the darkest, with half of ``saturation_min``) count too
    where they touch stained ones: fat shows in a thumbnail only as a faint pink net of septa around white
    vacuoles, which hole filling then closes.
-3. **Pen ink** (``pen_filter``). Ink is told from stain by colour: green (green the strongest channel, never
-   so in H&E), blue (blue strongest with little red; haematoxylin keeps much more red), red (blue barely
-   above green, where eosin's pink has blue well above green), black (dark and grey). Faint ink at stroke
-   edges, with the same hue but little saturation, is ink when it touches firm ink; then ink grows by two
-   pixels (a thumbnail blurs stroke edges over about a pixel, and JPEG rings around strong edges). Red blood cells are as red as red ink: with
-   ``pen_filter`` a haemorrhage is lost with the ink.
 4. **Clean-up.** Closing by a disc of ``close_um`` joins tissue split by thin gaps; holes smaller than
    ``min_hole_um2`` (fat vacuoles, small lumens) are filled when ``fill_holes``; pieces smaller than
    ``min_fragment_um2`` (dust, debris, leftover ink fringes) are dropped.
 
-Only numpy and scipy.ndimage; distance transforms make the morphology cost independent of its radius.
+Only numpy and scipy.ndimage.
 
 >>> import numpy as np
 >>> thumb = np.full((64, 64, 3), 240, np.uint8)
@@ -106,16 +107,16 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray
         raise ValueError(f"tissue_mask needs an RGB uint8 image (h, w, 3), got {rgb.dtype} {rgb.shape}")
     if not mpp > 0:
         raise ValueError(f"tissue_mask needs the thumbnail's positive um per pixel, got {mpp!r}")
-    img = _white_balance(rgb[..., :3].astype(np.float32) / 255)
-    hi, lo = img.max(axis=2), img.min(axis=2)
-    saturation = (hi - lo) / np.maximum(hi, 1e-6)
-    brightness = img.mean(axis=2)
+    r, g, b = _white_balanced(rgb[..., :3])
+    hi = np.maximum(np.maximum(r, g), b)
+    saturation = (hi - np.minimum(np.minimum(r, g), b)) / np.maximum(hi, 1e-6)
+    brightness = (r + g + b) / 3
     if params.pen_filter:  # ink first, so its colour neither counts as stain nor tints the faint test
-        ink = _pen(img, saturation, params.saturation_min)
+        ink = _pen(r, g, b, hi, saturation, params.saturation_min)
         saturation[ink] = 0
     stained = (brightness <= params.brightness_max) & (saturation >= params.saturation_min)
     # faintly tinted the way stain tints (green absorbed most), not JPEG's colour fringes next to strong edges
-    stain_tint = (saturation >= params.saturation_min / 2) & (img[..., 1] <= img[..., [0, 2]].min(axis=2))
+    stain_tint = (saturation >= params.saturation_min / 2) & (g <= np.minimum(r, b))
     faint = (brightness <= params.brightness_max) | stain_tint
     tissue = stained | (faint & _touching(faint, stained))
     if params.pen_filter:
@@ -143,17 +144,25 @@ def qc_image(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- steps
-def _white_balance(img: np.ndarray) -> np.ndarray:
-    """``img`` (float RGB in 0..1) divided by the glass colour, clipped to 0..1."""
-    brightness = img.mean(axis=2)
-    glass = np.median(img[brightness >= np.quantile(brightness, 0.9)], axis=0)
-    neutral = glass.max() >= 0.6 and glass.min() >= 0.88 * glass.max()
-    if not neutral:  # the brightest tenth is tissue, not glass
-        return img
-    return np.clip(img / glass, 0, 1)
+def _white_balanced(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """R, G, B planes (float32, 0..1) divided by the glass colour and clipped: the glass turns white."""
+    channels = [rgb[..., i] for i in range(3)]
+    total = channels[0].astype(np.uint16) + channels[1] + channels[2]
+    bright = total >= _histogram_quantile(total, 0.9, 766)
+    glass = np.array([_histogram_quantile(c[bright], 0.5, 256) for c in channels], np.float32)
+    if not (glass.max() >= 0.6 * 255 and glass.min() >= 0.88 * glass.max()):
+        glass[:] = 255  # the brightest tenth is tissue, not near-neutral glass: leave the colours alone
+    return tuple(np.minimum(c * np.float32(1 / g), 1, dtype=np.float32) for c, g in zip(channels, glass))
 
 
-def _pen(img: np.ndarray, saturation: np.ndarray, saturation_min: float) -> np.ndarray:
+def _histogram_quantile(values: np.ndarray, q: float, bins: int) -> int:
+    """The ``q`` quantile of non-negative integers below ``bins``, by counting (no sort)."""
+    counts = np.cumsum(np.bincount(values.ravel(), minlength=bins))
+    return int(np.searchsorted(counts, q * counts[-1]))
+
+
+def _pen(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation: np.ndarray,
+         saturation_min: float) -> np.ndarray:
     """Marker ink: firm ink by colour, plus the faint ink (stroke edges) that touches it, grown by two pixels
     (a thumbnail blurs stroke edges over a pixel, and JPEG rings around them).
 
@@ -162,8 +171,6 @@ def _pen(img: np.ndarray, saturation: np.ndarray, saturation_min: float) -> np.n
     range: green (green the brightest), blue (blue the brightest, little red), red (blue barely above green,
     unlike eosin's pink) and black (dark grey, or darker than the densest nuclei).
     """
-    r, g, b = img[..., 0], img[..., 1], img[..., 2]
-    hi = img.max(axis=2)
     greenish = g >= np.maximum(r, b)
     bluish = (b >= np.maximum(r, g)) & (r <= 0.8 * b)
     reddish = (r >= np.maximum(g, b)) & (b - g <= 0.25 * (r - g))
@@ -171,7 +178,8 @@ def _pen(img: np.ndarray, saturation: np.ndarray, saturation_min: float) -> np.n
             | (reddish & (saturation >= 0.55)) | (hi <= 0.25) | ((hi <= 0.4) & (saturation <= 0.2)))
     if not firm.any():
         return firm
-    faint = ((greenish | bluish | reddish) & (saturation >= saturation_min / 2)) | ((hi <= 0.6) & (saturation <= 0.25))
+    faint = (((greenish | bluish | reddish) & (saturation >= saturation_min / 2))
+             | ((hi <= 0.6) & (saturation <= 0.25)))
     ink = firm | (faint & _touching(faint, firm))
     return ndimage.binary_dilation(ink, structure=np.ones((3, 3), bool), iterations=2)
 
@@ -186,15 +194,12 @@ def _touching(region: np.ndarray, seeds: np.ndarray) -> np.ndarray:
 
 
 def _close(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Morphological closing by a disc of ``radius`` px, via distance transforms (cost independent of it).
-
-    Padded by the radius, so tissue at the image border is not eaten by the erosion.
-    """
-    pad = int(np.ceil(radius)) + 1
-    padded = np.pad(mask, pad)
-    grown = ndimage.distance_transform_edt(~padded) <= radius
-    closed = ndimage.distance_transform_edt(grown) > radius
-    return closed[pad:-pad, pad:-pad]
+    """Morphological closing by a disc of ``radius`` px; the erosion treats the outside as tissue, so tissue
+    cut by the image border keeps its edge."""
+    k = int(np.ceil(radius))
+    y, x = np.mgrid[-k:k + 1, -k:k + 1]
+    disc = x * x + y * y <= radius * radius
+    return ndimage.binary_erosion(ndimage.binary_dilation(mask, disc), disc, border_value=1)
 
 
 def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
