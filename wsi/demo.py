@@ -602,9 +602,12 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
 class SyntheticSlide:
     """A slide written by :func:`write_synthetic_slide` and the level-0 boxes (x0, y0, x1, y1) of what it shows.
 
-    ``tissue_boxes`` bound each tissue piece (tumour lies inside tissue), ``pen_boxes`` each pen stroke,
-    ``speck_boxes`` each dust/debris speck and smudge. Boxes bound their objects; :meth:`truth_masks` gives
-    the exact pixels.
+    ``tissue_boxes`` bound each tissue piece (main pieces first, then small fragments), ``tumour_boxes`` each
+    tumour region (the given boxes first, then the foci), ``pen_boxes`` each pen stroke (one per ink, in
+    :data:`PEN_INKS` order: blue, green, black, red), ``speck_boxes`` each dust/debris speck and smudge, all
+    clipped to the slide. Boxes bound their objects (a focus fills about 80% of its box); :meth:`truth_masks`
+    gives the exact pixels and :meth:`render_level` the exact colours. ``scene`` is the drawing's private
+    description.
     """
 
     path: Path
@@ -765,10 +768,10 @@ def make_demo_cohort(outdir, *, n_slides: int = 8, seed: int = 0,
 
     Labels are balanced ``normal``/``tumour``; tumour slides carry 3-6 small foci of about one tile each
     (few positives among many tiles, like lymph-node metastases). Each slide shows ``field_mm`` (width,
-    height) of glass; the default gives roughly 120-150 tissue tiles of 256 px at 0.5 um/px (2 x 1.6 mm is
-    the smallest that always has room for 6 foci). Scanners are mixed as in a real cohort:
-    every fourth slide from the second on is 0.25 um/px (40x, so tiling at 0.5 um/px area-averages), the
-    rest 0.5 um/px (20x); all have levels 1, 4, 16. From 3 slides on, slides 1 and 2 belong to one patient
+    height) of glass; the default gives about 100-130 tissue tiles of 256 px at 0.5 um/px (2 x 1.6 mm is
+    the smallest that always has room for 6 foci). Scanners are mixed as in a real cohort: every fourth
+    slide from the second on is 0.25 um/px (40x, so tiling at 0.5 um/px area-averages), the rest 0.5 um/px
+    (20x); all have levels 1, 4, 16. The default 8 slides take about 30 s of CPU to write. From 3 slides on, slides 1 and 2 belong to one patient
     (and from 7 on, slides 5 and 6 to another), so patient-grouped cross-validation matters.
     Deterministic for a ``seed``; returns the labels path.
     """
