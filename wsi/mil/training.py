@@ -213,17 +213,15 @@ class FoldSlot(WorkerPlugin):
     """One fold at a time per worker, using all of the worker's threads (or its one GPU): Dask would otherwise
     start as many folds on a worker as it has threads, each of them using every thread."""
 
-    name = "wsi-mil-fold-slot"
-
     def setup(self, worker):
         self.lock = threading.Lock()
 
 
-def _fold_on_worker(task: FoldTask) -> dict:
-    """A fold as a Dask task, in the worker's fold slot; torch gets the worker's threads (the nanny pins
-    OMP_NUM_THREADS to 1)."""
+def _fold_on_worker(task: FoldTask, slot: str) -> dict:
+    """A fold as a Dask task, in the worker's fold slot (the plugin registered as ``slot``); torch gets the
+    worker's threads (the nanny pins OMP_NUM_THREADS to 1)."""
     worker = get_worker()
-    with worker.plugins[FoldSlot.name].lock:
+    with worker.plugins[slot].lock:
         torch.set_num_threads(worker.state.nthreads)
         return train_fold(task)
 
@@ -235,15 +233,16 @@ def _run_folds(tasks: list[FoldTask], cluster_cfg: dict, progress: bool) -> list
 
     with dask_client(cluster_cfg) as client:
         resources = gpu_resources(client)
-        client.register_plugin(FoldSlot(), name=FoldSlot.name)
+        slot = f"wsi-mil-fold-slot-{uuid.uuid4().hex[:8]}"  # per run: trainings sharing a scheduler
+        client.register_plugin(FoldSlot(), name=slot)
         try:
-            futures = [client.submit(_fold_on_worker, t, key=f"mil-fold-{t.fold}-{uuid.uuid4().hex[:8]}",
+            futures = [client.submit(_fold_on_worker, t, slot, key=f"mil-fold-{t.fold}-{slot[-8:]}",
                                      resources=resources, pure=False) for t in tasks]
             for _ in tqdm(as_completed(futures), total=len(futures), desc="folds", disable=not progress):
                 pass
             return sorted(client.gather(futures), key=lambda r: r["fold"])
         finally:
-            client.unregister_worker_plugin(FoldSlot.name)
+            client.unregister_worker_plugin(slot)
 
 
 # ------------------------------------------------------------------------------------------ the run
