@@ -91,6 +91,20 @@ def test_mask_is_stable_across_thumbnail_resolutions(artefact_slide):
     assert (fine & coarse).sum() / (fine | coarse).sum() >= 0.93
 
 
+def test_scanner_colour_cast_does_not_change_the_mask(artefact_case):
+    slide, rgb, mask, truth = artefact_case
+    mpp = slide.mpp * slide.width / rgb.shape[1]
+    yellowish = (rgb * np.array([0.97, 0.95, 0.84])).astype(np.uint8)
+    cast = tissue_mask(yellowish, mpp, PARAMS)
+    assert (cast & mask).sum() / (cast | mask).sum() > 0.99
+    # a field of view inside stroma, with no glass to balance on, keeps its tissue
+    depth = ndimage.distance_transform_edt(truth["tissue"] & ~truth["fat"] & ~truth["pen"])
+    y, x = np.unravel_index(depth.argmax(), depth.shape)
+    half = int(depth.max() / 1.5)
+    inner = rgb[y - half:y + half, x - half:x + half]
+    assert inner.shape[0] >= 10 and tissue_mask(inner, mpp, PARAMS).all()
+
+
 def test_all_glass_gives_an_empty_mask():
     rng = np.random.default_rng(0)
     glass = rng.normal((232, 228, 210), 2.5, (300, 400, 3))  # a yellowish scanner cast
