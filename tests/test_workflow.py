@@ -1,0 +1,213 @@
+"""The whole workflow through real `snakemake` runs: the README demo, a corrupt slide, kills and re-runs,
+parameter changes, an unwritable output folder, and the SLURM profile."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wsi.demo import make_demo_cohort
+from wsi.store import is_complete, store_path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "abmil_tf_efficientnet_lite0"
+
+
+def snakemake_cmd(workdir: Path, *args) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
+            "--directory", str(workdir), *args]
+
+
+def snakemake(workdir: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a (dry) run."""
+    counts, in_table = {}, False
+    for line in proc.stdout.splitlines() + proc.stderr.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            in_table = True
+        elif in_table and len(parts) == 2 and parts[1].isdigit():
+            if parts[0] == "total":
+                break
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory) -> Path:
+    """Six synthetic slides (three per class, one patient each), plus a corrupt slide file with no label."""
+    folder = tmp_path_factory.mktemp("cohort")
+    labels = make_demo_cohort(folder, n_slides=6, seed=1)
+    table = rows(labels)
+    with open(labels, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["slide_id", "label", "patient_id"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**r, "patient_id": r["slide_id"]} for r in table)
+    (folder / "slides" / "corrupt.svs").write_bytes(b"II*\x00" + os.urandom(4096))
+    return folder
+
+
+def small_config(cohort: Path, out: Path, path: Path) -> Path:
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config.pop("demo")
+    config.update(slides_dir=str(cohort / "slides"), labels=str(cohort / "labels.csv"), out_dir=str(out))
+    config["mil"].update(folds=3, epochs=4, patience=4, bootstrap=50)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(small_cohort, tmp_path_factory):
+    """One uninterrupted run over the small cohort (with its corrupt slide), with --keep-going."""
+    work = tmp_path_factory.mktemp("reference")
+    config = small_config(small_cohort, work / "out", work / "config.yaml")
+    snakemake(work, "--configfile", str(config), "--keep-going")
+    return work, config
+
+
+@pytest.mark.slow
+def test_readme_demo_runs_every_stage(tmp_path):
+    """`snakemake --cores 2 --configfile configs/demo.yaml`, as the README says, in a fresh folder."""
+    snakemake(tmp_path, "--configfile", str(REPO / "configs" / "demo.yaml"))
+    out = tmp_path / "demo" / "out"
+    labels = rows(tmp_path / "demo" / "labels.csv")
+    predictions = rows(out / "predictions" / RUN / "predictions.csv")
+    assert {r["slide_id"] for r in predictions} == {r["slide_id"] for r in labels}
+    assert set(predictions[0]) == {"slide_id", "prob_normal", "prob_tumour", "predicted"}
+    metrics = json.loads((out / "models" / RUN / "metrics.json").read_text())
+    assert "value" in metrics["auroc"]["tumour"] and len(metrics["auroc"]["tumour"]["ci95"]) == 2
+    for r in labels:
+        folder = out / "heatmaps" / RUN / r["slide_id"]
+        for name in ("overlay.png", "heatmap.png", "tiles.geojson", "heatmap.tif", "top_tiles.png"):
+            assert (folder / name).stat().st_size > 0, folder / name
+        assert (out / "features" / "tf_efficientnet_lite0" / f"{r['slide_id']}.h5").exists()
+    report = (out / "report.html").read_text()
+    assert "Cross-validated metrics" in report and "data:image/png;base64" in report
+    assert "http://" not in report and "https://" not in report  # self-contained
+
+
+@pytest.mark.slow
+def test_corrupt_slide_is_reported_and_the_rest_finish(reference_run):
+    work, _ = reference_run
+    out = work / "out"
+    failures = rows(out / "failures.csv")
+    assert [(f["slide_id"], f["stage"]) for f in failures if f["stage"] == "tile"] == [("corrupt", "tile")]
+    assert "not a readable slide" in failures[0]["cause"]
+    predictions = rows(out / "predictions" / RUN / "predictions.csv")
+    assert len(predictions) == 6 and "corrupt" not in {r["slide_id"] for r in predictions}
+    report = (out / "report.html").read_text()
+    assert "corrupt" in report and "not a readable slide" in report
+
+
+@pytest.mark.slow
+def test_parameter_change_reruns_that_stage_and_later_only(reference_run):
+    work, config = reference_run
+    assert planned_jobs(snakemake(work, "--configfile", str(config), "-n")) == {}
+    heatmap_change = work / "heatmap_change.yaml"
+    heatmap_change.write_text("heatmap:\n  downsample: 16\n")
+    plan = planned_jobs(snakemake(work, "--configfile", str(config), str(heatmap_change), "-n"))
+    assert set(plan) == {"heatmap", "report", "all"} and plan["heatmap"] == 7
+    mil_change = work / "mil_change.yaml"
+    mil_change.write_text("mil:\n  lr: 0.001\n")
+    plan = planned_jobs(snakemake(work, "--configfile", str(config), str(mil_change), "-n"))
+    assert set(plan) == {"train", "predict", "heatmap", "report", "all"}
+    tiling_change = work / "tiling_change.yaml"
+    tiling_change.write_text("tiling:\n  tile_px: 224\n")
+    plan = planned_jobs(snakemake(work, "--configfile", str(config), str(tiling_change), "-n"))
+    assert set(plan) == {"tile", "extract", "train", "predict", "heatmap", "report", "all"}
+
+
+def _run_until(work: Path, config: Path, marker, timeout: float = 300) -> str:
+    """Start snakemake, SIGKILL its whole process group once ``marker()`` is true; return its log text.
+
+    A killed Snakemake leaves its lock behind; `snakemake --unlock` (what the README says to run after a hard
+    kill) releases it first."""
+    snakemake(work, "--configfile", str(config), "--unlock")
+    log = work / f"killed-{time.time_ns()}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(snakemake_cmd(work, "--configfile", str(config), "--keep-going"),
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while not marker() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before the kill point"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return log.read_text()
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_without_redoing_work_and_match_an_uninterrupted_run(small_cohort, reference_run,
+                                                                               tmp_path):
+    out = tmp_path / "out"
+    config = small_config(small_cohort, out, tmp_path / "config.yaml")
+    status = out / "status"
+
+    # 1. killed while tiling: after the first slide's tile job finished
+    _run_until(tmp_path, config, lambda: len(list((status / "tile").glob("*.json"))) >= 1)
+    done_first = {p.stem for p in (status / "tile").glob("*.json")}
+    for p in (out / "stores").glob("*.zarr"):
+        assert is_complete(p) or not (p / "zarr.json").exists()
+    # 2. killed during extraction (Dask running), 3. killed during training
+    log = _run_until(tmp_path, config, lambda: (out / "logs" / "extract").exists()
+                     and "dashboard" in "".join(p.read_text() for p in (out / "logs" / "extract").glob("*.log")))
+    for slide_id in done_first:
+        assert f"wildcards: slide={slide_id}\n" not in log, f"{slide_id} was tiled again"
+    _run_until(tmp_path, config, lambda: (out / "logs" / "train").exists())
+    assert not (out / "models" / RUN / "run.json").exists()
+
+    # unlock, then the same command again finishes the run
+    snakemake(tmp_path, "--configfile", str(config), "--unlock")
+    snakemake(tmp_path, "--configfile", str(config), "--keep-going")
+    reference_out = reference_run[0] / "out"
+    for rel in (f"predictions/{RUN}/predictions.csv", f"models/{RUN}/cv_predictions.csv"):
+        got, want = rows(out / rel), rows(reference_out / rel)
+        assert [r["slide_id"] for r in got] == [r["slide_id"] for r in want]
+        for g, w in zip(got, want):
+            for key in g:
+                if key.startswith("prob_"):
+                    assert float(g[key]) == pytest.approx(float(w[key]), abs=1e-5), (rel, key)
+    for r in rows(out / f"predictions/{RUN}/predictions.csv"):
+        ours = json.loads((out / "heatmaps" / RUN / r["slide_id"] / "tiles.geojson").read_text())
+        theirs = json.loads((reference_out / "heatmaps" / RUN / r["slide_id"] / "tiles.geojson").read_text())
+        assert len(ours["features"]) == len(theirs["features"])
+
+
+@pytest.mark.slow
+def test_unwritable_output_folder_is_a_clear_error(small_cohort, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the output folder should be")
+    proc = subprocess.run([sys.executable, "-m", "wsi.cli", "tile", str(small_cohort / "slides" / "demo_001.svs"),
+                           "--out", str(blocker / "out"), "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and str(blocker) in proc.stderr and "Traceback" not in proc.stderr
+    config = small_config(small_cohort, blocker / "out", tmp_path / "config.yaml")
+    proc = snakemake(tmp_path, "--configfile", str(config), check=False)
+    assert proc.returncode != 0
+    assert not any(tmp_path.rglob("*.zarr"))
+
+
+@pytest.mark.slow
+def test_slurm_profile_dry_run_plans_every_stage(reference_run, small_cohort, tmp_path):
+    config = small_config(small_cohort, tmp_path / "out", tmp_path / "config.yaml")
+    proc = snakemake(tmp_path, "-n", "--profile", str(REPO / "configs" / "slurm"), "--configfile", str(config))
+    plan = planned_jobs(proc)
+    assert plan["tile"] == 5 and plan["extract"] == 1 and plan["train"] == 1 and plan["heatmap"] == 7
