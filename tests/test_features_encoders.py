@@ -1,6 +1,5 @@
 """Encoders by name from local checkpoints: preprocessing, strict weight loading, precision, pooling."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -224,4 +223,19 @@ def test_class_and_mean_patch_token_pooling_skips_registers(tiny_vit):
     with torch.no_grad():
         tokens = vit.forward_features(x)
     expected = torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=1).numpy()
+    np.testing.assert_allclose(enc.embed(tiles), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_preprocessing_a_model_card_prescribes_wins_over_timm_defaults(tiny_vit):
+    from wsi.features.encoders import build_model
+
+    spec = EncoderSpec("tiny-optimus", "test_vit", data_overlay={"mean": (0.7, 0.6, 0.7), "std": (0.2, 0.2, 0.2)})
+    model, source, digest = build_model(spec, tiny_vit)
+    enc = Encoder(spec, model, device="cpu", precision="fp32", weights_source=source, weights_sha256=digest)
+    assert enc.attrs.mean == (0.7, 0.6, 0.7) and enc.attrs.std == (0.2, 0.2, 0.2)
+    tiles = random_tiles(2, 160)
+    x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255 - torch.tensor([0.7, 0.6, 0.7]).view(1, 3, 1, 1)) \
+        / 0.2
+    with torch.no_grad():
+        expected = model(x).numpy()
     np.testing.assert_allclose(enc.embed(tiles), expected, rtol=1e-4, atol=1e-5)

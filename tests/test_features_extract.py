@@ -14,7 +14,7 @@ from distributed import Client, WorkerPlugin
 from test_features_encoders import lite0_checkpoint, plain_forward, save_tiny
 from wsi.cluster import local_cluster
 from wsi.config import load_config
-from wsi.errors import read_failures
+from wsi.errors import ConfigError, read_failures
 from wsi.features import extract_cohort, h5_path
 from wsi.store import SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, store_path
 from wsi.tiling import tile_slides as tile_cohort
@@ -108,6 +108,17 @@ def test_complete_slides_are_skipped_and_new_ones_done(cluster, tiny_vit, tmp_pa
     assert summary.skipped == ["old"] and summary.done == ["new"]
     assert chunk.stat().st_mtime_ns == stamp  # not recomputed
     assert h5_path(tmp_path, "test_vit", "old").exists()  # the missing export is written again
+
+
+def test_a_checkpoint_that_does_not_fit_stops_the_run_with_one_error(cluster, tmp_path):
+    write_store(tmp_path, "a", tissue_like(8, 32, 13))
+    other = save_tiny(tmp_path / "effnet.safetensors", "test_efficientnet")
+    with pytest.raises(ConfigError, match=f"{other}: checkpoint does not fit test_vit: missing cls_token"):
+        extract_cohort(tmp_path, config(cluster, other), progress=False)
+    assert not SlideStore.open(store_path(tmp_path, "a")).has_features("test_vit")
+    with Client(cluster) as client:  # nothing is left registered on a scheduler the run did not start
+        plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
+    assert not any(name.startswith("wsi-encoder") for names in plugins.values() for name in names)
 
 
 def test_bad_stores_fail_alone_with_one_row_each(cluster, tiny_vit, tmp_path):
@@ -216,6 +227,7 @@ def tile_slides(paths, out, cfg):
 
 def test_coordinates_only_store_reads_the_slide(cluster, tiny_vit, tmp_path):
     cfg = config(cluster, tiny_vit)
+    cfg["tiling"].update({"tile_px": 128, "target_mpp": 1.0})
     tile_slides([REAL_SLIDE], tmp_path / "px", cfg)
     cfg["tiling"]["store_pixels"] = False
     tile_slides([REAL_SLIDE], tmp_path / "co", cfg)
@@ -228,7 +240,7 @@ def test_coordinates_only_store_reads_the_slide(cluster, tiny_vit, tmp_path):
 
 def test_coordinates_only_store_whose_slide_changed_fails(cluster, tiny_vit, tmp_path):
     cfg = config(cluster, tiny_vit)
-    cfg["tiling"]["store_pixels"] = False
+    cfg["tiling"].update({"tile_px": 128, "target_mpp": 1.0, "store_pixels": False})
     slide = tmp_path / "slides" / "moved.svs"
     slide.parent.mkdir()
     slide.write_bytes(REAL_SLIDE.read_bytes())

@@ -63,6 +63,7 @@ class EncoderSpec:
     timm_name: str                      # what timm builds for the published weights (may be ``hf-hub:...``)
     arch: str | None = None             # timm architecture for a local weights file (hub models); None: timm_name
     model_kwargs: dict = field(default_factory=dict)   # timm arguments the weights need (e.g. LayerScale init)
+    data_overlay: dict = field(default_factory=dict)   # preprocessing the model card prescribes over timm's
     pooling: str = "model"              # model: the model's pooled output | cls_mean: class token ++ mean of
                                         # the patch tokens (Virchow)
     precision: str = "bf16"             # preferred reduced precision on CUDA
@@ -119,6 +120,7 @@ register_encoder(EncoderSpec(
 register_encoder(EncoderSpec(
     "h-optimus-0", "hf-hub:bioptimus/H-optimus-0", precision="fp16",
     model_kwargs={"init_values": 1e-5, "dynamic_img_size": False},
+    data_overlay={"mean": (0.707223, 0.578729, 0.703617), "std": (0.211883, 0.230117, 0.177517)},
     description="H-optimus-0 (Bioptimus), ViT-g/14, 1536-d"))
 register_encoder(EncoderSpec(
     "gigapath", "hf-hub:prov-gigapath/prov-gigapath", precision="fp16",
@@ -227,6 +229,8 @@ def match_state_dict(model, state: dict, path: Path, *, ordered_keys: bool) -> d
 def build_model(spec: EncoderSpec, checkpoint: str | Path | None):
     """(model with its classifier removed, weights source, sha256 of the weights file or None)."""
     kwargs = dict(spec.model_kwargs)
+    if spec.data_overlay:
+        kwargs["pretrained_cfg_overlay"] = dict(spec.data_overlay)
     if checkpoint is None:
         try:
             model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)

@@ -273,7 +273,10 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
             summary.skipped.append(slide_id)
             h5 = h5_path(out_dir, encoder, slide_id)
             if cfg["export_h5"] and not h5.exists():
-                export_h5(store, encoder, h5)
+                try:
+                    export_h5(store, encoder, h5)
+                except (WsiError, OSError) as e:
+                    cohort.fail(slide_id, e)
             continue
         todo.append(store)
 
@@ -281,8 +284,9 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
         plugin = plugin_name(encoder, checkpoint, precision)
         with dask_client(config["cluster"]) as client:
             resources = gpu_resources(client)
-            client.register_plugin(EncoderPlugin(encoder, checkpoint, precision), name=plugin)
             try:
+                # a checkpoint that does not fit raises here, from the workers' setup: one error for the cohort
+                client.register_plugin(EncoderPlugin(encoder, checkpoint, precision), name=plugin)
                 attrs = client.submit(describe_encoder, plugin, resources=resources, pure=False).result()
                 for store in todo:
                     _submit_slide(client, cohort, store, config, attrs, plugin, resources)
