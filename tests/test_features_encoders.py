@@ -239,3 +239,30 @@ def test_preprocessing_a_model_card_prescribes_wins_over_timm_defaults(tiny_vit)
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(enc.embed(tiles), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_downloaded_hub_folder_loads_offline_with_its_own_preprocessing(tmp_path):
+    """How hub models run on nodes without internet: the hub repo's folder (config.json + weights)."""
+    import json
+
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=0).eval()
+    save_for_hf(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["pretrained_cfg"].update({"mean": [0.7, 0.6, 0.7], "std": [0.2, 0.25, 0.2]})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+    enc = load_encoder("hf-hub:some-lab/tiny-pathology-vit", tmp_path)
+    assert enc.attrs.weights_source == f"local-dir:{tmp_path}"
+    assert enc.attrs.mean == (0.7, 0.6, 0.7) and enc.attrs.std == (0.2, 0.25, 0.2)
+    tiles = random_tiles(2, 160)
+    x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255 - torch.tensor([0.7, 0.6, 0.7]).view(1, 3, 1, 1)) \
+        / torch.tensor([0.2, 0.25, 0.2]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(enc.embed(tiles), expected, rtol=1e-4, atol=1e-5)
+    (tmp_path / "weights-only").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_encoder("uni", tmp_path / "weights-only")
