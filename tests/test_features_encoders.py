@@ -266,3 +266,13 @@ def test_a_downloaded_hub_folder_loads_offline_with_its_own_preprocessing(tmp_pa
     (tmp_path / "weights-only").mkdir()
     with pytest.raises(ConfigError, match="no config.json"):
         load_encoder("uni", tmp_path / "weights-only")
+
+
+@pytest.mark.parametrize("name,params_m,dim", [("uni", 303.4, 1024), ("uni2-h", 681.4, 1536)])
+def test_hub_models_built_for_a_local_file_have_their_published_size(name, params_m, dim):
+    """The architecture a bare UNI/UNI2-h weights file is loaded into (built on the meta device: no memory)."""
+    spec = resolve_spec(name)
+    with torch.device("meta"):
+        model = timm.create_model(spec.arch, pretrained=False, **spec.model_kwargs)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(params_m, abs=0.1)
+    assert model.num_features == dim and spec.data_overlay["mean"] == (0.485, 0.456, 0.406)

