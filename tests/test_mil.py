@@ -348,6 +348,26 @@ def test_same_seed_trains_to_identical_weights_and_predictions(tmp_path):
     assert train_fold(fold_task(cohort, tmp_path / "c", other, model="clam_sb"))["test"] != results[0]["test"]
 
 
+def test_early_stopping_waits_for_min_epochs_and_keeps_the_best_epoch(tmp_path):
+    labels, _ = make_cohort(tmp_path, n_per_class=6)
+    rows = read_csv(labels)  # labels unrelated to the features: validation loss cannot keep improving
+    labels.write_text("slide_id,label\n" + "".join(f"{r['slide_id']},{'tumour' if i < 6 else 'normal'}\n"
+                                                    for i, r in enumerate(rows)))
+    config = mil_config(labels, epochs=30, min_epochs=6, patience=2)
+    cohort = load_cohort(tmp_path, labels, ENCODER)
+    result = train_fold(fold_task(cohort, tmp_path, config))
+    history = json.loads((tmp_path / "fold_0.json").read_text())["history"]
+    losses = [e["val_loss"] for e in history]
+    assert 6 <= result["epochs_run"] == len(history) < 30
+    assert result["best_epoch"] == int(np.argmin(losses)) and result["best_val_loss"] == min(losses)
+    model = create_model("abmil", in_dim=DIM, n_classes=2, hidden_dim=32, dropout=0.1)
+    model.load_state_dict(load_file(tmp_path / "fold_0.safetensors"))
+    test_ids = list(result["test"])
+    probs = [torch.softmax(model.eval()(torch.from_numpy(SlideStore.open(store_path(tmp_path, s)).features(ENCODER)))
+                           .logits, 0).tolist() for s in test_ids]
+    assert np.allclose(probs, [result["test"][s] for s in test_ids], atol=1e-6)  # saved = best weights
+
+
 @pytest.mark.parametrize("model", ["clam_mb", "transmil"])
 def test_other_models_learn_the_toy_task(tmp_path, model):
     labels, _ = make_cohort(tmp_path, n_per_class=9)

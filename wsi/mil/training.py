@@ -16,7 +16,8 @@
 Training: AdamW with cosine learning-rate decay over ``mil.epochs``, cross-entropy weighted by inverse class
 frequency (per bag: every bag's loss is scaled by its class weight), one bag per step, bags above
 ``mil.max_train_tiles`` tiles subsampled (training only; validation and test use whole bags), early stopping
-when the validation loss has not improved for ``mil.patience`` epochs, the best epoch's weights kept. Every
+when the validation loss has not improved for ``mil.patience`` epochs but not before ``mil.min_epochs`` (attention
+models often sit on a loss plateau for their first epochs), the best epoch's weights kept. Every
 random draw (initialisation, dropout, bag order, subsampling) comes from generators seeded by
 (``mil.seed``, fold), so the same seed gives the same weights on CPU. CUDA with autocast (bf16, else fp16 with
 loss scaling) when a GPU is present; folds ask Dask for ``GPU=1`` on GPU clusters, so one fold holds one GPU.
@@ -59,6 +60,7 @@ class TrainParams:
     """The ``mil`` keys that steer the optimisation (the model's own keys go into its model config)."""
 
     epochs: int
+    min_epochs: int
     patience: int
     lr: float
     weight_decay: float
@@ -192,7 +194,7 @@ def train_fold(task: FoldTask, *, device: str | torch.device | None = None) -> d
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
-            if stale >= p.patience:
+            if stale >= p.patience and epoch + 1 >= p.min_epochs:
                 break
     model.load_state_dict(best_state)
     _, test_probs = _evaluate(model, task.test, task.encoder, device, dtype, weights)
