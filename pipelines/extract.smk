@@ -9,7 +9,7 @@ rule extract:
         status=OUT / "status" / "extract" / f"{ENCODER_KEY}.json",
     log:
         OUT / "logs" / "extract" / f"{ENCODER_KEY}.log",
-    threads: workflow.cores
+    threads: 16  # scaled down to --cores; the Dask cluster sizes itself to the machine
     resources:
         mem_mb=16000,
         runtime=720,

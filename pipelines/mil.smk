@@ -10,7 +10,7 @@ rule train:
         run=OUT / "models" / RUN / "run.json",
     log:
         OUT / "logs" / "train" / f"{RUN}.log",
-    threads: workflow.cores
+    threads: 16  # scaled down to --cores; the Dask cluster sizes itself to the machine
     resources:
         mem_mb=16000,
         runtime=720,

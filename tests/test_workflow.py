@@ -55,7 +55,7 @@ def rows(path: Path) -> list[dict]:
 def small_cohort(tmp_path_factory) -> Path:
     """Six synthetic slides (three per class, one patient each), plus a corrupt slide file with no label."""
     folder = tmp_path_factory.mktemp("cohort")
-    labels = make_demo_cohort(folder, n_slides=6, seed=1)
+    labels = make_demo_cohort(folder, n_slides=6, seed=1, field_mm=(1.6, 1.2))
     table = rows(labels)
     with open(labels, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["slide_id", "label", "patient_id"], lineterminator="\n")
@@ -212,3 +212,15 @@ def test_slurm_profile_dry_run_plans_every_stage(small_cohort, tmp_path):
     proc = snakemake(tmp_path, "-n", "--profile", str(REPO / "configs" / "slurm"), "--configfile", str(config))
     plan = planned_jobs(proc)
     assert plan["tile"] == 7 and plan["extract"] == 1 and plan["train"] == 1 and plan["heatmap"] == 7
+
+
+@pytest.mark.slow
+def test_snakemake_report_bundles_the_run_report(reference_run, tmp_path):
+    import zipfile
+
+    work, config = reference_run
+    bundle = tmp_path / "report.zip"
+    snakemake(work, "--configfile", str(config), "--report", str(bundle))
+    with zipfile.ZipFile(bundle) as z:
+        names = z.namelist()
+    assert any(n.endswith("report.html") and "/data/" in n or n.endswith("out/report.html") for n in names), names
