@@ -258,14 +258,27 @@ def test_labels_file_without_label_column_or_missing_file(tmp_path):
         read_labels(tmp_path / "missing.csv")
 
 
-def test_class_with_fewer_patients_than_folds_fails_before_training(tmp_path):
+def test_class_with_fewer_slides_than_folds_fails_before_training(tmp_path):
     labels, _ = make_cohort(tmp_path, n_per_class=6)
     rows = read_csv(labels)
     kept = [r for r in rows if r["label"] == "normal" or r["slide_id"] in ("s01", "s03")]
     labels.write_text("slide_id,label\n" + "".join(f"{r['slide_id']},{r['label']}\n" for r in kept))
-    with pytest.raises(ConfigError,
-                       match=r"class 'tumour' has 2 patient\(s\) \(2 slide\(s\)\), fewer than mil.folds=3"):
+    with pytest.raises(ConfigError, match=r"labels.csv: class 'tumour' has 2 slide\(s\), fewer than mil.folds=3"):
         make_folds(load_cohort(tmp_path, labels, ENCODER), 3, seed=0)
+
+
+def test_fewer_patients_than_folds_still_trains_every_class_in_every_fold(tmp_path):
+    """Like the demo cohort: 4 tumour slides of 3 patients, 4 folds."""
+    labels, _ = make_cohort(tmp_path, n_per_class=4)
+    rows = read_csv(labels)
+    patients = {"s01": "A", "s03": "A", "s05": "B", "s07": "C"}
+    labels.write_text("slide_id,label,patient_id\n" + "".join(
+        f"{r['slide_id']},{r['label']},{patients.get(r['slide_id'], r['slide_id'])}\n" for r in rows))
+    cohort = load_cohort(tmp_path, labels, ENCODER)
+    folds = make_folds(cohort, 4, seed=0)
+    assert [f.index for f in folds] == [0, 1, 2, 3]
+    fold_of = {s: f.index for f in folds for s in f.test}
+    assert fold_of["s01"] == fold_of["s03"]
 
 
 def test_empty_bags_nan_features_and_missing_features_are_named(tmp_path):
