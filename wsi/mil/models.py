@@ -31,7 +31,7 @@ all threads of a Dask worker).
 >>> import torch
 >>> model = create_model("abmil", in_dim=16, n_classes=2, hidden_dim=32)
 >>> out = model(torch.randn(10, 16))
->>> out.logits.shape, out.attention.shape, out.tile_logits.shape, round(float(out.attention.sum()), 5)
+>>> out.logits.shape, out.attention.shape, out.tile_logits.shape, round(out.attention.sum().item(), 5)
 (torch.Size([2]), torch.Size([1, 10]), torch.Size([10, 2]), 1.0)
 """
 
