@@ -4,7 +4,6 @@ parameter changes, an unwritable output folder, and the SLURM profile."""
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -135,8 +134,22 @@ def test_parameter_change_reruns_that_stage_and_later_only(reference_run):
     assert set(plan) == {"tile", "extract", "train", "predict", "heatmap", "report", "all"}
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (the jobs, their Dask workers), as a node crash would."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = root.children(recursive=True) + [root]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def _run_until(work: Path, config: Path, marker, timeout: float = 300) -> str:
-    """Start snakemake, SIGKILL its whole process group once ``marker()`` is true; return its log text.
+    """Start snakemake, SIGKILL it and every process under it once ``marker()`` is true; return its log text.
 
     A killed Snakemake leaves its lock behind; `snakemake --unlock` (what the README says to run after a hard
     kill) releases it first."""
@@ -149,7 +162,7 @@ def _run_until(work: Path, config: Path, marker, timeout: float = 300) -> str:
         while not marker() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before the kill point"
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         proc.wait()
     return log.read_text()
 
