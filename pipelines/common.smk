@@ -85,5 +85,10 @@ if config.get("demo"):
             folder=Path(config["slides_dir"]).parent,
             n=config["demo"]["n_slides"],
             seed=config["demo"]["seed"],
+            field=(
+                "--field-mm {} {}".format(*config["demo"]["field_mm"])
+                if "field_mm" in config["demo"]
+                else ""
+            ),
         shell:
-            "wsi demo-data {params.folder} --n-slides {params.n} --seed {params.seed} > {log} 2>&1"
+            "wsi demo-data {params.folder} --n-slides {params.n} --seed {params.seed} {params.field} > {log} 2>&1"

@@ -37,7 +37,7 @@ rule predict:
     params:
         out=OUT,
         model=MODEL_DIR,
-        cfg=stage_config("extract", "cluster"),
+        cfg=stage_config("extract", "cluster", "mil"),
     shell:
         "wsi predict --out {params.out:q} --model {params.model:q} --config-json {params.cfg}"
         " --status {output.status:q} --no-progress > {log:q} 2>&1"

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outdir", type=Path)
     p.add_argument("--n-slides", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--field-mm", type=float, nargs=2, default=(2.8, 2.2), metavar=("WIDTH", "HEIGHT"),
+                   help="glass area of each slide in mm (smaller = fewer tiles, faster demo)")
 
     p = sub.add_parser("extract", help="features of every store's tiles with an encoder, on a Dask cluster")
     _common(p)
@@ -149,7 +151,8 @@ def run(args) -> int:
     if args.command == "demo-data":
         from .demo import make_demo_cohort
 
-        labels = make_demo_cohort(args.outdir, n_slides=args.n_slides, seed=args.seed)
+        labels = make_demo_cohort(args.outdir, n_slides=args.n_slides, seed=args.seed,
+                                  field_mm=tuple(args.field_mm))
         print(f"wrote {args.n_slides} slides and {labels}")
         return 0
 
