@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 
-def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, out_required: bool = True, per_slide: bool = True) -> None:
     p.add_argument("--out", required=out_required, type=Path, help="output folder (stores, features, models...)")
     p.add_argument("--config", dest="config_file", type=Path, help="YAML config over configs/default.yaml")
     p.add_argument("--config-json", help="JSON config mapping merged after --config (the Snakefile passes its "
@@ -21,8 +21,10 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set tiling.tile_px=224 (repeatable)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--status", type=Path, help="write the outcome per slide as JSON here and exit 0 even when "
-                   "slides failed (they are in OUT/failures.csv); for workflow jobs that must not stop the cohort")
+    if per_slide:
+        p.add_argument("--status", type=Path, help="write the outcome per slide as JSON here and exit 0 even "
+                       "when slides failed (they are in OUT/failures.csv); for workflow jobs that must not stop "
+                       "the cohort")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outdir", type=Path)
     p.add_argument("--n-slides", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--field-mm", type=float, nargs=2, default=(2.8, 2.2), metavar=("WIDTH", "HEIGHT"),
-                   help="glass area of each slide in mm (smaller = fewer tiles, faster demo)")
+    p.add_argument("--field-mm", type=float, nargs=2, metavar=("WIDTH", "HEIGHT"),
+                   help="glass area of each slide in mm (default: make_demo_cohort's; smaller = faster demo)")
 
     p = sub.add_parser("extract", help="features of every store's tiles with an encoder, on a Dask cluster")
     _common(p)
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("slide_ids", nargs="*", help="only these slides (default: every complete store)")
 
     p = sub.add_parser("train", help="cross-validated attention-MIL training on a labels table")
-    _common(p)
+    _common(p, per_slide=False)
     p.add_argument("--labels", type=Path, help="CSV slide_id,label[,patient_id,split]")
     p.add_argument("--model", help="abmil | clam_sb | clam_mb | transmil")
     p.add_argument("--encoder", help="which features to train on")
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("slide_ids", nargs="*", help="only these slides (default: all with scores)")
 
     p = sub.add_parser("report", help="self-contained OUT/report.html")
-    _common(p)
+    _common(p, per_slide=False)
     p.add_argument("--model-run", help="the run to report (default: the newest)")
     return parser
 
@@ -85,11 +87,9 @@ def _version() -> str:
 
 
 def _config(args, overrides: dict | None = None) -> dict:
-    from .config import load_config
-
     import json
 
-    from .config import deep_merge
+    from .config import deep_merge, load_config
 
     merged = json.loads(args.config_json) if getattr(args, "config_json", None) else {}
     return load_config(args.config_file, args.sets, overrides=deep_merge(merged, overrides or {}))
@@ -151,8 +151,8 @@ def run(args) -> int:
     if args.command == "demo-data":
         from .demo import make_demo_cohort
 
-        labels = make_demo_cohort(args.outdir, n_slides=args.n_slides, seed=args.seed,
-                                  field_mm=tuple(args.field_mm))
+        field = {"field_mm": tuple(args.field_mm)} if args.field_mm else {}
+        labels = make_demo_cohort(args.outdir, n_slides=args.n_slides, seed=args.seed, **field)
         print(f"wrote {args.n_slides} slides and {labels}")
         return 0
 

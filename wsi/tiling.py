@@ -226,9 +226,8 @@ def _up_to_date(path: Path, slide: Slide, tiling: TilingAttrs) -> bool:
     """A complete store made from this very file with these very parameters needs no redo."""
     if not is_complete(path):
         return False
-    store = SlideStore.open(path)
-    same_source = (store.slide.source_size, store.slide.source_mtime) == (
-        slide.path.stat().st_size, slide.path.stat().st_mtime)
+    store, source = SlideStore.open(path), slide.path.stat()
+    same_source = (store.slide.source_size, store.slide.source_mtime) == (source.st_size, source.st_mtime)
     return same_source and store.tiling == tiling
 
 
