@@ -122,6 +122,40 @@ def test_tumour_foci_are_tile_sized_dark_crowded_and_inside_tissue(small_slide):
     assert not (truth["tumour"] & ~truth["tissue"]).any()
 
 
+def test_lymphoid_aggregates_pack_small_dark_nuclei_and_leave_the_rest_unchanged(tmp_path):
+    """The mimic: round clusters of small, packed, darker-than-tumour nuclei inside tissue, apart from tumour;
+    drawn from their own random stream, so a slide without them is the same slide."""
+    common = {"width": 3000, "height": 2200, "seed": 11, "tumour_tiles": 1}
+    plain = write_synthetic_slide(tmp_path / "plain.svs", **common)
+    slide = write_synthetic_slide(tmp_path / "mimic.svs", lymphoid_aggregates=2, **common)
+    assert slide.tumour_boxes == plain.tumour_boxes and slide.tissue_boxes == plain.tissue_boxes
+    assert len(slide.lymphoid_boxes) == 2
+    truth = slide.truth_masks(1)
+    assert not (truth["lymphoid"] & truth["tumour"]).any() and not (truth["lymphoid"] & ~truth["tissue"]).any()
+    drawn = [s.render_level(1, 0, 0, s.width, s.height) for s in (plain, slide)]
+    elsewhere = ~ndimage.binary_dilation(truth["lymphoid"], iterations=8)  # rim nuclei overhang
+    assert np.array_equal(drawn[0][elsewhere], drawn[1][elsewhere])
+    pixels = read_openslide(slide.path, 0).astype(float).mean(axis=2)
+    dark = pixels < 110
+    lymphoid, tumour = truth["lymphoid"], truth["tumour"]
+    assert pixels[dark & lymphoid].mean() < pixels[dark & tumour].mean() - 10  # hyperchromatic nuclei
+    nuclei_per_px = lambda where: ndimage.label(dark & where)[1] / where.sum()  # noqa: E731
+    assert nuclei_per_px(lymphoid) > 1.5 * nuclei_per_px(tumour)  # small and packed
+    assert dark[lymphoid].mean() > 0.25  # a dense cluster, not stroma (see the tumour test)
+
+
+def test_stain_strength_darkens_the_stroma_and_is_checked(tmp_path):
+    common = {"width": 1024, "height": 768, "seed": 5}
+    pale = write_synthetic_slide(tmp_path / "pale.svs", stain=(0.7, 0.7), **common)
+    strong = write_synthetic_slide(tmp_path / "strong.svs", stain=(1.3, 1.3), **common)
+    tissue = pale.truth_masks(1)["tissue"]
+    assert read_openslide(strong.path, 0)[tissue].mean() < read_openslide(pale.path, 0)[tissue].mean() - 15
+    glass = ~strong.truth_masks(1)["tissue"]
+    assert abs(read_openslide(strong.path, 0)[glass].mean() - read_openslide(pale.path, 0)[glass].mean()) < 1
+    with pytest.raises(ConfigError, match="stain must be two strengths"):
+        write_synthetic_slide(tmp_path / "bad.svs", stain=(0, 1), **common)
+
+
 def test_pen_strokes_have_their_ink_colour_on_glass(artefact_slide):
     slide = artefact_slide
     truth = slide.truth_masks(4)

@@ -8,8 +8,9 @@ What a slide shows
 White-ish glass with slight noise; tissue pieces with wobbly outlines: pink eosin stroma with streaky fibres
 and sparse spindle-shaped purple nuclei, pale fat (white vacuoles in thin pink septa), a few small separate
 biopsy fragments, and optional dense tumour (crowded, larger, darker, irregular nuclei). Options add marker-pen
-strokes (blue, green, black, red) over glass and tissue edges, and dust/debris specks and faint smudges on
-glass. Colours are mixed with Beer-Lambert optical densities of haematoxylin and eosin.
+strokes (blue, green, black, red) over glass and tissue edges, dust/debris specks and faint smudges on glass,
+and lymphoid aggregates (the tumour mimic). Colours are mixed with Beer-Lambert optical densities of
+haematoxylin and eosin, whose strengths a slide may scale (its staining batch).
 
 Every pixel is a deterministic function of its level-0 position and its size (the level's downsample), so
 tiles are rendered independently and streamed to :class:`tifffile.TiffWriter` (a 40,000 x 30,000 slide never
@@ -253,13 +254,15 @@ class _Scene:
     tumours: tuple  # _Blob
     strokes: tuple  # _Stroke
     specks: tuple  # _Speck (dust, debris and smudges)
+    lymphoid: tuple = ()  # _Blob: lymphoid aggregates, the tumour mimics
+    stain: tuple = (1.0, 1.0)  # haematoxylin, eosin strength: the slide's staining batch
 
     def px(self, microns: float) -> float:
         return microns / self.um
 
     def touches(self, region: Box) -> bool:
         """Whether anything but glass may show in ``region`` (level-0 box)."""
-        objects = self.tissue + self.tumours + self.strokes + self.specks
+        objects = self.tissue + self.tumours + self.lymphoid + self.strokes + self.specks
         return any(_intersects(o.box(), region) for o in objects)
 
 
@@ -285,6 +288,9 @@ STROMA_NUCLEI = _Nuclei(cell=12.0, keep=0.30, radius=(1.3, 1.9), aspect=(1.8, 3.
                         wobble=0.1)
 TUMOUR_NUCLEI = _Nuclei(cell=9.5, keep=0.88, radius=(3.0, 4.6), aspect=(1.0, 1.5), haem=(1.5, 2.4), warp=0.45,
                         wobble=0.35)
+# small, round, hyperchromatic, packed: more and darker nuclei than tumour, so "dark nuclei" is no tumour sign
+LYMPHOCYTE_NUCLEI = _Nuclei(cell=7.0, keep=0.9, radius=(2.3, 2.9), aspect=(1.0, 1.15), haem=(2.3, 2.9), warp=0.3,
+                            wobble=0.05)
 
 
 def _nuclei_absorbance(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: float,
@@ -313,7 +319,7 @@ def _discrete_absorbance(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: 
     density *= 1 + 0.22 * _noise(seed + 14, xs, ys, scene.px(0.9), pixel=pixel)
     absorbed = np.zeros((*density.shape, 3), np.float32)
     hit = density > 0  # nuclei cover a small share of the pixels: exp only there
-    absorbed[hit] = 1 - np.exp(-HAEM_OD * density[hit][:, None])
+    absorbed[hit] = 1 - np.exp(-HAEM_OD * scene.stain[0] * density[hit][:, None])
     return absorbed
 
 
@@ -398,6 +404,7 @@ class _Layers:
 
     tissue: np.ndarray
     tumour: np.ndarray
+    lymphoid: np.ndarray
     fat: np.ndarray
     pens: list  # (coverage, _Stroke)
     specks: list  # (coverage, _Speck)
@@ -424,11 +431,16 @@ def _layers(scene: _Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> _Lay
     for blob in scene.tumours:
         if _intersects(blob.box(), region):
             np.maximum(tumour, _edge(blob.signed_distance(xs, ys, pixel), pixel), out=tumour)
-    np.maximum(tissue, tumour, out=tissue)
-    fat *= 1 - tumour
+    lymphoid = np.zeros(shape, np.float32)
+    for blob in scene.lymphoid:
+        if _intersects(blob.box(), region):
+            np.maximum(lymphoid, _edge(blob.signed_distance(xs, ys, pixel), pixel), out=lymphoid)
+    lymphoid *= 1 - tumour
+    np.maximum(tissue, tumour + lymphoid, out=tissue)
+    fat *= 1 - tumour - lymphoid
     pens = [(s.coverage(xs, ys, pixel), s) for s in scene.strokes if _intersects(s.box(), region)]
     specks = [(s.coverage(xs, ys, pixel), s) for s in scene.specks if _intersects(s.box(), region)]
-    return _Layers(tissue, tumour, fat, pens, specks)
+    return _Layers(tissue, tumour, lymphoid, fat, pens, specks)
 
 
 def _render(scene: _Scene, x0: float, y0: float, pixel: float, light: np.ndarray) -> np.ndarray:
@@ -482,30 +494,35 @@ def _render_region(scene: _Scene, downsample: float, col: int, row: int, width: 
 
 
 def _tissue_transmittance(scene: _Scene, lay: _Layers, xs, ys, pixel: float) -> np.ndarray:
-    """(h, w, 3) light transmitted by the tissue (1 on glass): stroma, fat and tumour backgrounds, then nuclei."""
+    """(h, w, 3) light transmitted by the tissue (1 on glass): stroma, fat, lymphoid and tumour backgrounds, then
+    nuclei; the slide's stain strengths scale every optical density."""
     seed = scene.seed
+    eosin_od, haem_od = EOSIN_OD * scene.stain[1], HAEM_OD * scene.stain[0]
     big = _noise(seed + 41, xs, ys, scene.px(300), pixel=pixel)
     fibres_x = _noise(seed + 42, xs, ys, scene.px(40), scene.px(5), pixel=pixel)
     fibres_y = _noise(seed + 43, xs, ys, scene.px(5), scene.px(40), pixel=pixel)
     along_x = np.clip(0.5 + 1.5 * _noise(seed + 44, xs, ys, scene.px(300), pixel=pixel), 0, 1)
     eosin = 0.58 + 0.08 * big + 0.22 * (along_x * fibres_x + (1 - along_x) * fibres_y)
-    stroma_t = np.exp(-EOSIN_OD * eosin[..., None] - HAEM_OD * 0.05)
+    stroma_t = np.exp(-eosin_od * eosin[..., None] - haem_od * 0.05)
 
-    w_tum = lay.tumour
-    w_fat = lay.fat
-    w_str = np.clip(1 - w_tum - w_fat, 0, 1)
+    w_tum, w_lym, w_fat = lay.tumour, lay.lymphoid, lay.fat
+    w_str = np.clip(1 - w_tum - w_lym - w_fat, 0, 1)
     absorbed = w_str[..., None] * _nuclei_absorbance(STROMA_NUCLEI, seed + 100, scene, xs, ys, pixel,
                                                      w_str * lay.tissue)
     background = w_str[..., None] * stroma_t
     if w_fat.any():
         septa = _fat_septa(scene, xs, ys, pixel)[..., None]
-        septa_t = np.exp(-EOSIN_OD * 0.95 - HAEM_OD * 0.05)
+        septa_t = np.exp(-eosin_od * 0.95 - haem_od * 0.05)
         background += w_fat[..., None] * (1 - septa * (1 - septa_t))
     if w_tum.any():
         cytoplasm = 0.42 + 0.06 * big
-        tum_t = np.exp(-EOSIN_OD * cytoplasm[..., None] - HAEM_OD * 0.22)
+        tum_t = np.exp(-eosin_od * cytoplasm[..., None] - haem_od * 0.22)
         background += w_tum[..., None] * tum_t
         absorbed += w_tum[..., None] * _nuclei_absorbance(TUMOUR_NUCLEI, seed + 200, scene, xs, ys, pixel, w_tum)
+    if w_lym.any():  # scant cytoplasm between the lymphocytes
+        background += w_lym[..., None] * np.exp(-eosin_od * 0.3 - haem_od * 0.12)
+        absorbed += w_lym[..., None] * _nuclei_absorbance(LYMPHOCYTE_NUCLEI, seed + 300, scene, xs, ys, pixel,
+                                                          w_lym)
     background *= 1 - absorbed
     if lay.tissue.min() == 1:  # the common tile: all tissue
         return background
@@ -521,9 +538,10 @@ def _clear_of(blobs: Sequence[_Blob], x: float, y: float, r: float, margin: floa
 
 
 def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_boxes: Sequence[Box], tumour_tiles: int,
-           pen_marks: bool, specks: bool) -> _Scene:
+           pen_marks: bool, specks: bool, lymphoid_aggregates: int = 0, stain: tuple = (1.0, 1.0)) -> _Scene:
     """Where everything goes, drawn from ``seed``: one or two main tissue pieces scaled to the slide, up to
-    three small fragments on the glass, tumour, pen arcs along the main pieces' rims, specks and smudges."""
+    three small fragments on the glass, tumour, pen arcs along the main pieces' rims, specks and smudges, and
+    lymphoid aggregates (from their own random stream, so asking for none leaves the rest of the slide as it was)."""
     rng = np.random.default_rng([seed, 0x5EED])
     seeds = iter(rng.integers(1, 2 ** 31, size=1000).tolist())
     short = min(width, height)
@@ -593,8 +611,32 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
                 if apart and _clear_of(main + fragments, x, y, r, 60 / um):
                     dirt.append(_Speck(x, y, r, SPECK_TS[int(rng.integers(len(SPECK_TS)))], smudge, next(seeds)))
                     placed += 1
+    lymphoid = _lymphoid_aggregates(path, width, height, um, seed, lymphoid_aggregates, main, tumours)
     return _Scene(width, height, um, seed, tuple(main + fragments), len(main), tuple(tumours), tuple(strokes),
-                  tuple(dirt))
+                  tuple(dirt), tuple(lymphoid), tuple(float(v) for v in stain))
+
+
+def _lymphoid_aggregates(path: Path, width: int, height: int, um: float, seed: int, count: int,
+                         main: Sequence[_Blob], tumours: Sequence[_Blob]) -> list[_Blob]:
+    """``count`` round lymphoid aggregates of 70-150 um radius (one to a few tiles) inside the main pieces,
+    apart from each other and from tumour."""
+    rng = np.random.default_rng([seed, 0x1A6])
+    placed: list[_Blob] = []
+    for _ in range(count):
+        for _attempt in range(300):
+            r = rng.uniform(70, 150) / um
+            cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
+            inside = any(b.signed_distance(np.array([cx]), np.array([cy]), 1.0)[0, 0] > r for b in main)
+            if inside and all(math.hypot(cx - o.cx, cy - o.cy) > r + max(o.rx, o.ry) + 60 / um
+                              for o in (*tumours, *placed)):
+                placed.append(_Blob(cx, cy, r * rng.uniform(0.85, 1.15), r * rng.uniform(0.85, 1.15),
+                                    rng.uniform(0, math.pi), wobble=0.2, power=2, inward=True,
+                                    seed=int(rng.integers(1, 2 ** 31))))
+                break
+        else:
+            raise ConfigError(path, f"no room for {count} lymphoid aggregates in a {width} x {height} slide",
+                              "ask for fewer lymphoid_aggregates or a larger slide")
+    return placed
 
 
 # ----------------------------------------------------------------------------------------------- result
@@ -602,12 +644,12 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
 class SyntheticSlide:
     """A slide written by :func:`write_synthetic_slide` and the level-0 boxes (x0, y0, x1, y1) of what it shows.
 
-    ``tissue_boxes`` bound each tissue piece (main pieces first, then small fragments), ``tumour_boxes`` each
-    tumour region (the given boxes first, then the foci), ``pen_boxes`` each pen stroke (one per ink, in
-    :data:`PEN_INKS` order: blue, green, black, red), ``speck_boxes`` each dust/debris speck and smudge, all
-    clipped to the slide. Boxes bound their objects (a focus fills about 80% of its box); :meth:`truth_masks`
-    gives the exact pixels and :meth:`render_level` the exact colours. ``scene`` is the drawing's private
-    description.
+    ``tissue_boxes`` bound each tissue piece (main pieces first, then small fragments), ``tumour_boxes`` each tumour
+    region (the given boxes first, then the foci), ``pen_boxes`` each pen stroke (one per ink, in :data:`PEN_INKS`
+    order: blue, green, black, red), ``speck_boxes`` each dust/debris speck and smudge, ``lymphoid_boxes`` each
+    lymphoid aggregate, all clipped to the slide. Boxes bound their objects (a focus fills about 80% of its box);
+    :meth:`truth_masks` gives the exact pixels and :meth:`render_level` the exact colours. ``scene`` is the
+    drawing's private description.
     """
 
     path: Path
@@ -618,6 +660,7 @@ class SyntheticSlide:
     tissue_boxes: tuple[Box, ...]
     pen_boxes: tuple[Box, ...]
     speck_boxes: tuple[Box, ...]
+    lymphoid_boxes: tuple[Box, ...]
     scene: _Scene = field(repr=False, compare=False)
 
     def render_level(self, downsample: float, col: int, row: int, width: int, height: int) -> np.ndarray:
@@ -628,9 +671,10 @@ class SyntheticSlide:
 
     def truth_masks(self, downsample: float) -> dict[str, np.ndarray]:
         """Ground truth on the grid of ``ceil(h / downsample) x ceil(w / downsample)`` pixels (sampled at their
-        centres): boolean ``tissue``, ``tumour``, ``fat``, ``pen`` and ``speck`` (specks and smudges)."""
+        centres): boolean ``tissue``, ``tumour``, ``lymphoid``, ``fat``, ``pen`` and ``speck`` (specks and
+        smudges)."""
         w, h = math.ceil(self.width / downsample), math.ceil(self.height / downsample)
-        out = {k: np.zeros((h, w), bool) for k in ("tissue", "tumour", "fat", "pen", "speck")}
+        out = {k: np.zeros((h, w), bool) for k in ("tissue", "tumour", "lymphoid", "fat", "pen", "speck")}
         step = 512
         for r in range(0, h, step):
             ys = (np.arange(r, min(h, r + step)) + 0.5) * downsample
@@ -639,6 +683,7 @@ class SyntheticSlide:
             rows = slice(r, r + ys.size)
             out["tissue"][rows] = lay.tissue > 0.5
             out["tumour"][rows] = lay.tumour > 0.5
+            out["lymphoid"][rows] = lay.lymphoid > 0.5
             out["fat"][rows] = (lay.fat > 0.5) & (lay.tissue > 0.5)
             for cov, _ in lay.pens:
                 out["pen"][rows] |= cov > 0.5
@@ -691,7 +736,8 @@ def _level_tiles(scene: _Scene, downsample: float, size: tuple[int, int], tile: 
 def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 0.5, tile: int = 256,
                           downsamples: Sequence[float] = (1, 4, 16), jpeg_quality: int = 85, kind: str = "aperio",
                           seed: int = 0, tumour_boxes: Sequence[Box] | None = None, tumour_tiles: int = 0,
-                          pen_marks: bool = False, specks: bool = False) -> SyntheticSlide:
+                          pen_marks: bool = False, specks: bool = False, lymphoid_aggregates: int = 0,
+                          stain: tuple[float, float] = (1.0, 1.0)) -> SyntheticSlide:
     """Write a pyramidal JPEG-tiled H&E-like slide to ``path``; return its ground truth.
 
     ``kind`` is ``aperio`` (SVS-like, MPP in the description) or ``generic`` (tiled TIFF, MPP in the
@@ -701,16 +747,21 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
     with tumour (a rounded box, its corners trimmed); ``tumour_tiles`` adds that many small tumour foci of
     about one 256-px tile at 0.5 um/px inside tissue. ``pen_marks`` draws blue, green, black and red marker
     arcs over glass and tissue edges; ``specks`` adds dust/debris specks and faint smudges on glass.
-    Deterministic for a ``seed``.
+    ``lymphoid_aggregates`` adds that many round clusters of small, dark, packed lymphocytes (70-150 um
+    radius), the classic tumour mimic: more and darker nuclei than tumour, found in normal tissue too. ``stain``
+    scales the haematoxylin and eosin optical densities (1, 1 is the standard look; labs and batches vary by
+    about +-30%). Deterministic for a ``seed``.
     """
     path = Path(path)
     ds = _check_args(path, width, height, mpp, tile, downsamples, jpeg_quality, kind)
     for b in tumour_boxes or ():
         if len(b) != 4 or not (0 <= b[0] < b[2] <= width and 0 <= b[1] < b[3] <= height):
             raise ConfigError(path, f"tumour box {tuple(b)} is not (x0, y0, x1, y1) inside {width} x {height}")
+    if len(stain) != 2 or not all(0.2 <= float(v) <= 5 for v in stain):
+        raise ConfigError(path, f"stain must be two strengths (haematoxylin, eosin) in 0.2..5, got {tuple(stain)}")
     um = mpp if mpp is not None else RENDER_MPP_WITHOUT_CALIBRATION
     scene = _scene(path, width, height, um, seed, [tuple(int(v) for v in b) for b in tumour_boxes or ()], tumour_tiles,
-                   pen_marks, specks)
+                   pen_marks, specks, lymphoid_aggregates, stain)
     sizes = [(max(1, math.ceil(width / d)), max(1, math.ceil(height / d))) for d in ds]
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -734,7 +785,7 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
     boxes = lambda objs: tuple(_clip_box(o.box(), width, height) for o in objs)  # noqa: E731
     return SyntheticSlide(path=path, width=width, height=height, mpp=mpp, tumour_boxes=boxes(scene.tumours),
                           tissue_boxes=boxes(scene.tissue), pen_boxes=boxes(scene.strokes),
-                          speck_boxes=boxes(scene.specks), scene=scene)
+                          speck_boxes=boxes(scene.specks), lymphoid_boxes=boxes(scene.lymphoid), scene=scene)
 
 
 def _clip_box(box: Box, width: int, height: int) -> Box:
@@ -766,14 +817,14 @@ def make_demo_cohort(outdir, *, n_slides: int = 8, seed: int = 0,
                      field_mm: tuple[float, float] = (2.8, 2.2)) -> Path:
     """Write ``outdir/slides/<slide_id>.svs`` and ``outdir/labels.csv`` (``slide_id,label,patient_id``).
 
-    Labels are balanced ``normal``/``tumour``; tumour slides carry 3-6 small foci of about one tile each
-    (few positives among many tiles, like lymph-node metastases). Each slide shows ``field_mm`` (width,
-    height) of glass; the default gives about 100-130 tissue tiles of 256 px at 0.5 um/px (2 x 1.6 mm is
-    the smallest that always has room for 6 foci). Scanners are mixed as in a real cohort: every fourth
-    slide from the second on is 0.25 um/px (40x, so tiling at 0.5 um/px area-averages), the rest 0.5 um/px
-    (20x); all have levels 1, 4, 16. The default 8 slides take about 30 s of CPU to write. From 3 slides on, slides 1 and 2 belong to one patient
-    (and from 7 on, slides 5 and 6 to another), so patient-grouped cross-validation matters.
-    Deterministic for a ``seed``; returns the labels path.
+    Labels are balanced ``normal``/``tumour``; tumour slides carry 3-6 small foci of about one tile each (few
+    positives among many tiles, like lymph-node metastases). Each slide shows ``field_mm`` (width, height) of glass;
+    the default gives about 100-130 tissue tiles of 256 px at 0.5 um/px (2 x 1.6 mm is the smallest that always has
+    room for 6 foci). Scanners are mixed as in a real cohort: every fourth slide from the second on is 0.25 um/px
+    (40x, so tiling at 0.5 um/px area-averages), the rest 0.5 um/px (20x); all have levels 1, 4, 16. The default 8
+    slides take about 30 s of CPU to write. From 3 slides on, slides 1 and 2 belong to one patient (and from 7 on,
+    slides 5 and 6 to another), so patient-grouped cross-validation matters. Deterministic for a ``seed``; returns
+    the labels path.
     """
     outdir = Path(outdir)
     if n_slides < 2:
