@@ -126,10 +126,11 @@ def _expected(downsample: float, shape) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def painted(tmp_path_factory):
-    """One run of the whole stage, without smoothing, on the known store: (out_dir, summary)."""
+    """One run of the whole stage painting attention ranks, without smoothing, on the known store: (out_dir,
+    summary). The default tumour-probability map has its own test."""
     out = tmp_path_factory.mktemp("out")
     make_store(out)
-    summary = heatmaps(out, RUN, _config(smooth_sigma=0.0), progress=False)
+    summary = heatmaps(out, RUN, _config(smooth_sigma=0.0, value="attention"), progress=False)
     return out, summary
 
 
@@ -265,9 +266,12 @@ def test_rerun_skips_done_slides_and_redoes_them_when_parameters_change(tmp_path
     assert tif.stat().st_mtime_ns != first
 
 
-def test_tumour_probability_map_with_raw_values(tmp_path):
+def test_default_map_is_tumour_probability_on_its_own_scale(tmp_path):
+    """The default (value tumour, normalize auto) paints probabilities as they are; attention gets ranks."""
+    assert HeatmapParams.from_config(_config(value="attention")).normalize == "percentile"
     store = make_store(tmp_path)
-    params = HeatmapParams.from_config(_config(value="tumour", normalize="raw", smooth_sigma=0.0))
+    params = HeatmapParams.from_config(_config(smooth_sigma=0.0))
+    assert (params.value, params.normalize) == ("tumour", "raw")
     paths = heatmap_slide(store, RUN, tmp_path, params)
     with tiffslide.TiffSlide(str(paths["heatmap.tif"])) as slide:
         values = _values(np.asarray(slide.read_region((0, 0), 0, slide.dimensions)))
@@ -323,7 +327,7 @@ def test_unknown_tumour_class_names_the_classes(tmp_path):
 def test_configuration_errors_are_refused_before_any_slide(tmp_path):
     make_store(tmp_path)
     with pytest.raises(ConfigError, match="attention weights have no absolute scale"):
-        heatmaps(tmp_path, RUN, _config(normalize="raw"), progress=False)
+        heatmaps(tmp_path, RUN, _config(value="attention", normalize="raw"), progress=False)
     with pytest.raises(ConfigError, match="not a matplotlib colormap"):
         heatmaps(tmp_path, RUN, _config(colormap="rainbowish"), progress=False)
     with pytest.raises(StoreError, match="no complete store has scores of model run 'other'"):
