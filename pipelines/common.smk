@@ -3,7 +3,7 @@ import json
 import shlex
 from pathlib import Path
 
-from wsi.slide import SLIDE_SUFFIXES, expand_slide_paths, slide_id_from_path
+from wsi.slide import expand_slide_paths, slide_id_from_path
 from wsi.store import encoder_key
 
 OUT = Path(config["out_dir"])

@@ -66,6 +66,32 @@ def test_each_kind_reports_its_mpp_in_both_backends(tmp_path, kind, mpp, vendor,
         assert o.level_count == t.level_count == 2
 
 
+def test_dicom_slide_is_a_folder_openslide_opens_with_its_mpp_and_rendered_pixels(make_slide):
+    import pydicom
+
+    slide = make_slide("dicom_small", width=1024, height=768, downsamples=(1, 4), kind="dicom", mpp=0.5, seed=4,
+                       tumour_tiles=1)
+    files = sorted(slide.path.iterdir())
+    assert slide.path.is_dir() and [f.name for f in files] == ["level-0.dcm", "level-1.dcm"]
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        assert len({getattr(h, key) for h in headers}) == 1, f"{key} differs between levels"
+    assert [h.NumberOfFrames for h in headers] == [4 * 3, 1]  # 256-px frames, edge frames padded
+    assert all(h.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.6" and h.DimensionOrganizationType == "TILED_FULL"
+               for h in headers)
+    with openslide.OpenSlide(str(files[1])) as o:  # any one file opens the whole series
+        assert o.properties["openslide.vendor"] == "dicom"
+        assert o.level_dimensions == ((1024, 768), (256, 192))
+        assert float(o.properties["openslide.mpp-x"]) == float(o.properties["openslide.mpp-y"]) == 0.5
+        assert o.properties["openslide.objective-power"] == "20"
+        for level, downsample in enumerate((1, 4)):
+            size = o.level_dimensions[level]
+            err = np.asarray(o.read_region((0, 0), level, size).convert("RGB")).astype(int) - slide.render_level(
+                downsample, 0, 0, *size)
+            assert np.abs(err).mean() < 4.0 and np.percentile(np.abs(err), 99) < 30
+            assert np.abs(err.mean(axis=(0, 1))).max() < 1.5
+
+
 def test_levels_may_be_any_increasing_factors(make_slide):
     slide = make_slide("odd_levels.svs", width=2000, height=1500, downsamples=(1, 3, 9), seed=2)
     with openslide.OpenSlide(str(slide.path)) as o, tiffslide.TiffSlide(slide.path) as t:
@@ -197,6 +223,8 @@ def test_fat_is_pale_and_part_of_the_tissue(artefact_slide):
     ({"mpp": -0.5}, "mpp must be a positive number"),
     ({"tumour_boxes": [(0, 0, 5000, 10)]}, "tumour box"),
     ({"tumour_tiles": 50}, "no room for 50 tumour foci"),
+    ({"kind": "dicom"}, "a DICOM slide is a folder; the path has a file suffix '.svs'"),
+    ({"kind": "dicom", "mpp": None}, "a DICOM slide needs an mpp"),
 ])
 def test_bad_arguments_fail_with_one_line_naming_the_file(tmp_path, kwargs, cause):
     path = tmp_path / "bad.svs"

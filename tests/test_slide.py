@@ -1,5 +1,7 @@
 """Opening slides with both backends, MPP resolution and read-level choice."""
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,7 @@ import tifffile
 
 from wsi.demo import write_synthetic_slide
 from wsi.errors import ConfigError, SlideError
-from wsi.slide import choose_level, expand_slide_paths, load_mpp_overrides, open_slide, slide_id_from_path
+from wsi.slide import choose_level, expand_slide_paths, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 
@@ -104,6 +106,63 @@ def test_slide_ids_and_folder_expansion(tmp_path):
     for name in ("b.svs", "a.ndpi", "notes.txt", ".hidden.svs"):
         (tmp_path / name).write_text("")
     assert [p.name for p in expand_slide_paths([tmp_path])] == ["a.ndpi", "b.svs"]
+
+
+def test_folder_scan_takes_each_dicom_subfolder_as_one_slide(tmp_path):
+    for name in ("b.svs", "case7/x.dcm", "case7/y.dcm", "plain/a.svs", ".hidden/z.dcm", "c.tif"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    case7 = tmp_path / "case7"
+    assert expand_slide_paths([tmp_path]) == [tmp_path / "b.svs", tmp_path / "c.tif", case7]
+    # a DICOM folder, or any of its files, is that one slide, once
+    assert expand_slide_paths([case7, case7 / "y.dcm", tmp_path / "b.svs"]) == [case7, tmp_path / "b.svs"]
+    assert slide_id_from_path(case7) == slide_id_from_path(case7 / "x.dcm") == "case7"
+
+
+def test_a_dicom_folder_is_sized_by_its_files_and_dated_by_the_newest(tmp_path):
+    (tmp_path / "a.dcm").write_bytes(b"x" * 100)
+    (tmp_path / "b.dcm").write_bytes(b"x" * 23)
+    (tmp_path / ".DS_Store").write_bytes(b"x" * 7)  # hidden files are not part of the slide
+    os.utime(tmp_path / "a.dcm", (1_000_000, 1_000_000))
+    os.utime(tmp_path / "b.dcm", (2_000_000, 2_000_000))
+    assert source_stat(tmp_path) == (123, 2_000_000)
+    assert source_stat(tmp_path / "a.dcm") == (100, 1_000_000)
+
+
+def test_dicom_folder_opens_through_one_of_its_files(make_slide, tmp_path):
+    slide = make_slide("dicom_small", width=1024, height=768, downsamples=(1, 4), kind="dicom", mpp=0.5, seed=4,
+                       tumour_tiles=1)
+    for path in (slide.path, slide.path / "level-1.dcm"):
+        with open_slide(path) as s:  # backend auto
+            assert (s.path, s.slide_id, s.backend, s.vendor) == (slide.path, "dicom_small", "openslide", "dicom")
+            assert s.pixel_backend == "openslide"  # the direct JPEG reader is for TIFF only
+            assert (s.mpp_x, s.mpp_y, s.mpp_source, s.objective_power) == (0.5, 0.5, "file", 20.0)
+            assert s.level_dimensions == ((1024, 768), (256, 192)) and s.level_downsamples == (1.0, 4.0)
+            region = s.read_region(300, 200, 0, 400, 300).astype(int)
+            assert np.abs(region - slide.render_level(1, 300, 200, 400, 300)).mean() < 4.0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SlideError, match="holds no .dcm files") as e:
+        open_slide(empty)
+    assert str(e.value).startswith(str(empty)) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("victim", "keep", "cause"), [
+    ("level-0.dcm", 1 / 3, "pixel data is cut short"),  # the file OpenSlide is handed
+    ("level-1.dcm", 0.1, "header is cut short"),  # a file OpenSlide would silently skip
+])
+def test_damaged_dicom_file_is_a_slide_error_naming_the_folder_and_file(make_slide, tmp_path, victim, keep, cause):
+    slide = make_slide("dicom_small", width=1024, height=768, downsamples=(1, 4), kind="dicom", mpp=0.5, seed=4,
+                       tumour_tiles=1)
+    folder = tmp_path / "broken"
+    shutil.copytree(slide.path, folder)
+    data = (folder / victim).read_bytes()
+    (folder / victim).write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(SlideError) as e:
+        open_slide(folder)
+    message = str(e.value)
+    assert message.startswith(f"{folder}: {victim} is not a whole DICOM file") and cause in message
+    assert "\n" not in message
 
 
 def test_damaged_tiff_header_is_a_slide_error_from_both_backends(tmp_path):

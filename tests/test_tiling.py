@@ -185,6 +185,62 @@ def test_bad_slides_fail_alone_with_one_line_each(slide_025, tmp_path):
         assert not is_complete(store_path(out, slide_id))
 
 
+@pytest.fixture(scope="module")
+def svs_and_dicom(tmp_path_factory):
+    """One scene written twice into one folder: ``scene.svs`` and the DICOM folder ``scene_dcm/``."""
+    slides = tmp_path_factory.mktemp("svs_dicom") / "slides"
+    args = {"width": 2048, "height": 1536, "mpp": 0.5, "downsamples": (1, 4, 16), "seed": 6, "tumour_tiles": 1}
+    write_synthetic_slide(slides / "scene.svs", **args)
+    write_synthetic_slide(slides / "scene_dcm", kind="dicom", **args)
+    return slides
+
+
+def test_a_dicom_folder_tiles_like_the_same_scene_as_svs_and_reruns_only_when_it_changes(svs_and_dicom, tmp_path):
+    out = tmp_path / "out"
+    assert wsi_main(["tile", str(svs_and_dicom), "--out", str(out), "--no-progress"]) == 0
+    svs, dcm = (SlideStore.open(store_path(out, name)) for name in ("scene", "scene_dcm"))
+    assert dcm.slide.vendor == "dicom" and dcm.slide.mpp_x == 0.5 and dcm.slide.mpp_source == "file"
+    assert dcm.slide.source_path == str((svs_and_dicom / "scene_dcm").resolve())
+    assert dcm.slide.source_size == sum(f.stat().st_size for f in (svs_and_dicom / "scene_dcm").iterdir())
+    assert dcm.tiling == svs.tiling and dcm.n_tiles == svs.n_tiles > 0
+    np.testing.assert_array_equal(dcm.coords, svs.coords)
+    # both are JPEG of the same rendering (SVS 4:2:0, DICOM 4:2:2 chroma): equal within JPEG's error
+    diff = np.abs(dcm.read_tiles(0, dcm.n_tiles).astype(int) - svs.read_tiles(0, svs.n_tiles).astype(int))
+    assert diff.mean() < 3.0 and np.percentile(diff, 99) < 30
+
+    stamp = (store_path(out, "scene_dcm") / "zarr.json").stat().st_mtime_ns
+    assert wsi_main(["tile", str(svs_and_dicom), "--out", str(out), "--no-progress"]) == 0
+    assert (store_path(out, "scene_dcm") / "zarr.json").stat().st_mtime_ns == stamp  # nothing new: idle
+    level1 = svs_and_dicom / "scene_dcm" / "level-1.dcm"
+    mtime = level1.stat().st_mtime
+    try:
+        os.utime(level1, (mtime + 10, mtime + 10))  # one file of the folder changed: the slide is re-tiled
+        [result] = tile([svs_and_dicom / "scene_dcm"], out)
+        assert result.error is None
+        assert (store_path(out, "scene_dcm") / "zarr.json").stat().st_mtime_ns != stamp
+    finally:
+        os.utime(level1, (mtime, mtime))
+
+
+def test_a_corrupt_dicom_folder_fails_alone_with_one_line_naming_it(svs_and_dicom, tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(svs_and_dicom / "scene.svs", slides / "good.svs")
+    shutil.copytree(svs_and_dicom / "scene_dcm", slides / "broken")
+    data = (slides / "broken" / "level-0.dcm").read_bytes()
+    (slides / "broken" / "level-0.dcm").write_bytes(data[: len(data) // 3])
+    out = tmp_path / "out"
+
+    assert wsi_main(["tile", str(slides), "--out", str(out), "--no-progress"]) == 1
+    assert SlideStore.open(store_path(out, "good")).n_tiles > 0
+    with open(out / "failures.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["slide_id"], r["stage"]) for r in rows] == [("broken", "tile")]
+    assert rows[0]["cause"].startswith(f"{slides / 'broken'}: level-0.dcm is not a whole DICOM file")
+    assert "\n" not in rows[0]["cause"]
+    assert not is_complete(store_path(out, "broken"))
+
+
 def test_killed_run_leaves_no_complete_store_and_rerun_completes(tmp_path):
     slide = write_synthetic_slide(tmp_path / "big.svs", width=12288, height=8192, mpp=0.25, seed=2)
     out = tmp_path / "out"

@@ -1,7 +1,8 @@
 """Synthetic H&E-like whole-slide images, so the demo and every test run on a fresh machine with no data.
 
 :func:`write_synthetic_slide` writes a pyramidal, JPEG-tiled TIFF that openslide (4.x) and tiffslide both open
-and decode to identical pixels; :func:`make_demo_cohort` writes a small labelled cohort of them.
+and decode to identical pixels, or a DICOM WSI folder that openslide opens; :func:`make_demo_cohort` writes a
+small labelled cohort of (SVS) slides.
 
 What a slide shows
 ------------------
@@ -13,22 +14,23 @@ and lymphoid aggregates (the tumour mimic). Colours are mixed with Beer-Lambert 
 haematoxylin and eosin, whose strengths a slide may scale (its staining batch).
 
 Every pixel is a deterministic function of its level-0 position and its size (the level's downsample), so
-tiles are rendered independently and streamed to :class:`tifffile.TiffWriter` (a 40,000 x 30,000 slide never
-holds a level in memory), and coarse levels look like area-averaged level 0 without computing level 0: edges
-are anti-aliased over the pixel footprint, fine noise fades with the downsample, and nuclei smaller than a
-pixel turn into their mean coverage. Features are sized in microns (nuclei 5-11 um, fat cells ~70 um), so a
-0.25 um/px slide shows the same tissue as a 0.5 um/px one at twice the pixels; a slide written with
-``mpp=None`` is drawn as if at 0.5 um/px.
+tiles are rendered independently and streamed to :class:`tifffile.TiffWriter` or into the DICOM files (a
+40,000 x 30,000 slide never holds a level in memory), and coarse levels look like area-averaged level 0
+without computing level 0: edges are anti-aliased over the pixel footprint, fine noise fades with the
+downsample, and nuclei smaller than a pixel turn into their mean coverage. Features are sized in microns
+(nuclei 5-11 um, fat cells ~70 um), so a 0.25 um/px slide shows the same tissue as a 0.5 um/px one at twice
+the pixels; a slide written with ``mpp=None`` is drawn as if at 0.5 um/px.
 
 The returned :class:`SyntheticSlide` holds the level-0 boxes of what was drawn (tissue pieces, tumour, pen
 strokes, specks and smudges) and :meth:`SyntheticSlide.truth_masks` renders the exact per-pixel ground truth
 at any downsample, from the same functions that drew the pixels.
 
-File layout and vendor quirks (openslide 4.0.1 / openslide-python 1.4, tiffslide 3.0, tifffile 2026.3)
-------------------------------------------------------------------------------------------------------------
-* Tiles are JPEG in YCbCr with 2x2 chroma subsampling (tifffile's default for RGB + JPEG; PhotometricInterpretation
-  YCbCr, ReferenceBlackWhite written). Both backends decode them to the same bytes (exactly, not within a
-  tolerance); against the rendered RGB the error is JPEG's (a few levels on average at quality 85).
+File layout and vendor quirks (openslide 4.0.1 / openslide-python 1.4, tiffslide 3.0, tifffile 2026.3, pydicom 3)
+-------------------------------------------------------------------------------------------------------------------
+* TIFF tiles are JPEG in YCbCr with 2x2 chroma subsampling (tifffile's default for RGB + JPEG;
+  PhotometricInterpretation YCbCr, ReferenceBlackWhite written). Both backends decode them to the same bytes
+  (exactly, not within a tolerance); against the rendered RGB the error is JPEG's (a few levels on average at
+  quality 85).
 * ``kind="aperio"``: page 0 is level 0, tiled, ImageDescription ``Aperio Image Library v12.0.0`` +
   ``|AppMag = <10/mpp>|MPP = <mpp>``. Page 1 is a stripped JPEG *thumbnail* (longest side <= 768 px), as in a real
   SVS: tifffile (hence tiffslide) always takes an SVS's second page for the thumbnail, so without it level 1
@@ -44,6 +46,21 @@ File layout and vendor quirks (openslide 4.0.1 / openslide-python 1.4, tiffslide
   unit, as an un-calibrated scanner leaves it), and neither backend reports an MPP. Aperio files carry
   that default too; their MPP lives only in the description.
 * BigTIFF is used when a level's raw size passes 2 GiB; both backends read it.
+* ``kind="dicom"``: ``path`` is a *folder* (a path with a file suffix is refused) holding ``level-<i>.dcm``, one
+  VL Whole Slide Microscopy Image (SOP class 1.2.840.10008.5.1.4.1.1.77.1.6) per level, all in one study,
+  series and frame of reference. ImageType is ``ORIGINAL\\PRIMARY\\VOLUME\\NONE`` for level 0 and
+  ``DERIVED\\PRIMARY\\VOLUME\\RESAMPLED`` below (exactly four values: openslide ignores other image types);
+  DimensionOrganizationType ``TILED_FULL`` (frames row by row, Columns x Rows = the tile, edge tiles padded
+  to full size); transfer syntax JPEG Baseline 1.2.840.10008.1.2.4.50, PhotometricInterpretation
+  ``YBR_FULL_422`` (YCbCr, chroma halved horizontally), one fragment per frame, Basic Offset Table filled
+  in (left empty, which readers also accept, when a level could pass 4 GiB).
+  openslide needs PlanarConfiguration 0 even for JPEG, 8 bits, 3 samples, and takes the MPP from level 0's
+  ``SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing`` (mm, row spacing first) and
+  objective power from ``OpticalPathSequence[0].ObjectiveLensPower``: it reports vendor ``dicom``,
+  ``openslide.mpp-x`` = MPP and ``openslide.objective-power`` = 10/MPP. It opens a slide from any one of
+  its files and gathers the other files of the same SeriesInstanceUID in that folder, so a folder holding
+  someone else's .dcm files is refused, and UIDs are fresh on every write. ``mpp=None`` is refused
+  (PixelSpacing is mandatory). tiffslide does not read DICOM.
 
 >>> import tempfile, openslide
 >>> s = write_synthetic_slide(tempfile.mkdtemp() + "/a.svs", width=1024, height=768, tumour_tiles=1)
@@ -56,6 +73,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,11 +85,14 @@ import tifffile
 from .errors import ConfigError
 
 Box = tuple[int, int, int, int]
+_DICOM_LEVEL_NAME = re.compile(r"level-\d+\.dcm")  # the files a DICOM slide folder of ours holds
 
-KINDS = ("aperio", "generic")
+KINDS = ("aperio", "generic", "dicom")
 RENDER_MPP_WITHOUT_CALIBRATION = 0.5  # um/px used to size features when a slide is written with mpp=None
 THUMBNAIL_PX = 768  # longest side of an SVS thumbnail page
 APERIO_HEADER = "Aperio Image Library v12.0.0"
+DICOM_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+DICOM_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # transfer syntax: JPEG Baseline (Process 1), 8-bit lossy
 
 # Optical density per unit stain (R, G, B); a pixel transmits exp(-sum(conc * od)) of the light.
 EOSIN_OD = np.array([0.05, 0.60, 0.22], np.float32)
@@ -700,6 +721,19 @@ def _check_args(path: Path, width: int, height: int, mpp: float | None, tile: in
 
     if kind not in KINDS:
         bad(f"unknown synthetic slide kind {kind!r}", f"use one of {', '.join(KINDS)}")
+    if kind == "dicom" and mpp is None:
+        bad("a DICOM slide needs an mpp (PixelSpacing is mandatory in the WSI IOD)", "pass mpp=<um per px>")
+    if kind == "dicom" and path.suffix:
+        bad(f"a DICOM slide is a folder; the path has a file suffix {path.suffix!r}",
+            "pass a folder path without a suffix, e.g. slides/case7")
+    if kind == "dicom" and path.exists() and not path.is_dir():
+        bad("a DICOM slide is a folder, but a file of that name exists")
+    if kind == "dicom" and path.is_dir():
+        foreign = sorted(c.name for c in path.iterdir() if c.suffix.lower() == ".dcm"
+                         and not _DICOM_LEVEL_NAME.fullmatch(c.name))
+        if foreign:
+            bad(f"the folder already holds other .dcm files ({', '.join(foreign[:3])})",
+                "use an empty folder: OpenSlide reads every DICOM file beside the one it opens")
     if width < 1 or height < 1:
         bad(f"slide size must be positive, got {width} x {height}")
     if mpp is not None and not (0 < mpp < 100):
@@ -740,9 +774,10 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
                           stain: tuple[float, float] = (1.0, 1.0)) -> SyntheticSlide:
     """Write a pyramidal JPEG-tiled H&E-like slide to ``path``; return its ground truth.
 
-    ``kind`` is ``aperio`` (SVS-like, MPP in the description) or ``generic`` (tiled TIFF, MPP in the
-    resolution tags); ``mpp=None`` writes no MPP at all (see the module docstring for what each backend then
-    reports). One level per entry of ``downsamples`` (starting at 1, any increasing factors such as
+    ``kind`` is ``aperio`` (SVS-like, MPP in the description), ``generic`` (tiled TIFF, MPP in the
+    resolution tags) or ``dicom`` (``path`` is a folder of one .dcm file per level; MPP in PixelSpacing);
+    ``mpp=None`` writes no MPP at all (see the module docstring for what each backend then reports; ``dicom``
+    refuses it). One level per entry of ``downsamples`` (starting at 1, any increasing factors such as
     (1, 3, 9)), each ``ceil(size / downsample)`` pixels. ``tumour_boxes`` (level-0 x0, y0, x1, y1) are filled
     with tumour (a rounded box, its corners trimmed); ``tumour_tiles`` adds that many small tumour foci of
     about one 256-px tile at 0.5 um/px inside tissue. ``pen_marks`` draws blue, green, black and red marker
@@ -764,6 +799,21 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
                    pen_marks, specks, lymphoid_aggregates, stain)
     sizes = [(max(1, math.ceil(width / d)), max(1, math.ceil(height / d))) for d in ds]
 
+    if kind == "dicom":
+        _write_dicom(path, scene, ds, sizes, tile, jpeg_quality, mpp)
+    else:
+        _write_tiff(path, scene, ds, sizes, tile, jpeg_quality, mpp, kind)
+
+    boxes = lambda objs: tuple(_clip_box(o.box(), width, height) for o in objs)  # noqa: E731
+    return SyntheticSlide(path=path, width=width, height=height, mpp=mpp, tumour_boxes=boxes(scene.tumours),
+                          tissue_boxes=boxes(scene.tissue), pen_boxes=boxes(scene.strokes),
+                          speck_boxes=boxes(scene.specks), lymphoid_boxes=boxes(scene.lymphoid), scene=scene)
+
+
+def _write_tiff(path: Path, scene: _Scene, ds: tuple[float, ...], sizes: list[tuple[int, int]], tile: int,
+                jpeg_quality: int, mpp: float | None, kind: str) -> None:
+    """The ``aperio`` and ``generic`` kinds: one TIFF, levels streamed tile by tile."""
+    width, height = sizes[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     common = dict(photometric="rgb", compression="jpeg", compressionargs={"level": jpeg_quality}, metadata=None)
     bigtiff = width * height * 3 > 2 ** 31
@@ -782,10 +832,116 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
                 tif.write(_thumbnail(scene), rowsperstrip=16,
                           description=_aperio_description(width, height, None, tile, jpeg_quality, mpp), **common)
 
-    boxes = lambda objs: tuple(_clip_box(o.box(), width, height) for o in objs)  # noqa: E731
-    return SyntheticSlide(path=path, width=width, height=height, mpp=mpp, tumour_boxes=boxes(scene.tumours),
-                          tissue_boxes=boxes(scene.tissue), pen_boxes=boxes(scene.strokes),
-                          speck_boxes=boxes(scene.specks), lymphoid_boxes=boxes(scene.lymphoid), scene=scene)
+
+def _write_dicom(path: Path, scene: _Scene, ds: tuple[float, ...], sizes: list[tuple[int, int]], tile: int,
+                 jpeg_quality: int, mpp: float) -> None:
+    """The ``dicom`` kind: folder ``path`` with ``level-<i>.dcm`` per level, one series (see the module docstring).
+
+    Each file's header is written by pydicom without pixel data; the encapsulated Pixel Data element follows,
+    its frames JPEG-encoded as ``_level_tiles`` renders them and itemised one by one, so memory holds a row of
+    tiles, not a level. The Basic Offset Table is reserved up front and filled in at the end."""
+    import imagecodecs
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import itemize_frame
+    from pydicom.uid import generate_uid
+
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("level-*.dcm"):  # a previous write of this folder with more levels
+        if _DICOM_LEVEL_NAME.fullmatch(stale.name) and int(stale.name[6:-4]) >= len(sizes):
+            stale.unlink()
+    width, height = sizes[0]
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    dimension_organization = generate_uid()
+
+    def item(**kwargs) -> Dataset:
+        d = Dataset()
+        for k, v in kwargs.items():
+            setattr(d, k, v)
+        return d
+
+    def code(value: str, scheme: str, meaning: str) -> Dataset:
+        return item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+    with ThreadPoolExecutor(2) as pool:
+        for level, (d, (w, h)) in enumerate(zip(ds, sizes)):
+            across, down = -(-w // tile), -(-h // tile)
+            n_frames = across * down
+            image_type = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if level == 0 else \
+                ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+            sop_instance = generate_uid()
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = DICOM_WSI_SOP_CLASS
+            meta.MediaStorageSOPInstanceUID = sop_instance
+            meta.TransferSyntaxUID = DICOM_JPEG_BASELINE
+            dcm = Dataset()
+            dcm.file_meta = meta
+            dcm.SOPClassUID, dcm.SOPInstanceUID = DICOM_WSI_SOP_CLASS, sop_instance
+            # patient, study, series, frame of reference, equipment
+            dcm.PatientName, dcm.PatientID, dcm.PatientBirthDate, dcm.PatientSex = "SYNTHETIC", "SYNTHETIC", "", ""
+            dcm.StudyInstanceUID, dcm.StudyID, dcm.AccessionNumber = study, "1", ""
+            dcm.StudyDate, dcm.StudyTime, dcm.ReferringPhysicianName = "", "", ""
+            dcm.Modality, dcm.SeriesInstanceUID, dcm.SeriesNumber = "SM", series, 1
+            dcm.FrameOfReferenceUID, dcm.PositionReferenceIndicator = frame_of_reference, "SLIDE_CORNER"
+            dcm.Manufacturer, dcm.ManufacturerModelName = "wsi", "wsi.demo synthetic slide"
+            dcm.DeviceSerialNumber, dcm.SoftwareVersions = "0", "wsi.demo"
+            dcm.ContainerIdentifier, dcm.IssuerOfTheContainerIdentifierSequence = "SYNTHETIC", []
+            dcm.ContainerTypeCodeSequence = [code("433466003", "SCT", "Microscope slide")]
+            dcm.SpecimenDescriptionSequence = [item(SpecimenIdentifier="SYNTHETIC", SpecimenUID=generate_uid(),
+                                                    IssuerOfTheSpecimenIdentifierSequence=[],
+                                                    SpecimenPreparationSequence=[])]
+            # image: one focal plane, one optical path (bright field), tiles in TILED_FULL order
+            dcm.ImageType, dcm.InstanceNumber = image_type, level + 1
+            dcm.ContentDate, dcm.ContentTime = "20260101", "000000"
+            dcm.BurnedInAnnotation, dcm.SpecimenLabelInImage = "NO", "NO"
+            dcm.VolumetricProperties, dcm.FocusMethod, dcm.ExtendedDepthOfField = "VOLUME", "AUTO", "NO"
+            dcm.LossyImageCompression, dcm.LossyImageCompressionMethod = "01", "ISO_10918_1"
+            dcm.ImagedVolumeWidth, dcm.ImagedVolumeHeight = width * mpp / 1000, height * mpp / 1000
+            dcm.ImagedVolumeDepth = 0.001
+            dcm.TotalPixelMatrixColumns, dcm.TotalPixelMatrixRows = w, h
+            dcm.TotalPixelMatrixFocalPlanes, dcm.NumberOfFocalPlanes = 1, 1
+            dcm.TotalPixelMatrixOriginSequence = [item(XOffsetInSlideCoordinateSystem=0.0,
+                                                       YOffsetInSlideCoordinateSystem=0.0)]
+            dcm.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
+            dcm.DimensionOrganizationType = "TILED_FULL"
+            dcm.DimensionOrganizationSequence = [item(DimensionOrganizationUID=dimension_organization)]
+            dcm.NumberOfOpticalPaths = 1
+            dcm.OpticalPathSequence = [item(
+                OpticalPathIdentifier="1",
+                IlluminationTypeCodeSequence=[code("111744", "DCM", "Brightfield illumination")],
+                IlluminationColorCodeSequence=[code("414298005", "SCT", "Full Spectrum")],
+                ObjectiveLensPower=round(10 / mpp))]
+            dcm.AcquisitionContextSequence = []
+            spacing = [mpp * height / h / 1000, mpp * width / w / 1000]  # mm: row (y), then column (x)
+            dcm.SharedFunctionalGroupsSequence = [item(
+                PixelMeasuresSequence=[item(PixelSpacing=spacing, SliceThickness=0.001)],
+                WholeSlideMicroscopyImageFrameTypeSequence=[item(FrameType=image_type)],
+                OpticalPathIdentificationSequence=[item(OpticalPathIdentifier="1")])]
+            # pixels: 8-bit RGB sent as JPEG baseline in YCbCr with 4:2:2 chroma
+            dcm.SamplesPerPixel, dcm.PhotometricInterpretation, dcm.PlanarConfiguration = 3, "YBR_FULL_422", 0
+            dcm.Rows, dcm.Columns, dcm.NumberOfFrames = tile, tile, n_frames
+            dcm.BitsAllocated, dcm.BitsStored, dcm.HighBit, dcm.PixelRepresentation = 8, 8, 7, 0
+            target = path / f"level-{level}.dcm"
+            dcm.save_as(target, enforce_file_format=True)
+            # a 32-bit Basic Offset Table needs every frame to start below 4 GiB; otherwise leave it empty
+            # (readers then index the frames by walking the items, one item per frame)
+            with_bot = n_frames * (tile * tile * 3 + 4096) < 2 ** 32
+            with open(target, "r+b") as f:
+                f.seek(0, 2)
+                f.write(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff")  # (7FE0,0010) OB, undefined length
+                bot_at = f.tell() + 8
+                f.write(b"\xfe\xff\x00\xe0" + (4 * n_frames if with_bot else 0).to_bytes(4, "little"))
+                f.write(bytes(4 * n_frames if with_bot else 0))
+                first = f.tell()
+                offsets = []
+                for rgb in _level_tiles(scene, d, (w, h), tile, pool):
+                    offsets.append(f.tell() - first)
+                    jpeg = imagecodecs.jpeg8_encode(rgb, level=jpeg_quality, outcolorspace="YCBCR",
+                                                    subsampling="422")
+                    f.writelines(itemize_frame(jpeg, 1))
+                f.write(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")  # sequence delimiter
+                if with_bot:
+                    f.seek(bot_at)
+                    f.write(np.asarray(offsets, "<u4").tobytes())
 
 
 def _clip_box(box: Box, width: int, height: int) -> Box:

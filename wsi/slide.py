@@ -6,6 +6,14 @@ Backends
 knows the most vendor formats; ``tiffslide`` (pure Python over tifffile) is the fallback for TIFF-like files
 OpenSlide refuses. ``slide.backend: auto`` tries them in that order; naming one uses only that one.
 
+A DICOM slide (VL Whole Slide Microscopy Image) is a folder of ``.dcm`` files, one or more per level; pass the
+folder (or any one of its files: it stands for the folder). OpenSlide is handed one ``.dcm`` file of it (the
+first by name) and gathers the other files of the same series from that folder itself. Its pixels are read
+through OpenSlide (the direct JPEG path is for TIFF only). Every whole-slide ``.dcm`` file of the folder must
+be whole before it is opened, since OpenSlide silently skips files it cannot parse. The slide id is the
+folder's name, and the folder's size and modification time, which decide whether a store is up to date, are
+those of its files (:func:`source_stat`).
+
 With ``auto``, metadata (vendor, MPP, levels) comes from OpenSlide, but pixels of an SVS/TIFF pyramid of JPEG
 tiles are decoded straight from the file (:class:`JpegTileReader`: the tiles' JPEG data read with ``pread`` and
 decoded by imagecodecs into the output), else read through tiffslide when it sees the same pyramid. Both are
@@ -37,16 +45,46 @@ import numpy as np
 
 from .errors import ConfigError, SlideError
 
-#: File endings the folder scan picks up. A DICOM slide is a folder of ``.dcm`` files; pass its folder.
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".tif", ".tiff", ".dcm")
+#: File endings the folder scan picks up as slides. A DICOM slide is a folder of ``.dcm`` (DICOM_SUFFIX) files.
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".tif", ".tiff")
+DICOM_SUFFIX = ".dcm"
 _DOUBLE_SUFFIXES = (".ome.tif", ".ome.tiff")
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    """The regular files directly in ``folder`` whose names do not start with a dot, sorted by name."""
+    return sorted(c for c in folder.iterdir() if not c.name.startswith(".") and c.is_file())
+
+
+def dicom_files(folder: str | os.PathLike) -> list[Path]:
+    """The ``.dcm`` files directly in ``folder`` (sorted; hidden ones skipped): a DICOM slide if any."""
+    return [c for c in _visible_files(Path(folder)) if c.suffix.lower() == DICOM_SUFFIX]
+
+
+def is_dicom_folder(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and bool(dicom_files(p))
+
+
+def source_stat(path: str | os.PathLike) -> tuple[int, float]:
+    """(size in bytes, modification time) of a slide: a file's own, or for a folder (DICOM) the sum of its
+    files' sizes and the newest file's mtime, so adding, changing or removing a file changes it."""
+    p = Path(path)
+    if not p.is_dir():
+        st = p.stat()
+        return st.st_size, st.st_mtime
+    stats = [c.stat() for c in _visible_files(p)]
+    return sum(st.st_size for st in stats), max((st.st_mtime for st in stats), default=p.stat().st_mtime)
+
+
 def slide_id_from_path(path: str | os.PathLike) -> str:
-    """The file name without its extension (``a.ome.tif`` -> ``a``); a DICOM folder's own name."""
+    """The file name without its extension (``a.ome.tif`` -> ``a``); a DICOM folder's own name, also for one of
+    its ``.dcm`` files."""
     p = Path(path)
     if p.is_dir():
         return p.name
+    if p.suffix.lower() == DICOM_SUFFIX:
+        return p.resolve().parent.name
     name = p.name
     for suffix in _DOUBLE_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -55,15 +93,22 @@ def slide_id_from_path(path: str | os.PathLike) -> str:
 
 
 def expand_slide_paths(paths) -> list[Path]:
-    """Files as given; folders expanded to the slides in them (sorted), DICOM folders kept whole."""
+    """The slides named by ``paths``, in order, each once.
+
+    A file is itself, except a ``.dcm`` file, which stands for its folder. A folder holding ``.dcm`` files is
+    one DICOM slide. Any other folder expands to its slide files and its DICOM subfolders, sorted by name
+    (hidden entries and other subfolders are skipped; the scan does not recurse further).
+    """
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir() and not any(c.suffix.lower() == ".dcm" for c in p.iterdir()):
-            out.extend(sorted(c for c in p.iterdir() if c.is_file() and c.suffix.lower() in SLIDE_SUFFIXES
-                              and not c.name.startswith(".")))
+        if p.is_file() and p.suffix.lower() == DICOM_SUFFIX:
+            out.append(p.parent)
+        elif p.is_dir() and not is_dicom_folder(p):
+            out.extend(sorted(c for c in p.iterdir() if not c.name.startswith(".") and (
+                (c.is_file() and c.suffix.lower() in SLIDE_SUFFIXES) or is_dicom_folder(c))))
         else:
             out.append(p)
-    return out
+    return list(dict.fromkeys(out))
 
 
 def load_mpp_overrides(path: str | os.PathLike | None) -> dict[str, float]:
@@ -191,7 +236,8 @@ def _file_mpp(handle, backend: str) -> tuple[float | None, float | None]:
 
 def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides: str | dict | None = None,
                default_mpp: float | None = None, mpp_range=(0.05, 20.0)) -> Slide:
-    """Open ``path`` with the configured backend and resolve its MPP (see the module docstring).
+    """Open ``path`` (a slide file, or a DICOM folder) with the configured backend and resolve its MPP (see
+    the module docstring).
 
     Keyword arguments are the ``slide:`` section of the config, so ``open_slide(p, **config["slide"])`` works;
     ``mpp_overrides`` may be the CSV path or an already loaded {slide_id: mpp}.
@@ -202,12 +248,23 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides:
         raise SlideError(path, "file does not exist")
     if backend not in ("auto", "openslide", "tiffslide"):
         raise ConfigError(None, f"slide.backend {backend!r} is not auto|openslide|tiffslide")
+    entry = path  # the file the backend opens
+    if path.is_file() and path.suffix.lower() == DICOM_SUFFIX:  # one file of a DICOM slide: the slide is its folder
+        entry, path = path, path.parent
+        _check_dicom_files(path, dicom_files(path))
+    elif path.is_dir():  # a DICOM slide: the backend opens one file and finds the rest of the series beside it
+        files = dicom_files(path)
+        if not files:
+            raise SlideError(path, "folder holds no .dcm files, so it is not a DICOM slide",
+                             "pass a slide file, or the folder of one DICOM slide")
+        _check_dicom_files(path, files)
+        entry = files[0]
     candidates = ("openslide", "tiffslide") if backend == "auto" else (backend,)
     errors = []
     handle = used = None
     for name in candidates:
         try:
-            handle, used = _open_backend(path, name), name
+            handle, used = _open_backend(entry, name), name
             break
         except Exception as e:  # each backend has its own "unsupported"/"corrupt" exception types
             errors.append(f"{name}: {type(e).__name__}: {str(e) or 'cannot open'}")
@@ -242,7 +299,7 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides:
             power = None
         pixel_backend, pixel_handle = used, handle
         if backend == "auto" and used == "openslide":
-            pixel_backend, pixel_handle = _fast_pixel_reader(path, handle)
+            pixel_backend, pixel_handle = _fast_pixel_reader(entry, handle)
         return Slide(path=path, slide_id=slide_id, backend=used, handle=handle, mpp_x=float(mpp_x),
                      mpp_y=float(mpp_y), mpp_source=source, vendor=props.get(f"{prefix}.vendor"),
                      objective_power=power,
@@ -252,6 +309,48 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides:
     except Exception:
         handle.close()
         raise
+
+
+_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # ends encapsulated pixel data
+
+
+def _check_dicom_files(folder: Path, files: list[Path]) -> None:
+    """Every whole-slide image file of a DICOM folder must be whole, up to its last frame.
+
+    OpenSlide skips a file beside the one it opens when it cannot parse it, so a damaged level would quietly
+    vanish from the pyramid (or another level become level 0). Here each ``.dcm`` header is parsed (pydicom,
+    up to the pixel data) and its pixel data must end where the file ends: encapsulated frames with their
+    sequence delimiter, native pixels with their full length. Files of other SOP classes are left alone, as
+    OpenSlide leaves them."""
+    import pydicom
+
+    for f in files:
+        try:
+            with open(f, "rb") as fp:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True)
+                meta = getattr(ds, "file_meta", None)
+                if meta is None or meta.get("MediaStorageSOPClassUID") != _WSI_SOP_CLASS:
+                    continue
+                if "SeriesInstanceUID" not in ds or "TotalPixelMatrixColumns" not in ds:
+                    raise ValueError("the header is cut short")
+                start, head = fp.tell(), fp.read(12)
+                if head[:4] != _PIXEL_DATA_TAG:
+                    raise ValueError("no pixel data")
+                explicit = not meta.TransferSyntaxUID.is_implicit_VR
+                length = int.from_bytes(head[8:12] if explicit else head[4:8], "little")
+                if length == 0xFFFFFFFF:
+                    fp.seek(-len(_SEQUENCE_DELIMITER), os.SEEK_END)
+                    whole = fp.read() == _SEQUENCE_DELIMITER
+                else:
+                    whole = start + (12 if explicit else 8) + length <= os.fstat(fp.fileno()).st_size
+                if not whole:
+                    raise ValueError("the pixel data is cut short")
+        except Exception as e:  # pydicom raises its own types and plain ones for damaged headers
+            raise SlideError(folder, f"{f.name} is not a whole DICOM file ({type(e).__name__}: {e})",
+                             "the file may be truncated or corrupt; replace it, or move it out of the folder "
+                             "if it is not part of the slide") from e
 
 
 def _fast_pixel_reader(path: Path, handle) -> tuple[str, object]:

@@ -10,7 +10,7 @@ Layout of ``<out>/stores/<slide_id>.zarr`` (schema_version 1)
 path                          kind                        what
 ============================  ==========================  =====================================================
 attrs ``schema_version``      int                         1; bumped on a breaking change
-attrs ``slide_id``            str                         file name of the slide without its extension
+attrs ``slide_id``            str                         slide file name without extension (DICOM: folder)
 attrs ``slide``               :class:`SlideAttrs`         source path/size/mtime, backend, vendor, level-0 size,
                                                           MPP and where it came from, objective power, levels
 attrs ``tiling``              :class:`TilingAttrs`        target MPP, tile size, read level, footprint at
@@ -123,7 +123,8 @@ class _Attrs:
 
 @dataclass(frozen=True)
 class SlideAttrs(_Attrs):
-    """What was read from the slide file; ``mpp_source`` is ``file``, ``override`` or ``default``."""
+    """What was read from the slide file (a DICOM slide: its folder, sized by its files, dated by the newest);
+    ``mpp_source`` is ``file``, ``override`` or ``default``."""
 
     source_path: str
     source_size: int

@@ -35,7 +35,7 @@ from PIL import Image
 
 from . import __version__
 from .errors import SlideError, WsiError, clear_failure, record_failure
-from .slide import Slide, choose_level, load_mpp_overrides, open_slide, slide_id_from_path
+from .slide import Slide, choose_level, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
 from .store import SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, is_complete, store_path
 from .tissue import TissueParams, qc_image, tissue_mask
 
@@ -214,8 +214,8 @@ def _tiling_attrs(slide: Slide, grid: TileGrid, cfg: dict, tissue: TissueParams)
 
 
 def _slide_attrs(slide: Slide) -> SlideAttrs:
-    st = slide.path.stat()
-    return SlideAttrs(source_path=str(slide.path.resolve()), source_size=st.st_size, source_mtime=st.st_mtime,
+    size, mtime = source_stat(slide.path)
+    return SlideAttrs(source_path=str(slide.path.resolve()), source_size=size, source_mtime=mtime,
                       backend=slide.backend, vendor=slide.vendor, width=slide.width, height=slide.height,
                       mpp_x=slide.mpp_x, mpp_y=slide.mpp_y, mpp_source=slide.mpp_source,
                       objective_power=slide.objective_power, level_count=slide.level_count,
@@ -223,11 +223,11 @@ def _slide_attrs(slide: Slide) -> SlideAttrs:
 
 
 def _up_to_date(path: Path, slide: Slide, tiling: TilingAttrs) -> bool:
-    """A complete store made from this very file with these very parameters needs no redo."""
+    """A complete store made from this very file (or DICOM folder) with these very parameters needs no redo."""
     if not is_complete(path):
         return False
-    store, source = SlideStore.open(path), slide.path.stat()
-    same_source = (store.slide.source_size, store.slide.source_mtime) == (source.st_size, source.st_mtime)
+    store = SlideStore.open(path)
+    same_source = (store.slide.source_size, store.slide.source_mtime) == source_stat(slide.path)
     return same_source and store.tiling == tiling
 
 

@@ -116,15 +116,14 @@ def tile_reader(store: SlideStore, slide_cfg: dict) -> Iterator[Callable[[int, i
     if store.has_pixels:
         yield store.read_tiles
         return
-    from ..slide import open_slide
+    from ..slide import open_slide, source_stat
     from ..tiling import read_tiles
 
     source = Path(store.slide.source_path)
     if not source.exists():
         raise SlideError(source, f"the slide of coordinates-only store {store.path} is missing",
                          "restore the slide file or re-run `wsi tile`")
-    stat = source.stat()
-    if (stat.st_size, stat.st_mtime) != (store.slide.source_size, store.slide.source_mtime):
+    if source_stat(source) != (store.slide.source_size, store.slide.source_mtime):
         raise SlideError(source, "slide file changed since it was tiled", "re-run `wsi tile` for this slide")
     coords = store.coords
     with open_slide(source, **slide_cfg) as slide:

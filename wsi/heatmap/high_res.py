@@ -75,13 +75,13 @@ def fine_grid(store: SlideStore, slide, overlap: float) -> np.ndarray:
 
 def rescore(store: SlideStore, run: str, out_dir, params: HeatmapParams) -> SlideScores:
     """Scores of the fine grid of ``store``'s slide under model run ``run`` (see the module docstring)."""
-    from ..slide import open_slide
+    from ..slide import open_slide, source_stat
     from ..tiling import iter_tiles
 
     ensemble, encoder = load_models(Path(out_dir) / "models" / run, params)
     source = Path(store.slide.source_path)
-    if source.exists() and source.stat().st_size != store.slide.source_size:
-        raise SlideError(source, f"the file is {source.stat().st_size} bytes, the store was tiled from "
+    if source.exists() and source_stat(source)[0] != store.slide.source_size:
+        raise SlideError(source, f"the file is {source_stat(source)[0]} bytes, the store was tiled from "
                                  f"{store.slide.source_size}", "re-run `wsi tile` on it, then extract and predict")
     with open_slide(source, **params.slide) as slide:
         if (slide.width, slide.height) != (store.slide.width, store.slide.height):
