@@ -1,5 +1,5 @@
-"""The whole workflow through real `snakemake` runs: the README demo, a corrupt slide, kills and re-runs,
-parameter changes, an unwritable output folder, and the SLURM profile."""
+"""The whole workflow through real `snakemake` runs: the README demo, a corrupt slide, a DICOM slide among SVS
+files, kills and re-runs, parameter changes, an unwritable output folder, and the SLURM profile."""
 
 import csv
 import json
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsi.demo import make_demo_cohort
-from wsi.store import is_complete, store_path
+from wsi.demo import make_demo_cohort, write_synthetic_slide
+from wsi.store import SlideStore, is_complete, store_path
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "abmil_tf_efficientnet_lite0"
@@ -52,10 +52,15 @@ def rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def small_cohort(tmp_path_factory) -> Path:
-    """Six synthetic slides (three per class, one patient each), plus a corrupt slide file with no label."""
+    """Six synthetic slides (three per class, one patient each; the first a DICOM folder, the rest SVS), plus a
+    corrupt slide file with no label."""
     folder = tmp_path_factory.mktemp("cohort")
     labels = make_demo_cohort(folder, n_slides=6, seed=1, field_mm=(1.6, 1.2))
     table = rows(labels)
+    first = table[0]
+    (folder / "slides" / f"{first['slide_id']}.svs").unlink()
+    write_synthetic_slide(folder / "slides" / first["slide_id"], kind="dicom", width=3200, height=2400, mpp=0.5,
+                          seed=7, tumour_tiles=4 if first["label"] == "tumour" else 0, lymphoid_aggregates=1)
     with open(labels, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["slide_id", "label", "patient_id"], lineterminator="\n")
         writer.writeheader()
@@ -104,7 +109,7 @@ def test_readme_demo_runs_every_stage(tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupt_slide_is_reported_and_the_rest_finish(reference_run):
+def test_corrupt_slide_is_reported_and_the_rest_finish_dicom_included(reference_run):
     work, _ = reference_run
     out = work / "out"
     failures = rows(out / "failures.csv")
@@ -112,6 +117,9 @@ def test_corrupt_slide_is_reported_and_the_rest_finish(reference_run):
     assert "not a readable slide" in failures[0]["cause"]
     predictions = rows(out / "predictions" / RUN / "predictions.csv")
     assert len(predictions) == 6 and "corrupt" not in {r["slide_id"] for r in predictions}
+    vendors = {r["slide_id"]: SlideStore.open(store_path(out, r["slide_id"])).slide.vendor for r in predictions}
+    (dicom,) = [s for s, v in vendors.items() if v == "dicom"]  # the DICOM folder went through every stage
+    assert (out / "heatmaps" / RUN / dicom / "heatmap.tif").stat().st_size > 0
     report = (out / "report.html").read_text()
     assert "corrupt" in report and "not a readable slide" in report
 
