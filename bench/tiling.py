@@ -10,6 +10,7 @@ Makes (once, cached under bench/out/) a pyramidal JPEG Aperio-like slide at 0.25
 * tile with the default reader (``backend: auto``: OpenSlide metadata, JPEG tiles decoded directly) storing
   pixels lossless / JPEG q90 or coordinates only, and with the openslide and tiffslide backends for the
   pixels, each in a fresh subprocess so its peak RSS is its own;
+* tile the same scene written as a DICOM WSI folder (same tiles, JPEG baseline frames), which OpenSlide reads;
 
 and prints seconds, ratio to the floor, tiles/s, bytes per stored tile and peak memory. Machines here are
 noisy: compare ratios from one run, not seconds across runs.
@@ -33,14 +34,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def make_slide(path: Path, width: int, height: int) -> None:
+def make_slide(path: Path, width: int, height: int, kind: str = "aperio") -> None:
+    """The benchmark scene as an SVS file or (``kind="dicom"``) a DICOM folder; written once, then reused."""
     from wsi.demo import write_synthetic_slide
 
     if path.exists():
         return
     t = time.perf_counter()
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_synthetic_slide(tmp, width=width, height=height, mpp=0.25, downsamples=(1, 4, 16), seed=1,
+    tmp = path.with_name(f".{path.name}-partial")  # no suffix: a DICOM slide is a folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_synthetic_slide(tmp, width=width, height=height, mpp=0.25, downsamples=(1, 4, 16), seed=1, kind=kind,
                           tumour_boxes=[(width // 3, height // 3, width // 3 + 3000, height // 3 + 2000)])
     os.replace(tmp, path)
     print(f"made {path.name} ({width} x {height}) in {time.perf_counter() - t:.1f} s")
@@ -110,6 +113,8 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     slide = work / f"bench_{args.width}x{args.height}.svs"
     make_slide(slide, args.width, args.height)
+    dicom = work / f"bench_{args.width}x{args.height}_dicom"
+    make_slide(dicom, args.width, args.height, kind="dicom")
 
     cases = [
         ("auto (direct JPEG), lossless", []),
@@ -117,14 +122,16 @@ def main() -> None:
         ("auto, coords only", ["tiling.store_pixels=false"]),
         ("openslide, lossless", ["slide.backend=openslide"]),
         ("tiffslide, lossless", ["slide.backend=tiffslide"]),
+        ("DICOM (openslide), lossless", []),
     ]
     results = []
     for name, sets in cases:
         out = work / "tiling_run"
-        r = run_tiling(slide, out, sets)
+        source = dicom if name.startswith("DICOM") else slide
+        r = run_tiling(source, out, sets)
         if r["error"]:
             raise SystemExit(f"{name}: {r['error']}")
-        store = out / "stores" / f"{slide.stem}.zarr"
+        store = out / "stores" / f"{source.stem}.zarr"
         tiles_dir = store / "tiles"
         r["bytes_per_tile"] = dir_bytes(tiles_dir) / r["tiles"] if tiles_dir.exists() else 0
         results.append((name, r))
