@@ -135,7 +135,7 @@ def test_dicom_folder_opens_through_one_of_its_files(make_slide, tmp_path):
     for path in (slide.path, slide.path / "level-1.dcm"):
         with open_slide(path) as s:  # backend auto
             assert (s.path, s.slide_id, s.backend, s.vendor) == (slide.path, "dicom_small", "openslide", "dicom")
-            assert s.pixel_backend == "openslide"  # the direct JPEG reader is for TIFF only
+            assert s.pixel_backend == "jpeg-tiles"  # JPEG baseline frames, TILED_FULL: decoded directly
             assert (s.mpp_x, s.mpp_y, s.mpp_source, s.objective_power) == (0.5, 0.5, "file", 20.0)
             assert s.level_dimensions == ((1024, 768), (256, 192)) and s.level_downsamples == (1.0, 4.0)
             region = s.read_region(300, 200, 0, 400, 300).astype(int)
@@ -165,6 +165,22 @@ def test_damaged_dicom_file_is_a_slide_error_naming_the_folder_and_file(make_sli
     assert "\n" not in message
 
 
+def test_sparse_tiling_without_frame_positions_is_refused_before_openslide_sees_it(make_slide, tmp_path):
+    """OpenSlide 4.0.1 would crash the process (and with it every slide of a `wsi tile` run) on this file."""
+    import pydicom
+
+    slide = make_slide("dicom_small", width=1024, height=768, downsamples=(1, 4), kind="dicom", mpp=0.5, seed=4,
+                       tumour_tiles=1)
+    folder = tmp_path / "sparse"
+    shutil.copytree(slide.path, folder)
+    ds = pydicom.dcmread(folder / "level-1.dcm")
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    ds.save_as(folder / "level-1.dcm")
+    with pytest.raises(SlideError, match="level-1.dcm .*TILED_SPARSE without per-frame positions") as e:
+        open_slide(folder)
+    assert str(e.value).startswith(str(folder)) and "\n" not in str(e.value)
+
+
 def test_damaged_tiff_header_is_a_slide_error_from_both_backends(tmp_path):
     path = tmp_path / "damaged.svs"
     path.write_bytes(b"II*\x00" + bytes(range(256)) * 16)  # a TIFF signature, then garbage
@@ -173,15 +189,51 @@ def test_damaged_tiff_header_is_a_slide_error_from_both_backends(tmp_path):
     assert "openslide" in str(e.value) and "tiffslide" in str(e.value)
 
 
-def test_direct_jpeg_tile_reader_matches_both_backends_at_every_level(tmp_path):
-    path = write_synthetic_slide(tmp_path / "p.svs", width=3000, height=2200, mpp=0.25, downsamples=(1, 4, 16),
-                                 seed=4).path
-    with open_slide(path) as fast, open_slide(path, backend="openslide") as o, \
-            open_slide(path, backend="tiffslide") as t:
+@pytest.mark.parametrize(("fragments_per_frame", "has_bot", "pixel_backend"), [
+    (1, False, "jpeg-tiles"),  # no Basic Offset Table (as for levels past 4 GiB): the fragments are walked
+    (2, True, "openslide"),  # a frame in two fragments: OpenSlide reassembles them, the direct path does not
+])
+def test_dicom_frames_without_an_offset_table_or_in_several_fragments(make_slide, tmp_path, fragments_per_frame,
+                                                                     has_bot, pixel_backend):
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    slide = make_slide("dicom_small", width=1024, height=768, downsamples=(1, 4), kind="dicom", mpp=0.5, seed=4,
+                       tumour_tiles=1)
+    folder = tmp_path / "re-encapsulated"
+    shutil.copytree(slide.path, folder)
+    ds = pydicom.dcmread(folder / "level-0.dcm")
+    frames = list(generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames))
+    ds.PixelData = encapsulate(frames, fragments_per_frame=fragments_per_frame, has_bot=has_bot)
+    ds.save_as(folder / "level-0.dcm", enforce_file_format=True)
+    with open_slide(folder) as s, open_slide(slide.path, backend="openslide") as o:
+        assert s.pixel_backend == pixel_backend
+        np.testing.assert_array_equal(s.read_region(100, 50, 0, 900, 700), o.read_region(100, 50, 0, 900, 700))
+
+
+# Every downsample exact (3008 x 2208 / 4 / 16): at a fractional one, OpenSlide paints level-0 locations that
+# fall between level pixels with a sub-pixel shift (cairo), off by 1-2 levels from any reader of whole pixels.
+# Every level is padded: its edge tiles/frames reach past the image.
+@pytest.mark.parametrize("kind", ["aperio", "dicom"])
+def test_direct_jpeg_tile_reader_matches_openslide_at_every_level(tmp_path, kind):
+    path = write_synthetic_slide(tmp_path / ("p.svs" if kind == "aperio" else "p_dcm"), width=3008, height=2208,
+                                 mpp=0.25, downsamples=(1, 4, 16), seed=4, kind=kind).path
+    with open_slide(path) as fast, open_slide(path, backend="openslide") as o:
         assert fast.pixel_backend == "jpeg-tiles" and o.pixel_backend == "openslide"
-        for level, (x, y, w, h) in [(0, (100, 37, 700, 300)), (1, (400, 800, 300, 200)), (2, (0, 0, 187, 137))]:
+        assert fast.level_dimensions == ((3008, 2208), (752, 552), (188, 138))
+        regions = [(0, (100, 37, 700, 300)),  # across tile edges
+                   (0, (2600, 1900, 408, 308)),  # the padded right/bottom edge tiles, up to the image's edge
+                   (0, (2900, 2100, 200, 200)),  # past the image edge: white, like OpenSlide's transparent pixels
+                   (1, (400, 800, 300, 200)), (1, (2000, 1500, 252, 177)),  # lower level, its padded corner
+                   (2, (0, 0, 188, 138)), (2, (1008, 336, 200, 150))]  # the smallest level, and past its edges
+        for level, (x, y, w, h) in regions:
             region = fast.read_region(x, y, level, w, h)
-            np.testing.assert_array_equal(region, o.read_region(x, y, level, w, h))
-            np.testing.assert_array_equal(region, t.read_region(x, y, level, w, h))
-        # past the image edge: white, like OpenSlide's transparent pixels over glass
-        np.testing.assert_array_equal(fast.read_region(2900, 2100, 0, 200, 200), o.read_region(2900, 2100, 0, 200, 200))
+            np.testing.assert_array_equal(region, o.read_region(x, y, level, w, h), err_msg=f"{level} {x} {y}")
+        if kind == "aperio":  # tiffslide reads TIFF only, and leaves what lies past the image black
+            with open_slide(path, backend="tiffslide") as t:
+                for level, (x, y, w, h) in regions:
+                    lw, lh = fast.level_dimensions[level]
+                    ds = fast.level_downsamples[level]
+                    if x / ds + w <= lw and y / ds + h <= lh:
+                        np.testing.assert_array_equal(fast.read_region(x, y, level, w, h),
+                                                      t.read_region(x, y, level, w, h))

@@ -222,6 +222,45 @@ def test_a_dicom_folder_tiles_like_the_same_scene_as_svs_and_reruns_only_when_it
         os.utime(level1, (mtime, mtime))
 
 
+def test_a_dicom_folder_unsafe_for_direct_decoding_is_read_through_openslide_and_still_tiles(svs_and_dicom,
+                                                                                            tmp_path):
+    import imagecodecs
+    import pydicom
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copytree(svs_and_dicom / "scene_dcm", slides / "native1")
+    # level 1 rewritten with native (uncompressed) RGB frames: OpenSlide reads it, the direct JPEG path cannot
+    level1 = slides / "native1" / "level-1.dcm"
+    ds = pydicom.dcmread(level1)
+    frames = [imagecodecs.jpeg_decode(f, colorspace="YCBCR", outcolorspace="RGB")
+              for f in generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames)]
+    ds.PixelData = np.stack(frames).tobytes()
+    ds["PixelData"].VR = "OB"
+    ds.PhotometricInterpretation = "RGB"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(level1, enforce_file_format=True)
+
+    with open_slide(slides / "native1") as unsafe, open_slide(svs_and_dicom / "scene_dcm") as direct:
+        assert (unsafe.pixel_backend, direct.pixel_backend) == ("openslide", "jpeg-tiles")
+        assert unsafe.level_dimensions == direct.level_dimensions  # OpenSlide still sees every level
+        for level in range(unsafe.level_count):
+            np.testing.assert_array_equal(unsafe.read_region(640, 384, level, 300, 200),
+                                          direct.read_region(640, 384, level, 300, 200))
+    out = tmp_path / "out"
+    [result] = tile([slides / "native1"], out)
+    assert result.error is None
+    [reference] = tile([svs_and_dicom / "scene_dcm"], tmp_path / "reference")  # the direct path
+    assert reference.error is None
+    unsafe = SlideStore.open(store_path(out, "native1"))
+    direct = SlideStore.open(store_path(tmp_path / "reference", "scene_dcm"))
+    assert unsafe.n_tiles == direct.n_tiles > 0
+    np.testing.assert_array_equal(unsafe.coords, direct.coords)
+    np.testing.assert_array_equal(unsafe.read_tiles(0, unsafe.n_tiles), direct.read_tiles(0, direct.n_tiles))
+
+
 def test_a_corrupt_dicom_folder_fails_alone_with_one_line_naming_it(svs_and_dicom, tmp_path):
     slides = tmp_path / "slides"
     slides.mkdir()

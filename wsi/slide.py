@@ -8,17 +8,28 @@ OpenSlide refuses. ``slide.backend: auto`` tries them in that order; naming one 
 
 A DICOM slide (VL Whole Slide Microscopy Image) is a folder of ``.dcm`` files, one or more per level; pass the
 folder (or any one of its files: it stands for the folder). OpenSlide is handed one ``.dcm`` file of it (the
-first by name) and gathers the other files of the same series from that folder itself. Its pixels are read
-through OpenSlide (the direct JPEG path is for TIFF only). Every whole-slide ``.dcm`` file of the folder must
-be whole before it is opened, since OpenSlide silently skips files it cannot parse. The slide id is the
-folder's name, and the folder's size and modification time, which decide whether a store is up to date, are
-those of its files (:func:`source_stat`).
+first by name) and gathers the other files of the same series from that folder itself. Every whole-slide
+``.dcm`` file of the folder must be whole before it is opened, since OpenSlide silently skips files it cannot
+parse. The slide id is the folder's name, and the folder's size and modification time, which decide whether a
+store is up to date, are those of its files (:func:`source_stat`).
 
-With ``auto``, metadata (vendor, MPP, levels) comes from OpenSlide, but pixels of an SVS/TIFF pyramid of JPEG
-tiles are decoded straight from the file (:class:`JpegTileReader`: the tiles' JPEG data read with ``pread`` and
-decoded by imagecodecs into the output), else read through tiffslide when it sees the same pyramid. Both are
-several times faster than OpenSlide's premultiplied-ARGB path (``bench/tiling.py`` measures each) and give
-identical pixels (tested).
+With ``auto``, metadata (vendor, MPP, levels) comes from OpenSlide, but pixels of a pyramid of JPEG tiles are
+decoded straight from the files (:class:`JpegTileReader`, ``Slide.pixel_backend == "jpeg-tiles"``: each tile's
+JPEG data read with ``pread`` at its byte range and decoded by imagecodecs into the output). The byte ranges
+come from the tile tags of an SVS/TIFF pyramid, or from the frames of a DICOM folder when that is safe: every
+level OpenSlide reports is exactly one VOLUME instance of the series with those TotalPixelMatrixColumns/Rows,
+TILED_FULL, JPEG Baseline (1.2.840.10008.1.2.4.50), 8-bit YBR_FULL_422, one optical path and one focal plane
+(NumberOfFrames = tiles across x down), and each frame one fragment (the Basic Offset Table, when filled in,
+must point at them). pydicom only parses the headers. A TIFF the direct reader refuses is read through
+tiffslide when it sees the same pyramid; a DICOM slide it refuses (TILED_SPARSE, other transfer syntaxes,
+fragmented frames, several focal planes or optical paths) through OpenSlide. The direct path is several times
+faster than OpenSlide's premultiplied-ARGB path (``bench/tiling.py`` measures each) and gives identical pixels
+(tested for SVS and DICOM, at every level, across tile edges and in the padded edge tiles) with one exception,
+OpenSlide's: where ``location / downsample`` is not a whole level pixel, OpenSlide paints the level shifted by
+that fraction (interpolated), while the direct path and tiffslide start at the level pixel
+``int(location / downsample)``. The tiler's locations (``wsi.tiling.level0_position``) are whole level pixels
+at integer downsamples; at a fractional one (e.g. 15.95 for a level of 188 px from 3000) they overshoot by
+less than one level-0 pixel, which OpenSlide turns into differences of 1-2 grey levels.
 
 MPP
 ---
@@ -249,15 +260,16 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides:
     if backend not in ("auto", "openslide", "tiffslide"):
         raise ConfigError(None, f"slide.backend {backend!r} is not auto|openslide|tiffslide")
     entry = path  # the file the backend opens
+    dicom_headers = None  # the whole-slide files of a DICOM folder
     if path.is_file() and path.suffix.lower() == DICOM_SUFFIX:  # one file of a DICOM slide: the slide is its folder
         entry, path = path, path.parent
-        _check_dicom_files(path, dicom_files(path))
+        dicom_headers = _check_dicom_files(path, dicom_files(path))
     elif path.is_dir():  # a DICOM slide: the backend opens one file and finds the rest of the series beside it
         files = dicom_files(path)
         if not files:
             raise SlideError(path, "folder holds no .dcm files, so it is not a DICOM slide",
                              "pass a slide file, or the folder of one DICOM slide")
-        _check_dicom_files(path, files)
+        dicom_headers = _check_dicom_files(path, files)
         entry = files[0]
     candidates = ("openslide", "tiffslide") if backend == "auto" else (backend,)
     errors = []
@@ -299,7 +311,7 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides:
             power = None
         pixel_backend, pixel_handle = used, handle
         if backend == "auto" and used == "openslide":
-            pixel_backend, pixel_handle = _fast_pixel_reader(entry, handle)
+            pixel_backend, pixel_handle = _fast_pixel_reader(entry, handle, dicom_headers)
         return Slide(path=path, slide_id=slide_id, backend=used, handle=handle, mpp_x=float(mpp_x),
                      mpp_y=float(mpp_y), mpp_source=source, vendor=props.get(f"{prefix}.vendor"),
                      objective_power=power,
@@ -316,16 +328,30 @@ _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # ends encapsulated pixel data
 
 
-def _check_dicom_files(folder: Path, files: list[Path]) -> None:
-    """Every whole-slide image file of a DICOM folder must be whole, up to its last frame.
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000): an item of encapsulated pixel data (offset table or fragment)
+_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # transfer syntax JPEG Baseline (Process 1)
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """A whole-slide ``.dcm`` file's header (pydicom, up to the pixel data) and where its Pixel Data starts."""
+
+    path: Path
+    dataset: object
+    pixel_data_at: int
+
+
+def _check_dicom_files(folder: Path, files: list[Path]) -> list[DicomHeader]:
+    """Every whole-slide image file of a DICOM folder must be whole, up to its last frame; returns their headers.
 
     OpenSlide skips a file beside the one it opens when it cannot parse it, so a damaged level would quietly
     vanish from the pyramid (or another level become level 0). Here each ``.dcm`` header is parsed (pydicom,
     up to the pixel data) and its pixel data must end where the file ends: encapsulated frames with their
-    sequence delimiter, native pixels with their full length. Files of other SOP classes are left alone, as
-    OpenSlide leaves them."""
+    sequence delimiter, native pixels with their full length. A sparse tiling must say where its frames go.
+    Files of other SOP classes are left alone, as OpenSlide leaves them."""
     import pydicom
 
+    headers = []
     for f in files:
         try:
             with open(f, "rb") as fp:
@@ -335,6 +361,10 @@ def _check_dicom_files(folder: Path, files: list[Path]) -> None:
                     continue
                 if "SeriesInstanceUID" not in ds or "TotalPixelMatrixColumns" not in ds:
                     raise ValueError("the header is cut short")
+                # OpenSlide 4.0.1 crashes the whole process on a sparse tiling with no frame positions
+                sparse = ds.get("DimensionOrganizationType") == "TILED_SPARSE"
+                if sparse and "PerFrameFunctionalGroupsSequence" not in ds:
+                    raise ValueError("TILED_SPARSE without per-frame positions (PerFrameFunctionalGroupsSequence)")
                 start, head = fp.tell(), fp.read(12)
                 if head[:4] != _PIXEL_DATA_TAG:
                     raise ValueError("no pixel data")
@@ -347,20 +377,30 @@ def _check_dicom_files(folder: Path, files: list[Path]) -> None:
                     whole = start + (12 if explicit else 8) + length <= os.fstat(fp.fileno()).st_size
                 if not whole:
                     raise ValueError("the pixel data is cut short")
+                headers.append(DicomHeader(f, ds, start))
         except Exception as e:  # pydicom raises its own types and plain ones for damaged headers
             raise SlideError(folder, f"{f.name} is not a whole DICOM file ({type(e).__name__}: {e})",
                              "the file may be truncated or corrupt; replace it, or move it out of the folder "
                              "if it is not part of the slide") from e
+    return headers
 
 
-def _fast_pixel_reader(path: Path, handle) -> tuple[str, object]:
+def _fast_pixel_reader(path: Path, handle, dicom_headers: list[DicomHeader] | None = None) -> tuple[str, object]:
     """The fastest reader that sees OpenSlide's very pyramid: JPEG tiles decoded directly, else tiffslide,
-    else OpenSlide itself."""
+    else OpenSlide itself. ``path`` is the file OpenSlide opened; ``dicom_headers`` its folder's whole-slide
+    files when it is a DICOM slide."""
+    dims = tuple(map(tuple, handle.level_dimensions))
+    downsamples = tuple(float(d) for d in handle.level_downsamples)
+    if dicom_headers is not None:
+        try:
+            return "jpeg-tiles", JpegTileReader.from_dicom(path, dicom_headers, dims, downsamples)
+        # not a pyramid of whole JPEG frames that OpenSlide's levels map onto, or header values of the wrong type
+        except (ValueError, TypeError, AttributeError, KeyError, OSError):
+            return "openslide", handle
     if path.suffix.lower() not in (".svs", ".tif", ".tiff"):
         return "openslide", handle
-    dims = tuple(map(tuple, handle.level_dimensions))
     try:
-        return "jpeg-tiles", JpegTileReader(path, dims)
+        return "jpeg-tiles", JpegTileReader.from_tiff(path, dims, downsamples)
     except (ValueError, OSError):
         pass
     try:
@@ -375,67 +415,197 @@ def _fast_pixel_reader(path: Path, handle) -> tuple[str, object]:
     return "openslide", handle
 
 
-class JpegTileReader:
-    """Reads regions of a tiled, JPEG-compressed TIFF pyramid by decoding the needed tiles straight into the
-    output with imagecodecs: the decode floor plus one copy, with no per-call conversions. Thread-safe
-    (``os.pread``, no shared file position). Locations follow tiffslide: level pixel = int(level-0 / downsample).
-    Raises ValueError at construction for anything else (other codecs, strips, planar data)."""
+@dataclass(frozen=True)
+class JpegTileLevel:
+    """One level of a pyramid of JPEG tiles: the file, each tile's byte range in it (row by row; a count of 0
+    is a tile never written, left white), the tile grid, the shared JPEG tables (TIFF ``JPEGTables``) and the
+    colour space of the JPEG data (``YCBCR`` or ``RGB``). Edge tiles are full tiles, cropped on reading."""
 
-    def __init__(self, path: Path, level_dimensions: tuple):
+    path: Path
+    offsets: np.ndarray
+    counts: np.ndarray
+    tile_w: int
+    tile_h: int
+    width: int
+    height: int
+    tables: bytes | None = None
+    colorspace: str = "YCBCR"
+
+    @property
+    def across(self) -> int:
+        return -(-self.width // self.tile_w)
+
+    @property
+    def down(self) -> int:
+        return -(-self.height // self.tile_h)
+
+
+class JpegTileReader:
+    """Reads regions of a pyramid of JPEG tiles at known byte ranges by decoding the needed tiles straight into
+    the output with imagecodecs: the decode floor plus one copy, with no per-call conversions. Thread-safe
+    (``os.pread``, no shared file position). Locations follow tiffslide: level pixel = int(level-0 / downsample),
+    with the downsamples OpenSlide reports (OpenSlide agrees where that division is whole; see the module
+    docstring).
+
+    The byte ranges come from TIFF tile tags (:meth:`from_tiff`) or from DICOM frames (:meth:`from_dicom`);
+    both raise ValueError for a pyramid they cannot vouch for, and the caller keeps OpenSlide."""
+
+    def __init__(self, levels: list[JpegTileLevel], level_downsamples: tuple[float, ...]):
+        if len(levels) != len(level_downsamples):
+            raise ValueError(f"{len(levels)} levels but {len(level_downsamples)} downsamples")
+        self.levels = list(levels)
+        self.level_downsamples = tuple(level_downsamples)
+        self._fds: dict[Path, int] = {}
+        try:
+            for level in self.levels:
+                if level.path not in self._fds:
+                    self._fds[level.path] = os.open(level.path, os.O_RDONLY)
+        except OSError:
+            self.close()
+            raise
+
+    @classmethod
+    def from_tiff(cls, path: Path, level_dimensions: tuple, level_downsamples: tuple) -> JpegTileReader:
+        """The pages of a tiled, JPEG-compressed TIFF (SVS, generic) whose sizes are ``level_dimensions``;
+        ValueError for anything else (other codecs, strips, planar data)."""
         import tifffile
 
-        self.path = path
         with tifffile.TiffFile(path) as tif:
             pages = {}
             for series in tif.series:
                 for level in series.levels:
                     page = level.keyframe
                     pages.setdefault((page.imagewidth, page.imagelength), page)
-            self.levels = []
+            levels = []
             for dims in level_dimensions:
                 page = pages.get(tuple(dims))
                 if (page is None or page.compression != 7 or not page.is_tiled or page.samplesperpixel != 3
                         or page.planarconfig != 1 or page.photometric not in (2, 6) or page.bitspersample != 8):
                     raise ValueError(f"level {dims} is not a tiled 8-bit RGB/YCbCr JPEG page")
-                self.levels.append({"offsets": np.asarray(page.dataoffsets, np.int64),
-                                    "counts": np.asarray(page.databytecounts, np.int64),
-                                    "tile_w": page.tilewidth, "tile_h": page.tilelength,
-                                    "across": -(-page.imagewidth // page.tilewidth), "width": page.imagewidth,
-                                    "height": page.imagelength, "tables": page.jpegtables,
-                                    "colorspace": "YCBCR" if page.photometric == 6 else "RGB"})
-        w0, h0 = level_dimensions[0]
-        self.level_downsamples = tuple((w0 / w + h0 / h) / 2 for w, h in level_dimensions)
-        self.fd = os.open(path, os.O_RDONLY)
+                levels.append(JpegTileLevel(
+                    path=Path(path), offsets=np.asarray(page.dataoffsets, np.int64),
+                    counts=np.asarray(page.databytecounts, np.int64), tile_w=page.tilewidth,
+                    tile_h=page.tilelength, width=page.imagewidth, height=page.imagelength,
+                    tables=page.jpegtables, colorspace="YCBCR" if page.photometric == 6 else "RGB"))
+        return cls(levels, level_downsamples)
+
+    @classmethod
+    def from_dicom(cls, entry: Path, headers: list[DicomHeader], level_dimensions: tuple,
+                   level_downsamples: tuple) -> JpegTileReader:
+        """The DICOM WSI instances behind OpenSlide's levels, read frame by frame; ValueError unless it is safe.
+
+        ``entry`` is the file OpenSlide opened, ``headers`` its folder's whole-slide files. Each level must be
+        exactly one VOLUME instance of the entry's series with that TotalPixelMatrixColumns/Rows, organised
+        TILED_FULL, in JPEG Baseline, 8-bit YBR_FULL_422, one optical path and one focal plane (NumberOfFrames
+        = tiles across x down), each frame one fragment (see :func:`_dicom_frame_ranges`)."""
+        series = next((h.dataset.SeriesInstanceUID for h in headers if h.path == entry), None)
+        volumes = [h for h in headers
+                   if h.dataset.SeriesInstanceUID == series and _image_type(h.dataset)[2:3] == ["VOLUME"]]
+        levels = []
+        for dims in level_dimensions:
+            matches = [h for h in volumes if (int(h.dataset.TotalPixelMatrixColumns),
+                                              int(h.dataset.TotalPixelMatrixRows)) == tuple(dims)]
+            if len(matches) != 1:
+                raise ValueError(f"level {dims} is {len(matches)} VOLUME instances, not one")
+            h = matches[0]
+            d = h.dataset
+            tile_w, tile_h = int(d.get("Columns", 0)), int(d.get("Rows", 0))
+            width, height = dims
+            checks = {
+                "transfer syntax": (d.file_meta.get("TransferSyntaxUID"), _JPEG_BASELINE),
+                "dimension organisation": (d.get("DimensionOrganizationType"), "TILED_FULL"),
+                "photometric interpretation": (d.get("PhotometricInterpretation"), "YBR_FULL_422"),
+                "samples per pixel": (d.get("SamplesPerPixel"), 3),
+                "bits allocated": (d.get("BitsAllocated"), 8),
+                "optical paths": (d.get("NumberOfOpticalPaths", 1), 1),
+                "focal planes": (d.get("TotalPixelMatrixFocalPlanes", 1), 1),
+                "frames": (int(d.get("NumberOfFrames", 0)),
+                           -(-width // tile_w) * -(-height // tile_h) if tile_w and tile_h else -1),
+            }
+            for what, (found, wanted) in checks.items():
+                if found != wanted:
+                    raise ValueError(f"{h.path.name}: {what} {found!r}, not {wanted!r}")
+            offsets, counts = _dicom_frame_ranges(h.path, h.pixel_data_at, int(d.NumberOfFrames))
+            levels.append(JpegTileLevel(path=h.path, offsets=offsets, counts=counts, tile_w=tile_w, tile_h=tile_h,
+                                        width=width, height=height, tables=None, colorspace="YCBCR"))
+        return cls(levels, level_downsamples)
 
     def read_region(self, location, level: int, size) -> np.ndarray:
         import imagecodecs
 
         info = self.levels[level]
+        fd = self._fds[info.path]
         ds = self.level_downsamples[level]
         x0, y0 = int(location[0] / ds), int(location[1] / ds)
         w, h = size
         out = np.full((h, w, 3), 255, np.uint8)  # outside the image: white, as glass
-        tw, th = info["tile_w"], info["tile_h"]
-        for ty in range(max(0, y0 // th), min(-(-info["height"] // th), (y0 + h - 1) // th + 1)):
-            for tx in range(max(0, x0 // tw), min(info["across"], (x0 + w - 1) // tw + 1)):
-                index = ty * info["across"] + tx
-                count = int(info["counts"][index])
+        tw, th = info.tile_w, info.tile_h
+        for ty in range(max(0, y0 // th), min(info.down, (y0 + h - 1) // th + 1)):
+            for tx in range(max(0, x0 // tw), min(info.across, (x0 + w - 1) // tw + 1)):
+                index = ty * info.across + tx
+                count = int(info.counts[index])
                 if count == 0:
                     continue
-                blob = os.pread(self.fd, count, int(info["offsets"][index]))
-                tile = imagecodecs.jpeg_decode(blob, tables=info["tables"], colorspace=info["colorspace"],
+                blob = os.pread(fd, count, int(info.offsets[index]))
+                tile = imagecodecs.jpeg_decode(blob, tables=info.tables, colorspace=info.colorspace,
                                                outcolorspace="RGB")
                 # the tile's overlap with the requested box, in tile and in output coordinates
                 ox, oy = tx * tw - x0, ty * th - y0
                 sx, sy = max(0, -ox), max(0, -oy)
-                ex = min(tw, w - ox, info["width"] - tx * tw)
-                ey = min(th, h - oy, info["height"] - ty * th)
+                ex = min(tw, w - ox, info.width - tx * tw)
+                ey = min(th, h - oy, info.height - ty * th)
                 if ex > sx and ey > sy:
                     out[oy + sy:oy + ey, ox + sx:ox + ex] = tile[sy:ey, sx:ex, :3]
         return out
 
     def close(self) -> None:
-        os.close(self.fd)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+def _image_type(dataset) -> list[str]:
+    """ImageType as a list (pydicom gives a single value as a plain string)."""
+    value = dataset.get("ImageType")
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def _dicom_frame_ranges(path: Path, pixel_data_at: int, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, byte counts) of the JPEG data of each frame of a DICOM file's encapsulated Pixel Data.
+
+    Every frame must be exactly one fragment: the items after the Basic Offset Table are walked (8-byte item
+    headers) up to the sequence delimiter and must number ``n_frames``; a filled Basic Offset Table must point
+    at those very items. Anything else (several fragments per frame, a table pointing elsewhere) is a
+    ValueError, and OpenSlide, which reassembles fragments, reads the slide instead."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.pread(fd, 20, pixel_data_at)
+        if head[:4] != _PIXEL_DATA_TAG or head[8:12] != b"\xff\xff\xff\xff" or head[12:16] != _ITEM_TAG:
+            raise ValueError(f"{path.name}: pixel data is not encapsulated")
+        table_length = int.from_bytes(head[16:20], "little")
+        table = np.frombuffer(os.pread(fd, table_length, pixel_data_at + 20), "<u4").astype(np.int64)
+        first = pixel_data_at + 20 + table_length
+        offsets, counts = [], []
+        at = first
+        while True:
+            item = os.pread(fd, 8, at)
+            if item == _SEQUENCE_DELIMITER:
+                break
+            if len(item) < 8 or item[:4] != _ITEM_TAG or len(offsets) == n_frames:
+                raise ValueError(f"{path.name}: fragments are not one per frame ({n_frames} frames)")
+            count = int.from_bytes(item[4:], "little")
+            offsets.append(at + 8)
+            counts.append(count)
+            at += 8 + count
+        if len(offsets) != n_frames:
+            raise ValueError(f"{path.name}: {len(offsets)} fragments for {n_frames} frames")
+        offsets = np.asarray(offsets, np.int64)
+        if table_length and not np.array_equal(first + table + 8, offsets):
+            raise ValueError(f"{path.name}: the Basic Offset Table does not point at one fragment per frame")
+        return offsets, np.asarray(counts, np.int64)
+    finally:
+        os.close(fd)
+
 
 @dataclass(frozen=True)
 class ReadPlan:
