@@ -3,7 +3,7 @@ import json
 import shlex
 from pathlib import Path
 
-from wsi.slide import expand_slide_paths, slide_id_from_path
+from wsi.slide import dicom_files, expand_slide_paths, slide_id_from_path
 from wsi.store import encoder_key
 
 OUT = Path(config["out_dir"])
@@ -45,6 +45,14 @@ def slide_files(wildcards=None):
         if folder.exists()
         else {}
     )
+
+
+def slide_inputs(wildcards):
+    """The slide's file, or every file of a DICOM slide folder: the tile job's inputs, so that a changed file
+    re-tiles the slide (Snakemake does not look inside a folder given as an input for newer files).
+    """
+    path = Path(slide_files()[wildcards.slide])
+    return [str(p) for p in dicom_files(path)] if path.is_dir() else [str(path)]
 
 
 def stage_config(*sections):

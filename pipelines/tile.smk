@@ -4,7 +4,7 @@
 
 rule tile:
     input:
-        slide=lambda w: slide_files()[w.slide],
+        slide_inputs,
     output:
         status=OUT / "status" / "tile" / "{slide}.json",
     log:
@@ -14,8 +14,9 @@ rule tile:
         mem_mb=4000,
         runtime=60,
     params:
+        slide=lambda w: slide_files()[w.slide],
         out=OUT,
         cfg=stage_config("slide", "tissue", "tiling"),
     shell:
-        "wsi tile {input.slide:q} --out {params.out:q} --config-json {params.cfg} --status {output.status:q}"
+        "wsi tile {params.slide:q} --out {params.out:q} --config-json {params.cfg} --status {output.status:q}"
         " --no-progress > {log:q} 2>&1"

@@ -140,6 +140,20 @@ def test_parameter_change_reruns_that_stage_and_later_only(reference_run):
     tiling_change.write_text("tiling:\n  tile_px: 224\n")
     plan = planned_jobs(snakemake(work, "--configfile", str(config), str(tiling_change), "-n"))
     assert set(plan) == {"tile", "extract", "train", "predict", "heatmap", "report", "all"}
+    # one file of the DICOM slide rewritten in place (the folder's own mtime does not move): that slide re-tiles
+    import pydicom
+
+    (dicom,) = [p for p in Path(yaml.safe_load(config.read_text())["slides_dir"]).iterdir() if p.is_dir()]
+    level = sorted(dicom.glob("*.dcm"))[-1]
+    original = level.read_bytes()
+    ds = pydicom.dcmread(level)
+    ds.SeriesDescription = "re-exported"
+    ds.save_as(level)
+    try:
+        plan = planned_jobs(snakemake(work, "--configfile", str(config), "-n"))
+    finally:
+        level.write_bytes(original)
+    assert plan["tile"] == 1 and {"extract", "predict", "heatmap"} <= set(plan)
 
 
 def _kill_tree(pid: int) -> None:
