@@ -144,7 +144,7 @@ def test_parameter_change_reruns_that_stage_and_later_only(reference_run):
     import pydicom
 
     (dicom,) = [p for p in Path(yaml.safe_load(config.read_text())["slides_dir"]).iterdir() if p.is_dir()]
-    level = sorted(dicom.glob("*.dcm"))[-1]
+    level = max(dicom.glob("*.dcm"))
     original = level.read_bytes()
     ds = pydicom.dcmread(level)
     ds.SeriesDescription = "re-exported"
