@@ -83,6 +83,8 @@ import numpy as np
 import tifffile
 
 from .errors import ConfigError
+from .slide import (DICOM_ITEM_TAG, DICOM_JPEG_BASELINE, DICOM_PIXEL_DATA_TAG, DICOM_SEQUENCE_DELIMITER,
+                    DICOM_SUFFIX, DICOM_WSI_SOP_CLASS)
 
 Box = tuple[int, int, int, int]
 _DICOM_LEVEL_NAME = re.compile(r"level-\d+\.dcm")  # the files a DICOM slide folder of ours holds
@@ -91,8 +93,6 @@ KINDS = ("aperio", "generic", "dicom")
 RENDER_MPP_WITHOUT_CALIBRATION = 0.5  # um/px used to size features when a slide is written with mpp=None
 THUMBNAIL_PX = 768  # longest side of an SVS thumbnail page
 APERIO_HEADER = "Aperio Image Library v12.0.0"
-DICOM_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
-DICOM_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # transfer syntax: JPEG Baseline (Process 1), 8-bit lossy
 
 # Optical density per unit stain (R, G, B); a pixel transmits exp(-sum(conc * od)) of the light.
 EOSIN_OD = np.array([0.05, 0.60, 0.22], np.float32)
@@ -721,19 +721,20 @@ def _check_args(path: Path, width: int, height: int, mpp: float | None, tile: in
 
     if kind not in KINDS:
         bad(f"unknown synthetic slide kind {kind!r}", f"use one of {', '.join(KINDS)}")
-    if kind == "dicom" and mpp is None:
-        bad("a DICOM slide needs an mpp (PixelSpacing is mandatory in the WSI IOD)", "pass mpp=<um per px>")
-    if kind == "dicom" and path.suffix:
-        bad(f"a DICOM slide is a folder; the path has a file suffix {path.suffix!r}",
-            "pass a folder path without a suffix, e.g. slides/case7")
-    if kind == "dicom" and path.exists() and not path.is_dir():
-        bad("a DICOM slide is a folder, but a file of that name exists")
-    if kind == "dicom" and path.is_dir():
-        foreign = sorted(c.name for c in path.iterdir() if c.suffix.lower() == ".dcm"
-                         and not _DICOM_LEVEL_NAME.fullmatch(c.name))
-        if foreign:
-            bad(f"the folder already holds other .dcm files ({', '.join(foreign[:3])})",
-                "use an empty folder: OpenSlide reads every DICOM file beside the one it opens")
+    if kind == "dicom":
+        if mpp is None:
+            bad("a DICOM slide needs an mpp (PixelSpacing is mandatory in the WSI IOD)", "pass mpp=<um per px>")
+        if path.suffix:
+            bad(f"a DICOM slide is a folder; the path has a file suffix {path.suffix!r}",
+                "pass a folder path without a suffix, e.g. slides/case7")
+        if path.exists() and not path.is_dir():
+            bad("a DICOM slide is a folder, but a file of that name exists")
+        if path.is_dir():
+            foreign = sorted(c.name for c in path.iterdir() if c.suffix.lower() == DICOM_SUFFIX
+                             and not _DICOM_LEVEL_NAME.fullmatch(c.name))
+            if foreign:
+                bad(f"the folder already holds other .dcm files ({', '.join(foreign[:3])})",
+                    "use an empty folder: OpenSlide reads every DICOM file beside the one it opens")
     if width < 1 or height < 1:
         bad(f"slide size must be positive, got {width} x {height}")
     if mpp is not None and not (0 < mpp < 100):
@@ -927,9 +928,9 @@ def _write_dicom(path: Path, scene: _Scene, ds: tuple[float, ...], sizes: list[t
             with_bot = n_frames * (tile * tile * 3 + 4096) < 2 ** 32
             with open(target, "r+b") as f:
                 f.seek(0, 2)
-                f.write(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff")  # (7FE0,0010) OB, undefined length
+                f.write(DICOM_PIXEL_DATA_TAG + b"OB\x00\x00\xff\xff\xff\xff")  # OB, undefined length
                 bot_at = f.tell() + 8
-                f.write(b"\xfe\xff\x00\xe0" + (4 * n_frames if with_bot else 0).to_bytes(4, "little"))
+                f.write(DICOM_ITEM_TAG + (4 * n_frames if with_bot else 0).to_bytes(4, "little"))
                 f.write(bytes(4 * n_frames if with_bot else 0))
                 first = f.tell()
                 offsets = []
@@ -938,7 +939,7 @@ def _write_dicom(path: Path, scene: _Scene, ds: tuple[float, ...], sizes: list[t
                     jpeg = imagecodecs.jpeg8_encode(rgb, level=jpeg_quality, outcolorspace="YCBCR",
                                                     subsampling="422")
                     f.writelines(itemize_frame(jpeg, 1))
-                f.write(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")  # sequence delimiter
+                f.write(DICOM_SEQUENCE_DELIMITER)
                 if with_bot:
                     f.seek(bot_at)
                     f.write(np.asarray(offsets, "<u4").tobytes())

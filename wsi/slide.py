@@ -263,14 +263,13 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides:
     dicom_headers = None  # the whole-slide files of a DICOM folder
     if path.is_file() and path.suffix.lower() == DICOM_SUFFIX:  # one file of a DICOM slide: the slide is its folder
         entry, path = path, path.parent
-        dicom_headers = _check_dicom_files(path, dicom_files(path))
-    elif path.is_dir():  # a DICOM slide: the backend opens one file and finds the rest of the series beside it
+    if path.is_dir():  # a DICOM slide: the backend opens one file and finds the rest of the series beside it
         files = dicom_files(path)
         if not files:
             raise SlideError(path, "folder holds no .dcm files, so it is not a DICOM slide",
                              "pass a slide file, or the folder of one DICOM slide")
         dicom_headers = _check_dicom_files(path, files)
-        entry = files[0]
+        entry = files[0] if entry == path else entry
     candidates = ("openslide", "tiffslide") if backend == "auto" else (backend,)
     errors = []
     handle = used = None
@@ -323,13 +322,12 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides:
         raise
 
 
-_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
-_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
-_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # ends encapsulated pixel data
-
-
-_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000): an item of encapsulated pixel data (offset table or fragment)
-_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # transfer syntax JPEG Baseline (Process 1)
+# DICOM WSI format constants, shared with the synthetic writer (wsi.demo)
+DICOM_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+DICOM_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # transfer syntax JPEG Baseline (Process 1), 8-bit lossy
+DICOM_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+DICOM_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000): an item of encapsulated pixel data (offset table, fragment)
+DICOM_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # ends encapsulated pixel data
 
 
 @dataclass(frozen=True)
@@ -357,7 +355,7 @@ def _check_dicom_files(folder: Path, files: list[Path]) -> list[DicomHeader]:
             with open(f, "rb") as fp:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True)
                 meta = getattr(ds, "file_meta", None)
-                if meta is None or meta.get("MediaStorageSOPClassUID") != _WSI_SOP_CLASS:
+                if meta is None or meta.get("MediaStorageSOPClassUID") != DICOM_WSI_SOP_CLASS:
                     continue
                 if "SeriesInstanceUID" not in ds or "TotalPixelMatrixColumns" not in ds:
                     raise ValueError("the header is cut short")
@@ -366,13 +364,13 @@ def _check_dicom_files(folder: Path, files: list[Path]) -> list[DicomHeader]:
                 if sparse and "PerFrameFunctionalGroupsSequence" not in ds:
                     raise ValueError("TILED_SPARSE without per-frame positions (PerFrameFunctionalGroupsSequence)")
                 start, head = fp.tell(), fp.read(12)
-                if head[:4] != _PIXEL_DATA_TAG:
+                if head[:4] != DICOM_PIXEL_DATA_TAG:
                     raise ValueError("no pixel data")
                 explicit = not meta.TransferSyntaxUID.is_implicit_VR
                 length = int.from_bytes(head[8:12] if explicit else head[4:8], "little")
                 if length == 0xFFFFFFFF:
-                    fp.seek(-len(_SEQUENCE_DELIMITER), os.SEEK_END)
-                    whole = fp.read() == _SEQUENCE_DELIMITER
+                    fp.seek(-len(DICOM_SEQUENCE_DELIMITER), os.SEEK_END)
+                    whole = fp.read() == DICOM_SEQUENCE_DELIMITER
                 else:
                     whole = start + (12 if explicit else 8) + length <= os.fstat(fp.fileno()).st_size
                 if not whole:
@@ -512,7 +510,7 @@ class JpegTileReader:
             tile_w, tile_h = int(d.get("Columns", 0)), int(d.get("Rows", 0))
             width, height = dims
             checks = {
-                "transfer syntax": (d.file_meta.get("TransferSyntaxUID"), _JPEG_BASELINE),
+                "transfer syntax": (d.file_meta.get("TransferSyntaxUID"), DICOM_JPEG_BASELINE),
                 "dimension organisation": (d.get("DimensionOrganizationType"), "TILED_FULL"),
                 "photometric interpretation": (d.get("PhotometricInterpretation"), "YBR_FULL_422"),
                 "samples per pixel": (d.get("SamplesPerPixel"), 3),
@@ -580,7 +578,8 @@ def _dicom_frame_ranges(path: Path, pixel_data_at: int, n_frames: int) -> tuple[
     fd = os.open(path, os.O_RDONLY)
     try:
         head = os.pread(fd, 20, pixel_data_at)
-        if head[:4] != _PIXEL_DATA_TAG or head[8:12] != b"\xff\xff\xff\xff" or head[12:16] != _ITEM_TAG:
+        undefined_length = head[8:12] == b"\xff\xff\xff\xff"
+        if head[:4] != DICOM_PIXEL_DATA_TAG or not undefined_length or head[12:16] != DICOM_ITEM_TAG:
             raise ValueError(f"{path.name}: pixel data is not encapsulated")
         table_length = int.from_bytes(head[16:20], "little")
         table = np.frombuffer(os.pread(fd, table_length, pixel_data_at + 20), "<u4").astype(np.int64)
@@ -589,9 +588,9 @@ def _dicom_frame_ranges(path: Path, pixel_data_at: int, n_frames: int) -> tuple[
         at = first
         while True:
             item = os.pread(fd, 8, at)
-            if item == _SEQUENCE_DELIMITER:
+            if item == DICOM_SEQUENCE_DELIMITER:
                 break
-            if len(item) < 8 or item[:4] != _ITEM_TAG or len(offsets) == n_frames:
+            if len(item) < 8 or item[:4] != DICOM_ITEM_TAG or len(offsets) == n_frames:
                 raise ValueError(f"{path.name}: fragments are not one per frame ({n_frames} frames)")
             count = int.from_bytes(item[4:], "little")
             offsets.append(at + 8)

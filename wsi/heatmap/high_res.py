@@ -80,8 +80,9 @@ def rescore(store: SlideStore, run: str, out_dir, params: HeatmapParams) -> Slid
 
     ensemble, encoder = load_models(Path(out_dir) / "models" / run, params)
     source = Path(store.slide.source_path)
-    if source.exists() and source_stat(source)[0] != store.slide.source_size:
-        raise SlideError(source, f"the file is {source_stat(source)[0]} bytes, the store was tiled from "
+    size = source_stat(source)[0] if source.exists() else store.slide.source_size  # missing: open_slide says so
+    if size != store.slide.source_size:
+        raise SlideError(source, f"the file is {size} bytes, the store was tiled from "
                                  f"{store.slide.source_size}", "re-run `wsi tile` on it, then extract and predict")
     with open_slide(source, **params.slide) as slide:
         if (slide.width, slide.height) != (store.slide.width, store.slide.height):
