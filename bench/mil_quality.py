@@ -112,12 +112,12 @@ def pooled_baselines(out: Path, run_dir: Path, classes: list[str], bootstrap: in
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from wsi.mil import classification_metrics
+    from wsi.mil import classification_metrics, read_labels
     from wsi.store import SlideStore, store_path
 
     info = json.loads((run_dir / "run.json").read_text())
-    labels = {r.split(",")[0]: r.split(",")[1] for r in Path(info["labels"]).read_text().splitlines()[1:]}
-    patients = {r.split(",")[0]: r.split(",")[2] for r in Path(info["labels"]).read_text().splitlines()[1:]}
+    table = read_labels(info["labels"]).set_index("slide_id")
+    labels, patients = table["label"].to_dict(), table["patient_id"].to_dict()
     pooled = {"mean": {}, "max": {}}
     for slide_id in labels:
         features = SlideStore.open(store_path(out, slide_id)).features(info["encoder"])
