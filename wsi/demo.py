@@ -72,6 +72,7 @@ File layout and vendor quirks (openslide 4.0.1 / openslide-python 1.4, tiffslide
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -107,6 +108,9 @@ PEN_INKS = {
     "black": (0.15, 0.15, 0.17),
     "red": (0.80, 0.17, 0.22),
 }
+# Packed red cells (haemorrhage) at full density: as red as red marker ink, so colour alone cannot tell them apart.
+BLOOD_T = np.array([0.78, 0.22, 0.27], np.float32)
+SCANNER_FIELD_UM = (500.0, 400.0)  # a scanner's stitched camera field (w, h); each has its own brightness
 SMUDGE_T = np.array([0.90, 0.90, 0.885], np.float32)  # transmittance at the centre of a smudge
 SPECK_TS = ((0.30, 0.29, 0.28), (0.45, 0.36, 0.27), (0.55, 0.55, 0.52))  # dark dust, brown debris, grey
 
@@ -263,6 +267,38 @@ class _Speck:
 
 
 @dataclass(frozen=True)
+class _ScanArea:
+    """What a scanner leaves around the tissue: a grid of stitched camera fields of ``field`` level-0 px, the
+    ``scanned`` ones (rows of bools) imaged with their own brightness ``gain`` (a step at each seam), the rest
+    pure white padding (255) that was never imaged."""
+
+    field: tuple  # (w, h) level-0 px
+    scanned: tuple  # rows of bool
+    gain: tuple  # rows of float
+
+    def light(self, light: np.ndarray, x0: float, y0: float, pixel: float) -> np.ndarray:
+        """``light`` (h, w, 3) of the region whose top-left is level-0 (x0, y0) with field gains and padding
+        applied, area-averaged over each pixel's footprint (a pixel across a seam gets its share of each)."""
+        h, w = light.shape[:2]
+        scanned = np.asarray(self.scanned, np.float32)
+        fx = np.arange(scanned.shape[1] + 1) * self.field[0]
+        fy = np.arange(scanned.shape[0] + 1) * self.field[1]
+        over_x = _overlap(x0 + (np.arange(w)[:, None] + 0.5) * pixel, fx[None, :-1], fx[None, 1:], pixel)
+        over_y = _overlap(y0 + (np.arange(h)[:, None] + 0.5) * pixel, fy[None, :-1], fy[None, 1:], pixel)
+        over_x, over_y = over_x.astype(np.float32), over_y.astype(np.float32)
+        cover = over_y @ scanned @ over_x.T
+        gain = over_y @ (scanned * np.asarray(self.gain, np.float32)) @ over_x.T
+        return light * gain[..., None] + 255 * (1 - cover)[..., None]
+
+    def padding(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Whether each pixel centre of the grid ``ys x xs`` (level-0 px) lies in the white padding."""
+        scanned = np.asarray(self.scanned, bool)
+        col = np.clip((xs // self.field[0]).astype(np.int64), 0, scanned.shape[1] - 1)
+        row = np.clip((ys // self.field[1]).astype(np.int64), 0, scanned.shape[0] - 1)
+        return ~scanned[row[:, None], col[None, :]]
+
+
+@dataclass(frozen=True)
 class _Scene:
     """Everything drawn on one slide, in level-0 px; ``um`` is the render scale in um per level-0 px."""
 
@@ -277,14 +313,22 @@ class _Scene:
     specks: tuple  # _Speck (dust, debris and smudges)
     lymphoid: tuple = ()  # _Blob: lymphoid aggregates, the tumour mimics
     stain: tuple = (1.0, 1.0)  # haematoxylin, eosin strength: the slide's staining batch
+    solid: tuple = ()  # _Blob: solid sheets of high-grade tumour
+    blood: tuple = ()  # _Blob: haemorrhage
+    mucin: tuple = ()  # _Blob: mucin pools
+    glass_rgb: tuple = tuple(GLASS_RGB.tolist())  # the scanned glass's colour (a grey, yellow or blue cast)
+    scan: _ScanArea | None = None  # stitched scanner fields with white padding outside them; None: all glass
 
     def px(self, microns: float) -> float:
         return microns / self.um
 
     def touches(self, region: Box) -> bool:
         """Whether anything but glass may show in ``region`` (level-0 box)."""
-        objects = self.tissue + self.tumours + self.lymphoid + self.strokes + self.specks
-        return any(_intersects(o.box(), region) for o in objects)
+        return any(_intersects(o.box(), region) for o in self.objects())
+
+    def objects(self) -> tuple:
+        return (self.tissue + self.tumours + self.solid + self.lymphoid + self.blood + self.mucin + self.strokes
+                + self.specks)
 
 
 def _intersects(a: Box, b: Box) -> bool:
@@ -309,6 +353,12 @@ STROMA_NUCLEI = _Nuclei(cell=12.0, keep=0.30, radius=(1.3, 1.9), aspect=(1.8, 3.
                         wobble=0.1)
 TUMOUR_NUCLEI = _Nuclei(cell=9.5, keep=0.88, radius=(3.0, 4.6), aspect=(1.0, 1.5), haem=(1.5, 2.4), warp=0.45,
                         wobble=0.35)
+# solid high-grade tumour: large, crowded, hyperchromatic, pleomorphic nuclei; with its scant amphophilic
+# cytoplasm a thumbnail shows it at least as dark and blue as a real dense tumour core (median about
+# (108, 82, 150), red/blue about 0.72), the colour marker-ink filters mistake for blue ink
+HIGH_GRADE_NUCLEI = _Nuclei(cell=8.0, keep=0.8, radius=(3.6, 5.2), aspect=(1.0, 1.4), haem=(1.1, 1.6), warp=0.4,
+                            wobble=0.4)
+HIGH_GRADE_CYTOPLASM = (0.3, 0.6)  # haematoxylin (mean; it varies by +-80% across a sheet), eosin concentration
 # small, round, hyperchromatic, packed: more and darker nuclei than tumour, so "dark nuclei" is no tumour sign
 LYMPHOCYTE_NUCLEI = _Nuclei(cell=7.0, keep=0.9, radius=(2.3, 2.9), aspect=(1.0, 1.15), haem=(2.3, 2.9), warp=0.3,
                             wobble=0.05)
@@ -427,6 +477,9 @@ class _Layers:
     tumour: np.ndarray
     lymphoid: np.ndarray
     fat: np.ndarray
+    solid: np.ndarray
+    blood: np.ndarray
+    mucin: np.ndarray
     pens: list  # (coverage, _Stroke)
     specks: list  # (coverage, _Speck)
 
@@ -448,20 +501,25 @@ def _layers(scene: _Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> _Lay
                 spacing = max(scene.px(260), 0.25 * min(blob.rx, blob.ry))  # larger lobules in larger pieces
                 lobules = _noise(scene.seed + 31 + i, xs, ys, spacing, pixel=pixel)
                 np.maximum(fat, inner * _edge((lobules - 0.3) * spacing, pixel), out=fat)
-    tumour = np.zeros(shape, np.float32)
-    for blob in scene.tumours:
-        if _intersects(blob.box(), region):
-            np.maximum(tumour, _edge(blob.signed_distance(xs, ys, pixel), pixel), out=tumour)
-    lymphoid = np.zeros(shape, np.float32)
-    for blob in scene.lymphoid:
-        if _intersects(blob.box(), region):
-            np.maximum(lymphoid, _edge(blob.signed_distance(xs, ys, pixel), pixel), out=lymphoid)
-    lymphoid *= 1 - tumour
-    np.maximum(tissue, tumour + lymphoid, out=tissue)
-    fat *= 1 - tumour - lymphoid
+    def cover(blobs) -> np.ndarray:
+        out = np.zeros(shape, np.float32)
+        for blob in blobs:
+            if _intersects(blob.box(), region):
+                np.maximum(out, _edge(blob.signed_distance(xs, ys, pixel), pixel), out=out)
+        return out
+
+    # each kind claims what the kinds before it left: tumour foci, solid tumour, lymphoid, blood, mucin
+    tumour = cover(scene.tumours)
+    solid = cover(scene.solid) * (1 - tumour)
+    lymphoid = cover(scene.lymphoid)
+    lymphoid *= 1 - tumour - solid
+    blood = cover(scene.blood) * (1 - tumour - solid - lymphoid)
+    mucin = cover(scene.mucin) * (1 - tumour - solid - lymphoid - blood)
+    np.maximum(tissue, tumour + lymphoid + solid + blood + mucin, out=tissue)
+    fat *= 1 - tumour - lymphoid - solid - blood - mucin
     pens = [(s.coverage(xs, ys, pixel), s) for s in scene.strokes if _intersects(s.box(), region)]
     specks = [(s.coverage(xs, ys, pixel), s) for s in scene.specks if _intersects(s.box(), region)]
-    return _Layers(tissue, tumour, lymphoid, fat, pens, specks)
+    return _Layers(tissue, tumour, lymphoid, fat, solid, blood, mucin, pens, specks)
 
 
 def _render(scene: _Scene, x0: float, y0: float, pixel: float, light: np.ndarray) -> np.ndarray:
@@ -485,12 +543,21 @@ def _render(scene: _Scene, x0: float, y0: float, pixel: float, light: np.ndarray
     return np.clip(light * transmit + 0.5, 0, 255).astype(np.uint8)
 
 
-def _glass(seed: int, pixel: float) -> np.ndarray:
+def _glass(scene: _Scene, pixel: float) -> np.ndarray:
     """(2P, 2P, 3) float32 glass brightness with per-pixel noise, for pixels ``pixel`` level-0 px wide (fainter
     when coarser, as averaging makes it). It repeats every ``GLASS_PERIOD`` px; doubled so a window fits."""
-    noise = np.random.default_rng([seed, 0x61A55, round(pixel * 1000)]).standard_normal(
+    noise = np.random.default_rng([scene.seed, 0x61A55, round(pixel * 1000)]).standard_normal(
         (GLASS_PERIOD, GLASS_PERIOD, 3), np.float32)
-    return np.tile(GLASS_RGB + noise * np.float32(GLASS_NOISE_LEVELS / pixel), (2, 2, 1))
+    glass = np.asarray(scene.glass_rgb, np.float32)
+    return np.tile(glass + noise * np.float32(GLASS_NOISE_LEVELS / pixel), (2, 2, 1))
+
+
+def _light(scene: _Scene, texture: np.ndarray, col: int, row: int, width: int, height: int,
+           pixel: float) -> np.ndarray:
+    """The light (height, width, 3) reaching the level pixels from (col, row): the glass texture's window, with
+    the scanner's field gains and white padding where the slide has them."""
+    light = _window(texture, col, row, width, height)
+    return light if scene.scan is None else scene.scan.light(light, col * pixel, row * pixel, pixel)
 
 
 def _window(texture: np.ndarray, col: int, row: int, width: int, height: int) -> np.ndarray:
@@ -506,11 +573,11 @@ def _window(texture: np.ndarray, col: int, row: int, width: int, height: int) ->
 def _render_region(scene: _Scene, downsample: float, col: int, row: int, width: int, height: int) -> np.ndarray:
     """RGB uint8 (height, width, 3) of the level with this downsample, from level pixel (col, row); rendered in
     bands so memory stays bounded."""
-    glass = _glass(scene.seed, downsample)
+    glass = _glass(scene, downsample)
     band = 512
     return np.concatenate([
         _render(scene, col * downsample, r * downsample, downsample,
-                _window(glass, col, r, width, min(band, row + height - r)))
+                _light(scene, glass, col, r, width, min(band, row + height - r), downsample))
         for r in range(row, row + height, band)], axis=0)
 
 
@@ -527,7 +594,7 @@ def _tissue_transmittance(scene: _Scene, lay: _Layers, xs, ys, pixel: float) -> 
     stroma_t = np.exp(-eosin_od * eosin[..., None] - haem_od * 0.05)
 
     w_tum, w_lym, w_fat = lay.tumour, lay.lymphoid, lay.fat
-    w_str = np.clip(1 - w_tum - w_lym - w_fat, 0, 1)
+    w_str = np.clip(1 - w_tum - w_lym - w_fat - lay.solid - lay.blood - lay.mucin, 0, 1)
     absorbed = w_str[..., None] * _nuclei_absorbance(STROMA_NUCLEI, seed + 100, scene, xs, ys, pixel,
                                                      w_str * lay.tissue)
     background = w_str[..., None] * stroma_t
@@ -544,6 +611,19 @@ def _tissue_transmittance(scene: _Scene, lay: _Layers, xs, ys, pixel: float) -> 
         background += w_lym[..., None] * np.exp(-eosin_od * 0.3 - haem_od * 0.12)
         absorbed += w_lym[..., None] * _nuclei_absorbance(LYMPHOCYTE_NUCLEI, seed + 300, scene, xs, ys, pixel,
                                                           w_lym)
+    if lay.solid.any():  # scant amphophilic (bluish) cytoplasm between crowded nuclei
+        haem = HIGH_GRADE_CYTOPLASM[0] * (1 + 0.8 * _noise(seed + 55, xs, ys, scene.px(120), pixel=pixel))
+        background += lay.solid[..., None] * np.exp(-eosin_od * HIGH_GRADE_CYTOPLASM[1] - haem_od * haem[..., None])
+        absorbed += lay.solid[..., None] * _nuclei_absorbance(HIGH_GRADE_NUCLEI, seed + 400, scene, xs, ys, pixel,
+                                                              lay.solid)
+    if lay.blood.any():  # packed red cells, denser in clots; eosin stains them
+        density = 0.8 + 0.12 * _noise(seed + 51, xs, ys, scene.px(4), pixel=pixel) + 0.12 * _noise(
+            seed + 52, xs, ys, scene.px(60), pixel=pixel)
+        background += lay.blood[..., None] * BLOOD_T ** (density[..., None] * scene.stain[1])
+    if lay.mucin.any():  # pale blue-grey pools with wispy strands (mucin takes a little haematoxylin)
+        strands = _noise(seed + 53, xs, ys, scene.px(30), scene.px(8), pixel=pixel)
+        conc = 0.55 + 0.2 * strands + 0.1 * _noise(seed + 54, xs, ys, scene.px(200), pixel=pixel)
+        background += lay.mucin[..., None] * np.exp(-(haem_od * 0.3 + eosin_od * 0.06) * conc[..., None])
     background *= 1 - absorbed
     if lay.tissue.min() == 1:  # the common tile: all tissue
         return background
@@ -559,10 +639,12 @@ def _clear_of(blobs: Sequence[_Blob], x: float, y: float, r: float, margin: floa
 
 
 def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_boxes: Sequence[Box], tumour_tiles: int,
-           pen_marks: bool, specks: bool, lymphoid_aggregates: int = 0, stain: tuple = (1.0, 1.0)) -> _Scene:
+           pen_marks: bool, specks: bool, lymphoid_aggregates: int = 0, stain: tuple = (1.0, 1.0),
+           hard: HardCases | None = None) -> _Scene:
     """Where everything goes, drawn from ``seed``: one or two main tissue pieces scaled to the slide, up to
-    three small fragments on the glass, tumour, pen arcs along the main pieces' rims, specks and smudges, and
-    lymphoid aggregates (from their own random stream, so asking for none leaves the rest of the slide as it was)."""
+    three small fragments on the glass, tumour, pen arcs along the main pieces' rims, specks and smudges, then
+    lymphoid aggregates and the ``hard`` cases, each from its own random stream, so asking for none of them
+    leaves the rest of the slide as it was."""
     rng = np.random.default_rng([seed, 0x5EED])
     seeds = iter(rng.integers(1, 2 ** 31, size=1000).tolist())
     short = min(width, height)
@@ -632,32 +714,105 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
                 if apart and _clear_of(main + fragments, x, y, r, 60 / um):
                     dirt.append(_Speck(x, y, r, SPECK_TS[int(rng.integers(len(SPECK_TS)))], smudge, next(seeds)))
                     placed += 1
-    lymphoid = _lymphoid_aggregates(path, width, height, um, seed, lymphoid_aggregates, main, tumours)
-    return _Scene(width, height, um, seed, tuple(main + fragments), len(main), tuple(tumours), tuple(strokes),
-                  tuple(dirt), tuple(lymphoid), tuple(float(v) for v in stain))
+    place = _BlobPlacer(path, width, height, um, main)
+    # lymphoid aggregates: round, 70-150 um radius (one to a few tiles), inside the main pieces, apart from tumour
+    lymphoid = place("lymphoid aggregates", np.random.default_rng([seed, 0x1A6]), lymphoid_aggregates, (70, 150),
+                     depth=(1.0, math.inf), avoid=tumours, wobble=0.2, inward=True)
+    scene = _Scene(width, height, um, seed, tuple(main + fragments), len(main), tuple(tumours), tuple(strokes),
+                   tuple(dirt), tuple(lymphoid), tuple(float(v) for v in stain))
+    return scene if hard is None else _hard_cases(scene, hard, place)
 
 
-def _lymphoid_aggregates(path: Path, width: int, height: int, um: float, seed: int, count: int,
-                         main: Sequence[_Blob], tumours: Sequence[_Blob]) -> list[_Blob]:
-    """``count`` round lymphoid aggregates of 70-150 um radius (one to a few tiles) inside the main pieces,
-    apart from each other and from tumour."""
-    rng = np.random.default_rng([seed, 0x1A6])
-    placed: list[_Blob] = []
-    for _ in range(count):
-        for _attempt in range(300):
-            r = rng.uniform(70, 150) / um
-            cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
-            inside = any(b.signed_distance(np.array([cx]), np.array([cy]), 1.0)[0, 0] > r for b in main)
-            if inside and all(math.hypot(cx - o.cx, cy - o.cy) > r + max(o.rx, o.ry) + 60 / um
-                              for o in (*tumours, *placed)):
-                placed.append(_Blob(cx, cy, r * rng.uniform(0.85, 1.15), r * rng.uniform(0.85, 1.15),
-                                    rng.uniform(0, math.pi), wobble=0.2, power=2, inward=True,
-                                    seed=int(rng.integers(1, 2 ** 31))))
-                break
-        else:
-            raise ConfigError(path, f"no room for {count} lymphoid aggregates in a {width} x {height} slide",
-                              "ask for fewer lymphoid_aggregates or a larger slide")
-    return placed
+@dataclass(frozen=True)
+class _BlobPlacer:
+    """Places round blobs relative to a slide's main tissue pieces."""
+
+    path: Path
+    width: int
+    height: int
+    um: float
+    main: Sequence[_Blob]
+
+    def __call__(self, what: str, rng: np.random.Generator, count: int, radius_um: tuple, *, depth: tuple,
+                 avoid: Sequence[_Blob] = (), wobble: float, inward: bool, max_radius: float = math.inf
+                 ) -> list[_Blob]:
+        """``count`` blobs of ``radius_um`` (min, max; at most ``max_radius`` px) whose centres lie between
+        ``depth`` (lo, hi) radii inside a main piece's outline (negative: outside it), apart from ``avoid``
+        and each other."""
+        placed: list[_Blob] = []
+        for _ in range(count):
+            for _attempt in range(300):
+                r = min(rng.uniform(*radius_um) / self.um, max_radius)
+                cx, cy = rng.uniform(r, self.width - r), rng.uniform(r, self.height - r)
+                inside = max(b.signed_distance(np.array([cx]), np.array([cy]), 1.0)[0, 0] for b in self.main) / r
+                if depth[0] < inside < depth[1] and all(
+                        math.hypot(cx - o.cx, cy - o.cy) > r + max(o.rx, o.ry) + 60 / self.um
+                        for o in (*avoid, *placed)):
+                    placed.append(_Blob(cx, cy, r * rng.uniform(0.85, 1.15), r * rng.uniform(0.85, 1.15),
+                                        rng.uniform(0, math.pi), wobble=wobble, power=2, inward=inward,
+                                        seed=int(rng.integers(1, 2 ** 31))))
+                    break
+            else:
+                raise ConfigError(self.path, f"no room for {count} {what} in a {self.width} x {self.height} slide",
+                                  f"ask for fewer {what} or a larger slide")
+        return placed
+
+
+@dataclass(frozen=True)
+class HardCases:
+    """What a lab's slides show that easy synthetic slides do not (see :func:`write_synthetic_slide`)."""
+
+    solid_tumours: int = 0  # solid sheets of high-grade tumour, as dark and blue as real dense tumour
+    haemorrhage: int = 0  # pools of blood, as red as red marker ink, at a piece's rim
+    mucin: int = 0  # pale blue-grey mucin pools, at a piece's rim or inside
+    pen_over_tissue: bool = False  # a blue and a red marker stroke drawn across a main piece
+    scanner_padding: bool = False  # stitched grey fields with brightness steps, white padding outside them
+    glass_rgb: tuple | None = None  # the scanned glass's colour (None: GLASS_RGB)
+
+
+def _hard_cases(scene: _Scene, hard: HardCases, place: _BlobPlacer) -> _Scene:
+    """``scene`` with ``hard`` added, each from its own random stream."""
+    um, main = scene.um, place.main
+    biggest = max(main, key=lambda b: min(b.rx, b.ry))
+    taken = (*scene.tumours, *scene.lymphoid)
+    solid = place("solid tumours", np.random.default_rng([scene.seed, 0x50D]), hard.solid_tumours, (300, 700),
+                  depth=(0.3, math.inf), avoid=taken, wobble=0.25, inward=False,
+                  max_radius=0.6 * min(biggest.rx, biggest.ry))
+    blood = place("haemorrhages", np.random.default_rng([scene.seed, 0xB100D]), hard.haemorrhage, (100, 300),
+                  depth=(-0.3, 0.3), avoid=(*taken, *solid), wobble=0.3, inward=False)
+    mucin = place("mucin pools", np.random.default_rng([scene.seed, 0x3C1]), hard.mucin, (150, 400),
+                  depth=(-0.2, math.inf), avoid=(*taken, *solid, *blood), wobble=0.25, inward=False,
+                  max_radius=0.5 * min(biggest.rx, biggest.ry))
+    strokes = scene.strokes
+    if hard.pen_over_tissue:  # straight-ish strokes right across the first main piece, as when a case is marked
+        rng = np.random.default_rng([scene.seed, 0x1C4])
+        blob, short = main[0], min(scene.width, scene.height)
+        crossing = []
+        for colour in ("blue", "red"):
+            angle = rng.uniform(0, math.pi)
+            t = np.linspace(-1.2, 1.2, 24)
+            bend = 0.08 * max(blob.rx, blob.ry) * np.sin(np.pi * t / 1.2 + rng.uniform(0, math.pi))
+            ex, ey = t * blob.rx * math.cos(angle), t * blob.ry * math.sin(angle)
+            pts = np.stack([blob.cx + ex - bend * math.sin(angle), blob.cy + ey + bend * math.cos(angle)], 1)
+            pts = np.clip(pts, 0.02 * short, [scene.width - 0.02 * short, scene.height - 0.02 * short])
+            crossing.append(_Stroke(tuple(map(tuple, pts.round(1).tolist())), max(6.0, 0.015 * short), colour,
+                                    int(rng.integers(1, 2 ** 31))))
+        strokes = strokes + tuple(crossing)
+    scene = dataclasses.replace(scene, solid=tuple(solid), blood=tuple(blood), mucin=tuple(mucin), strokes=strokes,
+                                glass_rgb=tuple(hard.glass_rgb or scene.glass_rgb))
+    if hard.scanner_padding:  # the fields near anything drawn were scanned; the rest is padding
+        rng = np.random.default_rng([scene.seed, 0x5CA7])
+        field = (SCANNER_FIELD_UM[0] / um, SCANNER_FIELD_UM[1] / um)
+        cols, rows = math.ceil(scene.width / field[0]), math.ceil(scene.height / field[1])
+        scanned = np.zeros((rows, cols), bool)
+        margin = 100 / um
+        for x0, y0, x1, y1 in (o.box() for o in scene.objects()):
+            scanned[max(0, int((y0 - margin) // field[1])):int((y1 + margin) // field[1]) + 1,
+                    max(0, int((x0 - margin) // field[0])):int((x1 + margin) // field[0]) + 1] = True
+        gain = 1 + rng.uniform(-0.009, 0.009, scanned.shape)  # about +-2 levels from field to field
+        scene = dataclasses.replace(scene, scan=_ScanArea(field, tuple(map(tuple, scanned.tolist())),
+                                                          tuple(map(tuple, gain.tolist()))))
+    return scene
 
 
 # ----------------------------------------------------------------------------------------------- result
@@ -666,8 +821,8 @@ class SyntheticSlide:
     """A slide written by :func:`write_synthetic_slide` and the level-0 boxes (x0, y0, x1, y1) of what it shows.
 
     ``tissue_boxes`` bound each tissue piece (main pieces first, then small fragments), ``tumour_boxes`` each tumour
-    region (the given boxes first, then the foci), ``pen_boxes`` each pen stroke (one per ink, in :data:`PEN_INKS`
-    order: blue, green, black, red), ``speck_boxes`` each dust/debris speck and smudge, ``lymphoid_boxes`` each
+    region (the given boxes first, then the foci, then solid sheets), ``pen_boxes`` each pen stroke (one per ink, in
+    :data:`PEN_INKS` order: blue, green, black, red; then the strokes across tissue), ``speck_boxes`` each dust/debris speck and smudge, ``lymphoid_boxes`` each
     lymphoid aggregate, all clipped to the slide. Boxes bound their objects (a focus fills about 80% of its box);
     :meth:`truth_masks` gives the exact pixels and :meth:`render_level` the exact colours. ``scene`` is the
     drawing's private description.
@@ -692,10 +847,11 @@ class SyntheticSlide:
 
     def truth_masks(self, downsample: float) -> dict[str, np.ndarray]:
         """Ground truth on the grid of ``ceil(h / downsample) x ceil(w / downsample)`` pixels (sampled at their
-        centres): boolean ``tissue``, ``tumour``, ``lymphoid``, ``fat``, ``pen`` and ``speck`` (specks and
-        smudges)."""
+        centres): boolean ``tissue`` (blood and mucin included), ``tumour`` (solid sheets included), ``lymphoid``,
+        ``fat``, ``blood``, ``mucin``, ``pen``, ``speck`` (specks and smudges) and ``padding`` (never scanned)."""
         w, h = math.ceil(self.width / downsample), math.ceil(self.height / downsample)
-        out = {k: np.zeros((h, w), bool) for k in ("tissue", "tumour", "lymphoid", "fat", "pen", "speck")}
+        kinds = ("tissue", "tumour", "lymphoid", "fat", "blood", "mucin", "pen", "speck", "padding")
+        out = {k: np.zeros((h, w), bool) for k in kinds}
         step = 512
         for r in range(0, h, step):
             ys = (np.arange(r, min(h, r + step)) + 0.5) * downsample
@@ -703,9 +859,13 @@ class SyntheticSlide:
             lay = _layers(self.scene, xs, ys, downsample)
             rows = slice(r, r + ys.size)
             out["tissue"][rows] = lay.tissue > 0.5
-            out["tumour"][rows] = lay.tumour > 0.5
+            out["tumour"][rows] = lay.tumour + lay.solid > 0.5
             out["lymphoid"][rows] = lay.lymphoid > 0.5
             out["fat"][rows] = (lay.fat > 0.5) & (lay.tissue > 0.5)
+            out["blood"][rows] = lay.blood > 0.5
+            out["mucin"][rows] = lay.mucin > 0.5
+            if self.scene.scan is not None:
+                out["padding"][rows] = self.scene.scan.padding(xs, ys)
             for cov, _ in lay.pens:
                 out["pen"][rows] |= cov > 0.5
             for cov, _ in lay.specks:
@@ -753,16 +913,16 @@ def _level_tiles(scene: _Scene, downsample: float, size: tuple[int, int], tile: 
                  pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
     """The tiles of one level in TIFF order, rendered a row of tiles at a time on ``pool``."""
     w, h = size
-    light = _glass(scene.seed, downsample)
-    glass = np.clip(light + 0.5, 0, 255).astype(np.uint8)
+    glass = _glass(scene, downsample)
 
     def one(col_row):
         col, row = col_row
         x0, y0, span = col * downsample, row * downsample, tile * downsample
+        light = _light(scene, glass, col, row, tile, tile, downsample)
         if not scene.touches((math.floor(x0 - downsample), math.floor(y0 - downsample),
                               math.ceil(x0 + span + downsample), math.ceil(y0 + span + downsample))):
-            return _window(glass, col, row, tile, tile)
-        return _render(scene, x0, y0, downsample, _window(light, col, row, tile, tile))
+            return np.clip(light + 0.5, 0, 255).astype(np.uint8)
+        return _render(scene, x0, y0, downsample, light)
 
     for row in range(0, h, tile):
         yield from pool.map(one, [(col, row) for col in range(0, w, tile)])
@@ -772,7 +932,7 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
                           downsamples: Sequence[float] = (1, 4, 16), jpeg_quality: int = 85, kind: str = "aperio",
                           seed: int = 0, tumour_boxes: Sequence[Box] | None = None, tumour_tiles: int = 0,
                           pen_marks: bool = False, specks: bool = False, lymphoid_aggregates: int = 0,
-                          stain: tuple[float, float] = (1.0, 1.0)) -> SyntheticSlide:
+                          stain: tuple[float, float] = (1.0, 1.0), hard: HardCases | None = None) -> SyntheticSlide:
     """Write a pyramidal JPEG-tiled H&E-like slide to ``path``; return its ground truth.
 
     ``kind`` is ``aperio`` (SVS-like, MPP in the description), ``generic`` (tiled TIFF, MPP in the
@@ -786,7 +946,10 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
     ``lymphoid_aggregates`` adds that many round clusters of small, dark, packed lymphocytes (70-150 um
     radius), the classic tumour mimic: more and darker nuclei than tumour, found in normal tissue too. ``stain``
     scales the haematoxylin and eosin optical densities (1, 1 is the standard look; labs and batches vary by
-    about +-30%). Deterministic for a ``seed``.
+    about +-30%). ``hard`` (:class:`HardCases`) adds what tissue detection gets wrong on real slides: solid
+    high-grade tumour sheets (crowded, dark, blue), haemorrhage (as red as red ink), mucin (pale blue-grey),
+    marker strokes across tissue, stitched scanner fields of grey glass with brightness steps beside white
+    padding, and a glass colour cast. Deterministic for a ``seed``.
     """
     path = Path(path)
     ds = _check_args(path, width, height, mpp, tile, downsamples, jpeg_quality, kind)
@@ -797,7 +960,7 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
         raise ConfigError(path, f"stain must be two strengths (haematoxylin, eosin) in 0.2..5, got {tuple(stain)}")
     um = mpp if mpp is not None else RENDER_MPP_WITHOUT_CALIBRATION
     scene = _scene(path, width, height, um, seed, [tuple(int(v) for v in b) for b in tumour_boxes or ()], tumour_tiles,
-                   pen_marks, specks, lymphoid_aggregates, stain)
+                   pen_marks, specks, lymphoid_aggregates, stain, hard)
     sizes = [(max(1, math.ceil(width / d)), max(1, math.ceil(height / d))) for d in ds]
 
     if kind == "dicom":
@@ -806,7 +969,8 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
         _write_tiff(path, scene, ds, sizes, tile, jpeg_quality, mpp, kind)
 
     boxes = lambda objs: tuple(_clip_box(o.box(), width, height) for o in objs)  # noqa: E731
-    return SyntheticSlide(path=path, width=width, height=height, mpp=mpp, tumour_boxes=boxes(scene.tumours),
+    return SyntheticSlide(path=path, width=width, height=height, mpp=mpp,
+                          tumour_boxes=boxes(scene.tumours + scene.solid),
                           tissue_boxes=boxes(scene.tissue), pen_boxes=boxes(scene.strokes),
                           speck_boxes=boxes(scene.specks), lymphoid_boxes=boxes(scene.lymphoid), scene=scene)
 

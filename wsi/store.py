@@ -24,6 +24,9 @@ attrs ``complete``            bool                        set last by ``tile``; 
 ``mask/tissue``               uint8 (h, w)                tissue mask (0/1); attrs ``downsample`` (level-0
                                                           pixels per mask pixel) and ``mpp``
 ``mask/thumbnail``            uint8 (h, w, 3)             RGB thumbnail on the mask's grid; same attrs
+``mask/ink``                  uint8 (h, w)                marker ink found on the thumbnail (0/1), over glass or
+                                                          tissue (rejected from the tissue); same attrs; absent
+                                                          in stores written before wsi 0.1 kept it
 ``features/<key>``            float32 (N, D)              written by extract; attrs :class:`FeatureAttrs`
                                                           and ``complete``; ``key = encoder_key(encoder)``
 ``scores/<run>/attention``    float32 (N,)                per-tile attention (sums to 1 over the slide)
@@ -353,6 +356,10 @@ class SlideStore:
         return np.asarray(m[:]).astype(bool), np.asarray(self.group["mask/thumbnail"][:]), float(
             m.attrs["downsample"])
 
+    def ink_mask(self) -> np.ndarray | None:
+        """The marker ink found on the thumbnail (bool, on the tissue mask's grid), or None in older stores."""
+        return np.asarray(self.group["mask/ink"][:]).astype(bool) if "mask/ink" in self.group else None
+
     # -- features
     def features_array_path(self, encoder: str) -> str:
         return f"features/{encoder_key(encoder)}"
@@ -484,9 +491,13 @@ class TileStoreWriter:
         """Write tiles ``lo:lo+len(tiles)``; callers pass whole chunks (the last may be short)."""
         self.group["tiles"][lo:lo + len(tiles)] = tiles
 
-    def write_mask(self, tissue: np.ndarray, thumbnail: np.ndarray, *, downsample: float, mpp: float) -> None:
+    def write_mask(self, tissue: np.ndarray, thumbnail: np.ndarray, *, downsample: float, mpp: float,
+                   ink: np.ndarray | None = None) -> None:
         mask = self.group.require_group("mask")
-        for name, data in (("tissue", np.asarray(tissue, np.uint8)), ("thumbnail", np.asarray(thumbnail))):
+        arrays = [("tissue", np.asarray(tissue, np.uint8)), ("thumbnail", np.asarray(thumbnail))]
+        if ink is not None:
+            arrays.append(("ink", np.asarray(ink, np.uint8)))
+        for name, data in arrays:
             arr = mask.create_array(name, shape=data.shape, chunks=data.shape, dtype="uint8",
                                     compressors=[_lossless()])
             arr[...] = data

@@ -37,7 +37,7 @@ from . import __version__
 from .errors import SlideError, WsiError, clear_failure, record_failure
 from .slide import Slide, choose_level, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
 from .store import SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, is_complete, store_path
-from .tissue import TissueParams, qc_image, tissue_mask
+from .tissue import TissueParams, qc_image, tissue_masks
 
 _MAX_RUN_PX = 8192          # longest row run read in one backend call (level pixels)
 _STRIP_BYTES = 64 << 20     # thumbnail strips: at most this much RGBA per backend call
@@ -252,10 +252,12 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
             return SlideStore.open(final)
 
         thumb, mask_ds = read_thumbnail(slide, tissue.mask_mpp)
-        mask = tissue_mask(thumb, mask_ds * slide.mpp_x, tissue)
-        _write_png(Path(out_dir) / "qc" / f"{slide.slide_id}.png", qc_image(thumb, mask))
+        masks = tissue_masks(thumb, mask_ds * slide.mpp_x, tissue)
+        mask = masks.tissue
+        _write_png(Path(out_dir) / "qc" / f"{slide.slide_id}.png", qc_image(thumb, mask, masks.rejected))
         if not mask.any():
-            raise SlideError(slide.path, "no tissue found on the slide",
+            inked = f" ({masks.ink.mean():.0%} of it is marker ink)" if masks.ink.any() else ""
+            raise SlideError(slide.path, f"no tissue found on the slide{inked}",
                              "check the thumbnail in qc/; loosen tissue.saturation_min if tissue is very pale")
         coords = grid.coords()
         fractions = tissue_fractions(mask, mask_ds, coords, tiling.tile_px_level0)
@@ -268,7 +270,7 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
         writer = TileStoreWriter.create(final, slide.slide_id, _slide_attrs(slide), tiling, coords=coords,
                                         tissue_fraction=fractions)
         try:
-            writer.write_mask(mask, thumb, downsample=mask_ds, mpp=mask_ds * slide.mpp_x)
+            writer.write_mask(mask, thumb, ink=masks.ink, downsample=mask_ds, mpp=mask_ds * slide.mpp_x)
             if tiling.store_pixels:
                 _write_tiles(writer, slide, tiling, coords, progress=progress)
             return writer.commit()

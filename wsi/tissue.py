@@ -1,22 +1,33 @@
 """Tissue mask and artefact rejection, from a low-resolution RGB thumbnail.
 
-:func:`tissue_mask` keeps every stained tissue piece (pale stroma, fat, small biopsy fragments) and rejects
-glass, marker ink (blue, green, black, red), dust/debris specks and faint smudges. Sizes in
-:class:`TissueParams` are in microns, so the same parameters give the same mask from a thumbnail at any
-resolution (within a pixel of its outline).
+:func:`tissue_masks` keeps every stained tissue piece (dense dark tumour, pale stroma, fat, mucin, haemorrhage,
+small biopsy fragments) and rejects glass, white scanner padding, marker ink (blue, green, black, red),
+dust/debris specks and faint smudges. Sizes in :class:`TissueParams` are in microns, so the same parameters give
+the same mask from a thumbnail at any resolution (within a pixel of its outline).
 
-Steps (``rgb`` in, boolean mask out; ``mpp`` is the thumbnail's pixel size):
+Steps (``rgb`` in, boolean masks out; ``mpp`` is the thumbnail's pixel size):
 
-1. **Glass white balance.** The glass colour is estimated as the median of the brightest tenth of pixels and
-   divided out, so scanners with a grey, yellow or blue cast behave like white glass. When that estimate is
-   not near-neutral and bright (a thumbnail filled with tissue), plain white is used.
-2. **Pen ink** (``pen_filter``), found first so ink never counts as stain. Ink is told from stain by colour:
-   green (green the strongest channel, never so in H&E), blue (blue strongest with little red; haematoxylin
-   keeps much more red), red (blue barely above green, where eosin's pink has blue well above green), black
-   (dark grey, or darker than the densest nuclei). Faint ink at stroke edges, with the same hue but little
-   saturation, is ink where it touches firm ink; then ink grows by two pixels (a thumbnail blurs stroke
-   edges over about a pixel, and JPEG rings around strong edges). Red blood cells are as red as red ink:
-   with ``pen_filter`` a haemorrhage is lost with the ink.
+1. **Glass colour, locally.** White padding that a scanner writes where it imaged nothing (every channel
+   >= 253) and the JPEG ringing beside it are set aside: were they taken for the glass, the real, light-grey
+   scanned glass would read as faint stain wherever it touches tissue. The glass colour is the median of the
+   brightest tenth of the remaining pixels, then re-estimated per field of ``glass_field_um`` (scanners stitch
+   camera fields of slightly different brightness) from the pixels within a few percent of it, blended between
+   field centres, and divided out, so grey, yellow or blue casts and brightness steps behave like white glass.
+   A thumbnail with no near-neutral bright glass (filled with tissue) keeps its colours.
+2. **Marker ink** (``pen_filter``), decided region by region, never grown into tissue. Pixels of an ink colour
+   (outside H&E's purple-to-pink range) form candidate regions, one colour at a time so crossing strokes part:
+   green (green the brightest channel: never in H&E), blue (blue the brightest with red at most half of it),
+   red (blue barely above green; eosin's pink has blue well above green), black (dark grey, or darker than any
+   nucleus). Each region of at least 5,000 um2 is then judged as a whole: green and black regions are ink; a
+   blue region is ink when its mean red/blue is at most 0.42 (blue ink 0.25-0.4; the darkest pixels of dense
+   high-grade tumour reach 0.5-0.55, but a tumour region's mean is 0.7 and more, and its few ink-coloured
+   pixels form only specks); a red region is ink only where it is stroke-shaped (``keep_blood``): blood is as
+   red as red ink, but a marker leaves strokes of even width, long for their width, while haemorrhage lies in
+   pools. Each red region is opened by a disc half again as wide as its typical half-width, which keeps the
+   parts wider than a stroke (a pool, even one a stroke touches) as blood; the removed, thin parts are ink
+   where at least 3 times as long as wide. Ink then grows by up to two pixels into pixels that are not H&E-
+   coloured or pale (a stroke's blurred edge, JPEG ringing), never into stain. Where ink lies over tissue, only the
+   inked pixels go.
 3. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
    *stained* when its saturation ``(max - min) / max`` reaches ``saturation_min`` and its brightness (mean of
    R, G, B relative to the glass) is at most ``brightness_max``. *Faint* pixels (darker than
@@ -24,17 +35,21 @@ Steps (``rgb`` in, boolean mask out; ``mpp`` is the thumbnail's pixel size):
    where they touch stained ones: fat shows in a thumbnail only as a faint pink net of septa around white
    vacuoles, which hole filling then closes.
 4. **Clean-up.** Closing by a disc of ``close_um`` joins tissue split by thin gaps; holes smaller than
-   ``min_hole_um2`` (fat vacuoles, small lumens) are filled when ``fill_holes``; pieces smaller than
-   ``min_fragment_um2`` (dust, debris, leftover ink fringes) are dropped.
+   ``min_hole_um2`` (fat vacuoles, small lumens) are filled when ``fill_holes``; ink is taken out again; pieces
+   smaller than ``min_fragment_um2`` (dust, debris, leftover ink fringes) are dropped, and returned as debris.
 
-Only numpy and scipy.ndimage.
+Known limits: red ink drawn over dense, dark-blue tumour mixes to a purple that H&E also shows, and stays
+tissue; a red stroke that runs into a pool of blood is kept for about its own width beside the pool.
+
+numpy, scipy.ndimage and OpenCV (for the wide morphology).
 
 >>> import numpy as np
 >>> thumb = np.full((64, 64, 3), 240, np.uint8)
 >>> thumb[16:48, 16:48] = (225, 150, 190)            # a pink piece of 256 x 256 um at 8 um/px
->>> mask = tissue_mask(thumb, 8.0, TissueParams.default())
->>> int(mask.sum()), bool(mask[32, 32]), bool(mask[2, 2])
-(1024, True, False)
+>>> thumb[4:8, 4:60] = (40, 60, 190)                 # a blue marker stroke on the glass
+>>> masks = tissue_masks(thumb, 8.0, TissueParams.default())
+>>> int(masks.tissue.sum()), bool(masks.tissue[32, 32]), bool(masks.tissue[2, 2]), bool(masks.ink[6, 30])
+(1024, True, False, True)
 """
 
 from __future__ import annotations
@@ -43,12 +58,22 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
 from .errors import ConfigError
 
-QC_OUTLINE_RGB = (0, 220, 0)  # mask outline colour in QC images
+QC_OUTLINE_RGB = (0, 220, 0)  # tissue outline colour in QC images
+QC_REJECTED_RGB = (255, 0, 255)  # outline colour of rejected ink and debris in QC images
+PADDING_MIN = 253  # a pixel with every channel at least this is white padding a scanner wrote, not imaged glass
+PADDING_RING_PX = 6  # JPEG rings this far into the glass beside padding; left out of the glass estimate
+GLASS_FIELD_TOLERANCE = 0.06  # a field's glass pixels are within this share of the slide's glass colour
+INK_MIN_UM2 = 5000.0  # a smaller ink-coloured speck is left to the fragment-size test (dust, a nucleus or two)
+INK_MAX_RED_OVER_BLUE = 0.42  # blue ink regions: mean red/blue at most this (dense tumour: 0.7 and more)
+STROKE_MIN_ELONGATION = 3.0
+RED_INK_MAX_BLUE_OVER_GREEN = 0.4  # red ink and blood: (B - G) / (R - G) at most this; eosin's pink has 0.5 and more
+INK_KINDS = ("green", "blue", "black", "red")  # red regions at least this long for their width are ink strokes; rounder ones blood
 
 
 @dataclass(frozen=True)
@@ -59,6 +84,8 @@ class TissueParams:
     saturation_min: float
     brightness_max: float
     pen_filter: bool
+    keep_blood: bool
+    glass_field_um: float
     min_fragment_um2: float
     min_hole_um2: float
     fill_holes: bool
@@ -74,6 +101,8 @@ class TissueParams:
         for key in ("saturation_min", "brightness_max"):
             if not 0 <= getattr(self, key) <= 1:
                 bad(key, "must be within 0..1")
+        if not self.glass_field_um > 0:
+            bad("glass_field_um", "must be a positive number of microns")
         for key in ("min_fragment_um2", "min_hole_um2", "close_um"):
             if not getattr(self, key) >= 0:
                 bad(key, "must be 0 or more")
@@ -100,27 +129,42 @@ class TissueParams:
         return cls.from_dict(load_config()["tissue"])
 
 
-def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
-    """Boolean (h, w) tissue mask of an RGB uint8 thumbnail (h, w, 3) whose pixels are ``mpp`` um wide."""
+@dataclass(frozen=True)
+class TissueMasks:
+    """What :func:`tissue_masks` found, each a boolean (h, w) mask on the thumbnail's grid."""
+
+    tissue: np.ndarray  # kept tissue
+    ink: np.ndarray  # marker ink (over glass or over tissue)
+    debris: np.ndarray  # stain-coloured pieces dropped as too small to be tissue (dust, debris, flecks)
+
+    @property
+    def rejected(self) -> np.ndarray:
+        return self.ink | self.debris
+
+
+def tissue_masks(rgb: np.ndarray, mpp: float, params: TissueParams) -> TissueMasks:
+    """Tissue, ink and debris masks of an RGB uint8 thumbnail (h, w, 3) whose pixels are ``mpp`` um wide."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or rgb.dtype != np.uint8:
-        raise ValueError(f"tissue_mask needs an RGB uint8 image (h, w, 3), got {rgb.dtype} {rgb.shape}")
+        raise ValueError(f"tissue_masks needs an RGB uint8 image (h, w, 3), got {rgb.dtype} {rgb.shape}")
     if not mpp > 0:
-        raise ValueError(f"tissue_mask needs the thumbnail's positive um per pixel, got {mpp!r}")
-    r, g, b = _white_balanced(rgb[..., :3])
+        raise ValueError(f"tissue_masks needs the thumbnail's positive um per pixel, got {mpp!r}")
+    rgb = rgb[..., :3]
+    glass = _glass_colour(rgb, params.glass_field_um / mpp)
+    r, g, b = (np.minimum(rgb[..., i] / glass[..., i], 1, dtype=np.float32) for i in range(3))
     hi = np.maximum(np.maximum(r, g), b)
     saturation = (hi - np.minimum(np.minimum(r, g), b)) / np.maximum(hi, 1e-6)
     brightness = (r + g + b) / 3
+    # tinted the way H&E tints: green absorbed most, hue between purple (haematoxylin) and pink (eosin)
+    stain_tint = (saturation >= params.saturation_min / 2) & (g <= np.minimum(r, b))
+    stain_hue = stain_tint & (b - g > RED_INK_MAX_BLUE_OVER_GREEN * (r - g))
+    ink = np.zeros(hi.shape, bool)
     if params.pen_filter:  # ink first, so its colour neither counts as stain nor tints the faint test
-        ink = _pen(r, g, b, hi, saturation, params.saturation_min)
+        ink = _ink(r, g, b, hi, saturation, stain_hue & (brightness < 0.9), mpp, params.keep_blood)
         saturation[ink] = 0
     stained = (brightness <= params.brightness_max) & (saturation >= params.saturation_min)
-    # faintly tinted the way stain tints (green absorbed most), not JPEG's colour fringes next to strong edges
-    stain_tint = (saturation >= params.saturation_min / 2) & (g <= np.minimum(r, b))
-    faint = (brightness <= params.brightness_max) | stain_tint
-    tissue = stained | (faint & _touching(faint, stained))
-    if params.pen_filter:
-        tissue &= ~ink
+    faint = (brightness <= params.brightness_max) | (stain_tint & ~ink)
+    tissue = (stained | (faint & _touching(faint, stained))) & ~ink
 
     radius = params.close_um / mpp
     if radius >= 0.5:
@@ -128,31 +172,73 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray
     px_area = mpp * mpp
     if params.fill_holes and params.min_hole_um2 > 0:
         tissue = _fill_small_holes(tissue, params.min_hole_um2 / px_area)
-    return _drop_small(tissue, params.min_fragment_um2 / px_area)
+    tissue &= ~ink  # where ink lies over tissue, the inked pixels go (closing and filling put none back)
+    kept = _drop_small(tissue, params.min_fragment_um2 / px_area)
+    return TissueMasks(tissue=kept, ink=ink, debris=tissue & ~kept)
 
 
-def qc_image(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """A copy of the thumbnail with the mask's outline drawn in green (2 px), for a per-slide QC PNG."""
+def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
+    """Boolean (h, w) tissue mask of an RGB uint8 thumbnail (h, w, 3) whose pixels are ``mpp`` um wide."""
+    return tissue_masks(rgb, mpp, params).tissue
+
+
+def qc_image(rgb: np.ndarray, tissue: np.ndarray, rejected: np.ndarray | None = None) -> np.ndarray:
+    """A copy of the thumbnail with the tissue outlined in green and what was rejected (ink, debris) in
+    magenta (2 px each, drawn inside each region), for a per-slide QC PNG."""
     rgb = np.asarray(rgb)[..., :3]
-    mask = np.asarray(mask, bool)
-    if rgb.shape[:2] != mask.shape:
-        raise ValueError(f"qc_image: thumbnail {rgb.shape[:2]} and mask {mask.shape} differ in size")
-    inner = ndimage.binary_erosion(mask, iterations=2, border_value=0)
     out = rgb.astype(np.uint8, copy=True)
-    out[mask & ~inner] = QC_OUTLINE_RGB
+    for mask, colour in ((rejected, QC_REJECTED_RGB), (tissue, QC_OUTLINE_RGB)):
+        if mask is None:
+            continue
+        mask = np.asarray(mask, bool)
+        if rgb.shape[:2] != mask.shape:
+            raise ValueError(f"qc_image: thumbnail {rgb.shape[:2]} and mask {mask.shape} differ in size")
+        inner = ndimage.binary_erosion(mask, iterations=2, border_value=0)
+        out[mask & ~inner] = colour
     return out
 
 
 # ----------------------------------------------------------------------------------------------- steps
-def _white_balanced(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """R, G, B planes (float32, 0..1) divided by the glass colour and clipped: the glass turns white."""
-    channels = [rgb[..., i] for i in range(3)]
-    total = channels[0].astype(np.uint16) + channels[1] + channels[2]
-    bright = total >= _histogram_quantile(total, 0.9, 766)
-    glass = np.array([_histogram_quantile(c[bright], 0.5, 256) for c in channels], np.float32)
-    if not (glass.max() >= 0.6 * 255 and glass.min() >= 0.88 * glass.max()):
-        glass[:] = 255  # the brightest tenth is tissue, not near-neutral glass: leave the colours alone
-    return tuple(np.minimum(c * np.float32(1 / g), 1, dtype=np.float32) for c, g in zip(channels, glass))
+def _glass_colour(rgb: np.ndarray, field_px: float) -> np.ndarray:
+    """The colour of the scanned glass around each pixel, (h, w, 3) float32 (or (3,) when one colour serves).
+
+    White padding (every channel >= ``PADDING_MIN``: never imaged) and the JPEG ringing beside it are left
+    out, so grey glass beside padding is not taken for faint stain. The slide's glass colour is the median of
+    its brightest tenth of imaged pixels, if that is near-neutral and bright; with no such glass (a thumbnail
+    filled with tissue) the colours are left alone (white). Scanners stitch camera fields of slightly different
+    brightness, so the glass is then estimated per square field of ``field_px`` pixels, as the median of its
+    pixels within a few percent of the slide's glass colour; a field with too few of them (tissue, mucin, a
+    smudge) takes its nearest neighbour's colour, and field colours are blended linearly between field centres.
+    """
+    imaged = _erode(rgb.min(axis=2) < PADDING_MIN, PADDING_RING_PX, outside=1)
+    total = rgb.astype(np.uint16).sum(axis=2)
+    values = total[imaged]
+    if values.size < 16:
+        return np.full(3, 255, np.float32)
+    bright = imaged & (total >= _histogram_quantile(values, 0.9, 766))
+    overall = np.array([_histogram_quantile(rgb[..., c][bright], 0.5, 256) for c in range(3)], np.float32)
+    if not (overall.max() >= 0.6 * 255 and overall.min() >= 0.88 * overall.max()):
+        return np.full(3, 255, np.float32)
+    like_glass = imaged & cv2.inRange(rgb, overall * (1 - GLASS_FIELD_TOLERANCE),
+                                      overall * (1 + GLASS_FIELD_TOLERANCE)).view(bool)
+    n = max(8, int(round(field_px)))
+    rows, cols = -(-rgb.shape[0] // n), -(-rgb.shape[1] // n)
+    if rows == cols == 1:
+        return overall
+    fields = np.zeros((rows, cols, 3), np.float32)
+    good = np.zeros((rows, cols), bool)
+    for i in range(rows):
+        for j in range(cols):
+            block = (slice(i * n, (i + 1) * n), slice(j * n, (j + 1) * n))
+            pixels = rgb[block][like_glass[block]]
+            if len(pixels) >= max(32, 0.02 * n * n):
+                fields[i, j], good[i, j] = np.median(pixels, axis=0), True
+    if not good.any():
+        return overall
+    nearest = ndimage.distance_transform_edt(~good, return_distances=False, return_indices=True)
+    fields = fields[nearest[0], nearest[1]]
+    # each field's colour at its centre, linear in between (cv2 aligns pixel centres the same way)
+    return cv2.resize(fields, (cols * n, rows * n), interpolation=cv2.INTER_LINEAR)[:rgb.shape[0], :rgb.shape[1]]
 
 
 def _histogram_quantile(values: np.ndarray, q: float, bins: int) -> int:
@@ -161,27 +247,83 @@ def _histogram_quantile(values: np.ndarray, q: float, bins: int) -> int:
     return int(np.searchsorted(counts, q * counts[-1]))
 
 
-def _pen(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation: np.ndarray,
-         saturation_min: float) -> np.ndarray:
-    """Marker ink: firm ink by colour, plus the faint ink (stroke edges) that touches it, grown by two pixels
-    (a thumbnail blurs stroke edges over a pixel, and JPEG rings around them).
+def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation: np.ndarray,
+         stain: np.ndarray, mpp: float, keep_blood: bool) -> np.ndarray:
+    """Marker ink, decided region by region (see the module docstring), then grown by up to two pixels into
+    what is not ``stain`` (a thumbnail blurs a stroke's edge over a pixel, and JPEG rings around it)."""
+    ink_colour = (  # in INK_KINDS order
+        (g >= np.maximum(r, b)) & (saturation >= 0.2),  # green: never the brightest channel in H&E
+        (b >= np.maximum(r, g)) & (r <= 0.5 * b) & (saturation >= 0.3),  # blue, with little red
+        (hi <= 0.25) | ((hi <= 0.4) & (saturation <= 0.2)),  # black: dark grey, or darker than any nucleus
+        # red, also over tissue: blue barely above green, where pink eosin has blue well above green
+        (r >= np.maximum(g, b)) & (b - g <= RED_INK_MAX_BLUE_OVER_GREEN * (r - g)) & (saturation >= 0.55),
+    )
+    ink = np.zeros(r.shape, bool)
+    taken = np.zeros(r.shape, bool)
+    for kind, pixels in zip(INK_KINDS, ink_colour):
+        pixels = pixels & ~taken  # each pixel belongs to the first ink colour it has (crossing strokes part)
+        taken |= pixels
+        labels, n = ndimage.label(pixels, structure=np.ones((3, 3), bool))
+        if n == 0:
+            continue
+        at = labels[pixels]  # the region of each candidate pixel (statistics over these only: fast)
+        area = np.bincount(at, minlength=n + 1)
+        big = area * mpp * mpp >= INK_MIN_UM2
+        big[0] = False
+        if kind == "blue":  # dense tumour's darkest pixels are as blue, but never a whole region
+            red_over_blue = np.bincount(at, weights=r[pixels] / np.maximum(b[pixels], 1e-6), minlength=n + 1)
+            ink |= (big & (red_over_blue <= INK_MAX_RED_OVER_BLUE * area))[labels]
+        elif kind == "red" and keep_blood:  # blood is as red: strokes are told from pools by their shape
+            ink |= _red_strokes(labels, np.flatnonzero(big))
+        else:  # green and black are never H&E's colours
+            ink |= big[labels]
+    for _ in range(2):
+        ink |= ndimage.binary_dilation(ink, structure=np.ones((3, 3), bool)) & ~stain
+    return ink
 
-    In stained tissue green is always the darkest channel and red the brightest or nearly so; hue runs from
-    purple (haematoxylin, blue a little above red) to pink (eosin, blue well above green). Ink leaves that
-    range: green (green the brightest), blue (blue the brightest, little red), red (blue barely above green,
-    unlike eosin's pink) and black (dark grey, or darker than the densest nuclei).
-    """
-    greenish = g >= np.maximum(r, b)
-    bluish = (b >= np.maximum(r, g)) & (r <= 0.8 * b)
-    reddish = (r >= np.maximum(g, b)) & (b - g <= 0.25 * (r - g))
-    firm = ((greenish & (saturation >= 0.2)) | (bluish & (r <= 0.55 * b) & (saturation >= 0.3))
-            | (reddish & (saturation >= 0.55)) | (hi <= 0.25) | ((hi <= 0.4) & (saturation <= 0.2)))
-    if not firm.any():
-        return firm
-    faint = (((greenish | bluish | reddish) & (saturation >= saturation_min / 2))
-             | ((hi <= 0.6) & (saturation <= 0.25)))
-    ink = firm | (faint & _touching(faint, firm))
-    return ndimage.binary_dilation(ink, structure=np.ones((3, 3), bool), iterations=2)
+
+def _red_strokes(labels: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """The stroke-shaped parts of the red ``regions`` of ``labels``: each region is opened by a disc half again
+    as wide as its typical half-width (the median distance to its edge along its ridge), which keeps the parts
+    wider than a stroke (pools of blood); what the opening removes is ink where it is long for its width."""
+    ink = np.zeros(labels.shape, bool)
+    boxes = ndimage.find_objects(labels)
+    for region in regions:
+        rows, cols = boxes[region - 1]
+        rows = slice(max(rows.start - 1, 0), rows.stop + 1)
+        cols = slice(max(cols.start - 1, 0), cols.stop + 1)
+        mask = labels[rows, cols] == region
+        depth = ndimage.distance_transform_edt(mask)
+        ridge = mask & (depth >= ndimage.maximum_filter(depth, size=3))
+        radius = 1.5 * float(np.median(depth[ridge]))
+        wide = _dilate(depth >= radius, radius) & mask
+        thin, n = ndimage.label(mask & ~wide, structure=np.ones((3, 3), bool))
+        if n == 0:
+            continue
+        area = np.bincount(thin.ravel(), minlength=n + 1)
+        half_width = np.zeros(n + 1)
+        np.maximum.at(half_width, thin[thin > 0], depth[thin > 0])
+        stroke = area >= STROKE_MIN_ELONGATION * np.pi * np.maximum(half_width, 0.5) ** 2
+        stroke[0] = False
+        ink[rows, cols] |= stroke[thin]
+    return ink
+
+
+def _disc(radius: float) -> np.ndarray:
+    k = int(np.ceil(radius))
+    y, x = np.mgrid[-k:k + 1, -k:k + 1]
+    return (x * x + y * y <= radius * radius).astype(np.uint8)
+
+
+def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Dilation by a disc of ``radius`` px (OpenCV: many times faster than scipy's for wide discs)."""
+    return cv2.dilate(mask.view(np.uint8), _disc(radius), borderValue=0).view(bool)
+
+
+def _erode(mask: np.ndarray, radius: float, outside: int) -> np.ndarray:
+    """Erosion by a disc of ``radius`` px; ``outside`` (0 or 1) is what lies beyond the image border."""
+    return cv2.erode(mask.view(np.uint8), _disc(radius), borderType=cv2.BORDER_CONSTANT,
+                     borderValue=outside).view(bool)
 
 
 def _touching(region: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -196,10 +338,7 @@ def _touching(region: np.ndarray, seeds: np.ndarray) -> np.ndarray:
 def _close(mask: np.ndarray, radius: float) -> np.ndarray:
     """Morphological closing by a disc of ``radius`` px; the erosion treats the outside as tissue, so tissue
     cut by the image border keeps its edge."""
-    k = int(np.ceil(radius))
-    y, x = np.mgrid[-k:k + 1, -k:k + 1]
-    disc = x * x + y * y <= radius * radius
-    return ndimage.binary_erosion(ndimage.binary_dilation(mask, disc), disc, border_value=1)
+    return _erode(_dilate(mask, radius), radius, outside=1)
 
 
 def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
