@@ -11,7 +11,7 @@ import pytest
 import tiffslide
 from scipy import ndimage
 
-from wsi.demo import PEN_INKS, make_demo_cohort, write_synthetic_slide
+from wsi.demo import PEN_INKS, HardCases, make_demo_cohort, write_synthetic_slide
 from wsi.errors import ConfigError
 
 
@@ -168,6 +168,37 @@ def test_lymphoid_aggregates_pack_small_dark_nuclei_and_leave_the_rest_unchanged
     nuclei_per_px = lambda where: ndimage.label(dark & where)[1] / where.sum()  # noqa: E731
     assert nuclei_per_px(lymphoid) > 1.5 * nuclei_per_px(tumour)  # small and packed
     assert dark[lymphoid].mean() > 0.25  # a dense cluster, not stroma (see the tumour test)
+
+
+def test_hard_cases_look_like_what_labs_see_and_none_leaves_the_slide_as_it_was(tmp_path):
+    """Solid high-grade tumour as dark and blue as a real dense core, blood as red as red ink, pale blue-grey
+    mucin, and stitched grey glass fields beside white padding; asking for no hard case changes nothing."""
+    common = {"width": 4096, "height": 3072, "seed": 12, "tumour_tiles": 1, "pen_marks": True}
+    plain = write_synthetic_slide(tmp_path / "plain.svs", **common)
+    assert np.array_equal(
+        plain.render_level(16, 0, 0, 256, 192),
+        write_synthetic_slide(tmp_path / "none.svs", hard=HardCases(), **common).render_level(16, 0, 0, 256, 192))
+    hard = write_synthetic_slide(tmp_path / "hard.svs", **common, hard=HardCases(
+        solid_tumours=1, haemorrhage=1, mucin=1, pen_over_tissue=True, scanner_padding=True))
+    assert len(hard.pen_boxes) == len(plain.pen_boxes) + 2 and len(hard.tumour_boxes) == 2
+    rgb = read_openslide(hard.path, 2).astype(float)  # the 8 um/px level, as the tiler reads it
+    truth = {k: v[:rgb.shape[0], :rgb.shape[1]] for k, v in hard.truth_masks(16).items()}
+    inner = {k: ndimage.binary_erosion(truth[k] & ~truth["pen"], iterations=2) for k in ("tumour", "blood", "mucin")}
+    solid = np.median(rgb[inner["tumour"]], axis=0)
+    assert solid[0] <= 120 and solid[0] / solid[2] <= 0.75  # real dense core: (108, 82, 150), red/blue 0.72
+    blood = np.median(rgb[inner["blood"]], axis=0)
+    red_ink = np.array(PEN_INKS["red"]) * 242
+    assert np.abs(blood - red_ink).max() <= 40  # colour alone cannot tell blood from red ink
+    mucin = np.median(rgb[inner["mucin"]], axis=0)
+    assert mucin.mean() > 190 and mucin[2] > mucin[0] > mucin[1]  # pale, blue-grey
+    padding = ndimage.binary_erosion(truth["padding"], iterations=2)  # JPEG rings at its edge
+    assert padding.sum() > 100 and rgb[padding].min() >= 250 and np.median(rgb[padding]) == 255
+    glass = ~ndimage.binary_dilation(truth["tissue"] | truth["pen"] | truth["speck"] | truth["padding"],
+                                     iterations=4)
+    rows, cols = np.nonzero(glass)
+    field = (rows * 16 // 800) * 100 + cols * 16 // 1000  # 400 x 500 um fields at 0.5 um/px
+    levels = [rgb[glass][field == f].mean() for f in np.unique(field) if (field == f).sum() > 200]
+    assert len(levels) >= 4 and np.ptp(levels) >= 1.5  # a brightness step from field to field
 
 
 def test_stain_strength_darkens_the_stroma_and_is_checked(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from wsi.cli import main as wsi_main
 from wsi.config import load_config
@@ -18,17 +19,24 @@ from wsi.demo import write_synthetic_slide
 from wsi.slide import open_slide
 from wsi.store import SlideStore, is_complete, store_path
 from wsi.tiling import read_tiles, tile_slides
+from wsi.tissue import QC_OUTLINE_RGB, QC_REJECTED_RGB
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_glass_slide(path):
-    """An Aperio-style slide of bare glass: tiles, levels and MPP are fine, there is no tissue."""
+def write_glass_slide(path, ink: bool = False):
+    """An Aperio-style slide of bare glass: tiles, levels and MPP are fine, there is no tissue; with ``ink``, thick
+    blue and black marker strokes cover a third of it."""
     import tifffile
 
     description = "Aperio Image Library v12.0.0\n2048x2048 [0,0 2048x2048] (256x256) JPEG/RGB Q=85|AppMag = 20|MPP = 0.5"
-    glass = np.random.default_rng(0).normal(238, 3, (2048, 2048, 3)).clip(0, 255).astype(np.uint8)
+    glass = np.random.default_rng(0).normal(238, 3, (2048, 2048, 3)).clip(0, 255)
+    if ink:
+        yy, xx = np.mgrid[:2048, :2048]
+        glass[np.abs(yy - xx) < 250] *= (0.2, 0.34, 0.76)
+        glass[np.abs(yy + xx - 2048) < 120] *= 0.16
+    glass = glass.astype(np.uint8)
     tifffile.imwrite(path, glass, tile=(256, 256), compression="jpeg", photometric="rgb", description=description,
                      metadata=None)
 
@@ -142,6 +150,12 @@ def test_pen_marks_and_specks_are_not_tiled(tmp_path):
     for box in slide.tissue_boxes:
         on_tissue |= overlaps(box)
     assert on_tissue.all(), "every kept tile touches tissue; none sits on pen ink or specks on glass alone"
+    # the store keeps the ink it found beside the tissue mask, and the QC image outlines it apart
+    tissue, _, _ = store.mask()
+    ink = store.ink_mask()
+    assert ink is not None and ink.shape == tissue.shape and ink.sum() > 50 and not (ink & tissue).any()
+    qc = np.asarray(Image.open(tmp_path / "qc" / "pen.png").convert("RGB"))
+    assert (qc == QC_REJECTED_RGB).all(axis=2).sum() > 50 and (qc == QC_OUTLINE_RGB).all(axis=2).sum() > 50
 
 
 def test_real_slide_tiles_and_inspect(tmp_path, capsys):
@@ -165,6 +179,7 @@ def test_bad_slides_fail_alone_with_one_line_each(slide_025, tmp_path):
     (slides / "truncated.svs").write_bytes(data[: len(data) // 3])
     write_synthetic_slide(slides / "nompp.tif", width=1024, height=1024, mpp=None, kind="generic")
     write_glass_slide(slides / "glass.svs")
+    write_glass_slide(slides / "inked.svs", ink=True)
     (slides / "dup").mkdir()
     shutil.copy(slide_025.path, slides / "dup" / "twin.svs")
     shutil.copy(slide_025.path, slides / "twin.svs")
@@ -175,10 +190,11 @@ def test_bad_slides_fail_alone_with_one_line_each(slide_025, tmp_path):
     assert SlideStore.open(store_path(out, "good")).n_tiles > 0
     with open(out / "failures.csv") as f:
         rows = {r["slide_id"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"notaslide", "truncated", "nompp", "glass", "twin"}
+    assert set(rows) == {"notaslide", "truncated", "nompp", "glass", "inked", "twin"}
     assert "not a readable slide" in rows["notaslide"]["cause"]
     assert "mpp_overrides" in rows["nompp"]["cause"]
     assert "no tissue" in rows["glass"]["cause"]
+    assert "no tissue" in rows["inked"]["cause"] and "marker ink" in rows["inked"]["cause"]
     assert "also the id of" in rows["twin"]["cause"]
     assert all(r["stage"] == "tile" and "\n" not in r["cause"] for r in rows.values())
     for slide_id in rows:

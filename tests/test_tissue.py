@@ -1,9 +1,13 @@
 """wsi.tissue on thumbnails read from real files: synthetic slides whose ground truth is known (tissue, fat,
-fragments, pen strokes of each colour, specks, smudges), glass-only images, and a real Aperio slide."""
+fragments, pen strokes of each colour, specks, smudges; and the hard cases: solid dark tumour, blood, mucin, ink
+across tissue, stitched grey glass beside white padding), drawn images of single cases, glass-only images, a
+real Aperio slide and two real H&E thumbnails (a needle core with blue marker on grey stitched glass, and a
+tissue microarray with dense dark cores)."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import openslide
@@ -12,11 +16,12 @@ from PIL import Image
 from scipy import ndimage
 
 from wsi.config import load_config
-from wsi.demo import PEN_INKS
+from wsi.demo import PEN_INKS, HardCases
 from wsi.errors import ConfigError
-from wsi.tissue import QC_OUTLINE_RGB, TissueParams, qc_image, tissue_mask
+from wsi.tissue import QC_OUTLINE_RGB, QC_REJECTED_RGB, TissueParams, qc_image, tissue_mask, tissue_masks
 
 PARAMS = TissueParams.default()
+DATA = Path(__file__).parent / "data"
 
 
 def thumbnail(path, mpp: float) -> tuple[np.ndarray, float, float]:
@@ -179,3 +184,157 @@ def test_params_round_trip_and_reject_bad_config():
         dataclasses.replace(PARAMS, saturation_min=7)
     with pytest.raises(ValueError, match="RGB uint8"):
         tissue_mask(np.zeros((10, 10), np.uint8), 8.0, PARAMS)
+
+
+# ------------------------------------------------------------------------------------------- hard cases
+@pytest.fixture(scope="module")
+def hard_case(make_slide):
+    """A slide with every hard case (yellowish glass cast), its 8 um/px thumbnail, masks and truth."""
+    slide = make_slide("hard.svs", width=4096, height=3072, mpp=0.5, seed=12, tumour_tiles=1, pen_marks=True,
+                       specks=True, hard=HardCases(solid_tumours=1, haemorrhage=1, mucin=1, pen_over_tissue=True,
+                                                   scanner_padding=True, glass_rgb=(236.0, 232.0, 214.0)))
+    rgb, mpp, downsample = thumbnail(slide.path, 8.0)
+    masks = tissue_masks(rgb, mpp, PARAMS)
+    return slide, rgb, masks, truth_on(slide, downsample, masks.tissue.shape)
+
+
+def test_hard_slide_keeps_dense_tumour_blood_mucin_fat_and_stroma(hard_case):
+    _, _, masks, truth = hard_case
+    free = ~ndimage.binary_dilation(truth["pen"], iterations=1)  # tissue not under ink
+    stroma = truth["tissue"] & ~np.logical_or.reduce([truth[k] for k in ("tumour", "fat", "blood", "mucin",
+                                                                          "lymphoid")])
+    recall = {k: masks.tissue[where & free].mean() for k, where in
+              (("tumour", truth["tumour"]), ("blood", truth["blood"]), ("mucin", truth["mucin"]),
+               ("fat", truth["fat"]), ("stroma", stroma))}
+    assert all((where & free).sum() > 200 for where in (truth["tumour"], truth["blood"], truth["mucin"]))
+    assert recall["tumour"] >= 0.99 and recall["stroma"] >= 0.99, recall
+    assert recall["blood"] >= 0.95 and recall["mucin"] >= 0.95 and recall["fat"] >= 0.95, recall
+
+
+def test_hard_slide_leaves_out_padding_grey_glass_and_ink(hard_case):
+    _, _, masks, truth = hard_case
+    assert truth["padding"].sum() > 100 and not (masks.tissue & truth["padding"]).any()
+    # the stitched grey glass around the tissue stays out (bar a stray pixel where a smeared fringe meets it)
+    assert (masks.tissue & ~ndimage.binary_dilation(truth["tissue"], iterations=3)).sum() <= 8
+    ink_on_glass = truth["pen"] & ~ndimage.binary_dilation(truth["tissue"], iterations=2)
+    assert ink_on_glass.sum() > 500
+    assert masks.ink[ink_on_glass].mean() >= 0.9 and masks.tissue[ink_on_glass].mean() <= 0.05
+    # the blue stroke drawn across tissue goes where it lies over tissue; the tissue beside it stays
+    inked_tissue = truth["pen"] & truth["tissue"] & ~truth["blood"]
+    assert inked_tissue.sum() > 100 and masks.tissue[inked_tissue].mean() <= 0.35
+
+
+def _drawn(size=(160, 220)) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
+    """A grey-glass thumbnail (8 um/px) with a pink tissue piece; returns (rgb float, tissue truth, rng)."""
+    rng = np.random.default_rng(5)
+    h, w = size
+    rgb = np.empty((h, w, 3), np.float32)
+    rgb[:] = (243, 242, 245)
+    yy, xx = np.mgrid[:h, :w]
+    tissue = (yy - h / 2) ** 2 / (0.35 * h) ** 2 + (xx - w / 2) ** 2 / (0.3 * w) ** 2 <= 1
+    rgb[tissue] = (222, 158, 205)
+    return rgb, tissue, rng
+
+
+def _finish(rgb: np.ndarray, rng) -> np.ndarray:
+    return (rgb + rng.normal(0, 2.5, rgb.shape)).clip(0, 255).astype(np.uint8)
+
+
+def test_dense_dark_blue_tumour_stays_when_blue_ink_crosses_it():
+    """Solid high-grade tumour is as dark and blue as a real dense core (median (108, 82, 150), red/blue 0.72,
+    some pixels down to 0.5); a blue marker stroke runs from the glass across it: only the stroke goes."""
+    rgb, tissue, rng = _drawn()
+    h, w = tissue.shape
+    yy, xx = np.mgrid[:h, :w]
+    tumour = tissue & ((yy - 80) ** 2 + (xx - 110) ** 2 <= 40 ** 2)
+    shade = rng.normal(1, 0.12, tumour.sum())[:, None]  # nuclear texture, with some pixels far bluer
+    rgb[tumour] = np.array([108, 82, 150]) * shade * np.where(rng.random((tumour.sum(), 1)) < 0.04,
+                                                              [0.72, 0.8, 1.0], 1)
+    stroke = np.abs((yy - 10) - 0.9 * (xx - 20)) <= 5  # a 10 px (80 um) wide stroke
+    rgb[stroke] *= np.array([0.20, 0.34, 0.76])
+    masks = tissue_masks(_finish(rgb, rng), 8.0, PARAMS)
+    clear = tumour & ~ndimage.binary_dilation(stroke, iterations=2)
+    assert masks.tissue[clear].mean() >= 0.995
+    assert not masks.ink[clear].any()
+    assert masks.ink[stroke].mean() >= 0.95 and not (masks.tissue & stroke).any()
+
+
+@pytest.mark.parametrize("keep_blood", [True, False])
+def test_blood_is_told_from_red_ink_by_shape(keep_blood):
+    """A pool of blood at the tissue's rim is as red as a red marker stroke beside it; the stroke is long for its
+    width, the pool is not: with keep_blood the pool stays and the stroke goes; without, both go."""
+    rgb, tissue, rng = _drawn()
+    h, w = tissue.shape
+    yy, xx = np.mgrid[:h, :w]
+    pool = ((yy - 80) ** 2 + (xx - 40) ** 2 <= 22 ** 2) & (rng.random((h, w)) < 0.97)
+    rgb[pool] = (189, 53, 66)
+    stroke = (np.abs(yy - 140) <= 4) & (xx >= 30) & (xx <= 190)
+    rgb[stroke] = rgb[stroke] * np.array([0.80, 0.17, 0.22])
+    masks = tissue_masks(_finish(rgb, rng), 8.0, dataclasses.replace(PARAMS, keep_blood=keep_blood))
+    assert masks.ink[stroke].mean() >= 0.95 and not (masks.tissue & stroke).any()
+    inner_pool = ndimage.binary_erosion(pool, iterations=2)
+    if keep_blood:
+        assert masks.tissue[inner_pool].mean() >= 0.97 and not masks.ink[inner_pool].any()
+    else:
+        assert masks.ink[inner_pool].mean() >= 0.95
+
+
+def test_grey_stitched_glass_beside_white_padding_is_not_tissue():
+    """A scanner imaged fields of light-grey glass (241-247, a step at each seam) and wrote pure white
+    padding elsewhere; read against the padding, the grey glass would pass for faint stain."""
+    rgb, tissue, rng = _drawn((200, 300))
+    h, w = tissue.shape
+    yy, xx = np.mgrid[:h, :w]
+    field = (yy // 50) * 7 + xx // 60
+    gain = 1 + 0.012 * np.sin(field * 2.3)  # about +-3 levels from field to field
+    rgb *= gain[..., None]
+    padding = (xx < 45) | (yy > 175) | ((yy < 30) & (xx > 200))
+    rgb = _finish(rgb, rng)
+    rgb[padding & ~tissue] = 255
+    masks = tissue_masks(rgb, 8.0, PARAMS)
+    assert masks.tissue[ndimage.binary_erosion(tissue, iterations=2)].all()
+    assert not (masks.tissue & ~ndimage.binary_dilation(tissue, iterations=2)).any()
+
+
+# ------------------------------------------------------------------------------------- real thumbnails
+def _real(name: str) -> np.ndarray:
+    return np.asarray(Image.open(DATA / name).convert("RGB"))
+
+
+def test_real_needle_core_on_grey_stitched_glass_with_blue_marker():
+    rgb = _real("slide_with_ink.jpeg")
+    masks = tissue_masks(rgb, 8.0, PARAMS)
+    px = rgb.astype(np.int16)
+    # empty grey glass: neutral, light, not padding, and more than 3 px from anything else
+    glass = ndimage.binary_erosion((px.min(2) >= 232) & (np.ptp(px, axis=2) <= 8) & (px.min(2) < 253),
+                                   iterations=3)
+    assert masks.tissue.mean() > 0.2
+    assert (masks.tissue & glass).sum() <= 0.01 * masks.tissue.sum()  # the previous mask: 23% glass
+    marker = (px[..., 2] > 1.6 * px[..., 0]) & (px.mean(2) < 140)  # the dense blue blot
+    assert marker.sum() > 2000
+    # tissue that shows through the blot's thinner rim stays (its red/blue, 0.5-0.6, is dense tumour's too)
+    assert masks.ink[marker].mean() >= 0.9 and masks.tissue[marker].mean() <= 0.1
+    stained = (np.ptp(px, axis=2) >= 50) & (px.mean(2) < 210) & ~ndimage.binary_dilation(masks.ink, iterations=3)
+    assert masks.tissue[stained].mean() >= 0.98
+
+
+def test_real_tissue_microarray_keeps_its_dense_dark_cores():
+    rgb = _real("tma_spots.jpeg")
+    masks = tissue_masks(rgb, 8.0, PARAMS)
+    px = rgb.astype(np.float32)
+    dark = (px[..., 0] < 0.8 * px[..., 2]) & (px.mean(2) < 140)  # the darkest core: dense tumour
+    assert dark.sum() > 2000
+    assert masks.tissue[dark].mean() >= 0.995 and not masks.ink.any()
+    stained = (np.ptp(px, axis=2) >= 40) & (px.mean(2) < 210)
+    assert masks.tissue[stained].mean() >= 0.99
+
+
+def test_qc_image_outlines_rejected_ink_in_its_own_colour():
+    rgb = np.full((50, 60, 3), 200, np.uint8)
+    tissue = np.zeros((50, 60), bool)
+    tissue[10:40, 5:25] = True
+    ink = np.zeros_like(tissue)
+    ink[10:40, 35:55] = True
+    qc = qc_image(rgb, tissue, ink)
+    assert (qc[10, 10] == QC_OUTLINE_RGB).all() and (qc[10, 40] == QC_REJECTED_RGB).all()
+    assert (qc[25, 15] == 200).all() and (qc[25, 45] == 200).all()

@@ -293,7 +293,7 @@ def _red_strokes(labels: np.ndarray, regions: np.ndarray) -> np.ndarray:
         rows = slice(max(rows.start - 1, 0), rows.stop + 1)
         cols = slice(max(cols.start - 1, 0), cols.stop + 1)
         mask = labels[rows, cols] == region
-        depth = ndimage.distance_transform_edt(mask)
+        depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(mask))  # gaps in a clot are no edge
         ridge = mask & (depth >= ndimage.maximum_filter(depth, size=3))
         radius = 1.5 * float(np.median(depth[ridge]))
         wide = _dilate(depth >= radius, radius) & mask
