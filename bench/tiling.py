@@ -13,8 +13,10 @@ Makes (once, cached under bench/out/) a pyramidal JPEG Aperio-like slide at 0.25
 * tile the same scene written as a DICOM WSI folder (same tiles, JPEG baseline frames) with ``backend: auto``,
   whose frames are decoded directly as well;
 
-and prints seconds, ratio to the floor, tiles/s, bytes per stored tile and peak memory. Machines here are
-noisy: compare ratios from one run, not seconds across runs.
+and prints seconds, ratio to the floor, tiles/s, bytes per stored tile and peak memory; then the wall time of a
+whole ``wsi tile`` process on the SVS (interpreter start, imports, tissue mask, tiles, store), as a SLURM job
+that tiles one slide per process pays it, and the start-up alone. Machines here are noisy: compare ratios from
+one run, not seconds across runs.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ def make_slide(path: Path, width: int, height: int, kind: str = "aperio") -> Non
                           tumour_boxes=[(width // 3, height // 3, width // 3 + 3000, height // 3 + 2000)])
     os.replace(tmp, path)
     print(f"made {path.name} ({width} x {height}) in {time.perf_counter() - t:.1f} s")
+
+
+def run_python(code: str) -> float:
+    """Wall seconds of a fresh interpreter running ``code``."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - start
 
 
 def decode_floor(slide_path: Path, coords: np.ndarray, footprint: float, threads: int) -> tuple[float, int]:
@@ -99,6 +108,16 @@ def run_tiling(slide: Path, out: Path, sets: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_cli(slide: Path, out: Path) -> float:
+    """Wall seconds of a whole ``wsi tile`` process (interpreter start and imports included), as a SLURM job
+    tiling one slide per process pays them."""
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "wsi.cli", "tile", str(slide), "--out", str(out), "--no-progress"],
+                   check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -143,6 +162,8 @@ def main() -> None:
             coords, footprint = s.coords, s.tiling.tile_px_level0
     floor_s, n_jpeg = decode_floor(slide, coords, footprint, args.threads)
     floor_1, _ = decode_floor(slide, coords, footprint, 1)
+    process_s = run_cli(slide, work / "tiling_run")
+    imports_s = min(run_python("import wsi.cli, wsi.tiling") for _ in range(3))
 
     print(f"\nslide {args.width} x {args.height} px at 0.25 um/px -> 0.5 um/px 256 px tiles; "
           f"{os.cpu_count()} cores, {args.threads} threads")
@@ -153,6 +174,8 @@ def main() -> None:
     for name, r in results:
         print(f"{name:30s} {r['seconds']:8.2f} {r['seconds'] / floor_s:8.2f} {r['tiles']:7d} "
               f"{r['tiles'] / r['seconds']:8.0f} {r['bytes_per_tile'] / 1024:8.1f} {r['peak_mb']:8.0f}")
+    print(f"{'whole wsi tile process':30s} {process_s:8.2f} {process_s / floor_s:8.2f}   (interpreter start + "
+          f"imports of the tile path: {imports_s:.2f} s = {imports_s / floor_s:.2f} x floor)")
     shutil.rmtree(work / "tiling_run", ignore_errors=True)
     print(f"(this process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
 
