@@ -21,10 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_LINKS = REPO / "wsi" / "workflow"
 
 
+def workflow_links() -> list[Path]:
+    """The symlinks under wsi/workflow, each to a top-level file or folder of the checkout."""
+    return [p for p in WORKFLOW_LINKS.rglob("*") if p.is_symlink()]
+
+
 def workflow_files() -> dict[str, Path]:
     """Every file the workflow needs, by its path inside the package: what wsi/workflow/* link to."""
     files = {}
-    for link in WORKFLOW_LINKS.iterdir():
+    for link in workflow_links():
         paths = [link] if link.is_file() else [p for p in link.rglob("*") if p.is_file()]
         for path in paths:
             if "__pycache__" not in path.parts:
@@ -46,8 +51,9 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copy2(REPO / "pyproject.toml", src)
     shutil.copy2(REPO / "README.md", src)
     shutil.copytree(REPO / "wsi", src / "wsi", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-    for link in WORKFLOW_LINKS.iterdir():  # the top-level files the package's workflow links point to
-        target = (REPO / "wsi" / "workflow" / os.readlink(link)).resolve()
+    for link in workflow_links():  # the top-level files and folders the package's workflow links point to
+        target = link.resolve()
+        (src / target.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
         copy = shutil.copytree if target.is_dir() else shutil.copy2
         copy(target, src / target.relative_to(REPO))
     dist = tmp_path_factory.mktemp("dist")

@@ -362,7 +362,8 @@ def _provenance_html(out_dir: Path, run: str, model_dir: Path, run_info: dict, c
     items = [("wsi version", __version__), ("output folder", str(out_dir.resolve())), ("model run", run),
              ("model folder", str(model_dir)), ("model", run_info.get("model", {}).get("name", "–")),
              ("encoder", run_info.get("encoder", config.get("extract", {}).get("encoder", "–"))),
-             ("classes", ", ".join(map(str, run_info.get("classes", []))) or "–"), ("mode", config.get("mode", "–"))]
+             ("classes", ", ".join(map(str, run_info.get("classes", []))) or "–"),
+             ("mode", config.get("mode", "–"))]
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in items)
     cfg = _esc(json.dumps(config, indent=1, sort_keys=True, default=str))
     return f"<table>{rows}</table><details><summary>configuration</summary><pre>{cfg}</pre></details>"
