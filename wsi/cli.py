@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-score a finer, overlapping grid from the slide (needs the model)")
     p.add_argument("slide_ids", nargs="*", help="only these slides (default: all with scores)")
 
+    sub.add_parser("workflow", help='print the installed Snakefile\'s path: snakemake -s "$(wsi workflow)"; its '
+                   "folder holds configs/ (demo.yaml, the slurm profile)")
+
     p = sub.add_parser("report", help="self-contained OUT/report.html")
     _common(p, per_slide=False)
     p.add_argument("--model-run", help="the run to report (default: the newest)")
@@ -191,6 +194,12 @@ def run(args) -> int:
         summary = heatmaps(args.out, args.model_run, config, slide_ids=args.slide_ids or None,
                            high_res=args.high_res, progress=args.progress)
         return _finish(args, config, _items(summary, "done", "failed"))
+
+    if args.command == "workflow":
+        from .config import workflow_snakefile
+
+        print(workflow_snakefile())
+        return 0
 
     if args.command == "report":
         from .report import write_report

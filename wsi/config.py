@@ -15,9 +15,21 @@ import yaml
 
 from .errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# The workflow (Snakefile, pipelines/, configs/, profiles/, docs/) ships inside the package as data, so an
+# installed wheel has its defaults and can run the workflow; in a source checkout wsi/workflow/* are symlinks
+# to the top-level files.
+WORKFLOW_DIR = Path(__file__).resolve().parent / "workflow"
+SNAKEFILE = WORKFLOW_DIR / "Snakefile"
+CONFIG_DIR = WORKFLOW_DIR / "configs"
 DEFAULTS_PATH = CONFIG_DIR / "default.yaml"
 SCHEMA_PATH = CONFIG_DIR / "schema.yaml"
+
+
+def workflow_snakefile() -> Path:
+    """The Snakefile of this installation (``snakemake -s "$(wsi workflow)"``); its folder holds ``configs/``."""
+    if not SNAKEFILE.is_file():
+        raise ConfigError(SNAKEFILE, "the workflow files are missing from this wsi installation", "reinstall wsi")
+    return SNAKEFILE.resolve()
 
 
 def deep_merge(base: dict, update: dict) -> dict:

@@ -1,14 +1,26 @@
 """The run report: one self-contained ``OUT/report.html`` (images inlined, no network) over the cohort.
 
-It reads only documented outputs: the stores (:mod:`wsi.store`), ``failures.csv``,
-``OUT/predictions/<run>/predictions.csv``, the model run folder (``run.json``, ``metrics.json``, ``roc.png``)
-and ``OUT/heatmaps/<run>/<slide>/``. Sections: provenance, metrics with 95% confidence intervals and the ROC
-curve, the cohort table (slide, label, prediction, probabilities, tiles, MPP, failures) and a thumbnail per
-slide linked to its heatmap files.
+It reads only documented outputs: the stores (:mod:`wsi.store`), ``failures.csv``, the labels table,
+``OUT/predictions/<run>/predictions.csv``, the model run folder (``run.json``, ``cv_predictions.csv``,
+``metrics.json``, ``roc.png``; :mod:`wsi.mil.training`) and ``OUT/heatmaps/<run>/<slide>/`` (``overlay.png``,
+``heatmap.json``; :mod:`wsi.heatmap`).
 
-Metrics: for a training run, the cross-validated (out-of-fold) metrics of ``metrics.json``; the fold ensemble's
-predictions on its own training slides are in-sample and are not scored. For a prediction run on slides
-with labels, the metrics of those predictions are computed here (external validation).
+What a reader can trust is kept apart from what they cannot:
+
+* **Performance** is measured only on predictions from models that never trained on the slide: for a training
+  run, the out-of-fold predictions of cross-validation (``cv_predictions.csv``, scored in ``metrics.json``), shown
+  with their per-slide table; for a prediction run, the predictions of slides that have a label and were not in
+  the model's training cohort (external validation, scored here), with the model's own cross-validated figures
+  beside them for reference.
+* **The final model's predictions on its own training slides** (the fold ensemble, each of whose members
+  trained on all but one fold) are in-sample: they are listed in their own, labelled section and never scored.
+* **Warnings** open the report when a shown AUROC's 95% interval includes 0.5 (or has no interval), or when a
+  class has fewer than :data:`MIN_SLIDES_PER_CLASS` slides.
+
+Then come the heatmaps (each slide's overlay panel with its label, out-of-fold and final predictions, and the
+colour scale), the per-slide quality table (tiles, MPP), the failures (``failures.csv``) and the provenance.
+Each section is an HTML ``<section>`` with a fixed ``id`` (``warnings``, ``performance``, ``heatmaps``,
+``predictions``, ``in-sample``, ``slides``, ``failures``, ``provenance``) for scripts and tests.
 """
 
 from __future__ import annotations
@@ -25,24 +37,34 @@ from PIL import Image
 
 from . import __version__
 from .errors import ConfigError, read_failures
-from .store import SlideStore, open_cohort
+from .store import open_cohort
 
-_THUMB_PX = 280
+# Below this many slides in a class, each cross-validation fold trains on a handful of bags and the AUROC
+# interval spans most of [0, 1]: the figures say the pipeline runs, not that the model works.
+MIN_SLIDES_PER_CLASS = 10
+_THUMB_PX = 400       # heatmap panel width in the gallery (three to a row in a 1400 px window)
+_SCALE_STOPS = 11     # colour-bar gradient stops
 
 
-def _img_data_uri(path: Path, max_px: int | None = None) -> str:
-    image = Image.open(path).convert("RGB")
+def _img_data_uri(image: Image.Image | Path, max_px: int | None = None) -> str:
+    image = (Image.open(image) if isinstance(image, Path) else image).convert("RGB")
     if max_px:
-        image.thumbnail((max_px, max_px))
+        image.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    image.save(buf, format="PNG" if not max_px else "JPEG", quality=85)
-    mime = "image/png" if not max_px else "image/jpeg"
+    image.save(buf, format="JPEG" if max_px else "PNG", quality=88)
+    mime = "image/jpeg" if max_px else "image/png"
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
 def _read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _newest_run(out_dir: Path) -> str:
@@ -62,80 +84,273 @@ def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _esc(value) -> str:
+    return html.escape(str(value))
+
+
+def _section(anchor: str, title: str, body: str, css: str = "") -> str:
+    cls = f" class={css}" if css else ""
+    return f"<section id={anchor}{cls}><h2>{_esc(title)}</h2>{body}</section>"
+
+
+# ------------------------------------------------------------------------------------------ metrics
 def _figure_cell(fig: dict) -> str:
-    lo, hi = fig.get("ci95", [None, None])
+    lo, hi = fig.get("ci95") or [None, None]
     return f"{_fmt(fig.get('value'))} <span class=ci>[{_fmt(lo)}, {_fmt(hi)}]</span>"
 
 
-def _metrics_html(metrics: dict, title: str) -> str:
-    rows = [f"<tr><th>AUROC ({html.escape(c)})</th><td>{_figure_cell(f)}</td></tr>"
-            for c, f in metrics.get("auroc", {}).items()]
+def _auroc_figures(metrics: dict) -> list[tuple[str, dict]]:
+    figures = list(metrics.get("auroc", {}).items())
     if "auroc_macro" in metrics:
-        rows.append(f"<tr><th>AUROC (macro)</th><td>{_figure_cell(metrics['auroc_macro'])}</td></tr>")
+        figures.append(("macro", metrics["auroc_macro"]))
+    return figures
+
+
+def _metrics_html(metrics: dict, title: str, intro: str, roc: Path | None = None) -> str:
+    rows = [f"<tr><th>AUROC ({_esc(c)})</th><td>{_figure_cell(f)}</td></tr>" for c, f in _auroc_figures(metrics)]
     for key, name in (("balanced_accuracy", "Balanced accuracy"), ("f1", "F1")):
         if key in metrics:
             rows.append(f"<tr><th>{name}</th><td>{_figure_cell(metrics[key])}</td></tr>")
     cm = metrics.get("confusion_matrix")
     cm_html = ""
     if cm:
-        head = "".join(f"<th>pred {html.escape(c)}</th>" for c in cm["labels"])
-        body = "".join(f"<tr><th>true {html.escape(c)}</th>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
+        head = "".join(f"<th>predicted {_esc(c)}</th>" for c in cm["labels"])
+        body = "".join(f"<tr><th>true {_esc(c)}</th>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
                        for c, row in zip(cm["labels"], cm["counts"]))
         cm_html = f"<table class=cm><tr><th></th>{head}</tr>{body}</table>"
     boot = metrics.get("bootstrap", {})
-    note = (f"{metrics.get('n_slides', '?')} slides, {metrics.get('n_patients', '?')} patients; 95% CI from "
-            f"{boot.get('resamples', '?')} bootstrap resamples by {boot.get('unit', 'slide')}")
-    return (f"<h2>{html.escape(title)}</h2><p class=note>{html.escape(note)}</p>"
-            f"<table>{''.join(rows)}</table>{cm_html}")
+    support = ", ".join(f"{n} {c}" for c, n in zip(metrics.get("classes", []), metrics.get("support", [])))
+    note = (f"{metrics.get('n_slides', '?')} slides ({support}), {metrics.get('n_patients', '?')} patients; "
+            f"95% intervals from {boot.get('resamples', '?')} bootstrap resamples by {boot.get('unit', 'slide')}")
+    roc_html = f"<img class=roc alt='ROC curve' src='{_img_data_uri(roc)}'>" if roc and roc.exists() else ""
+    return (f"<h3>{_esc(title)}</h3><p>{_esc(intro)}</p><p class=note>{_esc(note)}</p>"
+            f"<div class=figures><div><table>{''.join(rows)}</table>{cm_html}</div>{roc_html}</div>")
 
 
-def _external_metrics(predictions: list[dict], labels: dict[str, str], classes: list[str]) -> dict | None:
+def _warnings(scope: str, metrics: dict) -> list[str]:
+    """Why the figures of ``metrics`` (``scope`` says which) must not be read as evidence that the model works."""
+    out = []
+    for name, fig in _auroc_figures(metrics):
+        value, (lo, hi) = fig.get("value"), fig.get("ci95") or [None, None]
+        if value is None or lo is None or hi is None:
+            out.append(f"{scope}: the AUROC ({name}) has no 95% interval (a class too rare in the resamples, or "
+                       "no bootstrap), so how good the model is cannot be told.")
+        elif lo <= 0.5 <= hi:
+            out.append(f"{scope}: AUROC ({name}) {value:.2f} with a 95% interval of [{lo:.2f}, {hi:.2f}], which "
+                       "includes 0.5 (chance). The model may be no better than a coin toss on these slides: do "
+                       "not read its predictions or heatmaps as findings.")
+    small = [(c, n) for c, n in zip(metrics.get("classes", []), metrics.get("support", []))
+             if n < MIN_SLIDES_PER_CLASS]
+    if small:
+        counts = ", ".join(f"{n} {c}" for c, n in small)
+        out.append(f"{scope}: only {counts} slides ({metrics.get('n_slides', '?')} in all); fewer than "
+                   f"{MIN_SLIDES_PER_CLASS} per class is too few to learn from or to measure: these figures show "
+                   "that the pipeline runs, not that the model works.")
+    return out
+
+
+def _external_metrics(predictions: list[dict], labels: dict[str, tuple[str, str]], classes: list[str],
+                      config: dict) -> dict | None:
+    """Metrics of ``predictions`` whose slide has a label of a known class (bootstrap by patient)."""
     from .mil.metrics import classification_metrics
 
-    rows = [r for r in predictions if labels.get(r["slide_id"]) in classes]
-    if len(rows) < 2 or len({labels[r["slide_id"]] for r in rows}) < 2:
+    rows = [r for r in predictions if labels.get(r["slide_id"], ("",))[0] in classes]
+    if len(rows) < 2 or len({labels[r["slide_id"]][0] for r in rows}) < 2:
         return None
-    y = [classes.index(labels[r["slide_id"]]) for r in rows]
-    probs = [[float(r[f"prob_{c}"]) for c in classes] for r in rows]
-    return classification_metrics(y, probs, classes)
+    mil = config.get("mil", {})
+    return classification_metrics([classes.index(labels[r["slide_id"]][0]) for r in rows],
+                                  [[float(r[f"prob_{c}"]) for c in classes] for r in rows], classes,
+                                  groups=[labels[r["slide_id"]][1] for r in rows],
+                                  n_bootstrap=int(mil.get("bootstrap", 1000)), seed=int(mil.get("seed", 0)))
 
 
+# ------------------------------------------------------------------------------------------ tables
+def _prediction_table(rows: list[dict], classes: list[str], labels: dict, *, fold: bool = False) -> str:
+    """One row per slide: id, label, [fold], P(class)..., predicted; a wrong call is shaded."""
+    head = "<th>slide</th><th>label</th>" + ("<th>fold</th>" if fold else "") + "".join(
+        f"<th>P({_esc(c)})</th>" for c in classes) + "<th>predicted</th>"
+    body = []
+    for r in sorted(rows, key=lambda r: r["slide_id"]):
+        label = r.get("label") or labels.get(r["slide_id"], ("",))[0]
+        wrong = " class=wrong" if label in classes and label != r["predicted"] else ""
+        probs = "".join(f"<td>{_fmt(float(r[f'prob_{c}']))}</td>" for c in classes)
+        body.append(f"<tr{wrong}><td>{_esc(r['slide_id'])}</td><td>{_esc(label)}</td>"
+                    + (f"<td>{_esc(r.get('fold', ''))}</td>" if fold else "")
+                    + f"{probs}<td>{_esc(r['predicted'])}</td></tr>")
+    return f"<table class=slides><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _slides_table(slide_ids, stores, labels, failures) -> str:
+    rows = []
+    for sid in slide_ids:
+        store = stores.get(sid)
+        mpp = f"{store.slide.mpp_x:.3f} ({_esc(store.slide.mpp_source)})" if store else "–"
+        status = "failed" if sid in failures else "ok"
+        rows.append(f"<tr><td>{_esc(sid)}</td><td>{_esc(labels.get(sid, ('',))[0])}</td>"
+                    f"<td>{store.n_tiles if store else '–'}</td><td>{mpp}</td>"
+                    f"<td class={status}>{status}</td></tr>")
+    return ("<table class=slides><tr><th>slide</th><th>label</th><th>tiles</th><th>MPP (source)</th>"
+            f"<th>status</th></tr>{''.join(rows)}</table>")
+
+
+def _failures_table(failures: list[dict]) -> str:
+    if not failures:
+        return "<p>No slide failed.</p>"
+    rows = "".join(f"<tr><td>{_esc(f['slide_id'])}</td><td>{_esc(f['stage'])}</td><td>{_esc(f['source'])}</td>"
+                   f"<td class=fail>{_esc(f['cause'])}</td></tr>" for f in failures)
+    return (f"<p>{len(failures)} failure(s), one row per slide and stage (<code>failures.csv</code>); the other "
+            "slides carried on.</p><table class=slides><tr><th>slide</th><th>stage</th><th>file</th>"
+            f"<th>cause</th></tr>{rows}</table>")
+
+
+# ------------------------------------------------------------------------------------------ heatmaps
+def _panel(overlay: Path) -> Image.Image:
+    """The overlay's slide panel, without its title and colour-bar strips (the report writes those as text,
+    legibly); the box is in the PNG's Description (:mod:`wsi.heatmap.images`)."""
+    image = Image.open(overlay)
+    try:
+        x, y, w, h = json.loads(image.text["Description"])["panel"]
+        return image.crop((x, y, x + w, y + h))
+    except (KeyError, ValueError, TypeError, AttributeError):  # an overlay from elsewhere: show it whole
+        return image
+
+
+def _colour_scale(colormap: str, subject: str) -> str:
+    from .heatmap.raster import colour_table
+
+    table = colour_table(colormap)
+    stops = ", ".join("rgb({},{},{})".format(*table[round(i * 255 / (_SCALE_STOPS - 1))])
+                      for i in range(_SCALE_STOPS))
+    return (f"<div class=scale><div class=bar style='background:linear-gradient(to right, {stops})'></div>"
+            f"<div class=ticks><span>0</span><span>0.5</span><span>1</span></div>"
+            f"<div class=subject>{_esc(subject)}</div></div>")
+
+
+def _call(row: dict | None, cls: str) -> str:
+    if not row:
+        return "–"
+    return f"<b>{_esc(row['predicted'])}</b>, P({_esc(cls)}) {float(row[f'prob_{cls}']):.2f}"
+
+
+def _heatmap_card(out_dir: Path, folder: Path, sid: str, label: str, oof: dict | None, final: dict | None,
+                  in_sample: bool, classes: list[str]) -> str:
+    doc = _read_json(folder / "heatmap.json")
+    params = doc.get("params", {})
+    cls = params.get("tumour_class") or (classes[-1] if classes else "")
+    if params.get("value") == "attention":
+        subject = "attention" + (" (rank within slide)" if params.get("normalize") == "percentile" else "")
+    else:
+        subject = f"P({cls}) per tile" + (" (rank within slide)" if params.get("normalize") == "percentile"
+                                           else "")
+    rel = os.path.relpath(folder, out_dir)
+    links = " · ".join(f"<a href='{_esc(rel)}/{name}'>{text}</a>" for name, text in (
+        ("overlay.png", "overlay"), ("heatmap.tif", "pyramidal TIFF"), ("tiles.geojson", "QuPath GeoJSON"),
+        ("top_tiles.png", "top tiles")) if (folder / name).exists())
+    lines = [f"<div class=title>{_esc(sid)}</div>", f"<div>label: <b>{_esc(label or 'none')}</b></div>"]
+    if oof:
+        lines.append(f"<div>out-of-fold: {_call(oof, cls)} <span class=tag>fold {_esc(oof.get('fold', '?'))}"
+                     "</span></div>")
+    tag = "<span class='tag insample'>in-sample</span>" if in_sample else ""
+    lines.append(f"<div>final model: {_call(final, cls)} {tag}</div>")
+    image = _img_data_uri(_panel(folder / "overlay.png"), _THUMB_PX)
+    return (f"<figure><a href='{_esc(rel)}/overlay.png'><img alt='heatmap of {_esc(sid)}' src='{image}'></a>"
+            f"<figcaption>{''.join(lines)}{_colour_scale(params.get('colormap', 'viridis'), subject)}"
+            f"<div class=links>{links}</div></figcaption></figure>")
+
+
+# ------------------------------------------------------------------------------------------ the report
 def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
     """Write ``OUT/report.html`` for model run ``run`` (default: the newest predictions) and return its path."""
     out_dir = Path(out_dir)
     run = run or _newest_run(out_dir)
     model_dir = _model_dir(out_dir, run, config)
-    pred_path = out_dir / "predictions" / run / "predictions.csv"
-    predictions = _read_csv(pred_path) if pred_path.exists() else []
+    predict_mode = config.get("mode") == "predict"
+    predictions = _read_csv(out_dir / "predictions" / run / "predictions.csv")
     by_slide = {r["slide_id"]: r for r in predictions}
-    run_info = json.loads((model_dir / "run.json").read_text()) if (model_dir / "run.json").exists() else {}
+    run_info = _read_json(model_dir / "run.json")
+    oof_rows = _read_csv(model_dir / "cv_predictions.csv")
+    trained = {r["slide_id"]: r for r in oof_rows}  # the model's training cohort, with its out-of-fold calls
     classes = [str(c) for c in run_info.get("classes", [])] or [
-        k[len("prob_"):] for k in (predictions[0] if predictions else {}) if k.startswith("prob_")]
-    labels = {}
-    if config.get("labels") and Path(config["labels"]).exists():
-        labels = {r["slide_id"]: r["label"] for r in _read_csv(Path(config["labels"]))}
-    failures: dict[str, list[str]] = {}
-    for f in read_failures(out_dir):
-        failures.setdefault(f["slide_id"], []).append(f"{f['stage']}: {f['cause']}")
+        k[len("prob_"):] for k in (predictions or oof_rows or [{}])[0] if k.startswith("prob_")]
+    labels: dict[str, tuple[str, str]] = {}  # slide id -> (label, patient id)
+    if config.get("labels") and Path(config["labels"]).is_file():
+        from .mil import read_labels
+
+        table = read_labels(config["labels"])
+        labels = dict(zip(table["slide_id"], zip(table["label"], table["patient_id"])))
+    labels.update({r["slide_id"]: (r["label"], r["patient_id"]) for r in oof_rows if r["slide_id"] not in labels})
+    failure_rows = read_failures(out_dir)
+    failures = {f["slide_id"] for f in failure_rows}
     stores = {s.slide_id: s for s in open_cohort(out_dir)}
-    slide_ids = sorted(set(stores) | set(failures) | set(by_slide))
+    slide_ids = sorted(set(stores) | failures | set(by_slide) | (set() if predict_mode else set(trained)))
 
-    sections = [_provenance_html(out_dir, run, model_dir, run_info, config)]
-    if (model_dir / "metrics.json").exists() and config.get("mode") != "predict":
-        sections.append(_metrics_html(json.loads((model_dir / "metrics.json").read_text()),
-                                      "Cross-validated metrics (out-of-fold predictions)"))
-        if (model_dir / "roc.png").exists():
-            sections.append(f"<img class=roc alt='ROC curve' src='{_img_data_uri(model_dir / 'roc.png')}'>")
-    elif classes and labels:
-        external = _external_metrics(predictions, labels, classes)
+    # performance: only predictions of models that never saw the slide
+    cv_metrics = _read_json(model_dir / "metrics.json")
+    blocks, warnings = [], []
+    if predict_mode:
+        held_out = [r for r in predictions if r["slide_id"] not in trained]
+        external = _external_metrics(held_out, labels, classes, config) if classes else None
         if external:
-            sections.append(_metrics_html(external, "Metrics of these predictions against the labels table"))
-    sections.append(_cohort_table(slide_ids, stores, by_slide, labels, classes, failures))
-    sections.append(_heatmap_gallery(out_dir, run, slide_ids, by_slide))
+            blocks.append(_metrics_html(external, "Metrics on these slides (external validation)",
+                                        "Predictions of slides with a label that the model never trained on."))
+            warnings += _warnings("On these slides", external)
+        else:
+            blocks.append("<p>No labelled slides outside the model's training cohort: the model's performance on "
+                          "these slides cannot be measured here.</p>")
+    if cv_metrics:
+        blocks.append(_metrics_html(
+            cv_metrics, ("The model's cross-validated metrics on its own training cohort" if predict_mode
+                         else "Cross-validated metrics (out-of-fold predictions)"),
+            "Every slide was predicted by the fold model that did not train on it (cv_predictions.csv). These are "
+            "the figures to quote.", model_dir / "roc.png"))
+        warnings += _warnings("The model's own cross-validation" if predict_mode else "Cross-validated", cv_metrics)
+        if not predict_mode:
+            blocks.append(f"<h3>Out-of-fold predictions per slide</h3>"
+                          f"{_prediction_table(oof_rows, classes, labels, fold=True)}")
+    elif not predict_mode:
+        warnings.append(f"No cross-validated metrics in {model_dir}: nothing here measures how well the model "
+                        "works.")
 
-    doc = (f"<!doctype html><html><head><meta charset=utf-8><title>wsi report: {html.escape(run)}</title>"
-           f"<style>{_CSS}</style></head><body><h1>wsi report: {html.escape(run)}</h1>{''.join(sections)}"
-           "</body></html>")
+    cards = [_heatmap_card(out_dir, out_dir / "heatmaps" / run / sid, sid, labels.get(sid, ("",))[0],
+                           trained.get(sid) if not predict_mode else None, by_slide.get(sid), sid in trained,
+                           classes)
+             for sid in slide_ids if (out_dir / "heatmaps" / run / sid / "overlay.png").exists()]
+    calls = ("the final model's prediction" if predict_mode else "its out-of-fold prediction (the honest one) and "
+             "the final model's (in-sample: the model that paints the heatmap trained on the slide)")
+    gallery = (f"<p>Each slide's heatmap over its thumbnail, with its label and {calls} under it; click a picture "
+               f"for the full overlay.</p><div class=gallery>{''.join(cards)}</div>" if cards
+               else "<p>No heatmaps for this run.</p>")
+
+    new = [r for r in predictions if r["slide_id"] not in trained]
+    in_sample = [r for r in predictions if r["slide_id"] in trained]
+    sections = []
+    if warnings:
+        sections.append(_section("warnings", "Read this first", "".join(f"<p>⚠ {_esc(w)}</p>" for w in warnings),
+                                 "warning"))
+    sections.append(_section("performance", "Performance", "".join(blocks)))
+    sections.append(_section("heatmaps", "Heatmaps", gallery))
+    if new:
+        sections.append(_section("predictions", "Predictions" if predict_mode else
+                                 "Predictions on slides outside the training cohort",
+                                 f"<p>The final model (the ensemble of the fold models) on slides it never trained "
+                                 f"on.</p>{_prediction_table(new, classes, labels)}"))
+    if in_sample:
+        sections.append(_section(
+            "in-sample", "Final model on its own training slides (in-sample: not a measure of performance)",
+            "<p class=insample-note>The final model is the ensemble of the fold models, and each of these slides "
+            "trained all of them but one. Agreement with the labels here is expected and says nothing about new "
+            "slides; quote the cross-validated figures above. Kept for checking the heatmaps, which are painted "
+            f"by this model.</p>{_prediction_table(in_sample, classes, labels)}", "insample"))
+    sections.append(_section("slides", f"Slides ({len(slide_ids)}, {len(failures & set(slide_ids))} with failures)",
+                             _slides_table(slide_ids, stores, labels, failures)))
+    sections.append(_section("failures", "Failures", _failures_table(failure_rows)))
+    sections.append(_section("provenance", "Provenance",
+                             _provenance_html(out_dir, run, model_dir, run_info, config)))
+
+    doc = (f"<!doctype html><html><head><meta charset=utf-8><title>wsi report: {_esc(run)}</title>"
+           f"<style>{_CSS}</style></head><body><h1>wsi report: {_esc(run)}</h1>"
+           f"<p class=note>{'prediction run' if predict_mode else 'training run'} · {len(slide_ids)} slides · "
+           f"wsi {__version__}</p>{''.join(sections)}</body></html>")
     path = out_dir / "report.html"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(doc)
@@ -147,57 +362,28 @@ def _provenance_html(out_dir: Path, run: str, model_dir: Path, run_info: dict, c
     items = [("wsi version", __version__), ("output folder", str(out_dir.resolve())), ("model run", run),
              ("model folder", str(model_dir)), ("model", run_info.get("model", {}).get("name", "–")),
              ("encoder", run_info.get("encoder", config.get("extract", {}).get("encoder", "–"))),
+             ("classes", ", ".join(map(str, run_info.get("classes", []))) or "–"),
              ("mode", config.get("mode", "–"))]
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items)
-    cfg = html.escape(json.dumps(config, indent=1, sort_keys=True, default=str))
-    return f"<h2>Provenance</h2><table>{rows}</table><details><summary>configuration</summary><pre>{cfg}</pre></details>"
-
-
-def _cohort_table(slide_ids, stores: dict[str, SlideStore], by_slide, labels, classes, failures) -> str:
-    head = "".join(f"<th>P({html.escape(c)})</th>" for c in classes)
-    rows = []
-    for sid in slide_ids:
-        store, pred = stores.get(sid), by_slide.get(sid, {})
-        label, predicted = labels.get(sid, ""), pred.get("predicted", "")
-        cls = " class=wrong" if label and predicted and label != predicted else ""
-        probs = "".join(f"<td>{_fmt(float(pred[f'prob_{c}'])) if f'prob_{c}' in pred else '–'}</td>" for c in classes)
-        tiles = store.n_tiles if store else "–"
-        mpp = f"{store.slide.mpp_x:.3f} ({store.slide.mpp_source})" if store else "–"
-        fail = "<br>".join(html.escape(f) for f in failures.get(sid, []))
-        rows.append(f"<tr{cls}><td>{html.escape(sid)}</td><td>{html.escape(label)}</td>"
-                    f"<td>{html.escape(predicted)}</td>{probs}<td>{tiles}</td><td>{mpp}</td>"
-                    f"<td class=fail>{fail}</td></tr>")
-    n_fail = sum(1 for s in slide_ids if s in failures)
-    return (f"<h2>Cohort ({len(slide_ids)} slides, {n_fail} with failures)</h2><table class=cohort><tr>"
-            f"<th>slide</th><th>label</th><th>prediction</th>{head}<th>tiles</th><th>MPP (source)</th>"
-            f"<th>failures</th></tr>{''.join(rows)}</table>")
-
-
-def _heatmap_gallery(out_dir: Path, run: str, slide_ids, by_slide) -> str:
-    cards = []
-    for sid in slide_ids:
-        folder = out_dir / "heatmaps" / run / sid
-        overlay = folder / "overlay.png"
-        if not overlay.exists():
-            continue
-        rel = os.path.relpath(folder, out_dir)
-        links = " · ".join(f"<a href='{html.escape(rel)}/{name}'>{label}</a>" for name, label in (
-            ("overlay.png", "overlay"), ("heatmap.tif", "pyramidal TIFF"), ("tiles.geojson", "QuPath GeoJSON"),
-            ("top_tiles.png", "top tiles")) if (folder / name).exists())
-        predicted = by_slide.get(sid, {}).get("predicted", "")
-        cards.append(f"<figure><a href='{html.escape(rel)}/overlay.png'><img alt='{html.escape(sid)}' "
-                     f"src='{_img_data_uri(overlay, _THUMB_PX)}'></a><figcaption><b>{html.escape(sid)}</b> "
-                     f"{html.escape(predicted)}<br>{links}</figcaption></figure>")
-    if not cards:
-        return "<h2>Heatmaps</h2><p>No heatmaps for this run.</p>"
-    return f"<h2>Heatmaps</h2><div class=gallery>{''.join(cards)}</div>"
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in items)
+    cfg = _esc(json.dumps(config, indent=1, sort_keys=True, default=str))
+    return f"<table>{rows}</table><details><summary>configuration</summary><pre>{cfg}</pre></details>"
 
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px;font-size:15px}
+h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f3f3f3}.ci{color:#666;font-size:90%}.note{color:#555}.wrong{background:#fff1f0}
-.fail{color:#a00;font-size:90%}.roc{max-width:480px}.gallery{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;border:1px solid #ddd;padding:6px;width:300px}figure img{max-width:100%}
-pre{background:#f7f7f7;padding:1em;font-size:85%}
+th{background:#f3f3f3}.ci{color:#666;font-size:90%}.note{color:#555}.wrong{background:#ffe3e0}
+.fail,.failed{color:#a00}.roc{max-width:420px}.figures{display:flex;gap:2em;align-items:flex-start;flex-wrap:wrap}
+.warning{background:#fff4d6;border:2px solid #d08a00;padding:.2em 1em;margin:1em 0}
+.warning h2{border:0;color:#8a4b00}.warning p{font-size:16px}
+.insample{background:#f4f4f4;border:1px dashed #999;padding:.2em 1em;color:#444}
+.insample h2{color:#555}.insample-note{font-weight:600}
+.gallery{display:flex;flex-wrap:wrap;gap:14px}
+figure{margin:0;border:1px solid #ccc;padding:8px;width:400px;background:#fafafa}figure img{width:100%}
+figcaption{font-size:14px;line-height:1.5}figcaption .title{font-size:16px;font-weight:700}
+.tag{font-size:12px;background:#e6eef8;border-radius:3px;padding:0 4px}.tag.insample{background:#eee;border:0}
+.scale{margin:6px 0}.scale .bar{height:12px;border:1px solid #888}
+.scale .ticks{display:flex;justify-content:space-between;font-size:12px}.scale .subject{font-size:12px;color:#444}
+.links{font-size:13px}pre{background:#f7f7f7;padding:1em;font-size:85%}
 """
