@@ -94,13 +94,8 @@ class EncoderPlugin(WorkerPlugin):
             tasks = int(settings["tasks_per_gpu"])
             self.decode_threads = max(2, worker.state.nthreads // tasks)
             self.batch_size = int(settings.get("gpu_batch_size") or GPU_BATCH_DEFAULT)
-            self.pinned_budget = int(settings["pinned_mb"]) << 20
-            limit = worker.memory_manager.memory_limit
-            if limit and self.pinned_budget > limit // 4:
-                # page-locked memory is part of the worker's memory and can never be spilled or swapped
-                raise ConfigError(None, f"extract.pinned_mb ({settings['pinned_mb']} MB) is more than a quarter "
-                                        f"of worker {worker.address}'s memory limit ({limit >> 20} MB)",
-                                  "raise cluster.memory_limit or lower extract.pinned_mb")
+            self.pinned_budget = pinned_budget(int(settings["pinned_mb"]), worker.memory_manager.memory_limit,
+                                               worker.address)
         self.encoder = load_encoder(encoder, checkpoint, device=device, precision=precision)
 
     def teardown(self, worker):
@@ -113,6 +108,17 @@ class EncoderPlugin(WorkerPlugin):
 
     def __setstate__(self, state):
         self.__init__(*state["spec"])
+
+
+def pinned_budget(pinned_mb: int, memory_limit: int | None, worker: str) -> int:
+    """Bytes of page-locked memory a GPU worker's tasks may hold together: ``extract.pinned_mb``, which must fit
+    in a quarter of the worker's Dask memory limit (it is part of the worker's memory, and can never be spilled
+    or swapped)."""
+    if memory_limit and pinned_mb << 20 > memory_limit // 4:
+        raise ConfigError(None, f"extract.pinned_mb ({pinned_mb} MB) is more than a quarter of worker {worker}'s "
+                                f"memory limit ({memory_limit >> 20} MB)",
+                          "raise cluster.memory_limit or lower extract.pinned_mb")
+    return pinned_mb << 20
 
 
 def plugin_name(encoder: str, checkpoint: str | None, precision: str) -> str:
