@@ -16,7 +16,7 @@ from wsi.cluster import local_cluster
 from wsi.config import load_config
 from wsi.errors import ConfigError, read_failures
 from wsi.features import extract_cohort, h5_path
-from wsi.features.extract import pinned_budget
+from wsi.features.extract import check_pinned, device_settings
 from wsi.slide import open_slide
 from wsi.store import SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, store_path
 from wsi.tiling import tile_slides as tile_cohort
@@ -134,12 +134,24 @@ def test_a_gpu_worker_without_cuda_stops_the_run_with_one_error(tiny_vit, tmp_pa
     assert read_failures(tmp_path) == []
 
 
-def test_page_locked_memory_must_fit_in_a_quarter_of_the_worker_memory_limit():
-    assert pinned_budget(1024, 8 << 30, "w") == 1 << 30
-    assert pinned_budget(1024, None, "w") == 1 << 30  # no limit set
+def test_worker_settings_follow_its_device():
+    """What a GPU worker uses (checked here without one): the GPU batch size, its threads shared by the tasks
+    that share its GPU, and page-locked memory that fits in a quarter of its memory limit."""
+    extract = load_config()["extract"]
+    assert device_settings("cpu", extract, 8, 8 << 30, "w") == (64, 1, 0)
+    assert device_settings("cuda", extract, 16, 8 << 30, "w") == (256, 8, 1 << 30)
+    assert device_settings("cuda", {**extract, "gpu_batch_size": None}, 2, None, "w") == (256, 2, 1 << 30)
     with pytest.raises(ConfigError, match=r"extract.pinned_mb \(1024 MB\) is more than a quarter of worker "
                                           r"tcp://w's memory limit \(2048 MB\)"):
-        pinned_budget(1024, 2 << 30, "tcp://w")
+        device_settings("cuda", extract, 16, 2 << 30, "tcp://w")
+
+
+def test_tasks_sharing_a_gpu_must_fit_in_the_page_locked_budget():
+    # the shipped defaults: 2 tasks of 1024 tiles of 256 px in blocks of 256, 1,536-d features: 216 MB of 1 GB
+    check_pinned(2, 256, 256, 1024, 1536, 256, 1 << 30)
+    with pytest.raises(ConfigError, match="2 task.s. of 8192 tiles of 256 px in batches of 512 need 480 MB of "
+                                          r"page-locked memory, more than extract.pinned_mb \(128 MB\)"):
+        check_pinned(2, 512, 256, 8192, 1536, 512, 128 << 20)
 
 
 def test_bad_stores_fail_alone_with_one_row_each(cluster, tiny_vit, tmp_path):

@@ -81,21 +81,15 @@ class EncoderPlugin(WorkerPlugin):
         self.spec = (encoder, checkpoint, precision, settings)
         self.encoder: Encoder | None = None
         self.lock = threading.Lock()
-        self.batch_size = int(settings["batch_size"])
-        self.decode_threads = 1
-        self.pinned_budget = 0  # bytes of page-locked memory this worker's tasks may hold together
+        self.batch_size, self.decode_threads, self.pinned_budget = 0, 1, 0  # set by setup for its device
 
     def setup(self, worker):
         encoder, checkpoint, precision, settings = self.spec
         device = worker_device(worker)
         if device == "cpu":
             torch.set_num_threads(max(1, worker.state.nthreads))
-        else:  # a GPU outruns one decoding thread; the worker's cores are there to feed it
-            tasks = int(settings["tasks_per_gpu"])
-            self.decode_threads = max(2, worker.state.nthreads // tasks)
-            self.batch_size = int(settings.get("gpu_batch_size") or GPU_BATCH_DEFAULT)
-            self.pinned_budget = pinned_budget(int(settings["pinned_mb"]), worker.memory_manager.memory_limit,
-                                               worker.address)
+        self.batch_size, self.decode_threads, self.pinned_budget = device_settings(
+            device, settings, worker.state.nthreads, worker.memory_manager.memory_limit, worker.address)
         self.encoder = load_encoder(encoder, checkpoint, device=device, precision=precision)
 
     def teardown(self, worker):
@@ -110,15 +104,37 @@ class EncoderPlugin(WorkerPlugin):
         self.__init__(*state["spec"])
 
 
-def pinned_budget(pinned_mb: int, memory_limit: int | None, worker: str) -> int:
-    """Bytes of page-locked memory a GPU worker's tasks may hold together: ``extract.pinned_mb``, which must fit
-    in a quarter of the worker's Dask memory limit (it is part of the worker's memory, and can never be spilled
-    or swapped)."""
+def device_settings(device: str, settings: dict, nthreads: int, memory_limit: int | None,
+                    worker: str) -> tuple[int, int, int]:
+    """(tiles per forward pass, decode threads per task, bytes of page-locked memory the worker's tasks may hold
+    together) for a worker on ``device``, from the ``extract`` keys in ``settings``.
+
+    On a GPU: ``gpu_batch_size``; the worker's threads shared by its ``tasks_per_gpu`` tasks (a GPU outruns one
+    decoding thread); ``pinned_mb``, which must fit in a quarter of the worker's Dask memory limit (page-locked
+    memory is part of the worker's memory, and can never be spilled or swapped). On CPU: ``batch_size``, one
+    thread, no page-locked memory.
+    """
+    if device == "cpu":
+        return int(settings["batch_size"]), 1, 0
+    pinned_mb = int(settings["pinned_mb"])
     if memory_limit and pinned_mb << 20 > memory_limit // 4:
         raise ConfigError(None, f"extract.pinned_mb ({pinned_mb} MB) is more than a quarter of worker {worker}'s "
                                 f"memory limit ({memory_limit >> 20} MB)",
                           "raise cluster.memory_limit or lower extract.pinned_mb")
-    return pinned_mb << 20
+    return (int(settings.get("gpu_batch_size") or GPU_BATCH_DEFAULT),
+            max(2, nthreads // int(settings["tasks_per_gpu"])), pinned_mb << 20)
+
+
+def check_pinned(tasks_per_gpu: int, block_tiles: int, tile_px: int, n_rows: int, dim: int, batch_size: int,
+                 budget: int) -> None:
+    """An error when ``tasks_per_gpu`` tasks of ``n_rows`` tiles would hold more page-locked memory
+    (:meth:`.HostRing.bytes_needed`) than the worker's ``budget`` bytes."""
+    need = HostRing.bytes_needed(block_tiles, tile_px, n_rows, dim) * tasks_per_gpu
+    if need > budget:
+        raise ConfigError(None, f"{tasks_per_gpu} task(s) of {n_rows} tiles of {tile_px} px in batches of "
+                                f"{batch_size} need {need >> 20} MB of page-locked memory, more than "
+                                f"extract.pinned_mb ({budget >> 20} MB)",
+                          "raise extract.pinned_mb, or lower extract.gpu_batch_size or tiles_per_task")
 
 
 def plugin_name(encoder: str, checkpoint: str | None, precision: str) -> str:
@@ -185,12 +201,7 @@ def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tas
     block = max(chunk, owner.batch_size // chunk * chunk)  # reads of whole chunks: each chunk is decoded once
     ring = HostRing(pinned=enc.device.type == "cuda")
     if ring.pinned:
-        need = HostRing.bytes_needed(block, tile_px, hi - lo, enc.dim)
-        if need * tasks_per_gpu > owner.pinned_budget:
-            raise ConfigError(None, f"{tasks_per_gpu} task(s) of {hi - lo} tiles of {tile_px} px in batches of "
-                                    f"{owner.batch_size} need {need * tasks_per_gpu >> 20} MB of page-locked "
-                                    f"memory, more than extract.pinned_mb ({owner.pinned_budget >> 20} MB)",
-                              "raise extract.pinned_mb, or lower extract.gpu_batch_size or tiles_per_task")
+        check_pinned(tasks_per_gpu, block, tile_px, hi - lo, enc.dim, owner.batch_size, owner.pinned_budget)
     with tile_parts(store, slide_cfg, lo, hi, block, threads) as parts:
         features = embed_blocks(enc, staged_blocks(parts, hi - lo, block, ring), hi - lo, owner.batch_size,
                                 lock=owner.lock, ring=ring)
