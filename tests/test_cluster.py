@@ -1,13 +1,20 @@
-"""wsi.cluster: real local clusters (worker processes), a real scheduler address, the SLURM job script."""
+"""wsi.cluster: real local clusters (worker processes), a real scheduler address, the SLURM job script, and the
+device and precision a worker's tasks run with.
+
+There is no GPU here: where a test needs torch to report one, it patches torch's CUDA queries (``gpu`` fixture)
+and nothing else, so the choice code under test is the real one."""
 
 import os
+import time
 
 import pytest
-from distributed import LocalCluster
+import torch
+from distributed import Client, LocalCluster, Scheduler, SpecCluster, Worker
 
-from wsi.cluster import dask_client, gpu_resources, local_cluster, slurm_job_script
+from wsi.cluster import choose_precision, dask_client, gpu_resources, local_cluster, slurm_job_script, worker_device
 from wsi.config import load_config
 from wsi.errors import ConfigError
+from wsi.mil.training import autocast_dtype
 
 
 def _cluster_cfg(**over):
@@ -32,14 +39,13 @@ def test_local_default_is_two_cpu_workers_and_closes(capsys):
 
 
 def test_gpu_workers_each_see_their_own_device_and_advertise_gpu():
-    """The per-GPU wiring, checked on CPU: each worker gets CUDA_VISIBLE_DEVICES and GPU=1."""
-    from distributed import Client
-
-    cfg = _cluster_cfg(threads_per_worker=1)
+    """The per-GPU wiring, checked on CPU: each GPU worker gets its CUDA_VISIBLE_DEVICES and GPU=1; the worker
+    beyond the GPUs sees none, so it cannot put a model on a GPU another worker owns."""
+    cfg = _cluster_cfg(threads_per_worker=1, n_workers=3)
     with local_cluster(cfg, gpus=["3", "5"]) as cluster, Client(cluster) as client:
         assert gpu_resources(client) == {"GPU": 1}
         envs = client.run(_worker_env, "CUDA_VISIBLE_DEVICES")
-        assert sorted(envs.values()) == ["3", "5"]
+        assert sorted(envs.values()) == ["", "3", "5"]
         seen = {client.submit(_worker_env, "CUDA_VISIBLE_DEVICES", resources={"GPU": 1}, pure=False).result()
                 for _ in range(4)}
         assert seen <= {"3", "5"}
@@ -78,3 +84,99 @@ def test_slurm_processes_sharing_a_gpu_is_refused():
     cfg["slurm"]["processes"] = 2
     with pytest.raises(ConfigError, match="processes is 2"):
         slurm_job_script(cfg)
+
+
+def _spans(seconds: float) -> tuple[float, float]:
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
+@pytest.mark.parametrize("tasks_per_gpu,overlap", [(1, False), (2, True)])
+def test_tasks_share_a_gpu_worker_only_when_asked(tasks_per_gpu, overlap):
+    """One GPU worker with two threads: tasks asking for a whole GPU run one after the other, tasks asking for
+    half of it run together (one's I/O can then overlap the other's GPU work)."""
+    cfg = _cluster_cfg(n_workers=1, threads_per_worker=2)
+    with local_cluster(cfg, gpus=["0"]) as cluster, Client(cluster) as client:
+        resources = gpu_resources(client, tasks_per_gpu=tasks_per_gpu)
+        assert resources == {"GPU": 1 / tasks_per_gpu}
+        (a0, a1), (b0, b1) = client.gather([client.submit(_spans, 1.0, resources=resources, pure=False)
+                                            for _ in range(2)])
+    assert (max(a0, b0) < min(a1, b1)) == overlap
+
+
+# ------------------------------------------------------------------------------------------ device, precision
+@pytest.fixture
+def gpu(monkeypatch):
+    """``gpu(major, minor)``: torch reports one CUDA device of that compute capability."""
+    def report(major: int, minor: int, name: str = "a test GPU"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "init", lambda: None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # torch's answer on V100/T4
+    return report
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                 ((8, 9), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_is_bf16_from_compute_capability_8_and_fp16_below(gpu, capability, expected):
+    gpu(*capability)
+    assert choose_precision("auto", "cuda") == expected
+    assert autocast_dtype("auto", torch.device("cuda")) == {"bf16": torch.bfloat16, "fp16": torch.float16}[expected]
+    # a model whose card prescribes fp16 keeps it on every GPU
+    assert choose_precision("auto", "cuda", preferred="fp16") == "fp16"
+
+
+def test_explicit_precisions_on_gpu_and_cpu(gpu):
+    assert choose_precision("auto", "cpu") == "fp32" and autocast_dtype("auto", torch.device("cpu")) is None
+    assert choose_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ConfigError, match="mil.precision fp16 needs a CUDA device"):
+        autocast_dtype("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="extract.precision must be one of auto, fp32, fp16, bf16, got 'half'"):
+        choose_precision("half", "cpu", key="extract.precision")
+    gpu(7, 5, "Tesla T4")
+    assert choose_precision("fp16", "cuda") == "fp16" and choose_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ConfigError, match=r"bf16 has no hardware support on Tesla T4 \(compute capability 7.5"):
+        choose_precision("bf16", "cuda")
+    gpu(9, 0)
+    assert choose_precision("bf16", "cuda") == "bf16"
+
+
+@pytest.fixture
+def in_process_workers():
+    """A scheduler and two workers in this process (so patched torch queries reach them): ``gpu`` advertises
+    GPU=1, ``cpu`` nothing."""
+    workers = {"gpu": {"cls": Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}}},
+               "cpu": {"cls": Worker, "options": {"nthreads": 1}}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        yield client, {name: w.address for name, w in cluster.workers.items()}
+
+
+def _device_of(dask_worker):
+    return worker_device(dask_worker)
+
+
+def test_the_device_follows_the_workers_gpu_resource(gpu, in_process_workers):
+    client, address = in_process_workers
+    gpu(9, 0)
+    assert client.run(_device_of, workers=[address["gpu"]]) == {address["gpu"]: "cuda"}
+    assert client.run(_device_of, workers=[address["cpu"]]) == {address["cpu"]: "cpu"}  # though CUDA is there
+    assert client.submit(worker_device, resources={"GPU": 1}, pure=False).result() == "cuda"  # in a task
+    assert worker_device() == "cuda"  # outside a worker: CUDA when torch sees it
+
+
+def test_an_advertised_gpu_that_cuda_cannot_use_is_an_error():
+    """Real worker processes on this machine, which has no GPU: the worker that advertises one fails loudly, the
+    one that does not runs on the CPU."""
+    cfg = _cluster_cfg(n_workers=2, threads_per_worker=1)
+    with local_cluster(cfg, gpus=["0"]) as cluster, Client(cluster) as client:
+        with pytest.raises(ConfigError, match=r"advertises GPU=1 but torch sees no usable CUDA device "
+                                              r"\(CUDA_VISIBLE_DEVICES='0'"):
+            client.submit(worker_device, resources={"GPU": 1}, pure=False).result()
+        cpu_worker = next(a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+                          if not w.get("resources"))
+        assert client.run(_device_of, workers=[cpu_worker]) == {cpu_worker: "cpu"}

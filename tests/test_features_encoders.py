@@ -211,6 +211,22 @@ def test_precision_choices(tiny_vit):
     assert got.dtype == np.float32 and cos.min() > 0.98
 
 
+def test_bf16_on_a_gpu_without_it_is_refused_before_the_model_loads(monkeypatch, tiny_vit):
+    """torch says a T4 supports bf16 (it emulates it, far slower than fp16); extraction follows the compute
+    capability. There is no GPU here: torch's CUDA queries are patched, the choice code is real."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ConfigError, match="extract.precision bf16 has no hardware support on Tesla T4"):
+        load_encoder("test_vit", tiny_vit, device="cuda", precision="bf16")
+
+
+def test_weights_are_cast_to_the_precision_not_autocast(tiny_vit):
+    enc = load_encoder("test_vit", tiny_vit, precision="bf16")
+    assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_encoder("test_vit", tiny_vit).model.parameters()} == {torch.float32}
+
+
 def test_class_and_mean_patch_token_pooling_skips_registers(tiny_vit):
     torch.manual_seed(0)
     vit = timm.create_model("test_vit", pretrained=False, num_classes=0, reg_tokens=4).eval()

@@ -16,6 +16,8 @@ from wsi.cluster import local_cluster
 from wsi.config import load_config
 from wsi.errors import ConfigError, read_failures
 from wsi.features import extract_cohort, h5_path
+from wsi.features.extract import check_pinned, device_settings
+from wsi.slide import open_slide
 from wsi.store import SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, store_path
 from wsi.tiling import tile_slides as tile_cohort
 
@@ -119,6 +121,37 @@ def test_a_checkpoint_that_does_not_fit_stops_the_run_with_one_error(cluster, tm
     with Client(cluster) as client:  # nothing is left registered on a scheduler the run did not start
         plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
     assert not any(name.startswith("wsi-encoder") for names in plugins.values() for name in names)
+
+
+def test_a_gpu_worker_without_cuda_stops_the_run_with_one_error(tiny_vit, tmp_path):
+    """A worker that advertises GPU=1 on this machine, which has none: one clear error, no slide touched (the
+    run would otherwise go on some 100x slower on the worker's CPU)."""
+    write_store(tmp_path, "a", tissue_like(8, 32, 14))
+    with local_cluster({"n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"}, gpus=["0"]) as c:
+        with pytest.raises(ConfigError, match="advertises GPU=1 but torch sees no usable CUDA device"):
+            extract_cohort(tmp_path, config(c, tiny_vit), progress=False)
+    assert not SlideStore.open(store_path(tmp_path, "a")).has_features("test_vit")
+    assert read_failures(tmp_path) == []
+
+
+def test_worker_settings_follow_its_device():
+    """What a GPU worker uses (checked here without one): the GPU batch size, its threads shared by the tasks
+    that share its GPU, and page-locked memory that fits in a quarter of its memory limit."""
+    extract = load_config()["extract"]
+    assert device_settings("cpu", extract, 8, 8 << 30, "w") == (64, 1, 0)
+    assert device_settings("cuda", extract, 16, 8 << 30, "w") == (256, 8, 1 << 30)
+    assert device_settings("cuda", {**extract, "gpu_batch_size": None}, 2, None, "w") == (256, 2, 1 << 30)
+    with pytest.raises(ConfigError, match=r"extract.pinned_mb \(1024 MB\) is more than a quarter of worker "
+                                          r"tcp://w's memory limit \(2048 MB\)"):
+        device_settings("cuda", extract, 16, 2 << 30, "tcp://w")
+
+
+def test_tasks_sharing_a_gpu_must_fit_in_the_page_locked_budget():
+    # the shipped defaults: 2 tasks of 1024 tiles of 256 px in blocks of 256, 1,536-d features: 216 MB of 1 GB
+    check_pinned(2, 256, 256, 1024, 1536, 256, 1 << 30)
+    with pytest.raises(ConfigError, match="2 task.s. of 8192 tiles of 256 px in batches of 512 need 480 MB of "
+                                          r"page-locked memory, more than extract.pinned_mb \(128 MB\)"):
+        check_pinned(2, 512, 256, 8192, 1536, 512, 128 << 20)
 
 
 def test_bad_stores_fail_alone_with_one_row_each(cluster, tiny_vit, tmp_path):
@@ -225,8 +258,13 @@ def tile_slides(paths, out, cfg):
     assert result.error is None
 
 
-def test_coordinates_only_store_reads_the_slide(cluster, tiny_vit, tmp_path):
-    cfg = config(cluster, tiny_vit)
+@pytest.mark.parametrize("decode_threads", [None, 3])
+def test_coordinates_only_store_reads_the_slide(cluster, tiny_vit, tmp_path, decode_threads):
+    """The slide's JPEG tiles decoded directly (as tiling reads them), in one or several threads, give the
+    features of the stored pixels."""
+    with open_slide(REAL_SLIDE) as slide:
+        assert slide.pixel_backend == "jpeg-tiles"
+    cfg = config(cluster, tiny_vit, decode_threads=decode_threads)
     cfg["tiling"].update({"tile_px": 128, "target_mpp": 1.0})
     tile_slides([REAL_SLIDE], tmp_path / "px", cfg)
     cfg["tiling"]["store_pixels"] = False

@@ -4,14 +4,23 @@ workstation and a SLURM cluster.
 ``kind``
     ``local`` (default): worker processes on this machine. With GPUs, one worker per GPU, each seeing only its
     own device (``CUDA_VISIBLE_DEVICES``) and advertising the Dask resource ``GPU=1``; without, ``n_workers``
-    (default 2) workers sharing the cores this process may use.
+    (default 2) workers sharing the cores this process may use. Workers beyond the GPUs see none
+    (``CUDA_VISIBLE_DEVICES=""``), so no model lands on a GPU another worker owns.
     ``slurm``: a ``dask_jobqueue.SLURMCluster``; every SLURM job runs one worker that holds ``gpus_per_job``
     (0 or 1) GPUs and advertises ``GPU=1`` when it has one. ``n_workers`` jobs are submitted.
     ``address``: connect to a running scheduler at ``address``; it is left running on exit.
 
 Dask does not know what a GPU is: tasks that need one ask for ``resources=gpu_resources(client)``, so that one
-task holds one GPU, and CPU-only clusters run the same tasks without the request (which would otherwise wait
-forever for a worker that does not exist).
+task holds one GPU (or a share of it), and CPU-only clusters run the same tasks without the request (which would
+otherwise wait forever for a worker that does not exist).
+
+Device and precision
+--------------------
+:func:`worker_device` is where a task runs: on a Dask worker it follows the worker's ``GPU`` resource (a worker
+that advertises a GPU CUDA cannot use is an error, never a silent CPU run); elsewhere CUDA when present.
+:func:`choose_precision` is the one rule for ``precision: auto`` (extraction and MIL): bf16 on GPUs of compute
+capability 8 or more (Ampere and later), fp16 below (V100, T4: ``torch.cuda.is_bf16_supported()`` says yes there,
+but only by emulation, far slower than fp16), fp32 on CPU.
 
 >>> with dask_client({"kind": "local", "n_workers": 1, "threads_per_worker": 1,
 ...                   "dashboard_address": ":0"}) as client:  # doctest: +SKIP
@@ -54,8 +63,8 @@ def visible_gpus() -> list[str]:
 def local_worker_specs(cluster_cfg: dict, gpus: list[str], cores: int) -> dict[int, dict]:
     """Nanny options per worker: threads, memory, and for GPU workers their device and ``GPU=1``.
 
-    With GPUs the default is one worker per GPU; workers beyond the number of GPUs get none and serve CPU
-    tasks only.
+    With GPUs the default is one worker per GPU; workers beyond the number of GPUs see none
+    (``CUDA_VISIBLE_DEVICES=""``) and serve CPU tasks only.
     """
     from distributed import Nanny
 
@@ -65,8 +74,8 @@ def local_worker_specs(cluster_cfg: dict, gpus: list[str], cores: int) -> dict[i
     for i in range(n_workers):
         options = {"nthreads": threads, "memory_limit": cluster_cfg.get("memory_limit", "auto"),
                    "host": "127.0.0.1", "silence_logs": logging.WARNING, "dashboard": False}
+        options["env"] = {"CUDA_VISIBLE_DEVICES": gpus[i] if i < len(gpus) else ""}
         if i < len(gpus):
-            options["env"] = {"CUDA_VISIBLE_DEVICES": gpus[i]}
             options["resources"] = {"GPU": 1}
         specs[i] = {"cls": Nanny, "options": options}
     return specs
@@ -168,11 +177,98 @@ def dask_client(cluster_cfg: dict) -> Iterator:
             cluster.close()
 
 
-def gpu_resources(client, *, wait_timeout: float | None = None) -> dict | None:
-    """``{"GPU": 1}`` when the cluster's workers advertise GPUs, else ``None`` (CPU tasks ask for nothing).
+def gpu_resources(client, *, tasks_per_gpu: int = 1, wait_timeout: float | None = None) -> dict | None:
+    """``{"GPU": 1 / tasks_per_gpu}`` when the cluster's workers advertise GPUs, else ``None`` (CPU tasks ask
+    for nothing). With ``tasks_per_gpu`` above 1, that many tasks share a GPU worker at once (their own locks
+    keep the GPU work one at a time), so one task's reads and writes overlap another's GPU work.
 
     Waits for a first worker (SLURM jobs may still be queued), at most ``wait_timeout`` seconds.
     """
     client.wait_for_workers(1, timeout=wait_timeout)
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    return {"GPU": 1} if any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers) else None
+    if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers):
+        return None
+    return {"GPU": 1 / tasks_per_gpu}
+
+
+# ------------------------------------------------------------------------------------------ device, precision
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def _advertised_gpus(worker) -> float:
+    return worker.state.total_resources.get("GPU", 0)
+
+
+def worker_device(worker=None) -> str:
+    """``"cuda"`` or ``"cpu"``: where work of this process runs.
+
+    On a Dask worker (``worker``, or the one running the current task) the device follows its ``GPU`` resource:
+    a worker that advertises a GPU but cannot use CUDA raises a :class:`~wsi.errors.ConfigError` (it would
+    otherwise run some 100x slower on its CPU); one that advertises none runs on the CPU. Outside a worker:
+    CUDA when torch sees a GPU.
+    """
+    import torch
+
+    if worker is None:
+        from distributed import get_worker
+
+        try:
+            worker = get_worker()
+        except ValueError:  # not in a Dask task
+            return "cuda" if torch.cuda.is_available() else "cpu"
+    if _advertised_gpus(worker) <= 0:
+        return "cpu"
+    problem = _cuda_problem()
+    if problem:
+        raise ConfigError(None, f"Dask worker {worker.address} advertises GPU={_advertised_gpus(worker):g} but "
+                                f"{problem}", "fix the worker's CUDA driver or torch build, or start it without "
+                                              "the GPU resource")
+    return "cuda"
+
+
+def _cuda_problem() -> str | None:
+    """Why CUDA cannot run here, or None."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f"(CUDA_VISIBLE_DEVICES={visible!r}, torch {torch.__version__}, built for CUDA {torch.version.cuda})"
+    try:
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            torch.cuda.init()
+            return None
+    except RuntimeError as e:  # a driver or device that fails to start raises here
+        return f"CUDA does not start: {e} {where}"
+    return f"torch sees no usable CUDA device {where}"
+
+
+def choose_precision(requested: str, device: str, *, preferred: str = "bf16", key: str = "precision") -> str:
+    """The precision a model runs in on ``device``: ``fp32``, ``bf16`` or ``fp16``.
+
+    ``auto`` is fp32 on CPU; on CUDA, ``preferred`` (a model's own choice, bf16 unless its card says fp16) on
+    compute capability 8 or more and fp16 below it, where bf16 has no tensor cores. An explicit ``bf16`` on such
+    a GPU, or ``fp16`` on CPU, is an error naming the config ``key``.
+    """
+    if requested not in PRECISIONS:
+        raise ConfigError(None, f"{key} must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if not str(device).startswith("cuda"):
+        if requested == "fp16":
+            raise ConfigError(None, f"{key} fp16 needs a CUDA device", "use fp32 or bf16 on CPU")
+        return "fp32" if requested == "auto" else requested
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    has_bf16 = major >= 8
+    if requested == "auto":
+        return preferred if has_bf16 or preferred != "bf16" else "fp16"
+    if requested == "bf16" and not has_bf16:
+        raise ConfigError(None, f"{key} bf16 has no hardware support on {torch.cuda.get_device_name(device)} "
+                                f"(compute capability {major}.{minor}; bf16 needs 8.0 or more)",
+                          "use auto or fp16")
+    return requested
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of a precision :func:`choose_precision` returned."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -48,10 +48,11 @@ import torch.nn.functional as F
 from timm.layers import SwiGLUPacked
 
 from .. import __version__
+from ..cluster import choose_precision, torch_dtype
 from ..errors import ConfigError
 from ..store import FeatureAttrs
+from .feed import embed_blocks
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
@@ -66,7 +67,7 @@ class EncoderSpec:
     data_overlay: dict = field(default_factory=dict)   # preprocessing the model card prescribes over timm's
     pooling: str = "model"              # model: the model's pooled output | cls_mean: class token ++ mean of
                                         # the patch tokens (Virchow)
-    precision: str = "bf16"             # preferred reduced precision on CUDA
+    precision: str = "bf16"             # preferred reduced precision on CUDA (fp16 where bf16 has no hardware)
     trunk: Callable | None = None       # cuts the loaded model down to the feature extractor
     ordered_keys: bool = False          # a weights file with other tensor names may load by order (strictly)
     description: str = ""
@@ -284,25 +285,13 @@ class TokenPool(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ the encoder
-def resolve_precision(precision: str, device: str, preferred: str) -> str:
-    """``auto``: the encoder's preferred reduced precision on CUDA (fp16 where bf16 is unsupported), fp32 on
-    CPU. fp16 needs CUDA."""
-    if precision not in PRECISIONS:
-        raise ConfigError(None, f"extract.precision must be one of {PRECISIONS}, got {precision!r}")
-    cuda = device.startswith("cuda")
-    if precision == "auto":
-        if not cuda:
-            return "fp32"
-        precision = preferred
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        return "fp16"
-    if precision == "fp16" and not cuda:
-        raise ConfigError(None, "extract.precision fp16 needs a CUDA device", "use fp32 or bf16 on CPU")
-    return precision
-
-
 class Encoder:
-    """A loaded tile encoder: ``embed`` turns uint8 RGB tiles into float32 feature rows."""
+    """A loaded tile encoder: ``embed`` turns uint8 RGB tiles into float32 feature rows.
+
+    The model's weights are cast to its precision (bf16/fp16 on CUDA, from :func:`wsi.cluster.choose_precision`)
+    rather than autocast from fp32 on every pass; on CUDA the model is in channels_last and cuDNN picks its
+    fastest kernels for the batch shapes it sees (``cudnn.benchmark``).
+    """
 
     def __init__(self, spec: EncoderSpec, model, *, device: str, precision: str, weights_source: str,
                  weights_sha256: str | None):
@@ -310,6 +299,7 @@ class Encoder:
         self.name = spec.name
         self.device = torch.device(device)
         self.precision = precision
+        self.dtype = torch_dtype(precision)
         self.input_size = tuple(int(v) for v in data_cfg["input_size"])
         self.interpolation = str(data_cfg["interpolation"])
         self.mean = tuple(float(v) for v in data_cfg["mean"])
@@ -317,13 +307,17 @@ class Encoder:
         self.weights_source, self.weights_sha256 = weights_source, weights_sha256
         if spec.pooling == "cls_mean":
             model = TokenPool(model)
-        model = model.to(self.device).eval().requires_grad_(False)
+        model = model.to(self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.memory_format = torch.contiguous_format
         if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+            self.memory_format = torch.channels_last
+            model = model.to(memory_format=self.memory_format)
+            torch.backends.cudnn.benchmark = True  # a few batch shapes, each tuned once per worker
         self.model = model
         self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        self.dim = int(self.forward(self.prepare(np.zeros((1, 8, 8, 3), np.uint8))).shape[1])
+        with torch.inference_mode():
+            self.dim = int(self.features(torch.zeros((1, 8, 8, 3), dtype=torch.uint8, device=self.device)).shape[1])
 
     @property
     def attrs(self) -> FeatureAttrs:
@@ -332,45 +326,31 @@ class Encoder:
                             interpolation=self.interpolation, mean=self.mean, std=self.std,
                             precision=self.precision, wsi_version=__version__)
 
-    def prepare(self, tiles: np.ndarray):
-        """Host tensor of a batch (pinned on CUDA, so the copy to the GPU overlaps compute); thread-safe,
-        so decode threads can prepare the next batches while the model runs."""
-        tiles = np.ascontiguousarray(tiles, dtype=np.uint8)
-        if tiles.ndim != 4 or tiles.shape[-1] != 3:
-            raise ValueError(f"tiles must be uint8 (n, T, T, 3), got shape {tiles.shape}")
-        batch = torch.from_numpy(tiles)
-        return batch.pin_memory() if self.device.type == "cuda" else batch
-
-    def forward(self, batch) -> np.ndarray:
-        """Features of a batch from :meth:`prepare`: resize, normalise and run the model on its device."""
-        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    def features(self, tiles: torch.Tensor) -> torch.Tensor:
+        """float32 (n, D) features of uint8 tiles (n, T, T, 3) already on the model's device: resized to the
+        model's input (on the device: on a GPU that is where it is cheap), normalised, cast, run. Call it under
+        ``torch.inference_mode()``; nothing in it waits for the GPU."""
+        x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
         size = self.input_size[1:]
         if tuple(x.shape[2:]) != size:
             # timm configs name bilinear or bicubic; anything else (rare) is resized bilinearly
             mode = self.interpolation if self.interpolation in ("bilinear", "bicubic") else "bilinear"
             x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False).clamp_(0.0, 1.0)
-        x = (x - self._mean) / self._std
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        else:
-            x = x.contiguous()
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            out = self.model(x)
-        return out.float().cpu().numpy()
+        x = ((x - self._mean) / self._std).to(self.dtype, memory_format=self.memory_format)
+        return self.model(x).float()
 
     def embed(self, tiles: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """float32 (n, D) features of uint8 tiles (n, T, T, 3), ``batch_size`` tiles per forward pass."""
-        n = len(tiles)
-        step = batch_size or max(1, n)
-        parts = [self.forward(self.prepare(tiles[i:i + step])) for i in range(0, n, step)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        tiles = np.ascontiguousarray(tiles, dtype=np.uint8)
+        if tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ValueError(f"tiles must be uint8 (n, T, T, 3), got shape {tiles.shape}")
+        return embed_blocks(self, [(0, torch.from_numpy(tiles))], len(tiles), batch_size or max(1, len(tiles)))
 
 
 def load_encoder(name: str, checkpoint: str | Path | None = None, device: str = "cpu",
                  precision: str = "auto") -> Encoder:
     """Build encoder ``name`` with its weights (see the module docstring for the order) on ``device``."""
     spec = resolve_spec(name)
-    resolved = resolve_precision(precision, device, spec.precision)
+    resolved = choose_precision(precision, device, preferred=spec.precision, key="extract.precision")
     model, source, digest = build_model(spec, checkpoint)
     return Encoder(spec, model, device=device, precision=resolved, weights_source=source, weights_sha256=digest)

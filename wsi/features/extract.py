@@ -12,11 +12,17 @@ leaves no holes.
 Workers
 -------
 The encoder is loaded once per worker by :class:`EncoderPlugin` (also on workers that join later, e.g. SLURM
-jobs). GPU workers advertise ``GPU=1`` and range tasks then ask for it, so one task holds one GPU. Inside a task,
-``extract.decode_threads`` threads read and decode the next batches (zarr chunks, or the slide itself for
-coordinates-only stores) into pinned host memory while the model runs on the current one; on CUDA the
-batch is resized and normalised on the GPU, in channels_last, under bf16/fp16 autocast. On CPU workers torch
-uses the worker's threads and the forward passes of concurrent tasks take turns.
+jobs), on the device the worker's ``GPU`` resource names; a worker that advertises a GPU CUDA cannot use fails the
+run with one error. GPU workers advertise ``GPU=1`` and each range task asks for ``1 / extract.tasks_per_gpu`` of
+it: two tasks (by default) share a GPU, so one's store opening, first reads, checks and Zarr writes overlap the
+other's forward passes, which take turns under the plugin's lock. Inside a task, ``extract.decode_threads``
+threads read and decode the next blocks (zarr chunks, or for coordinates-only stores the slide's own JPEG tiles,
+as tiling reads them) while the model runs; :mod:`.feed` stages them in page-locked memory, copies each batch to
+the GPU on a side stream while the previous one runs, resizes and normalises on the GPU, runs the model cast to
+bf16/fp16 in channels_last, and copies the range's features back once. A task's page-locked memory is bounded
+(:meth:`.HostRing.bytes_needed`), and the tasks of a worker together stay within ``extract.pinned_mb``, which must
+fit in a quarter of the worker's memory limit. On CPU workers torch uses the worker's threads, ``batch_size``
+tiles a pass, and the forward passes of concurrent tasks take turns.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ import numpy as np
 import torch
 from distributed import WorkerPlugin, as_completed, get_worker
 
-from ..cluster import dask_client, gpu_resources
+from ..cluster import dask_client, gpu_resources, worker_device
 from ..errors import ConfigError, SlideError, StoreError, WsiError, clear_failure, record_failure
 from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, store_path
 from .encoders import Encoder, load_encoder, resolve_spec
+from .feed import HostRing, embed_blocks, staged_blocks
 
 STAGE = "extract"
 
@@ -62,22 +69,27 @@ def h5_path(out_dir, encoder: str, slide_id: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ on the workers
-class EncoderPlugin(WorkerPlugin):
-    """Loads the encoder once per worker process, on its GPU when it has one."""
+GPU_BATCH_DEFAULT = 256  # tiles per forward pass on a GPU when extract.gpu_batch_size is not set
 
-    def __init__(self, encoder: str, checkpoint: str | None, precision: str):
-        self.spec = (encoder, checkpoint, precision)
+
+class EncoderPlugin(WorkerPlugin):
+    """Loads the encoder once per worker process, on the device its ``GPU`` resource says
+    (:func:`wsi.cluster.worker_device`), and holds what the worker's tasks share: the model lock, the batch
+    size and decode threads for that device, and the page-locked memory budget."""
+
+    def __init__(self, encoder: str, checkpoint: str | None, precision: str, settings: dict):
+        self.spec = (encoder, checkpoint, precision, settings)
         self.encoder: Encoder | None = None
-        self.decode_threads = 1
         self.lock = threading.Lock()
+        self.batch_size, self.decode_threads, self.pinned_budget = 0, 1, 0  # set by setup for its device
 
     def setup(self, worker):
-        encoder, checkpoint, precision = self.spec
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        encoder, checkpoint, precision, settings = self.spec
+        device = worker_device(worker)
         if device == "cpu":
             torch.set_num_threads(max(1, worker.state.nthreads))
-        else:  # a GPU outruns one decoding thread; the worker's cores are there to feed it
-            self.decode_threads = max(2, worker.state.nthreads)
+        self.batch_size, self.decode_threads, self.pinned_budget = device_settings(
+            device, settings, worker.state.nthreads, worker.memory_manager.memory_limit, worker.address)
         self.encoder = load_encoder(encoder, checkpoint, device=device, precision=precision)
 
     def teardown(self, worker):
@@ -90,6 +102,39 @@ class EncoderPlugin(WorkerPlugin):
 
     def __setstate__(self, state):
         self.__init__(*state["spec"])
+
+
+def device_settings(device: str, settings: dict, nthreads: int, memory_limit: int | None,
+                    worker: str) -> tuple[int, int, int]:
+    """(tiles per forward pass, decode threads per task, bytes of page-locked memory the worker's tasks may hold
+    together) for a worker on ``device``, from the ``extract`` keys in ``settings``.
+
+    On a GPU: ``gpu_batch_size``; the worker's threads shared by its ``tasks_per_gpu`` tasks (a GPU outruns one
+    decoding thread); ``pinned_mb``, which must fit in a quarter of the worker's Dask memory limit (page-locked
+    memory is part of the worker's memory, and can never be spilled or swapped). On CPU: ``batch_size``, one
+    thread, no page-locked memory.
+    """
+    if device == "cpu":
+        return int(settings["batch_size"]), 1, 0
+    pinned_mb = int(settings["pinned_mb"])
+    if memory_limit and pinned_mb << 20 > memory_limit // 4:
+        raise ConfigError(None, f"extract.pinned_mb ({pinned_mb} MB) is more than a quarter of worker {worker}'s "
+                                f"memory limit ({memory_limit >> 20} MB)",
+                          "raise cluster.memory_limit or lower extract.pinned_mb")
+    return (int(settings.get("gpu_batch_size") or GPU_BATCH_DEFAULT),
+            max(2, nthreads // int(settings["tasks_per_gpu"])), pinned_mb << 20)
+
+
+def check_pinned(tasks_per_gpu: int, block_tiles: int, tile_px: int, n_rows: int, dim: int, batch_size: int,
+                 budget: int) -> None:
+    """An error when ``tasks_per_gpu`` tasks of ``n_rows`` tiles would hold more page-locked memory
+    (:meth:`.HostRing.bytes_needed`) than the worker's ``budget`` bytes."""
+    need = HostRing.bytes_needed(block_tiles, tile_px, n_rows, dim) * tasks_per_gpu
+    if need > budget:
+        raise ConfigError(None, f"{tasks_per_gpu} task(s) of {n_rows} tiles of {tile_px} px in batches of "
+                                f"{batch_size} need {need >> 20} MB of page-locked memory, more than "
+                                f"extract.pinned_mb ({budget >> 20} MB)",
+                          "raise extract.pinned_mb, or lower extract.gpu_batch_size or tiles_per_task")
 
 
 def plugin_name(encoder: str, checkpoint: str | None, precision: str) -> str:
@@ -110,14 +155,17 @@ def describe_encoder(plugin: str) -> dict:
 
 
 @contextmanager
-def tile_reader(store: SlideStore, slide_cfg: dict) -> Iterator[Callable[[int, int], np.ndarray]]:
-    """``read(lo, hi) -> uint8 tiles``: from the store's pixels, or for a coordinates-only store from the slide
-    (which must be the very file that was tiled), cut exactly as the tiler would have stored them."""
+def tile_parts(store: SlideStore, slide_cfg: dict, lo: int, hi: int, block_tiles: int,
+               threads: int) -> Iterator[Iterator[np.ndarray]]:
+    """Tiles ``lo:hi`` as ordered uint8 arrays, ``threads`` threads decoding ahead of the caller: whole chunks
+    of the store's pixels, or for a coordinates-only store row runs of the slide (which must be the very file
+    that was tiled) read and cut as the tiler does (:func:`wsi.tiling.iter_tiles`: the slide's JPEG tiles
+    decoded directly where the format allows)."""
     if store.has_pixels:
-        yield store.read_tiles
+        yield _read_ahead(store.read_tiles, lo, hi, block_tiles, threads)
         return
     from ..slide import open_slide, source_stat
-    from ..tiling import read_tiles
+    from ..tiling import iter_tiles
 
     source = Path(store.slide.source_path)
     if not source.exists():
@@ -125,30 +173,38 @@ def tile_reader(store: SlideStore, slide_cfg: dict) -> Iterator[Callable[[int, i
                          "restore the slide file or re-run `wsi tile`")
     if source_stat(source) != (store.slide.source_size, store.slide.source_mtime):
         raise SlideError(source, "slide file changed since it was tiled", "re-run `wsi tile` for this slide")
-    coords = store.coords
     with open_slide(source, **slide_cfg) as slide:
-        yield lambda lo, hi: read_tiles(slide, store.tiling, coords[lo:hi], threads=1)
+        yield (tiles for _, tiles in iter_tiles(slide, store.tiling, store.coords[lo:hi], threads=threads))
 
 
-def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, batch_size: int,
+def _read_ahead(read: Callable[[int, int], np.ndarray], lo: int, hi: int, step: int,
+                threads: int) -> Iterator[np.ndarray]:
+    """``read(a, b)`` over ``lo:hi`` in steps of ``step``, in order, the threads staying one read each ahead."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        for a in range(lo, hi, step):
+            pending.append(pool.submit(read, a, min(a + step, hi)))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tasks_per_gpu: int,
                      decode_threads: int | None, slide_cfg: dict) -> int:
     """Embed tiles ``lo:hi`` of the store at ``path`` and write rows ``lo:hi`` of its feature array."""
     owner = _plugin(plugin)
     enc = owner.encoder
     threads = decode_threads or owner.decode_threads
     store = SlideStore.open(path)
-    chunk = store.tiling.chunk_tiles
-    step = max(chunk, batch_size // chunk * chunk)  # reads of whole chunks: each chunk is decoded once
-    features = np.empty((hi - lo, enc.dim), np.float32)
-    with tile_reader(store, slide_cfg) as read, ThreadPoolExecutor(threads) as pool:
-        pending: deque = deque()
-        for a in range(lo, hi, step):
-            b = min(a + step, hi)
-            pending.append((a, pool.submit(lambda a=a, b=b: enc.prepare(read(a, b)))))
-            if len(pending) > threads:  # the decode threads stay one read each ahead of the model
-                _embed_next(owner, pending, features, lo, batch_size)
-        while pending:
-            _embed_next(owner, pending, features, lo, batch_size)
+    chunk, tile_px = store.tiling.chunk_tiles, store.tiling.tile_px
+    block = max(chunk, owner.batch_size // chunk * chunk)  # reads of whole chunks: each chunk is decoded once
+    ring = HostRing(pinned=enc.device.type == "cuda")
+    if ring.pinned:
+        check_pinned(tasks_per_gpu, block, tile_px, hi - lo, enc.dim, owner.batch_size, owner.pinned_budget)
+    with tile_parts(store, slide_cfg, lo, hi, block, threads) as parts:
+        features = embed_blocks(enc, staged_blocks(parts, hi - lo, block, ring), hi - lo, owner.batch_size,
+                                lock=owner.lock, ring=ring)
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0]) + lo
@@ -158,16 +214,6 @@ def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, bat
                          "check the checkpoint; try extract.precision fp32")
     store.features_writer(encoder)[lo:hi] = features
     return hi - lo
-
-
-def _embed_next(owner: EncoderPlugin, pending: deque, features: np.ndarray, lo: int, batch_size: int) -> None:
-    """Wait for the oldest read and run it through the model, ``batch_size`` tiles at a time."""
-    a, fut = pending.popleft()
-    block = fut.result()
-    for i in range(0, len(block), batch_size):
-        with owner.lock:
-            out = owner.encoder.forward(block[i:i + batch_size])
-        features[a - lo + i:a - lo + i + len(out)] = out
 
 
 def complete_slide(path: str, encoder: str, attrs: dict, h5: str | None, *range_results: int) -> str:
@@ -281,11 +327,13 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
 
     if todo:
         plugin = plugin_name(encoder, checkpoint, precision)
+        settings = {k: cfg.get(k) for k in ("batch_size", "gpu_batch_size", "tasks_per_gpu", "pinned_mb")}
         with dask_client(config["cluster"]) as client:
-            resources = gpu_resources(client)
+            resources = gpu_resources(client, tasks_per_gpu=int(cfg["tasks_per_gpu"]))
             try:
-                # a checkpoint that does not fit raises here, from the workers' setup: one error for the cohort
-                client.register_plugin(EncoderPlugin(encoder, checkpoint, precision), name=plugin)
+                # a checkpoint that does not fit, or a GPU worker without CUDA, raises here, from the workers'
+                # setup: one error for the cohort
+                client.register_plugin(EncoderPlugin(encoder, checkpoint, precision, settings), name=plugin)
                 attrs = client.submit(describe_encoder, plugin, resources=resources, pure=False).result()
                 for store in todo:
                     _submit_slide(client, cohort, store, config, attrs, plugin, resources)
@@ -311,7 +359,7 @@ def _submit_slide(client, cohort: _Cohort, store: SlideStore, config: dict, attr
     ranges, tiles = [], []
     for lo, hi in task_ranges(store.n_tiles, store.tiling.chunk_tiles, int(cfg["tiles_per_task"])):
         ranges.append(client.submit(embed_tile_range, str(store.path), encoder, plugin, lo, hi,
-                                    int(cfg["batch_size"]), cfg.get("decode_threads"), dict(config["slide"]),
+                                    int(cfg["tasks_per_gpu"]), cfg.get("decode_threads"), dict(config["slide"]),
                                     resources=resources, pure=False))
         tiles.append(hi - lo)
     h5 = str(h5_path(cohort.out_dir, encoder, store.slide_id)) if cfg["export_h5"] else None

@@ -94,12 +94,11 @@ def fold_seed(seed: int, fold: int) -> int:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None = float32; ``auto`` is bf16 on a GPU that has it, fp16 on older GPUs, float32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """None = float32; else the autocast dtype :func:`wsi.cluster.choose_precision` picks for ``device``."""
+    from ..cluster import choose_precision, torch_dtype
+
+    chosen = choose_precision(precision, str(device), key="mil.precision")
+    return None if chosen == "fp32" else torch_dtype(chosen)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -147,7 +146,9 @@ def train_fold(task: FoldTask, *, device: str | torch.device | None = None) -> d
     from safetensors.torch import save_file
 
     p = task.params
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..cluster import worker_device
+
+    device = torch.device(device or worker_device())  # on a Dask worker: its GPU resource decides
     dtype = autocast_dtype(p.precision, device)
     seed = fold_seed(p.seed, task.fold)
     generator = torch.Generator(device=device).manual_seed(seed)
