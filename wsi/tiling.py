@@ -35,20 +35,13 @@ from PIL import Image
 
 from . import __version__
 from .errors import SlideError, WsiError, clear_failure, record_failure
-from .slide import Slide, choose_level, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
+from .slide import (Slide, choose_level, level0_position, load_mpp_overrides, open_slide, slide_id_from_path,
+                    source_stat)
 from .store import SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, is_complete, store_path
 from .tissue import TissueParams, qc_image, tissue_mask
 
 _MAX_RUN_PX = 8192          # longest row run read in one backend call (level pixels)
 _STRIP_BYTES = 64 << 20     # thumbnail strips: at most this much RGBA per backend call
-
-
-def level0_position(level_px: int, downsample: float) -> int:
-    """The level-0 coordinate that every backend maps back to ``level_px`` on a level of ``downsample``.
-
-    Backends take level-0 locations and truncate ``location / downsample``; rounding up (by at most one level-0
-    pixel, which is less than one level pixel) keeps that exact when the downsample is not an integer."""
-    return int(np.ceil(level_px * downsample - 1e-6))
 
 
 # --------------------------------------------------------------------------------------------- thumbnail
