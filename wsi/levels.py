@@ -24,8 +24,9 @@ level 0 in strips, never a whole level at once). Level 0 that cannot be read at 
 the file and the level. What was checked and found is recorded in the store (:class:`wsi.store.LevelCheckAttrs`,
 attrs ``levels``) and marked on the QC image (:func:`mark_qc`).
 
-The check reads 16 small boxes of the level and their level-0 footprints (about 4 megapixels of level 0 per
-checked level, whatever the slide's size); ``bench/levels.py`` measures what it costs.
+The check reads 16 small boxes of the level and their level-0 footprints (about 1 megapixel of level 0 per
+checked level, up to 4 on levels coarser than 32x, whatever the slide's size); ``bench/levels.py`` measures
+what it costs.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .errors import SlideError
 from .slide import ReadPlan, Slide, choose_level, level0_position
 
 SPOTS_PER_SIDE = 4        # the spots form a 4 x 4 grid over the slide
-SPOT_LEVEL0_PX = 512      # a spot covers about this many level-0 pixels a side ...
+SPOT_LEVEL0_PX = 256      # a spot covers about this many level-0 pixels a side ...
 SPOT_PX = (8, 32)         # ... as this many pixels of the checked level (at least, at most)
 COLOUR_TOLERANCE = 10.0   # grey levels, per channel, of the spots' mean colour
 FLAT_STD = 3.0            # level 0 at least this varied (grey std within spots) has structure to compare
@@ -85,7 +86,8 @@ def _level0_box(slide: Slide, x: int, y: int, level: int, edge: int) -> np.ndarr
         region = slide.read_region(x0, y0, 0, size, size)
     except SlideError as e:
         raise SlideError(slide.path, f"no level decodes sensibly: level 0 {e.cause}",
-                         "the file may be truncated or corrupt") from e
+                         "the file may be truncated or corrupt, or the reader unable to decode it: "
+                         "try another slide.backend") from e
     return cv2.resize(region, (edge, edge), interpolation=cv2.INTER_AREA)
 
 
@@ -175,6 +177,8 @@ class LevelCheck:
 def mark_qc(rgb: np.ndarray, check: LevelCheck) -> np.ndarray:
     """The QC image with a level-check warning when a level was rejected: an orange frame and a line of text
     saying which level and where the mask was read instead. Unchanged when every checked level agreed."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     text = check.summary()
@@ -185,13 +189,8 @@ def mark_qc(rgb: np.ndarray, check: LevelCheck) -> np.ndarray:
     w, h = image.size
     frame = max(2, min(w, h) // 100)
     draw.rectangle([0, 0, w - 1, h - 1], outline=(255, 140, 0), width=frame)
-    box = draw.multiline_textbbox((0, 0), _wrap(text, max(20, (w - 4 * frame) // 6)))
+    lines = "\n".join(textwrap.wrap(text, max(20, (w - 4 * frame) // 6)))  # ~6 px per character
+    box = draw.multiline_textbbox((0, 0), lines)
     draw.rectangle([frame, frame, frame + box[2] + 6, frame + box[3] + 6], fill=(255, 140, 0))
-    draw.multiline_text((frame + 3, frame + 3), _wrap(text, max(20, (w - 4 * frame) // 6)), fill=(0, 0, 0))
+    draw.multiline_text((frame + 3, frame + 3), lines, fill=(0, 0, 0))
     return np.asarray(image)
-
-
-def _wrap(text: str, width: int) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width))
