@@ -92,8 +92,9 @@ def main() -> None:
             WsiDicomizer.convert(REAL_SLIDE, folder, add_missing_levels=add, workers=1)
             opened, reader = timed(lambda: _open_reader(open_slide, folder))
             svs, _ = timed(lambda: _open_reader(open_slide, REAL_SLIDE))
-            print(f"open wsidicomizer DICOM ({'with' if add else 'without'} add_missing_levels): {opened * 1000:.0f} ms,"
-                  f" reader {reader}; the SVS: {svs * 1000:.0f} ms")
+            added = "with" if add else "without"
+            print(f"open wsidicomizer DICOM ({added} add_missing_levels): {opened * 1000:.0f} ms, "
+                  f"reader {reader}; the SVS: {svs * 1000:.0f} ms")
             shutil.rmtree(folder)
 
 

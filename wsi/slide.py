@@ -30,20 +30,20 @@ on wsidicomizer's output for an SVS with ``add_missing_levels``: the added level
 RGB, which OpenSlide decodes as RGB (glass comes out pink-grey) or fails on ("Dimensional mismatch reading
 JPEG"), while wsidicom decodes them as the JPEG data say.
 
-The direct path is several times faster than OpenSlide's premultiplied-ARGB path (``bench/tiling.py`` measures each) and gives identical pixels
-(tested for SVS and DICOM, at every level, across tile edges and in the padded edge tiles) with one exception,
-OpenSlide's: where ``location / downsample`` is not a whole level pixel, OpenSlide paints the level shifted by
-that fraction (interpolated), while the direct path and tiffslide start at the level pixel
-``int(location / downsample)``. The tiler's locations (:func:`level0_position`) are whole level pixels
-at integer downsamples; at a fractional one (e.g. 15.95 for a level of 188 px from 3000) they overshoot by
+The direct path is several times faster than OpenSlide's premultiplied-ARGB path (``bench/tiling.py`` measures
+each) and gives identical pixels (tested for SVS and DICOM, at every level, across tile edges and in the padded
+edge tiles) with one exception, OpenSlide's: where ``location / downsample`` is not a whole level pixel,
+OpenSlide paints the level shifted by that fraction (interpolated), while the direct path and tiffslide start at
+the level pixel ``int(location / downsample)``. The tiler's locations (:func:`level0_position`) are whole level
+pixels at integer downsamples; at a fractional one (e.g. 15.95 for a level of 188 px from 3000) they overshoot by
 less than one level-0 pixel, which OpenSlide turns into differences of 1-2 grey levels.
 
 MPP
 ---
-Microns per pixel come from the file (``openslide.mpp-x`` / ``tiffslide.mpp-x``), then from the override table
-(``slide.mpp_overrides``: CSV ``slide_id,mpp``; it wins over the file, since labs use it to correct wrong
-files), then from ``slide.default_mpp``. A value outside ``slide.mpp_range`` (e.g. 72-dpi TIFF defaults that
-read as ~350 um/px) is an error naming the override table, never a silent guess.
+Microns per pixel come from the file (``openslide.mpp-x`` / ``tiffslide.mpp-x`` / ``wsidicom.mpp-x``), then from
+the override table (``slide.mpp_overrides``: CSV ``slide_id,mpp``; it wins over the file, since labs use it to
+correct wrong files), then from ``slide.default_mpp``. A value outside ``slide.mpp_range`` (e.g. 72-dpi TIFF
+defaults that read as ~350 um/px) is an error naming the override table, never a silent guess.
 
 Pyramid levels are not trusted blindly: :mod:`wsi.levels` compares a level with level 0 before the tiler
 uses it.
@@ -406,8 +406,8 @@ def _check_dicom_files(folder: Path, files: list[Path]) -> list[DicomHeader]:
 
 def _fast_pixel_reader(path: Path, handle, dicom_headers: list[DicomHeader] | None = None) -> tuple[str, object]:
     """The fastest reader that sees OpenSlide's very pyramid: JPEG tiles decoded directly, else tiffslide
-    (wsidicom for DICOM, where OpenSlide fails), else OpenSlide itself. ``path`` is the file OpenSlide opened;
-    ``dicom_headers`` its folder's whole-slide files when it is a DICOM slide."""
+    (for DICOM: wsidicom where OpenSlide fails on or misreads a level), else OpenSlide itself. ``path`` is the
+    file OpenSlide opened; ``dicom_headers`` its folder's whole-slide files when it is a DICOM slide."""
     dims = tuple(map(tuple, handle.level_dimensions))
     downsamples = tuple(float(d) for d in handle.level_downsamples)
     if dicom_headers is not None:

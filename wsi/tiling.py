@@ -1,15 +1,16 @@
 """Slides to tiles: the tissue mask, the tile grid at a target MPP, and the per-slide store.
 
 For each slide: open it (:mod:`wsi.slide`), read a thumbnail at ``tissue.mask_mpp`` in strips (never a whole
-level) from a level that agrees with level 0 (:mod:`wsi.levels`), compute the tissue mask (:mod:`wsi.tissue`), lay the tile grid at ``tiling.target_mpp``, keep tiles
+level), compute the tissue mask (:mod:`wsi.tissue`), lay the tile grid at ``tiling.target_mpp``, keep tiles
 whose tissue share reaches ``tiling.min_tissue_fraction``, then stream the kept tiles into the store
 (:mod:`wsi.store`) chunk by chunk and commit it.
+The mask and the tiles are read only from levels that agree with level 0 (:mod:`wsi.levels`).
 
 Geometry (all recorded in the store's ``tiling`` attrs)
 -------------------------------------------------------
 The read level is the coarsest one not coarser than the target (:func:`wsi.slide.choose_level`) that agrees
-with level 0 (:class:`wsi.levels.LevelCheck`; a level that disagrees gives way to the next finer one). One tile is
-``s = round(tile_px * target_mpp / level_mpp)`` level pixels, area-averaged down to ``tile_px`` when ``s``
+with level 0 (:class:`wsi.levels.LevelCheck`; a level that disagrees gives way to the next finer one). One
+tile is ``s = round(tile_px * target_mpp / level_mpp)`` level pixels, area-averaged down to ``tile_px`` when ``s``
 differs; so ``effective_mpp = level_mpp * s / tile_px``. Tiles step by ``s - round(overlap_px * s / tile_px)``
 level pixels; level-0 coordinates are those level positions times the level's downsample, rounded.
 
@@ -36,8 +37,8 @@ from PIL import Image
 
 from . import __version__
 from .errors import SlideError, WsiError, clear_failure, record_failure
-from .slide import Slide, level0_position, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
 from .levels import LevelCheck, mark_qc
+from .slide import Slide, level0_position, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
 from .store import LevelCheckAttrs, SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, is_complete, store_path
 from .tissue import TissueParams, qc_image, tissue_mask
 
