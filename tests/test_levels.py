@@ -16,7 +16,7 @@ from wsi.config import load_config
 from wsi.errors import SlideError
 from wsi.levels import LevelCheck, compare_with_level0
 from wsi.slide import open_slide
-from wsi.store import LevelCheckAttrs, SlideStore, store_path
+from wsi.store import LevelCheckAttrs, SlideStore, describe, store_path
 from wsi.tiling import read_thumbnail, tile_slides
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
@@ -203,6 +203,7 @@ def test_a_corrupted_coarse_level_is_not_used_for_the_mask(clean, tmp_path, case
     levels = store.levels
     assert levels.rejected == rejected and (levels.mask_level, levels.mask_level_wanted) == (mask_level, 2)
     assert cause in levels.summary and f"mask from level {mask_level} instead of 2" in levels.summary
+    assert f"levels     mask from level {mask_level}" in describe(store) and levels.summary in describe(store)
     # the tiles are the clean slide's: level 0 is untouched, so pixel-identical
     assert_same_tiles(store, stores[kind])
     # and the QC image says so: an orange frame
