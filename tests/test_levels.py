@@ -121,7 +121,7 @@ def test_openslide_named_on_the_converted_folder_is_a_clear_error_or_right_never
     if result.error is None:
         assert_same_tiles(SlideStore.open(store_path(tmp_path, folder.name)), svs_store)
     else:
-        assert result.error.startswith(f"{folder}: no level decodes sensibly: level 0")
+        assert result.error.startswith(f"{folder}: no level decodes sensibly: cannot read level 0")
         assert "\n" not in result.error
 
 
@@ -236,7 +236,7 @@ def test_level_0_that_cannot_be_decoded_is_one_line_naming_the_file_and_level(cl
     for name in ("level-0.dcm", "level-1.dcm", "level-2.dcm"):
         rewrite_dicom_frames(path / name, lambda shape, i: b"\xff\xd8 not a JPEG frame \xff\xd9")
     result = tile(path, tmp_path / "out")
-    assert result.error.startswith(f"{path}: no level decodes sensibly: level 0 cannot read level 0")
+    assert result.error.startswith(f"{path}: no level decodes sensibly: cannot read level 0 at")
     assert "\n" not in result.error
     assert not store_path(tmp_path / "out", "broken").exists()
 

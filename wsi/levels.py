@@ -85,7 +85,7 @@ def _level0_box(slide: Slide, x: int, y: int, level: int, edge: int) -> np.ndarr
     try:
         region = slide.read_region(x0, y0, 0, size, size)
     except SlideError as e:
-        raise SlideError(slide.path, f"no level decodes sensibly: level 0 {e.cause}",
+        raise SlideError(slide.path, f"no level decodes sensibly: {e.cause}",
                          "the file may be truncated or corrupt, or the reader unable to decode it: "
                          "try another slide.backend") from e
     return cv2.resize(region, (edge, edge), interpolation=cv2.INTER_AREA)

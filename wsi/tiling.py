@@ -65,7 +65,7 @@ def read_thumbnail(slide: Slide, mpp: float, levels: LevelCheck | None = None) -
             return _read_strips(slide, plan.level, out_w, out_h), slide.width / out_w
         except SlideError as e:
             if plan.level == 0:
-                raise SlideError(slide.path, f"no level decodes sensibly: level 0 {e.cause}", e.hint) from e
+                raise SlideError(slide.path, f"no level decodes sensibly: {e.cause}", e.hint) from e
             levels.reject(plan.level, f"cannot be read: {e.cause}")
 
 
