@@ -31,7 +31,7 @@ what it costs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
@@ -61,9 +61,7 @@ class LevelVerdict:
     contrast_ratio: float | None = None
 
     def to_dict(self) -> dict:
-        return {"level": self.level, "agrees": self.agrees, "cause": self.cause,
-                "colour_difference": self.colour_difference, "correlation": self.correlation,
-                "contrast_ratio": self.contrast_ratio}
+        return asdict(self)
 
 
 def _spots(slide: Slide, level: int) -> tuple[list[tuple[int, int]], int]:
