@@ -181,6 +181,13 @@ def test_sparse_tiling_without_frame_positions_is_refused_before_openslide_sees_
     assert str(e.value).startswith(str(folder)) and "\n" not in str(e.value)
 
 
+def test_wsidicom_backend_on_a_slide_file_is_a_one_line_error_naming_it():
+    with pytest.raises(SlideError) as e:
+        open_slide(REAL_SLIDE, backend="wsidicom")
+    assert str(e.value).startswith(f"{REAL_SLIDE}: slide.backend wsidicom reads DICOM folders only")
+    assert "\n" not in str(e.value)
+
+
 def test_damaged_tiff_header_is_a_slide_error_from_both_backends(tmp_path):
     path = tmp_path / "damaged.svs"
     path.write_bytes(b"II*\x00" + bytes(range(256)) * 16)  # a TIFF signature, then garbage
@@ -229,6 +236,13 @@ def test_direct_jpeg_tile_reader_matches_openslide_at_every_level(tmp_path, kind
         for level, (x, y, w, h) in regions:
             region = fast.read_region(x, y, level, w, h)
             np.testing.assert_array_equal(region, o.read_region(x, y, level, w, h), err_msg=f"{level} {x} {y}")
+        if kind == "dicom":  # wsidicom decodes the same frames (white past the edges, as the others)
+            with open_slide(path, backend="wsidicom") as w:
+                assert (w.backend, w.pixel_backend, w.vendor, w.mpp_x) == ("wsidicom", "wsidicom", "dicom", 0.25)
+                assert (w.level_dimensions, w.level_downsamples) == (fast.level_dimensions, fast.level_downsamples)
+                for level, (x, y, w_, h) in regions:
+                    np.testing.assert_array_equal(w.read_region(x, y, level, w_, h),
+                                                  fast.read_region(x, y, level, w_, h))
         if kind == "aperio":  # tiffslide reads TIFF only, and leaves what lies past the image black
             with open_slide(path, backend="tiffslide") as t:
                 for level, (x, y, w, h) in regions:

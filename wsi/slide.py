@@ -4,7 +4,9 @@ Backends
 --------
 ``openslide`` (OpenSlide 4: SVS, NDPI, MRXS, SCN, BIF, generic and OME TIFF, DICOM) is tried first because it
 knows the most vendor formats; ``tiffslide`` (pure Python over tifffile) is the fallback for TIFF-like files
-OpenSlide refuses. ``slide.backend: auto`` tries them in that order; naming one uses only that one.
+OpenSlide refuses; ``wsidicom`` (imi-bigpicture's reader of the DICOM WSI standard, :class:`WsidicomReader`)
+reads DICOM folders only. ``slide.backend: auto`` tries OpenSlide, then tiffslide for a file and wsidicom for
+a DICOM folder; naming one uses only that one.
 
 A DICOM slide (VL Whole Slide Microscopy Image) is a folder of ``.dcm`` files, one or more per level; pass the
 folder (or any one of its files: it stands for the folder). OpenSlide is handed one ``.dcm`` file of it (the
@@ -22,21 +24,29 @@ TILED_FULL, JPEG Baseline (1.2.840.10008.1.2.4.50), 8-bit YBR_FULL_422, one opti
 (NumberOfFrames = tiles across x down), and each frame one fragment (the Basic Offset Table, when filled in,
 must point at them). pydicom only parses the headers. A TIFF the direct reader refuses is read through
 tiffslide when it sees the same pyramid; a DICOM slide it refuses (TILED_SPARSE, other transfer syntaxes,
-fragmented frames, several focal planes or optical paths) through OpenSlide. The direct path is several times
-faster than OpenSlide's premultiplied-ARGB path (``bench/tiling.py`` measures each) and gives identical pixels
-(tested for SVS and DICOM, at every level, across tile edges and in the padded edge tiles) with one exception,
-OpenSlide's: where ``location / downsample`` is not a whole level pixel, OpenSlide paints the level shifted by
-that fraction (interpolated), while the direct path and tiffslide start at the level pixel
-``int(location / downsample)``. The tiler's locations (``wsi.tiling.level0_position``) are whole level pixels
-at integer downsamples; at a fractional one (e.g. 15.95 for a level of 188 px from 3000) they overshoot by
+fragmented frames, several focal planes or optical paths) through OpenSlide, unless OpenSlide cannot read or
+misreads one of its levels: then through wsidicom (see :func:`_dicom_pixel_reader`). OpenSlide 4.0.1 does both
+on wsidicomizer's output for an SVS with ``add_missing_levels``: the added levels are YCbCr JPEG frames tagged
+RGB, which OpenSlide decodes as RGB (glass comes out pink-grey) or fails on ("Dimensional mismatch reading
+JPEG"), while wsidicom decodes them as the JPEG data say.
+
+The direct path is several times faster than OpenSlide's premultiplied-ARGB path (``bench/tiling.py`` measures
+each) and gives identical pixels (tested for SVS and DICOM, at every level, across tile edges and in the padded
+edge tiles) with one exception, OpenSlide's: where ``location / downsample`` is not a whole level pixel,
+OpenSlide paints the level shifted by that fraction (interpolated), while the direct path and tiffslide start at
+the level pixel ``int(location / downsample)``. The tiler's locations (:func:`level0_position`) are whole level
+pixels at integer downsamples; at a fractional one (e.g. 15.95 for a level of 188 px from 3000) they overshoot by
 less than one level-0 pixel, which OpenSlide turns into differences of 1-2 grey levels.
 
 MPP
 ---
-Microns per pixel come from the file (``openslide.mpp-x`` / ``tiffslide.mpp-x``), then from the override table
-(``slide.mpp_overrides``: CSV ``slide_id,mpp``; it wins over the file, since labs use it to correct wrong
-files), then from ``slide.default_mpp``. A value outside ``slide.mpp_range`` (e.g. 72-dpi TIFF defaults that
-read as ~350 um/px) is an error naming the override table, never a silent guess.
+Microns per pixel come from the file (``openslide.mpp-x`` / ``tiffslide.mpp-x`` / ``wsidicom.mpp-x``), then from
+the override table (``slide.mpp_overrides``: CSV ``slide_id,mpp``; it wins over the file, since labs use it to
+correct wrong files), then from ``slide.default_mpp``. A value outside ``slide.mpp_range`` (e.g. 72-dpi TIFF
+defaults that read as ~350 um/px) is an error naming the override table, never a silent guess.
+
+Pyramid levels are not trusted blindly: :mod:`wsi.levels` compares a level with level 0 before the tiler
+uses it.
 
 Reading
 -------
@@ -56,6 +66,8 @@ import numpy as np
 
 from .errors import ConfigError, SlideError
 
+#: ``slide.backend`` values (see the module docstring).
+BACKENDS = ("auto", "openslide", "tiffslide", "wsidicom")
 #: File endings the folder scan picks up as slides. A DICOM slide is a folder of ``.dcm`` (DICOM_SUFFIX) files.
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".tif", ".tiff")
 DICOM_SUFFIX = ".dcm"
@@ -178,7 +190,7 @@ class Slide:
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 (height, width, 3) of ``level``, top-left at level-0 ``(x, y)``; unscanned areas white."""
         try:
-            if self.pixel_backend == "jpeg-tiles":
+            if self.pixel_backend in ("jpeg-tiles", "wsidicom"):  # both give RGB with white past the edges
                 return self.pixel_handle.read_region((int(x), int(y)), level, (int(width), int(height)))
             if self.pixel_backend == "tiffslide":
                 rgb = np.asarray(self.pixel_handle.read_region((int(x), int(y)), level, (int(width), int(height)),
@@ -213,11 +225,14 @@ def _over_white(rgba: np.ndarray) -> np.ndarray:
 
 
 def _open_backend(path: Path, backend: str):
-    """Open with one backend and touch its metadata: tiffslide opens lazily, so a damaged file only fails here."""
+    """Open with one backend and touch its metadata: tiffslide opens lazily, so a damaged file only fails here.
+    wsidicom is handed the slide's folder."""
     if backend == "openslide":
         import openslide
 
         handle = openslide.OpenSlide(str(path))
+    elif backend == "wsidicom":
+        handle = WsidicomReader(path.parent if path.is_file() else path)
     else:
         import tiffslide
 
@@ -234,7 +249,7 @@ def _open_backend(path: Path, backend: str):
 
 def _file_mpp(handle, backend: str) -> tuple[float | None, float | None]:
     props = handle.properties
-    prefix = "openslide" if backend == "openslide" else "tiffslide"
+    prefix = backend
     values = []
     for axis in ("x", "y"):
         v = props.get(f"{prefix}.mpp-{axis}")
@@ -257,8 +272,8 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides:
     slide_id = slide_id_from_path(path)
     if not path.exists():
         raise SlideError(path, "file does not exist")
-    if backend not in ("auto", "openslide", "tiffslide"):
-        raise ConfigError(None, f"slide.backend {backend!r} is not auto|openslide|tiffslide")
+    if backend not in BACKENDS:
+        raise ConfigError(None, f"slide.backend {backend!r} is not {'|'.join(BACKENDS)}")
     entry = path  # the file the backend opens
     dicom_headers = None  # the whole-slide files of a DICOM folder
     if path.is_file() and path.suffix.lower() == DICOM_SUFFIX:  # one file of a DICOM slide: the slide is its folder
@@ -270,7 +285,13 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides:
                              "pass a slide file, or the folder of one DICOM slide")
         dicom_headers = _check_dicom_files(path, files)
         entry = files[0] if entry == path else entry
-    candidates = ("openslide", "tiffslide") if backend == "auto" else (backend,)
+    elif backend == "wsidicom":
+        raise SlideError(path, "slide.backend wsidicom reads DICOM folders only",
+                         "use slide.backend auto, openslide or tiffslide for this file")
+    if backend == "auto":
+        candidates = ("openslide", "wsidicom") if dicom_headers is not None else ("openslide", "tiffslide")
+    else:
+        candidates = (backend,)
     errors = []
     handle = used = None
     for name in candidates:
@@ -302,7 +323,7 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto", mpp_overrides:
                 raise SlideError(path, f"implausible MPP {value:g} um/px from {source} (expected {lo:g}-{hi:g})",
                                  f"add '{slide_id},<mpp>' to the table named by slide.mpp_overrides")
         props = handle.properties
-        prefix = "openslide" if used == "openslide" else "tiffslide"
+        prefix = used
         power = props.get(f"{prefix}.objective-power")
         try:
             power = float(power) if power not in (None, "") else None
@@ -384,9 +405,9 @@ def _check_dicom_files(folder: Path, files: list[Path]) -> list[DicomHeader]:
 
 
 def _fast_pixel_reader(path: Path, handle, dicom_headers: list[DicomHeader] | None = None) -> tuple[str, object]:
-    """The fastest reader that sees OpenSlide's very pyramid: JPEG tiles decoded directly, else tiffslide,
-    else OpenSlide itself. ``path`` is the file OpenSlide opened; ``dicom_headers`` its folder's whole-slide
-    files when it is a DICOM slide."""
+    """The fastest reader that sees OpenSlide's very pyramid: JPEG tiles decoded directly, else tiffslide
+    (for DICOM: wsidicom where OpenSlide fails on or misreads a level), else OpenSlide itself. ``path`` is the
+    file OpenSlide opened; ``dicom_headers`` its folder's whole-slide files when it is a DICOM slide."""
     dims = tuple(map(tuple, handle.level_dimensions))
     downsamples = tuple(float(d) for d in handle.level_downsamples)
     if dicom_headers is not None:
@@ -394,7 +415,7 @@ def _fast_pixel_reader(path: Path, handle, dicom_headers: list[DicomHeader] | No
             return "jpeg-tiles", JpegTileReader.from_dicom(path, dicom_headers, dims, downsamples)
         # not a pyramid of whole JPEG frames that OpenSlide's levels map onto, or header values of the wrong type
         except (ValueError, TypeError, AttributeError, KeyError, OSError):
-            return "openslide", handle
+            return _dicom_pixel_reader(path.parent, handle, dims)
     if path.suffix.lower() not in (".svs", ".tif", ".tiff"):
         return "openslide", handle
     try:
@@ -562,6 +583,105 @@ class JpegTileReader:
         self._fds = {}
 
 
+class WsidicomReader:
+    """A DICOM WSI folder read by wsidicom: metadata (``level_dimensions``, ``level_downsamples``,
+    ``properties`` with ``wsidicom.mpp-x/-y`` and ``wsidicom.vendor``) and RGB regions by level-0 location,
+    white past the level's edges, as :class:`JpegTileReader` reads them (level pixel = int(level-0 /
+    downsample), with OpenSlide's downsamples: level 0's size over the level's, averaged over x and y).
+    Thread-safe (wsidicom locks its file reads). Its first optical path and focal plane are read."""
+
+    def __init__(self, folder: Path):
+        from wsidicom import WsiDicom
+        from wsidicom.errors import WsiDicomNoResolutionError
+
+        self._wsi = WsiDicom.open(folder)
+        try:
+            levels = list(self._wsi.levels.levels)
+            (w0, h0) = base = (levels[0].size.width, levels[0].size.height)
+            self.level_dimensions = (base,) + tuple((lv.size.width, lv.size.height) for lv in levels[1:])
+            self.level_downsamples = tuple((w0 / w + h0 / h) / 2 for w, h in self.level_dimensions)
+            self._pyramid_index = [lv.level for lv in levels]  # wsidicom's own level numbers (log2 of the scale)
+            self.properties = {"wsidicom.vendor": "dicom"}
+            try:
+                mpp = self._wsi.mpp
+                self.properties.update({"wsidicom.mpp-x": str(mpp.width), "wsidicom.mpp-y": str(mpp.height)})
+            except WsiDicomNoResolutionError:
+                pass
+        except Exception:
+            self._wsi.close()
+            raise
+
+    def read_region(self, location, level: int, size) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        x0, y0 = int(location[0] / ds), int(location[1] / ds)
+        w, h = size
+        out = np.full((h, w, 3), 255, np.uint8)  # outside the image: white, as glass
+        lw, lh = self.level_dimensions[level]
+        cx0, cy0, cx1, cy1 = max(0, x0), max(0, y0), min(lw, x0 + w), min(lh, y0 + h)
+        if cx1 > cx0 and cy1 > cy0:  # wsidicom refuses regions past the level's edges
+            image = self._wsi.read_region((cx0, cy0), self._pyramid_index[level], (cx1 - cx0, cy1 - cy0))
+            out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = np.asarray(image.convert("RGB"))
+        return out
+
+    def close(self) -> None:
+        self._wsi.close()
+
+
+def _dicom_pixel_reader(folder: Path, handle, dims: tuple) -> tuple[str, object]:
+    """OpenSlide, or wsidicom where OpenSlide cannot read or misreads a level of a DICOM slide.
+
+    Both readers read a 64-px box at the centre of every level and the box's level-0 footprint (wsidicom
+    first: after an error an OpenSlide handle reads nothing more). wsidicom takes the pixels when it reads
+    them all and OpenSlide fails, or when only OpenSlide's boxes differ from their footprints in mean colour
+    (by more than :data:`wsi.levels.COLOUR_TOLERANCE`). Two readers that merely differ do not say which is
+    wrong: wsidicom reads only the first fragment of a frame split into several, which OpenSlide
+    reassembles. OpenSlide stays otherwise, and the level check (:mod:`wsi.levels`) keeps the tiler off any
+    level that still disagrees with level 0."""
+    import openslide
+
+    from .levels import COLOUR_TOLERANCE
+
+    try:
+        reader = WsidicomReader(folder)
+    except Exception:  # wsidicom's own error types for folders it does not understand
+        return "openslide", handle
+
+    def consistent(read) -> bool:
+        for level, (w, h) in enumerate(dims):
+            ds = reader.level_downsamples[level]
+            bw, bh = min(w, 64), min(h, 64)
+            x, y = level0_position((w - bw) // 2, ds), level0_position((h - bh) // 2, ds)
+            box = read((x, y), level, (bw, bh)).reshape(-1, 3).mean(axis=0)
+            footprint = read((x, y), 0, (round(bw * ds), round(bh * ds))).reshape(-1, 3).mean(axis=0)
+            if np.abs(box - footprint).max() > COLOUR_TOLERANCE:
+                return False
+        return True
+
+    try:
+        if reader.level_dimensions != dims:
+            raise ValueError("wsidicom sees other levels than OpenSlide")
+        wsidicom_consistent = consistent(reader.read_region)
+    except Exception:  # wsidicom cannot read this slide (its own error types, PIL's for JPEG data)
+        reader.close()
+        return "openslide", handle
+    try:
+        openslide_consistent = consistent(lambda *args: _over_white(np.asarray(handle.read_region(*args))))
+    except openslide.OpenSlideError:
+        return "wsidicom", reader
+    if wsidicom_consistent and not openslide_consistent:
+        return "wsidicom", reader
+    reader.close()
+    return "openslide", handle
+
+
+def level0_position(level_px: int, downsample: float) -> int:
+    """The level-0 coordinate that every backend maps back to ``level_px`` on a level of ``downsample``.
+
+    Backends take level-0 locations and truncate ``location / downsample``; rounding up (by at most one level-0
+    pixel, which is less than one level pixel) keeps that exact when the downsample is not an integer."""
+    return int(np.ceil(level_px * downsample - 1e-6))
+
+
 def _image_type(dataset) -> list[str]:
     """ImageType as a list (pydicom gives a single value as a plain string)."""
     value = dataset.get("ImageType")
@@ -619,15 +739,17 @@ class ReadPlan:
         return self.level_mpp * self.scale
 
 
-def choose_level(slide: Slide, target_mpp: float, tolerance: float = 0.05) -> ReadPlan:
-    """The coarsest level not coarser than ``target_mpp`` (within ``tolerance``), as DESIGN.md says.
+def choose_level(slide: Slide, target_mpp: float, tolerance: float = 0.05, levels=None) -> ReadPlan:
+    """The coarsest level not coarser than ``target_mpp`` (within ``tolerance``), as DESIGN.md says; only
+    among ``levels`` when given (the tiler leaves out levels that disagree with level 0, see
+    :mod:`wsi.levels`).
 
     A level within the tolerance is read as is (no resampling; the effective MPP is recorded); otherwise the
     finer level is read and area-averaged down by ``scale``. A target finer than level 0 beyond the tolerance
     is an error: upsampling would invent detail.
     """
     best = None
-    for level in range(slide.level_count):
+    for level in range(slide.level_count) if levels is None else levels:
         mpp = slide.level_mpp(level)
         if mpp <= target_mpp * (1 + tolerance) and (best is None or mpp > slide.level_mpp(best)):
             best = level

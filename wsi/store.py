@@ -15,6 +15,10 @@ attrs ``slide``               :class:`SlideAttrs`         source path/size/mtime
                                                           MPP and where it came from, objective power, levels
 attrs ``tiling``              :class:`TilingAttrs`        target MPP, tile size, read level, footprint at
                                                           level 0, tissue parameters, codec, wsi version
+attrs ``levels``              :class:`LevelCheckAttrs`    which pyramid levels were compared with level 0
+                                                          (``wsi.levels``), what was found, and the levels the
+                                                          mask and tiles wanted and were read from; absent in
+                                                          stores written before the check
 attrs ``complete``            bool                        set last by ``tile``; a store without it is absent
 ``coords``                    int64 (N, 2)                x, y of each tile's top-left corner at level 0
 ``tissue_fraction``           float32 (N,)                tissue share of each tile, from the tissue mask
@@ -180,6 +184,33 @@ class TilingAttrs(_Attrs):
 
 
 @dataclass(frozen=True)
+class LevelCheckAttrs(_Attrs):
+    """The level check (:mod:`wsi.levels`): ``pixel_backend`` is the reader whose pixels were checked
+    (``jpeg-tiles``, ``openslide``, ``tiffslide``, ``wsidicom``); ``mask_level``/``tile_level`` the levels the
+    mask and the tiles were read from and ``*_wanted`` those their resolutions asked for (they differ when the
+    wanted level disagreed with level 0); ``checked`` one dict per compared level: ``level``, ``agrees``,
+    ``cause`` (why not), ``colour_difference`` (grey levels), ``correlation`` and ``contrast_ratio`` (None
+    where level 0 showed no structure); ``summary`` the line the QC image shows (empty when all agreed)."""
+
+    pixel_backend: str
+    mask_level: int
+    mask_level_wanted: int
+    tile_level: int
+    tile_level_wanted: int
+    checked: tuple = ()
+    summary: str = ""
+
+    def __post_init__(self):
+        for v in self.checked:
+            if not isinstance(v, dict) or not {"level", "agrees", "cause"} <= set(v):
+                raise ValueError(f"LevelCheckAttrs.checked entries need level, agrees, cause; got {v!r}")
+
+    @property
+    def rejected(self) -> list[int]:
+        return [v["level"] for v in self.checked if not v["agrees"]]
+
+
+@dataclass(frozen=True)
 class FeatureAttrs(_Attrs):
     """Where a feature matrix came from: enough to recompute it or to refuse mixing encoders."""
 
@@ -303,6 +334,7 @@ class SlideStore:
         self.slide_id: str = group.attrs["slide_id"]
         self.slide = _read_attrs(group, "slide", SlideAttrs, path)
         self.tiling = _read_attrs(group, "tiling", TilingAttrs, path)
+        self.levels = _read_attrs(group, "levels", LevelCheckAttrs, path) if "levels" in group.attrs else None
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "SlideStore":
@@ -462,7 +494,8 @@ class TileStoreWriter:
 
     @classmethod
     def create(cls, path, slide_id: str, slide: SlideAttrs, tiling: TilingAttrs, *,
-               coords: np.ndarray, tissue_fraction: np.ndarray) -> "TileStoreWriter":
+               coords: np.ndarray, tissue_fraction: np.ndarray,
+               levels: LevelCheckAttrs | None = None) -> "TileStoreWriter":
         final = Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)
         for stale in final.parent.glob(f".{final.name}.partial-*"):  # left by a killed run of this slide
@@ -471,6 +504,8 @@ class TileStoreWriter:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         group.attrs.update({"schema_version": SCHEMA_VERSION, "slide_id": slide_id, "slide": slide.to_dict(),
                             "tiling": tiling.to_dict(), "complete": False})
+        if levels is not None:
+            group.attrs["levels"] = levels.to_dict()
         coords = np.asarray(coords, np.int64).reshape(-1, 2)
         n = coords.shape[0]
         chunk = max(1, n)
@@ -573,8 +608,18 @@ def describe(store: SlideStore) -> str:
         f"footprint {t.tile_px_level0:.1f} px at level 0",
         f"tiles      {store.n_tiles} ({'pixels, ' + t.codec if store.has_pixels else 'coordinates only'}), "
         f"min tissue fraction {t.min_tissue_fraction:g}",
+        f"levels     {_describe_levels(store.levels)}",
         f"features   {', '.join(store.feature_encoders()) or '-'}",
         f"scores     {', '.join(sorted(n for n in store.group['scores'].group_keys())) if 'scores' in store.group else '-'}",
         "complete   yes",
     ]
     return "\n".join(lines)
+
+
+def _describe_levels(levels: LevelCheckAttrs | None) -> str:
+    if levels is None:
+        return "not checked (store written before the level check)"
+    checked = ", ".join(str(v["level"]) for v in levels.checked) or "none (level 0 only)"
+    return (f"mask from level {levels.mask_level}, tiles from level {levels.tile_level} "
+            f"({levels.pixel_backend}); compared with level 0: {checked}"
+            + (f"; {levels.summary}" if levels.summary else ""))

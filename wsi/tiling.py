@@ -4,11 +4,13 @@ For each slide: open it (:mod:`wsi.slide`), read a thumbnail at ``tissue.mask_mp
 level), compute the tissue mask (:mod:`wsi.tissue`), lay the tile grid at ``tiling.target_mpp``, keep tiles
 whose tissue share reaches ``tiling.min_tissue_fraction``, then stream the kept tiles into the store
 (:mod:`wsi.store`) chunk by chunk and commit it.
+The mask and the tiles are read only from levels that agree with level 0 (:mod:`wsi.levels`).
 
 Geometry (all recorded in the store's ``tiling`` attrs)
 -------------------------------------------------------
-The read level is the coarsest one not coarser than the target (:func:`wsi.slide.choose_level`). One tile is
-``s = round(tile_px * target_mpp / level_mpp)`` level pixels, area-averaged down to ``tile_px`` when ``s``
+The read level is the coarsest one not coarser than the target (:func:`wsi.slide.choose_level`) that agrees
+with level 0 (:class:`wsi.levels.LevelCheck`; a level that disagrees gives way to the next finer one). One
+tile is ``s = round(tile_px * target_mpp / level_mpp)`` level pixels, area-averaged down to ``tile_px`` when ``s``
 differs; so ``effective_mpp = level_mpp * s / tile_px``. Tiles step by ``s - round(overlap_px * s / tile_px)``
 level pixels; level-0 coordinates are those level positions times the level's downsample, rounded.
 
@@ -35,43 +37,51 @@ from PIL import Image
 
 from . import __version__
 from .errors import SlideError, WsiError, clear_failure, record_failure
-from .slide import Slide, choose_level, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
-from .store import SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, is_complete, store_path
+from .levels import LevelCheck, mark_qc
+from .slide import Slide, level0_position, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
+from .store import LevelCheckAttrs, SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, is_complete, store_path
 from .tissue import TissueParams, qc_image, tissue_masks
 
 _MAX_RUN_PX = 8192          # longest row run read in one backend call (level pixels)
 _STRIP_BYTES = 64 << 20     # thumbnail strips: at most this much RGBA per backend call
 
 
-def level0_position(level_px: int, downsample: float) -> int:
-    """The level-0 coordinate that every backend maps back to ``level_px`` on a level of ``downsample``.
-
-    Backends take level-0 locations and truncate ``location / downsample``; rounding up (by at most one level-0
-    pixel, which is less than one level pixel) keeps that exact when the downsample is not an integer."""
-    return int(np.ceil(level_px * downsample - 1e-6))
-
-
 # --------------------------------------------------------------------------------------------- thumbnail
-def read_thumbnail(slide: Slide, mpp: float) -> tuple[np.ndarray, float]:
-    """RGB thumbnail at ``mpp`` um/px, read in horizontal strips from the best level and area-averaged.
+def read_thumbnail(slide: Slide, mpp: float, levels: LevelCheck | None = None) -> tuple[np.ndarray, float]:
+    """RGB thumbnail at ``mpp`` um/px, read in horizontal strips from the coarsest suitable level that agrees
+    with level 0 (``levels`` keeps the verdicts; a fresh check when None) and area-averaged.
 
-    Returns (rgb (h, w, 3), downsample = level-0 pixels per thumbnail pixel). Memory stays at one strip.
+    A level that fails while it is read is rejected and the next finer one read instead; level 0 failing is
+    a :class:`SlideError` naming the file and the level. Returns (rgb (h, w, 3), downsample = level-0 pixels
+    per thumbnail pixel). Memory stays at one strip.
     """
+    levels = levels if levels is not None else LevelCheck(slide)
     downsample = max(1.0, mpp / slide.mpp_x)
     out_w = max(1, int(round(slide.width / downsample)))
     out_h = max(1, int(round(slide.height / downsample)))
-    plan = choose_level(slide, slide.mpp_x * downsample, tolerance=0.0)
-    level_w, level_h = slide.level_dimensions[plan.level]
+    while True:
+        plan = levels.plan(slide.mpp_x * downsample, 0.0, "mask")
+        try:
+            return _read_strips(slide, plan.level, out_w, out_h), slide.width / out_w
+        except SlideError as e:
+            if plan.level == 0:
+                raise SlideError(slide.path, f"no level decodes sensibly: {e.cause}", e.hint) from e
+            levels.reject(plan.level, f"cannot be read: {e.cause}")
+
+
+def _read_strips(slide: Slide, level: int, out_w: int, out_h: int) -> np.ndarray:
+    """``level`` area-averaged to (out_h, out_w), read in strips of at most ``_STRIP_BYTES``."""
+    level_w, level_h = slide.level_dimensions[level]
     rows_per_px = level_h / out_h  # level rows per thumbnail row
     strip_rows = max(1, int(_STRIP_BYTES // (4 * level_w * max(rows_per_px, 1.0))))
     thumb = np.empty((out_h, out_w, 3), np.uint8)
-    level_ds = slide.level_downsamples[plan.level]
+    level_ds = slide.level_downsamples[level]
     for r0 in range(0, out_h, strip_rows):
         r1 = min(out_h, r0 + strip_rows)
         y0, y1 = int(round(r0 * rows_per_px)), min(level_h, int(round(r1 * rows_per_px)))
-        strip = slide.read_region(0, level0_position(y0, level_ds), plan.level, level_w, max(1, y1 - y0))
+        strip = slide.read_region(0, level0_position(y0, level_ds), level, level_w, max(1, y1 - y0))
         thumb[r0:r1] = np.asarray(Image.fromarray(strip).resize((out_w, r1 - r0), Image.Resampling.BOX))
-    return thumb, slide.width / out_w
+    return thumb
 
 
 # --------------------------------------------------------------------------------------------- grid
@@ -95,10 +105,12 @@ class TileGrid:
 
 
 def tile_grid(slide: Slide, *, target_mpp: float, tile_px: int, overlap_px: int = 0,
-              level_tolerance: float = 0.05) -> TileGrid:
+              level_tolerance: float = 0.05, levels: LevelCheck | None = None) -> TileGrid:
+    """The tile grid on the level :class:`~wsi.levels.LevelCheck` allows (``levels``; a fresh check when None)."""
     if overlap_px >= tile_px:
         raise SlideError(slide.path, f"overlap_px {overlap_px} must be smaller than tile_px {tile_px}")
-    plan = choose_level(slide, target_mpp, level_tolerance)
+    levels = levels if levels is not None else LevelCheck(slide)
+    plan = levels.plan(target_mpp, level_tolerance, "tiles")
     s = tile_px if plan.scale == 1.0 else int(round(tile_px * plan.scale))
     stride = s - int(round(overlap_px * s / tile_px))
     level_w, level_h = slide.level_dimensions[plan.level]
@@ -222,6 +234,14 @@ def _slide_attrs(slide: Slide) -> SlideAttrs:
                       level_downsamples=slide.level_downsamples)
 
 
+def _level_check_attrs(slide: Slide, levels: LevelCheck) -> LevelCheckAttrs:
+    (mask_wanted, mask_level), (tile_wanted, tile_level) = levels.chosen["mask"], levels.chosen["tiles"]
+    return LevelCheckAttrs(pixel_backend=slide.pixel_backend, mask_level=mask_level, mask_level_wanted=mask_wanted,
+                           tile_level=tile_level, tile_level_wanted=tile_wanted,
+                           checked=tuple(v.to_dict() for _, v in sorted(levels.verdicts.items())),
+                           summary=levels.summary())
+
+
 def _up_to_date(path: Path, slide: Slide, tiling: TilingAttrs) -> bool:
     """A complete store made from this very file (or DICOM folder) with these very parameters needs no redo."""
     if not is_complete(path):
@@ -243,18 +263,20 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
         slide_cfg["mpp_overrides"] = mpp_overrides
     tissue = TissueParams.from_dict(config["tissue"])
     with open_slide(path, **slide_cfg) as slide:
+        levels = LevelCheck(slide)
         grid = tile_grid(slide, target_mpp=config["tiling"]["target_mpp"], tile_px=config["tiling"]["tile_px"],
                          overlap_px=config["tiling"]["overlap_px"],
-                         level_tolerance=config["tiling"]["level_tolerance"])
+                         level_tolerance=config["tiling"]["level_tolerance"], levels=levels)
         tiling = _tiling_attrs(slide, grid, config, tissue)
         final = store_path(out_dir, slide.slide_id)
         if _up_to_date(final, slide, tiling):
             return SlideStore.open(final)
 
-        thumb, mask_ds = read_thumbnail(slide, tissue.mask_mpp)
+        thumb, mask_ds = read_thumbnail(slide, tissue.mask_mpp, levels)
         masks = tissue_masks(thumb, mask_ds * slide.mpp_x, tissue)
         mask = masks.tissue
-        _write_png(Path(out_dir) / "qc" / f"{slide.slide_id}.png", qc_image(thumb, mask, masks.rejected))
+        _write_png(Path(out_dir) / "qc" / f"{slide.slide_id}.png",
+                   mark_qc(qc_image(thumb, mask, masks.rejected), levels))
         if not mask.any():
             inked = f" ({masks.ink.mean():.0%} of it is marker ink)" if masks.ink.any() else ""
             raise SlideError(slide.path, f"no tissue found on the slide{inked}",
@@ -268,7 +290,7 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
         coords, fractions = coords[keep], fractions[keep]
 
         writer = TileStoreWriter.create(final, slide.slide_id, _slide_attrs(slide), tiling, coords=coords,
-                                        tissue_fraction=fractions)
+                                        tissue_fraction=fractions, levels=_level_check_attrs(slide, levels))
         try:
             writer.write_mask(mask, thumb, ink=masks.ink, downsample=mask_ds, mpp=mask_ds * slide.mpp_x)
             if tiling.store_pixels:
