@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -115,12 +116,27 @@ def check_model_dir(model_dir, key: str = "model_dir") -> dict:
     return info
 
 
+def check_out_dir(out_dir, key: str = "out_dir") -> Path:
+    """``out_dir``, created if needed; a path that cannot be a writable folder is an error naming ``key``."""
+    folder = Path(out_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".wsi-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(folder, f"{key} cannot be created or written: {e.strerror or e}",
+                          f"set {key} to a writable folder") from None
+    return folder
+
+
 def check_workflow_inputs(config: dict) -> dict[str, Path]:
     """Every check the workflow's mode needs, before Snakemake builds its jobs; returns the slides.
 
-    features: the slides; predict: the slides and ``model_dir``; train: the slides and the labels table.
+    Every mode: ``out_dir`` and the slides; predict: ``model_dir``; train: the labels table against the slides.
     """
     mode = config["mode"]
+    check_out_dir(config["out_dir"])
     if mode == "predict":
         if not config.get("model_dir"):
             raise ConfigError(None, "mode predict needs model_dir", "set model_dir to OUT/models/<run>")
