@@ -4,9 +4,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import IncompleteCheckpointException
 from wsi.checks import check_slides_dir, check_workflow_inputs
 from wsi.errors import WsiError
-from wsi.layout import Layout
+from wsi.layout import Layout, run_name
 from wsi.slide import dicom_files
 from wsi.workflow import Plan, clean_stale, finish, plan_encoder
 
@@ -15,9 +16,18 @@ PY = shlex.quote(sys.executable)
 LAYOUT = Layout(config["out_dir"])
 ENCODER_KEY = plan_encoder(config)
 PREDICT_ONLY = config["mode"] == "predict" and bool(config.get("model_dir"))
-RUN = Path(config["model_dir"]).name if PREDICT_ONLY else (
-    config["mil"]["run_name"] or f"{config['mil']['model']}_{ENCODER_KEY}"
-)
+
+
+def or_exit(check, *args):
+    """``check(*args)``; a wrong input ends the run here with one line and exit status 2, before any job."""
+    try:
+        return check(*args)
+    except WsiError as e:
+        print(f"wsi: error: {e.one_line()}", file=sys.stderr)
+        sys.exit(2)
+
+
+RUN = or_exit(run_name, config)
 MODEL_DIR = Path(config["model_dir"]) if PREDICT_ONLY else LAYOUT.run_dir(RUN)
 
 # `snakemake --unlock` only removes Snakemake's lock: it must work with any config, even a wrong one.
@@ -37,19 +47,9 @@ if config.get("demo") and (
 _PLANS = []
 
 
-def _checked_slides():
-    """The slides, after every input check of the mode; a failed check ends the run with one line, exit 2."""
-    if UNLOCKING:
-        return {}
-    try:
-        return check_workflow_inputs(config)
-    except WsiError as e:
-        print(f"wsi: error: {e.one_line()}", file=sys.stderr)
-        sys.exit(2)
-
-
 if not config.get("demo"):
-    _PLANS.append(Plan(config, LAYOUT, _checked_slides(), RUN))
+    slides = {} if UNLOCKING else or_exit(check_workflow_inputs, config)
+    _PLANS.append(Plan(config, LAYOUT, slides, RUN))
 
 
 def plan(wildcards=None):
@@ -74,7 +74,11 @@ def batch_slides(wildcards):
     """The batch's slide files (every .dcm of a DICOM slide): a changed file re-tiles its batch."""
     p = plan()
     paths = [p.slides[s] for s in p.batches[wildcards.batch]]
-    return [str(f) for path in paths for f in (dicom_files(path) if path.is_dir() else [path])]
+    return [
+        str(f)
+        for path in paths
+        for f in (dicom_files(path) if path.is_dir() else [path])
+    ]
 
 
 def batch_args(stage):
@@ -83,7 +87,13 @@ def batch_args(stage):
     def args(wildcards):
         p = plan()
         ids = p.batches[wildcards.batch]
-        return str(p.args_file(stage, wildcards.batch, [str(p.slides[s]) for s in ids] if stage == "tile" else ids))
+        return str(
+            p.args_file(
+                stage,
+                wildcards.batch,
+                [str(p.slides[s]) for s in ids] if stage == "tile" else ids,
+            )
+        )
 
     return args
 
@@ -102,7 +112,11 @@ def heatmap_status(wildcards=None):
 
 def model_input(wildcards=None):
     """What predict needs of the model: this run's training status (mode train), or model_dir's run.json."""
-    return str(MODEL_DIR / "run.json") if PREDICT_ONLY else str(LAYOUT.status("train", RUN))
+    return (
+        str(MODEL_DIR / "run.json")
+        if PREDICT_ONLY
+        else str(LAYOUT.status("train", RUN))
+    )
 
 
 def final_targets(wildcards=None):
@@ -117,15 +131,27 @@ wildcard_constraints:
 
 onstart:
     for stale in clean_stale(LAYOUT, RUN):
-        print(f"wsi: removed {stale}, left by a training that was stopped", file=sys.stderr)
+        print(
+            f"wsi: removed {stale}, left by a training that was stopped",
+            file=sys.stderr,
+        )
+
+
+def summarise(success):
+    try:
+        finish(plan(), success=success)
+    except (
+        IncompleteCheckpointException
+    ):  # the demo cohort was never written: nothing to summarise
+        pass
 
 
 onsuccess:
-    finish(plan(), success=True)
+    summarise(True)
 
 
 onerror:
-    finish(plan(), success=False)
+    summarise(False)
 
 
 if config.get("demo"):

@@ -209,17 +209,36 @@ def _train(args) -> int:
     from .mil import train
 
     run_dir = train(args.out, config, progress=args.progress)
+    _print_training(run_dir)
     print(f"model run: {run_dir}")
     if args.status:
         _write_status(args, config, [{"run": str(run_dir), "status": "done"}])
     return 0
 
 
+def _print_training(run_dir: Path) -> None:
+    """Per fold, each epoch's losses and the best epoch, then the cross-validated metrics, for the job's log."""
+    import json
+
+    info = json.loads((run_dir / "run.json").read_text())
+    for fold in info["folds"]:
+        history = json.loads((run_dir / f"fold_{fold['fold']}.json").read_text())["history"]
+        for h in history:
+            print(f"wsi train: fold {fold['fold']} epoch {h['epoch'] + 1}/{len(history)}: train loss "
+                  f"{h['train_loss']:.4f}, validation loss {h['val_loss']:.4f}")
+        print(f"wsi train: fold {fold['fold']}: best epoch {fold['best_epoch'] + 1} (validation loss "
+              f"{fold['best_val_loss']:.4f})")
+    for name, metric in info["metrics"].items():
+        values = metric.items() if "value" not in metric else [("", metric)]
+        for cls, m in values:
+            low, high = m.get("ci95") or (None, None)
+            print(f"wsi train: cross-validated {name}{' ' + cls if cls else ''}: {m['value']} (95% CI {low}-{high})")
+
+
 def _previous_run_note(args) -> str:
     """After a failed training: where the previous, complete run of the same name is (it was not touched)."""
     try:
-        from .layout import Layout
-        from .mil.training import run_name
+        from .layout import Layout, run_name
 
         run_dir = Layout(args.out).run_dir(run_name(_config(args)))
     except Exception:  # the config itself is what failed: no run to name
