@@ -216,6 +216,10 @@ def _train(args) -> int:
     return 0
 
 
+def _number(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+
+
 def _print_training(run_dir: Path) -> None:
     """Per fold, each epoch's losses and the best epoch, then the cross-validated metrics, for the job's log."""
     import json
@@ -231,8 +235,9 @@ def _print_training(run_dir: Path) -> None:
     for name, metric in info["metrics"].items():
         values = metric.items() if "value" not in metric else [("", metric)]
         for cls, m in values:
-            low, high = m.get("ci95") or (None, None)
-            print(f"wsi train: cross-validated {name}{' ' + cls if cls else ''}: {m['value']} (95% CI {low}-{high})")
+            low, high = (_number(v) for v in m.get("ci95") or (None, None))
+            print(f"wsi train: cross-validated {name}{' ' + cls if cls else ''}: {_number(m['value'])} "
+                  f"(95% CI {low}-{high})")
 
 
 def _previous_run_note(args) -> str:
