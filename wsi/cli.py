@@ -115,20 +115,6 @@ def _items(summary, *fields) -> list[dict]:
     return [{"slide_id": slide_id, "status": field} for field in fields for slide_id in getattr(summary, field)]
 
 
-# Stages whose failure means a slide has nothing for the next one: a later stage skips the slide (no second
-# failures.csv row, whose advice would be wrong) until the earlier stage passes and clears its row.
-EARLIER_STAGES = {"train": ("tile", "extract"), "predict": ("tile", "extract"),
-                  "heatmap": ("tile", "extract", "predict")}
-
-
-def _failed_earlier(out: Path, stage: str, slide_ids) -> dict[str, str]:
-    """``{slide_id: earlier stage}`` for the slides with a failures.csv row of a stage before ``stage``."""
-    from .errors import read_failures
-
-    rows = {r["slide_id"]: r["stage"] for r in read_failures(out) if r["stage"] in EARLIER_STAGES[stage]}
-    return {s: rows[s] for s in slide_ids if s in rows}
-
-
 def _skipped(failed_earlier: dict[str, str]) -> list[dict]:
     return [{"slide_id": s, "status": "skipped", "cause": f"failed at {stage}"} for s, stage in failed_earlier.items()]
 
@@ -189,6 +175,7 @@ def _tile(args) -> int:
 def _train(args) -> int:
     from .checks import check_labels, read_label_rows
     from .layout import Layout
+    from .runner import failed_earlier
 
     overrides = _drop_none({"labels": str(args.labels) if args.labels else None,
                             "mil": {"model": args.model, "run_name": args.run_name},
@@ -197,7 +184,7 @@ def _train(args) -> int:
     mil = config["mil"]
     if config.get("labels") and not mil.get("skip_missing"):
         labelled = [s for s, _ in read_label_rows(config["labels"])]
-        failed = _failed_earlier(args.out, "train", labelled)
+        failed = failed_earlier(args.out, "train", labelled)
         if failed:
             raise ConfigError(config["labels"], f"{len(failed)} labelled slide(s) failed an earlier stage: "
                               + ", ".join(f"{s} [{stage}]" for s, stage in list(failed.items())[:8]),
@@ -290,24 +277,27 @@ def run(args) -> int:
 
     if args.command == "predict":
         from .checks import check_model_dir
+        from .runner import failed_earlier
 
         check_model_dir(args.model_dir, key="--model")
         config = _config(args)
         slide_ids = args.slide_ids or _complete_store_ids(args.out)
-        failed_earlier = _failed_earlier(args.out, "predict", slide_ids)
+        earlier = failed_earlier(args.out, "predict", slide_ids)
 
         from .mil import predict
 
         summary = predict(args.out, args.model_dir, config,
-                          slide_ids=[s for s in slide_ids if s not in failed_earlier])
+                          slide_ids=[s for s in slide_ids if s not in earlier])
         print(f"predictions: {summary.predictions_csv}")
-        return _finish(args, config, _items(summary, "done", "failed") + _skipped(failed_earlier))
+        return _finish(args, config, _items(summary, "done", "failed") + _skipped(earlier))
 
     if args.command == "heatmap":
+        from .runner import failed_earlier
+
         config = _config(args)
-        failed_earlier = _failed_earlier(args.out, "heatmap", args.slide_ids)
-        todo = [s for s in args.slide_ids if s not in failed_earlier]
-        items = _skipped(failed_earlier)
+        earlier = failed_earlier(args.out, "heatmap", args.slide_ids)
+        todo = [s for s in args.slide_ids if s not in earlier]
+        items = _skipped(earlier)
         if todo or not args.slide_ids:
             from .heatmap import heatmaps
 
