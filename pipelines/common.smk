@@ -11,8 +11,10 @@ from wsi.layout import Layout, run_name
 from wsi.slide import dicom_files
 from wsi.workflow import Plan, clean_stale, finish, plan_encoder
 
-# Jobs run the CLI with the interpreter that runs Snakemake: no `wsi` on PATH (an unactivated venv) needed.
-PY = shlex.quote(sys.executable)
+# Jobs run the CLI with the interpreter that runs Snakemake, so no `wsi` on PATH is needed (an sbatch script
+# that calls venv/bin/snakemake without activating the venv). Set in the shell, not as a param: another path
+# to the same venv must not re-run every job.
+shell.prefix(f"set -euo pipefail; WSI_PYTHON={shlex.quote(sys.executable)}; ")
 LAYOUT = Layout(config["out_dir"])
 ENCODER_KEY = plan_encoder(config)
 PREDICT_ONLY = config["mode"] == "predict" and bool(config.get("model_dir"))
@@ -176,5 +178,5 @@ if config.get("demo"):
                 else ""
             ),
         shell:
-            "{PY} -m wsi.cli demo-data {params.folder:q} --n-slides {params.n} --seed {params.seed} {params.field}"
+            "$WSI_PYTHON -m wsi.cli demo-data {params.folder:q} --n-slides {params.n} --seed {params.seed} {params.field}"
             " > {log:q} 2>&1"

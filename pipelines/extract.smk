@@ -16,5 +16,5 @@ rule extract:
         cfg=stage_config_file("extract"),
         out=LAYOUT.out,
     shell:
-        "{PY} -m wsi.cli extract --out {params.out:q} --config {params.cfg:q} --status {output.status:q}"
+        "$WSI_PYTHON -m wsi.cli extract --out {params.out:q} --config {params.cfg:q} --status {output.status:q}"
         " --log {log:q}"

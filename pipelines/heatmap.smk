@@ -18,5 +18,5 @@ rule heatmap:
         out=LAYOUT.out,
         run=RUN,
     shell:
-        "{PY} -m wsi.cli heatmap @{params.slides:q} --out {params.out:q} --model-run {params.run:q}"
+        "$WSI_PYTHON -m wsi.cli heatmap @{params.slides:q} --out {params.out:q} --model-run {params.run:q}"
         " --config {params.cfg:q} --status {output.status:q} --log {log:q}"

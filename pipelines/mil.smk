@@ -19,7 +19,7 @@ rule train:
         cfg=stage_config_file("train"),
         out=LAYOUT.out,
     shell:
-        "{PY} -m wsi.cli train --out {params.out:q} --config {params.cfg:q} --status {output.status:q}"
+        "$WSI_PYTHON -m wsi.cli train --out {params.out:q} --config {params.cfg:q} --status {output.status:q}"
         " --log {log:q}"
 
 
@@ -40,5 +40,5 @@ rule predict:
         out=LAYOUT.out,
         model=MODEL_DIR,
     shell:
-        "{PY} -m wsi.cli predict --out {params.out:q} --model {params.model:q} --config {params.cfg:q}"
+        "$WSI_PYTHON -m wsi.cli predict --out {params.out:q} --model {params.model:q} --config {params.cfg:q}"
         " --status {output.status:q} --log {log:q}"

@@ -18,5 +18,5 @@ rule report:
         out=LAYOUT.out,
         run=RUN,
     shell:
-        "{PY} -m wsi.cli report --out {params.out:q} --model-run {params.run:q} --config {params.cfg:q}"
+        "$WSI_PYTHON -m wsi.cli report --out {params.out:q} --model-run {params.run:q} --config {params.cfg:q}"
         " --log {log:q}"

@@ -18,5 +18,5 @@ rule tile:
         cfg=stage_config_file("tile"),
         out=LAYOUT.out,
     shell:
-        "{PY} -m wsi.cli tile @{params.slides:q} --out {params.out:q} --config {params.cfg:q}"
+        "$WSI_PYTHON -m wsi.cli tile @{params.slides:q} --out {params.out:q} --config {params.cfg:q}"
         " --status {output.status:q} --log {log:q}"

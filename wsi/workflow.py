@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .config import stage_config
 from .errors import format_ids, lock_path, read_failures
 from .layout import Layout
 
-PER_SLIDE_STAGES = ("tile", "extract", "train", "predict", "heatmap")
+STAGES = ("tile", "extract", "train", "predict", "heatmap")
 SHOWN_FAILURES = 10
 
 
@@ -93,14 +94,13 @@ def job_error(log: Path) -> str | None:
 
 
 def _counts(items: list[dict]) -> str:
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item["status"]] = counts.get(item["status"], 0) + 1
-    return ", ".join(f"{n} {status}" for status, n in counts.items()) or "no slides"
+    """``6 done, 1 skipped, 1 failed`` (statuses that occur, in this order)."""
+    counts = Counter(item["status"] for item in items)
+    return ", ".join(f"{counts[s]} {s}" for s in ("done", "skipped", "failed") if counts[s]) or "no slides"
 
 
-def summary(plan: Plan) -> tuple[str, int]:
-    """The end-of-run summary (one screen) and the number of slides that failed in this cohort."""
+def summary(plan: Plan) -> tuple[str, list[str]]:
+    """The end-of-run summary (one screen) and the slides of this cohort that failed."""
     layout, run, config = plan.layout, plan.run, plan.config
     batches = list(plan.batches)
     jobs = {
@@ -111,7 +111,7 @@ def summary(plan: Plan) -> tuple[str, int]:
         "heatmap": ([layout.status("heatmap", b, run) for b in batches],
                     [layout.log("heatmap", b, run) for b in batches]),
     }
-    stages = [s for s in PER_SLIDE_STAGES if s != "train" or config["mode"] == "train"]
+    stages = [s for s in STAGES if s != "train" or config["mode"] == "train"]
     if config["mode"] == "features":
         stages = ["tile", "extract"]
     lines = [f"wsi: summary of {layout.out.resolve()} ({len(plan.slides)} slides, mode {config['mode']})"]
@@ -122,7 +122,8 @@ def summary(plan: Plan) -> tuple[str, int]:
             text = _counts(items) if stage != "train" else f"model run {layout.run_dir(run)}"
         else:
             errors = [(log, e) for log in logs if (e := job_error(log))]
-            text = "not run"
+            started = [log for log in logs if log.exists()]
+            text = f"did not finish (log: {started[0]})" if started else "not run"
             if errors:
                 log, error = errors[0]
                 text = f"failed: {error}" + ("" if str(log) in error else f" (log: {log})")
@@ -141,7 +142,7 @@ def summary(plan: Plan) -> tuple[str, int]:
             lines.append(f"  {r['slide_id']} [{r['stage']}]: {r['cause']}")
         if len(failed) > SHOWN_FAILURES:
             lines.append(f"  ... and {len(failed) - SHOWN_FAILURES} more rows")
-    return "\n".join(lines), len(slides)
+    return "\n".join(lines), slides
 
 
 def plan_encoder(config: dict) -> str:
@@ -152,12 +153,12 @@ def plan_encoder(config: dict) -> str:
 
 def finish(plan: Plan, *, success: bool) -> None:
     """Print the summary; exit 1 when slides failed, unless ``allow_failed_slides``."""
-    text, n_failed = summary(plan)
+    text, failed = summary(plan)
     print(text, file=sys.stderr)
     if not success:
         print("wsi: exit status 1: a job failed (its cause is above; re-run the same command once fixed)",
               file=sys.stderr)
-    elif n_failed and not plan.config["allow_failed_slides"]:
-        print(f"wsi: exit status 1: {n_failed} slide(s) failed: {format_ids(sorted({r['slide_id'] for r in read_failures(plan.layout.out)}))} "
-              "(set allow_failed_slides: true to exit 0 when some slides fail)", file=sys.stderr)
+    elif failed and not plan.config["allow_failed_slides"]:
+        print(f"wsi: exit status 1: {len(failed)} slide(s) failed: {format_ids(failed)} (set allow_failed_slides: "
+              "true to exit 0 when some slides fail)", file=sys.stderr)
         raise SystemExit(1)
