@@ -146,7 +146,7 @@ def test_corrupt_slide_is_reported_and_the_rest_finish_dicom_included(reference_
 def test_status_files_record_the_config_the_job_ran_with(reference_run):
     work, config, _ = reference_run
     used = yaml.safe_load(config.read_text())
-    tile = json.loads((work / "out" / "status" / "tile" / "batch-00000.json").read_text())
+    tile = json.loads((work / "out" / "status" / "tile" / "batch-00001.json").read_text())  # 00000 has corrupt
     assert set(tile["config"]) == {"slide", "tissue", "tiling"}
     assert tile["config"]["tiling"]["tile_px"] == 256
     assert [i["status"] for i in tile["items"]] == ["done"] * 4 and all(i["n_tiles"] > 0 for i in tile["items"])
