@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, format_ids
 
 
 def _common(p: argparse.ArgumentParser, out_required: bool = True, per_slide: bool = True,
@@ -141,13 +141,6 @@ def _write_status(args, config: dict, items: list[dict]) -> None:
     write_status(args.status, args.command, items, stage_config(config, args.command))
 
 
-def _complete_store_ids(out: Path) -> list[str]:
-    from .layout import Layout
-    from .store import is_complete
-
-    return sorted(p.name[:-len(".zarr")] for p in Layout(out).stores_dir.glob("*.zarr") if is_complete(p))
-
-
 def _tile(args) -> int:
     from .layout import Layout
     from .slide import expand_slide_paths
@@ -181,17 +174,17 @@ def _train(args) -> int:
                             "mil": {"model": args.model, "run_name": args.run_name},
                             "extract": {"encoder": args.encoder}, "cluster": _cluster_override(args.cluster)})
     config = _config(args, overrides)
-    mil = config["mil"]
-    if config.get("labels") and not mil.get("skip_missing"):
-        labelled = [s for s, _ in read_label_rows(config["labels"])]
-        failed = failed_earlier(args.out, "train", labelled)
-        if failed:
+    mil, layout = config["mil"], Layout(args.out)
+    skip_missing = bool(mil.get("skip_missing"))
+    if config.get("labels"):
+        failed = failed_earlier(args.out, "train", [s for s, _ in read_label_rows(config["labels"])])
+        if failed and not skip_missing:
             raise ConfigError(config["labels"], f"{len(failed)} labelled slide(s) failed an earlier stage: "
-                              + ", ".join(f"{s} [{stage}]" for s, stage in list(failed.items())[:8]),
-                              f"their causes are in {Layout(args.out).failures}; fix them, drop them from the "
-                              "labels, or set mil.skip_missing: true")
-        stores = [p.name[:-len(".zarr")] for p in Layout(args.out).stores_dir.glob("*.zarr")]
-        check_labels(config["labels"], stores, classes=mil.get("classes"), where=str(Layout(args.out).stores_dir))
+                              + format_ids(f"{s} [{stage}]" for s, stage in failed.items()),
+                              f"their causes are in {layout.failures}; fix them, drop them from the labels, or "
+                              "set mil.skip_missing: true")
+        check_labels(config["labels"], layout.store_ids(), classes=mil.get("classes"), skip_missing=skip_missing,
+                     where=str(layout.stores_dir))
 
     from .mil import train
 
@@ -281,7 +274,11 @@ def run(args) -> int:
 
         check_model_dir(args.model_dir, key="--model")
         config = _config(args)
-        slide_ids = args.slide_ids or _complete_store_ids(args.out)
+        from .layout import Layout
+        from .store import is_complete
+
+        layout = Layout(args.out)
+        slide_ids = args.slide_ids or [s for s in layout.store_ids() if is_complete(layout.store(s))]
         earlier = failed_earlier(args.out, "predict", slide_ids)
 
         from .mil import predict

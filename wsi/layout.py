@@ -62,6 +62,10 @@ class Layout:
     def store(self, slide_id: str) -> Path:
         return self.stores_dir / f"{slide_id}.zarr"
 
+    def store_ids(self) -> list[str]:
+        """The slide ids that have a store folder (complete or not), sorted."""
+        return sorted(p.name[:-len(".zarr")] for p in self.stores_dir.glob("*.zarr"))
+
     def qc(self, slide_id: str) -> Path:
         return self.out / "qc" / f"{slide_id}.png"
 
