@@ -9,7 +9,7 @@ from wsi.checks import check_slides_dir, check_workflow_inputs
 from wsi.errors import WsiError
 from wsi.layout import Layout, run_name
 from wsi.slide import dicom_files
-from wsi.workflow import Plan, clean_stale, finish, plan_encoder
+from wsi.workflow import Plan, clean_stale, config_file, finish, plan_encoder
 
 # Jobs run the CLI with the interpreter that runs Snakemake, so no `wsi` on PATH is needed (an sbatch script
 # that calls venv/bin/snakemake without activating the venv). Set in the shell, not as a param: another path
@@ -101,7 +101,7 @@ def batch_args(stage):
 
 
 def stage_config_file(stage):
-    return lambda wildcards: str(plan().config_file(stage))
+    return lambda wildcards: str(config_file(LAYOUT, config, stage))
 
 
 def tile_status(wildcards=None):

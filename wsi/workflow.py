@@ -46,20 +46,22 @@ class Plan:
         ids, n = sorted(self.slides), self.config["slides_per_job"]
         return {batch_name(i // n): ids[i:i + n] for i in range(0, len(ids), n)}
 
-    def job_file(self, name: str, text: str, ext: str) -> Path:
-        """Write ``text`` to its content-named file under ``OUT/.wsi/jobs`` (once) and return the path."""
-        path = self.layout.job_file(name, text, ext)
-        if not path.exists():
-            write_text(path, text)
-        return path
-
-    def config_file(self, stage: str) -> Path:
-        """The config sections ``stage`` reads, as YAML for ``wsi <stage> --config``."""
-        return self.job_file(stage, yaml.safe_dump(stage_config(self.config, stage), sort_keys=True), "yaml")
-
     def args_file(self, stage: str, batch: str, args: list[str]) -> Path:
         """One argument per line, for ``wsi <stage> @FILE``: the slides (tile) or slide ids (heatmap) of a batch."""
-        return self.job_file(f"{stage}-{batch}", "".join(f"{a}\n" for a in args), "args")
+        return job_file(self.layout, f"{stage}-{batch}", "".join(f"{a}\n" for a in args), "args")
+
+
+def job_file(layout: Layout, name: str, text: str, ext: str) -> Path:
+    """Write ``text`` to its content-named file under ``OUT/.wsi/jobs`` (once) and return the path."""
+    path = layout.job_file(name, text, ext)
+    if not path.exists():
+        write_text(path, text)
+    return path
+
+
+def config_file(layout: Layout, config: dict, stage: str) -> Path:
+    """The config sections ``stage`` reads, as YAML for ``wsi <stage> --config``."""
+    return job_file(layout, stage, yaml.safe_dump(stage_config(config, stage), sort_keys=True), "yaml")
 
 
 def clean_stale(layout: Layout, run: str) -> list[Path]:
