@@ -19,9 +19,11 @@ def test_one_failing_slide_is_recorded_once_and_the_rest_carry_on(tmp_path):
     def tile(slide_id):
         if slide_id == "bad":
             raise MemoryError("out of memory")  # not a WsiError: still only this slide's failure
+        return 10 * len(slide_id)
 
     summary = run_slides(tmp_path, "tile", {"a": "a.svs", "bad": "bad.svs", "c": "c.svs"}, tile)
     assert summary.done == ["a", "c"] and summary.failed == {"bad": "MemoryError: out of memory"}
+    assert summary.results == {"a": 10, "c": 10}
     assert [(r["slide_id"], r["stage"], r["source"]) for r in read_failures(tmp_path)] == [("bad", "tile", "bad.svs")]
     # later stages skip it (no second row, no wrong advice) and skip what is already complete
     later = run_slides(tmp_path, "predict", {"a": "a", "bad": "bad", "c": "c"}, lambda s: None,

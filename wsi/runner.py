@@ -43,6 +43,7 @@ class StageSummary:
     done: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)   # slide id -> why
     failed: dict[str, str] = field(default_factory=dict)    # slide id -> one-line cause
+    results: dict[str, object] = field(default_factory=dict)  # slide id -> what ``work`` returned (done slides)
 
     def items(self) -> list[dict]:
         """One entry per slide, as status files record them."""
@@ -64,7 +65,7 @@ def cause_of(error: BaseException) -> str:
 def run_slides(out_dir, stage: str, sources: Mapping[str, object], work: Callable[[str], object], *,
                is_done: Callable[[str], bool] | None = None) -> StageSummary:
     """Run ``work(slide_id)`` for each slide of ``sources`` (``{slide_id: the file or store it reads}``, named
-    in failure rows) and return what happened to each."""
+    in failure rows) and return what happened to each, with what ``work`` returned for the done ones."""
     summary = StageSummary(stage)
     earlier = failed_earlier(out_dir, stage, sources)
     for slide_id, source in sources.items():
@@ -75,7 +76,7 @@ def run_slides(out_dir, stage: str, sources: Mapping[str, object], work: Callabl
             summary.skipped[slide_id] = "up to date"
             continue
         try:
-            work(slide_id)
+            result = work(slide_id)
         except Exception as e:  # one slide's failure, whatever it is, must not stop the cohort
             summary.failed[slide_id] = cause_of(e)
             record_failure(out_dir, slide_id, stage, source, summary.failed[slide_id])
@@ -83,4 +84,5 @@ def run_slides(out_dir, stage: str, sources: Mapping[str, object], work: Callabl
             continue
         clear_failure(out_dir, slide_id, stage)
         summary.done.append(slide_id)
+        summary.results[slide_id] = result
     return summary
