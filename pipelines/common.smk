@@ -1,5 +1,5 @@
 # Shared pieces of the wsi workflow: input checks, the run's plan (slides scanned once, batches, job files),
-# each rule's resources, and the end-of-run summary. The logic lives in wsi.workflow and wsi.checks.
+# each rule's resources, and the end-of-run summary. The logic lives in wsi.plan and wsi.checks.
 import shlex
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ from wsi.checks import check_slides_dir, check_workflow_inputs
 from wsi.errors import WsiError
 from wsi.layout import Layout, run_name
 from wsi.slide import dicom_files
-from wsi.workflow import Plan, clean_stale, config_file, finish, plan_encoder
+from wsi.plan import Plan, clean_stale, config_file, finish, plan_encoder
 
 # Jobs run the CLI with the interpreter that runs Snakemake, so no `wsi` on PATH is needed (an sbatch script
 # that calls venv/bin/snakemake without activating the venv). Set in the shell, not as a param: another path

@@ -12,7 +12,7 @@ import yaml
 
 from wsi.checks import check_labels, check_model_dir, near_miss_labels
 from wsi.errors import ConfigError
-from wsi.workflow import Plan
+from wsi.plan import Plan
 from wsi.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
