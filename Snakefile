@@ -1,6 +1,6 @@
 # wsi workflow: slides -> tiles -> features -> (train) -> predict -> heatmaps -> report.
 # Parameters: configs/default.yaml (validated by configs/schema.yaml), overridden with --configfile / --config.
-# Each rule calls the thin `wsi <stage>` CLI; the logic lives in the wsi library.
+# Each rule calls the thin `wsi <stage>` CLI (through this interpreter); the logic lives in the wsi library.
 from pathlib import Path
 
 from snakemake.utils import min_version, validate

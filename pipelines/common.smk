@@ -1,80 +1,159 @@
-# Shared helpers of the wsi workflow: the slide list, output paths and the config each stage runs with.
-import json
+# Shared pieces of the wsi workflow: input checks, the run's plan (slides scanned once, batches, job files),
+# each rule's resources, and the end-of-run summary. The logic lives in wsi.plan and wsi.checks.
 import shlex
+import sys
 from pathlib import Path
 
-from wsi.slide import dicom_files, expand_slide_paths, slide_id_from_path
-from wsi.store import encoder_key
+from snakemake.exceptions import IncompleteCheckpointException
+from wsi.checks import check_slides_dir, check_workflow_inputs
+from wsi.errors import WsiError
+from wsi.layout import Layout, run_name
+from wsi.slide import dicom_files
+from wsi.plan import Plan, clean_stale, config_file, finish, plan_encoder
 
-OUT = Path(config["out_dir"])
-ENCODER_KEY = encoder_key(config["extract"]["encoder"])
-RUN = (
-    Path(config["model_dir"]).name
-    if config["mode"] == "predict" and config.get("model_dir")
-    else config["mil"]["run_name"] or f"{config['mil']['model']}_{ENCODER_KEY}"
-)
-MODEL_DIR = (
-    Path(config["model_dir"])
-    if config["mode"] == "predict" and config.get("model_dir")
-    else OUT / "models" / RUN
-)
+# Jobs run the CLI with the interpreter that runs Snakemake, so no `wsi` on PATH is needed (an sbatch script
+# that calls venv/bin/snakemake without activating the venv). Set in the shell, not as a param: another path
+# to the same venv must not re-run every job.
+shell.prefix(f"set -euo pipefail; WSI_PYTHON={shlex.quote(sys.executable)}; ")
+LAYOUT = Layout(config["out_dir"])
+ENCODER_KEY = plan_encoder(config)
+PREDICT_ONLY = config["mode"] == "predict" and bool(config.get("model_dir"))
+
+
+def or_exit(check, *args):
+    """``check(*args)``; a wrong input ends the run here with one line and exit status 2, before any job."""
+    try:
+        return check(*args)
+    except WsiError as e:
+        print(f"wsi: error: {e.one_line()}", file=sys.stderr)
+        sys.exit(2)
+
+
+RUN = or_exit(run_name, config)
+MODEL_DIR = Path(config["model_dir"]) if PREDICT_ONLY else LAYOUT.run_dir(RUN)
+
+# `snakemake --unlock` only removes Snakemake's lock: it must work with any config, even a wrong one.
+UNLOCKING = "--unlock" in sys.argv
 
 if config.get("demo") and (
     Path(config["slides_dir"]).name != "slides"
     or Path(config["labels"] or "").resolve()
     != Path(config["slides_dir"]).parent.resolve() / "labels.csv"
 ):
-    raise ValueError(
-        "demo mode writes <folder>/slides and <folder>/labels.csv: set slides_dir and labels so"
+    print(
+        "wsi: error: demo mode writes <folder>/slides and <folder>/labels.csv: set slides_dir and labels so",
+        file=sys.stderr,
     )
-if config["mode"] == "train" and not config.get("labels"):
-    raise ValueError(
-        "mode=train needs a labels table: set labels=<csv> (slide_id,label[,patient_id])"
-    )
-if config["mode"] == "predict" and not config.get("model_dir"):
-    raise ValueError("mode=predict needs model_dir=<OUT/models/<run>> of a trained run")
+    sys.exit(2)
+
+_PLANS = []
 
 
-def slide_files(wildcards=None):
-    """{slide_id: path}; in demo mode the slides come from the demo_data checkpoint."""
-    if config.get("demo"):
+if not config.get("demo"):
+    slides = {} if UNLOCKING else or_exit(check_workflow_inputs, config)
+    _PLANS.append(Plan(config, LAYOUT, slides, RUN))
+
+
+def plan(wildcards=None):
+    """The run's plan; in demo mode only once the demo_data checkpoint has written the slides."""
+    if not _PLANS:
         checkpoints.demo_data.get()
-    folder = Path(config["slides_dir"])
-    return (
-        {slide_id_from_path(p): str(p) for p in expand_slide_paths([folder])}
-        if folder.exists()
-        else {}
-    )
+        _PLANS.append(Plan(config, LAYOUT, check_slides_dir(config["slides_dir"]), RUN))
+    return _PLANS[0]
 
 
-def slide_inputs(wildcards):
-    """The slide's file, or every file of a DICOM slide folder: the tile job's inputs, so that a changed file
-    re-tiles the slide (Snakemake does not look inside a folder given as an input for newer files).
-    """
-    path = Path(slide_files()[wildcards.slide])
-    return [str(p) for p in dicom_files(path)] if path.is_dir() else [str(path)]
+def job_resources(rule_name):
+    """resources of ``rule_name`` from the config's `resources` section (gpu only when asked for)."""
+    res = config["resources"][rule_name]
+    return {
+        "mem_mb": res["mem_mb"],
+        "runtime": res["runtime"],
+        **({"gpu": res["gpu"]} if res["gpu"] else {}),
+    }
 
 
-def stage_config(*sections):
-    """The config sections a stage depends on, as a shell-quoted JSON argument for `wsi --config-json`.
+def batch_slides(wildcards):
+    """The batch's slide files (every .dcm of a DICOM slide): a changed file re-tiles its batch."""
+    p = plan()
+    paths = [p.slides[s] for s in p.batches[wildcards.batch]]
+    return [
+        str(f)
+        for path in paths
+        for f in (dicom_files(path) if path.is_dir() else [path])
+    ]
 
-    Passed as a rule param, so changing one of these parameters re-runs that stage and those after it.
-    """
-    return shlex.quote(json.dumps({s: config[s] for s in sections}, sort_keys=True))
+
+def batch_args(stage):
+    """The file listing a batch's slides (tile: paths, heatmap: ids), one per line, for `wsi <stage> @FILE`."""
+
+    def args(wildcards):
+        p = plan()
+        ids = p.batches[wildcards.batch]
+        return str(
+            p.args_file(
+                stage,
+                wildcards.batch,
+                [str(p.slides[s]) for s in ids] if stage == "tile" else ids,
+            )
+        )
+
+    return args
+
+
+def stage_config_file(stage):
+    return lambda wildcards: str(config_file(LAYOUT, config, stage))
 
 
 def tile_status(wildcards=None):
-    return [str(OUT / "status" / "tile" / f"{s}.json") for s in slide_files()]
+    return [str(LAYOUT.status("tile", b)) for b in plan().batches]
 
 
 def heatmap_status(wildcards=None):
-    return [str(OUT / "status" / "heatmap" / RUN / f"{s}.json") for s in slide_files()]
+    return [str(LAYOUT.status("heatmap", b, RUN)) for b in plan().batches]
+
+
+def model_input(wildcards=None):
+    """What predict needs of the model: this run's training status (mode train), or model_dir's run.json."""
+    return (
+        str(MODEL_DIR / "run.json")
+        if PREDICT_ONLY
+        else str(LAYOUT.status("train", RUN))
+    )
 
 
 def final_targets(wildcards=None):
     if config["mode"] == "features":
-        return [str(OUT / "status" / "extract" / f"{ENCODER_KEY}.json")]
-    return [str(OUT / "report.html")]
+        return [str(LAYOUT.status("extract", ENCODER_KEY))]
+    return [str(LAYOUT.report)]
+
+
+wildcard_constraints:
+    batch=r"batch-\d+",
+
+
+onstart:
+    for stale in clean_stale(LAYOUT, RUN):
+        print(
+            f"wsi: removed {stale}, left by a training that was stopped",
+            file=sys.stderr,
+        )
+
+
+def summarise(success):
+    try:
+        finish(plan(), success=success)
+    except (
+        IncompleteCheckpointException
+    ):  # the demo cohort was never written: nothing to summarise
+        pass
+
+
+onsuccess:
+    summarise(True)
+
+
+onerror:
+    summarise(False)
 
 
 if config.get("demo"):
@@ -84,7 +163,7 @@ if config.get("demo"):
             slides=directory(config["slides_dir"]),
             labels=config["labels"],
         log:
-            OUT / "logs" / "demo_data.log",
+            LAYOUT.log("demo_data", "demo_data"),
         threads: 1
         resources:
             mem_mb=2000,
@@ -99,4 +178,5 @@ if config.get("demo"):
                 else ""
             ),
         shell:
-            "wsi demo-data {params.folder} --n-slides {params.n} --seed {params.seed} {params.field} > {log} 2>&1"
+            "$WSI_PYTHON -m wsi.cli demo-data {params.folder:q} --n-slides {params.n} --seed {params.seed} {params.field}"
+            " > {log:q} 2>&1"

@@ -6,16 +6,15 @@ rule extract:
     input:
         tile_status,
     output:
-        status=OUT / "status" / "extract" / f"{ENCODER_KEY}.json",
+        status=LAYOUT.status("extract", ENCODER_KEY),
     log:
-        OUT / "logs" / "extract" / f"{ENCODER_KEY}.log",
-    threads: 16  # scaled down to --cores; the Dask cluster sizes itself to the machine
+        LAYOUT.log("extract", ENCODER_KEY),
+    threads: config["resources"]["extract"]["threads"]  # scaled down to --cores; Dask sizes itself to them
     resources:
-        mem_mb=16000,
-        runtime=720,
+        **job_resources("extract"),
     params:
-        out=OUT,
-        cfg=stage_config("slide", "extract", "cluster"),
+        cfg=stage_config_file("extract"),
+        out=LAYOUT.out,
     shell:
-        "wsi extract --out {params.out:q} --config-json {params.cfg} --status {output.status:q}"
-        " --no-progress > {log:q} 2>&1"
+        "$WSI_PYTHON -m wsi.cli extract --out {params.out:q} --config {params.cfg:q} --status {output.status:q}"
+        " --log {log:q}"

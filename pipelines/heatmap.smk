@@ -1,21 +1,22 @@
-# Heatmaps: one job per slide from the per-tile scores of the model run -> OUT/heatmaps/<run>/<slide_id>/.
+# Heatmaps: one job per batch of `slides_per_job` slides, from the per-tile scores of the model run ->
+# OUT/heatmaps/<run>/<slide_id>/. Slides that failed an earlier stage are skipped, not failed again.
 
 
 rule heatmap:
     input:
-        predictions=OUT / "predictions" / RUN / "predictions.csv",
+        predictions=LAYOUT.predictions_csv(RUN),
     output:
-        status=OUT / "status" / "heatmap" / RUN / "{slide}.json",
+        status=LAYOUT.status("heatmap", "{batch}", RUN),
     log:
-        OUT / "logs" / "heatmap" / RUN / "{slide}.log",
-    threads: 1
+        LAYOUT.log("heatmap", "{batch}", RUN),
+    threads: config["resources"]["heatmap"]["threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **job_resources("heatmap"),
     params:
-        out=OUT,
+        slides=batch_args("heatmap"),
+        cfg=stage_config_file("heatmap"),
+        out=LAYOUT.out,
         run=RUN,
-        cfg=stage_config("slide", "heatmap"),
     shell:
-        "wsi heatmap --out {params.out:q} --model-run {params.run:q} {wildcards.slide:q}"
-        " --config-json {params.cfg} --status {output.status:q} --no-progress > {log:q} 2>&1"
+        "$WSI_PYTHON -m wsi.cli heatmap @{params.slides:q} --out {params.out:q} --model-run {params.run:q}"
+        " --config {params.cfg:q} --status {output.status:q} --log {log:q}"

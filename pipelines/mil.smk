@@ -1,43 +1,44 @@
 # MIL: cross-validated training on the labels table (mode=train), then the fold ensemble predicts every
 # slide: OUT/predictions/<run>/predictions.csv and scores/<run> in each store.
+# Training tracks a status file, not the run's run.json: a training that fails must not let Snakemake delete
+# the run.json of the previous, complete run (the library swaps a new run in only once it is whole).
 
 
 rule train:
     input:
-        features=OUT / "status" / "extract" / f"{ENCODER_KEY}.json",
+        features=LAYOUT.status("extract", ENCODER_KEY),
         labels=config["labels"] or [],
     output:
-        run=OUT / "models" / RUN / "run.json",
+        status=LAYOUT.status("train", RUN),
     log:
-        OUT / "logs" / "train" / f"{RUN}.log",
-    threads: 16  # scaled down to --cores; the Dask cluster sizes itself to the machine
+        LAYOUT.log("train", RUN),
+    threads: config["resources"]["train"]["threads"]  # scaled down to --cores; Dask sizes itself to them
     resources:
-        mem_mb=16000,
-        runtime=720,
+        **job_resources("train"),
     params:
-        out=OUT,
-        cfg=stage_config("labels", "extract", "cluster", "mil"),
+        cfg=stage_config_file("train"),
+        out=LAYOUT.out,
     shell:
-        "wsi train --out {params.out:q} --config-json {params.cfg} --no-progress > {log:q} 2>&1"
+        "$WSI_PYTHON -m wsi.cli train --out {params.out:q} --config {params.cfg:q} --status {output.status:q}"
+        " --log {log:q}"
 
 
 rule predict:
     input:
-        features=OUT / "status" / "extract" / f"{ENCODER_KEY}.json",
-        run=MODEL_DIR / "run.json",
+        features=LAYOUT.status("extract", ENCODER_KEY),
+        run=model_input,
     output:
-        predictions=OUT / "predictions" / RUN / "predictions.csv",
-        status=OUT / "status" / "predict" / f"{RUN}.json",
+        predictions=LAYOUT.predictions_csv(RUN),
+        status=LAYOUT.status("predict", RUN),
     log:
-        OUT / "logs" / "predict" / f"{RUN}.log",
-    threads: 2
+        LAYOUT.log("predict", RUN),
+    threads: config["resources"]["predict"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=120,
+        **job_resources("predict"),
     params:
-        out=OUT,
+        cfg=stage_config_file("predict"),
+        out=LAYOUT.out,
         model=MODEL_DIR,
-        cfg=stage_config("extract", "cluster", "mil"),
     shell:
-        "wsi predict --out {params.out:q} --model {params.model:q} --config-json {params.cfg}"
-        " --status {output.status:q} --no-progress > {log:q} 2>&1"
+        "$WSI_PYTHON -m wsi.cli predict --out {params.out:q} --model {params.model:q} --config {params.cfg:q}"
+        " --status {output.status:q} --log {log:q}"

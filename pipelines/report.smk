@@ -5,20 +5,18 @@ rule report:
     input:
         tiles=tile_status,
         heatmaps=heatmap_status,
-        predictions=OUT / "predictions" / RUN / "predictions.csv",
+        predictions=LAYOUT.predictions_csv(RUN),
     output:
-        html=report(
-            OUT / "report.html", caption="../docs/report.rst", category="Report"
-        ),
+        html=report(LAYOUT.report, caption="../docs/report.rst", category="Report"),
     log:
-        OUT / "logs" / "report.log",
-    threads: 1
+        LAYOUT.log("report", "report"),
+    threads: config["resources"]["report"]["threads"]
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **job_resources("report"),
     params:
-        out=OUT,
+        cfg=stage_config_file("report"),
+        out=LAYOUT.out,
         run=RUN,
-        cfg=stage_config("labels", "mode", "model_dir", "extract", "mil", "heatmap"),
     shell:
-        "wsi report --out {params.out:q} --model-run {params.run:q} --config-json {params.cfg} > {log:q} 2>&1"
+        "$WSI_PYTHON -m wsi.cli report --out {params.out:q} --model-run {params.run:q} --config {params.cfg:q}"
+        " --log {log:q}"

@@ -1,22 +1,22 @@
-# Tile: one job per slide -> OUT/stores/<slide_id>.zarr (+ OUT/qc/<slide_id>.png); the job's status file is
-# what Snakemake tracks, so a slide that fails is recorded (status, failures.csv) without stopping the cohort.
+# Tile: one job per batch of `slides_per_job` slides -> OUT/stores/<slide_id>.zarr (+ OUT/qc/<slide_id>.png).
+# The job's status file is what Snakemake tracks, so a slide that fails is recorded (status, failures.csv)
+# without failing the job; slides already tiled with the same file and parameters are not redone.
 
 
 rule tile:
     input:
-        slide_inputs,
+        batch_slides,
     output:
-        status=OUT / "status" / "tile" / "{slide}.json",
+        status=LAYOUT.status("tile", "{batch}"),
     log:
-        OUT / "logs" / "tile" / "{slide}.log",
-    threads: 2
+        LAYOUT.log("tile", "{batch}"),
+    threads: config["resources"]["tile"]["threads"]
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **job_resources("tile"),
     params:
-        slide=lambda w: slide_files()[w.slide],
-        out=OUT,
-        cfg=stage_config("slide", "tissue", "tiling"),
+        slides=batch_args("tile"),
+        cfg=stage_config_file("tile"),
+        out=LAYOUT.out,
     shell:
-        "wsi tile {params.slide:q} --out {params.out:q} --config-json {params.cfg} --status {output.status:q}"
-        " --no-progress > {log:q} 2>&1"
+        "$WSI_PYTHON -m wsi.cli tile @{params.slides:q} --out {params.out:q} --config {params.cfg:q}"
+        " --status {output.status:q} --log {log:q}"

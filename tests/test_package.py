@@ -103,6 +103,6 @@ def test_installed_wheel_tiles_a_slide_and_runs_its_workflow(wheel, make_slide, 
     slides.mkdir()
     (slides / "package.svs").symlink_to(slide.path)
     run([python, "-m", "snakemake", "-s", snakefile, "--cores", "1", "--config", f"slides_dir={slides}",
-         f"out_dir={tmp_path / 'wf_out'}", "mode=features", "--", tmp_path / "wf_out/status/tile/package.json"],
+         f"out_dir={tmp_path / 'wf_out'}", "mode=features", "--", tmp_path / "wf_out/status/tile/batch-00000.json"],
         env, tmp_path)
     assert SlideStore.open(store_path(tmp_path / "wf_out", "package")).n_tiles == store.n_tiles

@@ -1,5 +1,9 @@
 """The whole workflow through real `snakemake` runs: the README demo, a corrupt slide, a DICOM slide among SVS
-files, kills and re-runs, parameter changes, an unwritable output folder, and the SLURM profile."""
+files, kills and re-runs, parameter changes, an unwritable output folder, the SLURM profile, wrong inputs
+stopped before any job, and a failed retrain that leaves the previous model usable.
+
+Snakemake runs with a PATH that holds no `wsi` script: the rules must call the CLI through the interpreter
+that runs Snakemake."""
 
 import csv
 import json
@@ -24,8 +28,12 @@ def snakemake_cmd(workdir: Path, *args) -> list[str]:
             "--directory", str(workdir), *args]
 
 
+# No `wsi` on it, as in an sbatch script that never activated the venv.
+BARE_ENV = {**os.environ, "PATH": "/usr/bin:/bin"}
+
+
 def snakemake(workdir: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True)
+    proc = subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True, env=BARE_ENV)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -69,10 +77,12 @@ def small_cohort(tmp_path_factory) -> Path:
     return folder
 
 
-def small_config(cohort: Path, out: Path, path: Path) -> Path:
+def small_config(cohort: Path, out: Path, path: Path, **top) -> Path:
+    """The demo config on ``cohort``, with 4 slides per tile/heatmap job (so 7 slides make 2 batches)."""
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     config.pop("demo")
-    config.update(slides_dir=str(cohort / "slides"), labels=str(cohort / "labels.csv"), out_dir=str(out))
+    config.update(slides_dir=str(cohort / "slides"), labels=str(cohort / "labels.csv"), out_dir=str(out),
+                  slides_per_job=4, **top)
     config["mil"].update(folds=3, epochs=4, patience=4, bootstrap=50)
     path.write_text(yaml.safe_dump(config))
     return path
@@ -80,11 +90,12 @@ def small_config(cohort: Path, out: Path, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def reference_run(small_cohort, tmp_path_factory):
-    """One uninterrupted run over the small cohort (with its corrupt slide), with --keep-going."""
+    """One uninterrupted run over the small cohort (with its corrupt slide), with --keep-going; returns the
+    work folder, the config and the finished process (its exit status and console)."""
     work = tmp_path_factory.mktemp("reference")
     config = small_config(small_cohort, work / "out", work / "config.yaml")
-    snakemake(work, "--configfile", str(config), "--keep-going")
-    return work, config
+    proc = snakemake(work, "--configfile", str(config), "--keep-going", check=False)
+    return work, config, proc
 
 
 @pytest.mark.slow
@@ -110,11 +121,18 @@ def test_readme_demo_runs_every_stage(tmp_path):
 
 @pytest.mark.slow
 def test_corrupt_slide_is_reported_and_the_rest_finish_dicom_included(reference_run):
-    work, _ = reference_run
+    work, _, proc = reference_run
     out = work / "out"
     failures = rows(out / "failures.csv")
-    assert [(f["slide_id"], f["stage"]) for f in failures if f["stage"] == "tile"] == [("corrupt", "tile")]
+    # one row: later stages skip the slide instead of failing it again with advice that does not apply
+    assert [(f["slide_id"], f["stage"]) for f in failures] == [("corrupt", "tile")]
     assert "not a readable slide" in failures[0]["cause"]
+    # the run says so on the console, and its exit status is 1 (allow_failed_slides is false)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    summary = proc.stderr[proc.stderr.index("wsi: summary of"):]
+    assert "tile     6 done, 1 failed" in summary and "heatmap  6 done, 1 skipped" in summary
+    assert "corrupt [tile]: " in summary and "not a readable slide" in summary
+    assert str(out / "report.html") in summary and "allow_failed_slides: true" in summary
     predictions = rows(out / "predictions" / RUN / "predictions.csv")
     assert len(predictions) == 6 and "corrupt" not in {r["slide_id"] for r in predictions}
     vendors = {r["slide_id"]: SlideStore.open(store_path(out, r["slide_id"])).slide.vendor for r in predictions}
@@ -125,13 +143,27 @@ def test_corrupt_slide_is_reported_and_the_rest_finish_dicom_included(reference_
 
 
 @pytest.mark.slow
+def test_status_files_record_the_config_the_job_ran_with(reference_run):
+    work, config, _ = reference_run
+    used = yaml.safe_load(config.read_text())
+    tile = json.loads((work / "out" / "status" / "tile" / "batch-00001.json").read_text())  # 00000 has corrupt
+    assert set(tile["config"]) == {"slide", "tissue", "tiling"}
+    assert tile["config"]["tiling"]["tile_px"] == 256
+    assert [i["status"] for i in tile["items"]] == ["done"] * 3 and all(i["n_tiles"] > 0 for i in tile["items"])
+    extract = json.loads((work / "out" / "status" / "extract" / "tf_efficientnet_lite0.json").read_text())
+    assert set(extract["config"]) == {"slide", "extract", "cluster"}
+    assert extract["config"]["extract"]["checkpoint"].endswith(".pth")  # the weights it used, not the default null
+    assert extract["config"]["cluster"]["n_workers"] == used["cluster"]["n_workers"]
+
+
+@pytest.mark.slow
 def test_parameter_change_reruns_that_stage_and_later_only(reference_run):
-    work, config = reference_run
+    work, config, _ = reference_run
     assert planned_jobs(snakemake(work, "--configfile", str(config), "-n")) == {}
     heatmap_change = work / "heatmap_change.yaml"
     heatmap_change.write_text("heatmap:\n  downsample: 16\n")
     plan = planned_jobs(snakemake(work, "--configfile", str(config), str(heatmap_change), "-n"))
-    assert set(plan) == {"heatmap", "report", "all"} and plan["heatmap"] == 7
+    assert set(plan) == {"heatmap", "report", "all"} and plan["heatmap"] == 2  # 7 slides, 4 per job
     mil_change = work / "mil_change.yaml"
     mil_change.write_text("mil:\n  lr: 0.001\n")
     plan = planned_jobs(snakemake(work, "--configfile", str(config), str(mil_change), "-n"))
@@ -193,7 +225,7 @@ def _run_until(work: Path, config: Path, marker, timeout: float = 300) -> str:
 def test_killed_runs_resume_without_redoing_work_and_match_an_uninterrupted_run(small_cohort, reference_run,
                                                                                tmp_path):
     out = tmp_path / "out"
-    config = small_config(small_cohort, out, tmp_path / "config.yaml")
+    config = small_config(small_cohort, out, tmp_path / "config.yaml", allow_failed_slides=True)
     status = out / "status"
 
     # 1. killed while tiling: after the first slide's tile job finished
@@ -231,13 +263,14 @@ def test_killed_runs_resume_without_redoing_work_and_match_an_uninterrupted_run(
 def test_unwritable_output_folder_is_a_clear_error(small_cohort, tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the output folder should be")
-    proc = subprocess.run([sys.executable, "-m", "wsi.cli", "tile", str(small_cohort / "slides" / "demo_001.svs"),
+    proc = subprocess.run([sys.executable, "-m", "wsi.cli", "tile", str(small_cohort / "slides" / "demo_002.svs"),
                            "--out", str(blocker / "out"), "--no-progress"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and str(blocker) in proc.stderr and "Traceback" not in proc.stderr
     config = small_config(small_cohort, blocker / "out", tmp_path / "config.yaml")
     proc = snakemake(tmp_path, "--configfile", str(config), check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"wsi: error: {blocker / 'out'}: out_dir cannot be created or written" in proc.stderr
     assert not any(tmp_path.rglob("*.zarr"))
 
 
@@ -246,17 +279,61 @@ def test_slurm_profile_dry_run_plans_every_stage(small_cohort, tmp_path):
     config = small_config(small_cohort, tmp_path / "out", tmp_path / "config.yaml")
     proc = snakemake(tmp_path, "-n", "--profile", str(REPO / "configs" / "slurm"), "--configfile", str(config))
     plan = planned_jobs(proc)
-    assert plan["tile"] == 7 and plan["extract"] == 1 and plan["train"] == 1 and plan["heatmap"] == 7
+    assert plan["tile"] == 2 and plan["extract"] == 1 and plan["train"] == 1 and plan["heatmap"] == 2
 
 
 @pytest.mark.slow
 def test_snakemake_report_bundles_the_run_report(reference_run, tmp_path):
     import zipfile
 
-    work, config = reference_run
+    work, config, _ = reference_run
     bundle = tmp_path / "report.zip"
     snakemake(work, "--configfile", str(config), "--report", str(bundle))
     with zipfile.ZipFile(bundle) as z:
         names = z.namelist()
     assert "report/report.html" in names  # Snakemake's own report page
     assert any(n.startswith("report/data/") and n.endswith("/report.html") for n in names), names  # ours, inside
+
+
+def _model_files(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+@pytest.mark.slow
+def test_failed_retrain_keeps_the_previous_run_usable(small_cohort, reference_run, tmp_path):
+    """Last in this file: it leaves the reference run's training marked as failed."""
+    work, config, _ = reference_run
+    out = work / "out"
+    run_dir = out / "models" / RUN
+    before = _model_files(run_dir)
+    labels = small_cohort / "labels.csv"
+
+    # wrong labels are stopped before any job starts: an id that is no slide, a class name with a typo
+    missing = tmp_path / "missing.csv"
+    missing.write_text(labels.read_text() + "demo_999,tumour,demo_999\n")
+    typo = tmp_path / "typo.csv"
+    table = labels.read_text().splitlines()
+    typo.write_text("\n".join(table[:-1] + [table[-1].replace(",normal,", ",nromal,").replace(",tumour,", ",tumor,")]) + "\n")
+    for bad, words in ((missing, ["demo_999", "not slides in slides_dir"]), (typo, ["looks like a typo of"])):
+        proc = snakemake(work, "--configfile", str(config), "--config", f"labels={bad}", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("wsi: error:")]
+        assert str(bad) in line and all(w in line for w in words), line
+
+    # a training job that fails (a labelled slide failed tiling): run.json and the folds stay as they were
+    (out / "models" / f".{RUN}.partial-deadbeef").mkdir()  # left by a killed training: removed on the next run
+    (out / "failures.csv.lock").touch()
+    failing = tmp_path / "with_corrupt.csv"
+    failing.write_text(labels.read_text() + "corrupt,tumour,corrupt\n")
+    proc = snakemake(work, "--configfile", str(config), "--config", f"labels={failing}", check=False)
+    assert proc.returncode == 1
+    assert "wsi train: error: " in proc.stderr and "corrupt [tile]" in proc.stderr  # the cause, on the console
+    summary = proc.stderr[proc.stderr.index("wsi: summary of"):]
+    assert f"the previous model run {run_dir} is unchanged and usable" in summary
+    assert _model_files(run_dir) == before
+    assert not (out / "models" / f".{RUN}.partial-deadbeef").exists() and not (out / "failures.csv.lock").exists()
+
+    predict = subprocess.run([sys.executable, "-m", "wsi.cli", "predict", "--out", str(out), "--model", str(run_dir),
+                              "--no-progress"], capture_output=True, text=True)
+    assert predict.returncode == 0, predict.stderr
+    assert len(rows(out / "predictions" / RUN / "predictions.csv")) == 6

@@ -12,28 +12,33 @@ import argparse
 import sys
 from pathlib import Path
 
+from .errors import ConfigError, format_ids
 
-def _common(p: argparse.ArgumentParser, out_required: bool = True, per_slide: bool = True) -> None:
+
+def _common(p: argparse.ArgumentParser, out_required: bool = True, per_slide: bool = True,
+            status: bool = True) -> None:
     p.add_argument("--out", required=out_required, type=Path, help="output folder (stores, features, models...)")
     p.add_argument("--config", dest="config_file", type=Path, help="YAML config over configs/default.yaml")
-    p.add_argument("--config-json", help="JSON config mapping merged after --config (the Snakefile passes its "
-                   "config this way, so a changed parameter re-runs the stage)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set tiling.tile_px=224 (repeatable)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    if per_slide:
-        p.add_argument("--status", type=Path, help="write the outcome per slide as JSON here and exit 0 even "
-                       "when slides failed (they are in OUT/failures.csv); for workflow jobs that must not stop "
-                       "the cohort")
+    p.add_argument("--log", type=Path, help="write all output here; only a failure's one-line cause still reaches "
+                   "the console (workflow jobs)")
+    if status:
+        p.add_argument("--status", type=Path, help="write what the job did (per slide: done, skipped, failed) and the "
+                       "config it ran with as JSON here"
+                       + ("; exit 0 even when slides failed (they are in OUT/failures.csv), so one bad slide never "
+                          "fails a workflow job" if per_slide else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsi", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="wsi", description=__doc__.split("\n")[0], fromfile_prefix_chars="@")
     parser.add_argument("--version", action="version", version=f"wsi {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tile", help="tissue mask + tiles of each slide into OUT/stores/<slide_id>.zarr")
-    p.add_argument("slides", nargs="+", type=Path, help="slide files (or folders of slides)")
+    p.add_argument("slides", nargs="+", type=Path, help="slide files (or folders of slides); @FILE reads them "
+                   "from FILE, one per line")
     _common(p)
 
     p = sub.add_parser("inspect", help="print a store's summary")
@@ -72,13 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-run", required=True, help="the run whose scores to paint (OUT/models/<run>)")
     p.add_argument("--high-res", action="store_true",
                    help="re-score a finer, overlapping grid from the slide (needs the model)")
-    p.add_argument("slide_ids", nargs="*", help="only these slides (default: all with scores)")
+    p.add_argument("slide_ids", nargs="*", help="only these slides (default: all with scores); @FILE reads them "
+                   "from FILE, one per line")
 
     sub.add_parser("workflow", help='print the installed Snakefile\'s path: snakemake -s "$(wsi workflow)"; its '
                    "folder holds configs/ (demo.yaml, the slurm profile)")
 
     p = sub.add_parser("report", help="self-contained OUT/report.html")
-    _common(p, per_slide=False)
+    _common(p, per_slide=False, status=False)
     p.add_argument("--model-run", help="the run to report (default: the newest)")
     return parser
 
@@ -90,12 +96,9 @@ def _version() -> str:
 
 
 def _config(args, overrides: dict | None = None) -> dict:
-    import json
+    from .config import load_config
 
-    from .config import deep_merge, load_config
-
-    merged = json.loads(args.config_json) if getattr(args, "config_json", None) else {}
-    return load_config(args.config_file, args.sets, overrides=deep_merge(merged, overrides or {}))
+    return load_config(args.config_file, args.sets, overrides=overrides)
 
 
 def _drop_none(d: dict) -> dict:
@@ -115,29 +118,125 @@ def _items(summary, *fields) -> list[dict]:
     return [{"slide_id": slide_id, "status": field} for field in fields for slide_id in getattr(summary, field)]
 
 
+def _skipped(failed_earlier: dict[str, str]) -> list[dict]:
+    return [{"slide_id": s, "status": "skipped", "cause": f"failed at {stage}"} for s, stage in failed_earlier.items()]
+
+
 def _finish(args, config: dict, items: list[dict]) -> int:
     """Report the per-slide outcome; exit 1 when a slide failed, unless a workflow job asked for --status."""
-    failed = [i for i in items if i["status"] == "failed"]
-    print(f"wsi {args.command}: {len(items) - len(failed)} of {len(items)} slides ok"
-          + (f"; {len(failed)} failed (see {args.out / 'failures.csv'})" if failed else ""))
-    if args.status:
-        from .provenance import write_status
+    from .layout import Layout
 
-        write_status(args.status, args.command, items, config)
+    failed = [i for i in items if i["status"] == "failed"]
+    skipped = [i for i in items if i["status"] == "skipped"]
+    print(f"wsi {args.command}: {len(items) - len(failed) - len(skipped)} of {len(items)} slides done"
+          + (f", {len(skipped)} skipped" if skipped else "")
+          + (f"; {len(failed)} failed (see {Layout(args.out).failures})" if failed else ""), flush=True)
+    if args.status:
+        _write_status(args, config, items)
         return 0
     return 1 if failed else 0
 
 
+def _write_status(args, config: dict, items: list[dict]) -> None:
+    from .config import stage_config
+    from .provenance import write_status
+
+    write_status(args.status, args.command, items, stage_config(config, args.command))
+
+
+def _tile(args) -> int:
+    from .layout import Layout
+    from .slide import expand_slide_paths
+    from .store import SlideStore
+    from .tiling import tile_slides
+
+    missing = [p for p in args.slides if not p.exists()]
+    if missing:
+        raise ConfigError(missing[0], "slide file or folder does not exist"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), "check the path")
+    paths = expand_slide_paths(args.slides)
+    if not paths:
+        raise ConfigError(args.slides[0], "no slides found", "name slide files, or folders that hold them")
+    config = _config(args)
+    results = tile_slides(paths, args.out, config, progress=args.progress)
+    for r in results:  # one line per slide for the job's log
+        if not r.error:
+            slide = SlideStore.open(Layout(args.out).store(r.slide_id)).slide
+            print(f"wsi tile: {r.slide_id}: {r.n_tiles} tiles, slide {slide.mpp_x:.3f} um/px, {r.seconds:.1f} s")
+    return _finish(args, config, [{"slide_id": r.slide_id, "source": str(r.source),
+                                   "status": "failed" if r.error else "done", "cause": r.error,
+                                   "n_tiles": r.n_tiles, "seconds": round(r.seconds, 2)} for r in results])
+
+
+def _train(args) -> int:
+    from .checks import check_labels, read_label_rows
+    from .layout import Layout
+    from .runner import failed_earlier
+
+    overrides = _drop_none({"labels": str(args.labels) if args.labels else None,
+                            "mil": {"model": args.model, "run_name": args.run_name},
+                            "extract": {"encoder": args.encoder}, "cluster": _cluster_override(args.cluster)})
+    config = _config(args, overrides)
+    mil, layout = config["mil"], Layout(args.out)
+    skip_missing = bool(mil.get("skip_missing"))
+    if config.get("labels"):
+        failed = failed_earlier(args.out, "train", [s for s, _ in read_label_rows(config["labels"])])
+        if failed and not skip_missing:
+            raise ConfigError(config["labels"], f"{len(failed)} labelled slide(s) failed an earlier stage: "
+                              + format_ids(f"{s} [{stage}]" for s, stage in failed.items()),
+                              f"their causes are in {layout.failures}; fix them, drop them from the labels, or "
+                              "set mil.skip_missing: true")
+        check_labels(config["labels"], layout.store_ids(), classes=mil.get("classes"), skip_missing=skip_missing,
+                     where=str(layout.stores_dir))
+
+    from .mil import train
+
+    run_dir = train(args.out, config, progress=args.progress)
+    _print_training(run_dir)
+    print(f"model run: {run_dir}")
+    if args.status:
+        _write_status(args, config, [{"run": str(run_dir), "status": "done"}])
+    return 0
+
+
+def _number(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+
+
+def _print_training(run_dir: Path) -> None:
+    """Per fold, each epoch's losses and the best epoch, then the cross-validated metrics, for the job's log."""
+    import json
+
+    info = json.loads((run_dir / "run.json").read_text())
+    for fold in info["folds"]:
+        history = json.loads((run_dir / f"fold_{fold['fold']}.json").read_text())["history"]
+        for h in history:
+            print(f"wsi train: fold {fold['fold']} epoch {h['epoch'] + 1}/{len(history)}: train loss "
+                  f"{h['train_loss']:.4f}, validation loss {h['val_loss']:.4f}")
+        print(f"wsi train: fold {fold['fold']}: best epoch {fold['best_epoch'] + 1} (validation loss "
+              f"{fold['best_val_loss']:.4f})")
+    for name, metric in info["metrics"].items():
+        values = metric.items() if "value" not in metric else [("", metric)]
+        for cls, m in values:
+            low, high = (_number(v) for v in m.get("ci95") or (None, None))
+            print(f"wsi train: cross-validated {name}{' ' + cls if cls else ''}: {_number(m['value'])} "
+                  f"(95% CI {low}-{high})")
+
+
+def _previous_run_note(args) -> str:
+    """After a failed training: where the previous, complete run of the same name is (it was not touched)."""
+    try:
+        from .layout import Layout, run_name
+
+        run_dir = Layout(args.out).run_dir(run_name(_config(args)))
+    except Exception:  # the config itself is what failed: no run to name
+        return ""
+    return f"; the previous model run {run_dir} is unchanged and usable" if (run_dir / "run.json").exists() else ""
+
+
 def run(args) -> int:
     if args.command == "tile":
-        from .slide import expand_slide_paths
-        from .tiling import tile_slides
-
-        config = _config(args)
-        results = tile_slides(expand_slide_paths(args.slides), args.out, config, progress=args.progress)
-        return _finish(args, config, [{"slide_id": r.slide_id, "source": str(r.source),
-                                       "status": "failed" if r.error else "done", "cause": r.error,
-                                       "n_tiles": r.n_tiles} for r in results])
+        return _tile(args)
 
     if args.command == "inspect":
         from .store import SlideStore, describe
@@ -170,30 +269,42 @@ def run(args) -> int:
         return _finish(args, config, _items(summary, "done", "skipped", "failed"))
 
     if args.command == "train":
-        from .mil import train
-
-        overrides = _drop_none({"labels": str(args.labels) if args.labels else None,
-                                "mil": {"model": args.model, "run_name": args.run_name},
-                                "extract": {"encoder": args.encoder}, "cluster": _cluster_override(args.cluster)})
-        run_dir = train(args.out, _config(args, overrides), progress=args.progress)
-        print(f"model run: {run_dir}")
-        return 0
+        return _train(args)
 
     if args.command == "predict":
+        from .checks import check_model_dir
+        from .runner import failed_earlier
+
+        check_model_dir(args.model_dir, key="--model")
+        config = _config(args)
+        from .layout import Layout
+        from .store import is_complete
+
+        layout = Layout(args.out)
+        slide_ids = args.slide_ids or [s for s in layout.store_ids() if is_complete(layout.store(s))]
+        earlier = failed_earlier(args.out, "predict", slide_ids)
+
         from .mil import predict
 
-        config = _config(args)
-        summary = predict(args.out, args.model_dir, config, slide_ids=args.slide_ids or None)
+        summary = predict(args.out, args.model_dir, config,
+                          slide_ids=[s for s in slide_ids if s not in earlier])
         print(f"predictions: {summary.predictions_csv}")
-        return _finish(args, config, _items(summary, "done", "failed"))
+        return _finish(args, config, _items(summary, "done", "failed") + _skipped(earlier))
 
     if args.command == "heatmap":
-        from .heatmap import heatmaps
+        from .runner import failed_earlier
 
         config = _config(args)
-        summary = heatmaps(args.out, args.model_run, config, slide_ids=args.slide_ids or None,
-                           high_res=args.high_res, progress=args.progress)
-        return _finish(args, config, _items(summary, "done", "failed"))
+        earlier = failed_earlier(args.out, "heatmap", args.slide_ids)
+        todo = [s for s in args.slide_ids if s not in earlier]
+        items = _skipped(earlier)
+        if todo or not args.slide_ids:
+            from .heatmap import heatmaps
+
+            summary = heatmaps(args.out, args.model_run, config, slide_ids=todo or None, high_res=args.high_res,
+                               progress=args.progress)
+            items = _items(summary, "done", "failed") + items
+        return _finish(args, config, items)
 
     if args.command == "workflow":
         from .config import workflow_snakefile
@@ -209,20 +320,56 @@ def run(args) -> int:
     raise AssertionError(args.command)
 
 
+def _log_to(path: Path):
+    """Send this process's output (and its children's: Dask workers) to ``path``; return the console's stderr,
+    where a failure's one-line cause still goes."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    console = os.fdopen(os.dup(2), "w", buffering=1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # Progress bars in a log file: a line every 30 s (tiles/s, ETA), not ten a second.
+    os.environ.setdefault("TQDM_MININTERVAL", "30")
+    return console
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     args = build_parser().parse_args(argv)
+    # A Dask worker that outlives the cluster's close is killed on purpose; its nanny's warning is noise.
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
+    console = _log_to(args.log) if getattr(args, "log", None) else sys.stderr
     from .errors import WsiError
+
+    def fail(message: str) -> int:
+        print(message, file=sys.stderr, flush=True)
+        if console is not sys.stderr:
+            print(message, file=console, flush=True)
+        return 2
 
     try:
         return run(args)
     except WsiError as e:
-        print(f"wsi {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        note = _previous_run_note(args) if args.command == "train" else ""
+        return fail(f"wsi {args.command}: error: {e}{note}")
     except OSError as e:  # unwritable output folder, disk full: nothing was taken as complete
         where = f"{e.filename}: " if e.filename else ""
-        print(f"wsi {args.command}: error: {where}{e.strerror or e} (check the output folder is writable and "
-              "has free space)", file=sys.stderr)
-        return 2
+        return fail(f"wsi {args.command}: error: {where}{e.strerror or e} (check the output folder is writable and "
+                    "has free space)")
+    except Exception as e:
+        if console is sys.stderr:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        note = _previous_run_note(args) if args.command == "train" else ""
+        return fail(f"wsi {args.command}: error: {type(e).__name__}: {e} (traceback in {args.log}){note}")
 
 
 if __name__ == "__main__":

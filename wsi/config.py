@@ -117,6 +117,23 @@ def load_config(config_file: str | Path | None = None, sets: list[str] | tuple =
     return resolve_package_paths(validate(config))
 
 
+# The config sections each stage reads. A workflow job gets exactly these (so changing one re-runs that stage
+# and the later ones, nothing before) and its status file records them as the config it ran with.
+STAGE_SECTIONS = {
+    "tile": ("slide", "tissue", "tiling"),
+    "extract": ("slide", "extract", "cluster"),
+    "train": ("labels", "extract", "cluster", "mil"),
+    "predict": ("extract", "cluster", "mil"),
+    "heatmap": ("slide", "extract", "mil", "heatmap"),  # extract, mil: the high-res mode's encoder and model
+    "report": ("labels", "mode", "model_dir", "extract", "mil", "heatmap"),
+}
+
+
+def stage_config(config: dict, stage: str) -> dict:
+    """The sections of ``config`` that ``stage`` reads."""
+    return {k: config[k] for k in STAGE_SECTIONS[stage]}
+
+
 def dumps(config: dict) -> str:
     """Canonical JSON of a config (section), for provenance attrs and Snakemake params."""
     return json.dumps(config, sort_keys=True, separators=(",", ":"))

@@ -14,7 +14,18 @@ import os
 import time
 from pathlib import Path
 
+from .atomic import write_text
+from .layout import Layout
+
 FAILURE_COLUMNS = ("slide_id", "stage", "source", "cause", "time")
+SHOWN_IDS = 8  # slide ids quoted in one error message
+
+
+def format_ids(ids) -> str:
+    """Up to a few ids, comma-separated, then "and N more"."""
+    ids = list(ids)
+    shown = ", ".join(str(i) for i in ids[:SHOWN_IDS])
+    return shown + (f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else "")
 
 
 class WsiError(Exception):
@@ -46,7 +57,12 @@ class ConfigError(WsiError):
 
 
 def failures_path(out_dir: str | os.PathLike) -> Path:
-    return Path(out_dir) / "failures.csv"
+    return Layout(out_dir).failures
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file beside ``failures.csv``; only removed when no job can hold it (at a workflow's start)."""
+    return path.with_name(path.name + ".lock")
 
 
 def _locked_rewrite(path: Path, update) -> None:
@@ -56,7 +72,7 @@ def _locked_rewrite(path: Path, update) -> None:
     read-modify-write cycles from interleaving, and tmp + rename keeps the CSV whole if a job is killed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
+    with open(lock_path(path), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = []
         if path.exists():
@@ -67,9 +83,7 @@ def _locked_rewrite(path: Path, update) -> None:
         writer = csv.DictWriter(buf, fieldnames=FAILURE_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, path)
+        write_text(path, buf.getvalue())
 
 
 def record_failure(out_dir, slide_id: str, stage: str, source, cause: str) -> None:

@@ -8,22 +8,17 @@ failures are in the file, in ``OUT/failures.csv`` and in the report.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from . import __version__
+from .atomic import write_json
 
 
 def write_status(path, stage: str, items: list[dict], config: dict | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"stage": stage, "wsi_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "items": items, "config": config}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, doc)
 
 
 def read_status(path) -> dict:

@@ -1,0 +1,56 @@
+"""The shared pieces: the per-slide stage loop and its failure policy, the atomic write, the output layout."""
+
+import doctest
+import os
+
+import wsi.atomic
+import wsi.runner
+from wsi.atomic import replacing, write_json
+from wsi.errors import read_failures
+from wsi.layout import Layout
+from wsi.runner import run_slides
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(wsi.runner).failed == 0 and doctest.testmod(wsi.atomic).failed == 0
+
+
+def test_one_failing_slide_is_recorded_once_and_the_rest_carry_on(tmp_path):
+    def tile(slide_id):
+        if slide_id == "bad":
+            raise MemoryError("out of memory")  # not a WsiError: still only this slide's failure
+        return 10 * len(slide_id)
+
+    summary = run_slides(tmp_path, "tile", {"a": "a.svs", "bad": "bad.svs", "c": "c.svs"}, tile)
+    assert summary.done == ["a", "c"] and summary.failed == {"bad": "MemoryError: out of memory"}
+    assert summary.results == {"a": 10, "c": 10}
+    assert [(r["slide_id"], r["stage"], r["source"]) for r in read_failures(tmp_path)] == [("bad", "tile", "bad.svs")]
+    # later stages skip it (no second row, no wrong advice) and skip what is already complete
+    later = run_slides(tmp_path, "predict", {"a": "a", "bad": "bad", "c": "c"}, lambda s: None,
+                       is_done=lambda s: s == "c")
+    assert later.done == ["a"] and later.skipped == {"bad": "failed at tile", "c": "up to date"}
+    assert len(read_failures(tmp_path)) == 1
+    # once the slide is fixed, its row goes
+    assert run_slides(tmp_path, "tile", {"bad": "bad.svs"}, lambda s: None).done == ["bad"]
+    assert read_failures(tmp_path) == []
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = write_json(tmp_path / "status.json", {"run": 1})
+    try:
+        with replacing(path) as tmp:
+            tmp.write_text('{"run": ')
+            raise OSError("disk full")
+    except OSError:
+        pass
+    assert path.read_text() == '{\n "run": 1\n}' and os.listdir(tmp_path) == ["status.json"]
+
+
+def test_layout_names_the_paths_the_stages_share(tmp_path):
+    layout = Layout(tmp_path)
+    assert layout.store("a") == tmp_path / "stores" / "a.zarr"
+    assert layout.status("heatmap", "batch-00000", "run") == tmp_path / "status" / "heatmap" / "run" / "batch-00000.json"
+    assert layout.status("tile", "batch-00000") == tmp_path / "status" / "tile" / "batch-00000.json"
+    (tmp_path / "models" / ".run.partial-1234").mkdir(parents=True)
+    (tmp_path / "models" / ".other.partial-1234").mkdir()
+    assert layout.partial_runs("run") == [tmp_path / "models" / ".run.partial-1234"]

@@ -1,0 +1,119 @@
+"""Every path under the output folder, named once.
+
+The library, the CLI and the Snakefile (``pipelines/common.smk``) all build output paths through
+:class:`Layout`, so a folder is renamed here or nowhere.
+
+=========================================  ===========================================================
+path under OUT                             what
+=========================================  ===========================================================
+``stores/<slide>.zarr``                    the per-slide store (contract in :mod:`wsi.store`)
+``qc/<slide>.png``                         thumbnail with the tissue outline
+``features/<encoder key>/<slide>.h5``      CLAM/TRIDENT-style feature export
+``models/<run>/``                          a complete model run (``run.json`` last); built as
+                                           ``models/.<run>.partial-*`` and swapped in whole
+``predictions/<run>/predictions.csv``      slide-level predictions of a run
+``heatmaps/<run>/<slide>/``                overlays, GeoJSON, pyramidal TIFF
+``report.html``                            the run report
+``failures.csv``                           one row per failed slide and stage
+``status/<stage>/[<run>/]<name>.json``     what a workflow job did; Snakemake tracks these
+``logs/<stage>/[<run>/]<name>.log``        one log per workflow job
+``.wsi/jobs/<name>-<digest>.<ext>``        a job's config and slide list, named by their content
+=========================================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def run_name(config: dict) -> str:
+    """The model run's folder name: ``model_dir``'s in mode predict, else ``mil.run_name`` or
+    ``<model>_<encoder key>``; a plain folder name."""
+    from .errors import ConfigError
+    from .store import encoder_key
+
+    if config.get("mode") == "predict" and config.get("model_dir"):
+        return Path(config["model_dir"]).name
+    name = config["mil"].get("run_name") or f"{config['mil']['model']}_{encoder_key(config['extract']['encoder'])}"
+    if not _RUN_NAME.match(name):
+        raise ConfigError(None, f"mil.run_name {name!r} is not a plain folder name",
+                          "use letters, digits, '.', '_' and '-'")
+    return name
+
+
+@dataclass(frozen=True)
+class Layout:
+    out: Path
+
+    def __init__(self, out: str | os.PathLike):
+        object.__setattr__(self, "out", Path(out))
+
+    # ---------------------------------------------------------------- per slide
+    @property
+    def stores_dir(self) -> Path:
+        return self.out / "stores"
+
+    def store(self, slide_id: str) -> Path:
+        return self.stores_dir / f"{slide_id}.zarr"
+
+    def store_ids(self) -> list[str]:
+        """The slide ids that have a store folder (complete or not), sorted."""
+        return sorted(p.name[:-len(".zarr")] for p in self.stores_dir.glob("*.zarr"))
+
+    def qc(self, slide_id: str) -> Path:
+        return self.out / "qc" / f"{slide_id}.png"
+
+    def features_h5(self, encoder_key: str, slide_id: str) -> Path:
+        return self.out / "features" / encoder_key / f"{slide_id}.h5"
+
+    def heatmap_dir(self, run: str, slide_id: str) -> Path:
+        return self.out / "heatmaps" / run / slide_id
+
+    # ---------------------------------------------------------------- model runs
+    @property
+    def models_dir(self) -> Path:
+        return self.out / "models"
+
+    def run_dir(self, run: str) -> Path:
+        return self.models_dir / run
+
+    def partial_runs(self, run: str) -> list[Path]:
+        """Leftovers of a training of ``run`` that was killed: ``.<run>.partial-*`` and ``.<run>.old-*``."""
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(p for pattern in (f".{run}.partial-*", f".{run}.old-*") for p in self.models_dir.glob(pattern))
+
+    def predictions_csv(self, run: str) -> Path:
+        return self.out / "predictions" / run / "predictions.csv"
+
+    # ---------------------------------------------------------------- cohort files
+    @property
+    def report(self) -> Path:
+        return self.out / "report.html"
+
+    @property
+    def failures(self) -> Path:
+        return self.out / "failures.csv"
+
+    # ---------------------------------------------------------------- workflow bookkeeping
+    def status(self, stage: str, name: str, run: str | None = None) -> Path:
+        return self.out / "status" / stage / (run or "") / f"{name}.json"
+
+    def log(self, stage: str, name: str, run: str | None = None) -> Path:
+        return self.out / "logs" / stage / (run or "") / f"{name}.log"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.out / ".wsi" / "jobs"
+
+    def job_file(self, name: str, text: str, ext: str) -> Path:
+        """``.wsi/jobs/<name>-<digest>.<ext>``: a file a job reads (its config, its slides), named by its
+        content, so a Snakemake param holding the path changes exactly when the content does."""
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        return self.jobs_dir / f"{name}-{digest}.{ext}"

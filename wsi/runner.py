@@ -1,0 +1,88 @@
+"""The per-slide loop of every stage, written once, with one failure policy.
+
+For each slide, in order: skip it if it failed an earlier stage (it has nothing for this one; its row in
+``failures.csv`` already says why and what to do), skip it if its result is already complete, run the stage,
+then record the outcome: a failure row (slide, stage, source, one-line cause) or the removal of a stale one.
+Any exception of one slide is that slide's failure; the others carry on. ``KeyboardInterrupt`` and
+``SystemExit`` end the loop.
+
+>>> import tempfile
+>>> out = tempfile.mkdtemp()
+>>> def work(slide_id):
+...     if slide_id == "b":
+...         raise ValueError("unreadable")
+>>> summary = run_slides(out, "tile", {"a": "a.svs", "b": "b.svs"}, work)
+>>> summary.done, summary.failed
+(['a'], {'b': 'ValueError: unreadable'})
+>>> run_slides(out, "heatmap", {"a": "a.zarr", "b": "b.zarr"}, work).skipped
+{'b': 'failed at tile'}
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import WsiError, clear_failure, read_failures, record_failure
+
+# Stages whose failure leaves a slide with nothing for the next one. A later stage skips such a slide instead
+# of failing it again with advice that does not apply, until the earlier stage passes and clears its row.
+EARLIER_STAGES = {
+    "tile": (),
+    "extract": ("tile",),
+    "train": ("tile", "extract"),
+    "predict": ("tile", "extract"),
+    "heatmap": ("tile", "extract", "predict"),
+}
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    done: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)   # slide id -> why
+    failed: dict[str, str] = field(default_factory=dict)    # slide id -> one-line cause
+    results: dict[str, object] = field(default_factory=dict)  # slide id -> what ``work`` returned (done slides)
+
+    def items(self) -> list[dict]:
+        """One entry per slide, as status files record them."""
+        return ([{"slide_id": s, "status": "done"} for s in self.done]
+                + [{"slide_id": s, "status": "skipped", "cause": why} for s, why in self.skipped.items()]
+                + [{"slide_id": s, "status": "failed", "cause": why} for s, why in self.failed.items()])
+
+
+def failed_earlier(out_dir, stage: str, slide_ids) -> dict[str, str]:
+    """``{slide_id: earlier stage}`` for the slides with a ``failures.csv`` row of a stage before ``stage``."""
+    rows = {r["slide_id"]: r["stage"] for r in read_failures(out_dir) if r["stage"] in EARLIER_STAGES[stage]}
+    return {s: rows[s] for s in slide_ids if s in rows}
+
+
+def cause_of(error: BaseException) -> str:
+    return error.one_line() if isinstance(error, WsiError) else f"{type(error).__name__}: {error}"
+
+
+def run_slides(out_dir, stage: str, sources: Mapping[str, object], work: Callable[[str], object], *,
+               is_done: Callable[[str], bool] | None = None) -> StageSummary:
+    """Run ``work(slide_id)`` for each slide of ``sources`` (``{slide_id: the file or store it reads}``, named
+    in failure rows) and return what happened to each, with what ``work`` returned for the done ones."""
+    summary = StageSummary(stage)
+    earlier = failed_earlier(out_dir, stage, sources)
+    for slide_id, source in sources.items():
+        if slide_id in earlier:
+            summary.skipped[slide_id] = f"failed at {earlier[slide_id]}"
+            continue
+        if is_done is not None and is_done(slide_id):
+            summary.skipped[slide_id] = "up to date"
+            continue
+        try:
+            result = work(slide_id)
+        except Exception as e:  # one slide's failure, whatever it is, must not stop the cohort
+            summary.failed[slide_id] = cause_of(e)
+            record_failure(out_dir, slide_id, stage, source, summary.failed[slide_id])
+            print(f"wsi {stage}: {slide_id}: {summary.failed[slide_id]}", file=sys.stderr, flush=True)
+            continue
+        clear_failure(out_dir, slide_id, stage)
+        summary.done.append(slide_id)
+        summary.results[slide_id] = result
+    return summary
