@@ -36,8 +36,10 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .errors import SlideError, WsiError, clear_failure, record_failure
+from .errors import SlideError
+from .atomic import replacing
 from .levels import LevelCheck, mark_qc
+from .runner import run_slides
 from .slide import Slide, level0_position, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
 from .store import LevelCheckAttrs, SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, is_complete, store_path
 from .tissue import TissueParams, qc_image, tissue_masks
@@ -332,10 +334,8 @@ def _write_tiles(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, coo
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(rgb).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
 
 
 # --------------------------------------------------------------------------------------------- cohort
@@ -349,28 +349,25 @@ class TileResult:
 
 
 def tile_slides(paths, out_dir, config: dict, *, progress: bool = True) -> list[TileResult]:
-    """Tile every slide; a bad slide gets a one-line error and a ``failures.csv`` row, the rest go on.
+    """Tile every slide through the stage runner (:func:`wsi.runner.run_slides`): a bad slide gets a one-line
+    error and a ``failures.csv`` row, the rest go on. Returns one result per slide id, in order.
 
-    Two files with the same slide id both fail: their stores would overwrite each other.
+    Two files with the same slide id fail together: their stores would overwrite each other.
     """
-    from tqdm import tqdm
-
-    paths = [Path(p) for p in paths]
-    ids = [slide_id_from_path(p) for p in paths]
+    files: dict[str, list[Path]] = {}
+    for path in map(Path, paths):
+        files.setdefault(slide_id_from_path(path), []).append(path)
     overrides = load_mpp_overrides(config["slide"].get("mpp_overrides"))
-    results = []
-    for path, slide_id in tqdm(list(zip(paths, ids)), unit="slide", desc="tile", disable=not progress):
+
+    def work(slide_id: str) -> tuple[int, float]:
+        path, *twins = files[slide_id]
+        if twins:
+            raise SlideError(path, f"slide id '{slide_id}' is also the id of {', '.join(map(str, twins))}",
+                             "rename one of them: each slide id names one store")
         start = time.perf_counter()
-        try:
-            if ids.count(slide_id) > 1:
-                others = [str(p) for p, i in zip(paths, ids) if i == slide_id and p != path]
-                raise SlideError(path, f"slide id '{slide_id}' is also the id of {', '.join(others)}",
-                                 "rename one of them: each slide id names one store")
-            store = tile_slide(path, out_dir, config, mpp_overrides=overrides, progress=progress)
-            clear_failure(out_dir, slide_id, "tile")
-            results.append(TileResult(slide_id, path, store.n_tiles, time.perf_counter() - start))
-        except WsiError as e:
-            record_failure(out_dir, slide_id, "tile", path, e.one_line())
-            print(f"wsi tile: {e.one_line()}", flush=True)
-            results.append(TileResult(slide_id, path, 0, time.perf_counter() - start, e.one_line()))
-    return results
+        store = tile_slide(path, out_dir, config, mpp_overrides=overrides, progress=progress)
+        return store.n_tiles, time.perf_counter() - start
+
+    summary = run_slides(out_dir, "tile", {slide_id: found[0] for slide_id, found in files.items()}, work)
+    return [TileResult(slide_id, found[0], *summary.results[slide_id]) if slide_id in summary.results
+            else TileResult(slide_id, found[0], error=summary.failed[slide_id]) for slide_id, found in files.items()]
