@@ -210,11 +210,13 @@ def _print_training(run_dir: Path) -> None:
     info = json.loads((run_dir / "run.json").read_text())
     for fold in info["folds"]:
         history = json.loads((run_dir / f"fold_{fold['fold']}.json").read_text())["history"]
-        for h in history:
+        for h in history:  # folds trained without a validation set have no validation loss
+            val = f", validation loss {h['val_loss']:.4f}" if h.get("val_loss") is not None else ""
             print(f"wsi train: fold {fold['fold']} epoch {h['epoch'] + 1}/{len(history)}: train loss "
-                  f"{h['train_loss']:.4f}, validation loss {h['val_loss']:.4f}")
-        print(f"wsi train: fold {fold['fold']}: best epoch {fold['best_epoch'] + 1} (validation loss "
-              f"{fold['best_val_loss']:.4f})")
+                  f"{h['train_loss']:.4f}{val}")
+        kept = fold.get("kept") or f"epoch {fold['best_epoch'] + 1}"
+        val = f" (validation loss {fold['best_val_loss']:.4f})" if fold.get("best_val_loss") is not None else ""
+        print(f"wsi train: fold {fold['fold']}: kept the weights of {kept}{val}")
     for name, metric in info["metrics"].items():
         values = metric.items() if "value" not in metric else [("", metric)]
         for cls, m in values:
