@@ -69,7 +69,12 @@ TIERS = {
     "t05": {"slides": 40, "size_um": (6000.0, 4500.0), "foci": (1, 3), "seed": 1505},
     "t1": {"slides": 40, "size_um": (8000.0, 6000.0), "foci": (6, 10), "seed": 1510},
     "m": {"slides": 32, "size_um": (3600.0, 2700.0), "foci": (1, 3), "seed": 0},
+    # feature-level cohorts: the same design drawn straight as features (no slides, no encoder), for an
+    # ablation that this 2-core machine can afford; see write_feature_cohort
+    "f05": {"slides": 40, "tiles": (350, 540), "foci": (1, 3), "seed": 2505},
+    "f1": {"slides": 40, "tiles": (600, 1000), "foci": (6, 10), "seed": 2510},
 }
+FEATURE_DIM = 64
 MIMICS, STAIN = (1, 4), 0.25
 PREVIOUS = {"validation": "always", "min_epochs": 20, "patience": 8, "epochs": 40, "hidden_dim": 256,  # before
             "dropout": 0.25, "lr": 2e-4, "schedule": "cosine", "max_train_tiles": 4096}            # issue 15
@@ -153,10 +158,66 @@ def mask_share(store, truth: np.ndarray) -> np.ndarray:
     return np.array(shares)
 
 
+def write_feature_cohort(root: Path, tier: dict) -> tuple[Path, Path]:
+    """A feature-level cohort of the same design as the slide tiers, as real stores (coordinates only) holding
+    drawn ``FEATURE_DIM``-d features, labels.csv and each slide's tumour tiles (``<id>.tumour_tiles.npy``).
+
+    Every tile is N(0, 1) plus its slide's stain offset (N(0, 0.3^2) per dimension, shared by the slide's tiles);
+    every slide has 1-4 lymphoid aggregates of 2-6 tiles at +3 on dimensions 0-31; a tumour slide has
+    ``foci`` foci of 1-2 tiles at +2.5 on dimensions 0-15 and 32-47. Half of tumour's signal is shared with the
+    mimic, and a slide's maxima on the rest come from ~500 background tiles as often as from tumour."""
+    from wsi.store import FeatureAttrs, SlideAttrs, TileStoreWriter, TilingAttrs, is_complete, store_path
+
+    out, slides = root / "out", root / "slides"
+    slides.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(tier["seed"])
+    slide = SlideAttrs(source_path="drawn", source_size=1, source_mtime=0.0, backend="none", vendor=None,
+                       width=256 * 64, height=256 * 64, mpp_x=0.5, mpp_y=0.5, mpp_source="file",
+                       objective_power=20.0, level_count=1, level_downsamples=(1.0,))
+    tiling = TilingAttrs(target_mpp=0.5, tile_px=256, overlap_px=0, read_level=0, read_downsample=1.0,
+                         tile_px_level0=256.0, stride_px_level0=256.0, effective_mpp=0.5, min_tissue_fraction=0.25,
+                         store_pixels=False, codec="lossless", quality=90, chunk_tiles=1024, wsi_version="bench")
+    attrs = FeatureAttrs(encoder=ENCODER, dim=FEATURE_DIM, weights_source="drawn", weights_sha256=None,
+                         input_size=(3, 224, 224), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3,
+                         precision="fp32")
+    rows = []
+    for i in range(tier["slides"]):
+        slide_id, tumour = f"q{i:03d}", i % 2 == 1
+        n = int(rng.integers(tier["tiles"][0], tier["tiles"][1] + 1))
+        x = (rng.normal(size=(n, FEATURE_DIM)) + rng.normal(scale=0.3, size=FEATURE_DIM)).astype(np.float32)
+        mimics = [int(rng.integers(2, 7)) for _ in range(int(rng.integers(1, 5)))]
+        foci = [int(rng.integers(1, 3)) for _ in range(int(rng.integers(tier["foci"][0], tier["foci"][1] + 1))
+                                                       if tumour else 0)]
+        rows_used = rng.choice(n, sum(mimics) + sum(foci), replace=False)
+        x[rows_used[:sum(mimics)], :32] += 3.0
+        tumour_rows = rows_used[sum(mimics):]
+        x[np.ix_(tumour_rows, np.r_[0:16, 32:48])] += 2.5
+        truth = np.zeros(n, bool)
+        truth[tumour_rows] = True
+        patient = f"P{i // 4}{i % 2}" if i < 8 else slide_id
+        rows.append(f"{slide_id},{'tumour' if tumour else 'normal'},{patient}\n")
+        path = store_path(out, slide_id)
+        if not is_complete(path):
+            coords = np.stack([np.arange(n) % 64, np.arange(n) // 64], axis=1) * 256
+            store = TileStoreWriter.create(path, slide_id, slide, tiling, coords=coords,
+                                           tissue_fraction=np.ones(n)).commit()
+            store.create_features(ENCODER, FEATURE_DIM, chunk_tiles=1024)[:] = x
+            store.complete_features(ENCODER, attrs)
+        np.save(slides / f"{slide_id}.tumour_tiles.npy", truth)
+    labels = root / "labels.csv"
+    labels.write_text("slide_id,label,patient_id\n" + "".join(rows))
+    return out, labels
+
+
 def prepare(root: Path, tier: dict) -> tuple[Path, Path, dict]:
-    """Slides -> stores -> features, each step skipped where its output is complete; returns (OUT, labels,
-    timings)."""
+    """Slides -> stores -> features, each step skipped where its output is complete (a feature-level tier: its
+    drawn stores); returns (OUT, labels, timings)."""
     from wsi.config import load_config
+
+    if "tiles" in tier:
+        started = time.perf_counter()
+        out, labels = write_feature_cohort(root, tier)
+        return out, labels, {"features_s": time.perf_counter() - started}
     from wsi.features import extract_cohort
     from wsi.tiling import tile_slides
 
@@ -198,7 +259,9 @@ def load(root: Path, out: Path, labels: Path, share: float) -> Cohort:
     for bag in cohort.bags:
         store = SlideStore.open(bag.store)
         features[bag.slide_id] = store.features(ENCODER)
-        tumour[bag.slide_id] = mask_share(store, np.load(root / "slides" / f"{bag.slide_id}.tumour.npy")) >= share
+        drawn = root / "slides" / f"{bag.slide_id}.tumour_tiles.npy"  # a feature-level tier's truth
+        tumour[bag.slide_id] = (np.load(drawn) if drawn.exists() else
+                                mask_share(store, np.load(root / "slides" / f"{bag.slide_id}.tumour.npy")) >= share)
     return Cohort(cohort, features, tumour, np.array([b.label == "tumour" for b in cohort.bags]),
                   np.array([b.patient_id for b in cohort.bags]), [b.slide_id for b in cohort.bags])
 
