@@ -166,20 +166,13 @@ def write_feature_cohort(root: Path, tier: dict) -> tuple[Path, Path]:
     every slide has 1-4 lymphoid aggregates of 2-6 tiles at +3 on dimensions 0-31; a tumour slide has
     ``foci`` foci of 1-2 tiles at +2.5 on dimensions 0-15 and 32-47. Half of tumour's signal is shared with the
     mimic, and a slide's maxima on the rest come from ~500 background tiles as often as from tumour."""
-    from wsi.store import FeatureAttrs, SlideAttrs, TileStoreWriter, TilingAttrs, is_complete, store_path
+    from mil import write_feature_store  # bench/mil.py, beside this script
+
+    from wsi.store import is_complete, store_path
 
     out, slides = root / "out", root / "slides"
     slides.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(tier["seed"])
-    slide = SlideAttrs(source_path="drawn", source_size=1, source_mtime=0.0, backend="none", vendor=None,
-                       width=256 * 64, height=256 * 64, mpp_x=0.5, mpp_y=0.5, mpp_source="file",
-                       objective_power=20.0, level_count=1, level_downsamples=(1.0,))
-    tiling = TilingAttrs(target_mpp=0.5, tile_px=256, overlap_px=0, read_level=0, read_downsample=1.0,
-                         tile_px_level0=256.0, stride_px_level0=256.0, effective_mpp=0.5, min_tissue_fraction=0.25,
-                         store_pixels=False, codec="lossless", quality=90, chunk_tiles=1024, wsi_version="bench")
-    attrs = FeatureAttrs(encoder=ENCODER, dim=FEATURE_DIM, weights_source="drawn", weights_sha256=None,
-                         input_size=(3, 224, 224), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3,
-                         precision="fp32")
     rows = []
     for i in range(tier["slides"]):
         slide_id, tumour = f"q{i:03d}", i % 2 == 1
@@ -196,13 +189,8 @@ def write_feature_cohort(root: Path, tier: dict) -> tuple[Path, Path]:
         truth[tumour_rows] = True
         patient = f"P{i // 4}{i % 2}" if i < 8 else slide_id
         rows.append(f"{slide_id},{'tumour' if tumour else 'normal'},{patient}\n")
-        path = store_path(out, slide_id)
-        if not is_complete(path):
-            coords = np.stack([np.arange(n) % 64, np.arange(n) // 64], axis=1) * 256
-            store = TileStoreWriter.create(path, slide_id, slide, tiling, coords=coords,
-                                           tissue_fraction=np.ones(n)).commit()
-            store.create_features(ENCODER, FEATURE_DIM, chunk_tiles=1024)[:] = x
-            store.complete_features(ENCODER, attrs)
+        if not is_complete(store_path(out, slide_id)):
+            write_feature_store(out, slide_id, x, ENCODER)
         np.save(slides / f"{slide_id}.tumour_tiles.npy", truth)
     labels = root / "labels.csv"
     labels.write_text("slide_id,label,patient_id\n" + "".join(rows))
