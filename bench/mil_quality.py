@@ -83,7 +83,7 @@ PREVIOUS = {"validation": "always", "min_epochs": 20, "patience": 8, "epochs": 4
 ARMS = {  # in the order they run: the most telling first
     "shipped recipe": {},
     "previous: validation fold + early stopping + best epoch": PREVIOUS,
-    "validation slides dropped, no selection": {"drop_val": True},
+    "validation slides dropped, no selection": {"validation": "always", "drop_val": True},
     "no validation, last epoch": {"validation": "never", "keep": "average", "average_last": 1},
     "no validation, least training loss": {"validation": "never", "keep": "train_loss"},
     "dropout 0": {"dropout": 0.0},
