@@ -383,6 +383,26 @@ def test_same_seed_trains_to_identical_weights_and_predictions(tmp_path):
     assert train_fold(fold_task(cohort, tmp_path / "c", other, model="clam_sb"))["test"] != results[0]["test"]
 
 
+def test_a_fold_loads_its_bags_once_when_they_fit_and_trains_the_same_either_way(tmp_path):
+    from wsi.mil.data import bag_bytes, load_bags
+
+    labels, _ = make_cohort(tmp_path, n_per_class=6)
+    cohort = load_cohort(tmp_path, labels, ENCODER)
+    size = bag_bytes(cohort.bags, DIM)
+    assert size == sum(b.n_tiles for b in cohort.bags) * DIM * 4
+    loaded = load_bags(cohort.bags, ENCODER, DIM, limit_gb=(size + 1) / 1e9)
+    assert set(loaded) == {b.slide_id for b in cohort.bags}
+    first = cohort.bags[0]
+    assert np.array_equal(loaded[first.slide_id], SlideStore.open(first.store).features(ENCODER))
+    assert load_bags(cohort.bags, ENCODER, DIM, limit_gb=(size - 1) / 1e9) == {}  # too big: streamed instead
+    results = []
+    for cache_gb in (8.0, 0.0):
+        (tmp_path / str(cache_gb)).mkdir()
+        config = mil_config(labels, epochs=3, bag_cache_gb=cache_gb)
+        results.append(train_fold(fold_task(cohort, tmp_path / str(cache_gb), config))["test"])
+    assert results[0] == results[1]
+
+
 def test_with_validation_early_stopping_waits_for_min_epochs_and_keeps_the_best_epoch(tmp_path):
     labels, _ = make_cohort(tmp_path, n_per_class=6)
     rows = read_csv(labels)  # labels unrelated to the features: validation loss cannot keep improving
