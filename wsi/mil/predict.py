@@ -116,7 +116,7 @@ def load_ensemble(model_dir, *, device: str | torch.device | None = None, precis
                     classes=list(info["classes"]), in_dim=int(info["model"]["in_dim"]), model_dir=model_dir,
                     feature_attrs=info.get("feature_attrs") or {}, models=models, device=device,
                     precision=precision,
-                    held_out_by={s: i for i, fold in enumerate(info["folds"]) for s in fold["test"]})
+                    held_out_by={s: i for i, fold in enumerate(info["folds"]) for s in fold.get("test", ())})
 
 
 @dataclass(frozen=True)
