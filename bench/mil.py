@@ -37,22 +37,34 @@ HERE = Path(__file__).resolve().parent
 ENCODER = "bench-encoder"
 
 
-def make_stores(out: Path, n_bags: int, n_tiles: int, dim: int) -> Path:
-    """``n_bags`` stores with features, and labels.csv (half tumour); reused when already there."""
-    from wsi.store import FeatureAttrs, SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, store_path
+def write_feature_store(out: Path, slide_id: str, features: np.ndarray, encoder: str = ENCODER):
+    """A complete coordinates-only store (tiles on a 128-wide grid) holding ``features`` under ``encoder``."""
+    from wsi.store import FeatureAttrs, SlideAttrs, TileStoreWriter, TilingAttrs, store_path
 
-    rng = np.random.default_rng(0)
-    rows = []
+    n, dim = features.shape
     slide = SlideAttrs(source_path="bench.svs", source_size=1, source_mtime=0.0, backend="openslide",
                        vendor="aperio", width=256 * 128, height=256 * 128, mpp_x=0.5, mpp_y=0.5,
                        mpp_source="file", objective_power=20.0, level_count=1, level_downsamples=(1.0,))
     tiling = TilingAttrs(target_mpp=0.5, tile_px=256, overlap_px=0, read_level=0, read_downsample=1.0,
                          tile_px_level0=256.0, stride_px_level0=256.0, effective_mpp=0.5, min_tissue_fraction=0.25,
                          store_pixels=False, codec="lossless", quality=90, chunk_tiles=1024, wsi_version="bench")
-    attrs = FeatureAttrs(encoder=ENCODER, dim=dim, weights_source="synthetic", weights_sha256=None,
+    attrs = FeatureAttrs(encoder=encoder, dim=dim, weights_source="synthetic", weights_sha256=None,
                          input_size=(3, 224, 224), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3,
                          precision="fp32")
-    coords = np.stack([np.arange(n_tiles) % 128, np.arange(n_tiles) // 128], axis=1) * 256
+    coords = np.stack([np.arange(n) % 128, np.arange(n) // 128], axis=1) * 256
+    store = TileStoreWriter.create(store_path(out, slide_id), slide_id, slide, tiling, coords=coords,
+                                   tissue_fraction=np.ones(n)).commit()
+    store.create_features(encoder, dim, chunk_tiles=1024)[:] = features
+    store.complete_features(encoder, attrs)
+    return store
+
+
+def make_stores(out: Path, n_bags: int, n_tiles: int, dim: int) -> Path:
+    """``n_bags`` stores with features, and labels.csv (half tumour); reused when already there."""
+    from wsi.store import SlideStore, store_path
+
+    rng = np.random.default_rng(0)
+    rows = []
     for i in range(n_bags):
         slide_id = f"bag{i:04d}"
         tumour = i % 2 == 1
@@ -64,10 +76,7 @@ def make_stores(out: Path, n_bags: int, n_tiles: int, dim: int) -> Path:
         features = rng.standard_normal((n_tiles, dim), dtype=np.float32)
         if tumour:
             features[rng.choice(n_tiles, 20, replace=False), : dim // 8] += 2.0
-        store = TileStoreWriter.create(path, slide_id, slide, tiling, coords=coords,
-                                       tissue_fraction=np.ones(n_tiles)).commit()
-        store.create_features(ENCODER, dim, chunk_tiles=1024)[:] = features
-        store.complete_features(ENCODER, attrs)
+        write_feature_store(out, slide_id, features)
     labels = out / "labels.csv"
     labels.write_text("slide_id,label\n" + "".join(rows))
     return labels

@@ -5,6 +5,7 @@ The stores are built here with the store API (no slide file): tiles of 320 level
 tiles with high attention and tumour probability. Tile pixels are red inside the block and blue outside.
 """
 
+import dataclasses
 import json
 import warnings
 
@@ -278,6 +279,30 @@ def test_default_map_is_tumour_probability_on_its_own_scale(tmp_path):
         assert json.loads(slide.properties["tiff.ImageDescription"])["value"] == "tumour"
     block, outside = _expected(32.0, values.shape)
     assert np.allclose(values[block], 0.9, atol=1 / 255) and np.allclose(values[outside], 0.2, atol=1 / 255)
+
+
+def test_a_training_slide_shows_its_out_of_fold_scores_labelled_as_such(tmp_path):
+    """A slide of the run's own cohort: the ensemble trained on it, so the maps show the scores of the fold
+    model that held it out (0.6 in the block, 0.05 outside here), and the overlay and heatmap.json say so."""
+    store = make_store(tmp_path)
+    ensemble_attention, ensemble_scores, attrs = store.scores(RUN)
+    inside = _in_block(store.coords)
+    oof_tumour = np.where(inside, 0.6, 0.05)
+    store.write_scores(RUN, ensemble_attention, ensemble_scores,
+                       dataclasses.replace(attrs, oof_fold=1, oof_probabilities=(0.3, 0.7), oof_predicted="tumour"),
+                       out_of_fold=(ensemble_attention, np.stack([1 - oof_tumour, oof_tumour], 1)))
+    paths = heatmap_slide(store, RUN, tmp_path, HeatmapParams.from_config(_config(smooth_sigma=0.0)))
+    with tiffslide.TiffSlide(str(paths["heatmap.tif"])) as slide:
+        values = _values(np.asarray(slide.read_region((0, 0), 0, slide.dimensions)))
+    block, outside = _expected(32.0, values.shape)
+    assert np.allclose(values[block], 0.6, atol=1 / 255) and np.allclose(values[outside], 0.05, atol=1 / 255)
+    title = Image.open(paths["overlay.png"]).info["Title"]
+    assert "p = 0.70" in title and "out-of-fold (fold 1)" in title and "did not train on it" in title
+    done = json.loads((heatmap_dir(tmp_path, RUN, "s1") / "heatmap.json").read_text())
+    assert done["scores"] == "out-of-fold (fold 1)" and done["probabilities"] == {"normal": 0.3, "tumour": 0.7}
+    other = make_store(tmp_path, "outsider")  # not in the cohort: the ensemble's scores, no label
+    heatmap_slide(other, RUN, tmp_path, HeatmapParams.from_config(_config()))
+    assert json.loads((heatmap_dir(tmp_path, RUN, "outsider") / "heatmap.json").read_text())["scores"] == "ensemble"
 
 
 @pytest.mark.parametrize("n_tiles", [0, 1])

@@ -33,10 +33,15 @@ attrs ``complete``            bool                        set last by ``tile``; 
                                                           in stores written before wsi 0.1 kept it
 ``features/<key>``            float32 (N, D)              written by extract; attrs :class:`FeatureAttrs`
                                                           and ``complete``; ``key = encoder_key(encoder)``
-``scores/<run>/attention``    float32 (N,)                per-tile attention (sums to 1 over the slide)
-``scores/<run>/class_scores`` float32 (N, C)              per-tile class probabilities
-attrs of ``scores/<run>``     :class:`ScoreAttrs` +       model run, classes, encoder, slide prediction
-                              ``complete``
+``scores/<run>/attention``    float32 (N,)                per-tile attention of the fold ensemble (sums to 1)
+``scores/<run>/class_scores`` float32 (N, C)              per-tile class probabilities of the ensemble
+``scores/<run>/oof_*``        as the two above            only for a slide of the run's own cohort: the same
+                                                          from the one fold model that held it out (out of
+                                                          fold: it did not train on this slide)
+attrs of ``scores/<run>``     :class:`ScoreAttrs` +       model run, classes, encoder, slide prediction; with
+                              ``complete``                ``oof_*`` arrays also ``oof_fold`` and the out-of-
+                                                          fold prediction (added in 0.1 without a schema bump:
+                                                          older stores read as having none)
 ============================  ==========================  =====================================================
 
 Completion and atomicity
@@ -237,6 +242,9 @@ class ScoreAttrs(_Attrs):
     probabilities: tuple
     predicted: str
     wsi_version: str = ""
+    oof_fold: int | None = None                # the fold whose model held this slide out; None: not in the cohort
+    oof_probabilities: tuple | None = None      # that model's slide probabilities
+    oof_predicted: str | None = None
 
 
 # ------------------------------------------------------------------------------------------ tile codec
@@ -449,29 +457,40 @@ class SlideStore:
         name = f"scores/{run}"
         return name in self.group and self.group[name].attrs.get("complete") is True
 
-    def write_scores(self, run: str, attention: np.ndarray, class_scores: np.ndarray, attrs: ScoreAttrs):
-        """Write (or replace) one run's per-tile scores; ``complete`` is set after both arrays."""
-        n = self.n_tiles
-        attention = np.asarray(attention, np.float32).reshape(n)
-        class_scores = np.asarray(class_scores, np.float32).reshape(n, len(attrs.classes))
+    def write_scores(self, run: str, attention: np.ndarray, class_scores: np.ndarray, attrs: ScoreAttrs, *,
+                     out_of_fold: tuple[np.ndarray, np.ndarray] | None = None):
+        """Write (or replace) one run's per-tile scores, and the out-of-fold ``(attention, class_scores)`` when
+        given (``attrs.oof_fold`` must say whose); ``complete`` is set after every array."""
+        if (out_of_fold is None) != (attrs.oof_fold is None):
+            raise ValueError("out-of-fold scores and ScoreAttrs.oof_fold come together")
+        arrays = {"attention": attention, "class_scores": class_scores}
+        if out_of_fold is not None:
+            arrays.update(oof_attention=out_of_fold[0], oof_class_scores=out_of_fold[1])
+        n, c = self.n_tiles, len(attrs.classes)
         scores = self.group.require_group("scores")
         if run in scores:
             shutil.rmtree(self.path / "scores" / run)
         g = scores.create_group(run)
-        g.create_array("attention", shape=attention.shape, dtype="float32",
-                       chunks=(max(1, n),), compressors=[_lossless()])[:] = attention
-        g.create_array("class_scores", shape=class_scores.shape, dtype="float32",
-                       chunks=(max(1, n), class_scores.shape[1]), compressors=[_lossless()])[:] = class_scores
+        for name, values in arrays.items():
+            values = np.asarray(values, np.float32).reshape((n,) if name.endswith("attention") else (n, c))
+            g.create_array(name, shape=values.shape, dtype="float32", chunks=(max(1, n),) + values.shape[1:],
+                           compressors=[_lossless()])[:] = values
         g.attrs.update({**attrs.to_dict(), "complete": True})
 
-    def scores(self, run: str) -> tuple[np.ndarray, np.ndarray, ScoreAttrs]:
+    def scores(self, run: str, *, out_of_fold: bool = False) -> tuple[np.ndarray, np.ndarray, ScoreAttrs]:
+        """(attention (N,), class scores (N, C), attrs) of the ensemble, or with ``out_of_fold`` of the fold
+        model that held this slide out (a StoreError when the slide was not in the run's cohort)."""
         if not self.has_scores(run):
             raise StoreError(self.path, f"no complete scores for model run {run}", "run `wsi predict` first")
         g = self.group[f"scores/{run}"]
         attrs = dict(g.attrs)
         attrs.pop("complete", None)
-        return (np.asarray(g["attention"][:], np.float32), np.asarray(g["class_scores"][:], np.float32),
-                ScoreAttrs.from_dict(attrs))
+        prefix = "oof_" if out_of_fold else ""
+        if out_of_fold and attrs.get("oof_fold") is None:
+            raise StoreError(self.path, f"no out-of-fold scores for model run {run}: the slide was not in its "
+                                        "training cohort")
+        return (np.asarray(g[f"{prefix}attention"][:], np.float32),
+                np.asarray(g[f"{prefix}class_scores"][:], np.float32), ScoreAttrs.from_dict(attrs))
 
 
 def open_cohort(out_dir) -> list[SlideStore]:

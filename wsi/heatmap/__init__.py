@@ -28,6 +28,9 @@ scale is the default because rank normalisation paints half of every slide, a no
 half of the colour scale, and attention concentrated on a few tumour tiles leaves the rest of its ranks to
 noise (in the MIL quality study, fat ranked just below tumour though the tumour tiles held most of the
 attention).
+For a slide of the run's own training cohort the heatmaps show its out-of-fold scores (``scores/<run>/oof_*``:
+the fold model that held the slide out, never one that trained on it), and the overlay's title says so; the
+ensemble's scores of such a slide are flattering. Other slides show the ensemble's scores.
 Rasters and alignment rules are in :mod:`wsi.heatmap.raster`. A slide with fewer than two tiles gets valid,
 empty outputs and a warning.
 
@@ -123,6 +126,7 @@ class SlideScores:
     probabilities: tuple
     predicted: str
     store_tiles: bool
+    source: str = "ensemble"    # or "out-of-fold (fold <k>)": scored by the one fold model that held it out
 
     def class_index(self, name: str | None, run: str) -> int:
         """Index of the tumour class: ``name``, or the last class when ``name`` is None."""
@@ -137,7 +141,7 @@ class SlideScores:
         h = hashlib.sha256()
         for a in (self.coords, self.attention, self.class_scores):
             h.update(np.ascontiguousarray(a).tobytes())
-        h.update(json.dumps([self.size, list(self.classes), self.predicted]).encode())
+        h.update(json.dumps([self.size, list(self.classes), self.predicted, self.source]).encode())
         return h.hexdigest()
 
 
@@ -152,9 +156,12 @@ def heatmap_dir(out_dir, run: str, slide_id: str) -> Path:
 
 
 def stored_scores(store: SlideStore, run: str) -> SlideScores:
-    """The store's ``scores/<run>`` with its tile geometry; damaged or non-finite scores are a StoreError."""
+    """The store's ``scores/<run>`` with its tile geometry: the out-of-fold scores of a slide of the run's
+    training cohort, else the ensemble's; damaged or non-finite scores are a StoreError."""
     try:
-        attention, class_scores, attrs = store.scores(run)
+        attrs = store.scores(run)[2]
+        out_of_fold = attrs.oof_fold is not None
+        attention, class_scores, _ = store.scores(run, out_of_fold=out_of_fold)
     except WsiError:
         raise
     except Exception as e:  # zarr/numcodecs raise their own types for damaged chunks
@@ -167,7 +174,9 @@ def stored_scores(store: SlideStore, run: str) -> SlideScores:
                                      f"{len(attrs.classes)} classes", "re-run `wsi predict`")
     return SlideScores(coords=store.coords, size=float(store.tiling.tile_px_level0), attention=attention,
                        class_scores=class_scores, classes=tuple(attrs.classes),
-                       probabilities=tuple(attrs.probabilities), predicted=attrs.predicted, store_tiles=True)
+                       probabilities=tuple(attrs.oof_probabilities if out_of_fold else attrs.probabilities),
+                       predicted=attrs.oof_predicted if out_of_fold else attrs.predicted, store_tiles=True,
+                       source=f"out-of-fold (fold {attrs.oof_fold})" if out_of_fold else "ensemble")
 
 
 def _mask(store: SlideStore) -> tuple[np.ndarray, float]:
@@ -256,7 +265,9 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
         Image.fromarray(rgba, "RGBA").save(tmp, format="PNG")
     p_pred = dict(zip(scores.classes, scores.probabilities)).get(scores.predicted, float("nan"))
     title = (f"{store.slide_id}: predicted {scores.predicted} (p = {p_pred:.2f})  |  run {run}"
-             + ("  |  high-res" if high_res else "") + (f"  |  {note}" if note else ""))
+             + ("  |  high-res" if high_res else "") + (f"  |  {note}" if note else "")
+             + ("" if scores.source == "ensemble" else
+                f"\n{scores.source}: a training slide, scored by the fold model that did not train on it"))
     subject = "attention" if params.value == "attention" else f"{tumour_name} probability"
     bar_label = subject + (" (percentile within slide)" if params.normalize == "percentile" else "")
     with _replacing(paths["overlay.png"]) as tmp:
@@ -293,6 +304,7 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
 
     _write_json(folder / "heatmap.json", {
         "wsi_version": __version__, "slide_id": store.slide_id, "run": run, "n_tiles": n, "note": note,
+        "scores": scores.source,
         "params": _params_doc(params, high_res), "scores_sha256": scores.digest(), "predicted": scores.predicted,
         "probabilities": dict(zip(map(str, scores.classes), map(float, scores.probabilities))),
         "outputs": list(OUTPUTS)})

@@ -7,7 +7,8 @@ tile at 0.5. The grid starts where the tiler's does, so it contains every stored
 positions that the tiler's own rule keeps (tissue share in the store's mask >= ``tiling.min_tissue_fraction``,
 via :func:`wsi.tiling.tissue_fractions`). The tiles are read from the slide exactly as the tiler reads them
 (:func:`wsi.tiling.iter_tiles`), embedded with the run's encoder and scored as one bag by the run's fold
-ensemble; the painter then averages the overlapping tiles, which is what smooths the map.
+ensemble, or for a slide of the run's training cohort by the fold model that held it out; the painter then
+averages the overlapping tiles, which is what smooths the map.
 
 Nothing is written to the store: the cohort is neither retiled nor re-scored, and ``predictions.csv`` keeps
 the slide's official prediction. The prediction shown on a high-res overlay is that of the fine bag.
@@ -92,8 +93,9 @@ def rescore(store: SlideStore, run: str, out_dir, params: HeatmapParams) -> Slid
         features = np.empty((len(coords), encoder.dim), np.float32)
         for lo, tiles in iter_tiles(slide, store.tiling, coords):
             features[lo:lo + len(tiles)] = encoder.embed(tiles, params.batch_size)
+    fold = ensemble.held_out_by.get(store.slide_id)
     if len(coords):
-        attention, class_scores, probabilities = ensemble.score_bag(features)
+        attention, class_scores, probabilities = ensemble.score_bag(features, fold=fold)
     else:
         attention, class_scores = np.zeros(0, np.float32), np.zeros((0, len(ensemble.classes)), np.float32)
         probabilities = np.full(len(ensemble.classes), np.nan)
@@ -101,4 +103,5 @@ def rescore(store: SlideStore, run: str, out_dir, params: HeatmapParams) -> Slid
     predicted = classes[int(np.argmax(probabilities))] if len(coords) else "none"
     return SlideScores(coords=coords, size=float(store.tiling.tile_px_level0), attention=attention,
                        class_scores=class_scores, classes=classes,
-                       probabilities=tuple(float(p) for p in probabilities), predicted=predicted, store_tiles=False)
+                       probabilities=tuple(float(p) for p in probabilities), predicted=predicted, store_tiles=False,
+                       source="ensemble" if fold is None else f"out-of-fold (fold {fold})")

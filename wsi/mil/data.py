@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..store import SlideStore, is_complete, open_cohort, store_path
 
 SPLITS = ("train", "val", "test")
+VALIDATION = ("auto", "always", "never")
 _SHOWN = 8  # slide ids quoted in one error message
 
 
@@ -52,7 +53,8 @@ class Cohort:
 
 @dataclass(frozen=True)
 class Fold:
-    """Slide ids of one fold: trained on ``train``, early-stopped on ``val``, predicted on ``test``."""
+    """Slide ids of one fold: trained on ``train``, early-stopped on ``val`` (empty: no validation), predicted
+    on ``test``."""
 
     index: int
     train: tuple[str, ...]
@@ -186,22 +188,38 @@ def _require_two_classes(bags: list[Bag], names: tuple[str, ...], path) -> None:
                                 f"{present} remain; MIL needs at least two of {list(names)}")
 
 
-def make_folds(cohort: Cohort, n_folds: int, seed: int) -> list[Fold]:
+def make_folds(cohort: Cohort, n_folds: int, seed: int, *, validation: str = "auto",
+               min_val_per_class: int = 16) -> list[Fold]:
     """The folds to train: the table's ``split`` column when it has one, else ``n_folds`` stratified folds
-    grouped by patient (no patient in two folds). In fold ``i`` fold ``i`` is the test set and fold ``i+1``
-    (cyclically) the validation set for early stopping, so every slide is predicted exactly once by a model
-    that neither trained nor early-stopped on it."""
+    grouped by patient (no patient in two folds); fold ``i`` is the test set of fold ``i``, so every slide is
+    predicted exactly once by a model that did not train on it.
+
+    ``validation`` decides whether a fold also holds slides out for early stopping (see :func:`use_validation`):
+    the next fold (cyclically) in cross-validation, the ``val`` rows with a split column. Without validation
+    those slides train too: on a small cohort the best epoch over a handful of validation bags is noise, and
+    the slides are worth more as training data."""
     path = cohort.labels_path
     bags = cohort.bags
+    if validation not in VALIDATION:
+        raise ConfigError(None, f"mil.validation {validation!r} is not one of {'/'.join(VALIDATION)}")
     if any(b.split for b in bags):
         sets = {s: tuple(b.slide_id for b in bags if b.split == s) for s in SPLITS}
-        empty = [s for s in SPLITS if not sets[s]]
+        empty = [s for s in ("train", "test") + (("val",) if validation == "always" else ()) if not sets[s]]
         if empty:
             raise ConfigError(path, f"split column has no {'/'.join(empty)} slides",
-                              "give train, val and test slides, or drop the split column to cross-validate")
+                              "give train and test slides (and val slides with mil.validation=always), or drop "
+                              "the split column to cross-validate")
+        counts = [_class_counts(cohort, sets["val"])]
         folds = [Fold(0, sets["train"], sets["val"], sets["test"])]
     else:
-        folds = _cross_validation_folds(cohort, n_folds, seed)
+        fold_of = _cross_validation_folds(cohort, n_folds, seed, validation)
+        ids = np.array([b.slide_id for b in bags])
+        counts = [_class_counts(cohort, ids[fold_of == (i + 1) % n_folds]) for i in range(n_folds)]
+        folds = [Fold(i, tuple(ids[(fold_of != i) & (fold_of != (i + 1) % n_folds)]),
+                      tuple(ids[fold_of == (i + 1) % n_folds]), tuple(ids[fold_of == i])) for i in range(n_folds)]
+    if not use_validation(validation, counts, min_val_per_class):
+        order = {b.slide_id: i for i, b in enumerate(bags)}
+        folds = [Fold(f.index, tuple(sorted(f.train + f.val, key=order.get)), (), f.test) for f in folds]
     for fold in folds:
         missing = sorted(set(cohort.classes) - {b.label for b in bags if b.slide_id in set(fold.train)})
         if missing:
@@ -210,13 +228,28 @@ def make_folds(cohort: Cohort, n_folds: int, seed: int) -> list[Fold]:
     return folds
 
 
-def _cross_validation_folds(cohort: Cohort, n_folds: int, seed: int) -> list[Fold]:
+def use_validation(validation: str, val_class_counts: list[dict[str, int]], min_val_per_class: int) -> bool:
+    """``always``, ``never``, or (``auto``) only when every fold's validation set holds at least
+    ``min_val_per_class`` slides of every class: below that, early stopping and best-epoch selection follow the
+    noise of a few bags (on a 40-slide cohort, 8 validation bags picked epoch 0 in 2 of 5 folds)."""
+    if validation != "auto":
+        return validation == "always"
+    return all(min(c.values()) >= min_val_per_class for c in val_class_counts)
+
+
+def _class_counts(cohort: Cohort, slide_ids) -> dict[str, int]:
+    chosen = set(slide_ids)
+    return {c: sum(b.label == c and b.slide_id in chosen for b in cohort.bags) for c in cohort.classes}
+
+
+def _cross_validation_folds(cohort: Cohort, n_folds: int, seed: int, validation: str) -> np.ndarray:
+    """The fold index of every bag."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     path, bags = cohort.labels_path, cohort.bags
-    if n_folds < 3:
-        raise ConfigError(path, f"mil.folds is {n_folds}; cross-validation needs at least 3 folds "
-                                "(test, validation and training folds)")
+    if n_folds < 3 and validation == "always":
+        raise ConfigError(path, f"mil.folds is {n_folds}; cross-validation with a validation fold needs at least "
+                                "3 folds (test, validation and training folds)")
     for name in cohort.classes:
         slides = sum(b.label == name for b in bags)
         if slides < n_folds:
@@ -230,13 +263,7 @@ def _cross_validation_folds(cohort: Cohort, n_folds: int, seed: int) -> list[Fol
     fold_of = np.empty(len(bags), dtype=int)
     for i, (_, test) in enumerate(splitter.split(np.zeros(len(bags)), targets, groups)):
         fold_of[test] = i
-    ids = np.array([b.slide_id for b in bags])
-    folds = []
-    for i in range(n_folds):
-        val = (i + 1) % n_folds
-        folds.append(Fold(i, tuple(ids[(fold_of != i) & (fold_of != val)]), tuple(ids[fold_of == val]),
-                          tuple(ids[fold_of == i])))
-    return folds
+    return fold_of
 
 
 def class_weights(targets, n_classes: int) -> np.ndarray:
@@ -253,3 +280,25 @@ def subsample(n_tiles: int, limit: int, rng: np.random.Generator) -> np.ndarray 
         return None
     return np.sort(rng.choice(n_tiles, size=limit, replace=False))
 
+
+
+def bag_bytes(bags, in_dim: int) -> int:
+    """Memory that the float32 features of ``bags`` take once loaded."""
+    return sum(b.n_tiles for b in bags) * in_dim * 4
+
+
+def load_bags(bags, encoder: str, in_dim: int, limit_gb: float, loaded=None) -> dict[str, np.ndarray]:
+    """The features of ``bags`` in memory, read from their stores once (two reading threads), when all of them
+    fit in ``limit_gb`` GB; else only those already in ``loaded`` (the caller re-reads the others when it needs
+    them). Training loops over the same bags every epoch: reading and decompressing each bag once instead of
+    once an epoch is what keeps a GPU busy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    loaded = dict(loaded or {})
+    missing = [b for b in bags if b.slide_id not in loaded]
+    if not missing or bag_bytes(missing, in_dim) > limit_gb * 1e9:
+        return loaded
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for bag, features in zip(missing, pool.map(lambda b: SlideStore.open(b.store).features(encoder), missing)):
+            loaded[bag.slide_id] = features
+    return loaded

@@ -5,6 +5,11 @@ class is their argmax; attention is the mean of the folds' attention (for ``clam
 the predicted class), so it still sums to 1; per-tile class scores are the mean of the folds' per-tile softmax
 (see :mod:`.models` for what a tile score is for each architecture).
 
+Out-of-fold scores: a slide of the run's own cohort was trained on by every fold model but one, so the
+ensemble's scores of it are flattering (its attention finds tumour the models were taught on that very slide).
+For such a slide :func:`predict` also writes the scores of the fold model that held it out as its test slide
+(the same probabilities as ``cv_predictions.csv``); heatmaps show those for training slides.
+
 :func:`predict` writes ``scores/<run>`` into every store and ``OUT/predictions/<run>/predictions.csv``
 (slide_id, ``prob_<class>`` per class, predicted). Slides that cannot be scored (no store, no features for the
 run's encoder, features of another size or from other weights) get a ``failures.csv`` row (stage
@@ -41,6 +46,7 @@ class Ensemble:
     models: list[MILModel] = field(repr=False)
     device: torch.device
     precision: str
+    held_out_by: dict[str, int] = field(default_factory=dict)   # slide id -> the fold whose test set held it
 
     def check_features(self, features: np.ndarray, source=None) -> None:
         """A bag this ensemble can score: (N >= 1, in_dim) and finite; else a ConfigError naming ``source``."""
@@ -53,15 +59,16 @@ class Ensemble:
         if not np.isfinite(features).all():
             raise ConfigError(source, "features contain NaN/inf", f"re-run `wsi extract --encoder {self.encoder}`")
 
-    def score_bag(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def score_bag(self, features: np.ndarray, *, fold: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``features`` (N, D) -> attention (N,) summing to 1, per-tile class scores (N, C), slide
-        probabilities (C,), averaged over the folds."""
+        probabilities (C,), averaged over the folds (or from fold ``fold``'s model alone)."""
         features = np.asarray(features, dtype=np.float32)
         self.check_features(features)
         x = torch.from_numpy(features).to(self.device)
         dtype = autocast_dtype(self.precision, self.device)
         with torch.inference_mode(), autocast_context(self.device, dtype):
-            outputs = [m(x) for m in self.models]
+            outputs = [m(x) for m in (self.models if fold is None else [self.models[fold]])]
         probs = torch.stack([torch.softmax(o.logits.float(), dim=0) for o in outputs]).mean(dim=0)
         predicted = int(probs.argmax())
         attention = torch.stack([o.attention_for(predicted).float() for o in outputs]).mean(dim=0)
@@ -108,7 +115,8 @@ def load_ensemble(model_dir, *, device: str | torch.device | None = None, precis
     return Ensemble(run=info["run"], model_name=info["model"]["name"], encoder=info["encoder"],
                     classes=list(info["classes"]), in_dim=int(info["model"]["in_dim"]), model_dir=model_dir,
                     feature_attrs=info.get("feature_attrs") or {}, models=models, device=device,
-                    precision=precision)
+                    precision=precision,
+                    held_out_by={s: i for i, fold in enumerate(info["folds"]) for s in fold.get("test", ())})
 
 
 @dataclass(frozen=True)
@@ -128,15 +136,23 @@ def _check_weights(ensemble: Ensemble, store: SlideStore) -> None:
 
 
 def _score_store(ensemble: Ensemble, store: SlideStore) -> np.ndarray:
-    """Score one store and write ``scores/<run>`` into it; returns the slide probabilities."""
+    """Score one store and write ``scores/<run>`` into it (with the out-of-fold scores of a slide of the run's
+    cohort); returns the ensemble's slide probabilities."""
     features = store.features(ensemble.encoder)
     ensemble.check_features(features, store.path)
     _check_weights(ensemble, store)
     attention, tile_scores, probs = ensemble.score_bag(features)
+    fold = ensemble.held_out_by.get(store.slide_id)
+    oof, oof_attrs = None, {}
+    if fold is not None:
+        oof_attention, oof_tiles, oof_probs = ensemble.score_bag(features, fold=fold)
+        oof = (oof_attention, oof_tiles)
+        oof_attrs = {"oof_fold": fold, "oof_probabilities": tuple(float(p) for p in oof_probs),
+                     "oof_predicted": ensemble.classes[int(np.argmax(oof_probs))]}
     store.write_scores(ensemble.run, attention, tile_scores, ScoreAttrs(
         run=ensemble.run, model=ensemble.model_name, encoder=ensemble.encoder, classes=tuple(ensemble.classes),
         probabilities=tuple(float(p) for p in probs), predicted=ensemble.classes[int(np.argmax(probs))],
-        wsi_version=__version__))
+        wsi_version=__version__, **oof_attrs), out_of_fold=oof)
     return probs
 
 

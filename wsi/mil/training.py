@@ -6,19 +6,33 @@
 ``run.json``               written last; ``complete: true``, the model config (rebuilds the network), encoder and
                            its feature attrs, classes (label map: name -> index), training parameters, the
                            slide ids of every fold, unlabelled and excluded slides, the metrics
-``fold_<i>.safetensors``   the weights of fold ``i`` at its best validation epoch
+``fold_<i>.safetensors``   the weights fold ``i`` keeps (below)
 ``fold_<i>.json``          per-epoch history of fold ``i`` (train/validation loss, learning rate, seconds)
-``cv_predictions.csv``     slide_id, patient_id, label, fold, ``prob_<class>`` per class, predicted
+``cv_predictions.csv``     slide_id, patient_id, label, fold, ``prob_<class>`` per class, predicted: each slide
+                           scored by the fold model that did not train on it (out of fold)
 ``metrics.json``           AUROC, balanced accuracy, F1, confusion matrix with 95% bootstrap CIs (:mod:`.metrics`)
 ``roc.png``                ROC curve(s) of the pooled out-of-fold predictions
 =========================  ====================================================================================
 
-Training: AdamW with cosine learning-rate decay over ``mil.epochs``, cross-entropy weighted by inverse class
-frequency (per bag: every bag's loss is scaled by its class weight), one bag per step, bags above
-``mil.max_train_tiles`` tiles subsampled (training only; validation and test use whole bags), early stopping
-when the validation loss has not improved for ``mil.patience`` epochs but not before ``mil.min_epochs`` (attention
-models often sit on a loss plateau for their first epochs), the best epoch's weights kept. Every
-random draw (initialisation, dropout, bag order, subsampling) comes from generators seeded by
+Training recipe (chosen by the ablation in ``bench/mil_quality.py``; figures in bench/RESULTS.md): AdamW,
+learning rate ``mil.lr`` with cosine decay to 1% over ``mil.epochs`` (``mil.schedule: constant`` keeps it),
+cross-entropy weighted by inverse class frequency (per bag: every bag's loss is scaled by its class weight), one
+bag per step, bags above ``mil.max_train_tiles`` tiles subsampled (training only; validation and test use whole
+bags).
+
+Validation (``mil.validation``, decided in :func:`.data.make_folds`): ``auto`` holds a validation fold out only
+when every fold's validation set would have at least ``mil.min_val_per_class`` slides of each class. Then a fold
+stops early when the validation loss has not improved for ``mil.patience`` epochs (not before
+``mil.min_epochs``) and keeps its best validation epoch. Otherwise, the usual case for cohorts of a few dozen
+slides, every non-test slide trains for ``mil.epochs`` epochs and the fold keeps the mean of its last
+``mil.average_last`` epochs' weights (``mil.keep: average``) or its epoch of least training loss
+(``mil.keep: train_loss``). Best-epoch selection on a handful of validation bags follows noise: on a 40-slide
+cohort it kept epoch 0 in 2 of 5 folds, and the held-out quarter of the slides was lost to training.
+
+Memory: a fold loads its training and validation bags once (``N x D`` float32 each, two reading threads) when
+they fit in ``mil.bag_cache_gb``; above that it re-reads them from the stores every epoch.
+
+Every random draw (initialisation, dropout, bag order, subsampling) comes from generators seeded by
 (``mil.seed``, fold), so the same seed gives the same weights on CPU. CUDA with autocast (bf16, else fp16 with
 loss scaling) when a GPU is present; folds ask Dask for ``GPU=1`` on GPU clusters, so one fold holds one GPU.
 """
@@ -47,7 +61,7 @@ from distributed import WorkerPlugin, as_completed, get_worker
 from .. import __version__
 from ..errors import ConfigError, record_failure
 from ..store import SlideStore, encoder_key
-from .data import Bag, Cohort, Fold, class_weights, format_ids, load_cohort, make_folds, subsample
+from .data import Bag, Cohort, Fold, class_weights, format_ids, load_bags, load_cohort, make_folds, subsample
 from .metrics import classification_metrics, plot_roc
 from .models import MILModel, create_model, model_config
 
@@ -62,9 +76,13 @@ class TrainParams:
     epochs: int
     min_epochs: int
     patience: int
+    keep: str
+    average_last: int
     lr: float
     weight_decay: float
+    schedule: str
     max_train_tiles: int
+    bag_cache_gb: float
     seed: int
     precision: str
 
@@ -107,30 +125,31 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def iter_bags(bags, encoder: str):
-    """Yield ``(bag, features (N, D) float32)`` one store at a time, reading the next bag in a thread while
-    the caller trains on the current one."""
+def iter_bags(bags, encoder: str, loaded=None):
+    """Yield ``(bag, features (N, D) float32)``: from ``loaded`` (slide id -> features) when it holds the bag,
+    else read from its store, the next bag in a thread while the caller works on the current one."""
+    loaded = loaded or {}
+
+    def read(bag: Bag) -> np.ndarray:
+        return loaded[bag.slide_id] if bag.slide_id in loaded else SlideStore.open(bag.store).features(encoder)
+
     if not bags:
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read_bag, bags[0], encoder)
+        pending = pool.submit(read, bags[0])
         for i, bag in enumerate(bags):
             features = pending.result()
             if i + 1 < len(bags):
-                pending = pool.submit(_read_bag, bags[i + 1], encoder)
+                pending = pool.submit(read, bags[i + 1])
             yield bag, features
 
 
-def _read_bag(bag: Bag, encoder: str) -> np.ndarray:
-    return SlideStore.open(bag.store).features(encoder)
-
-
-def _evaluate(model: MILModel, bags, encoder, device, dtype, weights: torch.Tensor):
+def _evaluate(model: MILModel, bags, encoder, device, dtype, weights: torch.Tensor, loaded=None):
     """(class-weighted mean loss, probabilities (n, C)) over whole bags."""
     model.eval()
     total, weight_sum, probs = 0.0, 0.0, []
     with torch.inference_mode():
-        for bag, features in iter_bags(bags, encoder):
+        for bag, features in iter_bags(bags, encoder, loaded):
             with autocast_context(device, dtype):
                 logits = model(torch.from_numpy(features).to(device)).logits.float()
             target = torch.tensor([bag.target], device=device)
@@ -140,9 +159,48 @@ def _evaluate(model: MILModel, bags, encoder, device, dtype, weights: torch.Tens
     return total / max(weight_sum, 1e-12), np.array(probs).reshape(len(bags), -1)
 
 
-def train_fold(task: FoldTask, *, device: str | torch.device | None = None) -> dict:
+class KeptWeights:
+    """The weights a fold keeps, chosen as its epochs end (see the module docstring): the best validation epoch
+    (``validation``), the epoch of least training loss (``train_loss``), or the mean of the last ``average_last``
+    epochs' weights (``average``; 1 = the last epoch)."""
+
+    def __init__(self, rule: str, epochs: int, average_last: int):
+        self.rule, self.first_averaged = rule, max(0, epochs - average_last)
+        self.state, self.loss, self.epoch, self.averaged = None, float("inf"), -1, 0
+
+    def update(self, model: MILModel, epoch: int, loss: float) -> bool:
+        """Offer the weights after ``epoch`` (with its selection loss); True when they are the best so far."""
+        current = model.state_dict()
+        if self.rule == "average":
+            if epoch < self.first_averaged:
+                return False
+            self.averaged += 1
+            if self.state is None:
+                self.state = {k: v.detach().clone() for k, v in current.items()}
+            else:  # running mean; integer buffers (none in our models) keep the latest value
+                for k, v in current.items():
+                    if v.is_floating_point():
+                        self.state[k] += (v.detach() - self.state[k]) / self.averaged
+                    else:
+                        self.state[k] = v.detach().clone()
+            self.epoch = epoch
+            return True
+        if self.state is None or loss < self.loss:
+            self.state = {k: v.detach().clone() for k, v in current.items()}
+            self.loss, self.epoch = loss, epoch
+            return True
+        return False
+
+    def describe(self) -> str:
+        if self.rule == "average":
+            return f"mean of epochs {self.first_averaged}-{self.epoch}"
+        return f"epoch {self.epoch} (least {'validation' if self.rule == 'validation' else 'training'} loss)"
+
+
+def train_fold(task: FoldTask, *, device: str | torch.device | None = None, loaded=None) -> dict:
     """Train fold ``task.fold``, write ``fold_<i>.safetensors`` and ``fold_<i>.json`` into ``task.run_dir``, and
-    return a small summary with the test slides' probabilities."""
+    return a small summary with the test slides' probabilities. ``loaded``: features already in memory (slide
+    id -> (N, D)); the fold's training and validation bags are loaded once besides, within ``bag_cache_gb``."""
     from safetensors.torch import save_file
 
     p = task.params
@@ -160,17 +218,20 @@ def train_fold(task: FoldTask, *, device: str | torch.device | None = None) -> d
     weights = torch.tensor(class_weights([b.target for b in task.train], n_classes), dtype=torch.float32,
                            device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=p.epochs, eta_min=p.lr * 0.01)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=p.epochs, eta_min=p.lr * 0.01)
+                if p.schedule == "cosine" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    loaded = load_bags(task.train + task.val, task.encoder, task.model["in_dim"], p.bag_cache_gb, loaded)
+    kept = KeptWeights("validation" if task.val else p.keep, p.epochs, p.average_last)
 
     started_at = time.time()
-    history, best_loss, best_epoch, best_state, stale = [], float("inf"), -1, None, 0
+    history, stale = [], 0
     for epoch in range(p.epochs):
         model.train()
         started = time.perf_counter()
         order = [task.train[i] for i in rng.permutation(len(task.train))]
         train_loss = 0.0
-        for bag, features in iter_bags(order, task.encoder):
+        for bag, features in iter_bags(order, task.encoder, loaded):
             keep = subsample(features.shape[0], p.max_train_tiles, rng)
             x = torch.from_numpy(features if keep is None else features[keep]).to(device)
             target = torch.tensor([bag.target], device=device)
@@ -185,25 +246,24 @@ def train_fold(task: FoldTask, *, device: str | torch.device | None = None) -> d
             train_loss += float(loss.detach())
         train_seconds = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"]
-        schedule.step()
-        val_loss, _ = _evaluate(model, task.val, task.encoder, device, dtype, weights)
+        if schedule is not None:
+            schedule.step()
+        val_loss = _evaluate(model, task.val, task.encoder, device, dtype, weights, loaded)[0] if task.val else None
         history.append({"epoch": epoch, "train_loss": train_loss / len(task.train), "val_loss": val_loss,
                         "lr": lr, "train_seconds": train_seconds,
                         "val_seconds": time.perf_counter() - started - train_seconds})
-        if best_state is None or val_loss < best_loss:
-            best_loss, best_epoch, stale = val_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= p.patience and epoch + 1 >= p.min_epochs:
-                break
-    model.load_state_dict(best_state)
-    _, test_probs = _evaluate(model, task.test, task.encoder, device, dtype, weights)
+        improved = kept.update(model, epoch, val_loss if task.val else train_loss / len(task.train))
+        stale = 0 if improved else stale + 1
+        if task.val and stale >= p.patience and epoch + 1 >= p.min_epochs:
+            break
+    model.load_state_dict(kept.state)
+    _, test_probs = _evaluate(model, task.test, task.encoder, device, dtype, weights, loaded)
 
     run_dir = Path(task.run_dir)
-    save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, run_dir / f"fold_{task.fold}.safetensors",
+    save_file({k: v.contiguous().cpu() for k, v in kept.state.items()}, run_dir / f"fold_{task.fold}.safetensors",
               metadata={"fold": str(task.fold), "model": task.model["name"], "encoder": task.encoder})
-    summary = {"fold": task.fold, "best_epoch": best_epoch, "best_val_loss": best_loss,
+    summary = {"fold": task.fold, "kept": kept.describe(), "best_epoch": kept.epoch,
+               "best_val_loss": kept.loss if task.val else None,
                "epochs_run": len(history), "device": str(device), "autocast": str(dtype) if dtype else "fp32",
                "class_weights": weights.cpu().tolist(), "n_train": len(task.train), "n_val": len(task.val),
                "n_test": len(task.test), "torch_threads": torch.get_num_threads(), "started": started_at,
@@ -314,7 +374,8 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     name = run_name(config)
     cohort = load_cohort(out_dir, config["labels"], encoder, classes=mil.get("classes"),
                          skip_missing=bool(mil.get("skip_missing")))
-    folds = make_folds(cohort, mil["folds"], mil["seed"])
+    folds = make_folds(cohort, mil["folds"], mil["seed"], validation=mil["validation"],
+                       min_val_per_class=mil["min_val_per_class"])
     model = model_config(mil["model"], cohort.in_dim, len(cohort.classes), mil)
     params = TrainParams.from_config(mil)
     _report_cohort(out_dir, cohort)
@@ -336,12 +397,13 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": model, "encoder": encoder,
             "feature_attrs": first.feature_attrs(encoder).to_dict(), "classes": list(cohort.classes),
             "label_map": {c: i for i, c in enumerate(cohort.classes)}, "labels": str(cohort.labels_path),
-            "training": {**asdict(params), "folds": len(folds), "optimizer": "AdamW",
-                         "schedule": "cosine to 1% of lr", "loss": "cross-entropy x inverse class frequency",
-                         "split": "given" if cohort.bags[0].split else "stratified, grouped by patient"},
+            "training": {**asdict(params), "validation": mil["validation"], "folds": len(folds),
+                         "optimizer": "AdamW", "loss": "cross-entropy x inverse class frequency",
+                         "split": "given" if cohort.bags[0].split else "stratified, grouped by patient",
+                         "validation_used": bool(folds[0].val)},
             "folds": [{"fold": f.index, "weights": f"fold_{f.index}.safetensors", "train": list(f.train),
                        "val": list(f.val), "test": list(f.test),
-                       **{k: r[k] for k in ("best_epoch", "best_val_loss", "epochs_run")}}
+                       **{k: r[k] for k in ("kept", "best_epoch", "best_val_loss", "epochs_run")}}
                       for f, r in zip(folds, results)],
             "unlabelled": list(cohort.unlabelled), "excluded": [list(e) for e in cohort.excluded],
             "metrics": {k: metrics[k] for k in ("auroc", "balanced_accuracy", "f1")},
