@@ -72,10 +72,10 @@ def run_slides(out_dir, stage: str, sources: Mapping[str, object], work: Callabl
         if slide_id in earlier:
             summary.skipped[slide_id] = f"failed at {earlier[slide_id]}"
             continue
-        if is_done is not None and is_done(slide_id):
-            summary.skipped[slide_id] = "up to date"
-            continue
-        try:
+        try:  # deciding whether a slide is done reads its result, which may be damaged: that fails it too
+            if is_done is not None and is_done(slide_id):
+                summary.skipped[slide_id] = "up to date"
+                continue
             result = work(slide_id)
         except Exception as e:  # one slide's failure, whatever it is, must not stop the cohort
             summary.failed[slide_id] = cause_of(e)

@@ -43,6 +43,7 @@ from distributed import WorkerPlugin, as_completed, get_worker
 
 from ..cluster import dask_client, gpu_resources, worker_device
 from ..errors import ConfigError, SlideError, StoreError, WsiError, clear_failure, record_failure
+from ..runner import cause_of
 from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, store_path
 from .encoders import Encoder, load_encoder, resolve_spec
 from .feed import HostRing, embed_blocks, staged_blocks
@@ -252,7 +253,7 @@ class _Cohort:
     def fail(self, slide_id: str, error: BaseException) -> None:
         if slide_id in self.summary.failed:
             return
-        cause = error.one_line() if isinstance(error, WsiError) else f"{type(error).__name__}: {error}"
+        cause = cause_of(error)
         self.summary.failed.append(slide_id)
         self.summary.causes[slide_id] = cause
         record_failure(self.out_dir, slide_id, STAGE, store_path(self.out_dir, slide_id), cause)

@@ -44,7 +44,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,7 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import ConfigError, StoreError, WsiError, clear_failure, record_failure
+from ..errors import ConfigError, StoreError, WsiError
+from ..runner import run_slides
 from ..store import SlideStore, open_cohort, store_path
 from .geojson import feature_collection
 from .images import blend, save_overlay, save_tile_grid
@@ -343,18 +343,17 @@ def heatmaps(out_dir, run: str, config: dict, *, slide_ids: list[str] | None = N
         if not slide_ids:
             raise StoreError(out_dir / "stores", f"no complete store has scores of model run {run!r}",
                              f"run `wsi predict --model {out_dir / 'models' / run}` first")
-    summary = HeatmapSummary()
-    for slide_id in tqdm(slide_ids, unit="slide", desc=STAGE, disable=not progress):
-        source = store_path(out_dir, slide_id)
-        try:
-            store = SlideStore.open(source)
-            if high_res or not _up_to_date(store, run, out_dir, params):
-                heatmap_slide(store, run, out_dir, params, high_res=high_res)
-            clear_failure(out_dir, slide_id, STAGE)
-            summary.done.append(slide_id)
-        except (WsiError, OSError) as e:
-            cause = e.one_line() if isinstance(e, WsiError) else f"{source}: {type(e).__name__}: {e}"
-            record_failure(out_dir, slide_id, STAGE, source, cause)
-            print(f"wsi heatmap: {cause}", file=sys.stderr, flush=True)
-            summary.failed.append(slide_id)
-    return summary
+    bar = tqdm(total=len(slide_ids), unit="slide", desc=STAGE, disable=not progress)
+
+    def is_done(slide_id: str) -> bool:  # high-res scores are not stored: always redone
+        bar.update()
+        return not high_res and _up_to_date(SlideStore.open(store_path(out_dir, slide_id)), run, out_dir, params)
+
+    def work(slide_id: str) -> None:
+        heatmap_slide(SlideStore.open(store_path(out_dir, slide_id)), run, out_dir, params, high_res=high_res)
+
+    ran = run_slides(out_dir, STAGE, {slide_id: store_path(out_dir, slide_id) for slide_id in slide_ids}, work,
+                     is_done=is_done)
+    bar.close()
+    return HeatmapSummary(done=ran.done + [s for s, why in ran.skipped.items() if why == "up to date"],
+                          failed=list(ran.failed))

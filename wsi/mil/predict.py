@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ConfigError, clear_failure, record_failure
+from ..errors import ConfigError
+from ..runner import run_slides
 from ..store import ScoreAttrs, SlideStore, open_cohort, store_path
 from .models import MILModel, create_model
 from .training import RUN_SCHEMA_VERSION, autocast_context, autocast_dtype, probability_columns, write_csv
@@ -161,23 +162,18 @@ def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = N
     one store at a time; returns where ``predictions.csv`` is and which slides were done or failed."""
     ensemble = load_ensemble(model_dir, precision=config["mil"]["precision"])
     if slide_ids is None:
-        targets = [(s.slide_id, s.path) for s in open_cohort(out_dir)]
+        targets = {s.slide_id: s.path for s in open_cohort(out_dir)}
     else:
-        targets = [(sid, store_path(out_dir, sid)) for sid in slide_ids]
-    rows, done, failed = [], [], []
-    for slide_id, path in targets:
-        try:
-            probs = _score_store(ensemble, SlideStore.open(path))
-        except Exception as e:  # one bad store must not stop the cohort; the row names the cause
-            cause = e.one_line() if hasattr(e, "one_line") else f"{type(e).__name__}: {e}"
-            record_failure(out_dir, slide_id, "predict", path, cause)
-            failed.append(slide_id)
-            continue
-        clear_failure(out_dir, slide_id, "predict")
+        targets = {sid: store_path(out_dir, sid) for sid in slide_ids}
+    rows = []
+
+    def work(slide_id: str) -> None:
+        probs = _score_store(ensemble, SlideStore.open(targets[slide_id]))
         rows.append([slide_id, *(float(p) for p in probs), ensemble.classes[int(np.argmax(probs))]])
-        done.append(slide_id)
+
+    ran = run_slides(out_dir, "predict", targets, work)
     folder = Path(out_dir) / "predictions" / ensemble.run
     folder.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(folder / "predictions.csv",
                          ["slide_id", *probability_columns(ensemble.classes), "predicted"], rows)
-    return PredictSummary(csv_path, done, failed)
+    return PredictSummary(csv_path, ran.done, list(ran.failed))
