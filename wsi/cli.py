@@ -216,7 +216,7 @@ def _print_training(run_dir: Path) -> None:
                   f"{h['train_loss']:.4f}{val}")
         kept = fold.get("kept") or f"epoch {fold['best_epoch'] + 1}"
         val = f" (validation loss {fold['best_val_loss']:.4f})" if fold.get("best_val_loss") is not None else ""
-        print(f"wsi train: fold {fold['fold']}: kept the weights of {kept}{val}")
+        print(f"wsi train: fold {fold['fold']}: weights kept: {kept}{val}")
     for name, metric in info["metrics"].items():
         values = metric.items() if "value" not in metric else [("", metric)]
         for cls, m in values:

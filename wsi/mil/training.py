@@ -193,8 +193,8 @@ class KeptWeights:
 
     def describe(self) -> str:
         if self.rule == "average":
-            return f"mean of epochs {self.first_averaged}-{self.epoch}"
-        return f"epoch {self.epoch} (least {'validation' if self.rule == 'validation' else 'training'} loss)"
+            return f"mean of epochs {self.first_averaged + 1}-{self.epoch + 1}"  # counted from 1, as logs do
+        return f"epoch {self.epoch + 1} (least {'validation' if self.rule == 'validation' else 'training'} loss)"
 
 
 def train_fold(task: FoldTask, *, device: str | torch.device | None = None, loaded=None) -> dict:
