@@ -70,18 +70,12 @@ def thumbnail_and_truth(kwargs: dict):
     """The slide's 8 um/px level as its file would hold it (rendered, then JPEG-coded) and the ground truth."""
     import imagecodecs
 
-    from wsi.demo import SyntheticSlide, _scene, _render_region
+    from wsi.demo import write_synthetic_slide
 
-    w, h = kwargs["width"], kwargs["height"]
-    scene = _scene(Path("bench.svs"), w, h, kwargs["mpp"], kwargs["seed"], [], kwargs["tumour_tiles"],
-                   kwargs["pen_marks"], kwargs["specks"], kwargs["lymphoid_aggregates"], kwargs["stain"],
-                   kwargs["hard"])
-    cols, rows = math.ceil(w / THUMB_DS), math.ceil(h / THUMB_DS)
-    rgb = _render_region(scene, THUMB_DS, 0, 0, cols, rows)
+    slide = write_synthetic_slide(Path("bench.svs"), write=False, **kwargs)
+    rgb = slide.render_level(THUMB_DS, 0, 0, math.ceil(slide.width / THUMB_DS), math.ceil(slide.height / THUMB_DS))
     rgb = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(rgb, level=85, outcolorspace="YCBCR",
                                                             subsampling="420"))
-    slide = SyntheticSlide(path=Path("bench.svs"), width=w, height=h, mpp=kwargs["mpp"], tumour_boxes=(),
-                           tissue_boxes=(), pen_boxes=(), speck_boxes=(), lymphoid_boxes=(), scene=scene)
     return rgb, slide.truth_masks(THUMB_DS)
 
 

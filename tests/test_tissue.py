@@ -18,7 +18,7 @@ from scipy import ndimage
 from wsi.config import load_config
 from wsi.demo import PEN_INKS, HardCases
 from wsi.errors import ConfigError
-from wsi.tissue import QC_OUTLINE_RGB, QC_REJECTED_RGB, TissueParams, qc_image, tissue_mask, tissue_masks
+from wsi.tissue import QC_OUTLINE_RGB, QC_REJECTED_RGB, TissueParams, qc_image, tissue_masks
 
 PARAMS = TissueParams.default()
 DATA = Path(__file__).parent / "data"
@@ -45,7 +45,7 @@ def truth_on(slide, downsample: float, shape) -> dict[str, np.ndarray]:
 def artefact_case(request, artefact_slide):
     """The artefact slide's thumbnail at 8 and 16 um/px, its mask and its ground truth on the same grid."""
     rgb, mpp, downsample = thumbnail(artefact_slide.path, request.param)
-    mask = tissue_mask(rgb, mpp, PARAMS)
+    mask = tissue_masks(rgb, mpp, PARAMS).tissue
     return artefact_slide, rgb, mask, truth_on(artefact_slide, downsample, mask.shape)
 
 
@@ -91,8 +91,8 @@ def test_no_speck_or_smudge_survives(artefact_case):
 def test_mask_is_stable_across_thumbnail_resolutions(artefact_slide):
     fine_rgb, fine_mpp, _ = thumbnail(artefact_slide.path, 8.0)
     coarse_rgb, coarse_mpp, _ = thumbnail(artefact_slide.path, 16.0)
-    fine = tissue_mask(fine_rgb, fine_mpp, PARAMS)
-    coarse = np.asarray(Image.fromarray(tissue_mask(coarse_rgb, coarse_mpp, PARAMS)).resize(
+    fine = tissue_masks(fine_rgb, fine_mpp, PARAMS).tissue
+    coarse = np.asarray(Image.fromarray(tissue_masks(coarse_rgb, coarse_mpp, PARAMS).tissue).resize(
         fine.shape[::-1], Image.Resampling.NEAREST))
     assert (fine & coarse).sum() / (fine | coarse).sum() >= 0.93
 
@@ -101,14 +101,14 @@ def test_scanner_colour_cast_does_not_change_the_mask(artefact_case):
     slide, rgb, mask, truth = artefact_case
     mpp = slide.mpp * slide.width / rgb.shape[1]
     yellowish = (rgb * np.array([0.97, 0.95, 0.84])).astype(np.uint8)
-    cast = tissue_mask(yellowish, mpp, PARAMS)
+    cast = tissue_masks(yellowish, mpp, PARAMS).tissue
     assert (cast & mask).sum() / (cast | mask).sum() > 0.99
     # a field of view inside stroma, with no glass to balance on, keeps its tissue
     depth = ndimage.distance_transform_edt(truth["tissue"] & ~truth["fat"] & ~truth["pen"])
     y, x = np.unravel_index(depth.argmax(), depth.shape)
     half = int(depth.max() / 1.5)
     inner = rgb[y - half:y + half, x - half:x + half]
-    assert inner.shape[0] >= 10 and tissue_mask(inner, mpp, PARAMS).all()
+    assert inner.shape[0] >= 10 and tissue_masks(inner, mpp, PARAMS).tissue.all()
 
 
 def test_all_glass_gives_an_empty_mask():
@@ -119,7 +119,7 @@ def test_all_glass_gives_an_empty_mask():
     for cy, cx, r in ((40, 300, 3), (250, 60, 2), (200, 330, 4)):  # dark dust
         glass[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (70, 65, 60)
     glass[100:104, 200:260] = (120, 95, 70)  # a brown fibre
-    mask = tissue_mask(glass.clip(0, 255).astype(np.uint8), 8.0, PARAMS)
+    mask = tissue_masks(glass.clip(0, 255).astype(np.uint8), 8.0, PARAMS).tissue
     assert mask.shape == (300, 400) and not mask.any()
 
 
@@ -132,7 +132,7 @@ def test_fragment_size_is_in_microns(mpp):
     fragment = (xx - 400) ** 2 + (yy - 400) ** 2 <= 30000 / np.pi
     fleck = (xx - 1200) ** 2 + (yy - 1200) ** 2 <= 5000 / np.pi
     rgb[fragment | fleck] = (215, 140, 185)
-    mask = tissue_mask(rgb, mpp, PARAMS)
+    mask = tissue_masks(rgb, mpp, PARAMS).tissue
     assert mask[fragment].mean() > 0.95 and not mask[fleck].any()
 
 
@@ -141,9 +141,9 @@ def test_holes_are_filled_only_when_small_and_asked():
     rgb[10:110, 10:110] = (215, 140, 185)
     rgb[25:30, 25:30] = 240  # a 1,600 um2 hole at 8 um/px
     rgb[50:95, 50:95] = 240  # a 129,600 um2 lumen
-    filled = tissue_mask(rgb, 8.0, PARAMS)
+    filled = tissue_masks(rgb, 8.0, PARAMS).tissue
     assert filled[25:30, 25:30].all() and not filled[55:90, 55:90].any()
-    kept = tissue_mask(rgb, 8.0, dataclasses.replace(PARAMS, fill_holes=False, close_um=0))
+    kept = tissue_masks(rgb, 8.0, dataclasses.replace(PARAMS, fill_holes=False, close_um=0)).tissue
     assert not kept[25:30, 25:30].any()
 
 
@@ -151,7 +151,7 @@ def test_real_slide_mask(real_slide_path):
     masks = {}
     for mpp in (4.0, 8.0):
         rgb, exact, _ = thumbnail(real_slide_path, mpp)
-        masks[mpp] = tissue_mask(rgb, exact, PARAMS)
+        masks[mpp] = tissue_masks(rgb, exact, PARAMS).tissue
     fine, coarse = masks[4.0], masks[8.0]
     # the section runs down the middle of the field; glass (with a few debris flecks) on either side
     assert 0.3 < fine.mean() < 0.5 and abs(fine.mean() - coarse.mean()) < 0.02
@@ -183,7 +183,7 @@ def test_params_round_trip_and_reject_bad_config():
     with pytest.raises(ConfigError, match="tissue.saturation_min: must be within 0..1"):
         dataclasses.replace(PARAMS, saturation_min=7)
     with pytest.raises(ValueError, match="RGB uint8"):
-        tissue_mask(np.zeros((10, 10), np.uint8), 8.0, PARAMS)
+        tissue_masks(np.zeros((10, 10), np.uint8), 8.0, PARAMS)
 
 
 # ------------------------------------------------------------------------------------------- hard cases

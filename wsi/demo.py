@@ -822,10 +822,10 @@ class SyntheticSlide:
 
     ``tissue_boxes`` bound each tissue piece (main pieces first, then small fragments), ``tumour_boxes`` each tumour
     region (the given boxes first, then the foci, then solid sheets), ``pen_boxes`` each pen stroke (one per ink, in
-    :data:`PEN_INKS` order: blue, green, black, red; then the strokes across tissue), ``speck_boxes`` each dust/debris speck and smudge, ``lymphoid_boxes`` each
-    lymphoid aggregate, all clipped to the slide. Boxes bound their objects (a focus fills about 80% of its box);
-    :meth:`truth_masks` gives the exact pixels and :meth:`render_level` the exact colours. ``scene`` is the
-    drawing's private description.
+    :data:`PEN_INKS` order: blue, green, black, red; then the strokes across tissue), ``speck_boxes`` each
+    dust/debris speck and smudge, ``lymphoid_boxes`` each lymphoid aggregate, all clipped to the slide. Boxes
+    bound their objects (a focus fills about 80% of its box); :meth:`truth_masks` gives the exact pixels and
+    :meth:`render_level` the exact colours. ``scene`` is the drawing's private description.
     """
 
     path: Path
@@ -932,7 +932,8 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
                           downsamples: Sequence[float] = (1, 4, 16), jpeg_quality: int = 85, kind: str = "aperio",
                           seed: int = 0, tumour_boxes: Sequence[Box] | None = None, tumour_tiles: int = 0,
                           pen_marks: bool = False, specks: bool = False, lymphoid_aggregates: int = 0,
-                          stain: tuple[float, float] = (1.0, 1.0), hard: HardCases | None = None) -> SyntheticSlide:
+                          stain: tuple[float, float] = (1.0, 1.0), hard: HardCases | None = None,
+                          write: bool = True) -> SyntheticSlide:
     """Write a pyramidal JPEG-tiled H&E-like slide to ``path``; return its ground truth.
 
     ``kind`` is ``aperio`` (SVS-like, MPP in the description), ``generic`` (tiled TIFF, MPP in the
@@ -949,7 +950,9 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
     about +-30%). ``hard`` (:class:`HardCases`) adds what tissue detection gets wrong on real slides: solid
     high-grade tumour sheets (crowded, dark, blue), haemorrhage (as red as red ink), mucin (pale blue-grey),
     marker strokes across tissue, stitched scanner fields of grey glass with brightness steps beside white
-    padding, and a glass colour cast. Deterministic for a ``seed``.
+    padding, and a glass colour cast. Deterministic for a ``seed``. ``write=False`` only draws the scene: the
+    returned slide's :meth:`~SyntheticSlide.render_level` and :meth:`~SyntheticSlide.truth_masks` work, no file
+    is written (for benchmarks that need only a coarse level).
     """
     path = Path(path)
     ds = _check_args(path, width, height, mpp, tile, downsamples, jpeg_quality, kind)
@@ -963,9 +966,9 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
                    pen_marks, specks, lymphoid_aggregates, stain, hard)
     sizes = [(max(1, math.ceil(width / d)), max(1, math.ceil(height / d))) for d in ds]
 
-    if kind == "dicom":
+    if write and kind == "dicom":
         _write_dicom(path, scene, ds, sizes, tile, jpeg_quality, mpp)
-    else:
+    elif write:
         _write_tiff(path, scene, ds, sizes, tile, jpeg_quality, mpp, kind)
 
     boxes = lambda objs: tuple(_clip_box(o.box(), width, height) for o in objs)  # noqa: E731

@@ -36,8 +36,8 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .errors import SlideError
 from .atomic import replacing
+from .errors import SlideError
 from .levels import LevelCheck, mark_qc
 from .runner import run_slides
 from .slide import Slide, level0_position, load_mpp_overrides, open_slide, slide_id_from_path, source_stat

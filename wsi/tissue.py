@@ -70,9 +70,9 @@ PADDING_RING_PX = 6  # JPEG rings this far into the glass beside padding; left o
 GLASS_FIELD_TOLERANCE = 0.06  # a field's glass pixels are within this share of the slide's glass colour
 INK_MIN_UM2 = 5000.0  # a smaller ink-coloured speck is left to the fragment-size test (dust, a nucleus or two)
 INK_MAX_RED_OVER_BLUE = 0.42  # blue ink regions: mean red/blue at most this (dense tumour: 0.7 and more)
-STROKE_MIN_ELONGATION = 3.0
+STROKE_MIN_ELONGATION = 3.0  # red regions at least this long for their width are ink strokes; rounder ones blood
 RED_INK_MAX_BLUE_OVER_GREEN = 0.4  # red ink and blood: (B - G) / (R - G) at most this; eosin's pink has 0.5 and more
-INK_KINDS = ("green", "blue", "black", "red")  # red regions at least this long for their width are ink strokes; rounder ones blood
+INK_KINDS = ("green", "blue", "black", "red")  # the order candidate colours claim a pixel in
 
 
 @dataclass(frozen=True)
@@ -176,11 +176,6 @@ def tissue_masks(rgb: np.ndarray, mpp: float, params: TissueParams) -> TissueMas
     return TissueMasks(tissue=kept, ink=ink, debris=tissue & ~kept)
 
 
-def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
-    """Boolean (h, w) tissue mask of an RGB uint8 thumbnail (h, w, 3) whose pixels are ``mpp`` um wide."""
-    return tissue_masks(rgb, mpp, params).tissue
-
-
 def qc_image(rgb: np.ndarray, tissue: np.ndarray, rejected: np.ndarray | None = None) -> np.ndarray:
     """A copy of the thumbnail with the tissue outlined in green and what was rejected (ink, debris) in
     magenta (2 px each, drawn inside each region), for a per-slide QC PNG."""
@@ -192,8 +187,7 @@ def qc_image(rgb: np.ndarray, tissue: np.ndarray, rejected: np.ndarray | None = 
         mask = np.asarray(mask, bool)
         if rgb.shape[:2] != mask.shape:
             raise ValueError(f"qc_image: thumbnail {rgb.shape[:2]} and mask {mask.shape} differ in size")
-        inner = cv2.erode(mask.view(np.uint8), _CROSS, iterations=2, borderType=cv2.BORDER_CONSTANT,
-                          borderValue=0).view(bool)
+        inner = _erode(_erode(mask, 1, outside=0), 1, outside=0)  # a disc of radius 1 is the 4-neighbour cross
         out[mask & ~inner] = colour
     return out
 
@@ -319,9 +313,6 @@ def _distance_inside(mask: np.ndarray) -> np.ndarray:
     """Euclidean distance (float32) of each mask pixel to the nearest pixel outside it (0 outside)."""
     padded = cv2.copyMakeBorder(mask.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-
-
-_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)  # 4-neighbour structuring element
 
 
 def _disc(radius: float) -> np.ndarray:
