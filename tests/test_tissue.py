@@ -279,6 +279,30 @@ def test_blood_is_told_from_red_ink_by_shape(keep_blood):
         assert masks.ink[inner_pool].mean() >= 0.95
 
 
+def test_red_ink_is_followed_across_dark_tumour_a_pool_of_blood_and_a_crossing_stroke():
+    """A red stroke runs from the glass over dense dark-blue tumour (where the mix is a purple H&E also shows),
+    through a pool of blood (a darker red inside a wide red region) and out onto the glass again, where a blue
+    stroke crossing it cuts off a short red stub. All of the red stroke goes; the tumour and the blood beside it
+    stay."""
+    rgb, tissue, rng = _drawn((200, 260))
+    h, w = tissue.shape
+    yy, xx = np.mgrid[:h, :w]
+    tumour = tissue & ((yy - 100) ** 2 + (xx - 85) ** 2 <= 30 ** 2)
+    rgb[tumour] = np.array([108, 82, 150]) * rng.normal(1, 0.12, tumour.sum())[:, None]
+    pool = tissue & ((yy - 100) ** 2 + (xx - 170) ** 2 <= 24 ** 2)
+    rgb[pool] = (189, 53, 66)
+    red = (np.abs(yy - 100) <= 5) & (xx >= 5) & (xx <= 252)
+    blue = (np.abs(xx - 236) <= 5) & (yy >= 20) & (yy <= 180)
+    rgb[red] *= np.array([0.80, 0.17, 0.22])
+    rgb[blue] = rgb[blue] / rgb[blue].max(axis=1, keepdims=True) * 242 * np.array([0.20, 0.34, 0.76])
+    masks = tissue_masks(_finish(rgb, rng), 8.0, PARAMS)
+    for part in (tumour, pool, red & (xx > 241)):  # over tumour, over blood, the stub beyond the blue stroke
+        assert masks.ink[red & part].mean() >= 0.9 and masks.tissue[red & part].mean() <= 0.05
+    away = ~ndimage.binary_dilation(red, iterations=3)
+    assert masks.tissue[tumour & away].mean() >= 0.995
+    assert masks.tissue[ndimage.binary_erosion(pool, iterations=2) & away].mean() >= 0.97
+
+
 def test_grey_stitched_glass_beside_white_padding_is_not_tissue():
     """A scanner imaged fields of light-grey glass (241-247, a step at each seam) and wrote pure white
     padding elsewhere; read against the padding, the grey glass would pass for faint stain."""

@@ -72,6 +72,8 @@ INK_MIN_UM2 = 5000.0  # a smaller ink-coloured speck is left to the fragment-siz
 INK_MAX_RED_OVER_BLUE = 0.42  # blue ink regions: mean red/blue at most this (dense tumour: 0.7 and more)
 STROKE_MIN_ELONGATION = 3.0  # red regions at least this long for their width are ink strokes; rounder ones blood
 RED_INK_MAX_BLUE_OVER_GREEN = 0.4  # red ink and blood: (B - G) / (R - G) at most this; eosin's pink has 0.5 and more
+RUN_ON_MIN = 0.7  # ink over tissue adds at least this share of the ink's density (full strokes 0.85-1; a dense
+# tumour beside pale stroma reads as at most 0.56 of blue ink's, haematoxylin absorbing much as blue ink does)
 INK_KINDS = ("green", "blue", "black", "red")  # the order candidate colours claim a pixel in
 
 
@@ -162,7 +164,7 @@ def tissue_masks(rgb: np.ndarray, mpp: float, params: TissueParams) -> TissueMas
         ink = _ink(r, g, b, hi, saturation, stain_hue & (brightness < 0.9), mpp, params.keep_blood)
         saturation[ink] = 0
     stained = (brightness <= params.brightness_max) & (saturation >= params.saturation_min)
-    faint = (brightness <= params.brightness_max) | (stain_tint & ~ink)
+    faint = ((brightness <= params.brightness_max) | stain_tint) & ~ink  # no bridge over a stroke to a smudge
     tissue = (stained | (faint & _touching(faint, stained))) & ~ink
 
     radius = params.close_um / mpp
@@ -255,6 +257,7 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
     )
     ink = np.zeros(r.shape, bool)
     taken = np.zeros(r.shape, bool)
+    decided = []  # (ink colour, its decided ink)
     for kind, pixels in zip(INK_KINDS, ink_colour):
         pixels = pixels & ~taken  # each pixel belongs to the first ink colour it has (crossing strokes part)
         taken |= pixels
@@ -267,14 +270,89 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
         big[0] = False
         if kind == "blue":  # dense tumour's darkest pixels are as blue, but never a whole region
             red_over_blue = np.bincount(at, weights=r[pixels] / np.maximum(b[pixels], 1e-6), minlength=n + 1)
-            ink |= (big & (red_over_blue <= INK_MAX_RED_OVER_BLUE * area))[labels]
+            kind_ink = (big & (red_over_blue <= INK_MAX_RED_OVER_BLUE * area))[labels]
         elif kind == "red" and keep_blood:  # blood is as red: strokes are told from pools by their shape
-            ink |= _red_strokes(labels, np.flatnonzero(big))
+            kind_ink = _red_strokes(labels, np.flatnonzero(big))
         else:  # green and black are never H&E's colours
-            ink |= big[labels]
+            kind_ink = big[labels]
+        ink |= kind_ink
+        decided.append((kind, kind_ink))
+    blood = pixels & ~ink  # red, not ink: what hides the other inks
+    if ink.any():  # strokes run on where what lies under them hides their colour
+        od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
+        for kind, kind_ink in decided:
+            if not kind_ink.any():
+                continue
+            host = ((r + g + b) < 2.7) & ~ink  # anything but glass
+            if kind == "red":
+                if keep_blood:  # red pieces cut off by a crossing stroke
+                    ink |= _red_stubs(kind_ink, pixels, ink)
+                    host &= ~ink
+            else:  # blue, green and black keep their colour over stain (blue ink and haematoxylin absorb
+                host &= _dilate(blood, 3 * _half_width(kind_ink))  # alike), not over blood, so look there only
+            ink |= _run_on(kind_ink, host, blood & ~ink, od)
     for _ in range(2):
         ink |= _dilate(ink, 1.5) & ~stain
     return ink
+
+
+def _run_on(strokes: np.ndarray, host: np.ndarray, blood: np.ndarray, od: np.ndarray) -> np.ndarray:
+    """Where ink ``strokes`` of one colour run on over ``host`` pixels whose colour hides them from the colour
+    tests: red ink over dark-blue tumour is a purple that H&E also shows, any ink over blood is a darker red or
+    near black.
+
+    A marker absorbs on top of what lies under it, so in optical density (``od``: -log of the glass-relative
+    RGB) ink over tissue is the tissue's density plus the ink's. The ink's density is its median over the
+    strokes; what lies under a host pixel is the mean of the host pixels of its own kind around it (``blood``
+    apart from the rest) in a window eight stroke half-widths wide, refined once with the inked pixels left out.
+    A pixel is inked when its excess over that points along the ink's density (within about 27 degrees) with at
+    least half its strength. Inked pixels connected to a stroke (or within half its width of it) are ink where no
+    wider than the stroke: an opening by a disc of 1.5 half-widths takes away a whole region of dark stain."""
+    ink_od = np.median(od[strokes], axis=0)
+    strength = float(ink_od @ ink_od)
+    half_width = _half_width(strokes)
+    window = (2 * int(4 * half_width) + 1,) * 2
+    darker = np.zeros(strokes.shape, bool)  # left out of the estimate of what lies under (ink, and what may be)
+    for _ in range(3):
+        excess = np.zeros_like(od)
+        measured = np.zeros(strokes.shape, bool)
+        for kind in (host & blood, host & ~blood):
+            under = (kind & ~darker).astype(np.float32)
+            weight = cv2.boxFilter(under, -1, window)
+            around = cv2.boxFilter(od * under[..., None], -1, window) / np.maximum(weight, 1e-6)[..., None]
+            excess[kind] = (od - around)[kind]
+            measured |= kind & (weight > 0.05)
+        along = excess @ ink_od / strength  # in units of the ink's density
+        off_line = np.linalg.norm(excess - along[..., None] * ink_od, axis=2)
+        darker = measured & (along >= 0.5 * RUN_ON_MIN)
+    inked = measured & (along >= RUN_ON_MIN) & (off_line <= 0.5 * along * np.sqrt(strength))
+    run_on = _touching(inked, _dilate(strokes, half_width)) & inked & ~strokes  # a rim pixel or two may part them
+    return run_on & ~_dilate(_distance_inside(run_on) >= 1.5 * half_width, 1.5 * half_width)
+
+
+def _red_stubs(strokes: np.ndarray, red: np.ndarray, ink: np.ndarray) -> np.ndarray:
+    """The ``red`` pieces (not ``ink``) that a crossing stroke of another colour cut from red ink ``strokes``,
+    too short to pass as strokes alone: those within three half-widths of a stroke across another colour's ink,
+    and nowhere wider than the stroke (a pool of blood the crossing stroke covers is wider)."""
+    half_width = _half_width(strokes)
+    crossing = _dilate(strokes, 3 * half_width) & ink & ~strokes
+    pieces, n = _label(red & ~ink)
+    if n == 0 or not crossing.any():
+        return np.zeros(red.shape, bool)
+    stub = np.zeros(n + 1, bool)
+    stub[pieces[_dilate(crossing, 1.5)]] = True
+    widest = np.zeros(n + 1, np.float32)
+    np.maximum.at(widest, pieces.ravel(), _distance_inside(pieces > 0).ravel())
+    stub &= widest <= 1.5 * half_width
+    stub[0] = False
+    return stub[pieces]
+
+
+def _half_width(mask: np.ndarray) -> float:
+    """A mask's typical half-width: the median distance to its edge along its ridge (at least one pixel)."""
+    depth = _distance_inside(mask)
+    ridge = mask & (depth >= cv2.dilate(depth, np.ones((3, 3), np.uint8)))
+    return max(float(np.median(depth[ridge])), 1.0)
 
 
 def _red_strokes(labels: np.ndarray, regions: np.ndarray) -> np.ndarray:
