@@ -350,7 +350,8 @@ class TileResult:
 
 def tile_slides(paths, out_dir, config: dict, *, progress: bool = True) -> list[TileResult]:
     """Tile every slide through the stage runner (:func:`wsi.runner.run_slides`): a bad slide gets a one-line
-    error and a ``failures.csv`` row, the rest go on. Returns one result per slide id, in order.
+    error and a ``failures.csv`` row, the rest go on; a done slide gets a line (tiles, MPP, seconds) on stdout as
+    it ends. Returns one result per slide id, in order.
 
     Two files with the same slide id fail together: their stores would overwrite each other.
     """
@@ -366,7 +367,10 @@ def tile_slides(paths, out_dir, config: dict, *, progress: bool = True) -> list[
                              "rename one of them: each slide id names one store")
         start = time.perf_counter()
         store = tile_slide(path, out_dir, config, mpp_overrides=overrides, progress=progress)
-        return store.n_tiles, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        print(f"wsi tile: {slide_id}: {store.n_tiles} tiles, slide {store.slide.mpp_x:.3f} um/px, {seconds:.1f} s",
+              flush=True)  # as each slide ends: a job tiles a batch of slides
+        return store.n_tiles, seconds
 
     summary = run_slides(out_dir, "tile", {slide_id: found[0] for slide_id, found in files.items()}, work)
     return [TileResult(slide_id, found[0], *summary.results[slide_id]) if slide_id in summary.results
