@@ -7,7 +7,8 @@
                            its feature attrs, classes (label map: name -> index), training parameters, the
                            slide ids of every fold, unlabelled and excluded slides, the metrics
 ``fold_<i>.safetensors``   the weights fold ``i`` keeps (below)
-``fold_<i>.json``          per-epoch history of fold ``i`` (train/validation loss, learning rate, seconds)
+``fold_<i>.json``          per-epoch history of fold ``i`` (train/validation loss, validation balanced
+                           accuracy, learning rate, seconds), also logged as each epoch ends
 ``cv_predictions.csv``     slide_id, patient_id, label, fold, ``prob_<class>`` per class, predicted: each slide
                            scored by the fold model that did not train on it (out of fold)
 ``metrics.json``           AUROC, balanced accuracy, F1, confusion matrix with 95% bootstrap CIs (:mod:`.metrics`)
