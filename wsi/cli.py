@@ -252,7 +252,7 @@ def run(args) -> int:
                                 "cluster": _cluster_override(args.cluster)})
         config = _config(args, overrides)
         summary = extract_cohort(args.out, config, slide_ids=args.slide_ids or None, progress=args.progress)
-        return _finish(args, config, _items(summary, "done", "skipped", "failed"))
+        return _finish(args, config, summary.outcomes.items())
 
     if args.command == "train":
         return _train(args)
