@@ -38,6 +38,7 @@ from PIL import Image
 from . import __version__
 from .atomic import replacing
 from .errors import SlideError
+from .layout import Layout
 from .levels import LevelCheck, mark_qc
 from .runner import run_slides
 from .slide import Slide, level0_position, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
@@ -277,7 +278,7 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
         thumb, mask_ds = read_thumbnail(slide, tissue.mask_mpp, levels)
         masks = tissue_masks(thumb, mask_ds * slide.mpp_x, tissue)
         mask = masks.tissue
-        _write_png(Path(out_dir) / "qc" / f"{slide.slide_id}.png",
+        _write_png(Layout(out_dir).qc(slide.slide_id),
                    mark_qc(qc_image(thumb, mask, masks.rejected), levels))
         if not mask.any():
             inked = f" ({masks.ink.mean():.0%} of it is marker ink)" if masks.ink.any() else ""

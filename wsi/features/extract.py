@@ -43,6 +43,7 @@ from distributed import WorkerPlugin, as_completed, get_worker
 
 from ..cluster import dask_client, gpu_resources, worker_device
 from ..errors import ConfigError, SlideError, StoreError, WsiError
+from ..layout import Layout
 from ..runner import StageRun, StageSummary
 from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, store_path
 from .encoders import Encoder, load_encoder, resolve_spec
@@ -81,7 +82,7 @@ class ExtractSummary:
 
 def h5_path(out_dir, encoder: str, slide_id: str) -> Path:
     """``OUT/features/<encoder key>/<slide_id>.h5``, the CLAM/TRIDENT-style export."""
-    return Path(out_dir) / "features" / encoder_key(encoder) / f"{slide_id}.h5"
+    return Layout(out_dir).features_h5(encoder_key(encoder), slide_id)
 
 
 # ------------------------------------------------------------------------------------------ on the workers
@@ -248,7 +249,7 @@ def complete_slide(path: str, encoder: str, attrs: dict, h5: str | None, *range_
 def _cohort_ids(out_dir: Path, slide_ids: list[str] | None) -> list[str]:
     if slide_ids is not None:
         return list(slide_ids)
-    return sorted(p.name[:-len(".zarr")] for p in (out_dir / "stores").glob("*.zarr"))
+    return Layout(out_dir).store_ids()
 
 
 def task_ranges(n_tiles: int, chunk_tiles: int, tiles_per_task: int) -> list[tuple[int, int]]:

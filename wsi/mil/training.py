@@ -45,7 +45,6 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 import sys
 import threading
@@ -62,13 +61,13 @@ from distributed import WorkerPlugin, as_completed, get_worker
 
 from .. import __version__
 from ..errors import ConfigError, record_failure
-from ..store import SlideStore, encoder_key
+from ..layout import Layout, run_name
+from ..store import SlideStore
 from .data import Bag, Cohort, Fold, class_weights, format_ids, load_bags, load_cohort, make_folds, subsample
 from .metrics import _point_metrics, classification_metrics, plot_roc
 from .models import MILModel, create_model, model_config
 
 RUN_SCHEMA_VERSION = 1
-_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -359,24 +358,14 @@ def write_csv(path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def run_name(config: dict) -> str:
-    """``mil.run_name``, or ``<model>_<encoder key>``; a plain folder name."""
-    name = config["mil"].get("run_name") or f"{config['mil']['model']}_{encoder_key(config['extract']['encoder'])}"
-    if not _RUN_NAME.match(name):
-        raise ConfigError(None, f"mil.run_name {name!r} is not a plain folder name",
-                          "use letters, digits, '.', '_' and '-'")
-    return name
-
-
-def _commit_dir(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an old run there is replaced as a whole."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
+def _commit_dir(tmp: Path, final: Path, old: Path) -> None:
+    """Rename ``tmp`` to ``final``; an old run there is replaced as a whole, moved to ``old`` on its way out."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    os.replace(final, old)
     os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _report_cohort(out_dir, cohort: Cohort) -> None:
@@ -405,9 +394,9 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     params = TrainParams.from_config(mil)
     _report_cohort(out_dir, cohort)
 
-    models_dir = Path(out_dir) / "models"
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = models_dir / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+    layout = Layout(out_dir)
+    layout.models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = layout.partial_run(name)
     tmp.mkdir()
     by_id = {b.slide_id: b for b in cohort.bags}
     tasks = [FoldTask(str(tmp), f.index, encoder, model, params, *(tuple(by_id[s] for s in ids)
@@ -433,8 +422,8 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
             "unlabelled": list(cohort.unlabelled), "excluded": [list(e) for e in cohort.excluded],
             "metrics": {k: metrics[k] for k in ("auroc", "balanced_accuracy", "f1")},
         })
-        final = models_dir / name
-        _commit_dir(tmp, final)
+        final = layout.run_dir(name)
+        _commit_dir(tmp, final, layout.partial_run(name, "old"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
