@@ -1,13 +1,14 @@
 """Feature extraction over a cohort of stores, as a Dask graph.
 
-Per slide, in this order: skip it when its ``features/<encoder>`` are complete; open the store (an incomplete
-or unreadable one is a failure); create the feature array, chunked like the tiles; one task per range of
+Per slide, in this order (outcomes recorded by the stage runner, :class:`wsi.runner.StageRun`): skip it when it
+failed an earlier stage, or when its ``features/<encoder>`` are complete; open the store (an incomplete or
+unreadable one is a failure); create the feature array, chunked like the tiles; one task per range of
 ``extract.tiles_per_task`` tiles (a multiple of ``tiling.chunk_tiles``, so no two tasks write one chunk); a
 final task that checks every row is written and finite, marks the array complete and writes the h5 export.
 A task that fails, or whose worker dies more often than the scheduler allows, fails its slide only: the
 slide gets a ``failures.csv`` row, its array stays incomplete (the next run redoes it), the others go on.
 A worker that dies mid-task has its task re-run on another worker; ranges are rewritten whole, so a retry
-leaves no holes.
+leaves no holes. Each slide done gets a line on stdout as it ends (tiles, seconds its tasks took on the workers).
 
 Workers
 -------
