@@ -30,7 +30,7 @@ def or_exit(check, *args):
 
 
 RUN = or_exit(run_name, config)
-MODEL_DIR = Path(config["model_dir"]) if PREDICT_ONLY else LAYOUT.run_dir(RUN)
+MODEL_DIR = LAYOUT.model_dir(config, RUN)
 
 # `snakemake --unlock` only removes Snakemake's lock: it must work with any config, even a wrong one.
 UNLOCKING = "--unlock" in sys.argv

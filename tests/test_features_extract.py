@@ -14,7 +14,7 @@ from distributed import Client, WorkerPlugin
 from test_features_encoders import lite0_checkpoint, plain_forward, save_tiny
 from wsi.cluster import local_cluster
 from wsi.config import load_config
-from wsi.errors import ConfigError, read_failures
+from wsi.errors import ConfigError, read_failures, record_failure
 from wsi.features import extract_cohort, h5_path
 from wsi.features.extract import check_pinned, device_settings
 from wsi.slide import open_slide
@@ -154,7 +154,7 @@ def test_tasks_sharing_a_gpu_must_fit_in_the_page_locked_budget():
         check_pinned(2, 512, 256, 8192, 1536, 512, 128 << 20)
 
 
-def test_bad_stores_fail_alone_with_one_row_each(cluster, tiny_vit, tmp_path):
+def test_bad_stores_fail_alone_with_one_row_each(cluster, tiny_vit, tmp_path, capsys):
     write_store(tmp_path, "good", tissue_like(20, 32, 6))
     corrupt = write_store(tmp_path, "corrupt", tissue_like(20, 32, 7))
     (corrupt.path / "tiles" / "c" / "1" / "0" / "0" / "0").write_bytes(b"\x00garbage" * 10)
@@ -162,12 +162,18 @@ def test_bad_stores_fail_alone_with_one_row_each(cluster, tiny_vit, tmp_path):
     unfinished.group.attrs["complete"] = False  # as if tiling had been killed before its commit
     (store_path(tmp_path, "broken") / "zarr.json").parent.mkdir(parents=True)
     (store_path(tmp_path, "broken") / "zarr.json").write_text("{not json")
+    untiled = write_store(tmp_path, "untiled", tissue_like(4, 32, 9))  # its tiling failed: a row says why
+    untiled.group.attrs["complete"] = False
+    record_failure(tmp_path, "untiled", "tile", "untiled.svs", "SlideError: no tissue found on the slide")
 
     summary = extract_cohort(tmp_path, config(cluster, tiny_vit), slide_ids=None, progress=False)
-    assert summary.done == ["good"]
+    assert summary.done == ["good"] and summary.skipped == ["untiled"]
+    assert summary.outcomes.skipped == {"untiled": "failed at tile"}  # not failed again with other advice
     assert sorted(summary.failed) == ["broken", "corrupt", "unfinished"]
-    rows = {r["slide_id"]: r for r in read_failures(tmp_path)}
-    assert set(rows) == {"broken", "corrupt", "unfinished"} and {r["stage"] for r in rows.values()} == {"extract"}
+    assert "wsi extract: good: 20 tiles, " in capsys.readouterr().out  # a line per slide as it ends
+    rows = {r["slide_id"]: r for r in read_failures(tmp_path) if r["stage"] == "extract"}
+    assert set(rows) == {"broken", "corrupt", "unfinished"}
+    assert [r["slide_id"] for r in read_failures(tmp_path) if r["stage"] == "tile"] == ["untiled"]
     assert "tiles 8:16 cannot be decoded" in rows["corrupt"]["cause"]  # the damaged chunk
     assert "incomplete" in rows["unfinished"]["cause"]
     assert "not a readable Zarr store" in rows["broken"]["cause"]

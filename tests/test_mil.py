@@ -367,6 +367,47 @@ def test_one_fold_at_a_time_per_worker_using_all_its_threads(tmp_path):
     assert all(a["finished"] <= b["started"] for a, b in zip(folds, folds[1:]))
 
 
+class _LineRecorder:
+    """stdout that notes, for each line printed, whether the model run folder existed at that moment."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.lines, self.partial = run_dir, [], ""
+
+    def write(self, text):
+        self.partial += text
+        *done, self.partial = self.partial.split("\n")
+        self.lines += [(line, self.run_dir.exists()) for line in done]
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_train_log_shows_each_folds_epochs_while_the_folds_run(tmp_path, monkeypatch):
+    """Epoch lines (losses, validation balanced accuracy) reach the log from the Dask workers as the epochs
+    end, in order, each fold's ended by the weights it kept, all before the run folder exists."""
+    import sys
+
+    labels, _ = make_cohort(tmp_path, n_per_class=6)
+    config = mil_config(labels, epochs=3, min_epochs=3, bootstrap=0, validation="always", run_name="live")
+    recorder = _LineRecorder(tmp_path / "models" / "live")
+    monkeypatch.setattr(sys, "stdout", recorder)
+    run_dir = train(tmp_path, config, progress=False)
+    monkeypatch.undo()
+
+    lines = [(line, existed) for line, existed in recorder.lines if line.startswith("wsi train: fold ")]
+    assert lines and not any(existed for _, existed in lines), "fold lines printed after the run was written"
+    info = json.loads((run_dir / "run.json").read_text())
+    for fold in info["folds"]:
+        own = [line for line, _ in lines if line.startswith(f"wsi train: fold {fold['fold']}")]
+        assert len(own) == fold["epochs_run"] + 1
+        for epoch, line in enumerate(own[:-1], start=1):
+            assert line.startswith(f"wsi train: fold {fold['fold']} epoch {epoch}/3: train loss ")
+            assert ", validation loss " in line and ", balanced accuracy " in line
+        assert own[-1] == (f"wsi train: fold {fold['fold']}: weights kept: {fold['kept']} "
+                           f"(validation loss {fold['best_val_loss']:.4f})")
+
+
 def test_same_seed_trains_to_identical_weights_and_predictions(tmp_path):
     labels, _ = make_cohort(tmp_path, n_per_class=6)
     config = mil_config(labels, epochs=3)

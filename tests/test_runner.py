@@ -2,6 +2,7 @@
 
 import doctest
 import os
+from pathlib import Path
 
 import wsi.atomic
 import wsi.runner
@@ -54,3 +55,13 @@ def test_layout_names_the_paths_the_stages_share(tmp_path):
     (tmp_path / "models" / ".run.partial-1234").mkdir(parents=True)
     (tmp_path / "models" / ".other.partial-1234").mkdir()
     assert layout.partial_runs("run") == [tmp_path / "models" / ".run.partial-1234"]
+    old = layout.partial_run("run", "old")  # what a training moves the run it replaces to: found as a leftover
+    old.mkdir()
+    assert layout.partial_runs("run") == [old, tmp_path / "models" / ".run.partial-1234"]
+    assert layout.partial_run("run") != layout.partial_run("run")  # two trainings never share a folder
+    assert layout.model_dir({"mode": "train"}, "run") == tmp_path / "models" / "run"
+    assert layout.model_dir({"mode": "predict", "model_dir": "/site/models/v2"}, "v2") == Path("/site/models/v2")
+    for run in ("a", "b"):
+        layout.predictions_csv(run).parent.mkdir(parents=True)
+        layout.predictions_csv(run).write_text("slide_id\n")
+    assert layout.predictions_csvs() == [layout.predictions_csv("a"), layout.predictions_csv("b")]

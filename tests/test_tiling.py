@@ -163,7 +163,7 @@ def test_real_slide_tiles_and_inspect(tmp_path, capsys):
     store = SlideStore.open(store_path(tmp_path, "cmu_small_region"))
     assert store.n_tiles > 20
     assert (tmp_path / "qc" / "cmu_small_region.png").exists()
-    capsys.readouterr()
+    assert f"wsi tile: cmu_small_region: {store.n_tiles} tiles, slide 0.499 um/px, " in capsys.readouterr().out
     assert wsi_main(["inspect", str(store.path)]) == 0
     summary = capsys.readouterr().out
     assert "0.499" in summary and f"tiles      {store.n_tiles}" in summary and "complete   yes" in summary

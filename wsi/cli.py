@@ -145,9 +145,7 @@ def _write_status(args, config: dict, items: list[dict]) -> None:
 
 
 def _tile(args) -> int:
-    from .layout import Layout
     from .slide import expand_slide_paths
-    from .store import SlideStore
     from .tiling import tile_slides
 
     missing = [p for p in args.slides if not p.exists()]
@@ -159,10 +157,6 @@ def _tile(args) -> int:
         raise ConfigError(args.slides[0], "no slides found", "name slide files, or folders that hold them")
     config = _config(args)
     results = tile_slides(paths, args.out, config, progress=args.progress)
-    for r in results:  # one line per slide for the job's log
-        if not r.error:
-            slide = SlideStore.open(Layout(args.out).store(r.slide_id)).slide
-            print(f"wsi tile: {r.slide_id}: {r.n_tiles} tiles, slide {slide.mpp_x:.3f} um/px, {r.seconds:.1f} s")
     return _finish(args, config, [{"slide_id": r.slide_id, "source": str(r.source),
                                    "status": "failed" if r.error else "done", "cause": r.error,
                                    "n_tiles": r.n_tiles, "seconds": round(r.seconds, 2)} for r in results])
@@ -192,7 +186,7 @@ def _train(args) -> int:
     from .mil import train
 
     run_dir = train(args.out, config, progress=args.progress)
-    _print_training(run_dir)
+    _print_metrics(run_dir)
     print(f"model run: {run_dir}")
     if args.status:
         _write_status(args, config, [{"run": str(run_dir), "status": "done"}])
@@ -203,21 +197,11 @@ def _number(value) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
 
 
-def _print_training(run_dir: Path) -> None:
-    """Per fold, each epoch's losses and the best epoch, then the cross-validated metrics, for the job's log."""
+def _print_metrics(run_dir: Path) -> None:
+    """The run's cross-validated metrics (the folds' epochs were logged as they ran)."""
     import json
 
-    info = json.loads((run_dir / "run.json").read_text())
-    for fold in info["folds"]:
-        history = json.loads((run_dir / f"fold_{fold['fold']}.json").read_text())["history"]
-        for h in history:  # folds trained without a validation set have no validation loss
-            val = f", validation loss {h['val_loss']:.4f}" if h.get("val_loss") is not None else ""
-            print(f"wsi train: fold {fold['fold']} epoch {h['epoch'] + 1}/{len(history)}: train loss "
-                  f"{h['train_loss']:.4f}{val}")
-        kept = fold.get("kept") or f"epoch {fold['best_epoch'] + 1}"
-        val = f" (validation loss {fold['best_val_loss']:.4f})" if fold.get("best_val_loss") is not None else ""
-        print(f"wsi train: fold {fold['fold']}: weights kept: {kept}{val}")
-    for name, metric in info["metrics"].items():
+    for name, metric in json.loads((run_dir / "run.json").read_text())["metrics"].items():
         values = metric.items() if "value" not in metric else [("", metric)]
         for cls, m in values:
             low, high = (_number(v) for v in m.get("ci95") or (None, None))
@@ -268,7 +252,7 @@ def run(args) -> int:
                                 "cluster": _cluster_override(args.cluster)})
         config = _config(args, overrides)
         summary = extract_cohort(args.out, config, slide_ids=args.slide_ids or None, progress=args.progress)
-        return _finish(args, config, _items(summary, "done", "skipped", "failed"))
+        return _finish(args, config, summary.outcomes.items())
 
     if args.command == "train":
         return _train(args)

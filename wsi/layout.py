@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,14 +84,29 @@ class Layout:
     def run_dir(self, run: str) -> Path:
         return self.models_dir / run
 
+    def model_dir(self, config: dict, run: str) -> Path:
+        """The model run that scores the slides: ``model_dir`` in mode predict, else ``models/<run>``."""
+        if config.get("mode") == "predict" and config.get("model_dir"):
+            return Path(config["model_dir"])
+        return self.run_dir(run)
+
+    def partial_run(self, run: str, kind: str = "partial") -> Path:
+        """A fresh ``models/.<run>.<kind>-<8 hex>``: a training of ``run`` being built (``partial``), or the
+        complete run it replaces on its way out (``old``)."""
+        return self.models_dir / f".{run}.{kind}-{uuid.uuid4().hex[:8]}"
+
     def partial_runs(self, run: str) -> list[Path]:
         """Leftovers of a training of ``run`` that was killed: ``.<run>.partial-*`` and ``.<run>.old-*``."""
         if not self.models_dir.is_dir():
             return []
-        return sorted(p for pattern in (f".{run}.partial-*", f".{run}.old-*") for p in self.models_dir.glob(pattern))
+        return sorted(p for kind in ("partial", "old") for p in self.models_dir.glob(f".{run}.{kind}-*"))
 
     def predictions_csv(self, run: str) -> Path:
         return self.out / "predictions" / run / "predictions.csv"
+
+    def predictions_csvs(self) -> list[Path]:
+        """Every run's ``predictions.csv`` that exists, sorted by run."""
+        return sorted(self.out.glob(str(self.predictions_csv("*").relative_to(self.out))))
 
     # ---------------------------------------------------------------- cohort files
     @property

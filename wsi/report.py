@@ -37,6 +37,7 @@ from PIL import Image
 
 from . import __version__
 from .errors import ConfigError, read_failures
+from .layout import Layout
 from .store import open_cohort
 
 # Below this many slides in a class, each cross-validation fold trains on a handful of bags and the AUROC
@@ -68,16 +69,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _newest_run(out_dir: Path) -> str:
-    runs = sorted((out_dir / "predictions").glob("*/predictions.csv"), key=lambda p: p.stat().st_mtime)
+    runs = sorted(Layout(out_dir).predictions_csvs(), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise ConfigError(out_dir, "no predictions to report", "run `wsi predict` first or name --model-run")
     return runs[-1].parent.name
-
-
-def _model_dir(out_dir: Path, run: str, config: dict) -> Path:
-    if config.get("mode") == "predict" and config.get("model_dir"):
-        return Path(config["model_dir"])
-    return out_dir / "models" / run
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -242,7 +237,7 @@ def _heatmap_card(out_dir: Path, folder: Path, sid: str, label: str, oof: dict |
     else:
         subject = f"P({cls}) per tile" + (" (rank within slide)" if params.get("normalize") == "percentile"
                                            else "")
-    rel = os.path.relpath(folder, out_dir)
+    rel = os.path.relpath(folder, Layout(out_dir).report.parent)  # links from the report
     links = " · ".join(f"<a href='{_esc(rel)}/{name}'>{text}</a>" for name, text in (
         ("overlay.png", "overlay"), ("heatmap.tif", "pyramidal TIFF"), ("tiles.geojson", "QuPath GeoJSON"),
         ("top_tiles.png", "top tiles")) if (folder / name).exists())
@@ -261,11 +256,11 @@ def _heatmap_card(out_dir: Path, folder: Path, sid: str, label: str, oof: dict |
 # ------------------------------------------------------------------------------------------ the report
 def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
     """Write ``OUT/report.html`` for model run ``run`` (default: the newest predictions) and return its path."""
-    out_dir = Path(out_dir)
+    out_dir, layout = Path(out_dir), Layout(out_dir)
     run = run or _newest_run(out_dir)
-    model_dir = _model_dir(out_dir, run, config)
+    model_dir = layout.model_dir(config, run)
     predict_mode = config.get("mode") == "predict"
-    predictions = _read_csv(out_dir / "predictions" / run / "predictions.csv")
+    predictions = _read_csv(layout.predictions_csv(run))
     by_slide = {r["slide_id"]: r for r in predictions}
     run_info = _read_json(model_dir / "run.json")
     oof_rows = _read_csv(model_dir / "cv_predictions.csv")
@@ -311,10 +306,10 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
         warnings.append(f"No cross-validated metrics in {model_dir}: nothing here measures how well the model "
                         "works.")
 
-    cards = [_heatmap_card(out_dir, out_dir / "heatmaps" / run / sid, sid, labels.get(sid, ("",))[0],
+    cards = [_heatmap_card(out_dir, layout.heatmap_dir(run, sid), sid, labels.get(sid, ("",))[0],
                            trained.get(sid) if not predict_mode else None, by_slide.get(sid), sid in trained,
                            classes)
-             for sid in slide_ids if (out_dir / "heatmaps" / run / sid / "overlay.png").exists()]
+             for sid in slide_ids if (layout.heatmap_dir(run, sid) / "overlay.png").exists()]
     calls = ("the final model's prediction" if predict_mode else "its out-of-fold prediction (the honest one) and "
              "the final model's (in-sample: the model that paints the heatmap trained on the slide)")
     gallery = (f"<p>Each slide's heatmap over its thumbnail, with its label and {calls} under it; click a picture "
@@ -351,7 +346,7 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
            f"<style>{_CSS}</style></head><body><h1>wsi report: {_esc(run)}</h1>"
            f"<p class=note>{'prediction run' if predict_mode else 'training run'} · {len(slide_ids)} slides · "
            f"wsi {__version__}</p>{''.join(sections)}</body></html>")
-    path = out_dir / "report.html"
+    path = layout.report
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(doc)
     os.replace(tmp, path)

@@ -4,7 +4,8 @@ For each slide, in order: skip it if it failed an earlier stage (it has nothing 
 ``failures.csv`` already says why and what to do), skip it if its result is already complete, run the stage,
 then record the outcome: a failure row (slide, stage, source, one-line cause) or the removal of a stale one.
 Any exception of one slide is that slide's failure; the others carry on. ``KeyboardInterrupt`` and
-``SystemExit`` end the loop.
+``SystemExit`` end the loop. :func:`run_slides` is that loop; a stage whose slides run in parallel (extraction,
+on Dask) records the same outcomes through :class:`StageRun` as its futures end.
 
 >>> import tempfile
 >>> out = tempfile.mkdtemp()
@@ -62,27 +63,54 @@ def cause_of(error: BaseException) -> str:
     return error.one_line() if isinstance(error, WsiError) else f"{type(error).__name__}: {error}"
 
 
+class StageRun:
+    """One stage's outcomes over a cohort, recorded as the slides end, in whatever order: :func:`run_slides`
+    drives it one slide after another; extraction drives it from its Dask futures.
+
+    Slides that failed an earlier stage are skipped from the start; :meth:`todo` lists the rest.
+    """
+
+    def __init__(self, out_dir, stage: str, sources: Mapping[str, object]):
+        self.out_dir, self.sources = out_dir, sources
+        self.summary = StageSummary(stage)
+        for slide_id, earlier in failed_earlier(out_dir, stage, sources).items():
+            self.summary.skipped[slide_id] = f"failed at {earlier}"
+
+    def todo(self) -> list[str]:
+        return [s for s in self.sources if s not in self.summary.skipped]
+
+    def skip(self, slide_id: str, why: str) -> None:
+        self.summary.skipped[slide_id] = why
+
+    def fail(self, slide_id: str, error: BaseException) -> None:
+        """A failure row (slide, stage, source, one-line cause) and the cause on stderr; a slide's first
+        failure is its cause, later ones (its other tasks) are dropped."""
+        if slide_id in self.summary.failed:
+            return
+        stage = self.summary.stage
+        self.summary.failed[slide_id] = cause_of(error)
+        record_failure(self.out_dir, slide_id, stage, self.sources[slide_id], self.summary.failed[slide_id])
+        print(f"wsi {stage}: {slide_id}: {self.summary.failed[slide_id]}", file=sys.stderr, flush=True)
+
+    def done(self, slide_id: str, result: object = None) -> None:
+        clear_failure(self.out_dir, slide_id, self.summary.stage)
+        self.summary.done.append(slide_id)
+        self.summary.results[slide_id] = result
+
+
 def run_slides(out_dir, stage: str, sources: Mapping[str, object], work: Callable[[str], object], *,
                is_done: Callable[[str], bool] | None = None) -> StageSummary:
     """Run ``work(slide_id)`` for each slide of ``sources`` (``{slide_id: the file or store it reads}``, named
     in failure rows) and return what happened to each, with what ``work`` returned for the done ones."""
-    summary = StageSummary(stage)
-    earlier = failed_earlier(out_dir, stage, sources)
-    for slide_id, source in sources.items():
-        if slide_id in earlier:
-            summary.skipped[slide_id] = f"failed at {earlier[slide_id]}"
-            continue
+    run = StageRun(out_dir, stage, sources)
+    for slide_id in run.todo():
         try:  # deciding whether a slide is done reads its result, which may be damaged: that fails it too
             if is_done is not None and is_done(slide_id):
-                summary.skipped[slide_id] = "up to date"
+                run.skip(slide_id, "up to date")
                 continue
             result = work(slide_id)
         except Exception as e:  # one slide's failure, whatever it is, must not stop the cohort
-            summary.failed[slide_id] = cause_of(e)
-            record_failure(out_dir, slide_id, stage, source, summary.failed[slide_id])
-            print(f"wsi {stage}: {slide_id}: {summary.failed[slide_id]}", file=sys.stderr, flush=True)
+            run.fail(slide_id, e)
             continue
-        clear_failure(out_dir, slide_id, stage)
-        summary.done.append(slide_id)
-        summary.results[slide_id] = result
-    return summary
+        run.done(slide_id, result)
+    return run.summary

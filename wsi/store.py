@@ -98,6 +98,7 @@ from zarr.abc.codec import ArrayBytesCodec
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .errors import StoreError
+from .layout import Layout
 
 SCHEMA_VERSION = 1
 TILE_CODECS = ("lossless", "jpeg", "jpegxl")
@@ -321,7 +322,8 @@ def encoder_key(encoder: str) -> str:
 
 
 def store_path(out_dir, slide_id: str) -> Path:
-    return Path(out_dir) / "stores" / f"{slide_id}.zarr"
+    """``OUT/stores/<slide_id>.zarr`` (:meth:`wsi.layout.Layout.store`)."""
+    return Layout(out_dir).store(slide_id)
 
 
 def _read_attrs(node, key: str, model, path):
@@ -495,10 +497,10 @@ class SlideStore:
 
 def open_cohort(out_dir) -> list[SlideStore]:
     """Every complete store under ``<out>/stores``, sorted by slide id (incomplete ones are skipped)."""
-    stores = []
-    for p in sorted((Path(out_dir) / "stores").glob("*.zarr")):
+    stores, layout = [], Layout(out_dir)
+    for slide_id in layout.store_ids():
         try:
-            stores.append(SlideStore.open(p))
+            stores.append(SlideStore.open(layout.store(slide_id)))
         except StoreError:
             continue
     return stores

@@ -38,6 +38,7 @@ from PIL import Image
 from . import __version__
 from .atomic import replacing
 from .errors import SlideError
+from .layout import Layout
 from .levels import LevelCheck, mark_qc
 from .runner import run_slides
 from .slide import Slide, level0_position, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
@@ -277,7 +278,7 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
         thumb, mask_ds = read_thumbnail(slide, tissue.mask_mpp, levels)
         masks = tissue_masks(thumb, mask_ds * slide.mpp_x, tissue)
         mask = masks.tissue
-        _write_png(Path(out_dir) / "qc" / f"{slide.slide_id}.png",
+        _write_png(Layout(out_dir).qc(slide.slide_id),
                    mark_qc(qc_image(thumb, mask, masks.rejected), levels))
         if not mask.any():
             inked = f" ({masks.ink.mean():.0%} of it is marker ink)" if masks.ink.any() else ""
@@ -350,7 +351,8 @@ class TileResult:
 
 def tile_slides(paths, out_dir, config: dict, *, progress: bool = True) -> list[TileResult]:
     """Tile every slide through the stage runner (:func:`wsi.runner.run_slides`): a bad slide gets a one-line
-    error and a ``failures.csv`` row, the rest go on. Returns one result per slide id, in order.
+    error and a ``failures.csv`` row, the rest go on; a done slide gets a line (tiles, MPP, seconds) on stdout as
+    it ends. Returns one result per slide id, in order.
 
     Two files with the same slide id fail together: their stores would overwrite each other.
     """
@@ -366,7 +368,10 @@ def tile_slides(paths, out_dir, config: dict, *, progress: bool = True) -> list[
                              "rename one of them: each slide id names one store")
         start = time.perf_counter()
         store = tile_slide(path, out_dir, config, mpp_overrides=overrides, progress=progress)
-        return store.n_tiles, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        print(f"wsi tile: {slide_id}: {store.n_tiles} tiles, slide {store.slide.mpp_x:.3f} um/px, {seconds:.1f} s",
+              flush=True)  # as each slide ends: a job tiles a batch of slides
+        return store.n_tiles, seconds
 
     summary = run_slides(out_dir, "tile", {slide_id: found[0] for slide_id, found in files.items()}, work)
     return [TileResult(slide_id, found[0], *summary.results[slide_id]) if slide_id in summary.results

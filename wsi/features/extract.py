@@ -1,13 +1,14 @@
 """Feature extraction over a cohort of stores, as a Dask graph.
 
-Per slide, in this order: skip it when its ``features/<encoder>`` are complete; open the store (an incomplete
-or unreadable one is a failure); create the feature array, chunked like the tiles; one task per range of
+Per slide, in this order (outcomes recorded by the stage runner, :class:`wsi.runner.StageRun`): skip it when it
+failed an earlier stage, or when its ``features/<encoder>`` are complete; open the store (an incomplete or
+unreadable one is a failure); create the feature array, chunked like the tiles; one task per range of
 ``extract.tiles_per_task`` tiles (a multiple of ``tiling.chunk_tiles``, so no two tasks write one chunk); a
 final task that checks every row is written and finite, marks the array complete and writes the h5 export.
 A task that fails, or whose worker dies more often than the scheduler allows, fails its slide only: the
 slide gets a ``failures.csv`` row, its array stays incomplete (the next run redoes it), the others go on.
 A worker that dies mid-task has its task re-run on another worker; ranges are rewritten whole, so a retry
-leaves no holes.
+leaves no holes. Each slide done gets a line on stdout as it ends (tiles, seconds its tasks took on the workers).
 
 Workers
 -------
@@ -34,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,9 @@ import torch
 from distributed import WorkerPlugin, as_completed, get_worker
 
 from ..cluster import dask_client, gpu_resources, worker_device
-from ..errors import ConfigError, SlideError, StoreError, WsiError, clear_failure, record_failure
-from ..runner import cause_of
+from ..errors import ConfigError, SlideError, StoreError, WsiError
+from ..layout import Layout
+from ..runner import StageRun, StageSummary
 from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, store_path
 from .encoders import Encoder, load_encoder, resolve_spec
 from .feed import HostRing, embed_blocks, staged_blocks
@@ -53,20 +55,35 @@ STAGE = "extract"
 
 @dataclass
 class ExtractSummary:
-    """What one run did: slide ids per outcome, the cause of each failure, tiles embedded and wall time."""
+    """What one run did: the stage runner's outcome per slide, tiles embedded and wall time."""
 
     encoder: str
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    causes: dict[str, str] = field(default_factory=dict)
+    outcomes: StageSummary
     n_tiles: int = 0
     seconds: float = 0.0
+
+    @property
+    def done(self) -> list[str]:
+        return list(self.outcomes.done)
+
+    @property
+    def skipped(self) -> list[str]:
+        """Up to date, or failed at an earlier stage (``outcomes.skipped`` says which)."""
+        return list(self.outcomes.skipped)
+
+    @property
+    def failed(self) -> list[str]:
+        return list(self.outcomes.failed)
+
+    @property
+    def causes(self) -> dict[str, str]:
+        """Slide id -> one-line cause of its failure."""
+        return dict(self.outcomes.failed)
 
 
 def h5_path(out_dir, encoder: str, slide_id: str) -> Path:
     """``OUT/features/<encoder key>/<slide_id>.h5``, the CLAM/TRIDENT-style export."""
-    return Path(out_dir) / "features" / encoder_key(encoder) / f"{slide_id}.h5"
+    return Layout(out_dir).features_h5(encoder_key(encoder), slide_id)
 
 
 # ------------------------------------------------------------------------------------------ on the workers
@@ -192,8 +209,10 @@ def _read_ahead(read: Callable[[int, int], np.ndarray], lo: int, hi: int, step: 
 
 
 def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tasks_per_gpu: int,
-                     decode_threads: int | None, slide_cfg: dict) -> int:
-    """Embed tiles ``lo:hi`` of the store at ``path`` and write rows ``lo:hi`` of its feature array."""
+                     decode_threads: int | None, slide_cfg: dict) -> float:
+    """Embed tiles ``lo:hi`` of the store at ``path``, write rows ``lo:hi`` of its feature array and return the
+    seconds it took."""
+    started = time.perf_counter()
     owner = _plugin(plugin)
     enc = owner.encoder
     threads = decode_threads or owner.decode_threads
@@ -214,23 +233,24 @@ def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tas
                                f"{store.slide_id}, first tile {i} at ({x}, {y})",
                          "check the checkpoint; try extract.precision fp32")
     store.features_writer(encoder)[lo:hi] = features
-    return hi - lo
+    return time.perf_counter() - started
 
 
-def complete_slide(path: str, encoder: str, attrs: dict, h5: str | None, *range_results: int) -> str:
-    """Runs after every range of the slide: mark its features complete, then write the h5 export."""
+def complete_slide(path: str, encoder: str, attrs: dict, h5: str | None, *range_seconds: float) -> float:
+    """Runs after every range of the slide: mark its features complete, then write the h5 export. Returns the
+    seconds the slide's ranges took on the workers, together."""
     store = SlideStore.open(path)
     store.complete_features(encoder, FeatureAttrs.from_dict(attrs))
     if h5 is not None:
         export_h5(store, encoder, h5)
-    return store.slide_id
+    return sum(range_seconds)
 
 
 # ------------------------------------------------------------------------------------------ the cohort
 def _cohort_ids(out_dir: Path, slide_ids: list[str] | None) -> list[str]:
     if slide_ids is not None:
         return list(slide_ids)
-    return sorted(p.name[:-len(".zarr")] for p in (out_dir / "stores").glob("*.zarr"))
+    return Layout(out_dir).store_ids()
 
 
 def task_ranges(n_tiles: int, chunk_tiles: int, tiles_per_task: int) -> list[tuple[int, int]]:
@@ -240,24 +260,15 @@ def task_ranges(n_tiles: int, chunk_tiles: int, tiles_per_task: int) -> list[tup
 
 
 class _Cohort:
-    """The run's bookkeeping: which future belongs to which slide, and the summary."""
+    """Which future belongs to which slide; outcomes go to the stage runner (:class:`wsi.runner.StageRun`)."""
 
-    def __init__(self, out_dir: Path, encoder: str):
-        self.out_dir = out_dir
-        self.summary = ExtractSummary(encoder=encoder)
+    def __init__(self, run: StageRun):
+        self.run = run
+        self.n_tiles = 0
         self.slide_of: dict[str, str] = {}      # future key -> slide id
         self.tiles_of: dict[str, int] = {}      # range future key -> tiles
         self.final_keys: set[str] = set()
         self.futures: dict[str, list] = {}      # slide id -> its futures
-
-    def fail(self, slide_id: str, error: BaseException) -> None:
-        if slide_id in self.summary.failed:
-            return
-        cause = cause_of(error)
-        self.summary.failed.append(slide_id)
-        self.summary.causes[slide_id] = cause
-        record_failure(self.out_dir, slide_id, STAGE, store_path(self.out_dir, slide_id), cause)
-        print(f"wsi extract: {slide_id}: {cause}", file=sys.stderr, flush=True)
 
     def add(self, slide_id: str, ranges: list, tiles: list[int], final) -> None:
         self.futures[slide_id] = [*ranges, final]
@@ -268,21 +279,23 @@ class _Cohort:
             self.slide_of[fut.key] = slide_id
 
     def collect(self, client, bar) -> None:
-        """Follow every future to its end: progress per range, done per slide, one failure per slide (whose
-        remaining tasks are cancelled)."""
+        """Follow every future to its end: progress per range, done per slide (with a line: tiles, seconds on
+        the workers), one failure per slide (whose remaining tasks are cancelled)."""
         for fut in as_completed([f for futs in self.futures.values() for f in futs]):
             slide_id = self.slide_of[fut.key]
             if fut.status == "cancelled":
                 continue
             if fut.status == "error":
-                self.fail(slide_id, fut.exception())
+                self.run.fail(slide_id, fut.exception())
                 client.cancel([f for f in self.futures[slide_id] if not f.done()])
             elif fut.key in self.final_keys:
-                self.summary.done.append(slide_id)
-                clear_failure(self.out_dir, slide_id, STAGE)
+                tiles = sum(self.tiles_of[f.key] for f in self.futures[slide_id][:-1])
+                bar.write(f"wsi extract: {slide_id}: {tiles} tiles, {fut.result():.1f} s on the workers")
+                sys.stdout.flush()  # a job's log shows each slide as it ends
+                self.run.done(slide_id)
             else:
                 bar.update(self.tiles_of[fut.key])
-                self.summary.n_tiles += self.tiles_of[fut.key]
+                self.n_tiles += self.tiles_of[fut.key]
 
 
 def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
@@ -305,24 +318,21 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
         if not Path(checkpoint).exists():
             raise ConfigError(checkpoint, "checkpoint does not exist")
         checkpoint = str(Path(checkpoint).resolve())  # workers may run in another directory
-    cohort = _Cohort(out_dir, encoder)
-    summary = cohort.summary
+    run = StageRun(out_dir, STAGE, {s: store_path(out_dir, s) for s in _cohort_ids(out_dir, slide_ids)})
+    cohort = _Cohort(run)
 
     todo: list[SlideStore] = []
-    for slide_id in _cohort_ids(out_dir, slide_ids):
+    for slide_id in run.todo():
         try:
             store = SlideStore.open(store_path(out_dir, slide_id))
-        except WsiError as e:
-            cohort.fail(slide_id, e)
-            continue
-        if store.has_features(encoder):
-            summary.skipped.append(slide_id)
-            h5 = h5_path(out_dir, encoder, slide_id)
-            if cfg["export_h5"] and not h5.exists():
-                try:
+            if store.has_features(encoder):
+                h5 = h5_path(out_dir, encoder, slide_id)
+                if cfg["export_h5"] and not h5.exists():
                     export_h5(store, encoder, h5)
-                except (WsiError, OSError) as e:
-                    cohort.fail(slide_id, e)
+                run.skip(slide_id, "up to date")
+                continue
+        except (WsiError, OSError) as e:
+            run.fail(slide_id, e)
             continue
         todo.append(store)
 
@@ -343,8 +353,7 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
                     cohort.collect(client, bar)
             finally:
                 client.unregister_worker_plugin(plugin)
-    summary.seconds = time.perf_counter() - start
-    return summary
+    return ExtractSummary(encoder, run.summary, cohort.n_tiles, time.perf_counter() - start)
 
 
 def _submit_slide(client, cohort: _Cohort, store: SlideStore, config: dict, attrs: dict, plugin: str,
@@ -355,7 +364,7 @@ def _submit_slide(client, cohort: _Cohort, store: SlideStore, config: dict, attr
     try:
         store.create_features(encoder, int(attrs["dim"]), store.tiling.chunk_tiles)
     except WsiError as e:
-        cohort.fail(store.slide_id, e)
+        cohort.run.fail(store.slide_id, e)
         return
     ranges, tiles = [], []
     for lo, hi in task_ranges(store.n_tiles, store.tiling.chunk_tiles, int(cfg["tiles_per_task"])):
@@ -363,6 +372,6 @@ def _submit_slide(client, cohort: _Cohort, store: SlideStore, config: dict, attr
                                     int(cfg["tasks_per_gpu"]), cfg.get("decode_threads"), dict(config["slide"]),
                                     resources=resources, pure=False))
         tiles.append(hi - lo)
-    h5 = str(h5_path(cohort.out_dir, encoder, store.slide_id)) if cfg["export_h5"] else None
+    h5 = str(h5_path(cohort.run.out_dir, encoder, store.slide_id)) if cfg["export_h5"] else None
     final = client.submit(complete_slide, str(store.path), encoder, attrs, h5, *ranges, pure=False)
     cohort.add(store.slide_id, ranges, tiles, final)

@@ -53,8 +53,9 @@ import numpy as np
 
 from .. import __version__
 from ..errors import ConfigError, StoreError, WsiError
+from ..layout import Layout
 from ..runner import run_slides
-from ..store import SlideStore, open_cohort, store_path
+from ..store import SlideStore, open_cohort
 from .geojson import feature_collection
 from .images import blend, save_overlay, save_tile_grid
 from .raster import NORMALIZATIONS, TileValues, colour_table, normalise, render_rgba
@@ -152,7 +153,8 @@ class HeatmapSummary:
 
 
 def heatmap_dir(out_dir, run: str, slide_id: str) -> Path:
-    return Path(out_dir) / "heatmaps" / run / slide_id
+    """``OUT/heatmaps/<run>/<slide_id>`` (:meth:`wsi.layout.Layout.heatmap_dir`)."""
+    return Layout(out_dir).heatmap_dir(run, slide_id)
 
 
 def stored_scores(store: SlideStore, run: str) -> SlideScores:
@@ -334,25 +336,25 @@ def heatmaps(out_dir, run: str, config: dict, *, slide_ids: list[str] | None = N
     from tqdm import tqdm
 
     params = HeatmapParams.from_config(config)
-    out_dir = Path(out_dir)
-    if high_res and not (out_dir / "models" / run).is_dir():
-        raise ConfigError(out_dir / "models" / run, "model run folder does not exist",
+    layout = Layout(out_dir)
+    if high_res and not layout.run_dir(run).is_dir():
+        raise ConfigError(layout.run_dir(run), "model run folder does not exist",
                           "high-res mode re-scores tiles with the trained model; check --model-run")
     if slide_ids is None:
         slide_ids = [s.slide_id for s in open_cohort(out_dir) if s.has_scores(run)]
         if not slide_ids:
-            raise StoreError(out_dir / "stores", f"no complete store has scores of model run {run!r}",
-                             f"run `wsi predict --model {out_dir / 'models' / run}` first")
+            raise StoreError(layout.stores_dir, f"no complete store has scores of model run {run!r}",
+                             f"run `wsi predict --model {layout.run_dir(run)}` first")
     bar = tqdm(total=len(slide_ids), unit="slide", desc=STAGE, disable=not progress)
 
     def is_done(slide_id: str) -> bool:  # high-res scores are not stored: always redone
         bar.update()
-        return not high_res and _up_to_date(SlideStore.open(store_path(out_dir, slide_id)), run, out_dir, params)
+        return not high_res and _up_to_date(SlideStore.open(layout.store(slide_id)), run, out_dir, params)
 
     def work(slide_id: str) -> None:
-        heatmap_slide(SlideStore.open(store_path(out_dir, slide_id)), run, out_dir, params, high_res=high_res)
+        heatmap_slide(SlideStore.open(layout.store(slide_id)), run, out_dir, params, high_res=high_res)
 
-    ran = run_slides(out_dir, STAGE, {slide_id: store_path(out_dir, slide_id) for slide_id in slide_ids}, work,
+    ran = run_slides(out_dir, STAGE, {slide_id: layout.store(slide_id) for slide_id in slide_ids}, work,
                      is_done=is_done)
     bar.close()
     return HeatmapSummary(done=ran.done + [s for s, why in ran.skipped.items() if why == "up to date"],

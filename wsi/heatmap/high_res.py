@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, SlideError
+from ..layout import Layout
 from ..store import SlideStore
 from . import HeatmapParams, SlideScores
 
@@ -79,7 +80,7 @@ def rescore(store: SlideStore, run: str, out_dir, params: HeatmapParams) -> Slid
     from ..slide import open_slide, source_stat
     from ..tiling import iter_tiles
 
-    ensemble, encoder = load_models(Path(out_dir) / "models" / run, params)
+    ensemble, encoder = load_models(Layout(out_dir).run_dir(run), params)
     source = Path(store.slide.source_path)
     size = source_stat(source)[0] if source.exists() else store.slide.source_size  # missing: open_slide says so
     if size != store.slide.source_size:

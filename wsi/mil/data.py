@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError
+from ..layout import Layout
 from ..store import SlideStore, is_complete, open_cohort, store_path
 
 SPLITS = ("train", "val", "test")
@@ -144,7 +145,7 @@ def load_cohort(out_dir, labels_path, encoder: str, *, classes=None, skip_missin
         parts = []
         if no_store:
             parts.append(f"{len(no_store)} labelled slide(s) have no complete store under "
-                         f"{Path(out_dir) / 'stores'}: {format_ids(no_store)}")
+                         f"{Layout(out_dir).stores_dir}: {format_ids(no_store)}")
         if no_features:
             parts.append(f"{len(no_features)} have no features for encoder {encoder}: {format_ids(no_features)}")
         raise ConfigError(labels_path, "; ".join(parts),

@@ -27,6 +27,7 @@ import torch
 
 from .. import __version__
 from ..errors import ConfigError
+from ..layout import Layout
 from ..runner import run_slides
 from ..store import ScoreAttrs, SlideStore, open_cohort, store_path
 from .models import MILModel, create_model
@@ -172,8 +173,8 @@ def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = N
         rows.append([slide_id, *(float(p) for p in probs), ensemble.classes[int(np.argmax(probs))]])
 
     ran = run_slides(out_dir, "predict", targets, work)
-    folder = Path(out_dir) / "predictions" / ensemble.run
-    folder.mkdir(parents=True, exist_ok=True)
-    csv_path = write_csv(folder / "predictions.csv",
+    csv_path = Layout(out_dir).predictions_csv(ensemble.run)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    csv_path = write_csv(csv_path,
                          ["slide_id", *probability_columns(ensemble.classes), "predicted"], rows)
     return PredictSummary(csv_path, ran.done, list(ran.failed))

@@ -7,7 +7,8 @@
                            its feature attrs, classes (label map: name -> index), training parameters, the
                            slide ids of every fold, unlabelled and excluded slides, the metrics
 ``fold_<i>.safetensors``   the weights fold ``i`` keeps (below)
-``fold_<i>.json``          per-epoch history of fold ``i`` (train/validation loss, learning rate, seconds)
+``fold_<i>.json``          per-epoch history of fold ``i`` (train/validation loss, validation balanced
+                           accuracy, learning rate, seconds), also logged as each epoch ends
 ``cv_predictions.csv``     slide_id, patient_id, label, fold, ``prob_<class>`` per class, predicted: each slide
                            scored by the fold model that did not train on it (out of fold)
 ``metrics.json``           AUROC, balanced accuracy, F1, confusion matrix with 95% bootstrap CIs (:mod:`.metrics`)
@@ -44,12 +45,12 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -60,13 +61,13 @@ from distributed import WorkerPlugin, as_completed, get_worker
 
 from .. import __version__
 from ..errors import ConfigError, record_failure
-from ..store import SlideStore, encoder_key
+from ..layout import Layout, run_name
+from ..store import SlideStore
 from .data import Bag, Cohort, Fold, class_weights, format_ids, load_bags, load_cohort, make_folds, subsample
-from .metrics import classification_metrics, plot_roc
+from .metrics import _point_metrics, classification_metrics, plot_roc
 from .models import MILModel, create_model, model_config
 
 RUN_SCHEMA_VERSION = 1
-_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -197,10 +198,13 @@ class KeptWeights:
         return f"epoch {self.epoch + 1} (least {'validation' if self.rule == 'validation' else 'training'} loss)"
 
 
-def train_fold(task: FoldTask, *, device: str | torch.device | None = None, loaded=None) -> dict:
+def train_fold(task: FoldTask, *, device: str | torch.device | None = None, loaded=None,
+               progress: Callable[[str], None] | None = None) -> dict:
     """Train fold ``task.fold``, write ``fold_<i>.safetensors`` and ``fold_<i>.json`` into ``task.run_dir``, and
     return a small summary with the test slides' probabilities. ``loaded``: features already in memory (slide
-    id -> (N, D)); the fold's training and validation bags are loaded once besides, within ``bag_cache_gb``."""
+    id -> (N, D)); the fold's training and validation bags are loaded once besides, within ``bag_cache_gb``.
+    ``progress`` gets a line as each epoch ends (losses, validation balanced accuracy) and one naming the
+    weights kept, while the fold runs."""
     from safetensors.torch import save_file
 
     p = task.params
@@ -248,15 +252,23 @@ def train_fold(task: FoldTask, *, device: str | torch.device | None = None, load
         lr = optimizer.param_groups[0]["lr"]
         if schedule is not None:
             schedule.step()
-        val_loss = _evaluate(model, task.val, task.encoder, device, dtype, weights, loaded)[0] if task.val else None
+        val_loss, val_bacc = None, None
+        if task.val:
+            val_loss, val_probs = _evaluate(model, task.val, task.encoder, device, dtype, weights, loaded)
+            val_bacc = _point_metrics(np.array([b.target for b in task.val]), val_probs)["balanced_accuracy"]
         history.append({"epoch": epoch, "train_loss": train_loss / len(task.train), "val_loss": val_loss,
-                        "lr": lr, "train_seconds": train_seconds,
+                        "val_balanced_accuracy": val_bacc, "lr": lr, "train_seconds": train_seconds,
                         "val_seconds": time.perf_counter() - started - train_seconds})
+        if progress is not None:
+            progress(_epoch_line(task.fold, p.epochs, history[-1]))
         improved = kept.update(model, epoch, val_loss if task.val else train_loss / len(task.train))
         stale = 0 if improved else stale + 1
         if task.val and stale >= p.patience and epoch + 1 >= p.min_epochs:
             break
     model.load_state_dict(kept.state)
+    if progress is not None:
+        progress(f"fold {task.fold}: weights kept: {kept.describe()}"
+                 + (f" (validation loss {kept.loss:.4f})" if task.val else ""))
     _, test_probs = _evaluate(model, task.test, task.encoder, device, dtype, weights, loaded)
 
     run_dir = Path(task.run_dir)
@@ -272,6 +284,14 @@ def train_fold(task: FoldTask, *, device: str | torch.device | None = None, load
     return {**summary, "test": {b.slide_id: probs.tolist() for b, probs in zip(task.test, test_probs)}}
 
 
+def _epoch_line(fold: int, epochs: int, h: dict) -> str:
+    """One epoch of the train log; folds trained without a validation set have no validation figures."""
+    val = (f", validation loss {h['val_loss']:.4f}, balanced accuracy {h['val_balanced_accuracy']:.3f}"
+           if h["val_loss"] is not None else "")
+    return (f"fold {fold} epoch {h['epoch'] + 1}/{epochs}: train loss {h['train_loss']:.4f}{val} "
+            f"({h['train_seconds'] + h['val_seconds']:.1f} s)")
+
+
 class FoldSlot(WorkerPlugin):
     """One fold at a time per worker, using all of the worker's threads (or its one GPU): Dask would otherwise
     start as many folds on a worker as it has threads, each of them using every thread."""
@@ -280,13 +300,14 @@ class FoldSlot(WorkerPlugin):
         self.lock = threading.Lock()
 
 
-def _fold_on_worker(task: FoldTask, slot: str) -> dict:
+def _fold_on_worker(task: FoldTask, slot: str, topic: str) -> dict:
     """A fold as a Dask task, in the worker's fold slot (the plugin registered as ``slot``); torch gets the
-    worker's threads (the nanny pins OMP_NUM_THREADS to 1)."""
+    worker's threads (the nanny pins OMP_NUM_THREADS to 1). Its progress lines go to the client as events of
+    ``topic``: a worker's own output (a SLURM job's, say) never reaches the train log."""
     worker = get_worker()
     with worker.plugins[slot].lock:
         torch.set_num_threads(worker.state.nthreads)
-        return train_fold(task)
+        return train_fold(task, progress=lambda line: worker.log_event(topic, line))
 
 
 def _run_folds(tasks: list[FoldTask], cluster_cfg: dict, progress: bool) -> list[dict]:
@@ -297,14 +318,17 @@ def _run_folds(tasks: list[FoldTask], cluster_cfg: dict, progress: bool) -> list
     with dask_client(cluster_cfg) as client:
         resources = gpu_resources(client)
         slot = f"wsi-mil-fold-slot-{uuid.uuid4().hex[:8]}"  # per run: trainings sharing a scheduler
+        topic = f"wsi-train-progress-{slot[-8:]}"
         client.register_plugin(FoldSlot(), name=slot)
+        client.subscribe_topic(topic, lambda event: print(f"wsi train: {event[1]}", flush=True))
         try:
-            futures = [client.submit(_fold_on_worker, t, slot, key=f"mil-fold-{t.fold}-{slot[-8:]}",
+            futures = [client.submit(_fold_on_worker, t, slot, topic, key=f"mil-fold-{t.fold}-{slot[-8:]}",
                                      resources=resources, pure=False) for t in tasks]
             for _ in tqdm(as_completed(futures), total=len(futures), desc="folds", disable=not progress):
                 pass
             return sorted(client.gather(futures), key=lambda r: r["fold"])
         finally:
+            client.unsubscribe_topic(topic)
             client.unregister_worker_plugin(slot)
 
 
@@ -334,24 +358,14 @@ def write_csv(path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def run_name(config: dict) -> str:
-    """``mil.run_name``, or ``<model>_<encoder key>``; a plain folder name."""
-    name = config["mil"].get("run_name") or f"{config['mil']['model']}_{encoder_key(config['extract']['encoder'])}"
-    if not _RUN_NAME.match(name):
-        raise ConfigError(None, f"mil.run_name {name!r} is not a plain folder name",
-                          "use letters, digits, '.', '_' and '-'")
-    return name
-
-
-def _commit_dir(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an old run there is replaced as a whole."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
+def _commit_dir(tmp: Path, final: Path, old: Path) -> None:
+    """Rename ``tmp`` to ``final``; an old run there is replaced as a whole, moved to ``old`` on its way out."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    os.replace(final, old)
     os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _report_cohort(out_dir, cohort: Cohort) -> None:
@@ -380,9 +394,9 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     params = TrainParams.from_config(mil)
     _report_cohort(out_dir, cohort)
 
-    models_dir = Path(out_dir) / "models"
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = models_dir / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+    layout = Layout(out_dir)
+    layout.models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = layout.partial_run(name)
     tmp.mkdir()
     by_id = {b.slide_id: b for b in cohort.bags}
     tasks = [FoldTask(str(tmp), f.index, encoder, model, params, *(tuple(by_id[s] for s in ids)
@@ -408,8 +422,8 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
             "unlabelled": list(cohort.unlabelled), "excluded": [list(e) for e in cohort.excluded],
             "metrics": {k: metrics[k] for k in ("auroc", "balanced_accuracy", "f1")},
         })
-        final = models_dir / name
-        _commit_dir(tmp, final)
+        final = layout.run_dir(name)
+        _commit_dir(tmp, final, layout.partial_run(name, "old"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
