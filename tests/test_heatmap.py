@@ -250,9 +250,9 @@ def test_smoothing_softens_edges_but_keeps_the_block_on_top(tmp_path):
     c0, c1, r0, r1 = BLOCK
     core = np.zeros_like(block)
     core[r0 * 10 + 8:r1 * 10 - 8, c0 * 10 + 8:c1 * 10 - 8] = True   # 8 px = the kernel's reach at sigma 2
-    assert np.nanmin(values[core]) >= 0.9
+    assert np.nanmin(values[core]) >= 0.8                            # the block's evidence, 0.81
     edge = values[r0 * 10 + 40, c0 * 10 - 2:c0 * 10 + 2]            # across the block's left edge
-    assert 0.2 < edge[1] < edge[2] < 0.99                            # a ramp, not a step
+    assert 0.07 < edge[1] < edge[2] < 0.8                            # a ramp from 0.06, not a step
 
 
 def test_rerun_skips_done_slides_and_redoes_them_when_parameters_change(tmp_path):
@@ -267,23 +267,47 @@ def test_rerun_skips_done_slides_and_redoes_them_when_parameters_change(tmp_path
     assert tif.stat().st_mtime_ns != first
 
 
-def test_default_map_is_tumour_probability_on_its_own_scale(tmp_path):
-    """The default (value tumour, normalize auto) paints probabilities as they are; attention gets ranks."""
+def test_default_map_is_tumour_evidence_on_its_own_scale(tmp_path):
+    """The default (value evidence, normalize auto) paints tile probability x attention relative to the top tile
+    x slide probability as it is: 0.9 x 1 x 0.9 in the block, 0.2 x 1/3 x 0.9 outside; attention gets ranks,
+    and value=tumour paints the tile probability alone."""
     assert HeatmapParams.from_config(_config(value="attention")).normalize == "percentile"
     store = make_store(tmp_path)
     params = HeatmapParams.from_config(_config(smooth_sigma=0.0))
-    assert (params.value, params.normalize) == ("tumour", "raw")
-    paths = heatmap_slide(store, RUN, tmp_path, params)
-    with tiffslide.TiffSlide(str(paths["heatmap.tif"])) as slide:
-        values = _values(np.asarray(slide.read_region((0, 0), 0, slide.dimensions)))
-        assert json.loads(slide.properties["tiff.ImageDescription"])["value"] == "tumour"
-    block, outside = _expected(32.0, values.shape)
-    assert np.allclose(values[block], 0.9, atol=1 / 255) and np.allclose(values[outside], 0.2, atol=1 / 255)
+    assert (params.value, params.normalize) == ("evidence", "raw")
+    for value, block_value, outside_value in (("evidence", 0.81, 0.06), ("tumour", 0.9, 0.2)):
+        paths = heatmap_slide(store, RUN, tmp_path, dataclasses.replace(params, value=value))
+        with tiffslide.TiffSlide(str(paths["heatmap.tif"])) as slide:
+            values = _values(np.asarray(slide.read_region((0, 0), 0, slide.dimensions)))
+            assert json.loads(slide.properties["tiff.ImageDescription"])["value"] == value
+        block, outside = _expected(32.0, values.shape)
+        assert np.allclose(values[block], block_value, atol=1 / 255)
+        assert np.allclose(values[outside], outside_value, atol=1 / 255)
+
+
+def test_a_normal_slide_stays_dark_though_its_tiles_probabilities_are_high(tmp_path):
+    """A normal slide (P(tumour) 0.1) whose unattended tiles carry an uncalibrated tile probability of 0.8: the
+    tumour probability map lights them all and the GeoJSON calls them tumour; the evidence map stays below 0.1
+    and classifies none."""
+    store = make_store(tmp_path)
+    attention, _, attrs = store.scores(RUN)
+    tumour = np.full(len(store.coords), 0.8)
+    store.write_scores(RUN, attention, np.stack([1 - tumour, tumour], 1),
+                       dataclasses.replace(attrs, probabilities=(0.9, 0.1), predicted="normal"))
+    params = HeatmapParams.from_config(_config(smooth_sigma=0.0))
+    for value, brightest, classified in (("tumour", 0.8, len(tumour)), ("evidence", 0.08, 0)):
+        paths = heatmap_slide(store, RUN, tmp_path, dataclasses.replace(params, value=value))
+        values = _values(np.asarray(Image.open(paths["heatmap.png"])))
+        assert abs(np.nanmax(values) - brightest) <= 2 / 255
+        features = json.loads(paths["tiles.geojson"].read_text())["features"]
+        assert sum("classification" in f["properties"] for f in features
+                   if f["properties"].get("objectType") != "annotation") == classified
 
 
 def test_a_training_slide_shows_its_out_of_fold_scores_labelled_as_such(tmp_path):
     """A slide of the run's own cohort: the ensemble trained on it, so the maps show the scores of the fold
-    model that held it out (0.6 in the block, 0.05 outside here), and the overlay and heatmap.json say so."""
+    model that held it out (tile probability 0.6 in the block, 0.05 outside, slide probability 0.7: evidence
+    0.42 and 0.012), and the overlay and heatmap.json say so."""
     store = make_store(tmp_path)
     ensemble_attention, ensemble_scores, attrs = store.scores(RUN)
     inside = _in_block(store.coords)
@@ -295,7 +319,7 @@ def test_a_training_slide_shows_its_out_of_fold_scores_labelled_as_such(tmp_path
     with tiffslide.TiffSlide(str(paths["heatmap.tif"])) as slide:
         values = _values(np.asarray(slide.read_region((0, 0), 0, slide.dimensions)))
     block, outside = _expected(32.0, values.shape)
-    assert np.allclose(values[block], 0.6, atol=1 / 255) and np.allclose(values[outside], 0.05, atol=1 / 255)
+    assert np.allclose(values[block], 0.42, atol=1 / 255) and np.allclose(values[outside], 0.7 * 0.05 / 3, atol=1 / 255)
     title = Image.open(paths["overlay.png"]).info["Title"]
     assert "p = 0.70" in title and "out-of-fold (fold 1)" in title and "did not train on it" in title
     done = json.loads((heatmap_dir(tmp_path, RUN, "s1") / "heatmap.json").read_text())

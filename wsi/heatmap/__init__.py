@@ -21,13 +21,17 @@ file              what
 ================  ==========================================================================================
 
 Every file is written under a temporary name and renamed into place. What is painted is ``heatmap.value``:
-``tumour`` (the per-tile probability of ``heatmap.tumour_class``, the default) or ``attention`` (where the model
-looked), normalised by rank within the slide (``percentile``) or, for probabilities, shown as they are
-(``raw``); ``auto`` picks raw for probabilities and percentile for attention. Tumour probability on its own
-scale is the default because rank normalisation paints half of every slide, a normal one included, in the top
-half of the colour scale, and attention concentrated on a few tumour tiles leaves the rest of its ranks to
-noise (in the MIL quality study, fat ranked just below tumour though the tumour tiles held most of the
-attention).
+``evidence`` (the default: :func:`tumour_evidence`, the tile's probability of ``heatmap.tumour_class`` weighted
+by its attention relative to the slide's most attended tile and by the slide's probability of that class),
+``tumour`` (the tile's probability alone) or ``attention`` (where the model looked), normalised by rank within
+the slide (``percentile``) or, for the probability-like values, shown as they are (``raw``); ``auto`` picks raw
+for those and percentile for attention. Rank normalisation paints half of every slide, a normal one included,
+in the top half of the colour scale, and attention concentrated on a few tumour tiles leaves the rest of its
+ranks to noise (in the MIL quality study, fat ranked just below tumour though the tumour tiles held most of
+the attention). A tile's probability alone is uncalibrated where the model did not look (fat on normal slides
+reached 0.88): the evidence is 0 there, and on a normal slide, whose probability is low, everywhere.
+The GeoJSON classifies the tiles whose painted value (or, for attention, tumour probability) reaches
+``heatmap.threshold``.
 For a slide of the run's own training cohort the heatmaps show its out-of-fold scores (``scores/<run>/oof_*``:
 the fold model that held the slide out, never one that trained on it), and the overlay's title says so; the
 ensemble's scores of such a slide are flattering. Other slides show the ensemble's scores.
@@ -62,9 +66,9 @@ from .raster import NORMALIZATIONS, TileValues, colour_table, normalise, render_
 from .tiff import write_pyramid
 
 __all__ = ["HeatmapParams", "HeatmapSummary", "SlideScores", "heatmap_dir", "heatmap_slide", "heatmaps",
-           "stored_scores"]
+           "stored_scores", "tumour_evidence"]
 
-VALUES = ("attention", "tumour")
+VALUES = ("evidence", "tumour", "attention")
 OUTPUTS = ("overlay.png", "heatmap.png", "tiles.geojson", "heatmap.tif", "top_tiles.png")
 STAGE = "heatmap"
 _REGION_COLOUR = (220, 40, 40)  # QuPath colour of the tumour classification
@@ -102,7 +106,7 @@ class HeatmapParams:
             raise ConfigError(None, f"heatmap.normalize {normalize!r} is not one of {('auto', *NORMALIZATIONS)}")
         if normalize == "raw" and h["value"] == "attention":
             raise ConfigError(None, "heatmap.normalize=raw shows probabilities as they are, but attention "
-                                    "weights have no absolute scale", "use normalize=percentile or value=tumour")
+                                    "weights have no absolute scale", "use normalize=percentile or value=evidence")
         colour_table(h["colormap"])
         return cls(downsample=float(h["downsample"]), value=h["value"], normalize=normalize,
                    smooth_sigma=float(h["smooth_sigma"]), threshold=float(h["threshold"]),
@@ -181,6 +185,19 @@ def stored_scores(store: SlideStore, run: str) -> SlideScores:
                        source=f"out-of-fold (fold {attrs.oof_fold})" if out_of_fold else "ensemble")
 
 
+def tumour_evidence(tile_probability: np.ndarray, attention: np.ndarray, slide_probability: float) -> np.ndarray:
+    """What the default heatmap paints: each tile's tumour probability, times its attention relative to the slide's
+    most attended tile, times the slide's tumour probability; 0-1.
+
+    A tile's own probability alone is not calibrated where the model did not look: on the demo's normal slides the
+    fat, which draws next to no attention, reached 0.6-0.88, and 5-49% of their tiles were above 0.5. Weighted by
+    attention and by the slide's verdict, normal slides stay dark (max 0.01-0.05 on the demo) while tumour foci
+    keep most of their probability (max 0.61-0.97)."""
+    top = float(attention.max()) if attention.size else 0.0
+    relative = attention / top if top > 0 else np.zeros_like(attention)
+    return (np.asarray(tile_probability) * relative * float(slide_probability)).astype(np.float32)
+
+
 def _mask(store: SlideStore) -> tuple[np.ndarray, float]:
     try:
         _, thumbnail, downsample = store.mask()
@@ -253,7 +270,12 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
         note = f"{n} tile(s): nothing to rank, the heatmaps are left empty"
         warnings.warn(f"{store.slide_id}: {note}", stacklevel=2)
     shown = n if n >= 2 else 0
-    painted = scores.attention if params.value == "attention" else tumour
+    if params.value == "evidence":
+        painted = tumour_evidence(tumour, scores.attention, scores.probabilities[tumour_index])
+    else:
+        painted = scores.attention if params.value == "attention" else tumour
+    # what the GeoJSON classifies and the threshold applies to: a probability-like value
+    classified = tumour if params.value == "attention" else painted
     tiles = TileValues(scores.coords[:shown], scores.size, normalise(painted[:shown], params.normalize))
     table = colour_table(params.colormap)
 
@@ -270,7 +292,9 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
              + ("  |  high-res" if high_res else "") + (f"  |  {note}" if note else "")
              + ("" if scores.source == "ensemble" else
                 f"\n{scores.source}: a training slide, scored by the fold model that did not train on it"))
-    subject = "attention" if params.value == "attention" else f"{tumour_name} probability"
+    subject = {"attention": "attention", "tumour": f"{tumour_name} probability",
+               "evidence": f"{tumour_name} evidence (tile probability x relative attention x slide probability)"
+               }[params.value]
     bar_label = subject + (" (percentile within slide)" if params.normalize == "percentile" else "")
     with _replacing(paths["overlay.png"]) as tmp:
         save_overlay(tmp, blend(thumbnail, rgba, params.alpha), title=title, colormap=params.colormap,
@@ -280,9 +304,12 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
                     "attention percentile": normalise(scores.attention[:shown], "percentile")}
     for c, name in enumerate(scores.classes):
         measurements[f"{name} probability"] = scores.class_scores[:shown, c]
+    if params.value == "evidence":
+        measurements[f"{tumour_name} evidence"] = painted[:shown]
     collection = feature_collection(scores.coords[:shown], scores.size, measurements,
-                                    tumour[:shown] >= params.threshold, tumour_name, _REGION_COLOUR,
-                                    f"{tumour_name} region (probability >= {params.threshold:g})")
+                                    classified[:shown] >= params.threshold, tumour_name, _REGION_COLOUR,
+                                    f"{tumour_name} region ({'evidence' if params.value == 'evidence' else 'probability'}"
+                                    f" >= {params.threshold:g})")
     _write_json(paths["tiles.geojson"], collection)
 
     description = {"wsi_version": __version__, "slide_id": store.slide_id, "run": run, "value": params.value,
