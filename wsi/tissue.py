@@ -289,20 +289,22 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
         for kind, kind_ink in decided:
             if not kind_ink.any():
                 continue
+            half_width = _half_width(kind_ink)
             host = ((r + g + b) < 2.7) & ~ink  # anything but glass
             if kind == "red":
                 if keep_blood:  # red pieces cut off by a crossing stroke
-                    ink |= _red_stubs(kind_ink, red, ink)
+                    ink |= _red_stubs(kind_ink, half_width, red, ink)
                     host &= ~ink
             else:  # blue, green and black keep their colour over stain (blue ink and haematoxylin absorb
-                host &= _dilate(blood, 3 * _half_width(kind_ink))  # alike), not over blood, so look there only
-            ink |= _run_on(kind_ink, host, blood & ~ink, od)
+                host &= _dilate(blood, 3 * half_width)  # alike), not over blood, so look there only
+            ink |= _run_on(kind_ink, half_width, host, blood & ~ink, od)
     for _ in range(2):
         ink |= _dilate(ink, 1.5) & ~stain
     return ink
 
 
-def _run_on(strokes: np.ndarray, host: np.ndarray, blood: np.ndarray, od: np.ndarray) -> np.ndarray:
+def _run_on(strokes: np.ndarray, half_width: float, host: np.ndarray, blood: np.ndarray,
+            od: np.ndarray) -> np.ndarray:
     """Where ink ``strokes`` of one colour run on over ``host`` pixels whose colour hides them from the colour
     tests: red ink over dark-blue tumour is a purple that H&E also shows, any ink over blood is a darker red or
     near black.
@@ -318,33 +320,49 @@ def _run_on(strokes: np.ndarray, host: np.ndarray, blood: np.ndarray, od: np.nda
         return np.zeros(strokes.shape, bool)
     ink_od = np.median(od[strokes], axis=0).astype(np.float32)
     strength = float(ink_od @ ink_od)
-    half_width = _half_width(strokes)
-    window = (2 * int(4 * half_width) + 1,) * 2
+    window = 8 * half_width
+    ys, xs = np.nonzero(host)  # work on the part of the thumbnail a host pixel's window reaches
+    pad = int(window) + 2
+    box = (slice(max(ys.min() - pad, 0), ys.max() + pad + 1), slice(max(xs.min() - pad, 0), xs.max() + pad + 1))
+    run_on = np.zeros(strokes.shape, bool)
+    strokes, host, blood, od = strokes[box], host[box], blood[box], od[box]
     on_blood = host & blood
     darker = np.zeros(strokes.shape, bool)  # left out of the estimate of what lies under (ink, and what may be)
     for _ in range(2):
-        under = [(kind & ~darker).astype(np.float32) for kind in (on_blood, host & ~blood)]
-        weight = [cv2.boxFilter(u, -1, window) for u in under]
-        measured = host & (np.where(on_blood, weight[0], weight[1]) > 0.05)
-        along = np.zeros(strokes.shape, np.float32)  # excess density along the ink's, in units of the ink's
-        excess_sq = np.zeros(strokes.shape, np.float32)
-        for c in range(3):
-            around = [cv2.boxFilter(od[..., c] * u, -1, window) / np.maximum(w, 1e-6) for u, w in zip(under, weight)]
-            excess = od[..., c] - np.where(on_blood, around[0], around[1])
-            along += excess * (ink_od[c] / strength)
-            excess_sq += excess * excess
+        (blood_mean, blood_weight), (rest_mean, rest_weight) = (
+            _local_mean(od, kind & ~darker, window) for kind in (on_blood, host & ~blood))
+        measured = host & (np.where(on_blood, blood_weight, rest_weight) > 0.05)
+        excess = od - np.where(on_blood[..., None], blood_mean, rest_mean)
+        along = excess @ (ink_od / strength)  # excess density along the ink's, in units of the ink's
         darker = measured & (along >= 0.5 * RUN_ON_MIN)
+    excess_sq = np.einsum("...c,...c->...", excess, excess)
     off_line_sq = excess_sq - along * along * strength  # squared distance from the ink's line
     inked = measured & (along >= RUN_ON_MIN) & (off_line_sq <= 0.25 * along * along * strength)
-    run_on = _touching(inked, _dilate(strokes, half_width)) & inked & ~strokes  # a rim pixel or two may part them
-    return run_on & ~_dilate(_distance_inside(run_on) >= 1.5 * half_width, 1.5 * half_width)
+    joined = _touching(inked, _dilate(strokes, half_width)) & inked & ~strokes  # a rim pixel or two may part them
+    run_on[box] = joined & ~_dilate(_distance_inside(joined) >= 1.5 * half_width, 1.5 * half_width)
+    return run_on
 
 
-def _red_stubs(strokes: np.ndarray, red: np.ndarray, ink: np.ndarray) -> np.ndarray:
+def _local_mean(values: np.ndarray, where: np.ndarray, window: float) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of ``values`` (h, w, k) over the ``where`` pixels in a square ``window`` px wide around each pixel,
+    and the share of the window they fill. Summed on a grid an eighth of the window's width and interpolated
+    back: the mean is smooth at that scale, and a thumbnail-wide window costs no more than a narrow one."""
+    h, w = where.shape
+    step = max(1, int(window // 8))
+    small = (max(1, round(w / step)), max(1, round(h / step)))
+    weight = cv2.resize(where.astype(np.float32), small, interpolation=cv2.INTER_AREA)
+    sums = cv2.resize(values * where[..., None], small, interpolation=cv2.INTER_AREA)
+    side = (2 * max(1, round(window / step / 2)) + 1,) * 2
+    weight, sums = cv2.boxFilter(weight, -1, side), cv2.boxFilter(sums, -1, side)
+    mean = sums / np.maximum(weight, 1e-6)[..., None]
+    return (cv2.resize(mean, (w, h), interpolation=cv2.INTER_LINEAR),
+            cv2.resize(weight, (w, h), interpolation=cv2.INTER_LINEAR))
+
+
+def _red_stubs(strokes: np.ndarray, half_width: float, red: np.ndarray, ink: np.ndarray) -> np.ndarray:
     """The ``red`` pieces (not ``ink``) that a crossing stroke of another colour cut from red ink ``strokes``,
     too short to pass as strokes alone: those within three half-widths of a stroke across another colour's ink,
     and nowhere wider than the stroke (a pool of blood the crossing stroke covers is wider)."""
-    half_width = _half_width(strokes)
     crossing = _dilate(strokes, 3 * half_width) & ink & ~strokes
     pieces, n = _label(red & ~ink)
     if n == 0 or not crossing.any():
