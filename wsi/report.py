@@ -35,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import __version__
+from . import __version__, atomic
 from .errors import ConfigError, read_failures
 from .layout import Layout
 from .store import open_cohort
@@ -346,11 +346,7 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
            f"<style>{_CSS}</style></head><body><h1>wsi report: {_esc(run)}</h1>"
            f"<p class=note>{'prediction run' if predict_mode else 'training run'} · {len(slide_ids)} slides · "
            f"wsi {__version__}</p>{''.join(sections)}</body></html>")
-    path = layout.report
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(doc)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(layout.report, doc)
 
 
 def _provenance_html(out_dir: Path, run: str, model_dir: Path, run_info: dict, config: dict) -> str:

@@ -97,6 +97,7 @@ import zarr
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from . import atomic
 from .errors import StoreError
 from .layout import Layout
 
@@ -593,12 +594,10 @@ def export_h5(store: SlideStore, encoder: str, path) -> Path:
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     feats = store.features(encoder)
     fattrs = store.feature_attrs(encoder)
     t = store.tiling
-    with h5py.File(tmp, "w") as f:
+    with atomic.replacing(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("features", data=feats)
         c = f.create_dataset("coords", data=store.coords)
         c.attrs["patch_size"] = int(round(t.tile_px_level0))
@@ -610,7 +609,6 @@ def export_h5(store: SlideStore, encoder: str, path) -> Path:
         f.attrs["slide_id"] = store.slide_id
         f.attrs["encoder"] = encoder
         f.attrs["weights_source"] = fattrs.weights_source
-    os.replace(tmp, path)
     return path
 
 

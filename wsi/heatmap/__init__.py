@@ -47,15 +47,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, atomic
 from ..errors import ConfigError, StoreError, WsiError
 from ..layout import Layout
 from ..runner import run_slides
@@ -207,17 +205,6 @@ def _mask(store: SlideStore) -> tuple[np.ndarray, float]:
     return thumbnail, downsample
 
 
-@contextmanager
-def _replacing(path: Path):
-    """Yield a temporary sibling of ``path`` to write; rename it into place only if the block succeeds."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _read_tiles(store: SlideStore, scores: SlideScores, indices: np.ndarray, params: HeatmapParams) -> np.ndarray:
     """Pixels of tiles ``indices``: from the store when it holds them, else read from the slide."""
     if scores.store_tiles and store.has_pixels:
@@ -237,7 +224,7 @@ def _top_and_bottom(attention: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    with _replacing(path) as tmp:
+    with atomic.replacing(path) as tmp:
         tmp.write_text(json.dumps(doc, separators=(",", ":")))
 
 
@@ -285,7 +272,7 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
                        params.smooth_sigma * params.downsample / mask_ds)
     from PIL import Image
 
-    with _replacing(paths["heatmap.png"]) as tmp:
+    with atomic.replacing(paths["heatmap.png"]) as tmp:
         Image.fromarray(rgba, "RGBA").save(tmp, format="PNG")
     p_pred = dict(zip(scores.classes, scores.probabilities)).get(scores.predicted, float("nan"))
     title = (f"{store.slide_id}: predicted {scores.predicted} (p = {p_pred:.2f})  |  run {run}"
@@ -296,7 +283,7 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
                "evidence": f"{tumour_name} evidence (tile probability x relative attention x slide probability)"
                }[params.value]
     bar_label = subject + (" (percentile within slide)" if params.normalize == "percentile" else "")
-    with _replacing(paths["overlay.png"]) as tmp:
+    with atomic.replacing(paths["overlay.png"]) as tmp:
         save_overlay(tmp, blend(thumbnail, rgba, params.alpha), title=title, colormap=params.colormap,
                      bar_label=bar_label)
 
@@ -316,7 +303,7 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
                    "class": tumour_name, "normalize": params.normalize, "colormap": params.colormap,
                    "value_range": [0.0, 1.0], "downsample": params.downsample,
                    "slide_mpp": [slide.mpp_x, slide.mpp_y], "slide_size": [slide.width, slide.height]}
-    with _replacing(paths["heatmap.tif"]) as tmp:
+    with atomic.replacing(paths["heatmap.tif"]) as tmp:
         write_pyramid(tmp, tiles, width0=slide.width, height0=slide.height, mpp=(slide.mpp_x, slide.mpp_y),
                       downsample=params.downsample, sigma=params.smooth_sigma, table=table,
                       description=description)
@@ -328,7 +315,7 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
         pixels = _read_tiles(store, scores, picked, params) if len(picked) else np.zeros((0, 1, 1, 3), np.uint8)
         captions = [f"attention pct {percentile[i]:.2f}\n{tumour_name} p = {tumour[i]:.2f}" for i in picked]
         rows.append((heading, pixels, captions))
-    with _replacing(paths["top_tiles.png"]) as tmp:
+    with atomic.replacing(paths["top_tiles.png"]) as tmp:
         save_tile_grid(tmp, rows, title=title)
 
     _write_json(folder / "heatmap.json", {
