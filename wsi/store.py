@@ -55,7 +55,9 @@ Completion and atomicity
 
 Tile codecs
 -----------
-``lossless`` stores tiles with Blosc/zstd. ``jpeg`` and ``jpegxl`` use :class:`TileImageCodec`, a Zarr v3
+``lossless`` stores tiles with Blosc/LZ4 (level 9): on real H&E tiles it writes about 10x faster than zstd-1 for
+about 9% more bytes (2.2x against 2.4x; 1.9x against 2.4x on the generator's noisier tiles), and compressing was
+as much CPU as decoding the slide. ``jpeg`` and ``jpegxl`` use :class:`TileImageCodec`, a Zarr v3
 array-to-bytes codec (name ``wsi.tile_image``) that encodes each tile of a chunk as its own image, so lossy
 compression never bleeds across tiles. Reading such a store needs ``import wsi.store`` (which registers it).
 
@@ -314,7 +316,7 @@ zarr.registry.register_codec("wsi.tile_image", TileImageCodec)
 
 
 def _lossless() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle)
+    return BloscCodec(cname="lz4", clevel=9, shuffle=BloscShuffle.noshuffle)  # bytes: shuffling does nothing
 
 
 def encoder_key(encoder: str) -> str:
