@@ -66,6 +66,8 @@ from .metrics import classification_metrics, plot_roc
 from .models import MILModel, create_model, model_config
 
 RUN_SCHEMA_VERSION = 1
+CV_SPLITS = {"patient": "stratified, grouped by patient", "site": "stratified, grouped by site",
+             "leave_one_site_out": "one fold per site"}  # run.json's training.split for each mil.cv
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
@@ -374,7 +376,7 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     name = run_name(config)
     cohort = load_cohort(out_dir, config["labels"], encoder, classes=mil.get("classes"),
                          skip_missing=bool(mil.get("skip_missing")))
-    folds = make_folds(cohort, mil["folds"], mil["seed"], validation=mil["validation"],
+    folds = make_folds(cohort, mil["folds"], mil["seed"], cv=mil["cv"], validation=mil["validation"],
                        min_val_per_class=mil["min_val_per_class"])
     model = model_config(mil["model"], cohort.in_dim, len(cohort.classes), mil)
     params = TrainParams.from_config(mil)
@@ -399,7 +401,7 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
             "label_map": {c: i for i, c in enumerate(cohort.classes)}, "labels": str(cohort.labels_path),
             "training": {**asdict(params), "validation": mil["validation"], "folds": len(folds),
                          "optimizer": "AdamW", "loss": "cross-entropy x inverse class frequency",
-                         "split": "given" if cohort.bags[0].split else "stratified, grouped by patient",
+                         "split": "given" if cohort.bags[0].split else CV_SPLITS[mil["cv"]],
                          "validation_used": bool(folds[0].val)},
             "folds": [{"fold": f.index, "weights": f"fold_{f.index}.safetensors", "train": list(f.train),
                        "val": list(f.val), "test": list(f.test),
