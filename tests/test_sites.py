@@ -122,3 +122,87 @@ def test_the_workflow_check_stops_a_single_site_cohort_before_any_job(tmp_path, 
         check_workflow_inputs(config)
     config["mil"]["cv"] = "patient"
     assert set(check_workflow_inputs(config)) == {"a", "b"}
+
+
+# ------------------------------------------------------------------------------------------ per-site metrics
+@pytest.fixture(scope="module")
+def site_run(tmp_path_factory):
+    """A leave-one-site-out ABMIL run on 4 sites of toy features (real Dask LocalCluster), and a new cohort of 2
+    other sites with its labels table."""
+    from test_mil import mil_config
+
+    from wsi.mil import train
+
+    out = tmp_path_factory.mktemp("sites")
+    labels = site_cohort(out)
+    run_dir = train(out, mil_config(labels, cv="leave_one_site_out", run_name="sites"), progress=False)
+    new = tmp_path_factory.mktemp("external")
+    new_labels = site_cohort(new, ((3, 3), (2, 3)), seed=7, sites="XY")
+    return out, labels, run_dir, new, new_labels
+
+
+def test_metrics_json_gives_auroc_and_balanced_accuracy_per_site_with_intervals(site_run):
+    import json
+
+    out, labels, run_dir, _, _ = site_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["per_site"]) == set(SITES)
+    for site, (n_normal, n_tumour) in zip(SITES, ((3, 3), (2, 4), (4, 2), (3, 3))):
+        m = metrics["per_site"][site]
+        assert m["n_slides"] == n_normal + n_tumour and m["support"] == [n_normal, n_tumour]
+        lo, hi = m["auroc"]["tumour"]["ci95"]
+        assert lo <= m["auroc"]["tumour"]["value"] <= hi
+        assert 0 <= m["balanced_accuracy"]["value"] <= 1
+    assert metrics["auroc"]["tumour"]["value"] > 0.8  # the toy task is learnable across sites
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["training"]["split"] == "one fold per site"
+    assert [sorted({site_of(s) for s in f["test"]}) for f in run["folds"]] == [[s] for s in SITES]
+
+
+def test_predict_with_labels_writes_external_validation_beside_predictions(site_run):
+    import json
+    import shutil
+
+    from wsi.cli import main
+
+    _, _, run_dir, new, new_labels = site_run
+    assert main(["predict", "--out", str(new), "--model", str(run_dir), "--labels", str(new_labels),
+                 "--no-progress", "--set", "mil.bootstrap=200"]) == 0
+    folder = new / "predictions" / "sites"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert (folder / "roc.png").stat().st_size > 0
+    assert metrics["n_slides"] == 11 and metrics["labels"] == str(new_labels)
+    assert set(metrics["per_site"]) == {"X", "Y"} and metrics["per_site"]["Y"]["support"] == [2, 3]
+    assert metrics["auroc"]["tumour"]["value"] > 0.8
+    # without labels, predict writes no metrics, and removes older ones that no longer describe the predictions
+    assert main(["predict", "--out", str(new), "--model", str(run_dir), "--no-progress"]) == 0
+    assert not (folder / "metrics.json").exists()
+    # a label the run does not know is a one-line error naming the labels file
+    bad = new / "bad.csv"
+    shutil.copy(new_labels, bad)
+    bad.write_text(bad.read_text().replace("tumour", "tumor"))
+    assert main(["predict", "--out", str(new), "--model", str(run_dir), "--labels", str(bad),
+                 "--no-progress"]) == 2
+
+
+def test_report_shows_per_site_figures_and_names_a_one_class_site(site_run):
+    from wsi.config import load_config
+    from wsi.report import write_report
+
+    _, _, run_dir, new, new_labels = site_run
+    from wsi.mil import predict
+
+    config = load_config(overrides={"labels": str(new_labels), "mode": "predict", "model_dir": str(run_dir),
+                                    "mil": {"bootstrap": 100}})
+    predict(new, run_dir, config)
+    text = write_report(new, config, run="sites").read_text()
+    assert "Metrics on these slides (external validation)" in text
+    assert text.count("<table class=sites>") == 2  # external and the run's own cross-validation
+    assert "<td>X</td><td>3 normal, 3 tumour</td>" in text
+    one_class = new_labels.read_text().replace("Y00,normal", "Y00,tumour").replace("Y01,normal", "Y01,tumour")
+    new_labels.with_name("one.csv").write_text(one_class)
+    config["labels"] = str(new_labels.with_name("one.csv"))
+    predict(new, run_dir, config)
+    text = write_report(new, config, run="sites").read_text()
+    warnings_html = text.split("<section id=warnings")[1].split("</section>")[0]
+    assert "site Y holds only tumour slides" in warnings_html

@@ -155,7 +155,8 @@ def check_out_dir(out_dir, key: str = "out_dir") -> Path:
 def check_workflow_inputs(config: dict) -> dict[str, Path]:
     """Every check the workflow's mode needs, before Snakemake builds its jobs; returns the slides.
 
-    Every mode: ``out_dir`` and the slides; predict: ``model_dir``; train: the labels table against the slides.
+    Every mode: ``out_dir`` and the slides; predict: ``model_dir``; train: the labels table against the slides;
+    train and predict: the labels table's site column (and in train, that ``mil.cv`` finds the sites it needs).
     """
     mode = config["mode"]
     check_out_dir(config["out_dir"])
@@ -170,9 +171,11 @@ def check_workflow_inputs(config: dict) -> dict[str, Path]:
         mil = config["mil"]
         skipped = check_labels(config["labels"], slides, classes=mil.get("classes"),
                                skip_missing=bool(mil.get("skip_missing")), where=f"slides_dir {config['slides_dir']}")
-        rows = read_label_rows(config["labels"], ("slide_id", "site"))
-        check_sites(config["labels"], [site for _, site in rows], [s for s, _ in rows], cv=mil["cv"])
         if skipped:
             print(f"wsi: {len(skipped)} labelled slide(s) are not in slides_dir and are left out "
                   f"(mil.skip_missing): {format_ids(skipped)}", file=sys.stderr)
+    if mode != "features" and config.get("labels"):  # predict: a labels table validates the run externally
+        rows = read_label_rows(config["labels"], ("slide_id", "site"))
+        check_sites(config["labels"], [site for _, site in rows], [s for s, _ in rows],
+                    cv=config["mil"]["cv"] if mode == "train" else "patient")
     return slides

@@ -433,8 +433,10 @@ def _write_outputs(run_dir: Path, cohort: Cohort, folds: list[Fold], results: li
             patients.append(bag.patient_id)
     write_csv(run_dir / "cv_predictions.csv",
               ["slide_id", "patient_id", "label", "fold", *probability_columns(cohort.classes), "predicted"], rows)
+    sites = [by_id[row[0]].site for row in rows]
     metrics = classification_metrics(y_true, probs, cohort.classes, groups=patients,
-                                     n_bootstrap=mil["bootstrap"], seed=mil["seed"])
+                                     sites=sites if any(sites) else None, n_bootstrap=mil["bootstrap"],
+                                     seed=mil["seed"])
     write_json(run_dir / "metrics.json", metrics)
     plot_roc(y_true, probs, cohort.classes, metrics, run_dir / "roc.png")
     return metrics
