@@ -206,3 +206,102 @@ def test_report_shows_per_site_figures_and_names_a_one_class_site(site_run):
     text = write_report(new, config, run="sites").read_text()
     warnings_html = text.split("<section id=warnings")[1].split("</section>")[0]
     assert "site Y holds only tumour slides" in warnings_html
+
+
+# ------------------------------------------------------------------------------------------ stain normalisation
+H_E = {"lab": [[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]],        # stain vectors (optical density per RGB)
+       "other lab": [[0.49, 0.27], [0.77, 0.87], [0.41, 0.41]],
+       "reference": [[0.56, 0.22], [0.72, 0.80], [0.41, 0.56]]}
+
+
+def stained(stain_matrix, n=16, px=48, seed=0, glass=0.3):
+    """Tiles of one tissue (seeded H and E concentration maps, a share ``glass`` of bare glass) stained with
+    ``stain_matrix``: the same slide as two labs would stain it."""
+    rng = np.random.default_rng(seed)
+    concentration = np.stack([rng.gamma(2, 0.4, (n, px, px)), rng.gamma(2, 0.3, (n, px, px))], axis=1)
+    concentration *= rng.random((n, 1, px, px)) > glass
+    od = np.einsum("ck,nkhw->nhwc", np.array(stain_matrix), concentration)
+    return np.clip(240 * np.exp(-od), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def stain_cohort(tmp_path_factory):
+    """One tissue as two labs stained it (two stores), a folder of reference tiles and a tiny ViT checkpoint."""
+    from PIL import Image
+    from test_features_encoders import save_tiny
+    from test_features_extract import write_store
+
+    root = tmp_path_factory.mktemp("stain")
+    out = root / "out"
+    write_store(out, "lab", stained(H_E["lab"]))
+    write_store(out, "other", stained(H_E["other lab"]))
+    reference = root / "reference"
+    reference.mkdir()
+    for i, tile in enumerate(stained(H_E["reference"], n=4, px=64, seed=5)):
+        Image.fromarray(tile).save(reference / f"tile{i}.png")
+    return out, reference, save_tiny(root / "test_vit.safetensors")
+
+
+def extract_config(checkpoint, **extract):
+    config = load_config()
+    config["cluster"].update({"n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"})
+    config["extract"].update({"encoder": "test_vit", "checkpoint": str(checkpoint), "batch_size": 8,
+                              "tiles_per_task": 16, "export_h5": False, **extract})
+    return config
+
+
+def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_their_attrs(stain_cohort):
+    from wsi.features import extract_cohort
+    from wsi.features.stain import fit_stain
+    from wsi.store import SlideStore, store_path
+
+    out, reference, checkpoint = stain_cohort
+    from PIL import Image
+
+    reference_tiles = np.stack([np.asarray(Image.open(p)) for p in sorted(reference.glob("*.png"))])
+    for method in ("none", "macenko", "reinhard"):
+        summary = extract_cohort(out, extract_config(checkpoint, stain=method, stain_reference=str(reference)),
+                                 progress=False)
+        assert sorted(summary.done) == ["lab", "other"] and not summary.failed
+    lab, other = (SlideStore.open(store_path(out, s)) for s in ("lab", "other"))
+    assert lab.feature_encoders() == ["test_vit", "test_vit+macenko", "test_vit+reinhard"]
+    assert sorted(p.name for p in (lab.path / "features").iterdir() if p.is_dir()) == \
+        ["test_vit", "test_vit+macenko", "test_vit+reinhard"]
+    assert lab.feature_attrs("test_vit").stain is None
+    for method in ("macenko", "reinhard"):
+        stain = lab.feature_attrs(f"test_vit+{method}").stain
+        assert stain["method"] == method and stain["reference"] == str(reference.resolve())
+        expected = fit_stain(method, reference_tiles, reference, "reference")
+        for key, value in expected.items():  # the reference's fit, stored: extraction can be redone
+            np.testing.assert_allclose(stain["target"][key], value, rtol=1e-5)
+        assert stain["slide"].keys() == expected.keys()
+        assert other.feature_attrs(f"test_vit+{method}").stain["target"] == stain["target"]
+
+    def gap(key):  # how far apart the two labs' features of the same tissue are
+        return float(np.linalg.norm(lab.features(key) - other.features(key), axis=1).mean())
+
+    # Macenko maps both labs' stain vectors onto the reference's: the same tissue then embeds alike
+    assert gap("test_vit+macenko") < 0.5 * gap("test_vit")
+    assert gap("test_vit+reinhard") < gap("test_vit")
+    # a second run skips what is complete under each key
+    again = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference=str(reference)),
+                           progress=False)
+    assert sorted(again.skipped) == ["lab", "other"]
+
+
+def test_a_stain_reference_without_tissue_is_a_one_line_error_naming_it(stain_cohort, tmp_path):
+    from PIL import Image
+
+    from wsi.features import extract_cohort
+
+    out, _, checkpoint = stain_cohort
+    glass = tmp_path / "glass"
+    glass.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 236, np.uint8)).save(glass / "blank.png")
+    with pytest.raises(ConfigError) as e:
+        extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference=str(glass)), progress=False)
+    message = str(e.value)
+    assert "\n" not in message and str(glass) in message and "no tissue" in message
+    with pytest.raises(ConfigError, match="not cohort, a folder of tile images, a model run or a tiled slide"):
+        extract_cohort(out, extract_config(checkpoint, stain="reinhard", stain_reference=str(tmp_path / "nope")),
+                       progress=False)

@@ -23,6 +23,12 @@ bf16/fp16 in channels_last, and copies the range's features back once. A task's 
 (:meth:`.HostRing.bytes_needed`), and the tasks of a worker together stay within ``extract.pinned_mb``, which must
 fit in a quarter of the worker's memory limit. On CPU workers torch uses the worker's threads, ``batch_size``
 tiles a pass, and the forward passes of concurrent tasks take turns.
+
+Stain normalisation (``extract.stain``, :mod:`.stain`): the reference is fitted once, before the cluster starts
+(a reference without tissue stops the run with one error naming it); per slide, a first task fits the slide's own
+stain, and its range tasks normalise each batch on the device before the encoder. The features go to
+``features/<encoder>+<method>`` with the fit in their attrs; complete ones fitted to another reference fail
+their slide instead of being mixed with the new ones.
 """
 
 from __future__ import annotations
@@ -44,9 +50,10 @@ from distributed import WorkerPlugin, as_completed, get_worker
 from ..cluster import dask_client, gpu_resources, worker_device
 from ..errors import ConfigError, SlideError, StoreError, WsiError, clear_failure, record_failure
 from ..runner import cause_of
-from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, store_path
+from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, feature_set, store_path
 from .encoders import Encoder, load_encoder, resolve_spec
 from .feed import HostRing, embed_blocks, staged_blocks
+from .stain import StainTransform, check_stain, fit_reference, fit_slide
 
 STAGE = "extract"
 
@@ -65,7 +72,8 @@ class ExtractSummary:
 
 
 def h5_path(out_dir, encoder: str, slide_id: str) -> Path:
-    """``OUT/features/<encoder key>/<slide_id>.h5``, the CLAM/TRIDENT-style export."""
+    """``OUT/features/<encoder key>/<slide_id>.h5``, the CLAM/TRIDENT-style export (``encoder``: the feature
+    set, :func:`wsi.store.feature_set`)."""
     return Path(out_dir) / "features" / encoder_key(encoder) / f"{slide_id}.h5"
 
 
@@ -192,10 +200,14 @@ def _read_ahead(read: Callable[[int, int], np.ndarray], lo: int, hi: int, step: 
 
 
 def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tasks_per_gpu: int,
-                     decode_threads: int | None, slide_cfg: dict) -> int:
-    """Embed tiles ``lo:hi`` of the store at ``path`` and write rows ``lo:hi`` of its feature array."""
+                     decode_threads: int | None, slide_cfg: dict, stain: dict | None = None,
+                     slide_stain: dict | None = None) -> int:
+    """Embed tiles ``lo:hi`` of the store at ``path`` and write rows ``lo:hi`` of its feature array
+    ``features/<encoder>`` (a feature set); with ``stain`` (the fitted reference) and ``slide_stain`` (the
+    slide's fit) the tiles are normalised first."""
     owner = _plugin(plugin)
     enc = owner.encoder
+    transform = StainTransform({**stain, "slide": slide_stain}, enc.device) if stain else None
     threads = decode_threads or owner.decode_threads
     store = SlideStore.open(path)
     chunk, tile_px = store.tiling.chunk_tiles, store.tiling.tile_px
@@ -205,7 +217,7 @@ def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tas
         check_pinned(tasks_per_gpu, block, tile_px, hi - lo, enc.dim, owner.batch_size, owner.pinned_budget)
     with tile_parts(store, slide_cfg, lo, hi, block, threads) as parts:
         features = embed_blocks(enc, staged_blocks(parts, hi - lo, block, ring), hi - lo, owner.batch_size,
-                                lock=owner.lock, ring=ring)
+                                lock=owner.lock, ring=ring, stain=transform)
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0]) + lo
@@ -217,10 +229,13 @@ def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tas
     return hi - lo
 
 
-def complete_slide(path: str, encoder: str, attrs: dict, h5: str | None, *range_results: int) -> str:
-    """Runs after every range of the slide: mark its features complete, then write the h5 export."""
+def complete_slide(path: str, encoder: str, attrs: dict, h5: str | None, stain: dict | None,
+                   slide_stain: dict | None, *range_results: int) -> str:
+    """Runs after every range of the slide: mark its features complete (with the stain fit, if any), then write
+    the h5 export."""
     store = SlideStore.open(path)
-    store.complete_features(encoder, FeatureAttrs.from_dict(attrs))
+    store.complete_features(encoder, FeatureAttrs.from_dict(
+        {**attrs, "stain": {**stain, "slide": slide_stain} if stain else None}))
     if h5 is not None:
         export_h5(store, encoder, h5)
     return store.slide_id
@@ -300,13 +315,19 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
     out_dir = Path(out_dir)
     cfg = config["extract"]
     encoder, checkpoint, precision = cfg["encoder"], cfg.get("checkpoint"), cfg.get("precision", "auto")
+    method = cfg.get("stain", "none")
+    key = feature_set(encoder, method)
     resolve_spec(encoder)  # an unknown name fails here, before any cluster starts
     if checkpoint is not None:
         if not Path(checkpoint).exists():
             raise ConfigError(checkpoint, "checkpoint does not exist")
         checkpoint = str(Path(checkpoint).resolve())  # workers may run in another directory
-    cohort = _Cohort(out_dir, encoder)
+    cohort = _Cohort(out_dir, key)
     summary = cohort.summary
+    reference = None  # a reference without tissue (or none to be found) stops the run here, naming it
+    if method != "none":
+        reference = fit_reference(method, str(cfg["stain_reference"]), out_dir, _cohort_ids(out_dir, None),
+                                  dict(config["slide"]), encoder)
 
     todo: list[SlideStore] = []
     for slide_id in _cohort_ids(out_dir, slide_ids):
@@ -315,14 +336,16 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
         except WsiError as e:
             cohort.fail(slide_id, e)
             continue
-        if store.has_features(encoder):
+        if store.has_features(key):
+            h5 = h5_path(out_dir, key, slide_id)
+            try:
+                check_stain(method, store.feature_attrs(key).stain, reference, store.path)
+                if cfg["export_h5"] and not h5.exists():
+                    export_h5(store, key, h5)
+            except (WsiError, OSError) as e:
+                cohort.fail(slide_id, e)
+                continue
             summary.skipped.append(slide_id)
-            h5 = h5_path(out_dir, encoder, slide_id)
-            if cfg["export_h5"] and not h5.exists():
-                try:
-                    export_h5(store, encoder, h5)
-                except (WsiError, OSError) as e:
-                    cohort.fail(slide_id, e)
             continue
         todo.append(store)
 
@@ -337,7 +360,7 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
                 client.register_plugin(EncoderPlugin(encoder, checkpoint, precision, settings), name=plugin)
                 attrs = client.submit(describe_encoder, plugin, resources=resources, pure=False).result()
                 for store in todo:
-                    _submit_slide(client, cohort, store, config, attrs, plugin, resources)
+                    _submit_slide(client, cohort, store, config, attrs, plugin, resources, reference)
                 total = sum(cohort.tiles_of.values())
                 with tqdm(total=total, unit="tile", desc=f"extract {encoder}", disable=not progress) as bar:
                     cohort.collect(client, bar)
@@ -348,21 +371,27 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
 
 
 def _submit_slide(client, cohort: _Cohort, store: SlideStore, config: dict, attrs: dict, plugin: str,
-                  resources: dict | None) -> None:
-    """A fresh feature array, one task per chunk-aligned tile range, and the slide's completing task."""
+                  resources: dict | None, reference: dict | None) -> None:
+    """A fresh feature array, the slide's stain fit (with a ``reference``), one task per chunk-aligned tile range,
+    and the slide's completing task."""
     cfg = config["extract"]
-    encoder = cfg["encoder"]
+    encoder = cohort.summary.encoder  # the feature set: encoder[+stain]
     try:
         store.create_features(encoder, int(attrs["dim"]), store.tiling.chunk_tiles)
     except WsiError as e:
         cohort.fail(store.slide_id, e)
         return
+    slide_stain = None  # a slide without tissue to fit fails through its range tasks, which depend on the fit
+    if reference is not None:
+        slide_stain = client.submit(fit_slide, str(store.path), reference["method"], dict(config["slide"]),
+                                    pure=False)
     ranges, tiles = [], []
     for lo, hi in task_ranges(store.n_tiles, store.tiling.chunk_tiles, int(cfg["tiles_per_task"])):
         ranges.append(client.submit(embed_tile_range, str(store.path), encoder, plugin, lo, hi,
                                     int(cfg["tasks_per_gpu"]), cfg.get("decode_threads"), dict(config["slide"]),
-                                    resources=resources, pure=False))
+                                    reference, slide_stain, resources=resources, pure=False))
         tiles.append(hi - lo)
     h5 = str(h5_path(cohort.out_dir, encoder, store.slide_id)) if cfg["export_h5"] else None
-    final = client.submit(complete_slide, str(store.path), encoder, attrs, h5, *ranges, pure=False)
+    final = client.submit(complete_slide, str(store.path), encoder, attrs, h5, reference, slide_stain, *ranges,
+                          pure=False)
     cohort.add(store.slide_id, ranges, tiles, final)

@@ -135,12 +135,22 @@ class PredictSummary:
 
 
 def _check_weights(ensemble: Ensemble, store: SlideStore) -> None:
+    """The store's features come from the run's encoder weights, normalised to the run's stain reference."""
+    from ..features.stain import same_target
+
+    attrs = store.feature_attrs(ensemble.encoder)
     trained = ensemble.feature_attrs.get("weights_sha256")
-    found = store.feature_attrs(ensemble.encoder).weights_sha256
+    found = attrs.weights_sha256
     if trained and found and trained != found:
         raise ConfigError(store.path, f"features of {ensemble.encoder} come from weights {found[:12]}, model run "
                                       f"{ensemble.run} was trained on weights {trained[:12]}",
                           "re-extract with the run's encoder weights")
+    reference = ensemble.feature_attrs.get("stain")
+    if reference and attrs.stain and not same_target(reference["target"], attrs.stain["target"]):
+        raise ConfigError(store.path, f"features of {ensemble.encoder} were normalised to "
+                                      f"{attrs.stain['reference']}, model run {ensemble.run} to "
+                                      f"{reference['reference']}",
+                          f"re-extract with extract.stain_reference: {ensemble.model_dir}")
 
 
 def _score_store(ensemble: Ensemble, store: SlideStore) -> np.ndarray:

@@ -60,7 +60,7 @@ from distributed import WorkerPlugin, as_completed, get_worker
 
 from .. import __version__
 from ..errors import ConfigError, record_failure
-from ..store import SlideStore, encoder_key
+from ..store import SlideStore, encoder_key, feature_set
 from .data import Bag, Cohort, Fold, class_weights, format_ids, load_bags, load_cohort, make_folds, subsample
 from .metrics import classification_metrics, plot_roc
 from .models import MILModel, create_model, model_config
@@ -338,7 +338,9 @@ def write_csv(path, header: list[str], rows: list[list]) -> Path:
 
 def run_name(config: dict) -> str:
     """``mil.run_name``, or ``<model>_<encoder key>``; a plain folder name."""
-    name = config["mil"].get("run_name") or f"{config['mil']['model']}_{encoder_key(config['extract']['encoder'])}"
+    extract = config["extract"]
+    name = config["mil"].get("run_name") or \
+        f"{config['mil']['model']}_{encoder_key(feature_set(extract['encoder'], extract.get('stain')))}"
     if not _RUN_NAME.match(name):
         raise ConfigError(None, f"mil.run_name {name!r} is not a plain folder name",
                           "use letters, digits, '.', '_' and '-'")
@@ -370,7 +372,7 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     folder ``OUT/models/<run>``. All input checks (:func:`.data.load_cohort`, :func:`.data.make_folds`) run
     before the first fold starts."""
     mil = config["mil"]
-    encoder = config["extract"]["encoder"]
+    encoder = feature_set(config["extract"]["encoder"], config["extract"].get("stain"))  # what features to train on
     if not config.get("labels"):
         raise ConfigError(None, "no labels table (config key labels is null)", "pass --labels FILE")
     name = run_name(config)
