@@ -124,6 +124,27 @@ def test_the_workflow_check_stops_a_single_site_cohort_before_any_job(tmp_path, 
     assert set(check_workflow_inputs(config)) == {"a", "b"}
 
 
+def test_site_profiles_draw_the_same_tissue_in_each_sites_colours():
+    from wsi.demo import SITE_PROFILES, write_synthetic_slide
+
+    drawn = {name: write_synthetic_slide(f"{name}.svs", width=2800, height=2100, seed=11, tumour_tiles=1,
+                                         site=profile, write=False) for name, profile in SITE_PROFILES.items()}
+    plain = write_synthetic_slide("plain.svs", width=2800, height=2100, seed=11, tumour_tiles=1, write=False)
+    assert {s.tumour_boxes for s in drawn.values()} == {plain.tumour_boxes}  # one tissue, four looks
+    tissue = plain.truth_masks(16)["tissue"]
+    looks = {}
+    for name, slide in {**drawn, "plain": plain}.items():
+        rgb = slide.render_level(16, 0, 0, tissue.shape[1], tissue.shape[0]).astype(float)
+        looks[name] = (rgb[tissue].mean(axis=0), rgb[~tissue].mean(axis=0))
+    names = list(drawn)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:  # every two sites' tissue differs by several grey levels in mean colour
+            assert np.abs(looks[a][0] - looks[b][0]).max() > 4, (a, b, looks[a][0], looks[b][0])
+    glass_b, glass_plain = looks["B"][1], looks["plain"][1]
+    assert glass_b[2] < glass_plain[2] - 8 and abs(glass_b[0] - glass_plain[0]) < 3  # B's scanner casts yellow
+    assert SITE_PROFILES["C"].jpeg_quality == 65
+
+
 # ------------------------------------------------------------------------------------------ per-site metrics
 @pytest.fixture(scope="module")
 def site_run(tmp_path_factory):
