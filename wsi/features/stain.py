@@ -5,9 +5,12 @@ site's colours can learn the site instead of the tissue. Normalising maps every 
 reference's before the encoder sees the tiles.
 
 Fitting (on the CPU, with torchstain's ``TorchMacenkoNormalizer.fit`` / ``TorchReinhardNormalizer.fit``, on the
-stained pixels only: optical density at least :data:`BETA` in every channel):
+stained pixels only: optical density at least :data:`BETA` in some channel, so pale pink stroma counts and glass
+does not; Macenko's fit keeps, as torchstain does, only the pixels dense in every channel to find the stain
+vectors, while Reinhard's statistics need the stroma: fitted on nuclei alone, they map stroma far out of gamut):
 
-* the **reference** (``extract.stain_reference``): ``cohort`` (pooled tiles of the cohort's stores, fitted once:
+* the **reference** (``extract.stain_reference``): ``cohort`` (:data:`COHORT_SAMPLE_TILES` tiles from each of up
+  to :data:`COHORT_SAMPLE_SLIDES` of the cohort's stores, pooled, fitted once:
   a slide added later reuses the reference its cohort's features were made with), a folder of tile images
   (PNG/JPEG/TIFF), one slide of the cohort (its id, its file or its store), or a trained model run folder
   (``OUT/models/<run>``: the reference its features were normalised to, which is what external validation of
@@ -39,21 +42,22 @@ from ..store import SlideStore, feature_set, is_complete, store_path
 
 STAIN_METHODS = ("none", "macenko", "reinhard")
 IO = 240                      # transmitted light intensity: the brightness of glass (torchstain's default)
-BETA = 0.15                   # optical density below which a pixel is glass, in any channel (torchstain's default)
+BETA = 0.15                   # optical density below which a channel is unstained (torchstain's default)
 MIN_STAINED_PIXELS = 2000     # fewer stained pixels than this cannot give a stain estimate
 MAX_FIT_PIXELS = 1_000_000    # stained pixels a fit uses at most (a seeded random subset beyond)
 SLIDE_SAMPLE_TILES = 64       # tiles spread over a slide to estimate its own stain
 COHORT_SAMPLE_TILES = 16      # tiles per store pooled for extract.stain_reference: cohort
+COHORT_SAMPLE_SLIDES = 256    # stores pooled at most (spread over the cohort): 4,096 tiles describe its stain
 REFERENCE_SAMPLE_TILES = 256  # tiles of the one slide given as the reference
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 # ------------------------------------------------------------------------------------------ fitting
 def stained_pixels(rgb: np.ndarray) -> np.ndarray:
-    """The (P, 3) uint8 pixels of ``rgb`` (any shape ending in 3) that are stained, not glass."""
+    """The (P, 3) uint8 pixels of ``rgb`` (any shape ending in 3) that are stained (in some channel), not glass."""
     flat = np.asarray(rgb, dtype=np.uint8).reshape(-1, 3)
     od = -np.log((flat.astype(np.float32) + 1) / IO)
-    return flat[(od >= BETA).all(axis=1)]
+    return flat[(od >= BETA).any(axis=1)]
 
 
 def fit_stain(method: str, rgb: np.ndarray, source, what: str) -> dict:
@@ -124,13 +128,17 @@ def fit_reference(method: str, reference: str, out_dir, slide_ids: list[str], sl
             if is_complete(path) and (store := SlideStore.open(path)).has_features(key):
                 stain = store.feature_attrs(key).stain
                 return {k: stain[k] for k in ("method", "reference", "target")}
+        complete = [s for s in slide_ids if is_complete(store_path(out_dir, s))]
+        spread = [complete[i] for i in np.unique(np.linspace(0, len(complete) - 1, COHORT_SAMPLE_SLIDES).round()
+                                                 .astype(int))] if complete else []
         pooled = [sample_tiles(SlideStore.open(store_path(out_dir, s)), COHORT_SAMPLE_TILES, slide_cfg).reshape(-1, 3)
-                  for s in slide_ids if is_complete(store_path(out_dir, s))]
+                  for s in spread]
         if not pooled:
             raise ConfigError(out_dir / "stores", "extract.stain_reference is cohort, and the cohort has no complete "
                                                   "stores to fit it on", "run `wsi tile` first")
         target = fit_stain(method, np.concatenate(pooled), out_dir / "stores", "the cohort's tiles")
-        return {"method": method, "reference": f"cohort ({len(pooled)} slides of {out_dir / 'stores'})",
+        return {"method": method, "reference": f"cohort ({len(pooled)} of {len(complete)} slides in "
+                                               f"{out_dir / 'stores'})",
                 "target": target}
     path = Path(reference)
     if (path / "run.json").is_file():
@@ -205,8 +213,8 @@ class StainTransform:
         channels = lab_split(rgb2lab(image))
         mapped = [(c - mu) / sd * sd_ref + mu_ref for c, mu, sd, mu_ref, sd_ref
                   in zip(channels, *self.source, *self.target)]
-        rgb = lab2rgb(lab_merge(*mapped))
-        return rgb.reshape(3, n, h, w).permute(1, 0, 2, 3).to(x.device)
+        rgb = lab2rgb(lab_merge(*mapped))  # channels last: (n * h, w, 3)
+        return rgb.reshape(n, h, w, 3).permute(0, 3, 1, 2).to(x.device)
 
 
 def check_stain(method: str, stored: dict | None, reference: dict, path) -> None:
