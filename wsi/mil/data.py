@@ -21,10 +21,9 @@ only is named in a :class:`ConfoundedSiteWarning`: there, label and stain cannot
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import warnings
 
 import numpy as np
 import pandas as pd
