@@ -44,7 +44,6 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 import sys
 import threading
@@ -60,7 +59,8 @@ from distributed import WorkerPlugin, as_completed, get_worker
 
 from .. import __version__
 from ..errors import ConfigError, record_failure
-from ..store import SlideStore, encoder_key, feature_set
+from ..layout import run_name
+from ..store import SlideStore, feature_set
 from .data import Bag, Cohort, Fold, class_weights, format_ids, load_bags, load_cohort, make_folds, subsample
 from .metrics import classification_metrics, plot_roc
 from .models import MILModel, create_model, model_config
@@ -68,7 +68,6 @@ from .models import MILModel, create_model, model_config
 RUN_SCHEMA_VERSION = 1
 CV_SPLITS = {"patient": "stratified, grouped by patient", "site": "stratified, grouped by site",
              "leave_one_site_out": "one fold per site"}  # run.json's training.split for each mil.cv
-_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -334,17 +333,6 @@ def write_csv(path, header: list[str], rows: list[list]) -> Path:
     tmp.write_text(buf.getvalue())
     os.replace(tmp, path)
     return path
-
-
-def run_name(config: dict) -> str:
-    """``mil.run_name``, or ``<model>_<encoder key>``; a plain folder name."""
-    extract = config["extract"]
-    name = config["mil"].get("run_name") or \
-        f"{config['mil']['model']}_{encoder_key(feature_set(extract['encoder'], extract.get('stain')))}"
-    if not _RUN_NAME.match(name):
-        raise ConfigError(None, f"mil.run_name {name!r} is not a plain folder name",
-                          "use letters, digits, '.', '_' and '-'")
-    return name
 
 
 def _commit_dir(tmp: Path, final: Path) -> None:
