@@ -359,3 +359,20 @@ def test_a_stain_reference_without_tissue_is_a_one_line_error_naming_it(stain_co
     with pytest.raises(ConfigError, match="not cohort, a folder of tile images, a model run or a tiled slide"):
         extract_cohort(out, extract_config(checkpoint, stain="reinhard", stain_reference=str(tmp_path / "nope")),
                        progress=False)
+
+
+def test_a_cohort_keeps_its_reference_and_never_mixes_features_of_two_references(stain_cohort):
+    from wsi.features import extract_cohort
+
+    out, reference, checkpoint = stain_cohort
+    first = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference=str(reference)),
+                           progress=False)
+    assert not first.failed
+    # cohort: the reference the cohort's normalised features were made with, so later slides match them
+    again = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference="cohort"),
+                           progress=False)
+    assert sorted(again.skipped) == ["lab", "other"] and not again.failed
+    # another reference (here the slide "lab" of the cohort): complete features of the old one fail their slide
+    other = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference="lab"), progress=False)
+    assert sorted(other.failed) == ["lab", "other"]
+    assert "fitted to another reference" in other.causes["lab"] and str(reference.resolve()) in other.causes["lab"]
