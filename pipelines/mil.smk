@@ -27,6 +27,7 @@ rule predict:
     input:
         features=LAYOUT.status("extract", ENCODER_KEY),
         run=model_input,
+        labels=config["labels"] or [],
     output:
         predictions=LAYOUT.predictions_csv(RUN),
         status=LAYOUT.status("predict", RUN),

@@ -21,6 +21,7 @@ from .errors import ConfigError, format_ids
 # slides beside "tumour" on 200 would silently become a third class, or fail training as a class of one).
 TINY_CLASS_SHARE = 0.1
 NEAR_MISS_RATIO = 0.8
+CV_MODES = ("patient", "site", "leave_one_site_out")  # mil.cv: what the cross-validation folds keep whole
 
 
 def check_slides_dir(slides_dir, key: str = "slides_dir") -> dict[str, Path]:
@@ -39,8 +40,9 @@ def check_slides_dir(slides_dir, key: str = "slides_dir") -> dict[str, Path]:
     return slides
 
 
-def read_label_rows(labels) -> list[tuple[str, str]]:
-    """(slide_id, label) of every row of the labels CSV; the full checks are :func:`wsi.mil.read_labels`'s."""
+def read_label_rows(labels, columns=("slide_id", "label")) -> list[tuple]:
+    """The ``columns`` (default slide_id, label) of every row of the labels CSV, None for an optional column the
+    table lacks; the full checks are :func:`wsi.mil.read_labels`'s."""
     path = Path(labels)
     if not path.is_file():
         raise ConfigError(path, "labels file does not exist", "set labels to a CSV slide_id,label[,patient_id]")
@@ -51,7 +53,7 @@ def read_label_rows(labels) -> list[tuple[str, str]]:
             if not {"slide_id", "label"} <= set(fields):
                 raise ConfigError(path, f"labels file needs the columns slide_id,label; it has {fields}")
             reader.fieldnames = fields
-            return [((r["slide_id"] or "").strip(), (r["label"] or "").strip()) for r in reader]
+            return [tuple((r[c] or "").strip() if c in fields else None for c in columns) for r in reader]
     except (UnicodeDecodeError, csv.Error) as e:
         raise ConfigError(path, f"labels file is not a readable CSV: {e}") from e
 
@@ -96,6 +98,26 @@ def check_labels(labels, slide_ids, *, classes=None, skip_missing: bool = False,
     return unknown
 
 
+def check_sites(labels, sites: list, slide_ids: list, *, cv: str = "patient") -> None:
+    """The labels table's site column (``sites``, None per slide without one) is usable: no empty value, and for
+    ``mil.cv`` ``site`` or ``leave_one_site_out`` a site column with at least two sites."""
+    path = Path(labels)
+    empty = [s for s, site in zip(slide_ids, sites) if site is not None and not str(site).strip()]
+    if empty:
+        raise ConfigError(path, f"column site is empty for {len(empty)} slide(s): {format_ids(empty)}",
+                          "fill in every slide's site (the institution or scanner it comes from), or drop the "
+                          "site column")
+    if cv == "patient":
+        return
+    found = sorted({s for s in sites if s is not None})
+    if not found:
+        raise ConfigError(path, f"mil.cv is {cv} and the labels file has no site column",
+                          "add a site column (slide_id,label,site), or set mil.cv: patient")
+    if len(found) < 2:
+        raise ConfigError(path, f"mil.cv is {cv} and column site names one site only ({found[0]!r})",
+                          "add slides of other sites, or set mil.cv: patient")
+
+
 def check_model_dir(model_dir, key: str = "model_dir") -> dict:
     """``run.json`` of a complete model run in ``model_dir``; anything else is an error naming ``key``."""
     folder = Path(model_dir)
@@ -133,7 +155,8 @@ def check_out_dir(out_dir, key: str = "out_dir") -> Path:
 def check_workflow_inputs(config: dict) -> dict[str, Path]:
     """Every check the workflow's mode needs, before Snakemake builds its jobs; returns the slides.
 
-    Every mode: ``out_dir`` and the slides; predict: ``model_dir``; train: the labels table against the slides.
+    Every mode: ``out_dir`` and the slides; predict: ``model_dir``; train: the labels table against the slides;
+    train and predict: the labels table's site column (and in train, that ``mil.cv`` finds the sites it needs).
     """
     mode = config["mode"]
     check_out_dir(config["out_dir"])
@@ -151,4 +174,8 @@ def check_workflow_inputs(config: dict) -> dict[str, Path]:
         if skipped:
             print(f"wsi: {len(skipped)} labelled slide(s) are not in slides_dir and are left out "
                   f"(mil.skip_missing): {format_ids(skipped)}", file=sys.stderr)
+    if mode != "features" and config.get("labels"):  # predict: a labels table validates the run externally
+        rows = read_label_rows(config["labels"], ("slide_id", "site"))
+        check_sites(config["labels"], [site for _, site in rows], [s for s, _ in rows],
+                    cv=config["mil"]["cv"] if mode == "train" else "patient")
     return slides

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="apply a trained run to stores: predictions.csv + per-tile scores")
     _common(p)
     p.add_argument("--model", dest="model_dir", type=Path, required=True, help="OUT/models/<run>")
+    p.add_argument("--labels", type=Path, help="CSV slide_id,label[,patient_id,site] of these slides: external "
+                   "validation (metrics.json beside predictions.csv)")
     p.add_argument("slide_ids", nargs="*", help="only these slides (default: every store with features)")
 
     p = sub.add_parser("heatmap", help="PNG overlay, QuPath GeoJSON and pyramidal TIFF per slide")
@@ -262,7 +264,7 @@ def run(args) -> int:
         from .runner import failed_earlier
 
         check_model_dir(args.model_dir, key="--model")
-        config = _config(args)
+        config = _config(args, _drop_none({"labels": str(args.labels) if args.labels else None}))
         from .layout import Layout
         from .store import is_complete
 
@@ -275,6 +277,8 @@ def run(args) -> int:
         summary = predict(args.out, args.model_dir, config,
                           slide_ids=[s for s in slide_ids if s not in earlier])
         print(f"predictions: {summary.predictions_csv}")
+        if summary.metrics_json:
+            print(f"external validation: {summary.metrics_json}")
         return _finish(args, config, _items(summary, "done", "failed") + _skipped(earlier))
 
     if args.command == "heatmap":

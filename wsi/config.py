@@ -123,7 +123,7 @@ STAGE_SECTIONS = {
     "tile": ("slide", "tissue", "tiling"),
     "extract": ("slide", "extract", "cluster"),
     "train": ("labels", "extract", "cluster", "mil"),
-    "predict": ("extract", "cluster", "mil"),
+    "predict": ("labels", "extract", "cluster", "mil"),  # labels: external validation of the run
     "heatmap": ("slide", "extract", "mil", "heatmap"),  # extract, mil: the high-res mode's encoder and model
     "report": ("labels", "mode", "model_dir", "extract", "mil", "heatmap"),
 }

@@ -11,7 +11,9 @@ and sparse spindle-shaped purple nuclei, pale fat (white vacuoles in thin pink s
 biopsy fragments, and optional dense tumour (crowded, larger, darker, irregular nuclei). Options add marker-pen
 strokes (blue, green, black, red) over glass and tissue edges, dust/debris specks and faint smudges on glass,
 and lymphoid aggregates (the tumour mimic). Colours are mixed with Beer-Lambert optical densities of
-haematoxylin and eosin, whose strengths a slide may scale (its staining batch).
+haematoxylin and eosin, whose strengths a slide may scale (its staining batch). A :class:`SiteProfile` draws the
+slide as one institution would: its own stain vectors (the hue of its haematoxylin and eosin) and strengths, its
+scanner's colour cast and JPEG quality (:data:`SITE_PROFILES` holds four).
 
 Every pixel is a deterministic function of its level-0 position and its size (the level's downsample), so
 tiles are rendered independently and streamed to :class:`tifffile.TiffWriter` or into the DICOM files (a
@@ -318,6 +320,9 @@ class _Scene:
     mucin: tuple = ()  # _Blob: mucin pools
     glass_rgb: tuple = tuple(GLASS_RGB.tolist())  # the scanned glass's colour (a grey, yellow or blue cast)
     scan: _ScanArea | None = None  # stitched scanner fields with white padding outside them; None: all glass
+    haem_od: tuple = tuple(HAEM_OD.tolist())  # the site's stain vectors: optical density per unit stain (R, G, B)
+    eosin_od: tuple = tuple(EOSIN_OD.tolist())
+    cast: tuple = (1.0, 1.0, 1.0)  # the scanner's gain per RGB channel (its colour cast over everything)
 
     def px(self, microns: float) -> float:
         return microns / self.um
@@ -390,7 +395,7 @@ def _discrete_absorbance(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: 
     density *= 1 + 0.22 * _noise(seed + 14, xs, ys, scene.px(0.9), pixel=pixel)
     absorbed = np.zeros((*density.shape, 3), np.float32)
     hit = density > 0  # nuclei cover a small share of the pixels: exp only there
-    absorbed[hit] = 1 - np.exp(-HAEM_OD * scene.stain[0] * density[hit][:, None])
+    absorbed[hit] = 1 - np.exp(-np.asarray(scene.haem_od, np.float32) * scene.stain[0] * density[hit][:, None])
     return absorbed
 
 
@@ -540,7 +545,7 @@ def _render(scene: _Scene, x0: float, y0: float, pixel: float, light: np.ndarray
                                        pixel=pixel)
         ink = np.asarray(PEN_INKS[stroke.colour], np.float32) ** density[..., None]
         transmit *= 1 - cov[..., None] * (1 - ink)
-    return np.clip(light * transmit + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(light * transmit * np.asarray(scene.cast, np.float32) + 0.5, 0, 255).astype(np.uint8)
 
 
 def _glass(scene: _Scene, pixel: float) -> np.ndarray:
@@ -585,7 +590,8 @@ def _tissue_transmittance(scene: _Scene, lay: _Layers, xs, ys, pixel: float) -> 
     """(h, w, 3) light transmitted by the tissue (1 on glass): stroma, fat, lymphoid and tumour backgrounds, then
     nuclei; the slide's stain strengths scale every optical density."""
     seed = scene.seed
-    eosin_od, haem_od = EOSIN_OD * scene.stain[1], HAEM_OD * scene.stain[0]
+    eosin_od = np.asarray(scene.eosin_od, np.float32) * scene.stain[1]
+    haem_od = np.asarray(scene.haem_od, np.float32) * scene.stain[0]
     big = _noise(seed + 41, xs, ys, scene.px(300), pixel=pixel)
     fibres_x = _noise(seed + 42, xs, ys, scene.px(40), scene.px(5), pixel=pixel)
     fibres_y = _noise(seed + 43, xs, ys, scene.px(5), scene.px(40), pixel=pixel)
@@ -759,6 +765,33 @@ class _BlobPlacer:
 
 
 @dataclass(frozen=True)
+class SiteProfile:
+    """How one institution's slides look: its lab's stain vectors (optical density per unit stain, R, G, B: the
+    hue of its haematoxylin and eosin) and strengths, its scanner's colour cast (gain per RGB channel) and JPEG
+    quality. Labs differ in hue and strength (dye lots, staining times, section thickness) and scanners in white
+    balance and compression: the site signature a model can learn as a shortcut."""
+
+    name: str
+    haem_od: tuple = tuple(HAEM_OD.tolist())
+    eosin_od: tuple = tuple(EOSIN_OD.tolist())
+    stain: tuple = (1.0, 1.0)
+    cast: tuple = (1.0, 1.0, 1.0)
+    jpeg_quality: int = 85
+
+
+# Four sites as different as real ones: a purple lab with a neutral scanner, a pale lab whose scanner casts
+# yellow, an orange-eosin lab with a blue cast and heavy compression, and a dark blue-haematoxylin lab.
+SITE_PROFILES = {p.name: p for p in (
+    SiteProfile("A", haem_od=(0.60, 0.85, 0.24), stain=(1.35, 0.9), cast=(1.0, 0.98, 1.0), jpeg_quality=90),
+    SiteProfile("B", haem_od=(0.55, 0.70, 0.30), eosin_od=(0.04, 0.55, 0.28), stain=(0.8, 1.1),
+                cast=(1.0, 0.98, 0.92), jpeg_quality=80),
+    SiteProfile("C", eosin_od=(0.03, 0.45, 0.35), stain=(1.0, 1.25), cast=(0.94, 0.97, 1.0), jpeg_quality=65),
+    SiteProfile("D", haem_od=(0.75, 0.72, 0.22), eosin_od=(0.07, 0.62, 0.18), stain=(1.2, 0.8),
+                cast=(0.96, 1.0, 0.95), jpeg_quality=85),
+)}
+
+
+@dataclass(frozen=True)
 class HardCases:
     """What a lab's slides show that easy synthetic slides do not (see :func:`write_synthetic_slide`)."""
 
@@ -921,7 +954,7 @@ def _level_tiles(scene: _Scene, downsample: float, size: tuple[int, int], tile: 
         light = _light(scene, glass, col, row, tile, tile, downsample)
         if not scene.touches((math.floor(x0 - downsample), math.floor(y0 - downsample),
                               math.ceil(x0 + span + downsample), math.ceil(y0 + span + downsample))):
-            return np.clip(light + 0.5, 0, 255).astype(np.uint8)
+            return np.clip(light * np.asarray(scene.cast, np.float32) + 0.5, 0, 255).astype(np.uint8)
         return _render(scene, x0, y0, downsample, light)
 
     for row in range(0, h, tile):
@@ -933,7 +966,7 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
                           seed: int = 0, tumour_boxes: Sequence[Box] | None = None, tumour_tiles: int = 0,
                           pen_marks: bool = False, specks: bool = False, lymphoid_aggregates: int = 0,
                           stain: tuple[float, float] = (1.0, 1.0), hard: HardCases | None = None,
-                          write: bool = True) -> SyntheticSlide:
+                          site: SiteProfile | None = None, write: bool = True) -> SyntheticSlide:
     """Write a pyramidal JPEG-tiled H&E-like slide to ``path``; return its ground truth.
 
     ``kind`` is ``aperio`` (SVS-like, MPP in the description), ``generic`` (tiled TIFF, MPP in the
@@ -950,7 +983,9 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
     about +-30%). ``hard`` (:class:`HardCases`) adds what tissue detection gets wrong on real slides: solid
     high-grade tumour sheets (crowded, dark, blue), haemorrhage (as red as red ink), mucin (pale blue-grey),
     marker strokes across tissue, stitched scanner fields of grey glass with brightness steps beside white
-    padding, and a glass colour cast. Deterministic for a ``seed``. ``write=False`` only draws the scene: the
+    padding, and a glass colour cast. ``site`` (:class:`SiteProfile`) draws it as that site would: its stain
+    vectors, its strengths (times ``stain``: a batch within the site), its scanner's cast and JPEG quality (in
+    place of ``jpeg_quality``). Deterministic for a ``seed``. ``write=False`` only draws the scene: the
     returned slide's :meth:`~SyntheticSlide.render_level` and :meth:`~SyntheticSlide.truth_masks` work, no file
     is written (for benchmarks that need only a coarse level).
     """
@@ -962,8 +997,13 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
     if len(stain) != 2 or not all(0.2 <= float(v) <= 5 for v in stain):
         raise ConfigError(path, f"stain must be two strengths (haematoxylin, eosin) in 0.2..5, got {tuple(stain)}")
     um = mpp if mpp is not None else RENDER_MPP_WITHOUT_CALIBRATION
+    if site is not None:
+        stain, jpeg_quality = tuple(a * b for a, b in zip(stain, site.stain)), site.jpeg_quality
     scene = _scene(path, width, height, um, seed, [tuple(int(v) for v in b) for b in tumour_boxes or ()], tumour_tiles,
                    pen_marks, specks, lymphoid_aggregates, stain, hard)
+    if site is not None:
+        scene = dataclasses.replace(scene, haem_od=tuple(site.haem_od), eosin_od=tuple(site.eosin_od),
+                                    cast=tuple(site.cast))
     sizes = [(max(1, math.ceil(width / d)), max(1, math.ceil(height / d))) for d in ds]
 
     if write and kind == "dicom":

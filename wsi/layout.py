@@ -37,11 +37,13 @@ def run_name(config: dict) -> str:
     """The model run's folder name: ``model_dir``'s in mode predict, else ``mil.run_name`` or
     ``<model>_<encoder key>``; a plain folder name."""
     from .errors import ConfigError
-    from .store import encoder_key
+    from .store import encoder_key, feature_set
 
     if config.get("mode") == "predict" and config.get("model_dir"):
         return Path(config["model_dir"]).name
-    name = config["mil"].get("run_name") or f"{config['mil']['model']}_{encoder_key(config['extract']['encoder'])}"
+    extract = config["extract"]
+    name = config["mil"].get("run_name") or \
+        f"{config['mil']['model']}_{encoder_key(feature_set(extract['encoder'], extract.get('stain')))}"
     if not _RUN_NAME.match(name):
         raise ConfigError(None, f"mil.run_name {name!r} is not a plain folder name",
                           "use letters, digits, '.', '_' and '-'")

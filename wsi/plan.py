@@ -148,9 +148,9 @@ def summary(plan: Plan) -> tuple[str, list[str]]:
 
 
 def plan_encoder(config: dict) -> str:
-    from .store import encoder_key
+    from .store import encoder_key, feature_set
 
-    return encoder_key(config["extract"]["encoder"])
+    return encoder_key(feature_set(config["extract"]["encoder"], config["extract"].get("stain")))
 
 
 def finish(plan: Plan, *, success: bool) -> None:

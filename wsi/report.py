@@ -10,8 +10,9 @@ What a reader can trust is kept apart from what they cannot:
 * **Performance** is measured only on predictions from models that never trained on the slide: for a training
   run, the out-of-fold predictions of cross-validation (``cv_predictions.csv``, scored in ``metrics.json``), shown
   with their per-slide table; for a prediction run, the predictions of slides that have a label and were not in
-  the model's training cohort (external validation, scored here), with the model's own cross-validated figures
-  beside them for reference.
+  the model's training cohort (external validation, scored by predict in ``predictions/<run>/metrics.json``), with
+  the model's own cross-validated figures beside them for reference. With a site column in the labels table, both
+  give the figures per site too, and a site holding one class is named among the warnings.
 * **The final model's predictions on its own training slides** (the fold ensemble, each of whose members
   trained on all but one fold) are in-sample: they are listed in their own, labelled section and never scored.
 * **Warnings** open the report when a shown AUROC's 95% interval includes 0.5 (or has no interval), or when a
@@ -119,7 +120,28 @@ def _metrics_html(metrics: dict, title: str, intro: str, roc: Path | None = None
             f"95% intervals from {boot.get('resamples', '?')} bootstrap resamples by {boot.get('unit', 'slide')}")
     roc_html = f"<img class=roc alt='ROC curve' src='{_img_data_uri(roc)}'>" if roc and roc.exists() else ""
     return (f"<h3>{_esc(title)}</h3><p>{_esc(intro)}</p><p class=note>{_esc(note)}</p>"
-            f"<div class=figures><div><table>{''.join(rows)}</table>{cm_html}</div>{roc_html}</div>")
+            f"<div class=figures><div><table>{''.join(rows)}</table>{cm_html}</div>{roc_html}</div>"
+            f"{_per_site_html(metrics)}")
+
+
+def _per_site_html(metrics: dict) -> str:
+    """AUROC and balanced accuracy within each site (``per_site``), or nothing without sites."""
+    per_site = metrics.get("per_site")
+    if not per_site:
+        return ""
+    classes = metrics.get("classes", [])
+    rows = []
+    for site, m in per_site.items():
+        support = ", ".join(f"{n} {c}" for c, n in zip(classes, m.get("support", [])))
+        auroc = "".join(f"<td>{_figure_cell(f)}</td>" for _, f in _auroc_figures(m))
+        rows.append(f"<tr><td>{_esc(site)}</td><td>{_esc(support)}</td>{auroc}"
+                    f"<td>{_figure_cell(m['balanced_accuracy'])}</td></tr>")
+    head = "".join(f"<th>AUROC ({_esc(c)})</th>" for c, _ in _auroc_figures(next(iter(per_site.values()))))
+    return ("<h4>Per site</h4><p class=note>The same figures within each site (the labels table's site column). A "
+            "model that learnt a site's stain rather than the tissue scores well pooled and near chance within "
+            "a site; a site with one class has no AUROC.</p>"
+            f"<table class=sites><tr><th>site</th><th>slides</th>{head}<th>Balanced accuracy</th></tr>"
+            f"{''.join(rows)}</table>")
 
 
 def _warnings(scope: str, metrics: dict) -> list[str]:
@@ -134,6 +156,12 @@ def _warnings(scope: str, metrics: dict) -> list[str]:
             out.append(f"{scope}: AUROC ({name}) {value:.2f} with a 95% interval of [{lo:.2f}, {hi:.2f}], which "
                        "includes 0.5 (chance). The model may be no better than a coin toss on these slides: do "
                        "not read its predictions or heatmaps as findings.")
+    for site, m in (metrics.get("per_site") or {}).items():
+        present = [c for c, n in zip(metrics.get("classes", []), m.get("support", [])) if n]
+        if len(present) == 1:
+            out.append(f"{scope}: site {site} holds only {present[0]} slides, so its label is confounded with its "
+                       "stain and scanner: a model can score well by recognising the site. Cross-validate with "
+                       "mil.cv: site, and read the per-site figures.")
     small = [(c, n) for c, n in zip(metrics.get("classes", []), metrics.get("support", []))
              if n < MIN_SLIDES_PER_CLASS]
     if small:
@@ -142,21 +170,6 @@ def _warnings(scope: str, metrics: dict) -> list[str]:
                    f"{MIN_SLIDES_PER_CLASS} per class is too few to learn from or to measure: these figures show "
                    "that the pipeline runs, not that the model works.")
     return out
-
-
-def _external_metrics(predictions: list[dict], labels: dict[str, tuple[str, str]], classes: list[str],
-                      config: dict) -> dict | None:
-    """Metrics of ``predictions`` whose slide has a label of a known class (bootstrap by patient)."""
-    from .mil.metrics import classification_metrics
-
-    rows = [r for r in predictions if labels.get(r["slide_id"], ("",))[0] in classes]
-    if len(rows) < 2 or len({labels[r["slide_id"]][0] for r in rows}) < 2:
-        return None
-    mil = config.get("mil", {})
-    return classification_metrics([classes.index(labels[r["slide_id"]][0]) for r in rows],
-                                  [[float(r[f"prob_{c}"]) for c in classes] for r in rows], classes,
-                                  groups=[labels[r["slide_id"]][1] for r in rows],
-                                  n_bootstrap=int(mil.get("bootstrap", 1000)), seed=int(mil.get("seed", 0)))
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -283,11 +296,12 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
     cv_metrics = _read_json(model_dir / "metrics.json")
     blocks, warnings = [], []
     if predict_mode:
-        held_out = [r for r in predictions if r["slide_id"] not in trained]
-        external = _external_metrics(held_out, labels, classes, config) if classes else None
+        external = _read_json(out_dir / "predictions" / run / "metrics.json")
         if external:
             blocks.append(_metrics_html(external, "Metrics on these slides (external validation)",
-                                        "Predictions of slides with a label that the model never trained on."))
+                                        "Predictions of slides with a label that the model never trained on "
+                                        "(predictions/<run>/metrics.json).",
+                                        out_dir / "predictions" / run / "roc.png"))
             warnings += _warnings("On these slides", external)
         else:
             blocks.append("<p>No labelled slides outside the model's training cohort: the model's performance on "

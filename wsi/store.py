@@ -32,7 +32,19 @@ attrs ``complete``            bool                        set last by ``tile``; 
                                                           tissue (rejected from the tissue); same attrs; absent
                                                           in stores written before wsi 0.1 kept it
 ``features/<key>``            float32 (N, D)              written by extract; attrs :class:`FeatureAttrs`
-                                                          and ``complete``; ``key = encoder_key(encoder)``
+                                                          and ``complete``; ``key =
+                                                          encoder_key(feature_set(encoder, stain))``: the
+                                                          encoder's name, plus ``+macenko`` / ``+reinhard``
+                                                          for stain-normalised tiles (``extract.stain``), so
+                                                          raw and normalised features live side by side
+attrs ``stain`` of            dict or null                normalised features only (added in 0.1 without a
+``features/<key>``                                        schema bump: older stores read as raw): ``method``,
+                                                          ``reference`` (what it was fitted on), ``target``
+                                                          (the reference's fit) and ``slide`` (this slide's):
+                                                          Macenko ``stain_matrix`` (3 x 2, H and E optical
+                                                          densities) and ``max_concentrations`` (2, 99th
+                                                          percentiles); Reinhard CIE L*a*b* ``means`` and
+                                                          ``stds`` (3 each); :mod:`wsi.features.stain`
 ``scores/<run>/attention``    float32 (N,)                per-tile attention of the fold ensemble (sums to 1)
 ``scores/<run>/class_scores`` float32 (N, C)              per-tile class probabilities of the ensemble
 ``scores/<run>/oof_*``        as the two above            only for a slide of the run's own cohort: the same
@@ -233,6 +245,7 @@ class FeatureAttrs(_Attrs):
     std: tuple
     precision: str
     wsi_version: str = ""
+    stain: dict | None = None     # stain normalisation: method, reference, fitted target and slide values
 
 
 @dataclass(frozen=True)
@@ -320,8 +333,15 @@ def _lossless() -> BloscCodec:
 
 
 def encoder_key(encoder: str) -> str:
-    """The array name of an encoder's features: ``hf-hub:MahmoodLab/UNI`` -> ``hf-hub_MahmoodLab_UNI``."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", encoder)
+    """The array name of an encoder's features: ``hf-hub:MahmoodLab/UNI`` -> ``hf-hub_MahmoodLab_UNI``;
+    ``tf_efficientnet_lite0+macenko`` (a :func:`feature_set`) keeps its ``+``."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", encoder)
+
+
+def feature_set(encoder: str, stain: str | None = "none") -> str:
+    """What features are stored and trained under: the encoder's name, with ``+<method>`` when the tiles were
+    stain-normalised (``extract.stain``), e.g. ``tf_efficientnet_lite0+macenko``."""
+    return encoder if stain in (None, "none") else f"{encoder}+{stain}"
 
 
 def store_path(out_dir, slide_id: str) -> Path:
@@ -416,8 +436,8 @@ class SlideStore:
     def feature_encoders(self) -> list[str]:
         if "features" not in self.group:
             return []
-        return sorted(a.attrs["encoder"] for _, a in self.group["features"].arrays()
-                      if a.attrs.get("complete") is True)
+        return sorted(feature_set(a.attrs["encoder"], (a.attrs.get("stain") or {}).get("method"))
+                      for _, a in self.group["features"].arrays() if a.attrs.get("complete") is True)
 
     def create_features(self, encoder: str, dim: int, chunk_tiles: int) -> zarr.Array:
         """A fresh, incomplete ``features/<key>`` array (NaN-filled, so a chunk never written reads as NaN).

@@ -326,11 +326,14 @@ class Encoder:
                             interpolation=self.interpolation, mean=self.mean, std=self.std,
                             precision=self.precision, wsi_version=__version__)
 
-    def features(self, tiles: torch.Tensor) -> torch.Tensor:
-        """float32 (n, D) features of uint8 tiles (n, T, T, 3) already on the model's device: resized to the
-        model's input (on the device: on a GPU that is where it is cheap), normalised, cast, run. Call it under
-        ``torch.inference_mode()``; nothing in it waits for the GPU."""
+    def features(self, tiles: torch.Tensor, stain: Callable | None = None) -> torch.Tensor:
+        """float32 (n, D) features of uint8 tiles (n, T, T, 3) already on the model's device: stain-normalised
+        when ``stain`` is given (a :class:`.stain.StainTransform`), resized to the model's input (on the device:
+        on a GPU that is where it is cheap), normalised, cast, run. Call it under ``torch.inference_mode()``;
+        nothing in it waits for the GPU."""
         x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
+        if stain is not None:
+            x = stain(x)
         size = self.input_size[1:]
         if tuple(x.shape[2:]) != size:
             # timm configs name bilinear or bicubic; anything else (rare) is resized bilinearly

@@ -24,6 +24,12 @@ bf16/fp16 in channels_last, and copies the range's features back once. A task's 
 (:meth:`.HostRing.bytes_needed`), and the tasks of a worker together stay within ``extract.pinned_mb``, which must
 fit in a quarter of the worker's memory limit. On CPU workers torch uses the worker's threads, ``batch_size``
 tiles a pass, and the forward passes of concurrent tasks take turns.
+
+Stain normalisation (``extract.stain``, :mod:`.stain`): the reference is fitted once, before the cluster starts
+(a reference without tissue stops the run with one error naming it); per slide, a first task fits the slide's own
+stain, and its range tasks normalise each batch on the device before the encoder. The features go to
+``features/<encoder>+<method>`` with the fit in their attrs; complete ones fitted to another reference fail
+their slide instead of being mixed with the new ones.
 """
 
 from __future__ import annotations
@@ -46,9 +52,10 @@ from ..cluster import dask_client, gpu_resources, worker_device
 from ..errors import ConfigError, SlideError, StoreError, WsiError
 from ..layout import Layout
 from ..runner import StageRun, StageSummary
-from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, store_path
+from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, feature_set, store_path
 from .encoders import Encoder, load_encoder, resolve_spec
 from .feed import HostRing, embed_blocks, staged_blocks
+from .stain import StainTransform, check_stain, fit_reference, fit_slide
 
 STAGE = "extract"
 
@@ -82,7 +89,8 @@ class ExtractSummary:
 
 
 def h5_path(out_dir, encoder: str, slide_id: str) -> Path:
-    """``OUT/features/<encoder key>/<slide_id>.h5``, the CLAM/TRIDENT-style export."""
+    """``OUT/features/<encoder key>/<slide_id>.h5``, the CLAM/TRIDENT-style export (``encoder``: the feature
+    set, :func:`wsi.store.feature_set`)."""
     return Layout(out_dir).features_h5(encoder_key(encoder), slide_id)
 
 
@@ -209,12 +217,15 @@ def _read_ahead(read: Callable[[int, int], np.ndarray], lo: int, hi: int, step: 
 
 
 def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tasks_per_gpu: int,
-                     decode_threads: int | None, slide_cfg: dict) -> float:
-    """Embed tiles ``lo:hi`` of the store at ``path``, write rows ``lo:hi`` of its feature array and return the
-    seconds it took."""
+                     decode_threads: int | None, slide_cfg: dict, stain: dict | None = None,
+                     slide_stain: dict | None = None) -> float:
+    """Embed tiles ``lo:hi`` of the store at ``path``, write rows ``lo:hi`` of its feature array
+    ``features/<encoder>`` (a feature set) and return the seconds it took; with ``stain`` (the fitted reference)
+    and ``slide_stain`` (the slide's fit) the tiles are normalised first."""
     started = time.perf_counter()
     owner = _plugin(plugin)
     enc = owner.encoder
+    transform = StainTransform({**stain, "slide": slide_stain}, enc.device) if stain else None
     threads = decode_threads or owner.decode_threads
     store = SlideStore.open(path)
     chunk, tile_px = store.tiling.chunk_tiles, store.tiling.tile_px
@@ -224,7 +235,7 @@ def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tas
         check_pinned(tasks_per_gpu, block, tile_px, hi - lo, enc.dim, owner.batch_size, owner.pinned_budget)
     with tile_parts(store, slide_cfg, lo, hi, block, threads) as parts:
         features = embed_blocks(enc, staged_blocks(parts, hi - lo, block, ring), hi - lo, owner.batch_size,
-                                lock=owner.lock, ring=ring)
+                                lock=owner.lock, ring=ring, stain=transform)
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0]) + lo
@@ -236,11 +247,13 @@ def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tas
     return time.perf_counter() - started
 
 
-def complete_slide(path: str, encoder: str, attrs: dict, h5: str | None, *range_seconds: float) -> float:
-    """Runs after every range of the slide: mark its features complete, then write the h5 export. Returns the
-    seconds the slide's ranges took on the workers, together."""
+def complete_slide(path: str, encoder: str, attrs: dict, h5: str | None, stain: dict | None,
+                   slide_stain: dict | None, *range_seconds: float) -> float:
+    """Runs after every range of the slide: mark its features complete (with the stain fit, if any), then write
+    the h5 export. Returns the seconds the slide's ranges took on the workers, together."""
     store = SlideStore.open(path)
-    store.complete_features(encoder, FeatureAttrs.from_dict(attrs))
+    store.complete_features(encoder, FeatureAttrs.from_dict(
+        {**attrs, "stain": {**stain, "slide": slide_stain} if stain else None}))
     if h5 is not None:
         export_h5(store, encoder, h5)
     return sum(range_seconds)
@@ -313,6 +326,8 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
     out_dir = Path(out_dir)
     cfg = config["extract"]
     encoder, checkpoint, precision = cfg["encoder"], cfg.get("checkpoint"), cfg.get("precision", "auto")
+    method = cfg.get("stain", "none")
+    key = feature_set(encoder, method)
     resolve_spec(encoder)  # an unknown name fails here, before any cluster starts
     if checkpoint is not None:
         if not Path(checkpoint).exists():
@@ -320,15 +335,20 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
         checkpoint = str(Path(checkpoint).resolve())  # workers may run in another directory
     run = StageRun(out_dir, STAGE, {s: store_path(out_dir, s) for s in _cohort_ids(out_dir, slide_ids)})
     cohort = _Cohort(run)
+    reference = None  # a reference without tissue (or none to be found) stops the run here, naming it
+    if method != "none":
+        reference = fit_reference(method, str(cfg["stain_reference"]), out_dir, _cohort_ids(out_dir, None),
+                                  dict(config["slide"]), encoder)
 
     todo: list[SlideStore] = []
     for slide_id in run.todo():
         try:
             store = SlideStore.open(store_path(out_dir, slide_id))
-            if store.has_features(encoder):
-                h5 = h5_path(out_dir, encoder, slide_id)
+            if store.has_features(key):
+                check_stain(method, store.feature_attrs(key).stain, reference, store.path)
+                h5 = h5_path(out_dir, key, slide_id)
                 if cfg["export_h5"] and not h5.exists():
-                    export_h5(store, encoder, h5)
+                    export_h5(store, key, h5)
                 run.skip(slide_id, "up to date")
                 continue
         except (WsiError, OSError) as e:
@@ -347,31 +367,37 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
                 client.register_plugin(EncoderPlugin(encoder, checkpoint, precision, settings), name=plugin)
                 attrs = client.submit(describe_encoder, plugin, resources=resources, pure=False).result()
                 for store in todo:
-                    _submit_slide(client, cohort, store, config, attrs, plugin, resources)
+                    _submit_slide(client, cohort, store, config, attrs, plugin, resources, reference)
                 total = sum(cohort.tiles_of.values())
                 with tqdm(total=total, unit="tile", desc=f"extract {encoder}", disable=not progress) as bar:
                     cohort.collect(client, bar)
             finally:
                 client.unregister_worker_plugin(plugin)
-    return ExtractSummary(encoder, run.summary, cohort.n_tiles, time.perf_counter() - start)
+    return ExtractSummary(key, run.summary, cohort.n_tiles, time.perf_counter() - start)
 
 
 def _submit_slide(client, cohort: _Cohort, store: SlideStore, config: dict, attrs: dict, plugin: str,
-                  resources: dict | None) -> None:
-    """A fresh feature array, one task per chunk-aligned tile range, and the slide's completing task."""
+                  resources: dict | None, reference: dict | None) -> None:
+    """A fresh feature array, the slide's stain fit (with a ``reference``), one task per chunk-aligned tile range,
+    and the slide's completing task."""
     cfg = config["extract"]
-    encoder = cfg["encoder"]
+    encoder = feature_set(cfg["encoder"], cfg.get("stain", "none"))  # the feature set: encoder[+stain]
     try:
         store.create_features(encoder, int(attrs["dim"]), store.tiling.chunk_tiles)
     except WsiError as e:
         cohort.run.fail(store.slide_id, e)
         return
+    slide_stain = None  # a slide without tissue to fit fails through its range tasks, which depend on the fit
+    if reference is not None:
+        slide_stain = client.submit(fit_slide, str(store.path), reference["method"], dict(config["slide"]),
+                                    pure=False)
     ranges, tiles = [], []
     for lo, hi in task_ranges(store.n_tiles, store.tiling.chunk_tiles, int(cfg["tiles_per_task"])):
         ranges.append(client.submit(embed_tile_range, str(store.path), encoder, plugin, lo, hi,
                                     int(cfg["tasks_per_gpu"]), cfg.get("decode_threads"), dict(config["slide"]),
-                                    resources=resources, pure=False))
+                                    reference, slide_stain, resources=resources, pure=False))
         tiles.append(hi - lo)
     h5 = str(h5_path(cohort.run.out_dir, encoder, store.slide_id)) if cfg["export_h5"] else None
-    final = client.submit(complete_slide, str(store.path), encoder, attrs, h5, *ranges, pure=False)
+    final = client.submit(complete_slide, str(store.path), encoder, attrs, h5, reference, slide_stain, *ranges,
+                          pure=False)
     cohort.add(store.slide_id, ranges, tiles, final)

@@ -97,13 +97,13 @@ def _batches(blocks, batch_size: int):
 
 
 def embed_blocks(encoder, blocks: Iterable[tuple[int, torch.Tensor]], n_rows: int, batch_size: int, *,
-                 lock: threading.Lock | None = None, ring: HostRing | None = None) -> np.ndarray:
+                 lock: threading.Lock | None = None, ring: HostRing | None = None, stain=None) -> np.ndarray:
     """float32 (n_rows, D) features of ``blocks`` (``(first row, uint8 host tiles)``, in order, covering
     ``n_rows`` tiles), ``batch_size`` tiles per forward pass of ``encoder`` (an :class:`.Encoder`).
 
     ``lock`` is held around each pass (tasks sharing a model take turns); ``ring``, when the blocks live in its
     buffers, gets each block back once copied and holds the features' host copy (without one, the features come
-    back through pageable memory).
+    back through pageable memory); ``stain`` normalises each batch on the device (:meth:`.Encoder.features`).
     """
     device = encoder.device
     cuda = device.type == "cuda"
@@ -128,7 +128,7 @@ def embed_blocks(encoder, blocks: Iterable[tuple[int, torch.Tensor]], n_rows: in
             if copied is not None:  # the pass waits for its batch's copy, and the batch stays till it is done
                 torch.cuda.current_stream(device).wait_event(copied)
                 x.record_stream(torch.cuda.current_stream(device))
-            out[start:start + len(x)] = encoder.features(x)
+            out[start:start + len(x)] = encoder.features(x, stain)
             if cuda:
                 last_done = torch.cuda.Event()
                 last_done.record()

@@ -49,6 +49,10 @@ def load_models(model_dir: Path, params: HeatmapParams):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ensemble = load_ensemble(model_dir, device=device, precision=params.mil_precision)
+    if ensemble.feature_attrs.get("stain"):
+        raise ConfigError(model_dir, f"model run {ensemble.run} was trained on stain-normalised features "
+                                     f"({ensemble.encoder}); high-res heatmaps do not normalise tiles yet",
+                          "paint the heatmap from the stored scores (without --high-res)")
     encoder = load_encoder(ensemble.encoder, _checkpoint(params, ensemble.feature_attrs), device=device,
                            precision=params.encoder_precision)
     trained = ensemble.feature_attrs.get("weights_sha256")

@@ -1,7 +1,9 @@
 """Bags for MIL: the labels table joined to the stores, checked before any training, and the folds.
 
-Labels table: a CSV with ``slide_id`` and ``label`` and, optionally, ``patient_id`` (default: the slide id) and
-``split`` (``train``/``val``/``test``: use these instead of cross-validation). Other columns are ignored.
+Labels table: a CSV with ``slide_id`` and ``label`` and, optionally, ``patient_id`` (default: the slide id),
+``site`` (the institution or scanner the slide comes from: ``mil.cv: site`` / ``leave_one_site_out`` keep each site
+whole in one fold, and metrics are also given per site) and ``split`` (``train``/``val``/``test``: use these instead
+of cross-validation). Other columns are ignored.
 Label names map to class indices in ``mil.classes`` order, or sorted order when that is null; the map is kept
 in the model run (``run.json``).
 
@@ -9,16 +11,24 @@ Everything that would make training meaningless is a :class:`ConfigError` raised
 naming the labels file and the offending slides: unknown slide ids (no store, or no features for the
 encoder), one class only, a class with fewer slides than folds, empty bags, non-finite features, feature
 sizes that disagree. Complete stores without a label are not an error; they are listed in ``run.json``.
+
+Folds (``mil.cv``): ``patient`` (default) keeps each patient whole; ``site`` keeps each site whole, with the class
+counts balanced across the folds; ``leave_one_site_out`` tests each site in turn on a model trained on the others.
+Patient-grouped folds let a model learn a site's stain as a shortcut when a site's class mix differs from the
+others' (Howard et al., Nat. Commun. 2021): its cross-validated AUROC then flatters it. A site that holds one class
+only is named in a :class:`ConfoundedSiteWarning`: there, label and stain cannot be told apart.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..checks import CV_MODES, check_sites
 from ..errors import ConfigError
 from ..layout import Layout
 from ..store import SlideStore, is_complete, open_cohort, store_path
@@ -39,6 +49,11 @@ class Bag:
     store: str
     n_tiles: int
     split: str | None = None
+    site: str | None = None
+
+
+class ConfoundedSiteWarning(UserWarning):
+    """A site holds one class only: a model can tell the class from the site's stain and scanner."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,8 @@ def read_labels(path) -> pd.DataFrame:
         if len(bad):
             raise ConfigError(path, f"split must be one of {'/'.join(SPLITS)}; slide(s) {format_ids(bad)} have "
                                     f"{format_ids(table.loc[bad.index, 'split'].unique())}")
+    if "site" in table.columns:
+        check_sites(path, list(table["site"]), list(table["slide_id"]))
     return table
 
 
@@ -161,7 +178,7 @@ def load_cohort(out_dir, labels_path, encoder: str, *, classes=None, skip_missin
             bad_tile = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
             non_finite.append(f"{row.slide_id} (tile {bad_tile})")
         bags.append(Bag(row.slide_id, row.patient_id, row.label, index[row.label], str(store.path),
-                        int(features.shape[0]), getattr(row, "split", None)))
+                        int(features.shape[0]), getattr(row, "split", None), getattr(row, "site", None)))
     problems = []
     if empty:
         problems.append(f"{len(empty)} slide(s) have empty bags (no tiles): {format_ids(empty)}")
@@ -189,11 +206,13 @@ def _require_two_classes(bags: list[Bag], names: tuple[str, ...], path) -> None:
                                 f"{present} remain; MIL needs at least two of {list(names)}")
 
 
-def make_folds(cohort: Cohort, n_folds: int, seed: int, *, validation: str = "auto",
+def make_folds(cohort: Cohort, n_folds: int, seed: int, *, cv: str = "patient", validation: str = "auto",
                min_val_per_class: int = 16) -> list[Fold]:
     """The folds to train: the table's ``split`` column when it has one, else ``n_folds`` stratified folds
-    grouped by patient (no patient in two folds); fold ``i`` is the test set of fold ``i``, so every slide is
-    predicted exactly once by a model that did not train on it.
+    grouped by patient (``cv="patient"``: no patient in two folds) or by site (``cv="site"``: no site in two
+    folds), or one fold per site (``cv="leave_one_site_out"``, ``n_folds`` is then ignored); fold ``i`` is the
+    test set of fold ``i``, so every slide is predicted exactly once by a model that did not train on it.
+    Sites that hold one class only are named in a :class:`ConfoundedSiteWarning`.
 
     ``validation`` decides whether a fold also holds slides out for early stopping (see :func:`use_validation`):
     the next fold (cyclically) in cross-validation, the ``val`` rows with a split column. Without validation
@@ -203,6 +222,15 @@ def make_folds(cohort: Cohort, n_folds: int, seed: int, *, validation: str = "au
     bags = cohort.bags
     if validation not in VALIDATION:
         raise ConfigError(None, f"mil.validation {validation!r} is not one of {'/'.join(VALIDATION)}")
+    if cv not in CV_MODES:
+        raise ConfigError(None, f"mil.cv {cv!r} is not one of {'/'.join(CV_MODES)}")
+    if cv != "patient":
+        check_sites(path, [b.site for b in bags], [b.slide_id for b in bags], cv=cv)
+        if any(b.split for b in bags):
+            raise ConfigError(path, f"the labels table has a split column, and mil.cv is {cv}",
+                              "drop the split column to cross-validate by site, or set mil.cv: patient")
+    for site in confounded_sites(cohort):
+        warnings.warn(site, ConfoundedSiteWarning, stacklevel=2)
     if any(b.split for b in bags):
         sets = {s: tuple(b.slide_id for b in bags if b.split == s) for s in SPLITS}
         empty = [s for s in ("train", "test") + (("val",) if validation == "always" else ()) if not sets[s]]
@@ -213,7 +241,11 @@ def make_folds(cohort: Cohort, n_folds: int, seed: int, *, validation: str = "au
         counts = [_class_counts(cohort, sets["val"])]
         folds = [Fold(0, sets["train"], sets["val"], sets["test"])]
     else:
-        fold_of = _cross_validation_folds(cohort, n_folds, seed, validation)
+        if cv == "leave_one_site_out":
+            sites = sorted({b.site for b in bags})
+            fold_of, n_folds = np.array([sites.index(b.site) for b in bags]), len(sites)
+        else:
+            fold_of = _cross_validation_folds(cohort, n_folds, seed, validation, by_site=cv == "site")
         ids = np.array([b.slide_id for b in bags])
         counts = [_class_counts(cohort, ids[fold_of == (i + 1) % n_folds]) for i in range(n_folds)]
         folds = [Fold(i, tuple(ids[(fold_of != i) & (fold_of != (i + 1) % n_folds)]),
@@ -243,8 +275,23 @@ def _class_counts(cohort: Cohort, slide_ids) -> dict[str, int]:
     return {c: sum(b.label == c and b.slide_id in chosen for b in cohort.bags) for c in cohort.classes}
 
 
-def _cross_validation_folds(cohort: Cohort, n_folds: int, seed: int, validation: str) -> np.ndarray:
-    """The fold index of every bag."""
+def confounded_sites(cohort: Cohort) -> list[str]:
+    """One sentence per site whose slides are all of one class (none without a site column)."""
+    found = []
+    for site in sorted({b.site for b in cohort.bags if b.site is not None}):
+        labels = {b.label for b in cohort.bags if b.site == site}
+        if len(labels) == 1:
+            n = sum(b.site == site for b in cohort.bags)
+            found.append(f"site {site!r} holds only class {next(iter(labels))!r} ({n} slide(s)) in "
+                         f"{cohort.labels_path}: its label is confounded with its stain and scanner, so a model can "
+                         "learn the site instead of the tissue; cross-validate with mil.cv: site and check the "
+                         "per-site metrics")
+    return found
+
+
+def _cross_validation_folds(cohort: Cohort, n_folds: int, seed: int, validation: str, *,
+                            by_site: bool = False) -> np.ndarray:
+    """The fold index of every bag: stratified by class, grouped by patient (or by site)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     path, bags = cohort.labels_path, cohort.bags
@@ -256,15 +303,55 @@ def _cross_validation_folds(cohort: Cohort, n_folds: int, seed: int, validation:
         if slides < n_folds:
             raise ConfigError(path, f"class {name!r} has {slides} slide(s), fewer than mil.folds={n_folds}",
                               "lower mil.folds or add slides of that class")
+    targets = np.array([b.target for b in bags])
+    if by_site:
+        return _site_folds(np.array([b.site for b in bags]), targets, n_folds, seed, path)
     # Fewer patients than folds is allowed: some test folds then lack the class, which the pooled out-of-fold
     # metrics tolerate; a fold whose *training* slides lack a class is refused by make_folds.
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    targets = np.array([b.target for b in bags])
     groups = np.array([b.patient_id for b in bags])
     fold_of = np.empty(len(bags), dtype=int)
     for i, (_, test) in enumerate(splitter.split(np.zeros(len(bags)), targets, groups)):
         fold_of[test] = i
     return fold_of
+
+
+def _site_folds(sites: np.ndarray, targets: np.ndarray, n_folds: int, seed: int, path,
+                restarts: int = 256) -> np.ndarray:
+    """The fold of every slide, whole sites to a fold, the folds as even as whole sites allow in class mix and
+    size.
+
+    Unevenness is the squared distance of each fold's class counts from the cohort's class shares at the fold's
+    size, plus the squared distance of its size from an even share. Sites are placed one by one, each in the fold
+    where it adds the least unevenness; of ``restarts`` seeded random placing orders the evenest result is kept.
+    Sites are few, so this is cheap, and unlike sklearn's greedy StratifiedGroupKFold it finds the pairing of a
+    tumour-heavy site with a normal-heavy one that evens the folds."""
+    names = np.unique(sites)
+    if len(names) < n_folds:
+        raise ConfigError(path, f"mil.cv is site and the labels table's site column names {len(names)} sites, "
+                                f"fewer than mil.folds={n_folds}", "lower mil.folds, or set mil.cv: leave_one_site_out")
+    n_classes = int(targets.max()) + 1
+    counts = np.array([np.bincount(targets[sites == name], minlength=n_classes) for name in names], dtype=float)
+    shares = counts.sum(axis=0) / counts.sum()
+    even = counts.sum() / n_folds
+
+    def unevenness(fold_counts: np.ndarray) -> np.ndarray:
+        size = fold_counts.sum(axis=-1, keepdims=True)
+        return ((fold_counts - size * shares) ** 2).sum(axis=-1) + (size[..., 0] - even) ** 2
+
+    rng = np.random.default_rng(seed)
+    best, best_cost = None, np.inf
+    for _ in range(restarts):
+        fold_counts = np.zeros((n_folds, n_classes))
+        placed = np.empty(len(names), dtype=int)
+        for i in rng.permutation(len(names)):
+            fold = int(np.argmin(unevenness(fold_counts + counts[i]) - unevenness(fold_counts)))
+            fold_counts[fold] += counts[i]
+            placed[i] = fold
+        cost = unevenness(fold_counts).sum()
+        if cost < best_cost - 1e-9:
+            best, best_cost = placed, cost
+    return best[np.searchsorted(names, sites)]
 
 
 def class_weights(targets, n_classes: int) -> np.ndarray:

@@ -7,6 +7,10 @@ F1. Balanced accuracy is the mean recall over the classes present. The confusion
 
 The bootstrap resamples patients (all slides of a drawn patient go in together), since slides of one patient
 are not independent; resamples lacking a class give no AUROC for it and are skipped for that figure only.
+
+Given each slide's site, ``per_site`` repeats AUROC and balanced accuracy (with their intervals, resampled by
+patient within the site) for every site: a model that learnt a site's stain instead of the tissue scores well on
+the pooled slides and poorly, or at chance, within a site. A site with one class has no AUROC.
 """
 
 from __future__ import annotations
@@ -71,10 +75,11 @@ def _figure(value, interval) -> dict:
             "ci95": [None if not np.isfinite(x) else float(x) for x in interval]}
 
 
-def classification_metrics(y_true, probs, classes, *, groups=None, n_bootstrap: int = 1000,
+def classification_metrics(y_true, probs, classes, *, groups=None, sites=None, n_bootstrap: int = 1000,
                            seed: int = 0) -> dict:
     """Metrics of slide predictions ``probs`` (n, C) against class indices ``y_true`` (n,), with 95% CIs from
-    ``n_bootstrap`` patient-level resamples (``groups``: the patient of each slide; default one per slide)."""
+    ``n_bootstrap`` patient-level resamples (``groups``: the patient of each slide; default one per slide); with
+    ``sites`` (the site of each slide) also ``per_site``: the same AUROC and balanced accuracy within each site."""
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=float)
     classes = [str(c) for c in classes]
@@ -111,6 +116,15 @@ def classification_metrics(y_true, probs, classes, *, groups=None, n_bootstrap: 
         out["positive_class"] = classes[1]
     else:
         out["auroc_macro"] = _figure(point["auroc_macro"], ci("auroc_macro"))
+    if sites is not None:
+        sites = np.asarray(sites, dtype=str)
+        out["per_site"] = {}
+        for site in sorted(set(sites.tolist())):
+            within = sites == site
+            m = classification_metrics(y_true[within], probs[within], classes, groups=groups[within],
+                                       n_bootstrap=n_bootstrap, seed=seed)
+            out["per_site"][site] = {k: m[k] for k in ("n_slides", "n_patients", "support", "auroc",
+                                                       "balanced_accuracy")}
     rates_ci = ci("confusion_rates")
     cm = _confusion(y_true, probs.argmax(axis=1), n_classes)
     out["confusion_matrix"] = {
@@ -122,7 +136,7 @@ def classification_metrics(y_true, probs, classes, *, groups=None, n_bootstrap: 
     return out
 
 
-def plot_roc(y_true, probs, classes, metrics: dict, path) -> Path:
+def plot_roc(y_true, probs, classes, metrics: dict, path, *, title: str = "ROC, cross-validated") -> Path:
     """ROC curve(s) of the pooled predictions (one-vs-rest per class when multi-class) with AUROC and CI in
     the legend; written via tmp + rename."""
     import matplotlib
@@ -146,7 +160,7 @@ def plot_roc(y_true, probs, classes, metrics: dict, path) -> Path:
         ax.plot(fpr, tpr, lw=1.5, label=f"{name}: AUROC {figure['value']:.3f}{ci_text}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"ROC, cross-validated (n={len(y_true)})")
+           title=f"{title} (n={len(y_true)})")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = Path(path)

@@ -11,7 +11,10 @@ For such a slide :func:`predict` also writes the scores of the fold model that h
 (the same probabilities as ``cv_predictions.csv``); heatmaps show those for training slides.
 
 :func:`predict` writes ``scores/<run>`` into every store and ``OUT/predictions/<run>/predictions.csv``
-(slide_id, ``prob_<class>`` per class, predicted). Slides that cannot be scored (no store, no features for the
+(slide_id, ``prob_<class>`` per class, predicted). Given a labels table (``labels``, the training table's
+format, ``site`` column included), it also scores the predictions of the labelled slides that the run did not
+train on, which is external validation of the run: ``metrics.json`` (as the run's own, with ``per_site`` when the
+table has sites) and ``roc.png`` beside ``predictions.csv``. Slides that cannot be scored (no store, no features for the
 run's encoder, features of another size or from other weights) get a ``failures.csv`` row (stage
 ``predict``) and the others carry on.
 """
@@ -30,8 +33,11 @@ from ..errors import ConfigError
 from ..layout import Layout
 from ..runner import run_slides
 from ..store import ScoreAttrs, SlideStore, open_cohort, store_path
+from .data import format_ids, read_labels
+from .metrics import classification_metrics, plot_roc
 from .models import MILModel, create_model
-from .training import RUN_SCHEMA_VERSION, autocast_context, autocast_dtype, probability_columns, write_csv
+from .training import (RUN_SCHEMA_VERSION, autocast_context, autocast_dtype, probability_columns, write_csv,
+                       write_json)
 
 
 @dataclass
@@ -126,15 +132,26 @@ class PredictSummary:
     predictions_csv: Path
     done: list[str]
     failed: list[str]
+    metrics_json: Path | None = None   # external validation, when a labels table named new slides
 
 
 def _check_weights(ensemble: Ensemble, store: SlideStore) -> None:
+    """The store's features come from the run's encoder weights, normalised to the run's stain reference."""
+    from ..features.stain import same_target
+
+    attrs = store.feature_attrs(ensemble.encoder)
     trained = ensemble.feature_attrs.get("weights_sha256")
-    found = store.feature_attrs(ensemble.encoder).weights_sha256
+    found = attrs.weights_sha256
     if trained and found and trained != found:
         raise ConfigError(store.path, f"features of {ensemble.encoder} come from weights {found[:12]}, model run "
                                       f"{ensemble.run} was trained on weights {trained[:12]}",
                           "re-extract with the run's encoder weights")
+    reference = ensemble.feature_attrs.get("stain")
+    if reference and attrs.stain and not same_target(reference["target"], attrs.stain["target"]):
+        raise ConfigError(store.path, f"features of {ensemble.encoder} were normalised to "
+                                      f"{attrs.stain['reference']}, model run {ensemble.run} to "
+                                      f"{reference['reference']}",
+                          f"re-extract with extract.stain_reference: {ensemble.model_dir}")
 
 
 def _score_store(ensemble: Ensemble, store: SlideStore) -> np.ndarray:
@@ -177,4 +194,35 @@ def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = N
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(csv_path,
                          ["slide_id", *probability_columns(ensemble.classes), "predicted"], rows)
-    return PredictSummary(csv_path, ran.done, list(ran.failed))
+    metrics = external_validation(csv_path.parent, ensemble, rows, config.get("labels"), config["mil"])
+    return PredictSummary(csv_path, ran.done, list(ran.failed), metrics)
+
+
+def external_validation(folder: Path, ensemble: Ensemble, rows: list[list], labels, mil: dict) -> Path | None:
+    """``metrics.json`` and ``roc.png`` in ``folder`` for the predicted ``rows`` (slide_id, probabilities...,
+    predicted) whose slide has a label in ``labels`` and is not of the run's training cohort; returns the metrics
+    path, or None (and removes an older pair) when no labelled new slide was scored."""
+    metrics_path, roc_path = folder / "metrics.json", folder / "roc.png"
+    metrics_path.unlink(missing_ok=True)
+    roc_path.unlink(missing_ok=True)
+    if not labels:
+        return None
+    table = read_labels(labels)
+    unknown = sorted(set(table["label"]) - set(ensemble.classes))
+    if unknown:
+        raise ConfigError(labels, f"label(s) {format_ids(unknown)} are not classes of model run {ensemble.run} "
+                                  f"({', '.join(ensemble.classes)})", "use the run's class names in the labels table")
+    known = table.set_index("slide_id")
+    scored = [r for r in rows if r[0] in known.index and r[0] not in ensemble.held_out_by]
+    if not scored:
+        return None
+    y_true = [ensemble.classes.index(known.at[r[0], "label"]) for r in scored]
+    probs = [r[1:-1] for r in scored]
+    sites = [known.at[r[0], "site"] for r in scored] if "site" in known.columns else None
+    metrics = classification_metrics(y_true, probs, ensemble.classes,
+                                     groups=[known.at[r[0], "patient_id"] for r in scored], sites=sites,
+                                     n_bootstrap=mil["bootstrap"], seed=mil["seed"])
+    metrics["labels"] = str(labels)
+    metrics["left_out_training_slides"] = sum(r[0] in known.index and r[0] in ensemble.held_out_by for r in rows)
+    plot_roc(y_true, probs, ensemble.classes, metrics, roc_path, title="ROC, external validation")
+    return write_json(metrics_path, metrics)

@@ -62,12 +62,14 @@ from distributed import WorkerPlugin, as_completed, get_worker
 from .. import __version__
 from ..errors import ConfigError, record_failure
 from ..layout import Layout, run_name
-from ..store import SlideStore
+from ..store import SlideStore, feature_set
 from .data import Bag, Cohort, Fold, class_weights, format_ids, load_bags, load_cohort, make_folds, subsample
 from .metrics import _point_metrics, classification_metrics, plot_roc
 from .models import MILModel, create_model, model_config
 
 RUN_SCHEMA_VERSION = 1
+CV_SPLITS = {"patient": "stratified, grouped by patient", "site": "stratified, grouped by site",
+             "leave_one_site_out": "one fold per site"}  # run.json's training.split for each mil.cv
 
 
 @dataclass(frozen=True)
@@ -382,13 +384,13 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     folder ``OUT/models/<run>``. All input checks (:func:`.data.load_cohort`, :func:`.data.make_folds`) run
     before the first fold starts."""
     mil = config["mil"]
-    encoder = config["extract"]["encoder"]
+    encoder = feature_set(config["extract"]["encoder"], config["extract"].get("stain"))  # what features to train on
     if not config.get("labels"):
         raise ConfigError(None, "no labels table (config key labels is null)", "pass --labels FILE")
     name = run_name(config)
     cohort = load_cohort(out_dir, config["labels"], encoder, classes=mil.get("classes"),
                          skip_missing=bool(mil.get("skip_missing")))
-    folds = make_folds(cohort, mil["folds"], mil["seed"], validation=mil["validation"],
+    folds = make_folds(cohort, mil["folds"], mil["seed"], cv=mil["cv"], validation=mil["validation"],
                        min_val_per_class=mil["min_val_per_class"])
     model = model_config(mil["model"], cohort.in_dim, len(cohort.classes), mil)
     params = TrainParams.from_config(mil)
@@ -413,7 +415,7 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
             "label_map": {c: i for i, c in enumerate(cohort.classes)}, "labels": str(cohort.labels_path),
             "training": {**asdict(params), "validation": mil["validation"], "folds": len(folds),
                          "optimizer": "AdamW", "loss": "cross-entropy x inverse class frequency",
-                         "split": "given" if cohort.bags[0].split else "stratified, grouped by patient",
+                         "split": "given" if cohort.bags[0].split else CV_SPLITS[mil["cv"]],
                          "validation_used": bool(folds[0].val)},
             "folds": [{"fold": f.index, "weights": f"fold_{f.index}.safetensors", "train": list(f.train),
                        "val": list(f.val), "test": list(f.test),
@@ -445,8 +447,10 @@ def _write_outputs(run_dir: Path, cohort: Cohort, folds: list[Fold], results: li
             patients.append(bag.patient_id)
     write_csv(run_dir / "cv_predictions.csv",
               ["slide_id", "patient_id", "label", "fold", *probability_columns(cohort.classes), "predicted"], rows)
+    sites = [by_id[row[0]].site for row in rows]
     metrics = classification_metrics(y_true, probs, cohort.classes, groups=patients,
-                                     n_bootstrap=mil["bootstrap"], seed=mil["seed"])
+                                     sites=sites if any(sites) else None, n_bootstrap=mil["bootstrap"],
+                                     seed=mil["seed"])
     write_json(run_dir / "metrics.json", metrics)
     plot_roc(y_true, probs, cohort.classes, metrics, run_dir / "roc.png")
     return metrics
