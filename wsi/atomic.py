@@ -7,6 +7,8 @@ process id, so two writers never share it and folder scans (``*.json``, ``*.csv`
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from contextlib import contextmanager
@@ -48,3 +50,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, obj, **dumps_kwargs) -> Path:
     """``obj`` as JSON (``default=str`` so paths and numpy scalars print), written atomically."""
     return write_text(path, json.dumps(obj, default=str, **({"indent": 1} | dumps_kwargs)))
+
+
+def write_csv(path: str | os.PathLike, header: list[str], rows) -> Path:
+    """A header and rows as CSV (``\n`` line ends), written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text(path, buf.getvalue())

@@ -224,8 +224,7 @@ def _top_and_bottom(attention: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    with atomic.replacing(path) as tmp:
-        tmp.write_text(json.dumps(doc, separators=(",", ":")))
+    atomic.write_json(path, doc, indent=None, separators=(",", ":"))
 
 
 def _params_doc(params: HeatmapParams, high_res: bool) -> dict:

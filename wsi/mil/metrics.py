@@ -15,11 +15,12 @@ the pooled slides and poorly, or at chance, within a site. A site with one class
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from .. import atomic
 
 
 def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -163,9 +164,7 @@ def plot_roc(y_true, probs, classes, metrics: dict, path, *, title: str = "ROC, 
            title=f"{title} (n={len(y_true)})")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
+    with atomic.replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)

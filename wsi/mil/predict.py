@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..atomic import write_csv, write_json
 from ..errors import ConfigError
 from ..layout import Layout
 from ..runner import run_slides
@@ -36,8 +37,7 @@ from ..store import ScoreAttrs, SlideStore, open_cohort, store_path
 from .data import format_ids, read_labels
 from .metrics import classification_metrics, plot_roc
 from .models import MILModel, create_model
-from .training import (RUN_SCHEMA_VERSION, autocast_context, autocast_dtype, probability_columns, write_csv,
-                       write_json)
+from .training import RUN_SCHEMA_VERSION, autocast_context, autocast_dtype, probability_columns
 
 
 @dataclass

@@ -41,9 +41,6 @@ loss scaling) when a GPU is present; folds ask Dask for ``GPU=1`` on GPU cluster
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import os
 import shutil
 import sys
@@ -60,6 +57,7 @@ import torch
 from distributed import WorkerPlugin, as_completed, get_worker
 
 from .. import __version__
+from ..atomic import write_csv, write_json
 from ..errors import ConfigError, record_failure
 from ..layout import Layout, run_name
 from ..store import SlideStore, feature_set
@@ -335,29 +333,8 @@ def _run_folds(tasks: list[FoldTask], cluster_cfg: dict, progress: bool) -> list
 
 
 # ------------------------------------------------------------------------------------------ the run
-def write_json(path, obj) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
-
-
 def probability_columns(classes) -> list[str]:
     return [f"prob_{c}" for c in classes]
-
-
-def write_csv(path, header: list[str], rows: list[list]) -> Path:
-    """CSV via tmp + rename."""
-    path = Path(path)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
-    return path
 
 
 def _commit_dir(tmp: Path, final: Path, old: Path) -> None:
