@@ -376,3 +376,22 @@ def test_a_cohort_keeps_its_reference_and_never_mixes_features_of_two_references
     other = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference="lab"), progress=False)
     assert sorted(other.failed) == ["lab", "other"]
     assert "fitted to another reference" in other.causes["lab"] and str(reference.resolve()) in other.causes["lab"]
+
+
+def test_a_model_run_hands_new_slides_the_reference_it_was_trained_with(stain_cohort, tmp_path):
+    """extract.stain_reference: <model run> (external validation, a new site) fits nothing anew: the new slides
+    are mapped onto the very reference the run's training features were, and a run trained on another stain
+    method is a one-line error naming the run."""
+    import json
+
+    from wsi.features.stain import fit_reference
+
+    out, reference, _ = stain_cohort
+    fitted = fit_reference("macenko", str(reference), out, [], {}, "test_vit")
+    run = tmp_path / "abmil_test_vit+macenko"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"feature_attrs": {"stain": {**fitted, "slide": None}}}))
+    assert fit_reference("macenko", str(run), tmp_path / "new_out", [], {}, "test_vit") == fitted
+    with pytest.raises(ConfigError) as e:
+        fit_reference("reinhard", str(run), tmp_path / "new_out", [], {}, "test_vit")
+    assert "\n" not in str(e.value) and str(run) in str(e.value) and "trained on stain macenko" in str(e.value)
