@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from wsi.config import load_config
 from wsi.demo import make_demo_cohort, write_synthetic_slide
 from wsi.store import SlideStore, is_complete, store_path
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = "abmil_tf_efficientnet_lite0"
+RUN = f"{load_config()['mil']['model']}_tf_efficientnet_lite0"  # the default model's run folder
 
 
 def snakemake_cmd(workdir: Path, *args) -> list[str]:
