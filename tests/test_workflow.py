@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsi.config import load_config
 from wsi.demo import make_demo_cohort, write_synthetic_slide
 from wsi.store import SlideStore, is_complete, store_path
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = f"{load_config()['mil']['model']}_tf_efficientnet_lite0"  # the default model's run folder
+RUN = "clam_mb_tf_efficientnet_lite0"  # the run folder of the default mil.model and the demo's encoder
 
 
 def snakemake_cmd(workdir: Path, *args) -> list[str]:
