@@ -20,7 +20,7 @@ from wsi.demo import make_demo_cohort, write_synthetic_slide
 from wsi.store import SlideStore, is_complete, store_path
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = "clam_mb_tf_efficientnet_lite0"  # the run folder of the default mil.model and the demo's encoder
+RUN = "abmil_tf_efficientnet_lite0"
 
 
 def snakemake_cmd(workdir: Path, *args) -> list[str]:
