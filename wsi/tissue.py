@@ -314,8 +314,9 @@ def _run_on(strokes: np.ndarray, half_width: float, host: np.ndarray, blood: np.
     strokes; what lies under a host pixel is the mean of the host pixels of its own kind around it (``blood``
     apart from the rest) in a window eight stroke half-widths wide, refined once leaving out the pixels with half
     the ink's excess or more (ink, and what may be). A pixel is inked when its excess over that points along the
-    ink's density (within about 27 degrees) with ``RUN_ON_MIN`` of its strength or more. Inked pixels connected to a stroke (or within half its width of it) are ink where no
-    wider than the stroke: an opening by a disc of 1.5 half-widths takes away a whole region of dark stain."""
+    ink's density (within about 27 degrees) with ``RUN_ON_MIN`` of its strength or more. Inked pixels connected
+    to a stroke (or within half its width of it) are ink where no wider than the stroke: an opening by a disc of
+    1.5 half-widths takes away a whole region of dark stain."""
     if not host.any():
         return np.zeros(strokes.shape, bool)
     ink_od = np.median(od[strokes], axis=0).astype(np.float32)

@@ -292,10 +292,10 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
         measurements[f"{name} probability"] = scores.class_scores[:shown, c]
     if params.value == "evidence":
         measurements[f"{tumour_name} evidence"] = painted[:shown]
+    measure = "evidence" if params.value == "evidence" else "probability"
     collection = feature_collection(scores.coords[:shown], scores.size, measurements,
                                     classified[:shown] >= params.threshold, tumour_name, _REGION_COLOUR,
-                                    f"{tumour_name} region ({'evidence' if params.value == 'evidence' else 'probability'}"
-                                    f" >= {params.threshold:g})")
+                                    f"{tumour_name} region ({measure} >= {params.threshold:g})")
     _write_json(paths["tiles.geojson"], collection)
 
     description = {"wsi_version": __version__, "slide_id": store.slide_id, "run": run, "value": params.value,
