@@ -340,7 +340,7 @@ def _run_on(strokes: np.ndarray, half_width: float, host: np.ndarray, blood: np.
     off_line_sq = excess_sq - along * along * strength  # squared distance from the ink's line
     inked = measured & (along >= RUN_ON_MIN) & (off_line_sq <= 0.25 * along * along * strength)
     joined = _touching(inked, _dilate(strokes, half_width)) & inked & ~strokes  # a rim pixel or two may part them
-    run_on[box] = joined & ~_dilate(_distance_inside(joined) >= 1.5 * half_width, 1.5 * half_width)
+    run_on[box] = _narrow(joined, 1.5 * half_width)
     return run_on
 
 
@@ -366,9 +366,7 @@ def _red_stubs(strokes: np.ndarray, half_width: float, red: np.ndarray, ink: np.
     opening by 1.5 half-widths parts a stub from a clot it touches; a pool the crossing stroke covers stays whole)
     and lie within three half-widths of a stroke across another colour's ink."""
     crossing = _dilate(strokes, 3 * half_width) & ink & ~strokes
-    left = red & ~ink
-    thin = left & ~_dilate(_distance_inside(left) >= 1.5 * half_width, 1.5 * half_width)  # parted from clots
-    pieces, n = _label(thin)
+    pieces, n = _label(_narrow(red & ~ink, 1.5 * half_width))  # parted from clots
     if n == 0 or not crossing.any():
         return np.zeros(red.shape, bool)
     stub = np.zeros(n + 1, bool)
@@ -381,10 +379,21 @@ def _red_stubs(strokes: np.ndarray, half_width: float, red: np.ndarray, ink: np.
 
 
 def _half_width(mask: np.ndarray) -> float:
-    """A mask's typical half-width: the median distance to its edge along its ridge (at least one pixel)."""
-    depth = _distance_inside(mask)
+    """A mask's typical half-width, at least one pixel."""
+    return max(_ridge_depth(mask, _distance_inside(mask)), 1.0)
+
+
+def _ridge_depth(mask: np.ndarray, depth: np.ndarray) -> float:
+    """The median of ``depth`` (distance to the edge) along the ridge of ``mask``: its typical half-width."""
     ridge = mask & (depth >= cv2.dilate(depth, np.ones((3, 3), np.uint8)))
-    return max(float(np.median(depth[ridge])), 1.0)
+    return float(np.median(depth[ridge]))
+
+
+def _narrow(mask: np.ndarray, radius: float, depth: np.ndarray | None = None) -> np.ndarray:
+    """The parts of ``mask`` an opening by a disc of ``radius`` takes away: those narrower than the disc
+    (``depth``: the distance inside ``mask`` to its edge, when already known)."""
+    depth = _distance_inside(mask) if depth is None else depth
+    return mask & ~_dilate(depth >= radius, radius)
 
 
 def _red_strokes(labels: np.ndarray, regions: np.ndarray) -> np.ndarray:
@@ -398,10 +407,7 @@ def _red_strokes(labels: np.ndarray, regions: np.ndarray) -> np.ndarray:
         cols = slice(max(xs.min() - 1, 0), xs.max() + 2)
         mask = labels[rows, cols] == region
         depth = _distance_inside(_fill_small_holes(mask, np.inf))  # gaps in a clot are no edge
-        ridge = mask & (depth >= cv2.dilate(depth, np.ones((3, 3), np.uint8)))
-        radius = 1.5 * float(np.median(depth[ridge]))
-        wide = _dilate(depth >= radius, radius) & mask
-        thin, n = _label(mask & ~wide)
+        thin, n = _label(_narrow(mask, 1.5 * _ridge_depth(mask, depth), depth))
         if n == 0:
             continue
         area = np.bincount(thin.ravel(), minlength=n + 1)
