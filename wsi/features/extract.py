@@ -367,7 +367,7 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
                 client.register_plugin(EncoderPlugin(encoder, checkpoint, precision, settings), name=plugin)
                 attrs = client.submit(describe_encoder, plugin, resources=resources, pure=False).result()
                 for store in todo:
-                    _submit_slide(client, cohort, store, config, attrs, plugin, resources, reference)
+                    _submit_slide(client, cohort, store, key, config, attrs, plugin, resources, reference)
                 total = sum(cohort.tiles_of.values())
                 with tqdm(total=total, unit="tile", desc=f"extract {encoder}", disable=not progress) as bar:
                     cohort.collect(client, bar)
@@ -376,12 +376,11 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
     return ExtractSummary(key, run.summary, cohort.n_tiles, time.perf_counter() - start)
 
 
-def _submit_slide(client, cohort: _Cohort, store: SlideStore, config: dict, attrs: dict, plugin: str,
-                  resources: dict | None, reference: dict | None) -> None:
-    """A fresh feature array, the slide's stain fit (with a ``reference``), one task per chunk-aligned tile range,
-    and the slide's completing task."""
+def _submit_slide(client, cohort: _Cohort, store: SlideStore, encoder: str, config: dict, attrs: dict,
+                  plugin: str, resources: dict | None, reference: dict | None) -> None:
+    """A fresh feature array ``features/<encoder>`` (the feature set: encoder[+stain]), the slide's stain fit (with
+    a ``reference``), one task per chunk-aligned tile range, and the slide's completing task."""
     cfg = config["extract"]
-    encoder = feature_set(cfg["encoder"], cfg.get("stain", "none"))  # the feature set: encoder[+stain]
     try:
         store.create_features(encoder, int(attrs["dim"]), store.tiling.chunk_tiles)
     except WsiError as e:
