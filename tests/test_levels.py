@@ -103,9 +103,9 @@ def test_a_wsidicomizer_conversion_tiles_like_the_svs(wsidicomizer_folders, svs_
     assert levels.tile_level == 0 and levels.summary == ""
     # The same tiles as the SVS; level 0 holds the SVS's own JPEG tiles, so pixel-identical. The converter's
     # 16x level (four 2x reductions, each re-encoded: 9 grey levels from level 0's area average per pixel)
-    # moves a few tiles near the 0.25 tissue threshold at the edge (44 against 43, four in and three out, with
-    # the mask of 2026-11-28 09:00; 49 against 46, three in, with the ink-aware mask after it).
-    assert_same_tiles(store, svs_store, max_edge_tiles=4 if add_missing_levels else 0)
+    # can move a tile near the 0.25 tissue threshold at the edge (46 against 46, one in and one out, since the
+    # outline sits where the edge is half tissue; three to four before).
+    assert_same_tiles(store, svs_store, max_edge_tiles=2 if add_missing_levels else 0)
     _, thumb, _ = store.mask()
     _, svs_thumb, _ = svs_store.mask()
     assert np.abs(thumb.reshape(-1, 3).mean(0) - svs_thumb.reshape(-1, 3).mean(0)).max() < 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import cv2
 import numpy as np
 import openslide
 import pytest
@@ -301,6 +302,37 @@ def test_red_ink_is_followed_across_dark_tumour_a_pool_of_blood_and_a_crossing_s
     away = ~ndimage.binary_dilation(red, iterations=3)
     assert masks.tissue[tumour & away].mean() >= 0.995
     assert masks.tissue[ndimage.binary_erosion(pool, iterations=2) & away].mean() >= 0.97
+
+
+def test_a_red_stroke_ending_just_past_a_pool_of_blood_goes_with_its_rounded_end():
+    """A red stroke comes down the glass, crosses a pool of blood beside the tissue and stops just past the
+    pool, its rounded end on the glass. That end is blood's colour and joined to the pool, too short to pass as
+    a stroke alone; it is ink with the rest of the stroke, and the pool beside the stroke stays."""
+    rgb, tissue, rng = _drawn((220, 300))
+    h, w = tissue.shape
+    yy, xx = np.mgrid[:h, :w]
+    pool = (yy - 130) ** 2 + (xx - 40) ** 2 <= 30 ** 2
+    rgb[pool] = (189, 53, 66)
+    red = ((np.abs(xx - 40) <= 9) & (yy >= 2) & (yy <= 162)) | ((yy - 162) ** 2 + (xx - 40) ** 2 <= 9 ** 2)
+    rgb[red] *= np.array([0.80, 0.17, 0.22])
+    rgb[red & ~pool & ~tissue] = (198, 56, 69)  # on the glass, red ink is as red as blood
+    masks = tissue_masks(_finish(rgb, rng), 8.0, PARAMS)
+    past = red & ~pool & (yy > 130)  # the end, beyond the pool
+    assert past.sum() > 100 and masks.ink[past].mean() >= 0.9 and not masks.tissue[past].any()
+    beside = pool & ~ndimage.binary_dilation(red, iterations=3)
+    assert masks.tissue[ndimage.binary_erosion(beside, iterations=2)].mean() >= 0.97
+
+
+def test_the_outline_sits_where_a_blurred_edge_is_half_tissue():
+    """A thumbnail blurs the tissue's edge over a few pixels of faint pink; the mask's outline stays within a
+    pixel of the true edge rather than taking in the whole halo."""
+    rgb, tissue, rng = _drawn()
+    blurred = cv2.GaussianBlur(rgb, (0, 0), 1.0)
+    masks = tissue_masks(_finish(blurred, rng), 8.0, PARAMS)
+    grown = ndimage.binary_dilation(tissue, iterations=1)
+    rim = grown & ~tissue  # the ring of pixels just outside the true edge
+    assert masks.tissue[ndimage.binary_erosion(tissue, iterations=1)].all()
+    assert (masks.tissue & ~grown).sum() <= 0.1 * rim.sum()  # next to nothing beyond that ring
 
 
 def test_grey_stitched_glass_beside_white_padding_is_not_tissue():

@@ -31,7 +31,8 @@ Steps (``rgb`` in, boolean masks out; ``mpp`` is the thumbnail's pixel size):
    tissue of its kind around it (blood against blood) points along the ink's, at 0.7 of its strength or more, is
    ink where it joins the stroke and is no wider than it. Blue, green and black are followed only over and beside
    blood (blue ink absorbs much as haematoxylin does); a red stub that a crossing stroke cuts off goes with its
-   stroke. Ink then grows by up to two pixels into pixels that are not H&E-coloured or pale (a stroke's blurred
+   stroke, and so does a stroke's rounded end just past a pool it crossed (red ink on glass is blood's colour:
+   the red beyond the run-on's end, along its axis, where it reaches the glass). Ink then grows by up to two pixels into pixels that are not H&E-coloured or pale (a stroke's blurred
    edge, JPEG ringing), never into stain. Where ink lies over tissue, only the inked pixels go.
 3. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
    *stained* when its saturation ``(max - min) / max`` reaches ``saturation_min`` and its brightness (mean of
@@ -40,11 +41,10 @@ Steps (``rgb`` in, boolean masks out; ``mpp`` is the thumbnail's pixel size):
    where they touch stained ones: fat shows in a thumbnail only as a faint pink net of septa around white
    vacuoles, which hole filling then closes.
 4. **Clean-up.** Closing by a disc of ``close_um`` joins tissue split by thin gaps; holes smaller than
-   ``min_hole_um2`` (fat vacuoles, small lumens) are filled when ``fill_holes``; ink is taken out again; pieces
-   smaller than ``min_fragment_um2`` (dust, debris, leftover ink fringes) are dropped, and returned as debris.
-
-Known limits: the rounded end of a red stroke that stops inside a pool of blood and pokes out of it stays with
-the pool (2 of 12,918 tiles in ``bench/tissue.py``).
+   ``min_hole_um2`` (fat vacuoles, small lumens) are filled when ``fill_holes``; ink is taken out again; the
+   outermost pixel counts only when stained (a thumbnail pixel across the edge is part glass, and blur tints
+   the glass beside it: the outline sits where the edge is half tissue); pieces smaller than
+   ``min_fragment_um2`` (dust, debris, leftover ink fringes) are dropped, and returned as debris.
 
 numpy and OpenCV only (scipy.ndimage would double a tiling job's start-up for the same operations).
 
@@ -179,6 +179,9 @@ def tissue_masks(rgb: np.ndarray, mpp: float, params: TissueParams) -> TissueMas
     if params.fill_holes and params.min_hole_um2 > 0:
         tissue = _fill_small_holes(tissue, params.min_hole_um2 / px_area)
     tissue &= ~ink  # where ink lies over tissue, the inked pixels go (closing and filling put none back)
+    # a thumbnail pixel across the outline is part tissue, part glass, and blur tints its neighbour faintly:
+    # the outermost pixel counts only when stained, so the outline sits where the edge is half tissue
+    tissue &= stained | _erode(tissue, 1, outside=1)
     kept = _drop_small(tissue, params.min_fragment_um2 / px_area)
     return TissueMasks(tissue=kept, ink=ink, debris=tissue & ~kept)
 
@@ -297,7 +300,10 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
                     host &= ~ink
             else:  # blue, green and black keep their colour over stain (blue ink and haematoxylin absorb
                 host &= _dilate(blood, 3 * half_width)  # alike), not over blood, so look there only
-            ink |= _run_on(kind_ink, half_width, host, blood & ~ink, od)
+            run_on = _run_on(kind_ink, half_width, host, blood & ~ink, od)
+            ink |= run_on
+            if kind == "red" and keep_blood:  # where a stroke found over blood pokes out of the pool
+                ink |= _stroke_ends(run_on, half_width, red & ~ink, (r + g + b) >= 2.7)
     for _ in range(2):
         ink |= _dilate(ink, 1.5) & ~stain
     return ink
@@ -342,6 +348,41 @@ def _run_on(strokes: np.ndarray, half_width: float, host: np.ndarray, blood: np.
     joined = _touching(inked, _dilate(strokes, half_width)) & inked & ~strokes  # a rim pixel or two may part them
     run_on[box] = _narrow(joined, 1.5 * half_width)
     return run_on
+
+
+def _stroke_ends(run_on: np.ndarray, half_width: float, red: np.ndarray, glass: np.ndarray) -> np.ndarray:
+    """The ``red`` pixels where a stroke ``run_on`` found over blood carries on out of the pool onto ``glass``
+    (a marker's rounded end just past a clot's edge): red ink over glass is blood's colour, and joined to the
+    pool it is too short to pass as a stroke. They are the red pixels within 1.25 half-widths of the run-on
+    whose offset from its nearest run-on pixel lies along that run-on piece's long axis (within about 37
+    degrees: past its end, not beside it, where the pool goes on), in pieces that reach the glass (blood past a
+    stroke that ends inside a pool stays)."""
+    pieces, n = _label(run_on)
+    beyond = red & _dilate(run_on, 1.25 * half_width)
+    if n == 0 or not beyond.any():
+        return np.zeros(red.shape, bool)
+    ys, xs = np.nonzero(run_on)
+    at = pieces[ys, xs]
+    count = np.bincount(at, minlength=n + 1).astype(np.float64)
+    centred = [np.bincount(at, weights=v, minlength=n + 1) / np.maximum(count, 1) for v in (ys, xs)]
+    dy, dx = ys - centred[0][at], xs - centred[1][at]
+    syy, sxx, sxy = (np.bincount(at, weights=w, minlength=n + 1) for w in (dy * dy, dx * dx, dy * dx))
+    angle = 0.5 * np.arctan2(2 * sxy, sxx - syy)  # each piece's long axis (x, y) = (cos, sin)
+    spread = np.sqrt((sxx - syy) ** 2 + 4 * sxy ** 2)
+    elongated = spread >= 0.6 * (sxx + syy)  # eigenvalues 4:1 or more (a stroke, not a blob)
+    _, nearest = cv2.distanceTransformWithLabels(np.ascontiguousarray(~run_on).view(np.uint8), cv2.DIST_L2, 5,
+                                                  labelType=cv2.DIST_LABEL_PIXEL)
+    source_y = np.zeros(nearest.max() + 1, np.int64)  # each run-on pixel's label -> its position
+    source_x = np.zeros_like(source_y)
+    source_y[nearest[ys, xs]], source_x[nearest[ys, xs]] = ys, xs
+    py, px = np.nonzero(beyond)
+    qy, qx = source_y[nearest[py, px]], source_x[nearest[py, px]]
+    piece = pieces[qy, qx]
+    vy, vx = py - qy, px - qx
+    along = np.abs(vx * np.cos(angle[piece]) + vy * np.sin(angle[piece]))
+    end = np.zeros(red.shape, bool)
+    end[py, px] = elongated[piece] & (along >= 0.8 * np.hypot(vy, vx))
+    return _touching(end, _dilate(glass, 1.5) & end)
 
 
 def _local_mean(values: np.ndarray, where: np.ndarray, window: float) -> tuple[np.ndarray, np.ndarray]:
