@@ -1,5 +1,6 @@
 """The store contract: attrs round-trips, completion, atomic replacement, features and scores groups."""
 
+import dataclasses
 import doctest
 
 import numpy as np
@@ -50,6 +51,35 @@ def make_store(tmp_path, n=10, name="a"):
         w.write_tiles(lo, tiles[lo:lo + 4])
     w.write_mask(np.ones((8, 16), bool), np.zeros((8, 16, 3), np.uint8), downsample=128.0, mpp=32.0)
     return w, tiles
+
+
+@pytest.mark.parametrize("codec", ["lossless", "jpeg"])
+def test_tile_chunks_are_the_bytes_zarr_itself_writes(tmp_path, codec):
+    """The writer encodes each chunk itself and writes the chunk's file (Zarr's write path is slow): the files,
+    a short last chunk included, must be byte for byte what Zarr writes, so any Zarr reads the store."""
+    tiling = dataclasses.replace(TILING, codec=codec, tile_px=64)
+    n = 10
+    rng = np.random.default_rng(1)
+    blobs = np.kron(rng.normal(180, 30, (n, 8, 8, 3)), np.ones((1, 8, 8, 1)))  # smooth enough for JPEG
+    tiles = (blobs + rng.normal(0, 3, blobs.shape)).clip(0, 255).astype(np.uint8)
+    coords = np.stack([np.arange(n) * 128, np.zeros(n)], 1)
+    w = TileStoreWriter.create(tmp_path / "a.zarr", "a", SLIDE, tiling, coords=coords, tissue_fraction=np.ones(n))
+    for lo in range(0, n, 4):
+        w.write_tiles(lo, tiles[lo:lo + 4])
+    with pytest.raises(ValueError, match="one whole chunk"):
+        w.write_tiles(2, tiles[2:6])
+    w.write_mask(np.ones((8, 16), bool), np.zeros((8, 16, 3), np.uint8), downsample=128.0, mpp=32.0)
+    store = w.commit()
+    by_zarr = TileStoreWriter.create(tmp_path / "b.zarr", "b", SLIDE, tiling, coords=coords,
+                                     tissue_fraction=np.ones(n))
+    by_zarr.group["tiles"][:] = tiles  # Zarr's own write path
+    for key in ("c/0/0/0/0", "c/1/0/0/0", "c/2/0/0/0"):
+        assert (tmp_path / "a.zarr/tiles" / key).read_bytes() == (by_zarr.tmp / "tiles" / key).read_bytes(), key
+    read = store.read_tiles(0, n)
+    if codec == "lossless":
+        np.testing.assert_array_equal(read, tiles)
+    else:
+        assert np.abs(read.astype(int) - tiles).mean() < 6
 
 
 def test_store_is_absent_until_committed_and_replaced_whole(tmp_path):

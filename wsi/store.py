@@ -64,6 +64,9 @@ Completion and atomicity
   group. Anything without ``complete`` is treated as absent: the next run deletes and redoes it.
 * Writers that run in parallel (Dask tasks) write whole chunks only, so no two writers share a chunk: Zarr v3
   has no write locks.
+* ``tiles`` chunks are encoded by :class:`TileStoreWriter` itself and written as the chunk files Zarr would
+  write (the same bytes; an edge chunk padded with the fill value): Zarr 3's write path cost as much CPU as
+  decoding the slide. Readers use Zarr as usual.
 
 Tile codecs
 -----------
@@ -332,6 +335,13 @@ def _lossless() -> BloscCodec:
     return BloscCodec(cname="lz4", clevel=9, shuffle=BloscShuffle.noshuffle)  # bytes: shuffling does nothing
 
 
+def _lossless_numcodecs():
+    """:func:`_lossless` as numcodecs' Blosc, which writes the same frame without Zarr's pipeline around it."""
+    import numcodecs
+
+    return numcodecs.Blosc(cname="lz4", clevel=9, shuffle=numcodecs.Blosc.NOSHUFFLE)
+
+
 def encoder_key(encoder: str) -> str:
     """The array name of an encoder's features: ``hf-hub:MahmoodLab/UNI`` -> ``hf-hub_MahmoodLab_UNI``;
     ``tf_efficientnet_lite0+macenko`` (a :func:`feature_set`) keeps its ``+``."""
@@ -533,8 +543,8 @@ def open_cohort(out_dir) -> list[SlideStore]:
 class TileStoreWriter:
     """Builds a store under a temporary sibling name; :meth:`commit` marks it complete and renames it."""
 
-    def __init__(self, final: Path, tmp: Path, group: zarr.Group):
-        self.final, self.tmp, self.group = final, tmp, group
+    def __init__(self, final: Path, tmp: Path, group: zarr.Group, tiling: TilingAttrs):
+        self.final, self.tmp, self.group, self.tiling = final, tmp, group, tiling
 
     @classmethod
     def create(cls, path, slide_id: str, slide: SlideAttrs, tiling: TilingAttrs, *,
@@ -564,11 +574,29 @@ class TileStoreWriter:
                        "compressors": None})
             group.create_array("tiles", shape=(n, t, t, 3), chunks=(tiling.chunk_tiles, t, t, 3),
                                dtype="uint8", fill_value=0, **kwargs)
-        return cls(final, tmp, group)
+        return cls(final, tmp, group, tiling)
 
     def write_tiles(self, lo: int, tiles: np.ndarray) -> None:
-        """Write tiles ``lo:lo+len(tiles)``; callers pass whole chunks (the last may be short)."""
-        self.group["tiles"][lo:lo + len(tiles)] = tiles
+        """Write tiles ``lo:lo+len(tiles)``, one whole chunk (the last may be short).
+
+        The chunk is encoded here and written as the chunk's file, the bytes Zarr's own write path would write
+        (its codec, an edge chunk padded with the fill value to the full chunk shape; tested byte for byte):
+        Zarr 3's per-chunk copies cost about as much CPU as decoding the slide, twice the encoding itself."""
+        arr = self.group["tiles"]
+        chunk = arr.chunks[0]
+        if lo % chunk or not (len(tiles) == chunk or 0 < len(tiles) and lo + len(tiles) == arr.shape[0]):
+            raise ValueError(f"write_tiles takes one whole chunk of {chunk} tiles (the last may be short), "
+                             f"got tiles {lo}:{lo + len(tiles)} of {arr.shape[0]}")
+        if len(tiles) < chunk:
+            tiles = np.concatenate([tiles, np.zeros((chunk - len(tiles),) + tiles.shape[1:], np.uint8)])
+        path = self.tmp / arr.path / arr.metadata.encode_chunk_key((lo // chunk, 0, 0, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self._encode_chunk(np.ascontiguousarray(tiles, np.uint8)))
+
+    def _encode_chunk(self, tiles: np.ndarray) -> bytes:
+        if self.tiling.codec == "lossless":
+            return _lossless_numcodecs().encode(tiles)
+        return TileImageCodec(format=self.tiling.codec, quality=self.tiling.quality)._encode_chunk(tiles).tobytes()
 
     def write_mask(self, tissue: np.ndarray, thumbnail: np.ndarray, *, downsample: float, mpp: float,
                    ink: np.ndarray | None = None) -> None:
