@@ -64,10 +64,11 @@ def test_tile_chunks_are_the_bytes_zarr_itself_writes(tmp_path, codec):
     tiles = (blobs + rng.normal(0, 3, blobs.shape)).clip(0, 255).astype(np.uint8)
     coords = np.stack([np.arange(n) * 128, np.zeros(n)], 1)
     w = TileStoreWriter.create(tmp_path / "a.zarr", "a", SLIDE, tiling, coords=coords, tissue_fraction=np.ones(n))
-    for lo in range(0, n, 4):
-        w.write_tiles(lo, tiles[lo:lo + 4])
-    with pytest.raises(ValueError, match="one whole chunk"):
-        w.write_tiles(2, tiles[2:6])
+    w.write_tiles(0, tiles[:4])
+    w.write_tiles(4, tiles[4:])  # a whole chunk and the short last one at once
+    for lo, count in ((2, 4), (0, 3), (8, 3)):  # not at a chunk's start, a part chunk, past the end
+        with pytest.raises(ValueError, match="whole chunks"):
+            w.write_tiles(lo, tiles[:count])
     w.write_mask(np.ones((8, 16), bool), np.zeros((8, 16, 3), np.uint8), downsample=128.0, mpp=32.0)
     store = w.commit()
     by_zarr = TileStoreWriter.create(tmp_path / "b.zarr", "b", SLIDE, tiling, coords=coords,

@@ -577,21 +577,24 @@ class TileStoreWriter:
         return cls(final, tmp, group, tiling)
 
     def write_tiles(self, lo: int, tiles: np.ndarray) -> None:
-        """Write tiles ``lo:lo+len(tiles)``, one whole chunk (the last may be short).
+        """Write tiles ``lo:lo+len(tiles)``: whole chunks (the slide's last may be short).
 
-        The chunk is encoded here and written as the chunk's file, the bytes Zarr's own write path would write
+        Each chunk is encoded here and written as the chunk's file, the bytes Zarr's own write path would write
         (its codec, an edge chunk padded with the fill value to the full chunk shape; tested byte for byte):
         Zarr 3's per-chunk copies cost about as much CPU as decoding the slide, twice the encoding itself."""
         arr = self.group["tiles"]
-        chunk = arr.chunks[0]
-        if lo % chunk or not (len(tiles) == chunk or 0 < len(tiles) and lo + len(tiles) == arr.shape[0]):
-            raise ValueError(f"write_tiles takes one whole chunk of {chunk} tiles (the last may be short), "
-                             f"got tiles {lo}:{lo + len(tiles)} of {arr.shape[0]}")
-        if len(tiles) < chunk:
-            tiles = np.concatenate([tiles, np.zeros((chunk - len(tiles),) + tiles.shape[1:], np.uint8)])
-        path = self.tmp / arr.path / arr.metadata.encode_chunk_key((lo // chunk, 0, 0, 0))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self._encode_chunk(np.ascontiguousarray(tiles, np.uint8)))
+        chunk, n = arr.chunks[0], arr.shape[0]
+        hi = lo + len(tiles)
+        if lo % chunk or not (hi % chunk == 0 or hi == n) or not lo < hi <= n:
+            raise ValueError(f"write_tiles takes whole chunks of {chunk} tiles (the last may be short), "
+                             f"got tiles {lo}:{hi} of {n}")
+        for start in range(lo, hi, chunk):
+            part = tiles[start - lo:start - lo + chunk]
+            if len(part) < chunk:
+                part = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:], np.uint8)])
+            path = self.tmp / arr.path / arr.metadata.encode_chunk_key((start // chunk, 0, 0, 0))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(self._encode_chunk(np.ascontiguousarray(part, np.uint8)))
 
     def _encode_chunk(self, tiles: np.ndarray) -> bytes:
         if self.tiling.codec == "lossless":
