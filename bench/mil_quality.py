@@ -15,6 +15,7 @@ tier   slide (0.5 um/px)     slides  foci   tumour
 t05    12,000 x 9,000 px     40      1-3    ~0.5% of the tissue (the hard tier: the old recipe scored 0.65)
 t1     16,000 x 12,000 px    40      6-10   ~1% of the tissue
 m      7,200 x 5,400 px      32      1-3    ~2.6% of the tiles (cohort M of the first study)
+t05h   12,000 x 9,000 px     40      1-2    t05 made harder: 2-6 lymphoid mimics, stain strengths 1 +- 0.5
 =====  ====================  ======  =====  ================================================================
 
 Pipeline, every stage the real one:
@@ -70,6 +71,9 @@ TIERS = {
     "t05": {"slides": 40, "size_um": (6000.0, 4500.0), "foci": (1, 3), "seed": 1505},
     "t1": {"slides": 40, "size_um": (8000.0, 6000.0), "foci": (6, 10), "seed": 1510},
     "m": {"slides": 32, "size_um": (3600.0, 2700.0), "foci": (1, 3), "seed": 0},
+    # t05 made harder once t05 and t1 gave 1.000: 1-2 foci, more mimics, stain strengths 1 +- 0.5 (lab batches)
+    "t05h": {"slides": 40, "size_um": (6000.0, 4500.0), "foci": (1, 2), "seed": 1525, "mimics": (2, 6),
+             "stain": 0.5},
     # feature-level cohorts: the same design drawn straight as features (no slides, no encoder), for an
     # ablation that this 2-core machine can afford; see write_feature_cohort
     "f05": {"slides": 40, "tiles": (350, 540), "foci": (1, 3), "seed": 2505},
@@ -212,7 +216,8 @@ def prepare(root: Path, tier: dict) -> tuple[Path, Path, dict]:
     from wsi.tiling import tile_slides
 
     timings, started = {}, time.perf_counter()
-    labels = write_cohort(root, tier["slides"], tier["seed"], tier["size_um"], tier["foci"], MIMICS, STAIN)
+    labels = write_cohort(root, tier["slides"], tier["seed"], tier["size_um"], tier["foci"],
+                          tuple(tier.get("mimics", MIMICS)), tier.get("stain", STAIN))
     timings["slides_s"] = time.perf_counter() - started
     config = load_config(overrides={
         "labels": str(labels),
