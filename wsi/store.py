@@ -331,15 +331,18 @@ class TileImageCodec(ArrayBytesCodec):
 zarr.registry.register_codec("wsi.tile_image", TileImageCodec)
 
 
+_LOSSLESS = {"cname": "lz4", "clevel": 9}  # Blosc, no shuffle: on uint8 bytes shuffling does nothing
+
+
 def _lossless() -> BloscCodec:
-    return BloscCodec(cname="lz4", clevel=9, shuffle=BloscShuffle.noshuffle)  # bytes: shuffling does nothing
+    return BloscCodec(**_LOSSLESS, shuffle=BloscShuffle.noshuffle)
 
 
 def _lossless_numcodecs():
     """:func:`_lossless` as numcodecs' Blosc, which writes the same frame without Zarr's pipeline around it."""
     import numcodecs
 
-    return numcodecs.Blosc(cname="lz4", clevel=9, shuffle=numcodecs.Blosc.NOSHUFFLE)
+    return numcodecs.Blosc(**_LOSSLESS, shuffle=numcodecs.Blosc.NOSHUFFLE)
 
 
 def encoder_key(encoder: str) -> str:
@@ -544,7 +547,12 @@ class TileStoreWriter:
     """Builds a store under a temporary sibling name; :meth:`commit` marks it complete and renames it."""
 
     def __init__(self, final: Path, tmp: Path, group: zarr.Group, tiling: TilingAttrs):
-        self.final, self.tmp, self.group, self.tiling = final, tmp, group, tiling
+        self.final, self.tmp, self.group = final, tmp, group
+        if tiling.codec == "lossless":
+            self._encode_chunk = _lossless_numcodecs().encode
+        else:
+            image = TileImageCodec(format=tiling.codec, quality=tiling.quality)
+            self._encode_chunk = lambda tiles: image._encode_chunk(tiles).tobytes()
 
     @classmethod
     def create(cls, path, slide_id: str, slide: SlideAttrs, tiling: TilingAttrs, *,
@@ -595,11 +603,6 @@ class TileStoreWriter:
             path = self.tmp / arr.path / arr.metadata.encode_chunk_key((start // chunk, 0, 0, 0))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(self._encode_chunk(np.ascontiguousarray(part, np.uint8)))
-
-    def _encode_chunk(self, tiles: np.ndarray) -> bytes:
-        if self.tiling.codec == "lossless":
-            return _lossless_numcodecs().encode(tiles)
-        return TileImageCodec(format=self.tiling.codec, quality=self.tiling.quality)._encode_chunk(tiles).tobytes()
 
     def write_mask(self, tissue: np.ndarray, thumbnail: np.ndarray, *, downsample: float, mpp: float,
                    ink: np.ndarray | None = None) -> None:

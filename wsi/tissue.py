@@ -32,8 +32,9 @@ Steps (``rgb`` in, boolean masks out; ``mpp`` is the thumbnail's pixel size):
    ink where it joins the stroke and is no wider than it. Blue, green and black are followed only over and beside
    blood (blue ink absorbs much as haematoxylin does); a red stub that a crossing stroke cuts off goes with its
    stroke, and so does a stroke's rounded end just past a pool it crossed (red ink on glass is blood's colour:
-   the red beyond the run-on's end, along its axis, where it reaches the glass). Ink then grows by up to two pixels into pixels that are not H&E-coloured or pale (a stroke's blurred
-   edge, JPEG ringing), never into stain. Where ink lies over tissue, only the inked pixels go.
+   the red beyond the run-on's end, along its axis, where it reaches the glass). Ink then grows by up to two
+   pixels into pixels that are not H&E-coloured or pale (a stroke's blurred edge, JPEG ringing), never into
+   stain. Where ink lies over tissue, only the inked pixels go.
 3. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
    *stained* when its saturation ``(max - min) / max`` reaches ``saturation_min`` and its brightness (mean of
    R, G, B relative to the glass) is at most ``brightness_max``. *Faint* pixels (darker than
@@ -287,13 +288,14 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
         decided.append((kind, kind_ink))
     red = candidates["red"]
     blood = red & ~ink  # red, not ink: what hides the other inks
+    glass = (r + g + b) >= 2.7  # near the glass colour in every channel (glass-relative, 3 = glass)
     if ink.any():  # strokes run on where what lies under them hides their colour
         od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
         for kind, kind_ink in decided:
             if not kind_ink.any():
                 continue
             half_width = _half_width(kind_ink)
-            host = ((r + g + b) < 2.7) & ~ink  # anything but glass
+            host = ~glass & ~ink
             if kind == "red":
                 if keep_blood:  # red pieces cut off by a crossing stroke
                     ink |= _red_stubs(kind_ink, half_width, red, ink)
@@ -303,7 +305,7 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
             run_on = _run_on(kind_ink, half_width, host, blood & ~ink, od)
             ink |= run_on
             if kind == "red" and keep_blood:  # where a stroke found over blood pokes out of the pool
-                ink |= _stroke_ends(run_on, half_width, red & ~ink, (r + g + b) >= 2.7)
+                ink |= _stroke_ends(run_on, half_width, red & ~ink, glass)
     for _ in range(2):
         ink |= _dilate(ink, 1.5) & ~stain
     return ink
