@@ -313,7 +313,7 @@ def test_a_training_slide_shows_its_out_of_fold_scores_labelled_as_such(tmp_path
     inside = _in_block(store.coords)
     oof_tumour = np.where(inside, 0.6, 0.05)
     store.write_scores(RUN, ensemble_attention, ensemble_scores,
-                       dataclasses.replace(attrs, oof_fold=1, oof_probabilities=(0.3, 0.7), oof_predicted="tumour"),
+                       dataclasses.replace(attrs, oof_folds=(1,), oof_probabilities=(0.3, 0.7), oof_predicted="tumour"),
                        out_of_fold=(ensemble_attention, np.stack([1 - oof_tumour, oof_tumour], 1)))
     paths = heatmap_slide(store, RUN, tmp_path, HeatmapParams.from_config(_config(smooth_sigma=0.0)))
     with tiffslide.TiffSlide(str(paths["heatmap.tif"])) as slide:
@@ -327,6 +327,19 @@ def test_a_training_slide_shows_its_out_of_fold_scores_labelled_as_such(tmp_path
     other = make_store(tmp_path, "outsider")  # not in the cohort: the ensemble's scores, no label
     heatmap_slide(other, RUN, tmp_path, HeatmapParams.from_config(_config()))
     assert json.loads((heatmap_dir(tmp_path, RUN, "outsider") / "heatmap.json").read_text())["scores"] == "ensemble"
+
+
+def test_a_slide_flagged_out_of_distribution_says_so_on_its_overlay(tmp_path):
+    store = make_store(tmp_path)
+    attention, class_scores, attrs = store.scores(RUN)
+    store.write_scores(RUN, attention, class_scores, dataclasses.replace(attrs, ood_score=2.31, ood=True))
+    paths = heatmap_slide(store, RUN, tmp_path, HeatmapParams.from_config(_config()))
+    title = Image.open(paths["overlay.png"]).info["Title"]
+    assert "WARNING: this slide is unlike the slides this model was trained on (OOD score 2.31)" in title
+    assert json.loads((heatmap_dir(tmp_path, RUN, "s1") / "heatmap.json").read_text())["ood_score"] == 2.31
+    other = make_store(tmp_path, "alike")
+    heatmap_slide(other, RUN, tmp_path, HeatmapParams.from_config(_config()))
+    assert "WARNING" not in Image.open(heatmap_dir(tmp_path, RUN, "alike") / "overlay.png").info["Title"]
 
 
 @pytest.mark.parametrize("n_tiles", [0, 1])

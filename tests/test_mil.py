@@ -94,7 +94,7 @@ def mil_config(labels, **mil):
         "labels": str(labels), "extract": {"encoder": ENCODER},
         "cluster": {"kind": "local", "n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"},
         "mil": {"hidden_dim": 32, "dropout": 0.1, "folds": 3, "epochs": 20, "patience": 6, "lr": 5e-3,
-                "bootstrap": 200, **mil}})
+                "bootstrap": 200, "repeats": 1, **mil}})
     return config
 
 
@@ -125,7 +125,7 @@ def trained(tmp_path_factory):
     make_store(out, "unlabelled", bag_features(np.random.default_rng(9), True, 50)[0])
     sets = ["extract.encoder=" + ENCODER, "cluster.n_workers=2", "cluster.threads_per_worker=1",
             "cluster.dashboard_address=':0'", "mil.hidden_dim=32", "mil.dropout=0.1", "mil.folds=3",
-            "mil.epochs=20", "mil.patience=6", "mil.lr=0.005", "mil.bootstrap=200"]
+            "mil.epochs=20", "mil.patience=6", "mil.lr=0.005", "mil.bootstrap=200", "mil.repeats=2"]
     argv = ["train", "--out", str(out), "--labels", str(labels), "--model", "abmil", "--run-name", "toy",
             "--no-progress"] + [a for s in sets for a in ("--set", s)]
     assert main(argv) == 0
@@ -349,7 +349,7 @@ def test_metrics_match_sklearn_and_intervals_bracket_them():
 # ------------------------------------------------------------------------------------------ training
 def test_same_seed_gives_the_same_run_through_dask(trained):
     out, labels, _, run_dir = trained
-    again = train(out, mil_config(labels, run_name="toy_again", model="abmil"), progress=False)
+    again = train(out, mil_config(labels, run_name="toy_again", model="abmil", repeats=2), progress=False)
     assert (again / "cv_predictions.csv").read_text() == (run_dir / "cv_predictions.csv").read_text()
     for fold in range(3):
         first, second = (load_file(d / f"fold_{fold}.safetensors") for d in (run_dir, again))
@@ -618,7 +618,8 @@ def test_run_folder_holds_weights_config_predictions_metrics_and_roc(trained):
     for f in info["folds"]:
         assert (run_dir / f["weights"]).is_file() and (run_dir / f"fold_{f['fold']}.json").is_file()
     rows = read_csv(run_dir / "cv_predictions.csv")
-    assert list(rows[0]) == ["slide_id", "patient_id", "label", "fold", "prob_normal", "prob_tumour", "predicted"]
+    assert list(rows[0]) == ["slide_id", "patient_id", "label", "fold", "prob_normal", "prob_tumour", "predicted",
+                             "ood_score", "ood"]
     assert sorted(r["slide_id"] for r in rows) == sorted(r["slide_id"] for r in read_csv(labels))
     for r in rows:
         assert float(r["prob_normal"]) + float(r["prob_tumour"]) == pytest.approx(1, abs=1e-5)
@@ -682,26 +683,29 @@ def test_predict_stores_out_of_fold_scores_of_training_slides_beside_the_ensembl
         store = SlideStore.open(store_path(out, sid))
         ensemble_attention, _, attrs = store.scores("toy")
         attention, tile_scores, same = store.scores("toy", out_of_fold=True)
-        assert same == attrs and attrs.oof_fold == int(cv[sid]["fold"])
+        assert same == attrs and attrs.oof_folds[0] == int(cv[sid]["fold"]) and len(attrs.oof_folds) == 2
         assert attrs.oof_probabilities[1] == pytest.approx(float(cv[sid]["prob_tumour"]), abs=1e-5)
         assert attrs.oof_predicted == cv[sid]["predicted"]
         assert attention.sum() == pytest.approx(1, abs=1e-4) and np.allclose(tile_scores.sum(axis=1), 1, atol=1e-4)
-        assert not np.allclose(attention, ensemble_attention)  # one fold model, not the mean of three
+        assert not np.allclose(attention, ensemble_attention)  # a fold model per repeat, not the mean of all six
         if where.size:
             hits.append(int(np.argmax(attention)) in set(where))
     assert np.mean(hits) >= 0.8
     outsider = SlideStore.open(store_path(out, "unlabelled"))
-    assert outsider.scores("toy")[2].oof_fold is None
+    assert outsider.scores("toy")[2].oof_folds is None
     with pytest.raises(StoreError, match="no out-of-fold scores for model run toy"):
         outsider.scores("toy", out_of_fold=True)
 
 
 def test_score_attrs_with_out_of_fold_fields_round_trip_and_come_with_their_arrays(tmp_path):
     attrs = ScoreAttrs(run="r", model="abmil", encoder=ENCODER, classes=("a", "b"), probabilities=(0.4, 0.6),
-                       predicted="b", oof_fold=2, oof_probabilities=(0.7, 0.3), oof_predicted="a")
+                       predicted="b", oof_folds=(2, 5), oof_probabilities=(0.7, 0.3), oof_predicted="a",
+                       temperature=1.7, ood_score=0.4, ood=False)
     assert ScoreAttrs.from_dict(json.loads(json.dumps(attrs.to_dict()))) == attrs
     old = {k: v for k, v in attrs.to_dict().items() if not k.startswith("oof_")}  # a store written before
-    assert ScoreAttrs.from_dict(old).oof_fold is None
+    assert ScoreAttrs.from_dict(old).oof_folds is None
+    one_fold = {**old, "oof_fold": 2, "oof_probabilities": [0.7, 0.3], "oof_predicted": "a"}  # before CV repeats
+    assert ScoreAttrs.from_dict(one_fold).oof_folds == (2,)
     store = make_store(tmp_path, "s", np.zeros((4, DIM), np.float32))
     with pytest.raises(ValueError, match="come together"):
         store.write_scores("r", np.full(4, 0.25), np.full((4, 2), 0.5), attrs)
@@ -709,6 +713,80 @@ def test_score_attrs_with_out_of_fold_fields_round_trip_and_come_with_their_arra
                        out_of_fold=(np.array([1, 0, 0, 0]), np.tile([0.9, 0.1], (4, 1))))
     attention, class_scores, got = SlideStore.open(store.path).scores("r", out_of_fold=True)
     assert got == attrs and attention.tolist() == [1, 0, 0, 0] and class_scores[0].tolist() == pytest.approx([0.9, 0.1])
+
+
+def test_repeats_train_every_slide_once_per_repeat_with_their_own_folds_and_seeds(trained):
+    out, labels, _, run_dir = trained
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["training"]["repeats"] == 2 and len(info["folds"]) == 6
+    by_repeat = {r: [f for f in info["folds"] if f["repeat"] == r] for r in (0, 1)}
+    assert [f["seed"] for f in by_repeat[1]] == [info["training"]["seed"] + 1000] * 3
+    for folds in by_repeat.values():
+        tested = sorted(s for f in folds for s in f["test"])
+        assert tested == sorted(r["slide_id"] for r in read_csv(labels))  # each slide once per repeat
+    assert [f["test"] for f in by_repeat[0]] != [f["test"] for f in by_repeat[1]]  # the repeats' own folds
+
+
+def test_run_is_calibrated_out_of_fold_and_predict_applies_its_temperature(trained):
+    from wsi.mil.calibration import apply_temperature
+
+    out, _, truth, run_dir = trained
+    info = json.loads((run_dir / "run.json").read_text())
+    temperature = info["calibration"]["temperature"]
+    assert info["calibration"]["method"] == "temperature" and 0.05 <= temperature <= 50
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("brier", "ece"):
+        assert metrics[key]["ci95"][0] <= metrics[key]["value"] <= metrics[key]["ci95"][1]
+    assert metrics["calibration"]["temperature"] == temperature and "uncalibrated" in metrics["calibration"]
+    assert metrics["max_wrong_confidence"] <= 1 and metrics["confident_wrong"] >= 0
+    assert (run_dir / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    summary = predict(out, run_dir, load_config(), slide_ids=["s01", "unlabelled"])
+    rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
+    ensemble = load_ensemble(run_dir)
+    ensemble.temperature = None
+    _, _, raw = ensemble.score_bag(SlideStore.open(store_path(out, "unlabelled")).features(ENCODER))
+    assert float(rows["unlabelled"]["prob_tumour"]) == pytest.approx(apply_temperature(raw, temperature)[1], abs=1e-5)
+    assert SlideStore.open(store_path(out, "unlabelled")).scores("toy")[2].temperature == temperature
+
+
+def test_predict_flags_slides_unlike_the_training_cohort(trained, tmp_path):
+    """A bag of one repeated tile (glass), a bag from a shifted stain, and a bag like the training slides; the
+    training slides themselves get their out-of-fold scores, few of them flagged."""
+    out, _, truth, run_dir = trained
+    rng = np.random.default_rng(11)
+    new = tmp_path / "new"
+    make_store(new, "glass", np.full((40, DIM), 2.0, np.float32))
+    make_store(new, "stain", (bag_features(rng, False, 60)[0] + 1.5).astype(np.float32))
+    make_store(new, "alike", bag_features(rng, True, 60)[0])
+    rows = {r["slide_id"]: r for r in read_csv(predict(new, run_dir, load_config()).predictions_csv)}
+    assert rows["glass"]["ood"] == "True" and rows["stain"]["ood"] == "True" and rows["alike"]["ood"] == "False"
+    assert float(rows["glass"]["ood_score"]) > 1 > float(rows["alike"]["ood_score"])
+    assert SlideStore.open(store_path(new, "stain")).scores("toy")[2].ood is True
+    cv = read_csv(run_dir / "cv_predictions.csv")
+    assert sum(r["ood"] == "True" for r in cv) <= 1
+    info = json.loads((run_dir / "run.json").read_text())
+    own = {r["slide_id"]: r for r in read_csv(predict(out, run_dir, load_config(), slide_ids=list(truth)).predictions_csv)}
+    assert all(float(own[s]["ood_score"]) == pytest.approx(info["ood"]["out_of_fold"][s], abs=1e-4) for s in truth)
+
+
+def test_predict_on_a_run_made_before_calibration_warns_and_predicts_raw(trained, tmp_path):
+    import shutil
+
+    from wsi.mil.predict import UncalibratedRunWarning
+
+    out, _, _, run_dir = trained
+    old = tmp_path / "old_run"
+    shutil.copytree(run_dir, old)
+    info = json.loads((old / "run.json").read_text())
+    del info["calibration"], info["ood"]
+    (old / "run.json").write_text(json.dumps(info))
+    (old / "ood.safetensors").unlink()
+    with pytest.warns(UncalibratedRunWarning, match="trained before calibration existed"):
+        summary = predict(out, old, load_config(), slide_ids=["unlabelled"])
+    row = read_csv(summary.predictions_csv)[0]
+    assert row["ood"] == "" and row["ood_score"] == "" and 0 <= float(row["prob_tumour"]) <= 1
+    attrs = SlideStore.open(store_path(out, "unlabelled")).scores("toy")[2]
+    assert attrs.temperature is None and attrs.ood is None
 
 
 def test_predict_rejects_features_from_another_encoder_per_slide(trained, tmp_path):
@@ -728,16 +806,18 @@ def test_predict_rejects_features_from_another_encoder_per_slide(trained, tmp_pa
 
 
 def test_ensemble_averages_folds_and_checks_the_feature_size(trained):
+    from wsi.mil.calibration import apply_temperature
+
     _, _, truth, run_dir = trained
     ensemble = load_ensemble(run_dir)
     assert (ensemble.run, ensemble.encoder, ensemble.classes, ensemble.model_name) == (
         "toy", ENCODER, ["normal", "tumour"], "abmil")
-    assert len(ensemble.models) == 3
+    assert len(ensemble.models) == 6  # 3 folds x 2 repeats
     features, where = bag_features(np.random.default_rng(5), True, 60)
     attention, tile_scores, probs = ensemble.score_bag(features)
     assert attention.shape == (60,) and tile_scores.shape == (60, 2) and probs.shape == (2,)
     singles = [torch.softmax(m(torch.from_numpy(features)).logits, 0).detach().numpy() for m in ensemble.models]
-    assert np.allclose(probs, np.mean(singles, axis=0), atol=1e-6)
+    assert np.allclose(probs, apply_temperature(np.mean(singles, axis=0), ensemble.temperature), atol=1e-6)
     with pytest.raises(ConfigError, match="another encoder"):
         ensemble.score_bag(np.zeros((4, DIM + 1), np.float32))
 

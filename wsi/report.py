@@ -39,7 +39,7 @@ from PIL import Image
 from . import __version__, atomic
 from .errors import ConfigError, read_failures
 from .layout import Layout
-from .store import open_cohort
+from .store import OOD_WARNING, open_cohort
 
 # Below this many slides in a class, each cross-validation fold trains on a handful of bags and the AUROC
 # interval spans most of [0, 1]: the figures say the pipeline runs, not that the model works.
@@ -103,8 +103,11 @@ def _auroc_figures(metrics: dict) -> list[tuple[str, dict]]:
 
 
 def _metrics_html(metrics: dict, title: str, intro: str, roc: Path | None = None) -> str:
+    """The figures table, confusion matrix, calibration note, the ROC curve and the reliability diagram beside
+    ``roc`` (``reliability.png``), and the per-site table."""
     rows = [f"<tr><th>AUROC ({_esc(c)})</th><td>{_figure_cell(f)}</td></tr>" for c, f in _auroc_figures(metrics)]
-    for key, name in (("balanced_accuracy", "Balanced accuracy"), ("f1", "F1")):
+    for key, name in (("balanced_accuracy", "Balanced accuracy"), ("f1", "F1"), ("brier", "Brier score"),
+                      ("ece", "Expected calibration error")):
         if key in metrics:
             rows.append(f"<tr><th>{name}</th><td>{_figure_cell(metrics[key])}</td></tr>")
     cm = metrics.get("confusion_matrix")
@@ -118,7 +121,18 @@ def _metrics_html(metrics: dict, title: str, intro: str, roc: Path | None = None
     support = ", ".join(f"{n} {c}" for c, n in zip(metrics.get("classes", []), metrics.get("support", [])))
     note = (f"{metrics.get('n_slides', '?')} slides ({support}), {metrics.get('n_patients', '?')} patients; "
             f"95% intervals from {boot.get('resamples', '?')} bootstrap resamples by {boot.get('unit', 'slide')}")
-    roc_html = f"<img class=roc alt='ROC curve' src='{_img_data_uri(roc)}'>" if roc and roc.exists() else ""
+    images = [(roc, "ROC curve")] + ([(roc.with_name("reliability.png"), "reliability diagram")] if roc else [])
+    roc_html = "".join(f"<img class=roc alt='{alt}' src='{_img_data_uri(path)}'>" for path, alt in images
+                       if path and path.exists())
+    calibration = metrics.get("calibration")
+    if calibration and calibration.get("temperature") is not None:
+        before = calibration["uncalibrated"]
+        note += (f". Probabilities calibrated by temperature {calibration['temperature']:.2f} (Brier and ECE "
+                 f"{calibration['measured'].split(':')[0]}; uncalibrated: Brier {before['brier']:.3f}, ECE "
+                 f"{before['ece']:.3f})")
+    if "max_wrong_confidence" in metrics:
+        note += (f". Most confident wrong call: p = {metrics['max_wrong_confidence']:.2f}; wrong calls above 0.95: "
+                 f"{metrics['confident_wrong']}")
     return (f"<h3>{_esc(title)}</h3><p>{_esc(intro)}</p><p class=note>{_esc(note)}</p>"
             f"<div class=figures><div><table>{''.join(rows)}</table>{cm_html}</div>{roc_html}</div>"
             f"{_per_site_html(metrics)}")
@@ -174,9 +188,10 @@ def _warnings(scope: str, metrics: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ tables
 def _prediction_table(rows: list[dict], classes: list[str], labels: dict, *, fold: bool = False) -> str:
-    """One row per slide: id, label, [fold], P(class)..., predicted; a wrong call is shaded."""
+    """One row per slide: id, label, [fold], P(class)..., predicted, OOD score (flagged ones marked); a wrong call
+    is shaded."""
     head = "<th>slide</th><th>label</th>" + ("<th>fold</th>" if fold else "") + "".join(
-        f"<th>P({_esc(c)})</th>" for c in classes) + "<th>predicted</th>"
+        f"<th>P({_esc(c)})</th>" for c in classes) + "<th>predicted</th><th>OOD score</th>"
     body = []
     for r in sorted(rows, key=lambda r: r["slide_id"]):
         label = r.get("label") or labels.get(r["slide_id"], ("",))[0]
@@ -184,7 +199,9 @@ def _prediction_table(rows: list[dict], classes: list[str], labels: dict, *, fol
         probs = "".join(f"<td>{_fmt(float(r[f'prob_{c}']))}</td>" for c in classes)
         body.append(f"<tr{wrong}><td>{_esc(r['slide_id'])}</td><td>{_esc(label)}</td>"
                     + (f"<td>{_esc(r.get('fold', ''))}</td>" if fold else "")
-                    + f"{probs}<td>{_esc(r['predicted'])}</td></tr>")
+                    + f"{probs}<td>{_esc(r['predicted'])}</td>"
+                    + f"<td{' class=ood' if _is_ood(r) else ''}>{_esc(r.get('ood_score') or '–')}"
+                    + f"{' ⚠ unlike the training slides' if _is_ood(r) else ''}</td></tr>")
     return f"<table class=slides><tr>{head}</tr>{''.join(body)}</table>"
 
 
@@ -260,10 +277,18 @@ def _heatmap_card(out_dir: Path, folder: Path, sid: str, label: str, oof: dict |
                      "</span></div>")
     tag = "<span class='tag insample'>in-sample</span>" if in_sample else ""
     lines.append(f"<div>final model: {_call(final, cls)} {tag}</div>")
+    if _is_ood(final) or _is_ood(oof):
+        score = (oof if _is_ood(oof) else final)["ood_score"]
+        lines.append(f"<div class=ood>⚠ {_esc(OOD_WARNING)} (OOD score {_esc(score)})</div>")
     image = _img_data_uri(_panel(folder / "overlay.png"), _THUMB_PX)
     return (f"<figure><a href='{_esc(rel)}/overlay.png'><img alt='heatmap of {_esc(sid)}' src='{image}'></a>"
             f"<figcaption>{''.join(lines)}{_colour_scale(params.get('colormap', 'viridis'), subject)}"
             f"<div class=links>{links}</div></figcaption></figure>")
+
+
+def _is_ood(row: dict | None) -> bool:
+    """A predictions row (csv text) flagged out of distribution."""
+    return bool(row) and row.get("ood") == "True"
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -330,6 +355,11 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
                f"for the full overlay.</p><div class=gallery>{''.join(cards)}</div>" if cards
                else "<p>No heatmaps for this run.</p>")
 
+    unlike = sorted(r["slide_id"] for r in predictions if r["slide_id"] not in trained and _is_ood(r))
+    if unlike:
+        warnings.append(f"{len(unlike)} slide(s) are unlike the slides this model was trained on (out-of-"
+                        f"distribution score above 1): {', '.join(unlike[:8])}{' ...' if len(unlike) > 8 else ''}. "
+                        "Their predictions may be wrong however confident they look.")
     new = [r for r in predictions if r["slide_id"] not in trained]
     in_sample = [r for r in predictions if r["slide_id"] in trained]
     sections = []
@@ -390,5 +420,5 @@ figcaption{font-size:14px;line-height:1.5}figcaption .title{font-size:16px;font-
 .tag{font-size:12px;background:#e6eef8;border-radius:3px;padding:0 4px}.tag.insample{background:#eee;border:0}
 .scale{margin:6px 0}.scale .bar{height:12px;border:1px solid #888}
 .scale .ticks{display:flex;justify-content:space-between;font-size:12px}.scale .subject{font-size:12px;color:#444}
-.links{font-size:13px}pre{background:#f7f7f7;padding:1em;font-size:85%}
+.ood{color:#8a4b00;font-weight:600}.links{font-size:13px}pre{background:#f7f7f7;padding:1em;font-size:85%}
 """

@@ -48,12 +48,17 @@ attrs ``stain`` of            dict or null                normalised features on
 ``scores/<run>/attention``    float32 (N,)                per-tile attention of the fold ensemble (sums to 1)
 ``scores/<run>/class_scores`` float32 (N, C)              per-tile class probabilities of the ensemble
 ``scores/<run>/oof_*``        as the two above            only for a slide of the run's own cohort: the same
-                                                          from the one fold model that held it out (out of
-                                                          fold: it did not train on this slide)
+                                                          from the fold models that held it out (one per CV
+                                                          repeat; out of fold: none trained on this slide)
 attrs of ``scores/<run>``     :class:`ScoreAttrs` +       model run, classes, encoder, slide prediction; with
-                              ``complete``                ``oof_*`` arrays also ``oof_fold`` and the out-of-
+                              ``complete``                ``oof_*`` arrays also ``oof_folds`` and the out-of-
                                                           fold prediction (added in 0.1 without a schema bump:
-                                                          older stores read as having none)
+                                                          older stores read as having none; ``oof_fold``, one
+                                                          int, of stores scored before CV repeats reads as a
+                                                          one-fold ``oof_folds``); ``temperature`` (the run's
+                                                          calibration, applied to the probabilities; null: raw)
+                                                          and ``ood_score``/``ood`` (:mod:`wsi.mil.ood`), added
+                                                          without a schema bump: older stores read as null
 ============================  ==========================  =====================================================
 
 Completion and atomicity
@@ -251,6 +256,9 @@ class FeatureAttrs(_Attrs):
     stain: dict | None = None     # stain normalisation: method, reference, fitted target and slide values
 
 
+OOD_WARNING = "this slide is unlike the slides this model was trained on"  # what ScoreAttrs.ood says, to a reader
+
+
 @dataclass(frozen=True)
 class ScoreAttrs(_Attrs):
     """Per-tile scores of one trained model run on this slide, and the slide-level prediction."""
@@ -262,9 +270,20 @@ class ScoreAttrs(_Attrs):
     probabilities: tuple
     predicted: str
     wsi_version: str = ""
-    oof_fold: int | None = None                # the fold whose model held this slide out; None: not in the cohort
-    oof_probabilities: tuple | None = None      # that model's slide probabilities
+    oof_folds: tuple | None = None              # the folds (one per CV repeat) whose models held this slide out;
+    oof_probabilities: tuple | None = None      # their mean slide probabilities; None: not in the run's cohort
     oof_predicted: str | None = None
+    temperature: float | None = None            # the run's calibration, applied to both probabilities; None: raw
+    ood_score: float | None = None              # out-of-distribution score against the run's training slides
+    ood: bool | None = None                     # ood_score above 1: unlike the slides the model was trained on
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Stores scored before CV repeats name one fold (``oof_fold``): read as a one-fold ``oof_folds``."""
+        if "oof_fold" in data:
+            data = {**data, "oof_folds": None if data["oof_fold"] is None else [data["oof_fold"]]}
+            del data["oof_fold"]
+        return super().from_dict(data)
 
 
 # ------------------------------------------------------------------------------------------ tile codec
@@ -498,9 +517,9 @@ class SlideStore:
     def write_scores(self, run: str, attention: np.ndarray, class_scores: np.ndarray, attrs: ScoreAttrs, *,
                      out_of_fold: tuple[np.ndarray, np.ndarray] | None = None):
         """Write (or replace) one run's per-tile scores, and the out-of-fold ``(attention, class_scores)`` when
-        given (``attrs.oof_fold`` must say whose); ``complete`` is set after every array."""
-        if (out_of_fold is None) != (attrs.oof_fold is None):
-            raise ValueError("out-of-fold scores and ScoreAttrs.oof_fold come together")
+        given (``attrs.oof_folds`` must say whose); ``complete`` is set after every array."""
+        if (out_of_fold is None) != (attrs.oof_folds is None):
+            raise ValueError("out-of-fold scores and ScoreAttrs.oof_folds come together")
         arrays = {"attention": attention, "class_scores": class_scores}
         if out_of_fold is not None:
             arrays.update(oof_attention=out_of_fold[0], oof_class_scores=out_of_fold[1])
@@ -524,7 +543,7 @@ class SlideStore:
         attrs = dict(g.attrs)
         attrs.pop("complete", None)
         prefix = "oof_" if out_of_fold else ""
-        if out_of_fold and attrs.get("oof_fold") is None:
+        if out_of_fold and attrs.get("oof_folds", attrs.get("oof_fold")) is None:
             raise StoreError(self.path, f"no out-of-fold scores for model run {run}: the slide was not in its "
                                         "training cohort")
         return (np.asarray(g[f"{prefix}attention"][:], np.float32),

@@ -57,7 +57,7 @@ from .. import __version__, atomic
 from ..errors import ConfigError, StoreError, WsiError
 from ..layout import Layout
 from ..runner import run_slides
-from ..store import SlideStore, open_cohort
+from ..store import OOD_WARNING, SlideStore, open_cohort
 from .geojson import feature_collection
 from .images import blend, save_overlay, save_tile_grid
 from .raster import NORMALIZATIONS, TileValues, colour_table, normalise, render_rgba
@@ -129,7 +129,8 @@ class SlideScores:
     probabilities: tuple
     predicted: str
     store_tiles: bool
-    source: str = "ensemble"    # or "out-of-fold (fold <k>)": scored by the one fold model that held it out
+    source: str = "ensemble"    # or "out-of-fold (folds ...)": scored by the fold models that held it out
+    ood_score: float | None = None  # predict's out-of-distribution score (above 1: unlike the training slides)
 
     def class_index(self, name: str | None, run: str) -> int:
         """Index of the tumour class: ``name``, or the last class when ``name`` is None."""
@@ -164,7 +165,7 @@ def stored_scores(store: SlideStore, run: str) -> SlideScores:
     training cohort, else the ensemble's; damaged or non-finite scores are a StoreError."""
     try:
         attrs = store.scores(run)[2]
-        out_of_fold = attrs.oof_fold is not None
+        out_of_fold = attrs.oof_folds is not None
         attention, class_scores, _ = store.scores(run, out_of_fold=out_of_fold)
     except WsiError:
         raise
@@ -180,7 +181,13 @@ def stored_scores(store: SlideStore, run: str) -> SlideScores:
                        class_scores=class_scores, classes=tuple(attrs.classes),
                        probabilities=tuple(attrs.oof_probabilities if out_of_fold else attrs.probabilities),
                        predicted=attrs.oof_predicted if out_of_fold else attrs.predicted, store_tiles=True,
-                       source=f"out-of-fold (fold {attrs.oof_fold})" if out_of_fold else "ensemble")
+                       source=out_of_fold_source(attrs.oof_folds) if out_of_fold else "ensemble",
+                       ood_score=attrs.ood_score)
+
+
+def out_of_fold_source(folds) -> str:
+    """How a heatmap card names scores of the fold models that held the slide out."""
+    return f"out-of-fold (fold {folds[0]})" if len(folds) == 1 else f"out-of-fold (folds {', '.join(map(str, folds))})"
 
 
 def tumour_evidence(tile_probability: np.ndarray, attention: np.ndarray, slide_probability: float) -> np.ndarray:
@@ -277,7 +284,9 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
     title = (f"{store.slide_id}: predicted {scores.predicted} (p = {p_pred:.2f})  |  run {run}"
              + ("  |  high-res" if high_res else "") + (f"  |  {note}" if note else "")
              + ("" if scores.source == "ensemble" else
-                f"\n{scores.source}: a training slide, scored by the fold model that did not train on it"))
+                f"\n{scores.source}: a training slide, scored by the fold models that did not train on it")
+             + (f"\nWARNING: {OOD_WARNING} (OOD score {scores.ood_score:.2f})"
+                if scores.ood_score is not None and scores.ood_score > 1 else ""))
     subject = {"attention": "attention", "tumour": f"{tumour_name} probability",
                "evidence": f"{tumour_name} evidence (tile probability x relative attention x slide probability)"
                }[params.value]
@@ -319,7 +328,7 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
 
     _write_json(folder / "heatmap.json", {
         "wsi_version": __version__, "slide_id": store.slide_id, "run": run, "n_tiles": n, "note": note,
-        "scores": scores.source,
+        "scores": scores.source, "ood_score": scores.ood_score,
         "params": _params_doc(params, high_res), "scores_sha256": scores.digest(), "predicted": scores.predicted,
         "probabilities": dict(zip(map(str, scores.classes), map(float, scores.probabilities))),
         "outputs": list(OUTPUTS)})

@@ -29,7 +29,7 @@ import torch
 from ..errors import ConfigError, SlideError
 from ..layout import Layout
 from ..store import SlideStore
-from . import HeatmapParams, SlideScores
+from . import HeatmapParams, SlideScores, out_of_fold_source
 
 
 def _checkpoint(params: HeatmapParams, feature_attrs: dict) -> str | None:
@@ -98,9 +98,9 @@ def rescore(store: SlideStore, run: str, out_dir, params: HeatmapParams) -> Slid
         features = np.empty((len(coords), encoder.dim), np.float32)
         for lo, tiles in iter_tiles(slide, store.tiling, coords):
             features[lo:lo + len(tiles)] = encoder.embed(tiles, params.batch_size)
-    fold = ensemble.held_out_by.get(store.slide_id)
+    folds = ensemble.held_out_by.get(store.slide_id)
     if len(coords):
-        attention, class_scores, probabilities = ensemble.score_bag(features, fold=fold)
+        attention, class_scores, probabilities = ensemble.score_bag(features, folds=folds)
     else:
         attention, class_scores = np.zeros(0, np.float32), np.zeros((0, len(ensemble.classes)), np.float32)
         probabilities = np.full(len(ensemble.classes), np.nan)
@@ -109,4 +109,4 @@ def rescore(store: SlideStore, run: str, out_dir, params: HeatmapParams) -> Slid
     return SlideScores(coords=coords, size=float(store.tiling.tile_px_level0), attention=attention,
                        class_scores=class_scores, classes=classes,
                        probabilities=tuple(float(p) for p in probabilities), predicted=predicted, store_tiles=False,
-                       source="ensemble" if fold is None else f"out-of-fold (fold {fold})")
+                       source="ensemble" if folds is None else out_of_fold_source(folds))

@@ -8,6 +8,10 @@ F1. Balanced accuracy is the mean recall over the classes present. The confusion
 The bootstrap resamples patients (all slides of a drawn patient go in together), since slides of one patient
 are not independent; resamples lacking a class give no AUROC for it and are skipped for that figure only.
 
+Calibration (:mod:`.calibration`): the Brier score and the expected calibration error (ECE), with intervals, and
+the highest probability among wrong calls (``max_wrong_confidence``) with the count of wrong calls above 0.95
+(``confident_wrong``).
+
 Given each slide's site, ``per_site`` repeats AUROC and balanced accuracy (with their intervals, resampled by
 patient within the site) for every site: a model that learnt a site's stain instead of the tissue scores well on
 the pooled slides and poorly, or at chance, within a site. A site with one class has no AUROC.
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import atomic
+from .calibration import brier, confident_errors, ece
 
 
 def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -52,7 +57,8 @@ def _point_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarra
                       2 * precision * np.nan_to_num(recall) / (precision + np.nan_to_num(recall)), 0.0)
         rates = cm / support[:, None]
     auroc = np.array([_auroc(y_true == c, probs[:, c]) for c in range(n_classes)])
-    out = {"balanced_accuracy": float(np.nanmean(recall)), "confusion_rates": rates}
+    out = {"balanced_accuracy": float(np.nanmean(recall)), "confusion_rates": rates,
+           "brier": brier(y_true, probs), "ece": ece(y_true, probs)}
     if n_classes == 2:
         out["auroc"] = auroc[1:]
         out["f1"] = float(f1[1])
@@ -112,6 +118,9 @@ def classification_metrics(y_true, probs, classes, *, groups=None, sites=None, n
         "auroc": {c: _figure(point["auroc"][i], auroc_ci[i]) for i, c in enumerate(auroc_classes)},
         "balanced_accuracy": _figure(point["balanced_accuracy"], ci("balanced_accuracy")),
         "f1": _figure(point["f1"], ci("f1")),
+        "brier": _figure(point["brier"], ci("brier")),
+        "ece": _figure(point["ece"], ci("ece")),
+        **confident_errors(y_true, probs),
     }
     if n_classes == 2:
         out["positive_class"] = classes[1]

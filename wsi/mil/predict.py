@@ -1,17 +1,25 @@
 """Apply a trained run: the fold ensemble scores bags, :func:`predict` streams a cohort's stores through it.
 
-Ensemble scores of one bag: slide probabilities are the mean of the folds' softmax outputs; the predicted
-class is their argmax; attention is the mean of the folds' attention (for ``clam_mb``, each fold's branch of
-the predicted class), so it still sums to 1; per-tile class scores are the mean of the folds' per-tile softmax
-(see :mod:`.models` for what a tile score is for each architecture).
+Ensemble scores of one bag: slide probabilities are the mean of the folds' softmax outputs (every fold of every
+CV repeat), calibrated by the run's temperature (:mod:`.calibration`; a run made before calibration gives them
+raw, with an :class:`UncalibratedRunWarning`); the predicted class is their argmax; attention is the mean of the
+folds' attention (for ``clam_mb``, each fold's branch of the predicted class), so it still sums to 1; per-tile
+class scores are the mean of the folds' per-tile softmax (see :mod:`.models` for what a tile score is for each
+architecture).
 
-Out-of-fold scores: a slide of the run's own cohort was trained on by every fold model but one, so the
-ensemble's scores of it are flattering (its attention finds tumour the models were taught on that very slide).
-For such a slide :func:`predict` also writes the scores of the fold model that held it out as its test slide
-(the same probabilities as ``cv_predictions.csv``); heatmaps show those for training slides.
+Out-of-fold scores: a slide of the run's own cohort was trained on by every fold model but one per repeat, so
+the ensemble's scores of it are flattering (its attention finds tumour the models were taught on that very
+slide). For such a slide :func:`predict` also writes the scores of the fold models that held it out as their
+test slide (one per repeat; its probabilities are those of ``cv_predictions.csv`` before calibration's
+cross-fitting); heatmaps show those for training slides.
+
+Out of distribution (:mod:`.ood`): every slide gets ``ood_score`` against the run's training slides (out of
+fold for those), and ``ood`` when it is above 1: the slide is unlike the slides the model was trained on, and
+its probability is not to be trusted as the cross-validated figures would suggest.
 
 :func:`predict` writes ``scores/<run>`` into every store and ``OUT/predictions/<run>/predictions.csv``
-(slide_id, ``prob_<class>`` per class, predicted). Given a labels table (``labels``, the training table's
+(slide_id, ``prob_<class>`` per class, predicted, ``ood_score``, ``ood``; the last two empty for a run made
+before the score). Given a labels table (``labels``, the training table's
 format, ``site`` column included), it also scores the predictions of the labelled slides that the run did not
 train on, which is external validation of the run: ``metrics.json`` (as the run's own, with ``per_site`` when the
 table has sites) and ``roc.png`` beside ``predictions.csv``. Slides that cannot be scored (no store, no features for the
@@ -22,6 +30,7 @@ run's encoder, features of another size or from other weights) get a ``failures.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +45,14 @@ from ..runner import run_slides
 from ..store import ScoreAttrs, SlideStore, open_cohort, store_path
 from .data import format_ids, read_labels
 from .metrics import classification_metrics, plot_roc
+from .calibration import apply_temperature
 from .models import MILModel, create_model
+from .ood import OODReference, slide_descriptor
 from .training import RUN_SCHEMA_VERSION, autocast_context, autocast_dtype, probability_columns
+
+
+class UncalibratedRunWarning(UserWarning):
+    """A model run made before calibration and the out-of-distribution score: predict still works, uncalibrated."""
 
 
 @dataclass
@@ -54,7 +69,10 @@ class Ensemble:
     models: list[MILModel] = field(repr=False)
     device: torch.device
     precision: str
-    held_out_by: dict[str, int] = field(default_factory=dict)   # slide id -> the fold whose test set held it
+    held_out_by: dict[str, tuple[int, ...]] = field(default_factory=dict)  # slide id -> the folds that held it out
+    temperature: float | None = None       # the run's calibration; None: probabilities as the models give them
+    ood: OODReference | None = None        # the training slides' feature statistics; None: a run made before
+    ood_out_of_fold: dict[str, float] = field(default_factory=dict)  # the training slides' own, out-of-fold scores
 
     def check_features(self, features: np.ndarray, source=None) -> None:
         """A bag this ensemble can score: (N >= 1, in_dim) and finite; else a ConfigError naming ``source``."""
@@ -67,21 +85,32 @@ class Ensemble:
         if not np.isfinite(features).all():
             raise ConfigError(source, "features contain NaN/inf", f"re-run `wsi extract --encoder {self.encoder}`")
 
-    def score_bag(self, features: np.ndarray, *, fold: int | None = None
+    def score_bag(self, features: np.ndarray, *, folds: tuple[int, ...] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``features`` (N, D) -> attention (N,) summing to 1, per-tile class scores (N, C), slide
-        probabilities (C,), averaged over the folds (or from fold ``fold``'s model alone)."""
+        probabilities (C,, calibrated by the run's temperature), averaged over the folds (or over the models of
+        ``folds`` alone)."""
         features = np.asarray(features, dtype=np.float32)
         self.check_features(features)
         x = torch.from_numpy(features).to(self.device)
         dtype = autocast_dtype(self.precision, self.device)
         with torch.inference_mode(), autocast_context(self.device, dtype):
-            outputs = [m(x) for m in (self.models if fold is None else [self.models[fold]])]
+            outputs = [m(x) for m in (self.models if folds is None else [self.models[f] for f in folds])]
         probs = torch.stack([torch.softmax(o.logits.float(), dim=0) for o in outputs]).mean(dim=0)
-        predicted = int(probs.argmax())
+        predicted = int(probs.argmax())  # the temperature never changes it
         attention = torch.stack([o.attention_for(predicted).float() for o in outputs]).mean(dim=0)
         tile_scores = torch.stack([torch.softmax(o.tile_logits.float(), dim=1) for o in outputs]).mean(dim=0)
-        return attention.cpu().numpy(), tile_scores.cpu().numpy(), probs.cpu().numpy()
+        probs = probs.cpu().numpy()
+        if self.temperature is not None:
+            probs = apply_temperature(probs, self.temperature)
+        return attention.cpu().numpy(), tile_scores.cpu().numpy(), probs
+
+    def ood_score(self, slide_id: str, features: np.ndarray) -> float | None:
+        """The slide's out-of-distribution score (above 1: unlike the training slides): out of fold for a slide
+        of the run's cohort; None for a run made before the score existed."""
+        if slide_id in self.ood_out_of_fold:
+            return self.ood_out_of_fold[slide_id]
+        return None if self.ood is None else float(self.ood.score(slide_descriptor(features)))
 
 
 def read_run(model_dir) -> dict:
@@ -120,11 +149,22 @@ def load_ensemble(model_dir, *, device: str | torch.device | None = None, precis
             raise ConfigError(path, f"fold weights cannot be loaded into {info['model']['name']}: {e}",
                               "re-run `wsi train`") from e
         models.append(model.to(device).eval())
+    calibration, ood = info.get("calibration"), info.get("ood")
+    if calibration is None:
+        warnings.warn(f"model run {info['run']} ({model_dir}) was trained before calibration existed: its "
+                      "probabilities are uncalibrated and slides get no out-of-distribution score; re-run "
+                      "`wsi train` for both", UncalibratedRunWarning, stacklevel=2)
+    held_out_by: dict[str, tuple[int, ...]] = {}
+    for i, fold in enumerate(info["folds"]):
+        for slide_id in fold.get("test", ()):
+            held_out_by[slide_id] = held_out_by.get(slide_id, ()) + (i,)
     return Ensemble(run=info["run"], model_name=info["model"]["name"], encoder=info["encoder"],
                     classes=list(info["classes"]), in_dim=int(info["model"]["in_dim"]), model_dir=model_dir,
                     feature_attrs=info.get("feature_attrs") or {}, models=models, device=device,
-                    precision=precision,
-                    held_out_by={s: i for i, fold in enumerate(info["folds"]) for s in fold.get("test", ())})
+                    precision=precision, held_out_by=held_out_by,
+                    temperature=(calibration or {}).get("temperature"),
+                    ood=OODReference.load(model_dir, ood["threshold"]) if ood else None,
+                    ood_out_of_fold=(ood or {}).get("out_of_fold", {}))
 
 
 @dataclass(frozen=True)
@@ -161,18 +201,21 @@ def _score_store(ensemble: Ensemble, store: SlideStore) -> np.ndarray:
     ensemble.check_features(features, store.path)
     _check_weights(ensemble, store)
     attention, tile_scores, probs = ensemble.score_bag(features)
-    fold = ensemble.held_out_by.get(store.slide_id)
+    folds = ensemble.held_out_by.get(store.slide_id)
     oof, oof_attrs = None, {}
-    if fold is not None:
-        oof_attention, oof_tiles, oof_probs = ensemble.score_bag(features, fold=fold)
+    if folds is not None:
+        oof_attention, oof_tiles, oof_probs = ensemble.score_bag(features, folds=folds)
         oof = (oof_attention, oof_tiles)
-        oof_attrs = {"oof_fold": fold, "oof_probabilities": tuple(float(p) for p in oof_probs),
+        oof_attrs = {"oof_folds": folds, "oof_probabilities": tuple(float(p) for p in oof_probs),
                      "oof_predicted": ensemble.classes[int(np.argmax(oof_probs))]}
-    store.write_scores(ensemble.run, attention, tile_scores, ScoreAttrs(
+    ood_score = ensemble.ood_score(store.slide_id, features)
+    attrs = ScoreAttrs(
         run=ensemble.run, model=ensemble.model_name, encoder=ensemble.encoder, classes=tuple(ensemble.classes),
         probabilities=tuple(float(p) for p in probs), predicted=ensemble.classes[int(np.argmax(probs))],
-        wsi_version=__version__, **oof_attrs), out_of_fold=oof)
-    return probs
+        wsi_version=__version__, temperature=ensemble.temperature, ood_score=ood_score,
+        ood=None if ood_score is None else ood_score > 1, **oof_attrs)
+    store.write_scores(ensemble.run, attention, tile_scores, attrs, out_of_fold=oof)
+    return attrs
 
 
 def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = None) -> PredictSummary:
@@ -186,14 +229,17 @@ def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = N
     rows = []
 
     def work(slide_id: str) -> None:
-        probs = _score_store(ensemble, SlideStore.open(targets[slide_id]))
-        rows.append([slide_id, *(float(p) for p in probs), ensemble.classes[int(np.argmax(probs))]])
+        attrs = _score_store(ensemble, SlideStore.open(targets[slide_id]))
+        rows.append([slide_id, *attrs.probabilities, attrs.predicted,
+                     "" if attrs.ood_score is None else round(attrs.ood_score, 4),
+                     "" if attrs.ood is None else attrs.ood])
 
     ran = run_slides(out_dir, "predict", targets, work)
     csv_path = Layout(out_dir).predictions_csv(ensemble.run)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(csv_path,
-                         ["slide_id", *probability_columns(ensemble.classes), "predicted"], rows)
+                         ["slide_id", *probability_columns(ensemble.classes), "predicted", "ood_score", "ood"],
+                         rows)
     metrics = external_validation(csv_path.parent, ensemble, rows, config.get("labels"), config["mil"])
     return PredictSummary(csv_path, ran.done, list(ran.failed), metrics)
 
@@ -217,7 +263,7 @@ def external_validation(folder: Path, ensemble: Ensemble, rows: list[list], labe
     if not scored:
         return None
     y_true = [ensemble.classes.index(known.at[r[0], "label"]) for r in scored]
-    probs = [r[1:-1] for r in scored]
+    probs = [r[1:1 + len(ensemble.classes)] for r in scored]
     sites = [known.at[r[0], "site"] for r in scored] if "site" in known.columns else None
     metrics = classification_metrics(y_true, probs, ensemble.classes,
                                      groups=[known.at[r[0], "patient_id"] for r in scored], sites=sites,

@@ -5,15 +5,30 @@
 =========================  ====================================================================================
 ``run.json``               written last; ``complete: true``, the model config (rebuilds the network), encoder and
                            its feature attrs, classes (label map: name -> index), training parameters, the
-                           slide ids of every fold, unlabelled and excluded slides, the metrics
-``fold_<i>.safetensors``   the weights fold ``i`` keeps (below)
+                           slide ids and seed of every fold of every repeat, unlabelled and excluded slides,
+                           ``calibration`` (the temperature predict applies), ``ood`` (the out-of-distribution
+                           threshold and each slide's out-of-fold score), the metrics
+``fold_<i>.safetensors``   the weights fold ``i`` keeps (below); repeat ``r`` holds folds ``r K .. r K + K - 1``
 ``fold_<i>.json``          per-epoch history of fold ``i`` (train/validation loss, validation balanced
                            accuracy, learning rate, seconds), also logged as each epoch ends
-``cv_predictions.csv``     slide_id, patient_id, label, fold, ``prob_<class>`` per class, predicted: each slide
-                           scored by the fold model that did not train on it (out of fold)
-``metrics.json``           AUROC, balanced accuracy, F1, confusion matrix with 95% bootstrap CIs (:mod:`.metrics`)
+``cv_predictions.csv``     slide_id, patient_id, label, fold (its test fold in the first repeat), ``prob_<class>``
+                           per class, predicted, ``ood_score``, ``ood``: each slide scored out of fold (the mean
+                           over the repeats of the fold model that did not train on it), calibrated
+``metrics.json``           AUROC, balanced accuracy, F1, Brier score, ECE, confusion matrix with 95% bootstrap
+                           CIs (:mod:`.metrics`); ``calibration`` (the temperature, the figures uncalibrated),
+                           ``ood`` (slides flagged out of fold)
 ``roc.png``                ROC curve(s) of the pooled out-of-fold predictions
+``reliability.png``        reliability diagram of the calibrated out-of-fold predictions (:mod:`.calibration`)
+``ood.safetensors``        the training slides' feature statistics (:mod:`.ood`)
 =========================  ====================================================================================
+
+Repeats (``mil.repeats``): the whole cross-validation runs ``R`` times, each repeat with its own folds and seeds
+(:func:`repeat_seed`); a slide's out-of-fold prediction is the mean over the repeats, and the final model is the
+ensemble of all ``R x K`` fold models. One cross-validation's figure depends on its seed (a fold whose model
+collapses scores its test slides at 0.0003 or 0.99); the mean over repeats does not follow one draw.
+
+Calibration (``mil.calibration: temperature``): one temperature fitted on the out-of-fold predictions
+(:mod:`.calibration`); it softens over-confident probabilities without changing any call or ranking.
 
 Training recipe (chosen by the ablation in ``bench/mil_quality.py``; figures in bench/RESULTS.md): AdamW,
 learning rate ``mil.lr`` with cosine decay to 1% over ``mil.epochs`` (``mil.schedule: constant`` keeps it),
@@ -49,6 +64,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -62,7 +78,10 @@ from ..errors import ConfigError, record_failure
 from ..layout import Layout, run_name
 from ..store import SlideStore, feature_set
 from .data import Bag, Cohort, Fold, class_weights, format_ids, load_bags, load_cohort, make_folds, subsample
+from .calibration import (apply_temperature, brier, confident_errors, cross_fitted, ece, fit_temperature,
+                          plot_reliability)
 from .metrics import _point_metrics, classification_metrics, plot_roc
+from .ood import DESCRIPTOR, REFERENCE_FILE, fit_out_of_fold, slide_descriptor
 from .models import MILModel, create_model, model_config
 
 RUN_SCHEMA_VERSION = 1
@@ -310,7 +329,14 @@ def _fold_on_worker(task: FoldTask, slot: str, topic: str) -> dict:
         return train_fold(task, progress=lambda line: worker.log_event(topic, line))
 
 
-def _run_folds(tasks: list[FoldTask], cluster_cfg: dict, progress: bool) -> list[dict]:
+def _store_descriptor(store: str, encoder: str) -> np.ndarray:
+    return slide_descriptor(SlideStore.open(store).features(encoder))
+
+
+def _run_folds(tasks: list[FoldTask], bags, cluster_cfg: dict, progress: bool
+               ) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Train ``tasks`` on the cluster; returns their summaries (in task order) and the OOD descriptor of each of
+    ``bags`` (slide id -> :func:`.ood.slide_descriptor`), read on the workers beside the folds."""
     from tqdm import tqdm
 
     from ..cluster import dask_client, gpu_resources
@@ -324,9 +350,13 @@ def _run_folds(tasks: list[FoldTask], cluster_cfg: dict, progress: bool) -> list
         try:
             futures = [client.submit(_fold_on_worker, t, slot, topic, key=f"mil-fold-{t.fold}-{slot[-8:]}",
                                      resources=resources, pure=False) for t in tasks]
+            descriptors = client.map(_store_descriptor, [b.store for b in bags], encoder=tasks[0].encoder,
+                                     key=[f"mil-ood-{i}-{slot[-8:]}" for i in range(len(bags))], pure=False)
             for _ in tqdm(as_completed(futures), total=len(futures), desc="folds", disable=not progress):
                 pass
-            return sorted(client.gather(futures), key=lambda r: r["fold"])
+            order = {t.fold: i for i, t in enumerate(tasks)}
+            results = sorted(client.gather(futures), key=lambda r: order[r["fold"]])
+            return results, dict(zip((b.slide_id for b in bags), client.gather(descriptors)))
         finally:
             client.unsubscribe_topic(topic)
             client.unregister_worker_plugin(slot)
@@ -356,10 +386,17 @@ def _report_cohort(out_dir, cohort: Cohort) -> None:
         record_failure(out_dir, slide_id, "train", cohort.labels_path, why)
 
 
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The seed of CV repeat ``repeat`` (its folds, initialisation, dropout, bag order): repeat 0 keeps ``mil.seed``
+    (a one-repeat run is the run it was before repeats existed), repeat ``j`` adds ``1000 j``, so the repeats of
+    seeds 0-999 never share a draw."""
+    return seed + 1000 * repeat
+
+
 def train(out_dir, config: dict, *, progress: bool = True) -> Path:
-    """Cross-validate ``config["mil"]["model"]`` on the labelled stores of ``out_dir`` and return the run
-    folder ``OUT/models/<run>``. All input checks (:func:`.data.load_cohort`, :func:`.data.make_folds`) run
-    before the first fold starts."""
+    """Cross-validate ``config["mil"]["model"]`` on the labelled stores of ``out_dir`` (``mil.repeats`` times,
+    each repeat with its own folds and seeds) and return the run folder ``OUT/models/<run>``. All input checks
+    (:func:`.data.load_cohort`, :func:`.data.make_folds`) run before the first fold starts."""
     mil = config["mil"]
     encoder = feature_set(config["extract"]["encoder"], config["extract"].get("stain"))  # what features to train on
     if not config.get("labels"):
@@ -367,8 +404,9 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     name = run_name(config)
     cohort = load_cohort(out_dir, config["labels"], encoder, classes=mil.get("classes"),
                          skip_missing=bool(mil.get("skip_missing")))
-    folds = make_folds(cohort, mil["folds"], mil["seed"], cv=mil["cv"], validation=mil["validation"],
-                       min_val_per_class=mil["min_val_per_class"])
+    repeats = [make_folds(cohort, mil["folds"], repeat_seed(mil["seed"], r), cv=mil["cv"],
+                          validation=mil["validation"], min_val_per_class=mil["min_val_per_class"])
+               for r in range(mil["repeats"])]
     model = model_config(mil["model"], cohort.in_dim, len(cohort.classes), mil)
     params = TrainParams.from_config(mil)
     _report_cohort(out_dir, cohort)
@@ -378,28 +416,35 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     tmp = layout.partial_run(name)
     tmp.mkdir()
     by_id = {b.slide_id: b for b in cohort.bags}
-    tasks = [FoldTask(str(tmp), f.index, encoder, model, params, *(tuple(by_id[s] for s in ids)
-                                                                   for ids in (f.train, f.val, f.test)))
-             for f in folds]
+    n_folds = len(repeats[0])
+    tasks = [FoldTask(str(tmp), r * n_folds + f.index, encoder, model,
+                      dataclasses.replace(params, seed=repeat_seed(params.seed, r)),
+                      *(tuple(by_id[s] for s in ids) for ids in (f.train, f.val, f.test)))
+             for r, folds in enumerate(repeats) for f in folds]
     try:
-        results = _run_folds(tasks, config["cluster"], progress)
-        metrics = _write_outputs(tmp, cohort, folds, results, mil)
+        results, descriptors = _run_folds(tasks, cohort.bags, config["cluster"], progress)
+        metrics, temperature, ood = _write_outputs(tmp, cohort, repeats, results, descriptors, mil)
         first = SlideStore.open(cohort.bags[0].store)
         write_json(tmp / "run.json", {
             "schema_version": RUN_SCHEMA_VERSION, "complete": True, "run": name, "wsi_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": model, "encoder": encoder,
             "feature_attrs": first.feature_attrs(encoder).to_dict(), "classes": list(cohort.classes),
             "label_map": {c: i for i, c in enumerate(cohort.classes)}, "labels": str(cohort.labels_path),
-            "training": {**asdict(params), "validation": mil["validation"], "folds": len(folds),
-                         "optimizer": "AdamW", "loss": "cross-entropy x inverse class frequency",
+            "training": {**asdict(params), "validation": mil["validation"], "folds": n_folds,
+                         "repeats": len(repeats), "optimizer": "AdamW",
+                         "loss": "cross-entropy x inverse class frequency",
                          "split": "given" if cohort.bags[0].split else CV_SPLITS[mil["cv"]],
-                         "validation_used": bool(folds[0].val)},
-            "folds": [{"fold": f.index, "weights": f"fold_{f.index}.safetensors", "train": list(f.train),
-                       "val": list(f.val), "test": list(f.test),
-                       **{k: r[k] for k in ("kept", "best_epoch", "best_val_loss", "epochs_run")}}
-                      for f, r in zip(folds, results)],
+                         "validation_used": bool(repeats[0][0].val)},
+            "folds": [{"fold": t.fold, "repeat": r, "seed": t.params.seed, "weights": f"fold_{t.fold}.safetensors",
+                       "train": list(f.train), "val": list(f.val), "test": list(f.test),
+                       **{k: res[k] for k in ("kept", "best_epoch", "best_val_loss", "epochs_run")}}
+                      for (r, f), t, res in zip(((r, f) for r, folds in enumerate(repeats) for f in folds),
+                                                tasks, results)],
+            "calibration": ({"method": "temperature", "temperature": temperature} if temperature is not None
+                            else {"method": "none"}),
+            "ood": ood,
             "unlabelled": list(cohort.unlabelled), "excluded": [list(e) for e in cohort.excluded],
-            "metrics": {k: metrics[k] for k in ("auroc", "balanced_accuracy", "f1")},
+            "metrics": {k: metrics[k] for k in ("auroc", "balanced_accuracy", "f1", "brier", "ece")},
         })
         final = layout.run_dir(name)
         _commit_dir(tmp, final, layout.partial_run(name, "old"))
@@ -409,25 +454,61 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     return final
 
 
-def _write_outputs(run_dir: Path, cohort: Cohort, folds: list[Fold], results: list[dict], mil: dict) -> dict:
-    """cv_predictions.csv, metrics.json and roc.png from the folds' test predictions."""
+def _write_outputs(run_dir: Path, cohort: Cohort, repeats: list[list[Fold]], results: list[dict],
+                   descriptors: dict[str, np.ndarray], mil: dict) -> tuple[dict, float | None, dict]:
+    """cv_predictions.csv, metrics.json, roc.png, reliability.png and ood.safetensors from the folds' test
+    predictions (``results`` in the order of the repeats' folds); returns the metrics, the fitted temperature
+    (None: ``mil.calibration: none``) and run.json's ``ood`` entry.
+
+    A slide's out-of-fold probabilities are the mean over the repeats of the fold model that held it out,
+    calibrated by the temperature fitted on every slide (the csv's ``prob_*``, as predict writes them into the
+    store). The Brier score, ECE and the most confident wrong call are measured on cross-fitted calibrations
+    instead (each test fold of the first repeat calibrated by a temperature fitted on the other folds' slides), so
+    the fit does not flatter them; no other figure depends on the temperature."""
     by_id = {b.slide_id: b for b in cohort.bags}
-    rows, y_true, probs, patients = [], [], [], []
-    for fold, result in zip(folds, results):
-        for slide_id in fold.test:
-            p = result["test"][slide_id]
-            bag = by_id[slide_id]
-            rows.append([slide_id, bag.patient_id, bag.label, fold.index, *p,
-                         cohort.classes[int(np.argmax(p))]])
-            y_true.append(bag.target)
-            probs.append(p)
-            patients.append(bag.patient_id)
+    first_fold, held_out = {}, {}
+    results = iter(results)
+    for folds in repeats:
+        for fold in folds:
+            result = next(results)
+            for slide_id in fold.test:
+                held_out.setdefault(slide_id, []).append(result["test"][slide_id])
+                first_fold.setdefault(slide_id, fold.index)
+    ids = [s for fold in repeats[0] for s in fold.test]
+    raw = np.array([np.mean(held_out[s], axis=0) for s in ids]).reshape(len(ids), len(cohort.classes))
+    y_true = np.array([by_id[s].target for s in ids])
+    temperature, probs, measured = None, raw, raw
+    if mil["calibration"] == "temperature":
+        temperature = fit_temperature(y_true, raw)
+        probs = apply_temperature(raw, temperature)
+        groups = [first_fold[s] for s in ids] if len(repeats[0]) > 1 else [by_id[s].patient_id for s in ids]
+        measured = cross_fitted(y_true, raw, groups)
+
+    reference, ood_oof = fit_out_of_fold(descriptors, [f.test for f in repeats[0]], mil["ood_alpha"])
+    reference.save(run_dir)
+    rows = [[s, by_id[s].patient_id, by_id[s].label, first_fold[s], *p, cohort.classes[int(np.argmax(p))],
+             round(ood_oof[s], 4), ood_oof[s] > 1] for s, p in zip(ids, probs)]
     write_csv(run_dir / "cv_predictions.csv",
-              ["slide_id", "patient_id", "label", "fold", *probability_columns(cohort.classes), "predicted"], rows)
-    sites = [by_id[row[0]].site for row in rows]
-    metrics = classification_metrics(y_true, probs, cohort.classes, groups=patients,
-                                     sites=sites if any(sites) else None, n_bootstrap=mil["bootstrap"],
-                                     seed=mil["seed"])
+              ["slide_id", "patient_id", "label", "fold", *probability_columns(cohort.classes), "predicted",
+               "ood_score", "ood"], rows)
+    sites = [by_id[s].site for s in ids]
+    settings = dict(groups=[by_id[s].patient_id for s in ids], sites=sites if any(sites) else None,
+                    n_bootstrap=mil["bootstrap"], seed=mil["seed"])
+    metrics = classification_metrics(y_true, probs, cohort.classes, **settings)
+    if temperature is not None:
+        honest = classification_metrics(y_true, measured, cohort.classes, **settings)
+        metrics.update({k: honest[k] for k in ("brier", "ece", "max_wrong_confidence", "confident_wrong")})
+    metrics["repeats"] = len(repeats)
+    metrics["calibration"] = {
+        "method": mil["calibration"], "temperature": temperature,
+        "measured": ("cross-fitted: each test fold's slides calibrated by a temperature fitted on the other folds' "
+                     "(Brier, ECE, most confident wrong call)") if temperature is not None else "uncalibrated",
+        "uncalibrated": {"brier": brier(y_true, raw), "ece": ece(y_true, raw), **confident_errors(y_true, raw)}}
+    metrics["ood"] = {"alpha": mil["ood_alpha"], "flagged_out_of_fold": int(sum(v > 1 for v in ood_oof.values())),
+                      "slides": len(ood_oof)}
     write_json(run_dir / "metrics.json", metrics)
     plot_roc(y_true, probs, cohort.classes, metrics, run_dir / "roc.png")
-    return metrics
+    plot_reliability(y_true, measured, metrics, run_dir / "reliability.png")
+    ood = {"descriptor": DESCRIPTOR, "file": REFERENCE_FILE, "alpha": mil["ood_alpha"],
+           "threshold": reference.threshold, "out_of_fold": ood_oof}
+    return metrics, temperature, ood
