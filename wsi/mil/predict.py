@@ -10,8 +10,8 @@ architecture).
 Out-of-fold scores: a slide of the run's own cohort was trained on by every fold model but one per repeat, so
 the ensemble's scores of it are flattering (its attention finds tumour the models were taught on that very
 slide). For such a slide :func:`predict` also writes the scores of the fold models that held it out as their
-test slide (one per repeat; its probabilities are those of ``cv_predictions.csv`` before calibration's
-cross-fitting); heatmaps show those for training slides.
+test slide (one per repeat; the same probabilities as ``cv_predictions.csv``); heatmaps show those for training
+slides.
 
 Out of distribution (:mod:`.ood`): every slide gets ``ood_score`` against the run's training slides (out of
 fold for those), and ``ood`` when it is above 1: the slide is unlike the slides the model was trained on, and
@@ -88,7 +88,7 @@ class Ensemble:
     def score_bag(self, features: np.ndarray, *, folds: tuple[int, ...] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``features`` (N, D) -> attention (N,) summing to 1, per-tile class scores (N, C), slide
-        probabilities (C,, calibrated by the run's temperature), averaged over the folds (or over the models of
+        probabilities (C,) calibrated by the run's temperature, averaged over the folds (or over the models of
         ``folds`` alone)."""
         features = np.asarray(features, dtype=np.float32)
         self.check_features(features)

@@ -56,6 +56,7 @@ loss scaling) when a GPU is present; folds ask Dask for ``GPU=1`` on GPU cluster
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import sys
@@ -64,7 +65,6 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -354,8 +354,7 @@ def _run_folds(tasks: list[FoldTask], bags, cluster_cfg: dict, progress: bool
                                      key=[f"mil-ood-{i}-{slot[-8:]}" for i in range(len(bags))], pure=False)
             for _ in tqdm(as_completed(futures), total=len(futures), desc="folds", disable=not progress):
                 pass
-            order = {t.fold: i for i, t in enumerate(tasks)}
-            results = sorted(client.gather(futures), key=lambda r: order[r["fold"]])
+            results = sorted(client.gather(futures), key=lambda r: r["fold"])  # repeat by repeat, as the tasks
             return results, dict(zip((b.slide_id for b in bags), client.gather(descriptors)))
         finally:
             client.unsubscribe_topic(topic)
