@@ -12,19 +12,19 @@ leaves no holes. Each slide done gets a line on stdout as it ends (tiles, second
 
 Workers
 -------
-The encoder is loaded once per worker by :class:`EncoderPlugin` (also on workers that join later, e.g. SLURM
-jobs), on the device the worker's ``GPU`` resource names (on a cluster with GPU workers, only on those); a worker
-that advertises a GPU CUDA cannot use fails the run with one error. GPU workers advertise ``GPU=1`` and each range task asks for ``1 / extract.tasks_per_gpu`` of
-it: two tasks (by default) share a GPU, so one's store opening, first reads, checks and Zarr writes overlap the
-other's forward passes, which take turns under the plugin's lock. Inside a task, ``extract.decode_threads``
-threads read and decode the next blocks (zarr chunks, or for coordinates-only stores the slide's own JPEG tiles,
-as tiling reads them) while the model runs; :mod:`.feed` stages them in page-locked memory, copies each batch to
-the GPU on a side stream while the previous one runs, normalises stain, resizes and normalises on the GPU outside
-the model lock, runs the model in bf16 (fp16 under autocast below compute capability 8) in channels_last on
-batches padded to a few fixed sizes, and copies the range's features back once. A task's page-locked memory is bounded
-(:meth:`.HostRing.bytes_needed`), and the tasks of a worker together stay within ``extract.pinned_mb``, which must
-fit in a quarter of the worker's memory limit. On CPU workers torch uses the worker's threads, ``batch_size``
-tiles a pass, and the forward passes of concurrent tasks take turns.
+The encoder is loaded once per worker by :class:`EncoderPlugin` (also on workers that join later, e.g. SLURM jobs),
+on the device the worker's ``GPU`` resource names (on a cluster with GPU workers, only on those); a worker that
+advertises a GPU CUDA cannot use fails the run with one error. GPU workers advertise ``GPU=1`` and each range task
+asks for ``1 / extract.tasks_per_gpu`` of it: two tasks (by default) share a GPU, so one's store opening, first
+reads, checks and Zarr writes overlap the other's forward passes, which take turns under the plugin's lock. Inside a
+task, ``extract.decode_threads`` threads read and decode the next blocks (zarr chunks, or for coordinates-only
+stores the slide's own JPEG tiles, as tiling reads them) while the model runs; :mod:`.feed` stages them in
+page-locked memory, copies each batch to the GPU on a side stream while the previous one runs, normalises stain,
+resizes and normalises on the GPU outside the model lock, runs the model in bf16 (fp16 under autocast below compute
+capability 8) in channels_last on batches padded to a few fixed sizes, and copies the range's features back once. A
+task's page-locked memory is bounded (:meth:`.HostRing.bytes_needed`), and the tasks of a worker together stay
+within ``extract.pinned_mb``, which must fit in a quarter of the worker's memory limit. On CPU workers torch uses
+the worker's threads, ``batch_size`` tiles a pass, and the forward passes of concurrent tasks take turns.
 
 Stain normalisation (``extract.stain``, :mod:`.stain`): the reference is fitted once, before the cluster starts
 (a reference without tissue stops the run with one error naming it); per slide, a first task fits the slide's own
