@@ -1,10 +1,11 @@
-"""The GPU check: the GPU paths compared with the CPU, then timed, in one run that a session lent a GPU machine
-(one H100) makes once, in under 8 minutes. ``--cpu`` runs the same checks with CPU workers and tiny models on
-any machine in about two minutes (CI runs it, ``.ci/run``). Run it through ``bench/gpu_check.sh``, which
-installs the wheels the GPU machine lacks and says how to fetch them. The exit status is 1 when a check failed.
+"""The GPU check: the GPU paths compared with the CPU, then timed, in one run that a session lent a GPU machine (one
+H100) makes once, sized for under 8 minutes (not yet run on a GPU: none has been lent). ``--cpu`` runs the same
+checks with CPU workers and tiny models on any machine in about a minute (CI runs it, ``.ci/run``). Run it through
+``bench/gpu_check.sh``, which installs the wheels the GPU machine lacks and says how to fetch them. The exit status
+is 1 when a check failed.
 
     bash bench/gpu_check.sh          # on the GPU machine
-    bash bench/gpu_check.sh --cpu    # here: CPU workers against the CPU fp32 reference
+    bash bench/gpu_check.sh --cpu    # any machine: CPU workers against the CPU fp32 reference
 
 Checks
 ------

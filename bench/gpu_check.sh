@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (bench/gpu_check.py): GPU paths against the CPU, then timings, figures in $OUT/gpu_check.json.
 #
-#   bash bench/gpu_check.sh --cpu    # any machine: CPU workers, tiny models, about 2 minutes (CI: .ci/run)
-#   bash bench/gpu_check.sh          # a lent GPU machine (one H100): under 8 minutes
+#   bash bench/gpu_check.sh --cpu    # any machine: CPU workers, tiny models, about a minute (CI: .ci/run)
+#   bash bench/gpu_check.sh          # a lent GPU machine (one H100): sized for under 8 minutes
 #
 # The GPU machine reaches no package registry: it installs the wheels listed in bench/gpu_wheels.txt, which the
 # session carries in .whl/ (git-ignored). Fetch them here, once, in the repository root:
