@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..cluster import cudnn_benchmark
 
 PAD_BUCKETS = 4  # batch shapes per batch size: the full batch and its half, quarter and eighth
 
@@ -132,8 +133,6 @@ def embed_blocks(encoder, blocks: Iterable[tuple[int, torch.Tensor]], n_rows: in
     features' host copy (without one, the features come back through pageable memory); ``stain`` normalises each
     batch on the device (:meth:`.Encoder.prepare`).
     """
-    from ..cluster import cudnn_benchmark
-
     device = encoder.device
     cuda = device.type == "cuda"
     lock = lock or contextlib.nullcontext()
