@@ -6,12 +6,15 @@ and nothing else, so the choice code under test is the real one."""
 
 import os
 import time
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 from distributed import Client, LocalCluster, Scheduler, SpecCluster, Worker
 
-from wsi.cluster import choose_precision, dask_client, gpu_resources, local_cluster, slurm_job_script, worker_device
+from wsi.cluster import (CudaUnusedWarning, choose_precision, dask_client, gpu_resources, local_cluster,
+                         slurm_job_script, worker_device)
 from wsi.config import load_config
 from wsi.errors import ConfigError
 from wsi.mil.training import autocast_dtype
@@ -125,8 +128,6 @@ def test_auto_precision_is_bf16_from_compute_capability_8_and_fp16_below(gpu, ca
     gpu(*capability)
     assert choose_precision("auto", "cuda") == expected
     assert autocast_dtype("auto", torch.device("cuda")) == {"bf16": torch.bfloat16, "fp16": torch.float16}[expected]
-    # a model whose card prescribes fp16 keeps it on every GPU
-    assert choose_precision("auto", "cuda", preferred="fp16") == "fp16"
 
 
 def test_explicit_precisions_on_gpu_and_cpu(gpu):
@@ -167,6 +168,20 @@ def test_the_device_follows_the_workers_gpu_resource(gpu, in_process_workers):
     assert client.run(_device_of, workers=[address["cpu"]]) == {address["cpu"]: "cpu"}  # though CUDA is there
     assert client.submit(worker_device, resources={"GPU": 1}, pure=False).result() == "cuda"  # in a task
     assert worker_device() == "cuda"  # outside a worker: CUDA when torch sees it
+
+
+def test_a_worker_that_sees_cuda_without_the_gpu_resource_warns_once_naming_it(gpu):
+    """``dask cuda worker`` under ``cluster.kind: address`` sets no GPU resource: its work would run on the CPU,
+    some 100x slower, without a word."""
+    worker = SimpleNamespace(address="tcp://10.0.0.7:4242", state=SimpleNamespace(total_resources={}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        assert worker_device(worker) == "cpu"  # no CUDA: nothing to say
+        gpu(9, 0)
+        assert [worker_device(worker) for _ in range(3)] == ["cpu"] * 3
+    assert len(caught) == 1 and caught[0].category is CudaUnusedWarning
+    assert "Dask worker tcp://10.0.0.7:4242 sees a CUDA device" in str(caught[0].message)
+    assert "--resources GPU=1" in str(caught[0].message)
 
 
 def test_an_advertised_gpu_that_cuda_cannot_use_is_an_error():

@@ -199,16 +199,62 @@ def test_no_network_and_no_checkpoint_is_an_error_not_random_weights(monkeypatch
         load_encoder("test_vit")
 
 
+def he_tiles(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Pink and purple tiles with texture: closer to what an encoder sees than uniform noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    texture = 25 * np.sin(xx[None, :, :, None] / rng.uniform(2, 9, (n, 1, 1, 3))) * np.cos(
+        yy[None, :, :, None] / rng.uniform(2, 9, (n, 1, 1, 3)))
+    return np.clip(rng.integers(130, 220, (n, 1, 1, 3)) + texture + rng.normal(0, 8, (n, size, size, 3)),
+                   0, 255).astype(np.uint8)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
 def test_precision_choices(tiny_vit):
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         load_encoder("test_vit", tiny_vit, precision="fp16")
-    tiles = random_tiles(4, 32)
+    tiles = he_tiles(8, 32)
     fp32 = load_encoder("test_vit", tiny_vit).embed(tiles)
     bf16 = load_encoder("test_vit", tiny_vit, precision="bf16")
     assert bf16.attrs.precision == "bf16"
     got = bf16.embed(tiles)
-    cos = (got * fp32).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(fp32, axis=1)
-    assert got.dtype == np.float32 and cos.min() > 0.98
+    assert got.dtype == np.float32 and cosines(got, fp32).min() >= 0.99
+
+
+@pytest.mark.parametrize("capability,expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16")])
+def test_every_registered_encoder_runs_bf16_from_compute_capability_8(monkeypatch, tiny_vit, capability,
+                                                                      expected):
+    """UNI, Virchow, H-optimus-0 and GigaPath once preferred fp16, a full cast, even on an H100: ViT-H/g
+    activations overflow it. No GPU here: the CUDA queries are patched and the encoder is only recorded."""
+    import wsi.features.encoders as encoders
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(encoders, "build_model", lambda spec, checkpoint: (None, "test", None))
+    chosen = {}
+    monkeypatch.setattr(encoders, "Encoder", lambda spec, model, **kw: chosen.setdefault(spec.name, kw["precision"]))
+    for name in list_encoders():
+        load_encoder(name, device="cuda")
+    assert chosen == {name: expected for name in list_encoders()}
+
+
+def test_fp16_runs_under_autocast_with_fp32_weights(tiny_vit):
+    """fp16 (GPUs below compute capability 8): the weights stay fp32 and the passes autocast, so norms and the
+    residual stream run in fp32. Built directly on the CPU (load_encoder refuses fp16 there), as on such a GPU."""
+    from wsi.features.encoders import build_model
+
+    model, source, digest = build_model(resolve_spec("test_vit"), tiny_vit)
+    enc = Encoder(resolve_spec("test_vit"), model, device="cpu", precision="fp16", weights_source=source,
+                  weights_sha256=digest)
+    assert enc.attrs.precision == "fp16" and {p.dtype for p in enc.model.parameters()} == {torch.float32}
+    autocast = []
+    enc.model.blocks[0].register_forward_hook(lambda *_: autocast.append(torch.is_autocast_enabled("cpu")))
+    tiles = he_tiles(8, 32)
+    got = enc.embed(tiles)
+    assert autocast and all(autocast)
+    assert cosines(got, load_encoder("test_vit", tiny_vit).embed(tiles)).min() >= 0.99
 
 
 def test_bf16_on_a_gpu_without_it_is_refused_before_the_model_loads(monkeypatch, tiny_vit):

@@ -146,10 +146,31 @@ def test_worker_settings_follow_its_device():
         device_settings("cuda", extract, 16, 2 << 30, "tcp://w")
 
 
+def test_a_cpu_worker_of_a_gpu_run_does_not_load_the_encoder(monkeypatch):
+    """On a cluster with GPU workers the run's tasks ask for a GPU: a worker without one never gets a task, so it
+    must not hold a copy of the model (a ViT-g is some 4.5 GB). A CPU-only cluster's workers load it."""
+    from types import SimpleNamespace
+
+    import wsi.features.extract as extract
+
+    loaded = []
+    monkeypatch.setattr(extract, "load_encoder", lambda *a, **k: loaded.append(k["device"]) or "encoder")
+    worker = SimpleNamespace(address="tcp://cpu", state=SimpleNamespace(nthreads=1, total_resources={}),
+                             memory_manager=SimpleNamespace(memory_limit=8 << 30))
+    settings = load_config()["extract"]
+    gpu_run = extract.EncoderPlugin("test_vit", None, "auto", settings, gpu_only=True)
+    gpu_run.setup(worker)
+    assert gpu_run.encoder is None and loaded == []
+    cpu_run = extract.EncoderPlugin("test_vit", None, "auto", settings, gpu_only=False)
+    cpu_run.setup(worker)
+    assert cpu_run.encoder == "encoder" and loaded == ["cpu"]
+
+
 def test_tasks_sharing_a_gpu_must_fit_in_the_page_locked_budget():
-    # the shipped defaults: 2 tasks of 1024 tiles of 256 px in blocks of 256, 1,536-d features: 216 MB of 1 GB
+    # the shipped defaults: 2 tasks of 1024 tiles of 256 px in blocks of 256, 1,536-d features: 272 MB of 1 GB
+    # (each buffer rounded up to a power of two, as torch's page-locked allocator does)
     check_pinned(2, 256, 256, 1024, 1536, 256, 1 << 30)
-    with pytest.raises(ConfigError, match="2 task.s. of 8192 tiles of 256 px in batches of 512 need 480 MB of "
+    with pytest.raises(ConfigError, match="2 task.s. of 8192 tiles of 256 px in batches of 512 need 640 MB of "
                                           r"page-locked memory, more than extract.pinned_mb \(128 MB\)"):
         check_pinned(2, 512, 256, 8192, 1536, 512, 128 << 20)
 

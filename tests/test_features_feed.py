@@ -7,7 +7,7 @@ import torch
 
 from test_features_encoders import plain_forward, random_tiles, save_tiny
 from wsi.features import load_encoder
-from wsi.features.feed import HostRing, embed_blocks, staged_blocks
+from wsi.features.feed import HostRing, embed_blocks, padded_rows, staged_blocks
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,63 @@ def test_overlapped_loop_equals_a_plain_forward_pass(tiny_vit, sizes, block, bat
 
 
 def test_the_ring_bounds_what_a_task_holds():
-    """Two blocks of tiles and the range's features: what a task holds whatever its length."""
-    assert HostRing.bytes_needed(256, 256, 1024, 1536) == 2 * 256 * 256 * 256 * 3 + 1024 * 1536 * 4
+    """Two blocks of tiles and the range's features: what a task holds whatever its length, each buffer rounded
+    up to a power of two as torch's page-locked allocator does (48 MiB of tiles take 64 MiB)."""
+    assert HostRing.bytes_needed(256, 256, 1024, 1536) == 2 * (64 << 20) + (8 << 20)
+    assert HostRing.bytes_needed(64, 64, 512, 128) == 2 * (1 << 20) + (256 << 10)  # powers of two stay
     ring = HostRing(pinned=False)
     out = ring.output(10, 4)
     assert out.dtype == torch.float32 and out.shape == (10, 4)
     assert ring.output(5, 4).data_ptr() == out.data_ptr()  # reused, not grown
+
+
+def test_short_batches_are_padded_to_a_few_shapes_and_the_padding_dropped(tiny_vit):
+    """cuDNN's autotuning tunes each new batch shape: a slide's ragged last batch is padded to the batch size or
+    one of its halvings, so a worker sees at most four shapes; the padding rows never reach the features."""
+    assert [padded_rows(n, 256) for n in (256, 129, 128, 65, 33, 32, 1)] == [256, 256, 128, 128, 64, 32, 32]
+    assert [padded_rows(n, 5) for n in (5, 3, 2, 1)] == [5, 5, 2, 1]
+    enc = load_encoder("test_vit", tiny_vit)
+    shapes = []
+    enc.model.register_forward_hook(lambda module, args, out: shapes.append(args[0].shape[0]))
+    tiles = random_tiles(64 + 64 + 40 + 3, 32, seed=2)
+    got = embed_blocks(enc, [(0, torch.from_numpy(tiles[:168])), (168, torch.from_numpy(tiles[168:]))],
+                       len(tiles), 64)
+    assert shapes == [64, 64, 64, 8]  # 40 rows in a batch of 64, 3 rows in one of 8 (64 / 8)
+    np.testing.assert_allclose(got, plain_forward("test_vit", tiny_vit, tiles), rtol=1e-4, atol=1e-5)
+
+
+def test_preparation_runs_outside_the_model_lock_and_autotuning_only_inside(tiny_vit):
+    """Stain normalisation and resizing of one task overlap the other's forward pass; cudnn.benchmark is on for
+    the passes and back to what it was after them (a MIL fold on the same worker must not inherit it)."""
+    enc = load_encoder("test_vit", tiny_vit)
+
+    class Lock:
+        held = False
+
+        def __enter__(self):
+            Lock.held = True
+
+        def __exit__(self, *exc):
+            Lock.held = False
+
+    seen = {"stain": [], "benchmark": []}
+
+    def stain(x):
+        seen["stain"].append(Lock.held)
+        return x
+
+    enc.model.register_forward_hook(lambda *_: seen["benchmark"].append(torch.backends.cudnn.benchmark))
+    before = torch.backends.cudnn.benchmark
+    embed_blocks(enc, [(0, torch.from_numpy(random_tiles(10, 32)))], 10, 4, lock=Lock(), stain=stain)
+    assert seen["stain"] == [False, False, False]
+    assert seen["benchmark"] == [True, True, True] and torch.backends.cudnn.benchmark == before
+
+
+def test_embed_has_a_bounded_default_batch(tiny_vit):
+    from wsi.features.encoders import CPU_BATCH_DEFAULT
+
+    enc = load_encoder("test_vit", tiny_vit)
+    sizes = []
+    enc.model.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    enc.embed(random_tiles(CPU_BATCH_DEFAULT + 1, 16))
+    assert max(sizes) == CPU_BATCH_DEFAULT

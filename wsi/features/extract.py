@@ -12,18 +12,19 @@ leaves no holes. Each slide done gets a line on stdout as it ends (tiles, second
 
 Workers
 -------
-The encoder is loaded once per worker by :class:`EncoderPlugin` (also on workers that join later, e.g. SLURM
-jobs), on the device the worker's ``GPU`` resource names; a worker that advertises a GPU CUDA cannot use fails the
-run with one error. GPU workers advertise ``GPU=1`` and each range task asks for ``1 / extract.tasks_per_gpu`` of
-it: two tasks (by default) share a GPU, so one's store opening, first reads, checks and Zarr writes overlap the
-other's forward passes, which take turns under the plugin's lock. Inside a task, ``extract.decode_threads``
-threads read and decode the next blocks (zarr chunks, or for coordinates-only stores the slide's own JPEG tiles,
-as tiling reads them) while the model runs; :mod:`.feed` stages them in page-locked memory, copies each batch to
-the GPU on a side stream while the previous one runs, resizes and normalises on the GPU, runs the model cast to
-bf16/fp16 in channels_last, and copies the range's features back once. A task's page-locked memory is bounded
-(:meth:`.HostRing.bytes_needed`), and the tasks of a worker together stay within ``extract.pinned_mb``, which must
-fit in a quarter of the worker's memory limit. On CPU workers torch uses the worker's threads, ``batch_size``
-tiles a pass, and the forward passes of concurrent tasks take turns.
+The encoder is loaded once per worker by :class:`EncoderPlugin` (also on workers that join later, e.g. SLURM jobs),
+on the device the worker's ``GPU`` resource names (on a cluster with GPU workers, only on those); a worker that
+advertises a GPU CUDA cannot use fails the run with one error. GPU workers advertise ``GPU=1`` and each range task
+asks for ``1 / extract.tasks_per_gpu`` of it: two tasks (by default) share a GPU, so one's store opening, first
+reads, checks and Zarr writes overlap the other's forward passes, which take turns under the plugin's lock. Inside a
+task, ``extract.decode_threads`` threads read and decode the next blocks (zarr chunks, or for coordinates-only
+stores the slide's own JPEG tiles, as tiling reads them) while the model runs; :mod:`.feed` stages them in
+page-locked memory, copies each batch to the GPU on a side stream while the previous one runs, normalises stain,
+resizes and normalises on the GPU outside the model lock, runs the model in bf16 (fp16 under autocast below compute
+capability 8) in channels_last on batches padded to a few fixed sizes, and copies the range's features back once. A
+task's page-locked memory is bounded (:meth:`.HostRing.bytes_needed`), and the tasks of a worker together stay
+within ``extract.pinned_mb``, which must fit in a quarter of the worker's memory limit. On CPU workers torch uses
+the worker's threads, ``batch_size`` tiles a pass, and the forward passes of concurrent tasks take turns.
 
 Stain normalisation (``extract.stain``, :mod:`.stain`): the reference is fitted once, before the cluster starts
 (a reference without tissue stops the run with one error naming it); per slide, a first task fits the slide's own
@@ -53,7 +54,7 @@ from ..errors import ConfigError, SlideError, StoreError, WsiError
 from ..layout import Layout
 from ..runner import StageRun, StageSummary
 from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, feature_set, store_path
-from .encoders import Encoder, load_encoder, resolve_spec
+from .encoders import GPU_BATCH_DEFAULT, Encoder, load_encoder, resolve_spec
 from .feed import HostRing, embed_blocks, staged_blocks
 from .stain import StainTransform, check_stain, fit_reference, fit_slide
 
@@ -95,23 +96,24 @@ def h5_path(out_dir, encoder: str, slide_id: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ on the workers
-GPU_BATCH_DEFAULT = 256  # tiles per forward pass on a GPU when extract.gpu_batch_size is not set
-
-
 class EncoderPlugin(WorkerPlugin):
     """Loads the encoder once per worker process, on the device its ``GPU`` resource says
     (:func:`wsi.cluster.worker_device`), and holds what the worker's tasks share: the model lock, the batch
-    size and decode threads for that device, and the page-locked memory budget."""
+    size and decode threads for that device, and the page-locked memory budget. With ``gpu_only`` (the run's
+    tasks ask for a GPU) a worker without one loads nothing: no task of the run will come to it, and a ViT-g
+    takes some 4.5 GB of its memory."""
 
-    def __init__(self, encoder: str, checkpoint: str | None, precision: str, settings: dict):
-        self.spec = (encoder, checkpoint, precision, settings)
+    def __init__(self, encoder: str, checkpoint: str | None, precision: str, settings: dict, gpu_only: bool):
+        self.spec = (encoder, checkpoint, precision, settings, gpu_only)
         self.encoder: Encoder | None = None
         self.lock = threading.Lock()
         self.batch_size, self.decode_threads, self.pinned_budget = 0, 1, 0  # set by setup for its device
 
     def setup(self, worker):
-        encoder, checkpoint, precision, settings = self.spec
+        encoder, checkpoint, precision, settings, gpu_only = self.spec
         device = worker_device(worker)
+        if gpu_only and device == "cpu":
+            return
         if device == "cpu":
             torch.set_num_threads(max(1, worker.state.nthreads))
         self.batch_size, self.decode_threads, self.pinned_budget = device_settings(
@@ -364,7 +366,8 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
             try:
                 # a checkpoint that does not fit, or a GPU worker without CUDA, raises here, from the workers'
                 # setup: one error for the cohort
-                client.register_plugin(EncoderPlugin(encoder, checkpoint, precision, settings), name=plugin)
+                client.register_plugin(EncoderPlugin(encoder, checkpoint, precision, settings,
+                                                     gpu_only=resources is not None), name=plugin)
                 attrs = client.submit(describe_encoder, plugin, resources=resources, pure=False).result()
                 for store in todo:
                     _submit_slide(client, cohort, store, key, config, attrs, plugin, resources, reference)

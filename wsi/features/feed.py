@@ -8,7 +8,13 @@ Tiles reach :func:`embed_blocks` as uint8 blocks in host memory, in order. On CU
 * each batch is copied to the GPU on a side stream while the model runs the batch before it (the copy of a batch
   waits for the pass two batches back, so at most three batches sit on the GPU);
 * the features stay on the GPU until the range is done: nothing in the loop waits for the GPU, so the host runs
-  ahead, queueing copies and passes, and the one wait is the copy back at the end.
+  ahead, queueing copies and passes, and the one wait is the copy back at the end;
+* a batch is prepared (stain, resize, normalise: :meth:`.Encoder.prepare`) outside the lock that the tasks
+  sharing a model take turns under, so one task's preparation overlaps another's forward pass;
+* a short batch (a slide's last) is padded with zero tiles to one of a few sizes (:func:`padded_rows`) and the
+  padding rows dropped: with cuDNN's autotuning on (``cudnn.benchmark``, set for the passes only,
+  :func:`wsi.cluster.cudnn_benchmark`) each new batch shape is tuned anew, so ragged last batches would re-tune
+  for every slide.
 
 On CPU the same loop runs with plain memory, no streams and no copies, and gives the features of a plain forward
 pass.
@@ -24,6 +30,26 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..cluster import cudnn_benchmark
+
+PAD_BUCKETS = 4  # batch shapes per batch size: the full batch and its half, quarter and eighth
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """What torch's page-locked allocator takes for ``nbytes``: the next power of two."""
+    return 1 << max(0, nbytes - 1).bit_length()
+
+
+def padded_rows(n: int, batch_size: int) -> int:
+    """The rows a batch of ``n`` tiles is padded to: the smallest of ``batch_size`` and its halvings (at most
+    :data:`PAD_BUCKETS` sizes) that holds ``n``, so a model sees a few batch shapes whatever the slides' lengths."""
+    rows = batch_size
+    for _ in range(PAD_BUCKETS - 1):
+        if rows // 2 < n:
+            break
+        rows //= 2
+    return rows
+
 
 class HostRing:
     """Host buffers of one task: two for tile blocks, used in turn, and one for the task's features; page-locked
@@ -38,8 +64,9 @@ class HostRing:
 
     @staticmethod
     def bytes_needed(block_tiles: int, tile_px: int, n_rows: int, dim: int) -> int:
-        """Bytes a ring holds for blocks of ``block_tiles`` tiles of ``tile_px`` and ``n_rows`` features."""
-        return 2 * block_tiles * tile_px * tile_px * 3 + n_rows * dim * 4
+        """Page-locked bytes a ring holds for blocks of ``block_tiles`` tiles of ``tile_px`` and ``n_rows``
+        features: torch's page-locked allocator rounds each buffer up to a power of two."""
+        return 2 * pinned_bytes(block_tiles * tile_px * tile_px * 3) + pinned_bytes(n_rows * dim * 4)
 
     def _buffer(self, old: torch.Tensor | None, nbytes: int) -> torch.Tensor:
         if old is not None and old.numel() >= nbytes:
@@ -101,9 +128,10 @@ def embed_blocks(encoder, blocks: Iterable[tuple[int, torch.Tensor]], n_rows: in
     """float32 (n_rows, D) features of ``blocks`` (``(first row, uint8 host tiles)``, in order, covering
     ``n_rows`` tiles), ``batch_size`` tiles per forward pass of ``encoder`` (an :class:`.Encoder`).
 
-    ``lock`` is held around each pass (tasks sharing a model take turns); ``ring``, when the blocks live in its
-    buffers, gets each block back once copied and holds the features' host copy (without one, the features come
-    back through pageable memory); ``stain`` normalises each batch on the device (:meth:`.Encoder.features`).
+    ``lock`` is held around each forward pass (tasks sharing a model take turns), not around the batch's
+    preparation; ``ring``, when the blocks live in its buffers, gets each block back once copied and holds the
+    features' host copy (without one, the features come back through pageable memory); ``stain`` normalises each
+    batch on the device (:meth:`.Encoder.prepare`).
     """
     device = encoder.device
     cuda = device.type == "cuda"
@@ -124,11 +152,12 @@ def embed_blocks(encoder, blocks: Iterable[tuple[int, torch.Tensor]], n_rows: in
 
     def run(start: int, x: torch.Tensor, copied: torch.cuda.Event | None) -> None:
         nonlocal last_done
-        with lock:
-            if copied is not None:  # the pass waits for its batch's copy, and the batch stays till it is done
-                torch.cuda.current_stream(device).wait_event(copied)
-                x.record_stream(torch.cuda.current_stream(device))
-            out[start:start + len(x)] = encoder.features(x, stain)
+        if copied is not None:  # the batch's use waits for its copy, and the batch stays till it is done
+            torch.cuda.current_stream(device).wait_event(copied)
+            x.record_stream(torch.cuda.current_stream(device))
+        prepared = encoder.prepare(x, stain, rows=padded_rows(len(x), batch_size))
+        with lock, cudnn_benchmark(True):
+            out[start:start + len(x)] = encoder.forward(prepared)[:len(x)]
             if cuda:
                 last_done = torch.cuda.Event()
                 last_done.record()

@@ -19,11 +19,13 @@ vectors, while Reinhard's statistics need the stroma: fitted on nuclei alone, th
   not per tile: a tile of nuclei alone or of stroma alone has no second stain to estimate, and per-tile
   statistics would wash out the very differences between tiles the model should see.
 
-Applying it is per pixel, so it runs batched on the extraction device inside :meth:`.Encoder.features`:
-Macenko maps each pixel's optical density through the slide's stain matrix to H and E concentrations, scales
-them to the reference's 99th percentiles and recomposes them with the reference's stain matrix; Reinhard shifts
-and scales each CIE Lab channel from the slide's mean and standard deviation to the reference's (torchstain's
-colour conversions; with torchstain <= 1.4.1 those run on the CPU, their constants being CPU tensors).
+Applying it is per pixel, so it runs batched on the extraction device (:meth:`.Encoder.prepare`, outside the
+lock the forward passes take turns under): Macenko maps each pixel's optical density through the slide's stain
+matrix to H and E concentrations, scales them to the reference's 99th percentiles and recomposes them with the
+reference's stain matrix; Reinhard shifts and scales each CIE Lab channel from the slide's mean and standard
+deviation to the reference's. Its colour conversions (:func:`rgb_to_lab`, :func:`lab_to_rgb`) are torchstain's
+formulas written as batched torch ops on the tiles' device (tested equal to torchstain's): torchstain 1.4.1 keeps
+its constants on the CPU, so its own conversions would send every batch to the host and back.
 
 What was fitted goes into the features' attrs (``FeatureAttrs.stain``: method, reference, the reference's and
 the slide's fitted values), so extraction is reproducible, and the features are stored under
@@ -178,6 +180,38 @@ def same_target(a: dict, b: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ applying
+# sRGB (D65) to CIE XYZ and the reference white, as torchstain (and OpenCV) use them
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
+               (0.212671, 0.715160, 0.072169),
+               (0.019334, 0.119193, 0.950227))
+_WHITE = (0.95047, 1.0, 1.08883)
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """CIE L*a*b* (L in [0, 100], a and b around 0) of float RGB tiles (n, 3, h, w) in [0, 1], on their device:
+    torchstain's ``lab_split(rgb2lab(...))`` for a batch."""
+    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    matrix = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
+    white = torch.tensor(_WHITE, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    xyz = torch.einsum("kc,nchw->nkhw", matrix, linear) / white
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=0) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    fx, fy, fz = f.unbind(1)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`rgb_to_lab`, clamped to [0, 1]: torchstain's ``lab2rgb(lab_merge(...))``."""
+    lightness, a, b = lab.unbind(1)
+    fy = (lightness + 16) / 116
+    f = torch.stack([a / 500 + fy, fy, fy - b / 200], dim=1)
+    white = torch.tensor(_WHITE, dtype=lab.dtype, device=lab.device).view(1, 3, 1, 1)
+    xyz = torch.where(f > 0.2068966, f ** 3, (f - 16 / 116) / 7.787) * white
+    matrix = torch.linalg.inv(torch.tensor(_RGB_TO_XYZ, dtype=torch.float64)).to(lab.device, lab.dtype)
+    linear = torch.einsum("ck,nkhw->nchw", matrix, xyz)
+    rgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp(min=0) ** (1 / 2.4) - 0.055, linear * 12.92)
+    return rgb.clamp_(0, 1)
+
+
 class StainTransform:
     """Maps float RGB tiles (n, 3, h, w) in [0, 1] from a slide's fitted stain onto the reference's, on the
     tiles' device (see the module docstring)."""
@@ -190,9 +224,12 @@ class StainTransform:
             self.mix = torch.tensor(target["stain_matrix"], dtype=torch.float32, device=device)
             self.scale = (torch.tensor(target["max_concentrations"], dtype=torch.float32)
                           / torch.tensor(source["max_concentrations"], dtype=torch.float32)).to(device)
-        elif self.method == "reinhard":
-            self.source = (source["means"], source["stds"])
-            self.target = (target["means"], target["stds"])
+        elif self.method == "reinhard":  # per Lab channel: (c - mean) / std * target std + target mean
+            def channels(values):
+                return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+            self.gain = channels(target["stds"]) / channels(source["stds"])
+            self.shift = channels(target["means"]) - channels(source["means"]) * self.gain
         else:
             raise ConfigError(None, f"extract.stain {self.method!r} is not one of {'/'.join(STAIN_METHODS)}")
 
@@ -202,19 +239,7 @@ class StainTransform:
             concentrations = torch.einsum("kc,nchw->nkhw", self.unmix, od) * self.scale.view(1, 2, 1, 1)
             rgb = IO * torch.exp(-torch.einsum("ck,nkhw->nchw", self.mix, concentrations))
             return rgb.clamp_(0, 255).div_(255)
-        return self._reinhard(x)
-
-    def _reinhard(self, x: torch.Tensor) -> torch.Tensor:
-        from torchstain.torch.utils import lab2rgb, lab_merge, lab_split, rgb2lab
-
-        n, _, h, w = x.shape
-        # torchstain converts [3, H, W] images: the batch goes in as one tall image, on the CPU (see above)
-        image = x.permute(1, 0, 2, 3).reshape(3, n * h, w).to("cpu", torch.float32, copy=True)
-        channels = lab_split(rgb2lab(image))
-        mapped = [(c - mu) / sd * sd_ref + mu_ref for c, mu, sd, mu_ref, sd_ref
-                  in zip(channels, *self.source, *self.target)]
-        rgb = lab2rgb(lab_merge(*mapped))  # channels last: (n * h, w, 3)
-        return rgb.reshape(n, h, w, 3).permute(0, 3, 1, 2).to(x.device)
+        return lab_to_rgb(rgb_to_lab(x) * self.gain + self.shift)
 
 
 def check_stain(method: str, stored: dict | None, reference: dict, path) -> None:

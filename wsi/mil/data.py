@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..checks import CV_MODES, check_sites
 from ..errors import ConfigError
@@ -362,12 +363,12 @@ def class_weights(targets, n_classes: int) -> np.ndarray:
     return weights
 
 
-def subsample(n_tiles: int, limit: int, rng: np.random.Generator) -> np.ndarray | None:
-    """Sorted indices of ``limit`` tiles drawn without replacement, or None when the bag is small enough."""
+def subsample(n_tiles: int, limit: int, generator: torch.Generator) -> torch.Tensor | None:
+    """Sorted indices of ``limit`` tiles drawn without replacement, on ``generator``'s device (a bag on a GPU is
+    subsampled there), or None when the bag is small enough."""
     if n_tiles <= limit:
         return None
-    return np.sort(rng.choice(n_tiles, size=limit, replace=False))
-
+    return torch.randperm(n_tiles, generator=generator, device=generator.device)[:limit].sort().values
 
 
 def bag_bytes(bags, in_dim: int) -> int:

@@ -25,8 +25,8 @@ attention is only used to mix the tokens), averaged over heads.
 Reproducibility
 ---------------
 :meth:`MILModel.seed` re-initialises every parameter from a ``torch.Generator`` and makes dropout draw its masks
-from it, so a fold trains to the same weights whatever else runs in the process (torch's global RNG is shared by
-all threads of a Dask worker).
+from it (or from a second generator on the model's device), so a fold trains to the same weights whatever else
+runs in the process (torch's global RNG is shared by all threads of a Dask worker).
 
 >>> import torch
 >>> model = create_model("abmil", in_dim=16, n_classes=2, hidden_dim=32)
@@ -121,9 +121,10 @@ class MILModel(nn.Module):
     def forward(self, x: torch.Tensor, label: int | None = None) -> MILOutput:
         raise NotImplementedError
 
-    def seed(self, generator: torch.Generator) -> None:
+    def seed(self, generator: torch.Generator, dropout: torch.Generator | None = None) -> None:
         """Re-initialise all weights from ``generator`` (PyTorch's default uniform(+-1/sqrt(fan_in)) scheme;
-        norms reset to identity) and route dropout masks through it."""
+        norms reset to identity) and route dropout masks through ``dropout`` (default: ``generator``), which
+        must be on the device the model runs on."""
         with torch.no_grad():
             for m in self.modules():
                 if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
@@ -134,7 +135,7 @@ class MILModel(nn.Module):
                 elif isinstance(m, nn.LayerNorm):
                     m.reset_parameters()
                 elif isinstance(m, SeededDropout):
-                    m.generator = generator
+                    m.generator = dropout or generator
 
 
 def _embedding(in_dim: int, hidden_dim: int, dropout: float) -> nn.Module:
@@ -197,18 +198,19 @@ class GatedAttentionMIL(MILModel):
         if k == 0:
             return h.new_zeros(())
         instance_logits = self.instance_classifiers(h).view(h.shape[0], self.n_classes, 2)
+        # pseudo-labels made on the device: k positives then k negatives (the first k of them: k negatives)
+        targets = (torch.arange(2 * k, device=h.device) < k).long()
         losses = []
         for c in range(self.n_classes):
             branch = attention[c if attention.shape[0] > 1 else 0]
             top = torch.topk(branch, k).indices
             if c == label:
-                index = torch.cat([top, torch.topk(-branch, k).indices])
-                target = torch.cat([torch.ones(k), torch.zeros(k)]).long()
+                index, target = torch.cat([top, torch.topk(-branch, k).indices]), targets
             elif self.n_classes > 2:
-                index, target = top, torch.zeros(k, dtype=torch.long)
+                index, target = top, targets[k:]
             else:
                 continue
-            losses.append(nn.functional.cross_entropy(instance_logits[index, c], target.to(h.device)))
+            losses.append(nn.functional.cross_entropy(instance_logits[index, c], target))
         return torch.stack(losses).mean()
 
 
@@ -246,13 +248,17 @@ def _segment_means(x: torch.Tensor, segments: int) -> torch.Tensor:
 
 
 def _iterative_pinv(a: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Moore-Penrose pseudo-inverse of each (m, m) matrix by Razavi et al.'s iteration (as Nyströmformer)."""
-    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
-    z = a.transpose(-1, -2) / (a.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1)
-                               * a.abs().sum(-2).amax(-1, keepdim=True).unsqueeze(-1))
-    for _ in range(iterations):
-        az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    """Moore-Penrose pseudo-inverse of each (m, m) matrix by Razavi et al.'s iteration (as Nyströmformer), in
+    float32 also under autocast: the iteration multiplies near-singular products, which bf16's 8-bit mantissa
+    turns into noise."""
+    with torch.autocast(a.device.type, enabled=False):
+        a = a.float()
+        eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+        z = a.transpose(-1, -2) / (a.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1)
+                                   * a.abs().sum(-2).amax(-1, keepdim=True).unsqueeze(-1))
+        for _ in range(iterations):
+            az = a @ z
+            z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
     return z
 
 
@@ -325,8 +331,8 @@ class TransMIL(MILModel):
         self.norm = nn.LayerNorm(hidden_dim)
         self.classifier = nn.Linear(hidden_dim, n_classes)
 
-    def seed(self, generator: torch.Generator) -> None:
-        super().seed(generator)
+    def seed(self, generator: torch.Generator, dropout: torch.Generator | None = None) -> None:
+        super().seed(generator, dropout)
         with torch.no_grad():
             self.cls_token.normal_(generator=generator)
 

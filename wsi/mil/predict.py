@@ -221,7 +221,8 @@ def _score_store(ensemble: Ensemble, store: SlideStore) -> np.ndarray:
 def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = None) -> PredictSummary:
     """Score ``slide_ids`` (default: every complete store under ``OUT/stores``) with the run in ``model_dir``,
     one store at a time; returns where ``predictions.csv`` is and which slides were done or failed."""
-    ensemble = load_ensemble(model_dir, precision=config["mil"]["precision"])
+    ensemble = load_ensemble(model_dir, device="cuda" if config["resources"]["predict"]["gpu"] else "cpu",
+                             precision=config["mil"]["precision"])
     if slide_ids is None:
         targets = {s.slide_id: s.path for s in open_cohort(out_dir)}
     else:

@@ -46,11 +46,16 @@ slides, every non-test slide trains for ``mil.epochs`` epochs and the fold keeps
 cohort it kept epoch 0 in 2 of 5 folds, and the held-out quarter of the slides was lost to training.
 
 Memory: a fold loads its training and validation bags once (``N x D`` float32 each, two reading threads) when
-they fit in ``mil.bag_cache_gb``; above that it re-reads them from the stores every epoch.
+they fit in ``mil.bag_cache_gb``, and keeps them on its device (GPU memory, on a GPU); above that it re-reads
+them from the stores every epoch. Steps do not wait for the device: bags are subsampled on it, and the losses are
+read once per epoch (validation: once per evaluation).
 
 Every random draw (initialisation, dropout, bag order, subsampling) comes from generators seeded by
-(``mil.seed``, fold), so the same seed gives the same weights on CPU. CUDA with autocast (bf16, else fp16 with
-loss scaling) when a GPU is present; folds ask Dask for ``GPU=1`` on GPU clusters, so one fold holds one GPU.
+(``mil.seed``, fold), so the same seed gives the same weights on CPU. The initial weights are drawn on the host,
+so a fold starts from the same weights on a GPU; without dropout and subsampling (whose masks are drawn on the
+device) it trains to the same weights there, up to float rounding (``bench/gpu_check.py`` checks it). CUDA with
+autocast (bf16, else fp16 with loss scaling) when a GPU is present; folds ask Dask for ``GPU=1`` on GPU clusters,
+so one fold holds one GPU.
 """
 
 from __future__ import annotations
@@ -145,13 +150,16 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def iter_bags(bags, encoder: str, loaded=None):
-    """Yield ``(bag, features (N, D) float32)``: from ``loaded`` (slide id -> features) when it holds the bag,
-    else read from its store, the next bag in a thread while the caller works on the current one."""
+def iter_bags(bags, encoder: str, device: torch.device, loaded=None):
+    """Yield ``(bag, features (N, D) float32 on device)``: from ``loaded`` (slide id -> features on ``device``)
+    when it holds the bag, else read from its store and copied over, the next bag read in a thread while the
+    caller works on the current one."""
     loaded = loaded or {}
 
-    def read(bag: Bag) -> np.ndarray:
-        return loaded[bag.slide_id] if bag.slide_id in loaded else SlideStore.open(bag.store).features(encoder)
+    def read(bag: Bag):
+        if bag.slide_id in loaded:
+            return loaded[bag.slide_id]
+        return torch.from_numpy(SlideStore.open(bag.store).features(encoder)).to(device, non_blocking=True)
 
     if not bags:
         return
@@ -164,19 +172,27 @@ def iter_bags(bags, encoder: str, loaded=None):
             yield bag, features
 
 
+def bags_on_device(loaded: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """The loaded bags copied to ``device`` once per fold (on CPU the arrays themselves), so that no training
+    step copies a bag from the host."""
+    return {slide_id: torch.from_numpy(features).to(device) for slide_id, features in loaded.items()}
+
+
 def _evaluate(model: MILModel, bags, encoder, device, dtype, weights: torch.Tensor, loaded=None):
-    """(class-weighted mean loss, probabilities (n, C)) over whole bags."""
+    """(class-weighted mean loss, probabilities (n, C)) over whole bags; the logits stay on the device and come
+    back with the loss in one copy."""
     model.eval()
-    total, weight_sum, probs = 0.0, 0.0, []
+    logits = []
     with torch.inference_mode():
-        for bag, features in iter_bags(bags, encoder, loaded):
+        for _, features in iter_bags(bags, encoder, device, loaded):
             with autocast_context(device, dtype):
-                logits = model(torch.from_numpy(features).to(device)).logits.float()
-            target = torch.tensor([bag.target], device=device)
-            total += float(weights[bag.target] * torch.nn.functional.cross_entropy(logits[None], target))
-            weight_sum += float(weights[bag.target])
-            probs.append(torch.softmax(logits, dim=0).cpu().numpy())
-    return total / max(weight_sum, 1e-12), np.array(probs).reshape(len(bags), -1)
+                logits.append(model(features).logits.float())
+        logits = torch.stack(logits)
+        targets = torch.tensor([b.target for b in bags], device=device)
+        losses = weights[targets] * torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        loss = losses.sum() / weights[targets].sum().clamp(min=1e-12)
+        host = torch.cat([loss.view(1), torch.softmax(logits, dim=1).flatten()]).cpu().numpy()
+    return float(host[0]), host[1:].reshape(len(bags), -1)
 
 
 class KeptWeights:
@@ -224,27 +240,41 @@ def train_fold(task: FoldTask, *, device: str | torch.device | None = None, load
     id -> (N, D)); the fold's training and validation bags are loaded once besides, within ``bag_cache_gb``.
     ``progress`` gets a line as each epoch ends (losses, validation balanced accuracy) and one naming the
     weights kept, while the fold runs."""
+    from ..cluster import cudnn_benchmark, worker_device
+
+    device = torch.device(device or worker_device())  # on a Dask worker: its GPU resource decides
+    # every bag has its own length: cuDNN's autotuning (on for extraction, maybe on this worker) would re-tune
+    # TransMIL's convolutions at every step
+    with cudnn_benchmark(False):
+        return _train_fold(task, device, loaded, progress)
+
+
+def _train_fold(task: FoldTask, device: torch.device, loaded, progress) -> dict:
+    """:func:`train_fold` on ``device``. The fold's bags stay on the device, are subsampled there, and the
+    training loss is read once per epoch: no step waits for the device."""
     from safetensors.torch import save_file
 
     p = task.params
-    from ..cluster import worker_device
-
-    device = torch.device(device or worker_device())  # on a Dask worker: its GPU resource decides
     dtype = autocast_dtype(p.precision, device)
     seed = fold_seed(p.seed, task.fold)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    init = torch.Generator().manual_seed(seed)
+    # dropout masks and subsampling draw on the device; the initial weights on the host, the same on every device
+    generator = init if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     rng = np.random.default_rng(seed)
 
-    model = create_model(**task.model).to(device)
-    model.seed(generator)  # after .to(): the generator draws on the parameters' device
+    model = create_model(**task.model)
+    model.seed(init, dropout=generator)
+    model = model.to(device)
     n_classes = task.model["n_classes"]
     weights = torch.tensor(class_weights([b.target for b in task.train], n_classes), dtype=torch.float32,
                            device=device)
+    targets = {b.slide_id: torch.tensor([b.target], device=device) for b in task.train}
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=p.epochs, eta_min=p.lr * 0.01)
                 if p.schedule == "cosine" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loaded = load_bags(task.train + task.val, task.encoder, task.model["in_dim"], p.bag_cache_gb, loaded)
+    loaded = bags_on_device(load_bags(task.train + task.val, task.encoder, task.model["in_dim"], p.bag_cache_gb,
+                                      loaded), device)
     kept = KeptWeights("validation" if task.val else p.keep, p.epochs, p.average_last)
 
     started_at = time.time()
@@ -253,20 +283,21 @@ def train_fold(task: FoldTask, *, device: str | torch.device | None = None, load
         model.train()
         started = time.perf_counter()
         order = [task.train[i] for i in rng.permutation(len(task.train))]
-        train_loss = 0.0
-        for bag, features in iter_bags(order, task.encoder, loaded):
-            keep = subsample(features.shape[0], p.max_train_tiles, rng)
-            x = torch.from_numpy(features if keep is None else features[keep]).to(device)
-            target = torch.tensor([bag.target], device=device)
+        loss_sum = torch.zeros((), device=device)
+        for bag, features in iter_bags(order, task.encoder, device, loaded):
+            keep = subsample(features.shape[0], p.max_train_tiles, generator)
+            x = features if keep is None else features[keep]
             with autocast_context(device, dtype):
                 out = model(x, label=bag.target)
-                loss = (weights[bag.target] * torch.nn.functional.cross_entropy(out.logits.float()[None], target)
+                loss = (weights[bag.target] * torch.nn.functional.cross_entropy(out.logits.float()[None],
+                                                                                targets[bag.slide_id])
                         + out.aux_loss.float())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            train_loss += float(loss.detach())
+            loss_sum += loss.detach()
+        train_loss = float(loss_sum)
         train_seconds = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"]
         if schedule is not None:
