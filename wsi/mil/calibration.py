@@ -1,5 +1,6 @@
 """Calibrated slide probabilities: temperature scaling fitted on the out-of-fold predictions, and the figures that
-say how far a probability can be trusted (Brier score, expected calibration error, a reliability diagram).
+say how far a probability can be trusted (Brier score, expected calibration error, the bins of a reliability
+diagram, which :func:`wsi.mil.metrics.plot_reliability` draws).
 
 An attention-MIL ensemble ranks slides well but its probabilities run to 0.0003 and 0.9996, so a wrong call comes
 with full confidence. Temperature scaling divides the log-probabilities by one number ``T`` (``T > 1`` softens
@@ -20,11 +21,8 @@ confidence moves.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from .. import atomic
 
 ECE_BINS = 10
 CONFIDENT = 0.95  # a wrong call above this probability is counted in the metrics
@@ -112,30 +110,3 @@ def confident_errors(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     confidence, wrong = probs.max(axis=1), probs.argmax(axis=1) != y_true
     return {"max_wrong_confidence": float(confidence[wrong].max()) if wrong.any() else 0.0,
             "confident_wrong": int((wrong & (confidence > CONFIDENT)).sum())}
-
-
-def plot_reliability(y_true, probs, metrics: dict, path, *, title: str = "Reliability, cross-validated") -> Path:
-    """The reliability diagram: accuracy against confidence per bin (marker area ~ slides), the diagonal of a
-    calibrated model, and the Brier score and ECE in the legend; written via tmp + rename."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bins = reliability_bins(np.asarray(y_true, dtype=int), np.asarray(probs, dtype=float))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="calibrated")
-    ax.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["accuracy"] for b in bins], width=1 / ECE_BINS,
-           alpha=0.35, edgecolor="k", label="accuracy per bin")
-    ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], s=[12 + 6 * b["n"] for b in bins],
-               c="C3", zorder=3, label="mean confidence")
-    label = (f"Brier {metrics['brier']['value']:.3f}, ECE {metrics['ece']['value']:.3f}"
-             if "brier" in metrics else "")
-    ax.set(xlabel="confidence (probability of the predicted class)", ylabel="accuracy", xlim=(0, 1),
-           ylim=(0, 1.01), title=f"{title} (n={len(y_true)})\n{label}")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    with atomic.replacing(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import atomic
-from .calibration import brier, confident_errors, ece
+from .calibration import ECE_BINS, brier, confident_errors, ece, reliability_bins
 
 
 def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -146,19 +146,35 @@ def classification_metrics(y_true, probs, classes, *, groups=None, sites=None, n
     return out
 
 
-def plot_roc(y_true, probs, classes, metrics: dict, path, *, title: str = "ROC, cross-validated") -> Path:
-    """ROC curve(s) of the pooled predictions (one-vs-rest per class when multi-class) with AUROC and CI in
-    the legend; written via tmp + rename."""
+def _square_figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(4.5, 4.5), dpi=120)
+
+
+def _save(fig, path) -> Path:
+    """Write ``fig`` as a PNG via tmp + rename and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic.replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_roc(y_true, probs, classes, metrics: dict, path, *, title: str = "ROC, cross-validated") -> Path:
+    """ROC curve(s) of the pooled predictions (one-vs-rest per class when multi-class) with AUROC and CI in
+    the legend; written via tmp + rename."""
     from sklearn.metrics import roc_curve
 
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=float)
     shown = [1] if len(classes) == 2 else list(range(len(classes)))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    fig, ax = _square_figure()
     for c in shown:
         name = str(classes[c])
         if (y_true == c).all() or not (y_true == c).any():
@@ -172,8 +188,21 @@ def plot_roc(y_true, probs, classes, metrics: dict, path, *, title: str = "ROC, 
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
            title=f"{title} (n={len(y_true)})")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    with atomic.replacing(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
+
+
+def plot_reliability(y_true, probs, metrics: dict, path, *, title: str = "Reliability, cross-validated") -> Path:
+    """The reliability diagram: accuracy against confidence per bin (marker area ~ slides), the diagonal of a
+    calibrated model, and the Brier score and ECE in the legend; written via tmp + rename."""
+    bins = reliability_bins(np.asarray(y_true, dtype=int), np.asarray(probs, dtype=float))
+    fig, ax = _square_figure()
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="calibrated")
+    ax.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["accuracy"] for b in bins], width=1 / ECE_BINS,
+           alpha=0.35, edgecolor="k", label="accuracy per bin")
+    ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], s=[12 + 6 * b["n"] for b in bins],
+               c="C3", zorder=3, label="mean confidence")
+    ax.set(xlabel="confidence (probability of the predicted class)", ylabel="accuracy", xlim=(0, 1),
+           ylim=(0, 1.01), title=f"{title} (n={len(y_true)})\nBrier {metrics['brier']['value']:.3f}, "
+                                 f"ECE {metrics['ece']['value']:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)

@@ -83,9 +83,8 @@ from ..errors import ConfigError, record_failure
 from ..layout import Layout, run_name
 from ..store import SlideStore, feature_set
 from .data import Bag, Cohort, Fold, class_weights, format_ids, load_bags, load_cohort, make_folds, subsample
-from .calibration import (apply_temperature, brier, confident_errors, cross_fitted, ece, fit_temperature,
-                          plot_reliability)
-from .metrics import _point_metrics, classification_metrics, plot_roc
+from .calibration import apply_temperature, brier, confident_errors, cross_fitted, ece, fit_temperature
+from .metrics import _point_metrics, classification_metrics, plot_reliability, plot_roc
 from .ood import DESCRIPTOR, REFERENCE_FILE, fit_out_of_fold, slide_descriptor
 from .models import MILModel, create_model, model_config
 
