@@ -861,7 +861,9 @@ def test_predict_flags_slides_unlike_the_training_cohort(trained, tmp_path):
     make_store(new, "glass", np.full((40, DIM), 2.0, np.float32))
     make_store(new, "stain", (bag_features(rng, False, 60)[0] + 1.5).astype(np.float32))
     make_store(new, "alike", bag_features(rng, True, 60)[0])
-    rows = {r["slide_id"]: r for r in read_csv(predict(new, run_dir, load_config()).predictions_csv)}
+    summary = predict(new, run_dir, load_config())
+    assert summary.unlike_training == ["glass", "stain"]
+    rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
     assert rows["glass"]["ood"] == "True" and rows["stain"]["ood"] == "True" and rows["alike"]["ood"] == "False"
     assert float(rows["glass"]["ood_score"]) > 1 > float(rows["alike"]["ood_score"])
     assert SlideStore.open(store_path(new, "stain")).scores("toy")[2].ood is True

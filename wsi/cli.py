@@ -279,6 +279,10 @@ def run(args) -> int:
         print(f"predictions: {summary.predictions_csv}")
         if summary.metrics_json:
             print(f"external validation: {summary.metrics_json}")
+        if summary.unlike_training:
+            print(f"wsi predict: {len(summary.unlike_training)} slide(s) unlike the slides the model was trained on "
+                  f"(ood_score above 1; do not trust their probabilities): {', '.join(summary.unlike_training)}",
+                  file=sys.stderr)
         return _finish(args, config, _items(summary, "done", "failed") + _skipped(earlier))
 
     if args.command == "heatmap":

@@ -173,6 +173,7 @@ class PredictSummary:
     done: list[str]
     failed: list[str]
     metrics_json: Path | None = None   # external validation, when a labels table named new slides
+    unlike_training: list[str] = field(default_factory=list)  # slides flagged out of distribution (``ood``)
 
 
 def _check_weights(ensemble: Ensemble, store: SlideStore) -> None:
@@ -242,7 +243,8 @@ def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = N
                          ["slide_id", *probability_columns(ensemble.classes), "predicted", "ood_score", "ood"],
                          rows)
     metrics = external_validation(csv_path.parent, ensemble, rows, config.get("labels"), config["mil"])
-    return PredictSummary(csv_path, ran.done, list(ran.failed), metrics)
+    return PredictSummary(csv_path, ran.done, list(ran.failed), metrics,
+                          unlike_training=sorted(r[0] for r in rows if r[-1] is True))
 
 
 def external_validation(folder: Path, ensemble: Ensemble, rows: list[list], labels, mil: dict) -> Path | None:
