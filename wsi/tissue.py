@@ -392,19 +392,24 @@ def _tinted_glass(strokes: np.ndarray, red: bool, tinted: np.ndarray, od: np.nda
       caller."""
     ink_od = np.median(od[strokes], axis=0)
     strong = ink_od >= 0.1 * ink_od.max()  # channels the ink absorbs in (a near-clear one says nothing)
-    ys, xs = np.nonzero(tinted)
-    pixels = od[ys, xs]
-    share = np.maximum((pixels[:, strong] / ink_od[strong]).min(axis=1), 0)
-    ink_part = np.exp(-share[:, None] * ink_od)  # transmittance of the ink alone, and of what lies under it
-    under = np.exp(-np.maximum(pixels - share[:, None] * ink_od, 0))
+    ys, xs = np.nonzero(_touching(tinted, strokes) & ~strokes)  # a halo can only lie among these
+    pixels = [od[ys, xs, c] for c in range(3)]  # channel by channel: reductions over 3 columns are slow
+    share = np.maximum(np.minimum.reduce([pixels[c] / ink_od[c] for c in np.flatnonzero(strong)]), 0)
+    ink_part = [np.exp(-share * ink_od[c]) for c in range(3)]  # transmittance of the ink alone, and of what
+    under = [np.exp(-np.maximum(pixels[c] - share * ink_od[c], 0)) for c in range(3)]  # lies under it
+
+    def low_high_mean(t):
+        return np.minimum.reduce(t), np.maximum.reduce(t), (t[0] + t[1] + t[2]) / 3
+
     faint = 1 - params.saturation_min / 2
-    inked = ((ink_part.min(axis=1) < faint * ink_part.max(axis=1))
-             | (ink_part.mean(axis=1) <= params.brightness_max))
+    low, high, mean = low_high_mean(ink_part)
+    inked = (low < faint * high) | (mean <= params.brightness_max)
+    low, high, mean = low_high_mean(under)
     if red:
-        glass_under = under.min(axis=1) >= faint
+        glass_under = low >= faint
     else:
-        stain_tint = (under.min(axis=1) < faint * under.max(axis=1)) & (under[:, 1] * faint <= under.min(axis=1))
-        glass_under = ~stain_tint & (under.mean(axis=1) > params.brightness_max)
+        stain_tint = (low < faint * high) & (under[1] * faint <= low)
+        glass_under = ~stain_tint & (mean > params.brightness_max)
     glass_under &= inked
     halo = np.zeros(strokes.shape, bool)
     halo[ys[glass_under], xs[glass_under]] = True
