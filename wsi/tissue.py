@@ -34,9 +34,9 @@ Steps (``rgb`` in, boolean masks out; ``mpp`` is the thumbnail's pixel size):
    stroke, and so does a stroke's rounded end just past a pool it crossed (red ink on glass is blood's colour:
    the red beyond the run-on's end, along its axis, where it reaches the glass). A marker also bleeds into the
    glass beside it and fades out there (a halo, enough to pass for faint stain): the tinted pixels joined to a
-   stroke whose density, less as much of the ink's as they can hold, leaves glass are ink too (for red ink,
-   blood's colour, only where every channel is then within half of ``saturation_min`` of the glass, and never
-   beside blood); H&E's density does not point along a marker's, so stain under a halo stays. Ink then grows by
+   blue, green or black stroke whose density, less as much of the ink's as they can hold, leaves glass are ink
+   too; H&E's density does not point along those inks', so stain under a halo stays (a faint red is pale
+   eosin's colour as much as red ink's halo's: red halos are left to the stain tests). Ink then grows by
    up to two pixels into pixels that are not H&E-coloured or pale (a stroke's blurred edge, JPEG ringing), never
    into stain. Where ink lies over tissue, only the inked pixels go.
 3. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
@@ -319,10 +319,9 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
             ink |= run_on
             if kind == "red" and keep_blood:  # where a stroke found over blood pokes out of the pool
                 ink |= _stroke_ends(run_on, half_width, red & ~ink, glass)
-        near_blood = _dilate(blood, 2)  # a pool's pale rim is blood's colour, as red ink's halo is
-        for kind, kind_ink in decided:  # then the glass each ink tints (a stroke's halo)
-            if kind_ink.any():
-                ink |= _tinted_glass(kind_ink, kind == "red", tinted & ~ink & ~near_blood, od, params)
+        for kind, kind_ink in decided:  # then the glass each ink tints (a stroke's halo); not red's: a faint red
+            if kind != "red" and kind_ink.any():  # is pale eosin's colour as much as red ink's halo's
+                ink |= _tinted_glass(kind_ink, tinted & ~ink, od, params)
     for _ in range(2):
         ink |= _dilate(ink, 1.5) & ~stain
     return ink
@@ -369,27 +368,20 @@ def _run_on(strokes: np.ndarray, half_width: float, host: np.ndarray, blood: np.
     return run_on
 
 
-def _tinted_glass(strokes: np.ndarray, red: bool, tinted: np.ndarray, od: np.ndarray,
-                  params: TissueParams) -> np.ndarray:
-    """The ``tinted`` pixels joined to ink ``strokes`` of one colour that are glass under the ink: a marker bleeds
-    into the glass beside it and fades out there (a halo), tinting it enough to pass for faint stain.
+def _tinted_glass(strokes: np.ndarray, tinted: np.ndarray, od: np.ndarray, params: TissueParams) -> np.ndarray:
+    """The ``tinted`` pixels joined to blue, green or black ink ``strokes`` of one colour that are glass under the
+    ink: a marker bleeds into the glass beside it and fades out there (a halo), tinting it enough to pass for
+    faint stain.
 
     Ink adds its optical density to what lies under it, so under a pixel lies its density less as much of the
     ink's (the median over the strokes) as it can hold (the most that leaves no channel below zero). Where that
     much ink alone would tint glass (half of ``saturation_min``, or darker than ``brightness_max``) and what lies
-    under it is glass, the pixel is tinted glass. Stain under a halo stays, since H&E's density does not point
-    along a marker's, and taking the ink out leaves it:
-
-    * blue, green and black ink absorb red as much as green or more, H&E green the most: under them lies glass
-      where it passes neither the faint test (darker than ``brightness_max``, or tinted as stain tints, green
-      the darkest, or within half of ``saturation_min`` of it, with half of ``saturation_min``) nor so the stained
-      one. A real marker's faint halo is not exactly its dense core's colour diluted (the scanner's response),
-      which this allows for, and the ink taken out is an estimate (what is left of pale septa may have blue as
-      dark as green);
-    * ``red`` ink is blood's colour and near eosin's: under it lies glass only where every channel is within
-      half of ``saturation_min`` of the glass colour (fat's pale septa, taken out along red ink, would pass
-      the looser test). The pale rim of a pool of blood is as red as red ink's halo, and is left out by the
-      caller."""
+    under it passes neither the faint test (darker than ``brightness_max``, or tinted as stain tints: green the
+    darkest, or within half of ``saturation_min`` of it, with half of ``saturation_min``) nor so the stained one,
+    the pixel is tinted glass. Stain under a halo stays: these inks absorb red as much as green or more, H&E
+    green the most, so taking the ink out leaves it. A real marker's faint halo is not exactly its dense core's
+    colour diluted (the scanner's response), which this allows for, and the ink taken out is an estimate (what is
+    left of pale septa may have blue as dark as green)."""
     ink_od = np.median(od[strokes], axis=0)
     strong = ink_od >= 0.1 * ink_od.max()  # channels the ink absorbs in (a near-clear one says nothing)
     ys, xs = np.nonzero(_touching(tinted, strokes) & ~strokes)  # a halo can only lie among these
@@ -405,12 +397,8 @@ def _tinted_glass(strokes: np.ndarray, red: bool, tinted: np.ndarray, od: np.nda
     low, high, mean = low_high_mean(ink_part)
     inked = (low < faint * high) | (mean <= params.brightness_max)
     low, high, mean = low_high_mean(under)
-    if red:
-        glass_under = low >= faint
-    else:
-        stain_tint = (low < faint * high) & (under[1] * faint <= low)
-        glass_under = ~stain_tint & (mean > params.brightness_max)
-    glass_under &= inked
+    stain_tint = (low < faint * high) & (under[1] * faint <= low)
+    glass_under = inked & ~stain_tint & (mean > params.brightness_max)
     halo = np.zeros(strokes.shape, bool)
     halo[ys[glass_under], xs[glass_under]] = True
     return _touching(halo, strokes) & ~strokes
