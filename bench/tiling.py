@@ -3,7 +3,8 @@
     python bench/tiling.py [--width 40000 --height 30000] [--threads N]
 
 Makes (once, cached under bench/out/) a pyramidal JPEG Aperio-like slide at 0.25 um/px with levels 1, 4, 16
-(no 2x level, so 0.5 um/px tiles are read at level 0 and area-averaged), then measures in this one run:
+(no 2x level, so 0.5 um/px tiles are read at level 0 and area-averaged; ``--seed`` draws another scene, a
+held-out slide), then measures in this one run:
 
 * floor: decoding, with imagecodecs in a thread pool of the same size as the tiler's, every level-0 JPEG tile
   of the file that lies under a kept tile (raw tile bytes read with tifffile); nothing else;
@@ -37,7 +38,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def make_slide(path: Path, width: int, height: int, kind: str = "aperio") -> None:
+def make_slide(path: Path, width: int, height: int, kind: str = "aperio", seed: int = 1) -> None:
     """The benchmark scene as an SVS file or (``kind="dicom"``) a DICOM folder; written once, then reused."""
     from wsi.demo import write_synthetic_slide
 
@@ -46,7 +47,7 @@ def make_slide(path: Path, width: int, height: int, kind: str = "aperio") -> Non
     t = time.perf_counter()
     tmp = path.with_name(f".{path.name}-partial")  # no suffix: a DICOM slide is a folder
     shutil.rmtree(tmp, ignore_errors=True)
-    write_synthetic_slide(tmp, width=width, height=height, mpp=0.25, downsamples=(1, 4, 16), seed=1, kind=kind,
+    write_synthetic_slide(tmp, width=width, height=height, mpp=0.25, downsamples=(1, 4, 16), seed=seed, kind=kind,
                           tumour_boxes=[(width // 3, height // 3, width // 3 + 3000, height // 3 + 2000)])
     os.replace(tmp, path)
     print(f"made {path.name} ({width} x {height}) in {time.perf_counter() - t:.1f} s")
@@ -127,14 +128,16 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=40000)
     parser.add_argument("--height", type=int, default=30000)
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--seed", type=int, default=1, help="the scene's seed (another one: a held-out slide)")
     args = parser.parse_args()
 
     work = HERE / "out"
     work.mkdir(exist_ok=True)
-    slide = work / f"bench_{args.width}x{args.height}.svs"
-    make_slide(slide, args.width, args.height)
-    dicom = work / f"bench_{args.width}x{args.height}_dicom"
-    make_slide(dicom, args.width, args.height, kind="dicom")
+    name = f"bench_{args.width}x{args.height}" + (f"_seed{args.seed}" if args.seed != 1 else "")
+    slide = work / f"{name}.svs"
+    make_slide(slide, args.width, args.height, seed=args.seed)
+    dicom = work / f"{name}_dicom"
+    make_slide(dicom, args.width, args.height, kind="dicom", seed=args.seed)
 
     cases = [
         ("auto (direct JPEG), lossless", []),

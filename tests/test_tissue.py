@@ -17,7 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 from wsi.config import load_config
-from wsi.demo import PEN_INKS, HardCases
+from wsi.demo import PEN_INKS, HardCases, PenStroke, composite_marks
 from wsi.errors import ConfigError
 from wsi.tissue import QC_OUTLINE_RGB, QC_REJECTED_RGB, TissueParams, qc_image, tissue_masks
 
@@ -352,6 +352,51 @@ def test_grey_stitched_glass_beside_white_padding_is_not_tissue():
     assert not (masks.tissue & ~ndimage.binary_dilation(tissue, iterations=2)).any()
 
 
+def test_a_stroke_running_off_the_edge_is_ink_all_the_way_to_the_edge():
+    """A blue marker stroke from beside the tissue out past the thumbnail's left edge, bleeding into the glass
+    beside it (a halo 4 px = 32 um deep, at 0.3 of the ink's density at its edge): the stroke and its halo are
+    ink up to the edge, and no glass is kept."""
+    rgb, tissue, rng = _drawn()
+    stroke = PenStroke(((60.0, 40.0), (30.0, 60.0), (-15.0, 90.0)), 5.0, "blue", 1, halo=4.0, halo_density=0.3)
+    inked, truth = composite_marks(rgb, [stroke])
+    masks = tissue_masks(_finish(inked.astype(np.float32), rng), 8.0, PARAMS)
+    assert not (masks.tissue & ~ndimage.binary_dilation(tissue, iterations=2)).any()
+    core = truth["pen"] & ~truth["halo"]
+    assert masks.ink[core].mean() >= 0.98 and masks.ink[:, :3][core[:, :3]].all()  # to the edge
+    assert masks.tissue[ndimage.binary_erosion(tissue, iterations=2)].all()
+
+
+def test_a_halo_on_glass_is_glass_and_tissue_under_it_stays():
+    """A dense blue blot on the tissue's rim fades into a halo of 6 px (48 um) over the glass and the tissue
+    around it: the tinted glass is not tissue, the tinted tissue is."""
+    rgb, tissue, rng = _drawn()
+    blot = PenStroke(((30.0, 70.0), (45.0, 80.0)), 12.0, "blue", 2, halo=6.0, halo_density=0.35)
+    inked, truth = composite_marks(rgb, [blot])
+    masks = tissue_masks(_finish(inked.astype(np.float32), rng), 8.0, PARAMS)
+    halo_on_glass = truth["halo"] & ~ndimage.binary_dilation(tissue, iterations=2)
+    assert halo_on_glass.sum() > 300 and masks.tissue[halo_on_glass].mean() <= 0.01
+    halo_on_tissue = truth["halo"] & ndimage.binary_erosion(tissue, iterations=2)
+    assert halo_on_tissue.sum() > 100 and masks.tissue[halo_on_tissue].mean() >= 0.99
+
+
+def test_a_stroke_across_fat_keeps_the_fat_cells_beside_it():
+    """Fat in a thumbnail is white cells (70 um, 9 px) in a net of faint pink septa; a blue stroke across it
+    opens the cells beside it onto the ink, which hole filling alone would leave out."""
+    rgb, tissue, rng = _drawn()
+    h, w = tissue.shape
+    yy, xx = np.mgrid[:h, :w]
+    fat = tissue & ((yy - 80) ** 2 / 45 ** 2 + (xx - 110) ** 2 / 55 ** 2 <= 1)
+    septa = (yy % 9 == 0) | (xx % 9 == 0)
+    rgb[fat & ~septa] = (240, 238, 243)
+    rgb[fat & septa] = (226, 190, 215)
+    stroke = np.abs((yy - 80) - 0.3 * (xx - 110)) <= 4
+    rgb[stroke] *= np.array([0.20, 0.34, 0.76])
+    masks = tissue_masks(_finish(rgb, rng), 8.0, PARAMS)
+    beside = fat & ~ndimage.binary_dilation(stroke, iterations=2)
+    assert masks.tissue[beside].mean() >= 0.95  # be551c4: 0.93 (the cells beside the stroke left out)
+    assert not (masks.tissue & stroke).any()
+
+
 # ------------------------------------------------------------------------------------- real thumbnails
 def _real(name: str) -> np.ndarray:
     return np.asarray(Image.open(DATA / name).convert("RGB"))
@@ -394,3 +439,23 @@ def test_qc_image_outlines_rejected_ink_in_its_own_colour():
     qc = qc_image(rgb, tissue, ink)
     assert (qc[10, 10] == QC_OUTLINE_RGB).all() and (qc[10, 40] == QC_REJECTED_RGB).all()
     assert (qc[25, 15] == 200).all() and (qc[25, 45] == 200).all()
+
+
+def test_ink_crossing_real_tissue_leaves_the_tissue_and_its_halo_on_glass_goes():
+    """A blue marker stroke with a halo drawn across the real needle core (its ink's density added to the
+    tissue's): the tissue beside the stroke stays as the clean image's mask has it, the stroke goes, and the
+    glass its halo tints is not tissue."""
+    clean = _real("slide_with_ink.jpeg")[:, 1200:2200]  # a stretch of the core away from its own blot
+    before = tissue_masks(clean, 8.0, PARAMS).tissue
+    stroke = PenStroke(((100.0, -20.0), (500.0, 500.0), (900.0, 1020.0)), 8.0, "blue", 3, halo=10.0,
+                       halo_density=0.25)
+    inked, truth = composite_marks(clean.astype(np.float32), [stroke])
+    padding = clean.min(axis=2) >= 253  # never imaged: no ink shows there
+    inked[padding] = clean[padding]
+    masks = tissue_masks(inked, 8.0, PARAMS)
+    core = truth["pen"] & ~truth["halo"] & ~padding
+    beside = before & ~ndimage.binary_dilation(core, iterations=2)
+    assert masks.tissue[beside].mean() >= 0.99
+    assert masks.ink[core].mean() >= 0.95 and masks.tissue[core].mean() <= 0.01
+    halo_on_glass = truth["halo"] & ~padding & ~ndimage.binary_dilation(before, iterations=2)
+    assert halo_on_glass.sum() > 1000 and masks.tissue[halo_on_glass].mean() <= 0.01

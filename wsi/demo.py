@@ -115,6 +115,8 @@ BLOOD_T = np.array([0.78, 0.22, 0.27], np.float32)
 SCANNER_FIELD_UM = (500.0, 400.0)  # a scanner's stitched camera field (w, h); each has its own brightness
 SMUDGE_T = np.array([0.90, 0.90, 0.885], np.float32)  # transmittance at the centre of a smudge
 SPECK_TS = ((0.30, 0.29, 0.28), (0.45, 0.36, 0.27), (0.55, 0.55, 0.52))  # dark dust, brown debris, grey
+HALO_REACH = 5.0  # a marker's halo is drawn out to this many of its e-folding lengths (then under 1% of its density)
+INK_VISIBLE_DENSITY = 0.02  # truth: ink where its density is at least this share of the full ink's (blue: red -3%)
 
 
 # ------------------------------------------------------------------------------------------ hashing + noise
@@ -209,23 +211,29 @@ class _Blob:
 
 
 @dataclass(frozen=True)
-class _Stroke:
-    """A marker-pen stroke: a polyline of level-0 points, ``half_width`` px, ink ``colour`` (a PEN_INKS key)."""
+class PenStroke:
+    """A marker-pen stroke: a polyline of level-0 points, ``half_width`` px, ink ``colour`` (a PEN_INKS key).
+    With a ``halo`` (px), ink that bled into the glass fades out beside it: its density, ``halo_density`` of the
+    full ink's at the stroke's edge, falls by e every ``halo`` px."""
 
     points: tuple
     half_width: float
     colour: str
     seed: int
+    halo: float = 0.0
+    halo_density: float = 0.0
 
     def box(self) -> Box:
         p = np.asarray(self.points)
-        lo, hi = p.min(0) - self.half_width, p.max(0) + self.half_width
+        reach = self.half_width + HALO_REACH * self.halo
+        lo, hi = p.min(0) - reach, p.max(0) + reach
         return (math.floor(lo[0]), math.floor(lo[1]), math.ceil(hi[0]), math.ceil(hi[1]))
 
-    def coverage(self, xs: np.ndarray, ys: np.ndarray, pixel: float) -> np.ndarray:
-        """Anti-aliased coverage on the grid ``ys x xs``; each segment only touches the pixels in its reach."""
+    def coverage(self, xs: np.ndarray, ys: np.ndarray, pixel: float) -> tuple[np.ndarray, np.ndarray]:
+        """Anti-aliased coverage on the grid ``ys x xs``, and the halo's ink density (a share of the full ink's)
+        outside it; each segment only touches the pixels in its reach."""
         dist = np.full((ys.size, xs.size), np.inf, np.float32)
-        reach = self.half_width + pixel
+        reach = self.half_width + HALO_REACH * self.halo + pixel
         p = np.asarray(self.points, np.float32)
         for a, b in zip(p[:-1], p[1:]):
             c0, c1 = np.searchsorted(xs, [min(a[0], b[0]) - reach, max(a[0], b[0]) + reach])
@@ -236,11 +244,15 @@ class _Stroke:
             ab = b - a
             t = np.clip((X * ab[0] + Y * ab[1]) / float(ab @ ab), 0, 1)
             np.minimum(dist[r0:r1, c0:c1], np.hypot(X - t * ab[0], Y - t * ab[1]), out=dist[r0:r1, c0:c1])
-        return _edge(self.half_width - dist, pixel)
+        coverage = _edge(self.half_width - dist, pixel)
+        if not self.halo:
+            return coverage, np.zeros_like(coverage)
+        beyond = np.maximum(dist - self.half_width, 0) / self.halo
+        return coverage, (1 - coverage) * np.where(beyond <= HALO_REACH, self.halo_density * np.exp(-beyond), 0)
 
 
 @dataclass(frozen=True)
-class _Speck:
+class Speck:
     """A dust or debris speck (``radius`` px, transmittance ``ink``) or, with ``smudge``, a faint smear."""
 
     cx: float
@@ -311,8 +323,8 @@ class _Scene:
     tissue: tuple  # _Blob, main pieces first
     n_main: int  # how many of ``tissue`` are main pieces (fat only grows in those)
     tumours: tuple  # _Blob
-    strokes: tuple  # _Stroke
-    specks: tuple  # _Speck (dust, debris and smudges)
+    strokes: tuple  # PenStroke
+    specks: tuple  # Speck (dust, debris and smudges)
     lymphoid: tuple = ()  # _Blob: lymphoid aggregates, the tumour mimics
     stain: tuple = (1.0, 1.0)  # haematoxylin, eosin strength: the slide's staining batch
     solid: tuple = ()  # _Blob: solid sheets of high-grade tumour
@@ -485,8 +497,8 @@ class _Layers:
     solid: np.ndarray
     blood: np.ndarray
     mucin: np.ndarray
-    pens: list  # (coverage, _Stroke)
-    specks: list  # (coverage, _Speck)
+    pens: list  # (coverage, halo density, PenStroke)
+    specks: list  # (coverage, Speck)
 
 
 def _layers(scene: _Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> _Layers:
@@ -522,7 +534,7 @@ def _layers(scene: _Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> _Lay
     mucin = cover(scene.mucin) * (1 - tumour - solid - lymphoid - blood)
     np.maximum(tissue, tumour + lymphoid + solid + blood + mucin, out=tissue)
     fat *= 1 - tumour - lymphoid - solid - blood - mucin
-    pens = [(s.coverage(xs, ys, pixel), s) for s in scene.strokes if _intersects(s.box(), region)]
+    pens = [(*s.coverage(xs, ys, pixel), s) for s in scene.strokes if _intersects(s.box(), region)]
     specks = [(s.coverage(xs, ys, pixel), s) for s in scene.specks if _intersects(s.box(), region)]
     return _Layers(tissue, tumour, lymphoid, fat, solid, blood, mucin, pens, specks)
 
@@ -537,15 +549,52 @@ def _render(scene: _Scene, x0: float, y0: float, pixel: float, light: np.ndarray
     transmit = np.ones((h, w, 3), np.float32)
     if lay.tissue.any():
         transmit = _tissue_transmittance(scene, lay, xs, ys, pixel)
-    for cov, speck in lay.specks:
+    _apply_marks(transmit, lay.pens, lay.specks, xs, ys, pixel)
+    return np.clip(light * transmit * np.asarray(scene.cast, np.float32) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _apply_marks(transmit: np.ndarray, pens: list, specks: list, xs, ys, pixel: float) -> None:
+    """Multiply ``transmit`` (h, w, 3) in place by what dust, smudges and marker ink let through: each adds its
+    optical density to what lies under it (a stroke's density varies by +-15% along it)."""
+    for cov, speck in specks:
         ink = SMUDGE_T if speck.smudge else np.asarray(speck.ink, np.float32)
         transmit *= 1 - cov[..., None] * (1 - ink)
-    for cov, stroke in lay.pens:
+    for cov, halo, stroke in pens:
         density = 0.85 + 0.15 * _noise(stroke.seed, xs, ys, stroke.half_width * 3, stroke.half_width / 3,
                                        pixel=pixel)
-        ink = np.asarray(PEN_INKS[stroke.colour], np.float32) ** density[..., None]
-        transmit *= 1 - cov[..., None] * (1 - ink)
-    return np.clip(light * transmit * np.asarray(scene.cast, np.float32) + 0.5, 0, 255).astype(np.uint8)
+        ink = np.asarray(PEN_INKS[stroke.colour], np.float32)
+        transmit *= 1 - cov[..., None] * (1 - ink ** density[..., None])
+        if stroke.halo:
+            transmit *= ink ** halo[..., None]
+
+
+def _marks_truth(pens: list, specks: list, shape: tuple) -> dict[str, np.ndarray]:
+    """Truth of drawn marks: ``pen`` where a stroke covers half a pixel or its halo is visible, ``halo`` that
+    visible halo alone (what lies under it shows through), ``speck`` where dust covers 5%."""
+    out = {k: np.zeros(shape, bool) for k in ("pen", "halo", "speck")}
+    for cov, halo, _ in pens:
+        out["pen"] |= cov > 0.5
+        out["halo"] |= (cov <= 0.5) & (halo >= INK_VISIBLE_DENSITY)
+    out["halo"] &= ~out["pen"]
+    out["pen"] |= out["halo"]
+    for cov, _ in specks:
+        out["speck"] |= cov > 0.05
+    return out
+
+
+def composite_marks(rgb: np.ndarray, strokes: Sequence[PenStroke] = (), specks: Sequence[Speck] = ()
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Marker ``strokes`` and dust ``specks`` (in the image's pixels) drawn over a real image ``rgb`` as a
+    slide's own are drawn: each adds its optical density to what lies under it (Beer-Lambert). Returns the
+    image (uint8) and the truth masks ``pen``, ``halo`` and ``speck`` (see :meth:`SyntheticSlide.truth_masks`)."""
+    h, w = rgb.shape[:2]
+    xs, ys = np.arange(w) + 0.5, np.arange(h) + 0.5
+    pens = [(*s.coverage(xs, ys, 1.0), s) for s in strokes]
+    dust = [(s.coverage(xs, ys, 1.0), s) for s in specks]
+    transmit = np.ones((h, w, 3), np.float32)
+    _apply_marks(transmit, pens, dust, xs, ys, 1.0)
+    out = np.clip(rgb * transmit + 0.5, 0, 255).astype(np.uint8)
+    return out, _marks_truth(pens, dust, (h, w))
 
 
 def _glass(scene: _Scene, pixel: float) -> np.ndarray:
@@ -693,7 +742,7 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
             raise ConfigError(path, f"no room for {tumour_tiles} tumour foci in a {width} x {height} slide",
                               "ask for fewer tumour_tiles or a larger slide")
 
-    strokes: list[_Stroke] = []
+    strokes: list[PenStroke] = []
     if pen_marks:  # arcs along the main pieces' rims, the way pathologists circle a region
         for k, colour in enumerate(PEN_INKS):
             blob = main[k % len(main)]
@@ -704,10 +753,10 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
             ex, ey = blob.rx * scale * np.cos(angles), blob.ry * scale * np.sin(angles)
             pts = np.stack([blob.cx + ex * c - ey * s, blob.cy + ex * s + ey * c], 1)
             pts = np.clip(pts, 0.02 * short, [width - 0.02 * short, height - 0.02 * short])
-            strokes.append(_Stroke(tuple(map(tuple, pts.round(1).tolist())), max(6.0, 0.02 * short), colour,
+            strokes.append(PenStroke(tuple(map(tuple, pts.round(1).tolist())), max(6.0, 0.02 * short), colour,
                                    next(seeds)))
 
-    dirt: list[_Speck] = []
+    dirt: list[Speck] = []
     if specks:  # smudges first (they need the room), then specks; all on glass, apart from each other
         for smudge, count in ((True, 3), (False, 14)):
             placed = 0
@@ -718,7 +767,7 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
                 x, y = rng.uniform(r, width - r), rng.uniform(r, height - r)
                 apart = all(math.hypot(x - o.cx, y - o.cy) > r + o.radius + 60 / um for o in dirt)
                 if apart and _clear_of(main + fragments, x, y, r, 60 / um):
-                    dirt.append(_Speck(x, y, r, SPECK_TS[int(rng.integers(len(SPECK_TS)))], smudge, next(seeds)))
+                    dirt.append(Speck(x, y, r, SPECK_TS[int(rng.integers(len(SPECK_TS)))], smudge, next(seeds)))
                     placed += 1
     place = _BlobPlacer(path, width, height, um, main)
     # lymphoid aggregates: round, 70-150 um radius (one to a few tiles), inside the main pieces, apart from tumour
@@ -801,6 +850,8 @@ class HardCases:
     pen_over_tissue: bool = False  # a blue and a red marker stroke drawn across a main piece
     scanner_padding: bool = False  # stitched grey fields with brightness steps, white padding outside them
     glass_rgb: tuple | None = None  # the scanned glass's colour (None: GLASS_RGB)
+    pen_off_edge: int = 0  # marker strokes that run off the slide's edge (half with a halo), dust specks beside each
+    ink_halos: int = 0  # dense marker blots on a main piece's rim that fade into a halo on the glass
 
 
 def _hard_cases(scene: _Scene, hard: HardCases, place: _BlobPlacer) -> _Scene:
@@ -828,10 +879,13 @@ def _hard_cases(scene: _Scene, hard: HardCases, place: _BlobPlacer) -> _Scene:
             ex, ey = t * blob.rx * math.cos(angle), t * blob.ry * math.sin(angle)
             pts = np.stack([blob.cx + ex - bend * math.sin(angle), blob.cy + ey + bend * math.cos(angle)], 1)
             pts = np.clip(pts, 0.02 * short, [scene.width - 0.02 * short, scene.height - 0.02 * short])
-            crossing.append(_Stroke(tuple(map(tuple, pts.round(1).tolist())), max(6.0, 0.015 * short), colour,
+            crossing.append(PenStroke(tuple(map(tuple, pts.round(1).tolist())), max(6.0, 0.015 * short), colour,
                                     int(rng.integers(1, 2 ** 31))))
         strokes = strokes + tuple(crossing)
-    scene = dataclasses.replace(scene, solid=tuple(solid), blood=tuple(blood), mucin=tuple(mucin), strokes=strokes,
+    edge_strokes, dust = _off_edge_strokes(scene, hard.pen_off_edge, np.random.default_rng([scene.seed, 0xED6E]))
+    blots = _halo_blots(scene, main, hard.ink_halos, np.random.default_rng([scene.seed, 0x4A10]))
+    scene = dataclasses.replace(scene, solid=tuple(solid), blood=tuple(blood), mucin=tuple(mucin),
+                                strokes=strokes + edge_strokes + blots, specks=scene.specks + dust,
                                 glass_rgb=tuple(hard.glass_rgb or scene.glass_rgb))
     if hard.scanner_padding:  # the fields near anything drawn were scanned; the rest is padding
         rng = np.random.default_rng([scene.seed, 0x5CA7])
@@ -846,6 +900,60 @@ def _hard_cases(scene: _Scene, hard: HardCases, place: _BlobPlacer) -> _Scene:
         scene = dataclasses.replace(scene, scan=_ScanArea(field, tuple(map(tuple, scanned.tolist())),
                                                           tuple(map(tuple, gain.tolist()))))
     return scene
+
+
+def _off_edge_strokes(scene: _Scene, count: int, rng: np.random.Generator) -> tuple[tuple, tuple]:
+    """``count`` marker strokes, each from a point in the slide's middle part (on glass or tissue) out past one of
+    its edges, every other one with a halo, and two dust specks on the glass beside each: (strokes, specks)."""
+    width, height, um = scene.width, scene.height, scene.um
+    short = min(width, height)
+    strokes, dust = [], []
+    for k in range(count):
+        start = np.array([rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height])
+        side = int(rng.integers(4))  # left, right, top, bottom; the stroke ends 3-10% of the short side past it
+        past = rng.uniform(0.03, 0.1) * short
+        along = rng.uniform(0.1, 0.9)
+        end = np.array([(-past, along * height), (width + past, along * height), (along * width, -past),
+                        (along * width, height + past)][side])
+        t = np.linspace(0, 1, 24)[:, None]
+        normal = np.array([-(end - start)[1], (end - start)[0]]) / np.hypot(*(end - start))
+        bend = rng.uniform(-0.06, 0.06) * np.hypot(*(end - start)) * np.sin(np.pi * t)
+        pts = start + t * (end - start) + bend * normal
+        half_width = rng.uniform(0.012, 0.025) * short / 2 + 6
+        halo = (rng.uniform(30, 120) / um, rng.uniform(0.1, 0.3)) if k % 2 else (0.0, 0.0)
+        strokes.append(PenStroke(tuple(map(tuple, pts.round(1).tolist())), half_width,
+                               list(PEN_INKS)[int(rng.integers(len(PEN_INKS)))], int(rng.integers(1, 2 ** 31)),
+                               *halo))
+        for _ in range(2):  # dust beside the stroke, on the glass
+            for _attempt in range(50):
+                i = int(rng.integers(len(pts)))
+                r = rng.uniform(8, 30) / um
+                off = half_width + halo[0] * 2 + rng.uniform(40, 150) / um + r
+                x, y = pts[i] + rng.choice((-1, 1)) * off * normal
+                if r <= x <= width - r and r <= y <= height - r and _clear_of(scene.tissue, x, y, r, 60 / um):
+                    dust.append(Speck(x, y, r, SPECK_TS[int(rng.integers(len(SPECK_TS)))], False,
+                                       int(rng.integers(1, 2 ** 31))))
+                    break
+    return tuple(strokes), tuple(dust)
+
+
+def _halo_blots(scene: _Scene, main: Sequence[_Blob], count: int, rng: np.random.Generator) -> tuple:
+    """``count`` dense marker blots (short, wide strokes, 150-350 um half-wide) centred on a main piece's rim,
+    each fading into a halo of 100-300 um on the glass, at 0.15-0.4 of the ink's density at its edge."""
+    blots = []
+    for _ in range(count):
+        blob = main[int(rng.integers(len(main)))]
+        angle = rng.uniform(0, 2 * math.pi)
+        c, s = math.cos(blob.angle), math.sin(blob.angle)
+        ex, ey = blob.rx * math.cos(angle), blob.ry * math.sin(angle)
+        centre = np.array([blob.cx + ex * c - ey * s, blob.cy + ex * s + ey * c])
+        direction = rng.uniform(0, math.pi)
+        length = rng.uniform(200, 800) / scene.um
+        offsets = np.linspace(-0.5, 0.5, 3)[:, None] * length * np.array([math.cos(direction), math.sin(direction)])
+        blots.append(PenStroke(tuple(map(tuple, (centre + offsets).round(1).tolist())),
+                             rng.uniform(150, 350) / scene.um, list(PEN_INKS)[int(rng.integers(len(PEN_INKS)))],
+                             int(rng.integers(1, 2 ** 31)), rng.uniform(100, 300) / scene.um, rng.uniform(0.15, 0.4)))
+    return tuple(blots)
 
 
 # ----------------------------------------------------------------------------------------------- result
@@ -881,9 +989,11 @@ class SyntheticSlide:
     def truth_masks(self, downsample: float) -> dict[str, np.ndarray]:
         """Ground truth on the grid of ``ceil(h / downsample) x ceil(w / downsample)`` pixels (sampled at their
         centres): boolean ``tissue`` (blood and mucin included), ``tumour`` (solid sheets included), ``lymphoid``,
-        ``fat``, ``blood``, ``mucin``, ``pen``, ``speck`` (specks and smudges) and ``padding`` (never scanned)."""
+        ``fat``, ``blood``, ``mucin``, ``pen`` (marker ink, and its halo where at least ``INK_VISIBLE_DENSITY`` of
+        the full ink's density), ``halo`` (that halo alone: what lies under it shows through), ``speck`` (specks
+        and smudges) and ``padding`` (never scanned)."""
         w, h = math.ceil(self.width / downsample), math.ceil(self.height / downsample)
-        kinds = ("tissue", "tumour", "lymphoid", "fat", "blood", "mucin", "pen", "speck", "padding")
+        kinds = ("tissue", "tumour", "lymphoid", "fat", "blood", "mucin", "pen", "halo", "speck", "padding")
         out = {k: np.zeros((h, w), bool) for k in kinds}
         step = 512
         for r in range(0, h, step):
@@ -899,10 +1009,8 @@ class SyntheticSlide:
             out["mucin"][rows] = lay.mucin > 0.5
             if self.scene.scan is not None:
                 out["padding"][rows] = self.scene.scan.padding(xs, ys)
-            for cov, _ in lay.pens:
-                out["pen"][rows] |= cov > 0.5
-            for cov, _ in lay.specks:
-                out["speck"][rows] |= cov > 0.05
+            for kind, where in _marks_truth(lay.pens, lay.specks, (ys.size, xs.size)).items():
+                out[kind][rows] = where
         return out
 
 

@@ -32,9 +32,13 @@ Steps (``rgb`` in, boolean masks out; ``mpp`` is the thumbnail's pixel size):
    ink where it joins the stroke and is no wider than it. Blue, green and black are followed only over and beside
    blood (blue ink absorbs much as haematoxylin does); a red stub that a crossing stroke cuts off goes with its
    stroke, and so does a stroke's rounded end just past a pool it crossed (red ink on glass is blood's colour:
-   the red beyond the run-on's end, along its axis, where it reaches the glass). Ink then grows by up to two
-   pixels into pixels that are not H&E-coloured or pale (a stroke's blurred edge, JPEG ringing), never into
-   stain. Where ink lies over tissue, only the inked pixels go.
+   the red beyond the run-on's end, along its axis, where it reaches the glass). A marker also bleeds into the
+   glass beside it and fades out there (a halo, enough to pass for faint stain): the tinted pixels joined to a
+   blue, green or black stroke whose density, less as much of the ink's as they can hold, leaves glass are ink
+   too; H&E's density does not point along those inks', so stain under a halo stays (a faint red is pale
+   eosin's colour as much as red ink's halo's: red halos are left to the stain tests). Ink then grows by
+   up to two pixels into pixels that are not H&E-coloured or pale (a stroke's blurred edge, JPEG ringing), never
+   into stain. Where ink lies over tissue, only the inked pixels go.
 3. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
    *stained* when its saturation ``(max - min) / max`` reaches ``saturation_min`` and its brightness (mean of
    R, G, B relative to the glass) is at most ``brightness_max``. *Faint* pixels (darker than
@@ -42,12 +46,15 @@ Steps (``rgb`` in, boolean masks out; ``mpp`` is the thumbnail's pixel size):
    where they touch stained ones: fat shows in a thumbnail only as a faint pink net of septa around white
    vacuoles, which hole filling then closes.
 4. **Clean-up.** Closing by a disc of ``close_um`` joins tissue split by thin gaps; holes smaller than
-   ``min_hole_um2`` (fat vacuoles, small lumens) are filled when ``fill_holes``; ink is taken out again; the
+   ``min_hole_um2`` (fat vacuoles, small lumens) are filled when ``fill_holes``, and so are the fat cells a
+   stroke across fat closes (holes of tissue and ink up to ``FAT_CELL_MAX_UM2``, walled more by tissue than by
+   ink: the glass a stroke walls in against tissue is larger); ink is taken out again; the
    outermost pixel counts only when stained (a thumbnail pixel across the edge is part glass, and blur tints
    the glass beside it: the outline sits where the edge is half tissue); pieces smaller than
    ``min_fragment_um2`` (dust, debris, leftover ink fringes) are dropped, and returned as debris.
 
-numpy and OpenCV only (scipy.ndimage would double a tiling job's start-up for the same operations).
+numpy and OpenCV only (scipy.ndimage would double a tiling job's start-up for the same operations). Distance
+transforms run on the box around their mask only (a stroke or a pool is a small part of a thumbnail).
 
 >>> import numpy as np
 >>> thumb = np.full((64, 64, 3), 240, np.uint8)
@@ -61,6 +68,7 @@ numpy and OpenCV only (scipy.ndimage would double a tiling job's start-up for th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +88,7 @@ STROKE_MIN_ELONGATION = 3.0  # red regions at least this long for their width ar
 RED_INK_MAX_BLUE_OVER_GREEN = 0.4  # red ink and blood: (B - G) / (R - G) at most this; eosin's pink has 0.5 and more
 RUN_ON_MIN = 0.7  # ink over tissue adds at least this share of the ink's density (full strokes 0.85-1; a dense
 # tumour beside pale stroma reads as at most 0.56 of blue ink's, haematoxylin absorbing much as blue ink does)
+FAT_CELL_MAX_UM2 = 6000.0  # a fat cell (70 um across, 3,800 um2; up to 90 um): the largest hole a stroke may close
 INK_KINDS = ("green", "blue", "black", "red")  # the order candidate colours claim a pixel in
 
 
@@ -167,7 +176,8 @@ def tissue_masks(rgb: np.ndarray, mpp: float, params: TissueParams) -> TissueMas
     stain_hue = stain_tint & (b - g > RED_INK_MAX_BLUE_OVER_GREEN * (r - g))
     ink = np.zeros(hi.shape, bool)
     if params.pen_filter:  # ink first, so its colour neither counts as stain nor tints the faint test
-        ink = _ink(r, g, b, hi, saturation, stain_hue & (brightness < 0.9), mpp, params.keep_blood)
+        tinted = (brightness <= params.brightness_max) | (saturation >= params.saturation_min / 2)
+        ink = _ink(r, g, b, hi, saturation, stain_hue & (brightness < 0.9), tinted, mpp, params)
         saturation[ink] = 0
     stained = (brightness <= params.brightness_max) & (saturation >= params.saturation_min)
     faint = ((brightness <= params.brightness_max) | stain_tint) & ~ink  # no bridge over a stroke to a smudge
@@ -179,6 +189,7 @@ def tissue_masks(rgb: np.ndarray, mpp: float, params: TissueParams) -> TissueMas
     px_area = mpp * mpp
     if params.fill_holes and params.min_hole_um2 > 0:
         tissue = _fill_small_holes(tissue, params.min_hole_um2 / px_area)
+        tissue |= _cells_walled_in(tissue, ink, min(params.min_hole_um2, FAT_CELL_MAX_UM2) / px_area)
     tissue &= ~ink  # where ink lies over tissue, the inked pixels go (closing and filling put none back)
     # a thumbnail pixel across the outline is part tissue, part glass, and blur tints its neighbour faintly:
     # the outermost pixel counts only when stained, so the outline sits where the edge is half tissue
@@ -254,9 +265,11 @@ def _histogram_quantile(values: np.ndarray, q: float, bins: int) -> int:
 
 
 def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation: np.ndarray,
-         stain: np.ndarray, mpp: float, keep_blood: bool) -> np.ndarray:
-    """Marker ink, decided region by region (see the module docstring), then grown by up to two pixels into
-    what is not ``stain`` (a thumbnail blurs a stroke's edge over a pixel, and JPEG rings around it)."""
+         stain: np.ndarray, tinted: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
+    """Marker ink, decided region by region (see the module docstring), followed into the glass it tints (of the
+    ``tinted`` pixels, those that would be glass without it), then grown by up to two pixels into what is not
+    ``stain`` (a thumbnail blurs a stroke's edge over a pixel, and JPEG rings around it)."""
+    keep_blood = params.keep_blood
     ink_colour = (  # in INK_KINDS order
         (g >= np.maximum(r, b)) & (saturation >= 0.2),  # green: never the brightest channel in H&E
         (b >= np.maximum(r, g)) & (r <= 0.5 * b) & (saturation >= 0.3),  # blue, with little red
@@ -306,6 +319,9 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
             ink |= run_on
             if kind == "red" and keep_blood:  # where a stroke found over blood pokes out of the pool
                 ink |= _stroke_ends(run_on, half_width, red & ~ink, glass)
+        for kind, kind_ink in decided:  # then the glass each ink tints (a stroke's halo); not red's: a faint red
+            if kind != "red" and kind_ink.any():  # is pale eosin's colour as much as red ink's halo's
+                ink |= _tinted_glass(kind_ink, tinted & ~ink, od, params)
     for _ in range(2):
         ink |= _dilate(ink, 1.5) & ~stain
     return ink
@@ -350,6 +366,42 @@ def _run_on(strokes: np.ndarray, half_width: float, host: np.ndarray, blood: np.
     joined = _touching(inked, _dilate(strokes, half_width)) & inked & ~strokes  # a rim pixel or two may part them
     run_on[box] = _narrow(joined, 1.5 * half_width)
     return run_on
+
+
+def _tinted_glass(strokes: np.ndarray, tinted: np.ndarray, od: np.ndarray, params: TissueParams) -> np.ndarray:
+    """The ``tinted`` pixels joined to blue, green or black ink ``strokes`` of one colour that are glass under the
+    ink: a marker bleeds into the glass beside it and fades out there (a halo), tinting it enough to pass for
+    faint stain.
+
+    Ink adds its optical density to what lies under it, so under a pixel lies its density less as much of the
+    ink's (the median over the strokes) as it can hold (the most that leaves no channel below zero). Where that
+    much ink alone would tint glass (half of ``saturation_min``, or darker than ``brightness_max``) and what lies
+    under it passes neither the faint test (darker than ``brightness_max``, or tinted as stain tints: green the
+    darkest, or within half of ``saturation_min`` of it, with half of ``saturation_min``) nor so the stained one,
+    the pixel is tinted glass. Stain under a halo stays: these inks absorb red as much as green or more, H&E
+    green the most, so taking the ink out leaves it. A real marker's faint halo is not exactly its dense core's
+    colour diluted (the scanner's response), which this allows for, and the ink taken out is an estimate (what is
+    left of pale septa may have blue as dark as green)."""
+    ink_od = np.median(od[strokes], axis=0)
+    strong = ink_od >= 0.1 * ink_od.max()  # channels the ink absorbs in (a near-clear one says nothing)
+    ys, xs = np.nonzero(_touching(tinted, strokes) & ~strokes)  # a halo can only lie among these
+    pixels = [od[ys, xs, c] for c in range(3)]  # channel by channel: reductions over 3 columns are slow
+    share = np.maximum(np.minimum.reduce([pixels[c] / ink_od[c] for c in np.flatnonzero(strong)]), 0)
+    ink_part = [np.exp(-share * ink_od[c]) for c in range(3)]  # transmittance of the ink alone, and of what
+    under = [np.exp(-np.maximum(pixels[c] - share * ink_od[c], 0)) for c in range(3)]  # lies under it
+
+    def low_high_mean(t):
+        return np.minimum.reduce(t), np.maximum.reduce(t), (t[0] + t[1] + t[2]) / 3
+
+    faint = 1 - params.saturation_min / 2
+    low, high, mean = low_high_mean(ink_part)
+    inked = (low < faint * high) | (mean <= params.brightness_max)
+    low, high, mean = low_high_mean(under)
+    stain_tint = (low < faint * high) & (under[1] * faint <= low)
+    glass_under = inked & ~stain_tint & (mean > params.brightness_max)
+    halo = np.zeros(strokes.shape, bool)
+    halo[ys[glass_under], xs[glass_under]] = True
+    return _touching(halo, strokes) & ~strokes
 
 
 def _stroke_ends(run_on: np.ndarray, half_width: float, red: np.ndarray, glass: np.ndarray) -> np.ndarray:
@@ -468,25 +520,46 @@ def _label(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, int]:
     return labels, n - 1
 
 
+def _around(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
+    """The box of ``mask``'s pixels grown by ``margin`` (clipped to the image), or None when it has none: the
+    distance transforms below work there only (a stroke or a pool is a small part of a thumbnail)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return (slice(max(rows[0] - margin, 0), rows[-1] + margin + 1),
+            slice(max(cols[0] - margin, 0), cols[-1] + margin + 1))
+
+
 def _distance_inside(mask: np.ndarray) -> np.ndarray:
     """Euclidean distance (float32) of each mask pixel to the nearest pixel outside it (0 outside)."""
-    padded = cv2.copyMakeBorder(mask.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    depth = np.zeros(mask.shape, np.float32)
+    box = _around(mask, 0)
+    if box is not None:  # the nearest pixel outside lies in the box or on the ring of zeros around it
+        padded = cv2.copyMakeBorder(mask[box].view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        depth[box] = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    return depth
 
 
+@functools.lru_cache(maxsize=64)
 def _disc(radius: float) -> np.ndarray:
     k = int(np.ceil(radius))
     y, x = np.mgrid[-k:k + 1, -k:k + 1]
-    return (x * x + y * y <= radius * radius).astype(np.uint8)
+    disc = (x * x + y * y <= radius * radius).astype(np.uint8)
+    disc.flags.writeable = False  # shared by every call with this radius
+    return disc
 
 
 def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
     """Dilation by a disc of ``radius`` px: a kernel for small discs, the exact Euclidean distance to the mask
-    for wide ones (its cost does not grow with the radius)."""
+    for wide ones (its cost does not grow with the radius), within the mask's box grown by the radius."""
     if radius <= 4:
         return cv2.dilate(mask.view(np.uint8), _disc(radius), borderValue=0).view(bool)
-    outside = np.ascontiguousarray(~mask).view(np.uint8)
-    return cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius
+    grown = np.zeros(mask.shape, bool)
+    box = _around(mask, int(np.ceil(radius)) + 1)
+    if box is not None:
+        outside = np.ascontiguousarray(~mask[box]).view(np.uint8)
+        grown[box] = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius
+    return grown
 
 
 def _erode(mask: np.ndarray, radius: float, outside: int) -> np.ndarray:
@@ -521,6 +594,26 @@ def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     fill[border] = False
     fill[0] = False
     return mask | fill[labels]
+
+
+def _cells_walled_in(tissue: np.ndarray, ink: np.ndarray, max_px: float) -> np.ndarray:
+    """The holes of ``tissue`` that ``ink`` closes, smaller than ``max_px`` and walled mostly by tissue: a stroke
+    across fat leaves the fat cells beside it open to the ink, so hole filling would leave them out (their pale
+    septa alone stay). A bay of glass that a stroke closes against tissue is walled by the stroke as much."""
+    labels, n = _label(~(tissue | ink), connectivity=4)
+    if n == 0:
+        return np.zeros(tissue.shape, bool)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    ring = _dilate(labels > 0, 1) & (labels == 0)  # the wall around each hole, one pixel thick
+    # a wall pixel's hole: the largest label beside it (float32 holds labels exactly up to 2 ** 24)
+    near = cv2.dilate(labels.astype(np.float32), np.ones((3, 3), np.uint8)).astype(np.int64)
+    by_tissue = np.bincount(near[ring & tissue], minlength=n + 1)
+    by_ink = np.bincount(near[ring & ink], minlength=n + 1)
+    fill = (sizes < max_px) & (by_tissue > by_ink) & (by_ink > 0)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    fill[border] = False
+    fill[0] = False
+    return fill[labels]
 
 
 def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
