@@ -129,7 +129,8 @@ def _metrics_html(metrics: dict, title: str, intro: str, roc: Path | None = None
         before = calibration["uncalibrated"]
         note += (f". Probabilities calibrated by temperature {calibration['temperature']:.2f} (Brier and ECE "
                  f"{calibration['measured'].split(':')[0]}; uncalibrated: Brier {before['brier']:.3f}, ECE "
-                 f"{before['ece']:.3f})")
+                 f"{before['ece']:.3f}). Calibration lets n slides of a class vouch for at most about (n + 1) / "
+                 "(n + 2) confidence: where every call is right, the ECE measures that cap, not a fault")
     if "max_wrong_confidence" in metrics:
         note += (f". Most confident wrong call: p = {metrics['max_wrong_confidence']:.2f}; wrong calls above 0.95: "
                  f"{metrics['confident_wrong']}")
