@@ -13,8 +13,8 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 VENDOR = ROOT / "wsi" / "viewer" / "static" / "vendor"
-# the files of each npm package the pages load: package folder -> vendor folder
-BUNDLED = {"openseadragon/build/openseadragon": "openseadragon"}
+# each npm package the pages load: its folder under node_modules -> (the folder of files the pages load, its licence)
+BUNDLED = {"openseadragon": ("build/openseadragon", "LICENSE.txt")}
 
 
 class BuildViewerAssets(Command):
@@ -36,10 +36,12 @@ class BuildViewerAssets(Command):
                    cwd=str(ROOT))
         if code != 0:
             raise RuntimeError(f"npm ci failed (exit {code}): the viewer's OpenSeadragon could not be installed")
-        for source, target in BUNDLED.items():
-            shutil.rmtree(VENDOR / target, ignore_errors=True)
-            shutil.copytree(ROOT / "node_modules" / source, VENDOR / target,
-                            ignore=shutil.ignore_patterns("*.map", "openseadragon.js"))
+        for package, (files, licence) in BUNDLED.items():
+            source, target = ROOT / "node_modules" / package, VENDOR / package
+            shutil.rmtree(target, ignore_errors=True)
+            # the minified build only: the unminified copy and source maps would triple the wheel's share
+            shutil.copytree(source / files, target, ignore=shutil.ignore_patterns("*.map", f"{package}.js"))
+            shutil.copy2(source / licence, target / licence)
 
 
 class BuildPyWithViewerAssets(build_py):

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("view", help="browse the slides of a run with their heatmaps in a web browser")
     p.add_argument("out", type=Path, help="output folder of the run")
     p.add_argument("--run", help="the model run to show (default: the newest predictions)")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; the report links there)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback prints a link with "
                    "a fresh token, without which nothing is served")
     return parser

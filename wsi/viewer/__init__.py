@@ -18,7 +18,9 @@ import os
 import secrets
 import socket
 
-__all__ = ["make_server", "serve"]
+__all__ = ["DEFAULT_PORT", "make_server", "serve", "slide_url"]
+
+DEFAULT_PORT = 8765
 
 CACHE_BYTES = 256 * 2**20   # tile cache: about 15,000 tiles of 256 px at JPEG quality 85
 DECODE_WORKERS = max(2, min(8, os.cpu_count() or 2))
@@ -51,7 +53,14 @@ def url(server) -> str:
     return f"http://{host}:{port}/" + (f"?token={server.token}" if server.token else "")
 
 
-def serve(out_dir, *, run: str | None = None, host: str = "127.0.0.1", port: int = 8765) -> None:
+def slide_url(slide_id: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> str:
+    """The link to a slide's page on a viewer started with ``wsi view`` (the report links every slide so)."""
+    from urllib.parse import quote
+
+    return f"http://{host}:{port}/slide?id={quote(slide_id, safe='')}"
+
+
+def serve(out_dir, *, run: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
     """Serve ``out_dir``'s run ``run`` (default: the newest predictions) until interrupted."""
     server = make_server(out_dir, run=run, host=host, port=port)
     print(f"wsi view: {len(server.outputs.ids)} slides of run {server.outputs.run or '(none)'}; open {url(server)}",

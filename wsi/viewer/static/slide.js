@@ -78,7 +78,7 @@ async function main() {
   const options = {tileSources: tileSource, prefixUrl: "/static/vendor/openseadragon/images/", maxZoomPixelRatio: 2,
                    showNavigationControl: true, immediateRender: false, imageLoaderLimit: 16};
   const viewer = OpenSeadragon({...options, element: document.getElementById("main-view"), showNavigator: true,
-                                navigatorPosition: "BOTTOM_RIGHT"});
+                                navigatorPosition: "BOTTOM_RIGHT", navigatorAutoFade: false});
   page.viewer = viewer;
   const scores = slide.scores;
   const values = scores ? layerValues(scores) : null;
