@@ -80,6 +80,9 @@ class ViewerServer(ThreadingHTTPServer):
 
 class ViewerHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body leave in two writes: with Nagle on, the body waits for the client's delayed ACK (40 ms a
+    # request on keep-alive connections, measured in bench/viewer.py)
+    disable_nagle_algorithm = True
     server: ViewerServer
 
     def log_message(self, format, *args):  # noqa: A002 (the stdlib's name): quiet, tiles come by the hundred

@@ -82,6 +82,7 @@ function render() {
     th.classList.toggle("sorted", th.dataset.key === state.sortKey);
     th.classList.toggle("descending", th.dataset.key === state.sortKey && state.descending);
   }
+  if (document.body.dataset.state !== "ready") performance.mark("cohort-ready");  // for bench/viewer.py
   document.body.dataset.state = "ready";
 }
 
