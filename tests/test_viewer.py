@@ -165,6 +165,11 @@ def test_read_only_disconnects_and_a_missing_slide_leave_the_server_up(server):
     assert get(server, "/tiles/tumour/11/1_1.jpg")[0] == 200
 
 
+def test_without_a_token_only_loopback_names_are_answered(server):
+    assert get(server, "/api/cohort", {"Host": "localhost:1"})[0] == 200
+    assert get(server, "/api/cohort", {"Host": "attacker.example:8765"})[0] == 403  # DNS rebinding
+
+
 def test_a_token_is_required_off_loopback_and_refusals_hold(out):
     server = make_server(out, run=RUN, host="0.0.0.0")
     assert server.token and len(server.token) >= 32 and f"?token={server.token}" in url(server)

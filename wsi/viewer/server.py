@@ -17,7 +17,8 @@ Routes (GET and HEAD only; anything else is 405, anything unknown 404):
 Slide ids must be ids of the run's slides (:class:`wsi.viewer.outputs.Outputs`) and static files must be
 among those found at start-up, so no part of a URL becomes a path. With a token, every request must carry it,
 as ``?token=`` (the printed link; the answer then sets it as a cookie for the page's own requests) or as that
-cookie; without it the answer is 403.
+cookie; without it the answer is 403. Without a token (loopback only) the request's Host must name loopback, so
+a web page elsewhere cannot reach the server by pointing its own name at 127.0.0.1 (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ TOKEN_COOKIE = "wsi_view_token"
 _TILE = re.compile(r"^/tiles/([^/]+)/(\d{1,2})/(\d{1,7})_(\d{1,7})\.jpg$")
 _TILE_IMAGE = re.compile(r"^/tile-image/([^/]+)/(\d{1,9})\.jpg$")
 _PAGES = {"/": "cohort.html", "/slide": "slide.html"}
+_LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'",
@@ -145,7 +147,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         """None when refused; else the Set-Cookie value to send ('' when there is none to send)."""
         token = self.server.token
         if token is None:
-            return ""
+            return "" if urlsplit("//" + self.headers.get("Host", "")).hostname in _LOOPBACK_NAMES else None
         given = query.get("token", [None])[0]
         if given is not None and hmac.compare_digest(given.encode(), token.encode()):
             return f"{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
