@@ -173,10 +173,11 @@ def test_without_a_token_only_loopback_names_are_answered(server):
 def test_a_token_is_required_off_loopback_and_refusals_hold(out):
     server = make_server(out, run=RUN, host="0.0.0.0")
     assert server.token and len(server.token) >= 32 and f"?token={server.token}" in url(server)
+    wrong = server.token[:-1] + ("y" if server.token[-1] == "x" else "x")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        for path in ("/", "/api/cohort", "/tiles/tumour/11/0_0.jpg", f"/api/cohort?token={server.token[:-1]}x"):
+        for path in ("/", "/api/cohort", "/tiles/tumour/11/0_0.jpg", f"/api/cohort?token={wrong}"):
             assert get(server, path)[0] == 403, path
         status, _, headers = get(server, f"/api/cohort?token={server.token}")
         assert status == 200
@@ -255,7 +256,10 @@ def screen_box(driver, x: float, y: float, size: float) -> tuple[int, int, int, 
 
 
 def screenshot(driver) -> np.ndarray:
-    wait(driver, "return wsiView.fullyLoaded")
+    """The window once every tile of the view is loaded and drawn, and no other is on its way."""
+    wait(driver, "const v = wsiView.viewer; return v.world.getItemAt(0).getFullyLoaded() && "
+                 "v.imageLoader.jobsInProgress === 0 && v.viewport.getZoom(true) === v.viewport.getZoom()")
+    driver.execute_async_script("requestAnimationFrame(() => requestAnimationFrame(arguments[0]))")
     return np.asarray(Image.open(__import__("io").BytesIO(driver.get_screenshot_as_png())).convert("RGB"))
 
 
@@ -303,7 +307,10 @@ def test_tumour_slide_heatmap_sits_on_the_tumour_and_vanishes_at_threshold_1(ser
         "const r = wsiView.viewer.element.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]"
         ".map(Math.round)")
     view = np.s_[top_px:top_px + height, left:left + width]
-    assert np.abs(cleared[view].astype(int) - bare[view]).max() <= 2  # nothing painted at threshold 1
+    # nothing painted at threshold 1: the slide alone (give or take a tile OpenSeadragon redrew from another level
+    # in between, a few grey levels; a painted tile at opacity 1 differs by 40 and more)
+    difference = np.abs(cleared[view].astype(int) - bare[view]).max(axis=2)
+    assert difference.max() <= 12 and difference.mean() < 0.5
     assert browser.execute_script("return performance.getEntriesByType('resource').length") == requests
     if os.environ.get("WSI_VIEWER_SCREENSHOT"):  # the README's picture: the whole slide, half-transparent overlay
         set_control(browser, "opacity", 0.5)

@@ -65,7 +65,8 @@ class Outputs:
         self._tiles: dict[str, SlideTiles] = {}
         self._lock = threading.Lock()
         self.rows = self._cohort_rows()
-        self.ids = frozenset(r["slide_id"] for r in self.rows)
+        self._rows_by_id = {r["slide_id"]: r for r in self.rows}
+        self.ids = frozenset(self._rows_by_id)
 
     # ---------------------------------------------------------------- the cohort table
     def _cohort_rows(self) -> list[dict]:
@@ -122,7 +123,7 @@ class Outputs:
     def slide_json(self, slide_id: str) -> bytes:
         """The slide page's data: geometry and MPP, the cohort row, whether the slide opens (its error if not)
         and, when the run scored it, every tile's coordinates and scores."""
-        row = next(r for r in self.rows if r["slide_id"] == slide_id)
+        row = self._rows_by_id[slide_id]
         doc: dict = {"slide_id": slide_id, "run": self.run, "row": row, "error": None, "scores": None}
         try:
             store = self.store(slide_id)
@@ -148,6 +149,7 @@ class Outputs:
             "source": "out-of-fold" if out_of_fold else "final", "classes": classes, "tumour_class": classes[tumour],
             "slide_probability": float(probabilities[tumour]), "predicted": attrs.oof_predicted if out_of_fold
             else attrs.predicted, "tile_px_level0": float(store.tiling.tile_px_level0),
+            "stride_px_level0": float(store.tiling.stride_px_level0),
             "coords": store.coords.ravel().tolist(),
             "attention": np.round(attention, 7).tolist(),
             "tumour": np.round(class_scores[:, tumour], 4).tolist(),

@@ -86,7 +86,7 @@ async function main() {
   page.viewer = viewer;
   const scores = slide.scores;
   const values = scores ? layerValues(scores) : null;
-  const size = scores ? scores.tile_px_level0 : 0;
+  const size = scores ? scores.tile_px_level0 : 0, stride = scores ? scores.stride_px_level0 : 0;
   document.getElementById("layers").disabled = !scores;
   if (!scores) document.getElementById("legend-text").textContent = "No scores of this run for this slide.";
 
@@ -99,7 +99,8 @@ async function main() {
     const c = controls();
     document.getElementById("threshold-value").textContent = c.threshold.toFixed(2);
     document.getElementById("legend-text").textContent = scores ? LEGENDS[c.layer] + ` Tiles at or below `
-      + `${c.threshold.toFixed(2)} are not painted. Scores: ${scores.source} model.` : "";
+      + `${c.threshold.toFixed(2)} are not painted` + (c.threshold > 0 ? "; a white line outlines the rest" : "")
+      + `. Scores: ${scores.source} model.` : "";
     const ratio = window.devicePixelRatio || 1, w = viewer.canvas.clientWidth, h = viewer.canvas.clientHeight;
     if (canvas.width !== Math.round(w * ratio) || canvas.height !== Math.round(h * ratio)) {
       canvas.width = Math.round(w * ratio);
@@ -128,6 +129,7 @@ async function main() {
         if (outline) ctx.strokeRect(x, y, size, size);
       }
       ctx.globalAlpha = 1;
+      if (c.threshold > 0) outlineRegions(ctx, shown, c.threshold, scale, [x0, y0, x1, y1]);
       if (page.selected !== undefined) {
         ctx.lineWidth = 3 / scale;
         ctx.strokeStyle = "#ff2020";
@@ -139,6 +141,26 @@ async function main() {
     page.lastRedrawMs = performance.now() - started;
   }
   page.redraw = redraw;
+
+  // the region outline: every edge between a tile above the threshold and one that is not (or no tile), so the
+  // thresholded tiles read as regions, as the GeoJSON's tumour region does in QuPath
+  const byCell = new Map(scores ? Array.from(scores.attention.keys(), i =>
+    [`${scores.coords[2 * i]},${scores.coords[2 * i + 1]}`, i]) : []);
+  function outlineRegions(ctx, shown, threshold, scale, [x0, y0, x1, y1]) {
+    const above = (x, y) => { const j = byCell.get(`${x},${y}`); return j !== undefined && shown[j] > threshold; };
+    ctx.beginPath();
+    for (let i = 0; i < shown.length; i++) {
+      const x = scores.coords[2 * i], y = scores.coords[2 * i + 1];
+      if (shown[i] <= threshold || x < x0 || x > x1 || y < y0 || y > y1) continue;
+      if (!above(x, y - stride)) { ctx.moveTo(x, y); ctx.lineTo(x + size, y); }
+      if (!above(x, y + stride)) { ctx.moveTo(x, y + size); ctx.lineTo(x + size, y + size); }
+      if (!above(x - stride, y)) { ctx.moveTo(x, y); ctx.lineTo(x, y + size); }
+      if (!above(x + stride, y)) { ctx.moveTo(x + size, y); ctx.lineTo(x + size, y + size); }
+    }
+    ctx.strokeStyle = "#ffffff";
+    ctx.lineWidth = 2.5 / scale;
+    ctx.stroke();
+  }
 
   function updateScaleBar() {
     if (!viewer.world.getItemCount()) return;
