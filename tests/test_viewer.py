@@ -347,3 +347,32 @@ def test_a_slide_that_cannot_be_opened_says_so_on_its_page(server, browser):
     assert "cannot be shown" in message and "file does not exist" in message
     open_page(browser, server, "/slide?id=tumour")  # the others are unaffected
     assert browser.execute_script("return wsiView.ready")
+
+
+def test_a_click_shows_the_tiles_scores_and_the_h_and_e_beside_follows(server, browser, out):
+    store = SlideStore.open(store_path(out, "tumour"))
+    size, coords = store.tiling.tile_px_level0, store.coords
+    inside = int(np.flatnonzero(in_tumour(coords, size))[0])
+    open_page(browser, server, "/slide?id=tumour")
+    x, y = coords[inside] + size / 2
+    point = browser.execute_script("""const v = wsiView.viewer;
+        const p = v.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(arguments[0], arguments[1]));
+        return [p.x, p.y];""", float(x), float(y))
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    container = browser.find_element("css selector", "#main-view .openseadragon-container")
+    rect = container.rect
+    ActionChains(browser).move_to_element_with_offset(container, point[0] - rect["width"] / 2,
+                                                      point[1] - rect["height"] / 2).click().perform()
+    wait(browser, "return wsiView.shownTile !== undefined")
+    info = browser.find_element("id", "tile-info").text
+    assert f"{coords[inside, 0]}, {coords[inside, 1]} px" in info and "P(tumour) 0.900" in info
+
+    browser.find_element("id", "side-by-side").click()
+    wait(browser, "return wsiView.heViewer && wsiView.heViewer.world.getItemCount()")
+    browser.execute_script("const v = wsiView.viewer.viewport; v.zoomTo(4, null, true);"
+                           "v.panTo(v.imageToViewportCoordinates(1000, 800), true);")
+    # the H&E beside moves with the overlay (on the next animation frame)
+    wait(browser, """const a = wsiView.viewer.viewport, b = wsiView.heViewer.viewport, close = (x, y) =>
+        Math.abs(x - y) < 1e-3 * Math.abs(x); return a.getZoom() === 4 && close(b.getZoom(), 4) &&
+        close(b.getCenter().x, a.getCenter().x) && close(b.getCenter().y, a.getCenter().y);""", timeout=10)

@@ -254,7 +254,7 @@ async function main() {
     he.hidden = !event.target.checked;
     document.getElementById("views").classList.toggle("split", event.target.checked);
     if (event.target.checked && !heViewer) {
-      heViewer = OpenSeadragon({...options, element: he, showNavigator: false});
+      heViewer = page.heViewer = OpenSeadragon({...options, element: he, showNavigator: false});
       heViewer.addOnceHandler("open", () => {
         heViewer.viewport.zoomTo(viewer.viewport.getZoom(), null, true);
         heViewer.viewport.panTo(viewer.viewport.getCenter(), true);
