@@ -206,7 +206,8 @@ def browser(profile: str):
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,900", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}"):
         options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    return webdriver.Chrome(options=options, service=service)
 
 
 def wait(driver, script: str, timeout: float = 60):
@@ -241,7 +242,8 @@ def slide_page(out: Path) -> dict:
                                                        control, str(value)))
             redraw.append(driver.execute_script("return wsiView.lastRedrawMs"))
         after = driver.execute_script("return performance.getEntriesByType('resource').length")
-        return {"first_full_view_ms": round(first), "first_view_tiles": n_tiles, "server_start_s": round(server.start_s, 2),
+        return {"first_full_view_ms": round(first), "first_view_tiles": n_tiles,
+                "server_start_s": round(server.start_s, 2),
                 "redraw_ms_median": round(statistics.median(redraw), 2), "redraw_ms_max": round(max(redraw), 2),
                 "to_painted_frame_ms_median": round(statistics.median(painted), 1),
                 "to_painted_frame_ms_max": round(max(painted), 1), "requests_during_redraws": after - before,

@@ -9,6 +9,7 @@ Selenium over ``chromium-driver``, offline.
 """
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -133,14 +134,15 @@ def test_deep_zoom_tile_at_full_resolution_is_the_slide_itself(out, server):
     assert status == 200 and headers["Content-Type"] == "image/jpeg"
     with open_slide(store.slide.source_path) as slide:
         expected = slide.read_region(3 * TILE_PX, 3 * TILE_PX, 0, TILE_PX, TILE_PX).astype(int)
-    tile = np.asarray(Image.open(__import__("io").BytesIO(body)).convert("RGB")).astype(int)
+    tile = np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
     assert tile.shape == expected.shape and np.abs(tile - expected).mean() < 3  # JPEG re-encoding only
     status, body, _ = get(server, "/tiles/tumour/0/0_0.jpg")  # the whole slide in one pixel: still a tile
-    assert status == 200 and Image.open(__import__("io").BytesIO(body)).size == (1, 1)
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (1, 1)
 
 
 @pytest.mark.parametrize("path", [
-    "/static/../outputs.py", "/static/%2e%2e/outputs.py", "/static/", "/static/vendor/", "/stores/tumour.zarr/zarr.json",
+    "/static/../outputs.py", "/static/%2e%2e/outputs.py", "/static/", "/static/vendor/",
+    "/stores/tumour.zarr/zarr.json",
     "/api/slide/../failures.csv", "/api/slide/..%2Ffailures.csv", "/api/slide/nobody", "/thumb/%2e%2e",
     "/tiles/nobody/1/0_0.jpg", "/tiles/..%2Fstores%2Ftumour.zarr/1/0_0.jpg", "/tiles/tumour/12/99_0.jpg",
     "/tiles/tumour/13/0_0.jpg", "/tiles/tumour/-1/0_0.jpg", "/tile-image/tumour/100000.jpg", "/etc/passwd",
@@ -260,7 +262,7 @@ def screenshot(driver) -> np.ndarray:
     wait(driver, "const v = wsiView.viewer; return v.world.getItemAt(0).getFullyLoaded() && "
                  "v.imageLoader.jobsInProgress === 0 && v.viewport.getZoom(true) === v.viewport.getZoom()")
     driver.execute_async_script("requestAnimationFrame(() => requestAnimationFrame(arguments[0]))")
-    return np.asarray(Image.open(__import__("io").BytesIO(driver.get_screenshot_as_png())).convert("RGB"))
+    return np.asarray(Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB"))
 
 
 def set_control(driver, element_id: str, value) -> None:

@@ -20,7 +20,7 @@ from PIL import Image
 from ..errors import WsiError
 from ..layout import Layout
 from ..store import SlideStore
-from .tiles import SlideTiles
+from .tiles import TILE_PX, SlideTiles
 
 THUMB_PX = 192  # the cohort table's thumbnails, longest side
 
@@ -133,7 +133,7 @@ class Outputs:
             doc["error"] = str(e)
             return json.dumps(doc).encode()
         doc.update(width=store.slide.width, height=store.slide.height, mpp=store.slide.mpp_x,
-                   max_level=tiles.zoom.max_level)
+                   max_level=tiles.zoom.max_level, tile_px=TILE_PX)
         if self.run and store.has_scores(self.run):
             doc["scores"] = self._scores(store)
         return json.dumps(doc).encode()

@@ -118,7 +118,9 @@ async function main() {
   document.getElementById("run").textContent = cohort.run ? `run ${cohort.run}` : "no predictions yet";
   buildHeader();
   document.getElementById("wrong-first").addEventListener("change", refresh);
-  document.getElementById("prev").addEventListener("click", () => { state.page = Math.max(0, state.page - 1); render(); });
+  document.getElementById("prev").addEventListener("click", () => {
+    state.page = Math.max(0, state.page - 1); render();
+  });
   document.getElementById("next").addEventListener("click", () => {
     state.page = Math.min(Math.ceil(state.shown.length / PAGE_ROWS) - 1, state.page + 1); render();
   });

@@ -72,7 +72,7 @@ async function main() {
   if (slide.error) return fail(slide.error);
 
   const tileSource = {
-    width: slide.width, height: slide.height, tileSize: 256, tileOverlap: 0, minLevel: 0, maxLevel: slide.max_level,
+    width: slide.width, height: slide.height, tileSize: slide.tile_px, tileOverlap: 0, minLevel: 0, maxLevel: slide.max_level,
     getTileUrl: (level, x, y) => `/tiles/${encodeURIComponent(slideId)}/${level}/${x}_${y}.jpg`,
   };
   // the 2D-canvas drawer: OpenSeadragon 5's WebGL drawer fell back to software WebGL on a machine without a GPU
@@ -88,7 +88,6 @@ async function main() {
   const values = scores ? layerValues(scores) : null;
   const size = scores ? scores.tile_px_level0 : 0, stride = scores ? scores.stride_px_level0 : 0;
   document.getElementById("layers").disabled = !scores;
-  if (!scores) document.getElementById("legend-text").textContent = "No scores of this run for this slide.";
 
   const canvas = document.createElement("canvas");
   canvas.id = "heatmap";
@@ -100,7 +99,7 @@ async function main() {
     document.getElementById("threshold-value").textContent = c.threshold.toFixed(2);
     document.getElementById("legend-text").textContent = scores ? LEGENDS[c.layer] + ` Tiles at or below `
       + `${c.threshold.toFixed(2)} are not painted` + (c.threshold > 0 ? "; a white line outlines the rest" : "")
-      + `. Scores: ${scores.source} model.` : "";
+      + `. Scores: ${scores.source} model.` : "No scores of this run for this slide.";
     const ratio = window.devicePixelRatio || 1, w = viewer.canvas.clientWidth, h = viewer.canvas.clientHeight;
     if (canvas.width !== Math.round(w * ratio) || canvas.height !== Math.round(h * ratio)) {
       canvas.width = Math.round(w * ratio);
