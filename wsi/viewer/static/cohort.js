@@ -7,7 +7,7 @@ const COLUMNS = [
   {key: "slide_id", title: "slide"},
   {key: "label", title: "label"},
   {key: "predicted", title: "predicted"},
-  {key: "probability", title: "probability"},
+  {key: "probability", title: "P(call)"},
   {key: "source", title: "call from"},
   {key: "site", title: "site"},
   {key: "failures", title: "failures"},
