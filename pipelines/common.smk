@@ -148,8 +148,21 @@ def summarise(success):
         pass
 
 
+def print_view_command():
+    """The run's last line: how to open its slides and heatmaps in the browser."""
+    if config["mode"] != "features":
+        print(
+            f"wsi: browse the slides and their heatmaps: wsi view {shlex.quote(str(LAYOUT.out))} "
+            f"--run {shlex.quote(RUN)}",
+            file=sys.stderr,
+        )
+
+
 onsuccess:
-    summarise(True)
+    try:
+        summarise(True)
+    finally:
+        print_view_command()
 
 
 onerror:

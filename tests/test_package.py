@@ -48,9 +48,9 @@ def wheel(tmp_path_factory) -> Path:
     """The wheel of this checkout, built offline from a copy of what the build reads (so the checkout gets
     no build/ or egg-info)."""
     src = tmp_path_factory.mktemp("src")
-    shutil.copy2(REPO / "pyproject.toml", src)
-    shutil.copy2(REPO / "README.md", src)
-    shutil.copytree(REPO / "wsi", src / "wsi", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "package.json", "package-lock.json", "README.md"):
+        shutil.copy2(REPO / name, src)
+    shutil.copytree(REPO / "wsi", src / "wsi", symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "vendor"))
     for link in workflow_links():  # the top-level files and folders the package's workflow links point to
         target = link.resolve()
         (src / target.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +73,14 @@ def test_wheel_holds_the_workflow_and_its_defaults(wheel):
         assert not missing, f"the wheel lacks {missing}: add them to [tool.setuptools.package-data]"
         for name, path in expected.items():  # real files with the checkout's contents, not links
             assert whl.read(name) == path.read_bytes(), name
+
+
+def test_wheel_holds_the_viewer_and_openseadragon_from_npm(wheel):
+    with zipfile.ZipFile(wheel) as whl:
+        names = set(whl.namelist())
+    for name in ("slide.html", "slide.js", "cohort.html", "cohort.js", "viewer.css", "vendor/openseadragon/"
+                 "openseadragon.min.js", "vendor/openseadragon/LICENSE.txt", "vendor/openseadragon/images/home_rest.png"):
+        assert f"wsi/viewer/static/{name}" in names, name
 
 
 @pytest.mark.slow

@@ -207,6 +207,8 @@ def test_learning_run_reports_out_of_fold_figures_apart_from_in_sample_calls(lea
         assert sid in gallery
     assert gallery.count("out-of-fold:") == gallery.count("final model:") == len(PAINTED)
     assert gallery.count("P(tumour) per tile") == len(PAINTED) and gallery.count("label: tumour") == 3
+    page = learning_report.read_text()
+    assert all(f"/slide?id={r['slide_id']}'" in page for r in rows)  # every slide links into wsi view
     assert "broken" in sections.text["failures"] and "tile" in sections.text["failures"]
     assert "with failures" in sections.text["slides"]
 

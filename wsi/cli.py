@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="self-contained OUT/report.html")
     _common(p, per_slide=False, status=False)
     p.add_argument("--model-run", help="the run to report (default: the newest)")
+
+    p = sub.add_parser("view", help="browse the slides of a run with their heatmaps in a web browser")
+    p.add_argument("out", type=Path, help="output folder of the run")
+    p.add_argument("--run", help="the model run to show (default: the newest predictions)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; the report links there)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback prints a link with "
+                   "a fresh token, without which nothing is served")
     return parser
 
 
@@ -310,6 +317,12 @@ def run(args) -> int:
         from .report import write_report
 
         print(write_report(args.out, _config(args), run=args.model_run))
+        return 0
+
+    if args.command == "view":
+        from .viewer import serve
+
+        serve(args.out, run=args.run, host=args.host, port=args.port)
         return 0
     raise AssertionError(args.command)
 

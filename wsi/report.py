@@ -1,4 +1,6 @@
-"""The run report: one self-contained ``OUT/report.html`` (images inlined, no network) over the cohort.
+"""The run report: one ``OUT/report.html`` (no network) over the cohort; the first :data:`_INLINE_CARDS` heatmap
+pictures are inlined, later ones load from ``OUT/heatmaps`` as they are scrolled to (the report stays a few MB at
+10,000 slides). Every slide links to its page in ``wsi view`` (:mod:`wsi.viewer`).
 
 It reads only documented outputs: the stores (:mod:`wsi.store`), ``failures.csv``, the labels table,
 ``OUT/predictions/<run>/predictions.csv``, the model run folder (``run.json``, ``cv_predictions.csv``,
@@ -40,12 +42,16 @@ from . import __version__, atomic
 from .errors import ConfigError, read_failures
 from .layout import Layout
 from .store import OOD_WARNING, open_cohort
+from .viewer import slide_url
 
 # Below this many slides in a class, each cross-validation fold trains on a handful of bags and the AUROC
 # interval spans most of [0, 1]: the figures say the pipeline runs, not that the model works.
 MIN_SLIDES_PER_CLASS = 10
 _THUMB_PX = 400       # heatmap panel width in the gallery (three to a row in a 1400 px window)
 _SCALE_STOPS = 11     # colour-bar gradient stops
+# Cards whose picture is inlined; later ones load their overlay.png from OUT as they are scrolled to, so a report
+# of 10,000 slides is a few MB rather than 250 (inlined, a card is about 25 KB).
+_INLINE_CARDS = 60
 
 
 def _img_data_uri(image: Image.Image | Path, max_px: int | None = None) -> str:
@@ -212,7 +218,8 @@ def _slides_table(slide_ids, stores, labels, failures) -> str:
         store = stores.get(sid)
         mpp = f"{store.slide.mpp_x:.3f} ({_esc(store.slide.mpp_source)})" if store else "–"
         status = "failed" if sid in failures else "ok"
-        rows.append(f"<tr><td>{_esc(sid)}</td><td>{_esc(labels.get(sid, ('',))[0])}</td>"
+        rows.append(f"<tr><td><a href='{_esc(slide_url(sid))}'>{_esc(sid)}</a></td>"
+                    f"<td>{_esc(labels.get(sid, ('',))[0])}</td>"
                     f"<td>{store.n_tiles if store else '–'}</td><td>{mpp}</td>"
                     f"<td class={status}>{status}</td></tr>")
     return ("<table class=slides><tr><th>slide</th><th>label</th><th>tiles</th><th>MPP (source)</th>"
@@ -259,7 +266,7 @@ def _call(row: dict | None, cls: str) -> str:
 
 
 def _heatmap_card(out_dir: Path, folder: Path, sid: str, label: str, oof: dict | None, final: dict | None,
-                  in_sample: bool, classes: list[str]) -> str:
+                  in_sample: bool, classes: list[str], inline: bool) -> str:
     doc = _read_json(folder / "heatmap.json")
     params = doc.get("params", {})
     cls = params.get("tumour_class") or (classes[-1] if classes else "")
@@ -269,9 +276,10 @@ def _heatmap_card(out_dir: Path, folder: Path, sid: str, label: str, oof: dict |
         subject = f"P({cls}) per tile" + (" (rank within slide)" if params.get("normalize") == "percentile"
                                            else "")
     rel = os.path.relpath(folder, Layout(out_dir).report.parent)  # links from the report
-    links = " · ".join(f"<a href='{_esc(rel)}/{name}'>{text}</a>" for name, text in (
+    links = " · ".join([f"<a href='{_esc(slide_url(sid))}'>viewer</a>"] + [
+        f"<a href='{_esc(rel)}/{name}'>{text}</a>" for name, text in (
         ("overlay.png", "overlay"), ("heatmap.tif", "pyramidal TIFF"), ("tiles.geojson", "QuPath GeoJSON"),
-        ("top_tiles.png", "top tiles")) if (folder / name).exists())
+        ("top_tiles.png", "top tiles")) if (folder / name).exists()])
     lines = [f"<div class=title>{_esc(sid)}</div>", f"<div>label: <b>{_esc(label or 'none')}</b></div>"]
     if oof:
         lines.append(f"<div>out-of-fold: {_call(oof, cls)} <span class=tag>fold {_esc(oof.get('fold', '?'))}"
@@ -281,8 +289,9 @@ def _heatmap_card(out_dir: Path, folder: Path, sid: str, label: str, oof: dict |
     if _is_ood(final) or _is_ood(oof):
         score = (oof if _is_ood(oof) else final)["ood_score"]
         lines.append(f"<div class=ood>⚠ {_esc(OOD_WARNING)} (OOD score {_esc(score)})</div>")
-    image = _img_data_uri(_panel(folder / "overlay.png"), _THUMB_PX)
-    return (f"<figure><a href='{_esc(rel)}/overlay.png'><img alt='heatmap of {_esc(sid)}' src='{image}'></a>"
+    image = _img_data_uri(_panel(folder / "overlay.png"), _THUMB_PX) if inline else f"{_esc(rel)}/overlay.png"
+    return (f"<figure><a href='{_esc(rel)}/overlay.png'><img loading=lazy alt='heatmap of {_esc(sid)}' "
+            f"src='{image}'></a>"
             f"<figcaption>{''.join(lines)}{_colour_scale(params.get('colormap', 'viridis'), subject)}"
             f"<div class=links>{links}</div></figcaption></figure>")
 
@@ -346,15 +355,17 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
         warnings.append(f"No cross-validated metrics in {model_dir}: nothing here measures how well the model "
                         "works.")
 
+    painted = [sid for sid in slide_ids if (layout.heatmap_dir(run, sid) / "overlay.png").exists()]
     cards = [_heatmap_card(out_dir, layout.heatmap_dir(run, sid), sid, labels.get(sid, ("",))[0],
                            trained.get(sid) if not predict_mode else None, by_slide.get(sid), sid in trained,
-                           classes)
-             for sid in slide_ids if (layout.heatmap_dir(run, sid) / "overlay.png").exists()]
+                           classes, inline=n < _INLINE_CARDS)
+             for n, sid in enumerate(painted)]
     calls = ("the final model's prediction" if predict_mode else "its out-of-fold prediction (the honest one) and "
              "the final model's (in-sample: the model that paints the heatmap trained on the slide)")
     gallery = (f"<p>Each slide's heatmap over its thumbnail, with its label and {calls} under it; click a picture "
-               f"for the full overlay.</p><div class=gallery>{''.join(cards)}</div>" if cards
-               else "<p>No heatmaps for this run.</p>")
+               "for the full overlay, or <i>viewer</i> for the slide at full resolution under its heatmap (start "
+               f"it with <code>wsi view {_esc(out_dir)} --run {_esc(run)}</code>).</p>"
+               f"<div class=gallery>{''.join(cards)}</div>" if cards else "<p>No heatmaps for this run.</p>")
 
     unlike = sorted(r["slide_id"] for r in predictions if r["slide_id"] not in trained and _is_ood(r))
     if unlike:
