@@ -116,7 +116,8 @@ def main() -> None:
     parser.add_argument("--fresh-seeds", default="", help="re-use a fresh family drawn before (its seeds)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--baseline-repeats", type=int, default=3)
-    parser.add_argument("--root", type=Path, default=None, help="the tier's cache (default bench/out/mil_quality_<tier>)")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="the tier's cache (default bench/out/mil_quality_<tier>)")
     args = parser.parse_args()
 
     from wsi.mil.ood import slide_descriptor
@@ -172,7 +173,8 @@ def main() -> None:
               f"{summary([x['auroc'] for x in s])} | {np.mean([x['ece'] for x in s]):.3f} "
               f"({max(x['ece'] for x in s):.3f}) | {np.mean([x['raw']['ece'] for x in s]):.3f} "
               f"({max(x['raw']['ece'] for x in s):.3f}) | {np.mean([x['brier'] for x in s]):.3f} | "
-              f"{max(x['max_wrong_confidence'] for x in s):.3f} ({max(x['raw']['max_wrong_confidence'] for x in s):.3f}) | "
+              f"{max(x['max_wrong_confidence'] for x in s):.3f} "
+              f"({max(x['raw']['max_wrong_confidence'] for x in s):.3f}) | "
               f"{sum(x['confident_wrong'] for x in s)} ({sum(x['raw']['confident_wrong'] for x in s)}) | "
               f"{sum(x['ood_flagged'] for x in s)} of {len(s) * len(cohort.ids)} |")
     print(f"\nwall {wall:.0f} s for {len(jobs)} CV repeats on {args.workers} processes")

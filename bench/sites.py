@@ -7,7 +7,8 @@ Cohort (:func:`wsi.demo.write_synthetic_slide`, one :data:`wsi.demo.SITE_PROFILE
 vectors and strengths, scanner colour cast, JPEG quality): four sites A-D of ``--per-site`` slides each, ``--size``
 px at 0.5 um/px (5,600 x 4,200: about 100 tissue tiles; 2,800 x 2,100: about 25), every slide with
 ``--aggregates`` lymphoid aggregates (the tumour mimic), tumour slides with one tumour focus of about one tile (so
-tumour is about 1% of a big slide's tiles, 4% of a small one's). Site A, a training site, is confounded: all its slides but one
+tumour is about 1% of a big slide's tiles, 4% of a small one's). Site A, a training site, is confounded: all its
+slides but one
 are tumour, so its purple stain predicts the label; B-D hold both classes equally. One patient per slide.
 
 Pipeline, every stage the real one: ``wsi.tiling.tile_slides`` (256 px at 0.5 um/px), ``wsi.features.

@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from wsi.mil.calibration import (apply_temperature, brier, confident_errors, cross_fitted, ece, fit_temperature,
-                                 reliability_bins)
+from wsi.mil.calibration import (
+    apply_temperature,
+    brier,
+    confident_errors,
+    cross_fitted,
+    ece,
+    fit_temperature,
+    reliability_bins,
+)
 from wsi.mil.metrics import _auroc
 from wsi.mil.ood import OODReference, conformal_threshold, fit_out_of_fold, slide_descriptor
 

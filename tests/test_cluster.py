@@ -13,8 +13,15 @@ import pytest
 import torch
 from distributed import Client, LocalCluster, Scheduler, SpecCluster, Worker
 
-from wsi.cluster import (CudaUnusedWarning, choose_precision, dask_client, gpu_resources, local_cluster,
-                         slurm_job_script, worker_device)
+from wsi.cluster import (
+    CudaUnusedWarning,
+    choose_precision,
+    dask_client,
+    gpu_resources,
+    local_cluster,
+    slurm_job_script,
+    worker_device,
+)
 from wsi.config import load_config
 from wsi.errors import ConfigError
 from wsi.mil.training import autocast_dtype

@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 from distributed import Client, WorkerPlugin
-
 from test_features_encoders import lite0_checkpoint, plain_forward, save_tiny
+
 from wsi.cluster import local_cluster
 from wsi.config import load_config
 from wsi.errors import ConfigError, read_failures, record_failure
@@ -330,7 +330,7 @@ def test_real_weights_on_real_tissue_separate_tissue_from_glass(cluster, tmp_pat
     tissue, glass = feats[fraction > 0.9], feats[fraction < 0.02]
     assert len(tissue) >= 5 and len(glass) >= 5
     correct = 0
-    for group, other, label in ((tissue, glass, 0), (glass, tissue, 1)):
+    for group, other in ((tissue, glass), (glass, tissue)):
         for i in range(len(group)):  # leave-one-out nearest centroid
             rest = np.delete(group, i, axis=0)
             d_same = np.linalg.norm(group[i] - rest.mean(0))

@@ -14,8 +14,17 @@ from safetensors.torch import load_file
 
 from wsi.config import load_config
 from wsi.errors import ConfigError, StoreError, read_failures
-from wsi.mil import (create_model, list_models, load_cohort, load_ensemble, make_folds, predict, read_labels,
-                     train, train_fold)
+from wsi.mil import (
+    create_model,
+    list_models,
+    load_cohort,
+    load_ensemble,
+    make_folds,
+    predict,
+    read_labels,
+    train,
+    train_fold,
+)
 from wsi.mil.data import Cohort
 from wsi.mil.metrics import classification_metrics
 from wsi.mil.training import FoldTask, TrainParams
@@ -870,7 +879,8 @@ def test_predict_flags_slides_unlike_the_training_cohort(trained, tmp_path):
     cv = read_csv(run_dir / "cv_predictions.csv")
     assert sum(r["ood"] == "True" for r in cv) <= 1
     info = json.loads((run_dir / "run.json").read_text())
-    own = {r["slide_id"]: r for r in read_csv(predict(out, run_dir, load_config(), slide_ids=list(truth)).predictions_csv)}
+    own_csv = predict(out, run_dir, load_config(), slide_ids=list(truth)).predictions_csv
+    own = {r["slide_id"]: r for r in read_csv(own_csv)}
     assert all(float(own[s]["ood_score"]) == pytest.approx(info["ood"]["out_of_fold"][s], abs=1e-4) for s in truth)
 
 

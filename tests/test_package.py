@@ -79,7 +79,8 @@ def test_wheel_holds_the_viewer_and_openseadragon_from_npm(wheel):
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
     for name in ("slide.html", "slide.js", "cohort.html", "cohort.js", "viewer.css", "vendor/openseadragon/"
-                 "openseadragon.min.js", "vendor/openseadragon/LICENSE.txt", "vendor/openseadragon/images/home_rest.png"):
+                 "openseadragon.min.js", "vendor/openseadragon/LICENSE.txt",
+                 "vendor/openseadragon/images/home_rest.png"):
         assert f"wsi/viewer/static/{name}" in names, name
 
 

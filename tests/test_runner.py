@@ -50,7 +50,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 def test_layout_names_the_paths_the_stages_share(tmp_path):
     layout = Layout(tmp_path)
     assert layout.store("a") == tmp_path / "stores" / "a.zarr"
-    assert layout.status("heatmap", "batch-00000", "run") == tmp_path / "status" / "heatmap" / "run" / "batch-00000.json"
+    status = tmp_path / "status" / "heatmap" / "run" / "batch-00000.json"
+    assert layout.status("heatmap", "batch-00000", "run") == status
     assert layout.status("tile", "batch-00000") == tmp_path / "status" / "tile" / "batch-00000.json"
     (tmp_path / "models" / ".run.partial-1234").mkdir(parents=True)
     (tmp_path / "models" / ".other.partial-1234").mkdir()

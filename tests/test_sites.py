@@ -7,14 +7,13 @@ import warnings
 
 import numpy as np
 import pytest
+from test_mil import ENCODER, bag_features, make_store
 
 from wsi.checks import check_workflow_inputs
 from wsi.config import load_config
 from wsi.errors import ConfigError
 from wsi.mil import load_cohort, make_folds
 from wsi.mil.data import ConfoundedSiteWarning
-
-from test_mil import ENCODER, bag_features, make_store
 
 SITES = ("A", "B", "C", "D")
 
@@ -31,7 +30,8 @@ def site_cohort(out, per_site=((3, 3), (2, 4), (4, 2), (3, 3)), *, seed=0, site_
             rows.append((sid, "tumour" if tumour else "normal", site))
     labels = out / "labels.csv"
     header = "slide_id,label,site\n" if site_column else "slide_id,label\n"
-    labels.write_text(header + "".join(f"{s},{l},{t}\n" if site_column else f"{s},{l}\n" for s, l, t in rows))
+    labels.write_text(header + "".join(f"{s},{label},{t}\n" if site_column else f"{s},{label}\n"
+                                      for s, label, t in rows))
     return labels
 
 

@@ -8,8 +8,18 @@ import pytest
 
 import wsi.store
 from wsi.errors import StoreError
-from wsi.store import (FeatureAttrs, ScoreAttrs, SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs,
-                       encoder_key, export_h5, is_complete, open_cohort)
+from wsi.store import (
+    FeatureAttrs,
+    ScoreAttrs,
+    SlideAttrs,
+    SlideStore,
+    TileStoreWriter,
+    TilingAttrs,
+    encoder_key,
+    export_h5,
+    is_complete,
+    open_cohort,
+)
 
 SLIDE = SlideAttrs(source_path="/data/a.svs", source_size=10, source_mtime=1.5, backend="openslide",
                    vendor="aperio", width=2048, height=1024, mpp_x=0.25, mpp_y=0.25, mpp_source="file",

@@ -30,7 +30,8 @@ def write_glass_slide(path, ink: bool = False):
     blue and black marker strokes cover a third of it."""
     import tifffile
 
-    description = "Aperio Image Library v12.0.0\n2048x2048 [0,0 2048x2048] (256x256) JPEG/RGB Q=85|AppMag = 20|MPP = 0.5"
+    description = ("Aperio Image Library v12.0.0\n2048x2048 [0,0 2048x2048] (256x256) JPEG/RGB Q=85|AppMag = 20|"
+                   "MPP = 0.5")
     glass = np.random.default_rng(0).normal(238, 3, (2048, 2048, 3)).clip(0, 255)
     if ink:
         yy, xx = np.mgrid[:2048, :2048]

@@ -319,7 +319,8 @@ def test_failed_retrain_keeps_the_previous_run_usable(small_cohort, reference_ru
     missing.write_text(labels.read_text() + "demo_999,tumour,demo_999\n")
     typo = tmp_path / "typo.csv"
     table = labels.read_text().splitlines()
-    typo.write_text("\n".join(table[:-1] + [table[-1].replace(",normal,", ",nromal,").replace(",tumour,", ",tumor,")]) + "\n")
+    misspelt = table[-1].replace(",normal,", ",nromal,").replace(",tumour,", ",tumor,")
+    typo.write_text("\n".join(table[:-1] + [misspelt]) + "\n")
     for bad, words in ((missing, ["demo_999", "not slides in slides_dir"]), (typo, ["looks like a typo of"])):
         proc = snakemake(work, "--configfile", str(config), "--config", f"labels={bad}", check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

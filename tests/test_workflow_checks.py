@@ -12,8 +12,8 @@ import yaml
 
 from wsi.checks import check_labels, check_model_dir, near_miss_labels
 from wsi.errors import ConfigError
-from wsi.plan import Plan
 from wsi.layout import Layout
+from wsi.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 

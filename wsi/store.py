@@ -402,7 +402,7 @@ class SlideStore:
         self.levels = _read_attrs(group, "levels", LevelCheckAttrs, path) if "levels" in group.attrs else None
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "SlideStore":
+    def open(cls, path: str | os.PathLike) -> SlideStore:
         """Open a store that ``tile`` completed; anything else is a :class:`StoreError` naming the path."""
         path = Path(path)
         if not path.exists():
@@ -576,7 +576,7 @@ class TileStoreWriter:
     @classmethod
     def create(cls, path, slide_id: str, slide: SlideAttrs, tiling: TilingAttrs, *,
                coords: np.ndarray, tissue_fraction: np.ndarray,
-               levels: LevelCheckAttrs | None = None) -> "TileStoreWriter":
+               levels: LevelCheckAttrs | None = None) -> TileStoreWriter:
         final = Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)
         for stale in final.parent.glob(f".{final.name}.partial-*"):  # left by a killed run of this slide
@@ -704,7 +704,7 @@ def describe(store: SlideStore) -> str:
         f"min tissue fraction {t.min_tissue_fraction:g}",
         f"levels     {_describe_levels(store.levels)}",
         f"features   {', '.join(store.feature_encoders()) or '-'}",
-        f"scores     {', '.join(sorted(n for n in store.group['scores'].group_keys())) if 'scores' in store.group else '-'}",
+        f"scores     {', '.join(sorted(store.group['scores'].group_keys())) if 'scores' in store.group else '-'}",
         "complete   yes",
     ]
     return "\n".join(lines)

@@ -13,16 +13,15 @@ confidence moves.
 * :func:`cross_fitted` calibrates each fold's out-of-fold slides with a ``T`` fitted on the other folds' slides,
   so the Brier score and ECE a run reports are not flattered by the fit; the run keeps the ``T`` fitted on all
   its out-of-fold slides, which predict applies.
-* :func:`brier`, :func:`ece` and :func:`confident_errors`: Brier score (binary: mean of (p_positive - y)^2; multi-class: mean over slides of
-  the squared error summed over classes) and top-label ECE over ``ECE_BINS`` equal-width bins of the predicted
-  class's probability (the mean gap between confidence and accuracy, weighted by each bin's share of slides),
-  the highest probability among wrong calls, and the wrong calls above 0.95.
+* :func:`brier`, :func:`ece` and :func:`confident_errors`: Brier score (binary: mean of (p_positive - y)^2;
+  multi-class: mean over slides of the squared error summed over classes) and top-label ECE over ``ECE_BINS``
+  equal-width bins of the predicted class's probability (the mean gap between confidence and accuracy, weighted
+  by each bin's share of slides), the highest probability among wrong calls, and the wrong calls above 0.95.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
 
 ECE_BINS = 10
 CONFIDENT = 0.95  # a wrong call above this probability is counted in the metrics

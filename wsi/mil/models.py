@@ -47,7 +47,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-_MODELS: dict[str, Callable[..., "MILModel"]] = {}
+_MODELS: dict[str, Callable[..., MILModel]] = {}
 
 
 def register_model(name: str):
@@ -82,7 +82,7 @@ def model_config(name: str, in_dim: int, n_classes: int, options: dict) -> dict:
     return {"name": name, "in_dim": int(in_dim), "n_classes": int(n_classes), **chosen}
 
 
-def create_model(name: str, **kwargs) -> "MILModel":
+def create_model(name: str, **kwargs) -> MILModel:
     """A freshly initialised model; unknown names are a :class:`ConfigError` listing the known ones."""
     return _builder(name)(**kwargs)
 

@@ -47,7 +47,7 @@ class OODReference:
     threshold: float = 1.0
 
     @classmethod
-    def fit(cls, descriptors: np.ndarray, threshold: float = 1.0) -> "OODReference":
+    def fit(cls, descriptors: np.ndarray, threshold: float = 1.0) -> OODReference:
         descriptors = np.asarray(descriptors, dtype=np.float64)
         scale = descriptors.std(axis=0)
         floor = max(float(np.median(scale)) * _SCALE_FLOOR, 1e-8)
@@ -71,7 +71,7 @@ class OODReference:
         return path
 
     @classmethod
-    def load(cls, run_dir, threshold: float) -> "OODReference":
+    def load(cls, run_dir, threshold: float) -> OODReference:
         from safetensors.numpy import load_file
 
         arrays = load_file(str(Path(run_dir) / REFERENCE_FILE))

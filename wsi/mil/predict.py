@@ -43,9 +43,9 @@ from ..errors import ConfigError
 from ..layout import Layout
 from ..runner import run_slides
 from ..store import ScoreAttrs, SlideStore, open_cohort, store_path
+from .calibration import apply_temperature
 from .data import format_ids, read_labels
 from .metrics import classification_metrics, plot_roc
-from .calibration import apply_temperature
 from .models import MILModel, create_model
 from .ood import OODReference, slide_descriptor
 from .training import RUN_SCHEMA_VERSION, autocast_context, autocast_dtype, probability_columns

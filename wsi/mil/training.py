@@ -82,11 +82,11 @@ from ..atomic import write_csv, write_json
 from ..errors import ConfigError, record_failure
 from ..layout import Layout, run_name
 from ..store import SlideStore, feature_set
-from .data import Bag, Cohort, Fold, class_weights, format_ids, load_bags, load_cohort, make_folds, subsample
 from .calibration import apply_temperature, brier, confident_errors, cross_fitted, ece, fit_temperature
+from .data import Bag, Cohort, Fold, class_weights, format_ids, load_bags, load_cohort, make_folds, subsample
 from .metrics import _point_metrics, classification_metrics, plot_reliability, plot_roc
-from .ood import DESCRIPTOR, REFERENCE_FILE, fit_out_of_fold, slide_descriptor
 from .models import MILModel, create_model, model_config
+from .ood import DESCRIPTOR, REFERENCE_FILE, fit_out_of_fold, slide_descriptor
 
 RUN_SCHEMA_VERSION = 1
 CV_SPLITS = {"patient": "stratified, grouped by patient", "site": "stratified, grouped by site",
@@ -111,7 +111,7 @@ class TrainParams:
     precision: str
 
     @classmethod
-    def from_config(cls, mil: dict) -> "TrainParams":
+    def from_config(cls, mil: dict) -> TrainParams:
         return cls(**{f.name: mil[f.name] for f in fields(cls)})
 
 
