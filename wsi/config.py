@@ -118,20 +118,29 @@ def load_config(config_file: str | Path | None = None, sets: list[str] | tuple =
 
 
 # The config sections each stage reads. A workflow job gets exactly these (so changing one re-runs that stage
-# and the later ones, nothing before) and its status file records them as the config it ran with.
+# and the later ones, nothing before) and its status file records them as the config it ran with. "a.b" is one
+# entry of a section: predict and heatmap read their own ``resources`` entry (whether their job holds a GPU),
+# and a change to another stage's resources must not re-run them.
 STAGE_SECTIONS = {
     "tile": ("slide", "tissue", "tiling"),
     "extract": ("slide", "extract", "cluster"),
     "train": ("labels", "extract", "cluster", "mil"),
-    "predict": ("labels", "extract", "cluster", "mil"),  # labels: external validation of the run
-    "heatmap": ("slide", "extract", "mil", "heatmap"),  # extract, mil: the high-res mode's encoder and model
+    "predict": ("labels", "extract", "cluster", "mil", "resources.predict"),  # labels: external validation
+    "heatmap": ("slide", "extract", "mil", "heatmap", "resources.heatmap"),  # extract, mil: high-res encoder, model
     "report": ("labels", "mode", "model_dir", "extract", "mil", "heatmap"),
 }
 
 
 def stage_config(config: dict, stage: str) -> dict:
-    """The sections of ``config`` that ``stage`` reads."""
-    return {k: config[k] for k in STAGE_SECTIONS[stage]}
+    """The sections (and section entries) of ``config`` that ``stage`` reads."""
+    out: dict = {}
+    for key in STAGE_SECTIONS[stage]:
+        section, _, entry = key.partition(".")
+        if entry:
+            out.setdefault(section, {})[entry] = config[section][entry]
+        else:
+            out[section] = config[section]
+    return out
 
 
 def dumps(config: dict) -> str:

@@ -91,6 +91,7 @@ class HeatmapParams:
     batch_size: int      # config["extract"]["batch_size"]: tiles per forward pass (high-res mode)
     encoder_precision: str  # config["extract"]["precision"] (high-res mode)
     mil_precision: str   # config["mil"]["precision"] (high-res mode)
+    device: str = "cpu"  # "cuda" when config["resources"]["heatmap"]["gpu"] gives the job a GPU (high-res mode)
 
     @classmethod
     def from_config(cls, config: dict) -> HeatmapParams:
@@ -112,7 +113,8 @@ class HeatmapParams:
                    alpha=float(h["alpha"]), high_res_overlap=float(h["high_res_overlap"]),
                    slide=dict(config["slide"]), checkpoint=config["extract"]["checkpoint"],
                    batch_size=int(config["extract"]["batch_size"]),
-                   encoder_precision=config["extract"]["precision"], mil_precision=config["mil"]["precision"])
+                   encoder_precision=config["extract"]["precision"], mil_precision=config["mil"]["precision"],
+                   device="cuda" if config["resources"]["heatmap"]["gpu"] else "cpu")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError, SlideError
 from ..layout import Layout
@@ -43,11 +42,12 @@ def _checkpoint(params: HeatmapParams, feature_attrs: dict) -> str | None:
 
 
 def load_models(model_dir: Path, params: HeatmapParams):
-    """(fold ensemble, encoder) of the run in ``model_dir``, on CUDA when present."""
+    """(fold ensemble, encoder) of the run in ``model_dir``, on the device the job's resources give it
+    (``params.device``), not on whatever GPU happens to be visible."""
     from ..features import load_encoder
     from ..mil import load_ensemble
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = params.device
     ensemble = load_ensemble(model_dir, device=device, precision=params.mil_precision)
     if ensemble.feature_attrs.get("stain"):
         raise ConfigError(model_dir, f"model run {ensemble.run} was trained on stain-normalised features "
