@@ -99,3 +99,13 @@ def test_conformal_threshold_rank_and_reference_round_trip(tmp_path):
     again = OODReference.load(tmp_path, 2.5)
     x = np.ones(6)
     assert again.score(x) == pytest.approx(reference.score(x), rel=1e-5)
+
+
+def test_a_missing_or_damaged_reference_is_one_error_naming_its_file(tmp_path):
+    from wsi.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ood.safetensors.*cannot be read"):
+        OODReference.load(tmp_path, 1.0)
+    (tmp_path / "ood.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="re-run `wsi train`"):
+        OODReference.load(tmp_path, 1.0)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
+
 REFERENCE_FILE = "ood.safetensors"
 DESCRIPTOR = "mean and standard deviation of each feature over the slide's tiles"
 _SCALE_FLOOR = 0.1  # of the median scale
@@ -72,10 +74,16 @@ class OODReference:
 
     @classmethod
     def load(cls, run_dir, threshold: float) -> OODReference:
+        """The reference a run saved; a ConfigError naming the file when it is missing or damaged."""
         from safetensors.numpy import load_file
 
-        arrays = load_file(str(Path(run_dir) / REFERENCE_FILE))
-        return cls(arrays["centre"].astype(np.float64), arrays["scale"].astype(np.float64), float(threshold))
+        path = Path(run_dir) / REFERENCE_FILE
+        try:
+            arrays = load_file(str(path))
+            return cls(arrays["centre"].astype(np.float64), arrays["scale"].astype(np.float64), float(threshold))
+        except Exception as e:  # OSError, a missing key, or safetensors' own SafetensorError
+            raise ConfigError(path, f"the out-of-distribution reference cannot be read ({type(e).__name__}: {e})",
+                              "re-run `wsi train`") from e
 
 
 def conformal_threshold(scores, alpha: float) -> float:
