@@ -99,7 +99,8 @@ def fit_out_of_fold(descriptors: dict[str, np.ndarray], test_sets, alpha: float
     slide's out-of-fold ``ood_score``; ``test_sets``: the slide ids each fold held out (every slide in one)."""
     oof: dict[str, float] = {}
     for test in test_sets:
-        reference = OODReference.fit(np.stack([d for s, d in descriptors.items() if s not in set(test)]))
+        held_out = set(test)
+        reference = OODReference.fit(np.stack([d for s, d in descriptors.items() if s not in held_out]))
         oof.update({s: float(reference.distance(descriptors[s])) for s in test})
     threshold = conformal_threshold(list(oof.values()), alpha)
     reference = OODReference.fit(np.stack(list(descriptors.values())), threshold)
