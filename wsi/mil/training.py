@@ -525,7 +525,8 @@ def _write_outputs(run_dir: Path, cohort: Cohort, repeats: list[list[Fold]], res
                     n_bootstrap=mil["bootstrap"], seed=mil["seed"])
     metrics = classification_metrics(y_true, probs, cohort.classes, **settings)
     if temperature is not None:
-        honest = classification_metrics(y_true, measured, cohort.classes, **settings)
+        # only the calibration figures are taken from here: no per-site resampling for them
+        honest = classification_metrics(y_true, measured, cohort.classes, **{**settings, "sites": None})
         metrics.update({k: honest[k] for k in ("brier", "ece", "max_wrong_confidence", "confident_wrong")})
     metrics["repeats"] = len(repeats)
     metrics["calibration"] = {
