@@ -85,6 +85,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from . import demo_defects
 from .errors import ConfigError
 from .slide import (
     DICOM_ITEM_TAG,
@@ -341,13 +342,15 @@ class _Scene:
     haem_od: tuple = tuple(HAEM_OD.tolist())  # the site's stain vectors: optical density per unit stain (R, G, B)
     eosin_od: tuple = tuple(EOSIN_OD.tolist())
     cast: tuple = (1.0, 1.0, 1.0)  # the scanner's gain per RGB channel (its colour cast over everything)
+    defects: tuple = ()  # wsi.demo_defects: blur, focus stripes, folds, bubbles (level-0 px)
 
     def px(self, microns: float) -> float:
         return microns / self.um
 
     def touches(self, region: Box) -> bool:
         """Whether anything but glass may show in ``region`` (level-0 box)."""
-        return any(_intersects(o.box(), region) for o in self.objects())
+        return any(_intersects(o.box(), region) for o in self.objects()) or any(
+            _intersects(d.box(), region) for d in self.defects if isinstance(d, demo_defects.Bubble))
 
     def objects(self) -> tuple:
         return (self.tissue + self.tumours + self.solid + self.lymphoid + self.blood + self.mucin + self.strokes
@@ -393,7 +396,10 @@ def _nuclei_absorbance(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: fl
     nuclei blend into their mean absorbance as the pixel outgrows them (what area averaging of level 0 gives).
     """
     r_mean = scene.px(sum(nuc.radius) / 2)
-    blend = float(np.clip((pixel - r_mean) / (scene.px(nuc.cell) / 2 - r_mean), 0, 1))
+    span = scene.px(nuc.cell) / 2 - r_mean
+    # nuclei wider than half their cell (crowded high-grade ones) stay discrete at every level: the ratio below
+    # would turn negative and, clipped, paint them as their mean shade at level 0 alone
+    blend = float(np.clip((pixel - r_mean) / span, 0, 1)) if span > 0 else 0.0
     if blend >= 1:
         return np.broadcast_to(_mean_absorbance(nuc, seed, scene), (ys.size, xs.size, 3))
     absorbed = _discrete_absorbance(nuc, seed, scene, xs, ys, pixel, where)
@@ -547,16 +553,27 @@ def _layers(scene: _Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> _Lay
 
 def _render(scene: _Scene, x0: float, y0: float, pixel: float, light: np.ndarray) -> np.ndarray:
     """RGB uint8 of the region whose top-left is level-0 (x0, y0), pixels ``pixel`` level-0 px wide, lit by
-    ``light`` (h, w, 3), the glass's brightness with its noise."""
+    ``light`` (h, w, 3), the glass's brightness with its noise; defects (:mod:`wsi.demo_defects`) alter the
+    specimen before the light and the noise."""
     h, w = light.shape[:2]
     xs = x0 + (np.arange(w, dtype=np.float64) + 0.5) * pixel
     ys = y0 + (np.arange(h, dtype=np.float64) + 0.5) * pixel
+    if scene.defects:
+        transmit = demo_defects.apply(scene.defects, lambda gx, gy: _transmittance(scene, gx, gy, pixel), xs, ys,
+                                      pixel)
+    else:
+        transmit = _transmittance(scene, xs, ys, pixel)
+    return np.clip(light * transmit * np.asarray(scene.cast, np.float32) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _transmittance(scene: _Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> np.ndarray:
+    """(h, w, 3) light the specimen (tissue, marks) lets through on the grid ``ys x xs``."""
     lay = _layers(scene, xs, ys, pixel)
-    transmit = np.ones((h, w, 3), np.float32)
+    transmit = np.ones((ys.size, xs.size, 3), np.float32)
     if lay.tissue.any():
         transmit = _tissue_transmittance(scene, lay, xs, ys, pixel)
     _apply_marks(transmit, lay.pens, lay.specks, xs, ys, pixel)
-    return np.clip(light * transmit * np.asarray(scene.cast, np.float32) + 0.5, 0, 255).astype(np.uint8)
+    return transmit
 
 
 def _apply_marks(transmit: np.ndarray, pens: list, specks: list, xs, ys, pixel: float) -> None:
@@ -997,7 +1014,8 @@ class SyntheticSlide:
         centres): boolean ``tissue`` (blood and mucin included), ``tumour`` (solid sheets included), ``lymphoid``,
         ``fat``, ``blood``, ``mucin``, ``pen`` (marker ink, and its halo where at least ``INK_VISIBLE_DENSITY`` of
         the full ink's density), ``halo`` (that halo alone: what lies under it shows through), ``speck`` (specks
-        and smudges) and ``padding`` (never scanned)."""
+        and smudges) and ``padding`` (never scanned); with defects also ``blur_um`` (float: the blur sigma or disk
+        radius in um, 0 where sharp), ``fold`` and ``bubble`` (:func:`wsi.demo_defects.truth`)."""
         w, h = math.ceil(self.width / downsample), math.ceil(self.height / downsample)
         kinds = ("tissue", "tumour", "lymphoid", "fat", "blood", "mucin", "pen", "halo", "speck", "padding")
         out = {k: np.zeros((h, w), bool) for k in kinds}
@@ -1017,6 +1035,12 @@ class SyntheticSlide:
                 out["padding"][rows] = self.scene.scan.padding(xs, ys)
             for kind, where in _marks_truth(lay.pens, lay.specks, (ys.size, xs.size)).items():
                 out[kind][rows] = where
+            if self.scene.defects:
+                found = demo_defects.truth(self.scene.defects, xs, ys,
+                                           lambda gx, gy: _layers(self.scene, gx, gy, downsample).tissue, downsample)
+                out.setdefault("blur_um", np.zeros((h, w), np.float32))[rows] = found["blur_sigma"] * self.scene.um
+                for kind in ("fold", "bubble"):
+                    out.setdefault(kind, np.zeros((h, w), bool))[rows] = found[kind]
         return out
 
 
@@ -1080,7 +1104,8 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
                           seed: int = 0, tumour_boxes: Sequence[Box] | None = None, tumour_tiles: int = 0,
                           pen_marks: bool = False, specks: bool = False, lymphoid_aggregates: int = 0,
                           stain: tuple[float, float] = (1.0, 1.0), hard: HardCases | None = None,
-                          site: SiteProfile | None = None, write: bool = True) -> SyntheticSlide:
+                          site: SiteProfile | None = None, defects: Sequence = (),
+                          write: bool = True) -> SyntheticSlide:
     """Write a pyramidal JPEG-tiled H&E-like slide to ``path``; return its ground truth.
 
     ``kind`` is ``aperio`` (SVS-like, MPP in the description), ``generic`` (tiled TIFF, MPP in the
@@ -1099,9 +1124,11 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
     marker strokes across tissue, stitched scanner fields of grey glass with brightness steps beside white
     padding, and a glass colour cast. ``site`` (:class:`SiteProfile`) draws it as that site would: its stain
     vectors, its strengths (times ``stain``: a batch within the site), its scanner's cast and JPEG quality (in
-    place of ``jpeg_quality``). Deterministic for a ``seed``. ``write=False`` only draws the scene: the
-    returned slide's :meth:`~SyntheticSlide.render_level` and :meth:`~SyntheticSlide.truth_masks` work, no file
-    is written (for benchmarks that need only a coarse level).
+    place of ``jpeg_quality``). ``defects`` (:mod:`wsi.demo_defects`, level-0 px) draws out-of-focus regions and
+    stripes, folds and air bubbles (:func:`wsi.demo_defects.draw_defects` places random ones). Deterministic
+    for a ``seed``. ``write=False`` only draws the scene: the returned slide's
+    :meth:`~SyntheticSlide.render_level` and :meth:`~SyntheticSlide.truth_masks` work, no file is written (for
+    benchmarks that need only a coarse level).
     """
     path = Path(path)
     ds = _check_args(path, width, height, mpp, tile, downsamples, jpeg_quality, kind)
@@ -1118,6 +1145,8 @@ def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 
     if site is not None:
         scene = dataclasses.replace(scene, haem_od=tuple(site.haem_od), eosin_od=tuple(site.eosin_od),
                                     cast=tuple(site.cast))
+    if defects:
+        scene = dataclasses.replace(scene, defects=tuple(defects))
     sizes = [(max(1, math.ceil(width / d)), max(1, math.ceil(height / d))) for d in ds]
 
     if write and kind == "dicom":
