@@ -7,7 +7,8 @@ The library, the CLI and the Snakefile (``pipelines/common.smk``) all build outp
 path under OUT                             what
 =========================================  ===========================================================
 ``stores/<slide>.zarr``                    the per-slide store (contract in :mod:`wsi.store`)
-``qc/<slide>.png``                         thumbnail with the tissue outline
+``qc/<slide>.png``                         thumbnail with the tissue outline and the QC flags
+``qc.csv``                                 slide quality control, one row per slide (:mod:`wsi.qc`)
 ``features/<encoder key>/<slide>.h5``      CLAM/TRIDENT-style feature export
 ``models/<run>/``                          a complete model run (``run.json`` last); built as
                                            ``models/.<run>.partial-*`` and swapped in whole
@@ -118,6 +119,10 @@ class Layout:
     @property
     def failures(self) -> Path:
         return self.out / "failures.csv"
+
+    @property
+    def qc_csv(self) -> Path:
+        return self.out / "qc.csv"
 
     # ---------------------------------------------------------------- workflow bookkeeping
     def status(self, stage: str, name: str, run: str | None = None) -> Path:

@@ -17,13 +17,15 @@ What a reader can trust is kept apart from what they cannot:
   give the figures per site too, and a site holding one class is named among the warnings.
 * **The final model's predictions on its own training slides** (the fold ensemble, each of whose members
   trained on all but one fold) are in-sample: they are listed in their own, labelled section and never scored.
-* **Warnings** open the report when a shown AUROC's 95% interval includes 0.5 (or has no interval), or when a
-  class has fewer than :data:`MIN_SLIDES_PER_CLASS` slides.
+* **Warnings** open the report when a shown AUROC's 95% interval includes 0.5 (or has no interval), when a
+  class has fewer than :data:`MIN_SLIDES_PER_CLASS` slides, or when slides exceed the slide-QC limits
+  (:data:`wsi.qc.REPORT_LIMITS`: percent of their tissue in blurred, fold or bubble tiles, from ``OUT/qc.csv``)
+  or failed QC; the section ``quality`` lists every QC'd slide, those over a limit first.
 
 Then come the heatmaps (each slide's overlay panel with its label, out-of-fold and final predictions, and the
 colour scale), the per-slide quality table (tiles, MPP), the failures (``failures.csv``) and the provenance.
 Each section is an HTML ``<section>`` with a fixed ``id`` (``warnings``, ``performance``, ``heatmaps``,
-``predictions``, ``in-sample``, ``slides``, ``failures``, ``provenance``) for scripts and tests.
+``predictions``, ``in-sample``, ``slides``, ``quality``, ``failures``, ``provenance``) for scripts and tests.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import __version__, atomic
+from . import qc as slide_qc
 from .errors import ConfigError, read_failures
 from .layout import Layout
 from .store import OOD_WARNING, open_cohort
@@ -237,6 +240,24 @@ def _failures_table(failures: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ heatmaps
+def _quality_table(rows: list[dict]) -> str:
+    """``qc.csv`` as a table, the slides over a limit (or failed) first and marked."""
+    limits = ", ".join(f"{k.removesuffix('_pct')} {v:g}%" for k, v in slide_qc.REPORT_LIMITS.items())
+    marked = [(bool(slide_qc.over_limits(r)) or r.get("status") == "failed", r) for r in rows]
+    body = "".join(
+        f"<tr{' class=fail' if bad else ''}><td>{_esc(r['slide_id'])}</td>"
+        + "".join(f"<td>{_esc(r.get(k, ''))}</td>" for k in ("blur_pct", "fold_pct", "bubble_pct", "focus_median",
+                                                               "excluded_tiles", "status"))
+        + f"<td>{_esc('; '.join(slide_qc.over_limits(r)) or r.get('cause', ''))}</td></tr>"
+        for bad, r in sorted(marked, key=lambda t: (not t[0], t[1]["slide_id"])))
+    return (f"<p>Percent of each slide's tissue in tiles flagged blurred, fold or bubble (<code>qc.csv</code>, "
+            f"<code>tiling.qc</code>: flag marks them, exclude leaves them out of the features and the model); "
+            f"limits: {limits}. The QC image <code>qc/&lt;slide&gt;.png</code> shows blurred tiles in blue, folds "
+            f"in yellow and bubbles in cyan.</p><table><tr><th>slide</th><th>blur %</th><th>fold %</th>"
+            f"<th>bubble %</th><th>focus (median)</th><th>excluded tiles</th><th>status</th><th>over limits</th>"
+            f"</tr>{body}</table>")
+
+
 def _panel(overlay: Path) -> Image.Image:
     """The overlay's slide panel, without its title and colour-bar strips (the report writes those as text,
     legibly); the box is in the PNG's Description (:mod:`wsi.heatmap.images`)."""
@@ -372,6 +393,15 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
         warnings.append(f"{len(unlike)} slide(s) are unlike the slides this model was trained on (out-of-"
                         f"distribution score above 1): {', '.join(unlike[:8])}{' ...' if len(unlike) > 8 else ''}. "
                         "Their predictions may be wrong however confident they look.")
+    qc_rows = slide_qc.read_qc(out_dir)
+    over = [(r, slide_qc.over_limits(r)) for r in qc_rows]
+    over = [(r, why) for r, why in over if why or r.get("status") == "failed"]
+    if over:
+        named = ", ".join(f"{r['slide_id']} ({'; '.join(why) or r.get('cause') or 'failed'})" for r, why in over[:8])
+        warnings.append(f"{len(over)} slide(s) failed slide quality control or exceed its limits (percent of the "
+                        f"tissue in blurred, fold or bubble tiles): {named}{' ...' if len(over) > 8 else ''}. "
+                        "Check their QC images (qc/<slide>.png) before trusting their calls; see Slide quality "
+                        "control below.")
     new = [r for r in predictions if r["slide_id"] not in trained]
     in_sample = [r for r in predictions if r["slide_id"] in trained]
     sections = []
@@ -394,6 +424,8 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
             f"by this model.</p>{_prediction_table(in_sample, classes, labels)}", "insample"))
     sections.append(_section("slides", f"Slides ({len(slide_ids)}, {len(failures & set(slide_ids))} with failures)",
                              _slides_table(slide_ids, stores, labels, failures)))
+    if qc_rows:
+        sections.append(_section("quality", "Slide quality control", _quality_table(qc_rows)))
     sections.append(_section("failures", "Failures", _failures_table(failure_rows)))
     sections.append(_section("provenance", "Provenance",
                              _provenance_html(out_dir, run, model_dir, run_info, config)))

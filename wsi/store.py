@@ -31,6 +31,24 @@ attrs ``complete``            bool                        set last by ``tile``; 
 ``mask/ink``                  uint8 (h, w)                marker ink found on the thumbnail (0/1), over glass or
                                                           tissue (rejected from the tissue); same attrs; absent
                                                           in stores written before wsi 0.1 kept it
+``mask/fold``,                uint8 (h, w)                slide QC (:mod:`wsi.qc`): the folds and the air bubbles
+``mask/bubble``                                           found on the thumbnail (0/1); same attrs; absent when
+                                                          ``tiling.qc`` is ``off`` and in stores written before
+                                                          QC (added without a schema bump, as all ``qc`` keys)
+attrs ``qc``                  :class:`QCAttrs`            the slide's QC summary: mode, ``blur_pct``,
+                                                          ``fold_pct``, ``bubble_pct`` (percent of its tissue
+                                                          area), focus median and 10th percentile, reference
+                                                          sharpness, tiles flagged and excluded, the bubbles'
+                                                          circles, the thresholds; absent when QC did not run
+``qc/focus``                  float32 (N,)                each tile's focus score: its sharpness over the
+                                                          slide's sharp tissue (1 = as sharp; NaN = too little
+                                                          structure to judge)
+``qc/blur``, ``qc/fold``,     uint8 (N,)                  each tile's flags (0/1); with ``tiling.qc: exclude``
+``qc/bubble``                                             every stored tile has 0 (flagged tiles are not stored)
+``qc/excluded_coords``        int64 (M, 2)                ``tiling.qc: exclude`` only: the M tiles left out,
+                                                          level-0 x, y, with ``qc/excluded_flags`` uint8 (M,)
+                                                          (1 blur, 2 fold, 4 bubble), ``qc/excluded_focus``
+                                                          and ``qc/excluded_tissue_fraction`` float32 (M,)
 ``features/<key>``            float32 (N, D)              written by extract; attrs :class:`FeatureAttrs`
                                                           and ``complete``; ``key =
                                                           encoder_key(feature_set(encoder, stain))``: the
@@ -204,8 +222,11 @@ class TilingAttrs(_Attrs):
     chunk_tiles: int
     tissue: dict = field(default_factory=dict)
     wsi_version: str = ""
+    qc: str = "off"  # tiling.qc (wsi.qc); stores written before QC read as "off"
 
     def __post_init__(self):
+        if self.qc not in ("off", "flag", "exclude"):
+            raise ValueError(f"TilingAttrs.qc must be off|flag|exclude, got {self.qc!r}")
         if self.codec not in TILE_CODECS:
             raise ValueError(f"TilingAttrs.codec must be one of {TILE_CODECS}, got {self.codec!r}")
         if self.tile_px <= 0 or self.chunk_tiles <= 0:
@@ -237,6 +258,36 @@ class LevelCheckAttrs(_Attrs):
     @property
     def rejected(self) -> list[int]:
         return [v["level"] for v in self.checked if not v["agrees"]]
+
+
+@dataclass(frozen=True)
+class QCAttrs(_Attrs):
+    """Slide quality control (:mod:`wsi.qc`): ``mode`` (``flag`` or ``exclude``); the share of the slide's tissue
+    area in blurred, fold and bubble tiles (percent); the judged tiles' focus median and 10th percentile and the
+    reference sharpness they are relative to (None when no tile was judged); the share of tiles judged; counts
+    of tiles (before exclusion) and of flagged and excluded tiles; ``bubbles``, one (x, y, radius) in level-0 px
+    per bubble found; ``thresholds``, the constants the flags used."""
+
+    mode: str
+    blur_pct: float
+    fold_pct: float
+    bubble_pct: float
+    focus_median: float | None
+    focus_p10: float | None
+    judged_pct: float
+    sharpness_ref: float | None
+    tiles: int
+    blur_tiles: int
+    fold_tiles: int
+    bubble_tiles: int
+    excluded_tiles: int = 0
+    bubbles: tuple = ()
+    thresholds: dict = field(default_factory=dict)
+    wsi_version: str = ""
+
+    def __post_init__(self):
+        if self.mode not in ("flag", "exclude"):
+            raise ValueError(f"QCAttrs.mode must be flag|exclude, got {self.mode!r}")
 
 
 @dataclass(frozen=True)
@@ -400,6 +451,7 @@ class SlideStore:
         self.slide = _read_attrs(group, "slide", SlideAttrs, path)
         self.tiling = _read_attrs(group, "tiling", TilingAttrs, path)
         self.levels = _read_attrs(group, "levels", LevelCheckAttrs, path) if "levels" in group.attrs else None
+        self.qc = _read_attrs(group, "qc", QCAttrs, path) if "qc" in group.attrs else None
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> SlideStore:
@@ -452,6 +504,21 @@ class SlideStore:
         m = self.group["mask/tissue"]
         return np.asarray(m[:]).astype(bool), np.asarray(self.group["mask/thumbnail"][:]), float(
             m.attrs["downsample"])
+
+    def qc_flags(self) -> dict[str, np.ndarray] | None:
+        """Per stored tile: ``focus`` (float32, NaN = not judged) and ``blur``, ``fold``, ``bubble`` (bool), or
+        None when QC did not run on this store."""
+        if self.qc is None or "qc" not in self.group:
+            return None
+        g = self.group["qc"]
+        out = {"focus": np.asarray(g["focus"][:], np.float32)}
+        out.update({k: np.asarray(g[k][:]).astype(bool) for k in ("blur", "fold", "bubble")})
+        return out
+
+    def qc_masks(self) -> dict[str, np.ndarray]:
+        """The fold and bubble masks QC found on the thumbnail (bool, the tissue mask's grid); empty without QC."""
+        return {k: np.asarray(self.group[f"mask/{k}"][:]).astype(bool) for k in ("fold", "bubble")
+                if f"mask/{k}" in self.group}
 
     def ink_mask(self) -> np.ndarray | None:
         """The marker ink found on the thumbnail (bool, on the tissue mask's grid), or None in older stores."""
@@ -566,7 +633,7 @@ class TileStoreWriter:
     """Builds a store under a temporary sibling name; :meth:`commit` marks it complete and renames it."""
 
     def __init__(self, final: Path, tmp: Path, group: zarr.Group, tiling: TilingAttrs):
-        self.final, self.tmp, self.group = final, tmp, group
+        self.final, self.tmp, self.group, self.tiling = final, tmp, group, tiling
         if tiling.codec == "lossless":
             self._encode_chunk = _lossless_numcodecs().encode
         else:
@@ -595,13 +662,60 @@ class TileStoreWriter:
         group.create_array("tissue_fraction", shape=(n,), chunks=(chunk,), dtype="float32",
                            compressors=[_lossless()])[:] = np.asarray(tissue_fraction, np.float32)
         if tiling.store_pixels:
-            t = tiling.tile_px
-            kwargs = ({"compressors": [_lossless()]} if tiling.codec == "lossless" else
-                      {"serializer": TileImageCodec(format=tiling.codec, quality=tiling.quality),
-                       "compressors": None})
-            group.create_array("tiles", shape=(n, t, t, 3), chunks=(tiling.chunk_tiles, t, t, 3),
-                               dtype="uint8", fill_value=0, **kwargs)
+            _create_tiles(group, tiling, n)
         return cls(final, tmp, group, tiling)
+
+    def keep_tiles(self, keep: np.ndarray) -> None:
+        """Drop the tiles where ``keep`` is false (``tiling.qc: exclude``), before :meth:`commit`: ``coords``,
+        ``tissue_fraction`` and ``tiles`` are rewritten with the kept tiles, in order (the tiles chunk by chunk,
+        so memory stays at a chunk or two)."""
+        keep = np.asarray(keep, bool)
+        coords = np.asarray(self.group["coords"][:])[keep]
+        fractions = np.asarray(self.group["tissue_fraction"][:])[keep]
+        n = len(coords)
+        for name, data in (("coords", coords), ("tissue_fraction", fractions)):
+            self.group.create_array(name, shape=data.shape, chunks=(max(1, n),) + data.shape[1:], dtype=data.dtype,
+                                    compressors=[_lossless()], overwrite=True)[...] = data
+        if "tiles" not in self.group:
+            return
+        old_path = self.tmp / "tiles.dropped"
+        os.replace(self.tmp / "tiles", old_path)
+        old = zarr.open_array(str(old_path), mode="r")
+        _create_tiles(self.group, self.tiling, n)
+        chunk = self.tiling.chunk_tiles
+        pending, written = [], 0
+        for lo in range(0, len(keep), chunk):
+            mine = keep[lo:lo + chunk]
+            if mine.any():
+                pending.append(np.asarray(old[lo:lo + len(mine)])[mine])
+            while sum(len(p) for p in pending) >= chunk or (lo + chunk >= len(keep) and pending):
+                block = np.concatenate(pending)
+                self.write_tiles(written, block[:chunk])
+                written += min(chunk, len(block))
+                pending = [block[chunk:]] if len(block) > chunk else []
+        shutil.rmtree(old_path)
+
+    def write_qc(self, attrs: QCAttrs, flags: dict[str, np.ndarray], *, excluded: dict | None = None,
+                 masks: dict[str, np.ndarray] | None = None, downsample: float = 1.0, mpp: float = 1.0) -> None:
+        """Slide QC (:mod:`wsi.qc`): per stored tile ``focus`` and the ``blur``/``fold``/``bubble`` flags, the
+        excluded tiles (``coords``, ``flags``, ``focus``, ``tissue_fraction``) in exclude mode, the fold and
+        bubble masks on the thumbnail's grid, and the summary attrs."""
+        g = self.group.require_group("qc")
+        n = len(flags["focus"])
+        arrays = {"focus": np.asarray(flags["focus"], np.float32)}
+        arrays.update({k: np.asarray(flags[k], np.uint8) for k in ("blur", "fold", "bubble")})
+        for key, data in (excluded or {}).items():
+            arrays[f"excluded_{key}"] = np.asarray(data)
+        for name, data in arrays.items():
+            rows = max(1, len(data) if name.startswith("excluded_") else n)
+            g.create_array(name, shape=data.shape, chunks=(rows,) + data.shape[1:], dtype=data.dtype,
+                           compressors=[_lossless()])[...] = data
+        mask = self.group.require_group("mask")
+        for name, data in (masks or {}).items():
+            arr = mask.create_array(name, shape=data.shape, chunks=data.shape, dtype="uint8", compressors=[_lossless()])
+            arr[...] = np.asarray(data, np.uint8)
+            arr.attrs.update({"downsample": float(downsample), "mpp": float(mpp)})
+        self.group.attrs["qc"] = attrs.to_dict()
 
     def write_tiles(self, lo: int, tiles: np.ndarray) -> None:
         """Write tiles ``lo:lo+len(tiles)``: whole chunks (the slide's last may be short).
@@ -649,6 +763,14 @@ class TileStoreWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _create_tiles(group: zarr.Group, tiling: TilingAttrs, n: int) -> zarr.Array:
+    t = tiling.tile_px
+    kwargs = ({"compressors": [_lossless()]} if tiling.codec == "lossless" else
+              {"serializer": TileImageCodec(format=tiling.codec, quality=tiling.quality), "compressors": None})
+    return group.create_array("tiles", shape=(n, t, t, 3), chunks=(tiling.chunk_tiles, t, t, 3), dtype="uint8",
+                              fill_value=0, **kwargs)
 
 
 def is_complete(path) -> bool:
@@ -703,6 +825,7 @@ def describe(store: SlideStore) -> str:
         f"tiles      {store.n_tiles} ({'pixels, ' + t.codec if store.has_pixels else 'coordinates only'}), "
         f"min tissue fraction {t.min_tissue_fraction:g}",
         f"levels     {_describe_levels(store.levels)}",
+        f"qc         {_describe_qc(store.qc)}",
         f"features   {', '.join(store.feature_encoders()) or '-'}",
         f"scores     {', '.join(sorted(store.group['scores'].group_keys())) if 'scores' in store.group else '-'}",
         "complete   yes",
@@ -717,3 +840,12 @@ def _describe_levels(levels: LevelCheckAttrs | None) -> str:
     return (f"mask from level {levels.mask_level}, tiles from level {levels.tile_level} "
             f"({levels.pixel_backend}); compared with level 0: {checked}"
             + (f"; {levels.summary}" if levels.summary else ""))
+
+
+def _describe_qc(qc: QCAttrs | None) -> str:
+    if qc is None:
+        return "not run (tiling.qc: off, or a store written before QC)"
+    focus = "-" if qc.focus_median is None else f"{qc.focus_median:.2f}"
+    return (f"{qc.mode}: blur {qc.blur_pct:.1f}%, fold {qc.fold_pct:.1f}%, bubble {qc.bubble_pct:.1f}% of the "
+            f"tissue; focus median {focus}; {qc.blur_tiles + qc.fold_tiles + qc.bubble_tiles} flags, "
+            f"{qc.excluded_tiles} tiles excluded")

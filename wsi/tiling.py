@@ -36,13 +36,23 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
+from . import qc as slide_qc
 from .atomic import replacing
 from .errors import SlideError
 from .layout import Layout
 from .levels import LevelCheck, mark_qc
 from .runner import run_slides
 from .slide import Slide, level0_position, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
-from .store import LevelCheckAttrs, SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, is_complete, store_path
+from .store import (
+    LevelCheckAttrs,
+    QCAttrs,
+    SlideAttrs,
+    SlideStore,
+    TileStoreWriter,
+    TilingAttrs,
+    is_complete,
+    store_path,
+)
 from .tissue import TissueParams, qc_image, tissue_masks
 
 _MAX_RUN_PX = 8192          # longest row run read in one backend call (level pixels)
@@ -225,7 +235,7 @@ def _tiling_attrs(slide: Slide, grid: TileGrid, cfg: dict, tissue: TissueParams)
         effective_mpp=level_mpp * grid.tile_level_px / int(t["tile_px"]),
         min_tissue_fraction=float(t["min_tissue_fraction"]), store_pixels=bool(t["store_pixels"]),
         codec=t["codec"], quality=int(t["quality"]), chunk_tiles=int(t["chunk_tiles"]),
-        tissue=tissue.to_dict(), wsi_version=__version__)
+        tissue=tissue.to_dict(), wsi_version=__version__, qc=t.get("qc") or "off")  # YAML reads a bare off as false
 
 
 def _slide_attrs(slide: Slide) -> SlideAttrs:
@@ -259,7 +269,9 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
     """Tile one slide into ``<out>/stores/<slide_id>.zarr`` and write ``<out>/qc/<slide_id>.png``.
 
     A complete store made from the same file with the same parameters is returned as is. Raises a
-    :class:`~wsi.errors.WsiError` naming the file for anything the lab must fix.
+    :class:`~wsi.errors.WsiError` naming the file for anything the lab must fix. With ``tiling.qc`` (``flag``,
+    ``exclude``) the tiles are checked as they are read (:mod:`wsi.qc`): flags and scores go into the store, a
+    row into ``OUT/qc.csv``, the flagged regions onto the QC image; a slide with no in-focus tissue fails.
     """
     slide_cfg = dict(config["slide"])
     if mpp_overrides is not None:
@@ -273,13 +285,16 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
         tiling = _tiling_attrs(slide, grid, config, tissue)
         final = store_path(out_dir, slide.slide_id)
         if _up_to_date(final, slide, tiling):
-            return SlideStore.open(final)
+            store = SlideStore.open(final)
+            if store.qc is not None:  # qc.csv keeps its row even if it was deleted since
+                slide_qc.record_qc(out_dir, slide_qc.attrs_row(store.slide_id, store.qc))
+            return store
 
         thumb, mask_ds = read_thumbnail(slide, tissue.mask_mpp, levels)
         masks = tissue_masks(thumb, mask_ds * slide.mpp_x, tissue)
         mask = masks.tissue
-        _write_png(Layout(out_dir).qc(slide.slide_id),
-                   mark_qc(qc_image(thumb, mask, masks.rejected), levels))
+        qc_png = mark_qc(qc_image(thumb, mask, masks.rejected), levels)
+        _write_png(Layout(out_dir).qc(slide.slide_id), qc_png)
         if not mask.any():
             inked = f" ({masks.ink.mean():.0%} of it is marker ink)" if masks.ink.any() else ""
             raise SlideError(slide.path, f"no tissue found on the slide{inked}",
@@ -296,18 +311,88 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
                                         tissue_fraction=fractions, levels=_level_check_attrs(slide, levels))
         try:
             writer.write_mask(mask, thumb, ink=masks.ink, downsample=mask_ds, mpp=mask_ds * slide.mpp_x)
+            focus = None
             if tiling.store_pixels:
-                _write_tiles(writer, slide, tiling, coords, progress=progress)
-            return writer.commit()
+                focus = _write_tiles(writer, slide, tiling, coords, progress=progress, measure=tiling.qc != "off")
+            elif tiling.qc != "off":  # coordinates only: QC alone reads the tiles
+                focus = _measure_tiles(slide, tiling, coords)
+            row = None
+            if tiling.qc != "off":
+                row = _quality_control(writer, slide, tiling, out_dir, thumb, qc_png, mask, mask_ds, coords,
+                                       fractions, focus)
+            store = writer.commit()
         except BaseException:
             writer.abort()
             raise
+        if row is not None:
+            slide_qc.record_qc(out_dir, row)
+        return store
+
+
+def _quality_control(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, out_dir, thumb: np.ndarray,
+                     qc_png: np.ndarray, mask: np.ndarray, mask_ds: float, coords: np.ndarray,
+                     fractions: np.ndarray, focus: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Flag the slide's tiles (:mod:`wsi.qc`), paint the flags onto the QC image, write them into the store
+    (dropping the flagged tiles with ``tiling.qc: exclude``) and return the slide's ``qc.csv`` row. A slide with
+    no in-focus tissue, or whose every tile is excluded, is a :class:`SlideError` (its ``qc.csv`` row written)."""
+    mpp = mask_ds * slide.mpp_x
+    defects = slide_qc.thumbnail_defects(thumb, mask, mpp,
+                                         glass_field_um=float(tiling.tissue.get("glass_field_um", 1000.0)))
+    shares = [tissue_fractions(m, mask_ds, coords, tiling.tile_px_level0) for m in (defects.fold, defects.bubble)]
+    result = slide_qc.assess(*focus, *shares, fractions)
+    flags = {"blur": result.blur, "fold": result.fold, "bubble": result.bubble}
+    _write_png(Layout(out_dir).qc(slide.slide_id),
+               slide_qc.qc_overlay(qc_png, flags, mask_ds, coords, tiling.tile_px_level0, defects))
+    summary = result.summary()
+    if not result.in_focus:
+        judged = (f"its sharpest judged tissue reaches {result.sharpness_ref:.2f} where in-focus tissue reaches "
+                  f"{slide_qc.SHARPNESS_MIN:g}" if result.judged else "no tile shows structure enough to judge")
+        cause = f"{slide_qc.NO_FOCUS} ({judged})"
+        slide_qc.record_qc(out_dir, slide_qc.qc_row(slide.slide_id, tiling.qc, result, status="failed", cause=cause))
+        raise SlideError(slide.path, cause, "rescan the slide; the QC image in qc/ shows the tiles judged blurred")
+    flagged = result.flagged
+    excluded = None
+    keep = np.ones(len(coords), bool)
+    if tiling.qc == "exclude":
+        keep = ~flagged
+        if not keep.any():
+            cause = (f"QC excluded every tile (blur {summary['blur_pct']:.0f}%, fold {summary['fold_pct']:.0f}%, "
+                     f"bubble {summary['bubble_pct']:.0f}% of the tissue)")
+            slide_qc.record_qc(out_dir, slide_qc.qc_row(slide.slide_id, tiling.qc, result, status="failed",
+                                                        cause=cause))
+            raise SlideError(slide.path, cause, "rescan the slide, or tile it with tiling.qc: flag")
+        bits = result.blur * 1 + result.fold * 2 + result.bubble * 4
+        excluded = {"coords": coords[flagged].astype(np.int64), "flags": bits[flagged].astype(np.uint8),
+                    "focus": result.focus[flagged], "tissue_fraction": fractions[flagged].astype(np.float32)}
+        if flagged.any():
+            writer.keep_tiles(keep)
+    attrs = QCAttrs(mode=tiling.qc, **{k: summary[k] for k in (
+        "blur_pct", "fold_pct", "bubble_pct", "focus_median", "focus_p10", "judged_pct", "sharpness_ref", "tiles",
+        "blur_tiles", "fold_tiles", "bubble_tiles")}, excluded_tiles=int((~keep).sum()),
+        bubbles=tuple((round(x * mask_ds, 1), round(y * mask_ds, 1), round(r * mask_ds, 1))
+                      for x, y, r in defects.circles),
+        thresholds=slide_qc.thresholds(), wsi_version=__version__)
+    writer.write_qc(attrs, {"focus": result.focus[keep], "blur": result.blur[keep], "fold": result.fold[keep],
+                            "bubble": result.bubble[keep]}, excluded=excluded,
+                    masks={"fold": defects.fold, "bubble": defects.bubble}, downsample=mask_ds, mpp=mpp)
+    return slide_qc.attrs_row(slide.slide_id, attrs)
+
+
+def _measure_tiles(slide: Slide, tiling: TilingAttrs, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """QC's focus features of tiles read only for it (coordinates-only stores)."""
+    sharpness, structure = np.zeros(len(coords), np.float32), np.zeros(len(coords), np.float32)
+    for lo, tiles in iter_tiles(slide, tiling, coords):
+        sharpness[lo:lo + len(tiles)], structure[lo:lo + len(tiles)] = slide_qc.focus_features(tiles)
+    return sharpness, structure
 
 
 def _write_tiles(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, coords: np.ndarray,
-                 *, progress: bool) -> None:
-    """Stream tiles into whole chunks of the store as the row runs arrive, in order."""
+                 *, progress: bool, measure: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """Stream tiles into whole chunks of the store as the row runs arrive, in order; with ``measure``, return
+    QC's focus features of every tile (:func:`wsi.qc.focus_features`), taken on the way."""
     from tqdm import tqdm
+
+    features = (np.zeros(len(coords), np.float32), np.zeros(len(coords), np.float32)) if measure else None
 
     chunk, t = tiling.chunk_tiles, tiling.tile_px
     buffer = np.empty((chunk, t, t, 3), np.uint8)
@@ -315,7 +400,9 @@ def _write_tiles(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, coo
     bar = tqdm(total=len(coords), unit="tile", desc=slide.slide_id, disable=not progress, leave=False)
     with ThreadPoolExecutor(1) as write_pool:  # compress + write one chunk while the next is read
         write_future = None
-        for _, tiles in iter_tiles(slide, tiling, coords):
+        for lo, tiles in iter_tiles(slide, tiling, coords):
+            if features is not None:
+                features[0][lo:lo + len(tiles)], features[1][lo:lo + len(tiles)] = slide_qc.focus_features(tiles)
             while len(tiles):
                 take = min(chunk - filled, len(tiles))
                 buffer[filled:filled + take] = tiles[:take]
@@ -332,6 +419,7 @@ def _write_tiles(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, coo
         if filled:
             writer.write_tiles(written, buffer[:filled])
     bar.close()
+    return features
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:

@@ -214,6 +214,11 @@ def qc_image(rgb: np.ndarray, tissue: np.ndarray, rejected: np.ndarray | None = 
     return out
 
 
+def glass_colour(rgb: np.ndarray, mpp: float, field_um: float) -> np.ndarray:
+    """The scanned glass's colour around each pixel of a thumbnail (step 1 above; (3,) or (h, w, 3) float32)."""
+    return _glass_colour(np.asarray(rgb)[..., :3], field_um / mpp)
+
+
 # ----------------------------------------------------------------------------------------------- steps
 def _glass_colour(rgb: np.ndarray, field_px: float) -> np.ndarray:
     """The colour of the scanned glass around each pixel, (h, w, 3) float32 (or (3,) when one colour serves).

@@ -136,7 +136,29 @@ class Outputs:
                    max_level=tiles.zoom.max_level, tile_px=TILE_PX)
         if self.run and store.has_scores(self.run):
             doc["scores"] = self._scores(store)
+        doc["qc"] = self._qc(store)
         return json.dumps(doc).encode()
+
+    @staticmethod
+    def _qc(store: SlideStore) -> dict | None:
+        """Slide QC's flagged tiles (:mod:`wsi.qc`): level-0 x, y and flag bits (1 blur, 2 fold, 4 bubble) of
+        the stored tiles flagged and of those ``tiling.qc: exclude`` left out; None when QC did not run."""
+        flags = store.qc_flags()
+        if flags is None:
+            return None
+        bits = flags["blur"] * 1 + flags["fold"] * 2 + flags["bubble"] * 4
+        hit = np.flatnonzero(bits)
+        coords, kinds = store.coords[hit], bits[hit]
+        excluded = 0
+        if "qc/excluded_coords" in store.group:
+            extra = np.asarray(store.group["qc/excluded_coords"][:], np.int64).reshape(-1, 2)
+            excluded = len(extra)
+            coords = np.concatenate([coords, extra])
+            kinds = np.concatenate([kinds, np.asarray(store.group["qc/excluded_flags"][:], np.int64)])
+        q = store.qc
+        return {"tile_px_level0": float(store.tiling.tile_px_level0), "coords": coords.ravel().tolist(),
+                "flags": kinds.astype(int).tolist(), "excluded": excluded, "mode": q.mode,
+                "blur_pct": q.blur_pct, "fold_pct": q.fold_pct, "bubble_pct": q.bubble_pct}
 
     def _scores(self, store: SlideStore) -> dict:
         attrs = store.scores(self.run)[2]

@@ -10,6 +10,8 @@ const LEGENDS = {
   tumour: "Tumour probability of each tile (uncalibrated where the model did not look).",
   attention: "Attention: where the model looked, as the tile's rank within this slide (1 = most attended).",
 };
+// slide QC's colours, as on the QC image (wsi.qc): flag bit -> colour
+const QC_COLOURS = [[1, "rgb(40,110,255)"], [2, "rgb(255,210,0)"], [4, "rgb(0,220,230)"]];
 const params = new URLSearchParams(location.search);
 const slideId = params.get("id");
 const page = {redraws: 0, lastRedrawMs: 0, ready: false};
@@ -57,6 +59,7 @@ function niceLength(um) {  // 1, 2 or 5 x 10^k micrometres, at most um
 async function main() {
   if (params.has("opacity")) document.getElementById("opacity").value = params.get("opacity");
   if (params.has("threshold")) document.getElementById("threshold").value = params.get("threshold");
+  if (params.get("qc") === "1") document.getElementById("qc-layer").checked = true;
   if (params.has("layer")) {
     const radio = document.querySelector(`input[name=layer][value="${CSS.escape(params.get("layer"))}"]`);
     if (radio) radio.checked = true;
@@ -88,6 +91,12 @@ async function main() {
   const values = scores ? layerValues(scores) : null;
   const size = scores ? scores.tile_px_level0 : 0, stride = scores ? scores.stride_px_level0 : 0;
   document.getElementById("layers").disabled = !scores;
+  const qc = slide.qc;
+  document.getElementById("qc-layer").disabled = !qc;
+  document.getElementById("qc-text").textContent = qc ? `${qc.blur_pct.toFixed(1)}% of the tissue blurred, `
+    + `${qc.fold_pct.toFixed(1)}% in folds, ${qc.bubble_pct.toFixed(1)}% under bubbles`
+    + (qc.excluded ? `; ${qc.excluded} flagged tiles left out of the features (tiling.qc: exclude)` : "")
+    : "Slide QC did not run on this slide (tiling.qc: off).";
 
   const canvas = document.createElement("canvas");
   canvas.id = "heatmap";
@@ -135,11 +144,34 @@ async function main() {
         ctx.strokeRect(coords[2 * page.selected], coords[2 * page.selected + 1], size, size);
       }
     }
+    if (qc && document.getElementById("qc-layer").checked && viewer.world.getItemCount()) drawQc(ctx, ratio);
     updateScaleBar();
     page.redraws += 1;
     page.lastRedrawMs = performance.now() - started;
   }
   page.redraw = redraw;
+
+  // slide QC: each flagged tile outlined and tinted in its flag's colour (a tile with two flags in both)
+  function drawQc(ctx, ratio) {
+    const origin = viewer.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));
+    const corner = viewer.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(slide.width, 0));
+    const scale = (corner.x - origin.x) / slide.width, side = qc.tile_px_level0;
+    ctx.setTransform(ratio * scale, 0, 0, ratio * scale, ratio * origin.x, ratio * origin.y);
+    ctx.lineWidth = 3 / scale;
+    for (const [bit, rgb] of QC_COLOURS) {
+      ctx.strokeStyle = rgb;
+      ctx.fillStyle = rgb;
+      for (let i = 0; i < qc.flags.length; i++) {
+        if (!(qc.flags[i] & bit)) continue;
+        const x = qc.coords[2 * i], y = qc.coords[2 * i + 1];
+        ctx.globalAlpha = 0.3;
+        ctx.fillRect(x, y, side, side);
+        ctx.globalAlpha = 1;
+        ctx.strokeRect(x, y, side, side);
+      }
+    }
+    page.qcDrawn = qc.flags.length;
+  }
 
   // the region outline: every edge between a tile above the threshold and one that is not (or no tile), so the
   // thresholded tiles read as regions, as the GeoJSON's tumour region does in QuPath
@@ -175,7 +207,8 @@ async function main() {
     const centre = viewer.viewport.viewportToImageCoordinates(viewer.viewport.getCenter());
     const c = controls();
     const query = new URLSearchParams({id: slideId, zoom: viewer.viewport.getZoom().toPrecision(6),
-      x: Math.round(centre.x), y: Math.round(centre.y), layer: c.layer, threshold: c.threshold, opacity: c.opacity});
+      x: Math.round(centre.x), y: Math.round(centre.y), layer: c.layer, threshold: c.threshold, opacity: c.opacity,
+      qc: document.getElementById("qc-layer").checked ? 1 : 0});
     history.replaceState(null, "", "/slide?" + query);
   }
 

@@ -1,0 +1,251 @@
+"""Slide quality control in tiling (wsi.qc): blur, folds and bubbles on small slides with known defects, a slide
+with no in-focus tissue, exclude mode, the QC image, qc.csv and the report, real tissue left unflagged."""
+
+from __future__ import annotations
+
+import csv
+import doctest
+import math
+from html import unescape
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import wsi.qc
+from wsi import demo_defects as dd
+from wsi.config import load_config
+from wsi.demo import HardCases, write_synthetic_slide
+from wsi.qc import thumbnail_defects
+from wsi.store import QCAttrs, SlideStore, store_path
+from wsi.tiling import tile_slides
+from wsi.tissue import TissueParams, tissue_masks
+
+DATA = Path(__file__).parent / "data"
+MPP = 0.5
+
+
+def tile(paths, out, *sets):
+    return {r.slide_id: r for r in tile_slides(paths, out, load_config(sets=list(sets)), progress=False)}
+
+
+def shares(coords: np.ndarray, size: float, truth: np.ndarray, ds: float) -> np.ndarray:
+    """Share of each tile's footprint inside a truth mask sampled every ``ds`` level-0 px."""
+    side = int(round(size / ds))
+    return np.array([truth[int(y / ds):int(y / ds) + side, int(x / ds):int(x / ds) + side].mean() for x, y in coords])
+
+
+def qc_rows(out: Path) -> dict[str, dict]:
+    with open(out / "qc.csv", newline="") as f:
+        return {r["slide_id"]: r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    """Four small slides at 0.5 um/px: ``blur`` (its left half out of focus, sigma 2.5 um), ``defects`` (a fold
+    and an air bubble on a piece with a solid sheet of dense tumour), ``nofocus`` (out of focus everywhere) and
+    ``sharp`` (the same scene in focus)."""
+    folder = tmp_path_factory.mktemp("qc") / "slides"
+    made = {}
+    made["blur"] = write_synthetic_slide(folder / "blur.svs", width=3072, height=2048, mpp=MPP, seed=20,
+                                         defects=[dd.FocusStripe(0, 1536, 2048, 5.0, 5.0)])
+    kwargs = dict(width=4096, height=3072, mpp=MPP, seed=21, hard=HardCases(solid_tumours=1))
+    plain = write_synthetic_slide(folder / "plain.svs", write=False, **kwargs)
+    x0, y0, x1, y1 = plain.tissue_boxes[0]
+    w, h = x1 - x0, y1 - y0
+    defects = [dd.Fold(x0 + 0.3 * w, y0 + 0.4 * h, math.pi / 2, 0.2 * h, 400),  # 200 um wide, over stroma
+               dd.Bubble(x0 + 0.72 * w, y0 + 0.35 * h, 360, rim=30)]
+    made["defects"] = write_synthetic_slide(folder / "defects.svs", defects=defects, **kwargs)
+    whole = [dd.BlurRegion(1024, 768, 1e5, 1e5, 0.0, 4.0, ramp=0)]
+    made["nofocus"] = write_synthetic_slide(folder / "nofocus.svs", width=2048, height=1536, mpp=MPP, seed=22,
+                                            defects=whole)
+    made["sharp"] = write_synthetic_slide(folder / "sharp.svs", width=2048, height=1536, mpp=MPP, seed=22)
+    return made
+
+
+@pytest.fixture(scope="module")
+def flagged(slides, tmp_path_factory):
+    """The four slides tiled with the default ``tiling.qc: flag``."""
+    out = tmp_path_factory.mktemp("qc-flag")
+    return out, tile([s.path for s in slides.values()], out)
+
+
+def test_blurred_half_of_a_slide_is_flagged_and_its_sharp_half_is_not(slides, flagged):
+    out, results = flagged
+    assert results["blur"].error is None
+    store = SlideStore.open(store_path(out, "blur"))
+    flags = store.qc_flags()
+    x = store.coords[:, 0]
+    blurred, sharp = x + 256 <= 1536 - 20, x >= 1536 + 20  # clear of the stripe's edge (4 sigma)
+    assert blurred.sum() >= 4 and sharp.sum() >= 4
+    assert flags["blur"][blurred].mean() >= 0.8
+    assert not flags["blur"][sharp].any()
+    assert np.nanmedian(flags["focus"][sharp]) > 0.8 > np.nanmedian(flags["focus"][blurred]) * 1.5
+    row = qc_rows(out)["blur"]
+    assert list(row)[:4] == ["slide_id", "blur_pct", "fold_pct", "bubble_pct"]
+    assert 25 <= float(row["blur_pct"]) <= 75 and row["status"] == "ok"
+
+
+def test_fold_is_flagged_and_dense_tumour_beside_it_is_not(slides, flagged):
+    out, _ = flagged
+    slide = slides["defects"]
+    store = SlideStore.open(store_path(out, "defects"))
+    flags, coords, size = store.qc_flags(), store.coords, store.tiling.tile_px_level0
+    truth = slide.truth_masks(8)
+    fold = shares(coords, size, truth["fold"], 8)
+    assert (fold >= 0.5).sum() >= 3
+    assert flags["fold"][fold >= 0.5].mean() >= 0.8
+    tumour = (shares(coords, size, truth["tumour"], 8) >= 0.5) & (fold == 0)
+    tumour &= shares(coords, size, truth["bubble"], 8) == 0
+    assert tumour.sum() >= 3
+    assert not (flags["fold"] | flags["blur"] | flags["bubble"])[tumour].any()
+    assert not flags["fold"][fold == 0].any()
+    assert float(qc_rows(out)["defects"]["fold_pct"]) > 0
+
+
+def test_air_bubble_is_found_as_a_circle_and_its_tiles_flagged(slides, flagged):
+    out, _ = flagged
+    slide = slides["defects"]
+    store = SlideStore.open(store_path(out, "defects"))
+    bubble = shares(store.coords, store.tiling.tile_px_level0, slide.truth_masks(8)["bubble"], 8)
+    flags = store.qc_flags()
+    assert (bubble >= 0.5).sum() >= 2
+    assert flags["bubble"][bubble >= 0.5].all()
+    assert not flags["bubble"][bubble == 0].any()
+    [(x, y, r)] = store.qc.bubbles
+    true = slide.scene.defects[1]
+    assert math.hypot(x - true.cx, y - true.cy) < 0.1 * true.radius and abs(r - true.radius) < 0.15 * true.radius
+    assert "bubble" in store.qc_masks()
+
+
+def test_slide_with_no_sharp_tissue_fails_qc_and_the_others_carry_on(slides, flagged):
+    out, results = flagged
+    assert "no in-focus tissue" in results["nofocus"].error
+    assert results["sharp"].error is None and results["sharp"].n_tiles > 0
+    with open(out / "failures.csv", newline="") as f:
+        [row] = [r for r in csv.DictReader(f) if r["slide_id"] == "nofocus"]
+    assert row["stage"] == "tile" and "no in-focus tissue" in row["cause"]
+    rows = qc_rows(out)
+    assert rows["nofocus"]["status"] == "failed" and "no in-focus tissue" in rows["nofocus"]["cause"]
+    assert rows["sharp"]["status"] == "ok" and float(rows["sharp"]["blur_pct"]) == 0
+    stores = out / "stores"
+    assert not (stores / "nofocus.zarr").exists()
+    assert not list(stores.glob(".nofocus.zarr.partial-*"))  # nothing half-written
+    assert (out / "qc" / "nofocus.png").exists()  # the QC image shows what was judged
+
+
+def test_exclude_drops_flagged_tiles_from_the_store_and_records_them(slides, flagged, tmp_path):
+    out, _ = flagged
+    results = tile([slides["blur"].path, slides["defects"].path], tmp_path, "tiling.qc=exclude")
+    for sid in ("blur", "defects"):
+        assert results[sid].error is None
+        kept = SlideStore.open(store_path(tmp_path, sid))
+        full = SlideStore.open(store_path(out, sid))
+        flags = full.qc_flags()
+        flagged_any = flags["blur"] | flags["fold"] | flags["bubble"]
+        assert flagged_any.any()
+        assert kept.n_tiles == full.n_tiles - flagged_any.sum()
+        assert (kept.coords == full.coords[~flagged_any]).all()
+        assert (kept.read_tiles(0, kept.n_tiles) == full.read_tiles(0, full.n_tiles)[~flagged_any]).all()
+        assert (np.asarray(kept.group["qc/excluded_coords"][:]) == full.coords[flagged_any]).all()
+        assert not any(kept.qc_flags()[k].any() for k in ("blur", "fold", "bubble"))
+        assert kept.qc.excluded_tiles == flagged_any.sum()
+        assert int(qc_rows(tmp_path)[sid]["excluded_tiles"]) == flagged_any.sum()
+
+
+def test_qc_image_paints_blurred_tiles_in_their_own_colour(flagged):
+    out, _ = flagged
+    store = SlideStore.open(store_path(out, "blur"))
+    _, thumb, ds = store.mask()
+    image = np.asarray(Image.open(out / "qc" / "blur.png")).astype(float)
+    flags = store.qc_flags()
+    assert flags["blur"].any() and not flags["blur"].all() and not (flags["fold"] | flags["bubble"]).any()
+    side = store.tiling.tile_px_level0 / ds
+    inner = store.tissue_fraction >= 0.99  # clear of the tissue outline, drawn in green
+    assert flags["blur"][inner].any() and not flags["blur"][inner].all()
+    for (x, y), flag in zip(store.coords[inner], flags["blur"][inner]):
+        r0, c0 = int(y / ds + side / 2) - 3, int(x / ds + side / 2) - 3  # the tile's centre, clear of outlines
+        diff = (image[r0:r0 + 6, c0:c0 + 6] - thumb[r0:r0 + 6, c0:c0 + 6]).mean(axis=(0, 1))
+        if flag:  # tinted towards QC_BLUR_RGB: blue up, red down
+            assert diff[2] - diff[0] > 20, diff
+        else:
+            assert np.abs(diff).max() < 2, diff
+
+
+def test_qc_off_writes_no_flags_and_no_row(slides, tmp_path):
+    results = tile([slides["nofocus"].path], tmp_path, "tiling.qc=off")
+    assert results["nofocus"].error is None  # without QC a blurred slide tiles as before
+    assert SlideStore.open(store_path(tmp_path, "nofocus")).qc is None
+    assert not (tmp_path / "qc.csv").exists()
+
+
+def test_sharp_real_tissue_is_not_flagged(real_slide_path, tmp_path):
+    results = tile([real_slide_path], tmp_path)
+    store = SlideStore.open(store_path(tmp_path, "cmu_small_region"))
+    assert results["cmu_small_region"].error is None
+    flags = store.qc_flags()
+    assert not (flags["blur"] | flags["fold"] | flags["bubble"]).any()
+    assert store.qc.judged_pct > 80
+
+
+def test_real_tissue_blurred_by_a_known_kernel_is_flagged(tmp_path):
+    """The prostate image of tests/data (about 0.5 um/px) with its left half blurred by a pillbox of sigma 2 um,
+    written as a tiled TIFF: the blurred tiles are flagged, the sharp ones not."""
+    import tifffile
+
+    rgb = np.asarray(Image.open(DATA / "slide.jpeg").convert("RGB"))
+    blurred = dd.composite(rgb, [dd.FocusStripe(0, 1250, 2500, 4.0, 4.0, kernel="disk")])
+    path = tmp_path / "prostate.tif"
+    tifffile.imwrite(path, blurred, tile=(256, 256), compression="jpeg", photometric="rgb",
+                     resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER", metadata=None)
+    results = tile([path], tmp_path / "out")
+    assert results["prostate"].error is None
+    store = SlideStore.open(store_path(tmp_path / "out", "prostate"))
+    flags, x = store.qc_flags(), store.coords[:, 0]
+    left, right = x + 256 <= 1250 - 16, x >= 1250 + 16
+    assert flags["blur"][left & ~np.isnan(flags["focus"])].mean() >= 0.8
+    assert not flags["blur"][right].any()
+
+
+def test_dense_tumour_cores_of_a_real_tissue_microarray_are_not_folds_or_bubbles():
+    rgb = np.asarray(Image.open(DATA / "tma_spots.jpeg").convert("RGB"))
+    tissue = tissue_masks(rgb, 8.0, TissueParams.default()).tissue
+    found = thumbnail_defects(rgb, tissue, 8.0)
+    assert tissue.sum() > 10000
+    assert found.fold.sum() < 0.01 * tissue.sum() and not found.circles
+
+
+def test_fold_and_bubble_composited_onto_a_real_tissue_microarray_are_found():
+    rgb = np.asarray(Image.open(DATA / "tma_spots.jpeg").convert("RGB"))
+    tissue = tissue_masks(rgb, 8.0, TissueParams.default()).tissue
+    ys, xs = np.nonzero(tissue)
+    cx, cy = float(np.median(xs)), float(np.median(ys))
+    bubble = dd.Bubble(cx, cy - 300, 20, rim=1.5)
+    fold = dd.Fold(cx, cy + 200, 0.3, 60, 12, line_width=0.5)
+    found = thumbnail_defects(dd.composite(rgb, [fold, bubble]), tissue, 8.0)
+    truth = dd.composite_truth(tissue, [fold, bubble])
+    assert (found.fold & truth["fold"]).sum() >= 0.6 * truth["fold"].sum()
+    assert len(found.circles) == 1 and math.hypot(found.circles[0][0] - cx, found.circles[0][1] - cy + 300) < 3
+
+
+def test_report_warns_first_about_slides_over_the_qc_limits(tmp_path):
+    from wsi.report import write_report
+
+    wsi.qc.record_qc(tmp_path, wsi.qc.qc_row("good", "flag") | {"blur_pct": 1.0, "fold_pct": 0, "bubble_pct": 0})
+    wsi.qc.record_qc(tmp_path, wsi.qc.qc_row("foggy", "flag") | {"blur_pct": 42.0, "fold_pct": 0, "bubble_pct": 0})
+    html = unescape(write_report(tmp_path, load_config(), run="none").read_text())
+    warnings = html[html.index("id=warnings"):html.index("id=performance")]
+    assert "foggy (blur 42.0% > 10%)" in warnings and "good" not in warnings
+    quality = html[html.index("id=quality"):]
+    assert quality.index("foggy") < quality.index("good")
+
+
+def test_qc_attrs_round_trip_and_the_module_examples_run():
+    attrs = QCAttrs(mode="exclude", blur_pct=1.5, fold_pct=0.0, bubble_pct=2.0, focus_median=0.9, focus_p10=0.7,
+                    judged_pct=98.0, sharpness_ref=3.9, tiles=10, blur_tiles=1, fold_tiles=0, bubble_tiles=1,
+                    excluded_tiles=2, bubbles=((1.0, 2.0, 3.0),), thresholds=wsi.qc.thresholds())
+    assert QCAttrs.from_dict(attrs.to_dict()).to_dict() == attrs.to_dict()
+    with pytest.raises(ValueError):
+        QCAttrs.from_dict({**attrs.to_dict(), "mode": "maybe"})
+    assert doctest.testmod(wsi.qc).failed == 0 and doctest.testmod(dd).failed == 0

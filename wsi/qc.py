@@ -1,0 +1,487 @@
+"""Slide quality control: out-of-focus tiles, tissue folds and air bubbles, found without downloaded weights.
+
+The tiler (:mod:`wsi.tiling`) runs it on what it reads anyway (``tiling.qc``: ``flag`` by default, ``exclude``,
+``off``): the focus of each tile from the tile's own pixels as they stream into the store, folds and bubbles
+from the thumbnail the tissue mask is computed on. Nothing else is read, and memory does not grow with the
+slide: two numbers per tile, and masks on the thumbnail's grid.
+
+Focus (per tile)
+----------------
+An out-of-focus region loses its fine detail first. Each tile's grey image is reduced to a pyramid (each level
+half the last, Gaussian-smoothed: OpenCV's ``pyrDown``) and the mean squared gradient (3x3 Sobel) is taken at
+level 0 (the tile's pixels; ~0.5-1 um at 0.5 um/px) and level 2 (~2-4 um). Their ratio, the tile's
+*sharpness* (the root of the ratio, times 4, so that a tile with no detail finer than level 2 scores about 1), is
+the same for tissue of any darkness or amount of texture (it compares the tile with itself), and falls as blur
+grows: at 0.5 um/px, sharp tissue of the generator and of the real images of ``tests/data`` scores 2.6-5.9,
+tissue blurred by a Gaussian of sigma 1.5 um 1.3-1.8 (``bench/qc.py``). Where a tile shows too little structure
+to judge (the gradient at level 3, ~4-8 um, below :data:`STRUCTURE_MIN` grey levels per pixel: mucin, pools of
+blood, pale secretions), its focus is not judged (NaN) and it is never flagged.
+
+The *focus score* of a tile is its sharpness over the slide's own reference, the :data:`REFERENCE_QUANTILE`
+quantile of its judged tiles' sharpness: 1 is as sharp as the slide's sharp tissue, so dense tumour (sharp but
+dark) and fat (sharp with little texture) are measured against the same slide's tissue, and a scanner or codec
+that keeps less detail everywhere moves the reference, not the scores. A judged tile is **blurred** when its
+score is below :data:`BLUR_SCORE_MAX`. A slide whose reference itself is below :data:`SHARPNESS_MIN` (or with no
+judged tile) has **no in-focus tissue**: tiling fails it with that cause, a ``failures.csv`` row and a
+``qc.csv`` row, instead of tiling it as if it were fine.
+
+Folds (thumbnail)
+-----------------
+A fold doubles the section: where the flap lies, the optical density of the tissue doubles and its colour (each
+channel's share of the density) stays. Real tissue varies in density too (dense collagen beside loose stroma is
+1.6x as dense and as pink), so a fold is measured against the slide's own tissue of its colour, not against
+its neighbours: the tissue pixels (leaving out those under :data:`FOLD_PALE_SHARE` of the median density: fat's
+vacuoles, lumens) are binned by colour (:data:`FOLD_COLOUR_STEP`), and a pixel is a fold pixel when it is at least
+:data:`FOLD_DENSITY_RATIO` times as dense as the :data:`FOLD_REFERENCE_QUANTILE` quantile of the tissue of its
+colour (its bin). A fold is a small part of a slide, so that quantile (the median) is single-layer tissue; dense
+tumour is bluer than stroma (its haematoxylin) and has its own reference. A fold pixel must also be at least
+:data:`FOLD_LOCAL_RATIO` times as dense as its surroundings: the median over the :data:`FOLD_BLOCK_UM` blocks
+within :data:`FOLD_WINDOW_UM` of the (not pale) tissue's mean density per block: a sheet of dense tumour is its own
+surroundings, wherever its colour stands among the slide's. Fold pixels where most pixels within
+:data:`FOLD_SPECK_UM` are so too (a median filter: specks of dense nuclei go), closed over small gaps and kept in
+pieces of at least :data:`FOLD_MIN_UM2`, are the fold mask. Not seen: a fold over tissue
+paler than the slide's (fat doubled is still pale), and a fold that covers much of a slide's tissue of one
+colour (it becomes its own reference).
+
+Bubbles (thumbnail)
+-------------------
+An air bubble's outline is a dark, neutral ring: the light is refracted away at the air's edge, whatever lies
+under it. Pixels whose optical density exceeds their neighbourhood's (a median over :data:`RIM_WINDOW_UM`) by at
+least :data:`RIM_OD_MIN` in every channel, evenly (no channel's excess under :data:`RIM_EVENNESS` of the
+largest), in pieces of at least :data:`RIM_MIN_PX` pixels, are rim candidates. OpenCV's Hough transform
+(``HOUGH_GRADIENT_ALT``, perfectness :data:`HOUGH_PERFECTNESS`) proposes circles of radius
+:data:`BUBBLE_RADIUS_UM` on each group of them; a proposed circle along which rim candidates lie (within two
+pixels) for at least :data:`BUBBLE_MIN_ARC` of its circumference is a bubble, and its disc is the bubble mask.
+Dense tumour's nuclei and the edges of dark regions also leave candidates, but not along a circle.
+
+Per tile and per slide
+----------------------
+A tile is flagged **fold** or **bubble** when that mask covers at least :data:`DEFECT_TILE_SHARE` of its
+footprint. Per slide: ``blur_pct``, ``fold_pct``, ``bubble_pct`` are the percentages of the slide's tissue area
+(the tiles' tissue fractions summed) in tiles so flagged; the focus summary gives the median and the 10th
+percentile of the judged tiles' scores. The report lists the slides over :data:`REPORT_LIMITS`.
+
+>>> import cv2, numpy as np
+>>> squares = np.random.default_rng(0).integers(60, 230, (32, 32, 1))
+>>> tile = np.kron(squares, np.ones((8, 8, 3))).astype(np.uint8)      # 256 px of sharp 8-px squares
+>>> sharpness, structure = focus_features(np.stack([tile, tile, tile, cv2.GaussianBlur(tile, (0, 0), 3)]))
+>>> [round(float(v), 1) for v in sharpness], bool((structure >= STRUCTURE_MIN).all())
+([3.6, 3.6, 3.6, 1.7], True)
+>>> focus = score_focus(sharpness, structure)
+>>> focus.blurred.tolist(), round(float(focus.score[3]), 2), focus.in_focus
+([False, False, False, True], 0.47, True)
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .atomic import write_text
+from .layout import Layout
+
+QC_MODES = ("off", "flag", "exclude")  # tiling.qc: off | flag (keep and mark) | exclude (drop flagged tiles)
+
+# focus (per tile; grey levels of the tile at its stored resolution)
+STRUCTURE_MIN = 4.0  # judged tiles: RMS gradient at pyramid level 3 at least this (grey levels per level-3 px / 8)
+REFERENCE_QUANTILE = 0.9  # the slide's sharp tissue: this quantile of its judged tiles' sharpness
+BLUR_SCORE_MAX = 0.5  # a judged tile whose sharpness is below this share of the slide's reference is blurred
+SHARPNESS_MIN = 2.2  # a slide whose reference sharpness is below this has no in-focus tissue
+
+# folds (thumbnail)
+FOLD_PALE_SHARE = 0.5  # the colour references leave out tissue under this share of the slide's median density
+FOLD_COLOUR_STEP = 0.05  # tissue colours (each channel's share of the density, red and blue) binned this finely
+FOLD_REFERENCE_QUANTILE = 0.5  # a colour's reference density: this quantile of the slide's tissue of that colour
+FOLD_DENSITY_RATIO = 1.7  # a fold pixel is at least this times as dense as its colour's reference
+FOLD_SPECK_UM = 8.0  # fold pixels need most of the pixels within this distance to be so too (nuclei specks go)
+FOLD_MIN_PIXELS = 200  # a colour needs this many tissue pixels to have a reference
+FOLD_BLOCK_UM = 64.0  # the surroundings' density is summed per block of this size
+FOLD_WINDOW_UM = 704.0  # a pixel's surroundings: the (not pale) tissue within this window
+FOLD_LOCAL_RATIO = 1.4  # a fold pixel is also at least this times as dense as its surroundings' median
+FOLD_MIN_UM2 = 25000.0  # fold pieces smaller than this are dropped (a dark nest, a vessel wall)
+
+# bubbles (thumbnail)
+RIM_WINDOW_UM = 56.0  # a pixel's neighbourhood for the rim test (a median filter this wide)
+RIM_OD_MIN = 0.07  # rim candidates exceed their neighbourhood's optical density by this in every channel
+RIM_MIN_PX = 12  # and lie in connected pieces of at least this many pixels (an outline, not specks)
+RIM_EVENNESS = 0.55  # and evenly: the smallest channel's excess at least this share of the largest (neutral)
+BUBBLE_RADIUS_UM = (50.0, 2000.0)  # the bubbles looked for
+HOUGH_PERFECTNESS = 0.6  # OpenCV's HOUGH_GRADIENT_ALT param2: how circular an outline must be to be proposed
+BUBBLE_MIN_ARC = 0.4  # a proposed circle is a bubble when rim candidates lie along this share of it
+
+DEFECT_TILE_SHARE = 0.25  # a tile is a fold (bubble) tile when the fold (bubble) mask covers this share of it
+
+# the report lists the slides whose QC exceeds any of these (percent of the slide's tissue area)
+REPORT_LIMITS = {"blur_pct": 10.0, "fold_pct": 5.0, "bubble_pct": 5.0}
+
+QC_BLUR_RGB = (40, 110, 255)  # QC image colours: blurred tiles blue, folds yellow, bubbles cyan
+QC_FOLD_RGB = (255, 210, 0)
+QC_BUBBLE_RGB = (0, 220, 230)
+NO_FOCUS = "no in-focus tissue"  # the cause a slide fails QC with
+
+QC_COLUMNS = ("slide_id", "blur_pct", "fold_pct", "bubble_pct", "focus_median", "focus_p10", "judged_pct",
+              "sharpness_ref", "tiles", "blur_tiles", "fold_tiles", "bubble_tiles", "excluded_tiles", "mode",
+              "status", "cause")
+
+
+# --------------------------------------------------------------------------------------------- focus
+def focus_features(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sharpness (n,), structure (n,)) of uint8 RGB tiles (n, T, T, 3), float32: see the module docstring."""
+    tiles = np.asarray(tiles)
+    n = len(tiles)
+    sharpness, structure = np.empty(n, np.float32), np.empty(n, np.float32)
+    for i in range(n):
+        grey = cv2.cvtColor(np.ascontiguousarray(tiles[i]), cv2.COLOR_RGB2GRAY)
+        fine = _gradient_energy(grey)
+        level = grey
+        for _ in range(2):
+            level = cv2.pyrDown(level)
+        coarse = _gradient_energy(level)
+        gate = _gradient_energy(cv2.pyrDown(level))
+        sharpness[i] = 4.0 * math.sqrt(fine / max(coarse, 1e-6))
+        structure[i] = math.sqrt(gate) / 8.0
+    return sharpness, structure
+
+
+def _gradient_energy(grey: np.ndarray) -> float:
+    """Mean squared 3x3 Sobel gradient of a uint8 image (OpenCV's C loops: no float copies)."""
+    gx = cv2.Sobel(grey, cv2.CV_16S, 1, 0, ksize=3)
+    gy = cv2.Sobel(grey, cv2.CV_16S, 0, 1, ksize=3)
+    return (cv2.norm(gx, cv2.NORM_L2SQR) + cv2.norm(gy, cv2.NORM_L2SQR)) / max(grey.size, 1)
+
+
+@dataclass(frozen=True)
+class FocusResult:
+    """Per-tile focus scores (NaN: not judged) and blur flags, and the slide's reference sharpness."""
+
+    score: np.ndarray
+    blurred: np.ndarray
+    reference: float  # NaN when no tile was judged
+    judged: int
+
+    @property
+    def in_focus(self) -> bool:
+        """Whether the slide has in-focus tissue to measure against (see :data:`SHARPNESS_MIN`)."""
+        return self.judged > 0 and self.reference >= SHARPNESS_MIN
+
+
+def score_focus(sharpness: np.ndarray, structure: np.ndarray) -> FocusResult:
+    """Focus scores relative to the slide's own sharp tissue, and blur flags."""
+    sharpness, structure = np.asarray(sharpness, np.float32), np.asarray(structure, np.float32)
+    judged = structure >= STRUCTURE_MIN
+    if not judged.any():
+        return FocusResult(np.full(len(sharpness), np.nan, np.float32), np.zeros(len(sharpness), bool), math.nan, 0)
+    reference = float(np.quantile(sharpness[judged], REFERENCE_QUANTILE))
+    score = np.where(judged, sharpness / max(reference, 1e-6), np.nan).astype(np.float32)
+    return FocusResult(score, judged & (score < BLUR_SCORE_MAX), reference, int(judged.sum()))
+
+
+# --------------------------------------------------------------------------------------------- thumbnail
+@dataclass(frozen=True)
+class ThumbnailDefects:
+    """Fold and bubble masks on the thumbnail's grid, and the bubbles' circles (x, y, radius; thumbnail px)."""
+
+    fold: np.ndarray
+    bubble: np.ndarray
+    circles: tuple = ()
+
+
+def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
+    """-log10 of each channel over the glass colour ((3,) or (h, w, 3)), float32, 0 on glass."""
+    ratio = (np.asarray(rgb, np.float32) + 1) / (np.asarray(glass, np.float32) + 1)
+    return np.maximum(-np.log10(np.minimum(ratio, 1.0)), 0).astype(np.float32)
+
+
+def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *,
+                      glass_field_um: float = 1000.0) -> ThumbnailDefects:
+    """Folds (within ``tissue``) and bubbles (anywhere) on an RGB uint8 thumbnail whose pixels are ``mpp`` um
+    wide; the glass colour is estimated as the tissue mask estimates it (``tissue.glass_field_um``)."""
+    from .tissue import glass_colour
+
+    rgb = np.asarray(rgb)[..., :3]
+    glass = glass_colour(rgb, mpp, glass_field_um)
+    od = optical_density(rgb, glass)
+    bubble, circles = _bubbles(od, mpp)
+    tissue = np.asarray(tissue, bool)
+    if circles:  # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through
+        # it is paler: folds are neither looked for nor measured there
+        tissue = tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool)
+    fold = _folds(od, tissue, mpp)
+    return ThumbnailDefects(fold=fold, bubble=bubble, circles=tuple(circles))
+
+
+def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
+    """Fold pixels: tissue at least :data:`FOLD_DENSITY_RATIO` times as dense as the
+    :data:`FOLD_REFERENCE_QUANTILE` quantile of the slide's tissue of its colour (see the module docstring)."""
+    h, w = tissue.shape
+    fold = np.zeros((h, w), bool)
+    density = od.sum(axis=2)
+    if tissue.sum() < 64:
+        return fold
+    # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
+    dense = tissue & (density >= FOLD_PALE_SHARE * float(np.median(density[tissue])))
+    if dense.sum() < 64:
+        return fold
+    n = int(math.ceil(1 / FOLD_COLOUR_STEP))
+    share = od / np.maximum(density, 1e-6)[..., None]  # each channel's share of the density: the colour
+    bins = (np.clip((share[..., 0] / FOLD_COLOUR_STEP).astype(np.int32), 0, n - 1) * n
+            + np.clip((share[..., 2] / FOLD_COLOUR_STEP).astype(np.int32), 0, n - 1))
+    values, where = density[dense], bins[dense]
+    order = np.lexsort((values, where))  # by colour bin, then density: each bin's quantile by its index
+    values, where = values[order], where[order]
+    starts = np.searchsorted(where, np.arange(n * n + 1))
+    counts = np.diff(starts)
+    reference = np.full(n * n, np.inf, np.float32)
+    have = counts >= FOLD_MIN_PIXELS
+    reference[have] = values[starts[:-1][have] + (FOLD_REFERENCE_QUANTILE * (counts[have] - 1)).astype(np.int64)]
+    candidate = tissue & (density >= FOLD_DENSITY_RATIO * reference[bins])
+    if candidate.any():  # and denser than the tissue around it: a sheet of dense tumour is its own surroundings
+        candidate &= density >= FOLD_LOCAL_RATIO * _local_density(density, dense, mpp)
+    # a fold is a band tens of microns wide: specks (clusters of nuclei a thumbnail pixel wide) go first, then
+    # gaps of a couple of pixels close
+    k = max(1, int(round(FOLD_SPECK_UM / mpp))) * 2 + 1
+    majority = cv2.medianBlur(candidate.view(np.uint8) * 255, k)  # where most of the pixels around are
+    closed = cv2.morphologyEx(majority, cv2.MORPH_CLOSE, _disc_kernel(16 / mpp)).view(bool)
+    closed &= tissue
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(closed.view(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] * mpp * mpp >= FOLD_MIN_UM2
+    keep[0] = False
+    return keep[labels]
+
+
+def _local_density(density: np.ndarray, where: np.ndarray, mpp: float) -> np.ndarray:
+    """The median, over the :data:`FOLD_BLOCK_UM` blocks within :data:`FOLD_WINDOW_UM` of each pixel, of the
+    blocks' mean density of the ``where`` pixels (a block with too few of them takes its nearest block's value;
+    inf when there is none). A median of blocks: a fold covering a third of the window does not move it. OpenCV's
+    8-bit median filter (0.02 density steps), so the cost does not grow with the window."""
+    h, w = density.shape
+    block = max(1, int(round(FOLD_BLOCK_UM / mpp)))
+    small = (max(1, round(w / block)), max(1, round(h / block)))
+    weight = cv2.resize(where.astype(np.float32), small, interpolation=cv2.INTER_AREA)
+    total = cv2.resize(np.where(where, density, 0).astype(np.float32), small, interpolation=cv2.INTER_AREA)
+    valid = weight >= 0.2
+    if not valid.any():
+        return np.full((h, w), np.inf, np.float32)
+    mean = np.where(valid, total / np.maximum(weight, 1e-6), 0)
+    if not valid.all():  # every block takes its nearest valid block's value (raster order labels the zeros)
+        _, nearest = cv2.distanceTransformWithLabels((~valid).view(np.uint8), cv2.DIST_L2, 3,
+                                                     labelType=cv2.DIST_LABEL_PIXEL)
+        sources = mean[valid]
+        mean = sources[nearest - 1]
+    side = 2 * max(1, int(round(FOLD_WINDOW_UM / FOLD_BLOCK_UM / 2))) + 1
+    levels = np.clip(np.round(mean / 0.02), 0, 255).astype(np.uint8)
+    median = cv2.medianBlur(levels, side).astype(np.float32) * 0.02
+    return cv2.resize(median, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def _disc_kernel(radius_px: float) -> np.ndarray:
+    k = max(1, int(round(radius_px)))
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
+
+
+def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
+    """Bubble discs and circles: rim candidates (neutral excess density over the neighbourhood's median),
+    circles proposed by OpenCV's Hough transform on them (``HOUGH_GRADIENT_ALT``), each kept when rim
+    candidates lie along at least :data:`BUBBLE_MIN_ARC` of its circumference (within two pixels)."""
+    h, w = od.shape[:2]
+    mask = np.zeros((h, w), bool)
+    k = min(255, max(3, int(round(RIM_WINDOW_UM / mpp)) | 1))
+    scaled = np.clip(od * 100, 0, 255).astype(np.uint8)  # medianBlur takes 8 bits: 0.01 OD steps
+    background = cv2.medianBlur(np.ascontiguousarray(scaled), k).astype(np.float32) / 100
+    excess = od - background
+    low, high = excess.min(axis=2), excess.max(axis=2)
+    strength = np.where(low >= RIM_EVENNESS * high, np.maximum(low, 0), 0)
+    rim = strength >= RIM_OD_MIN
+    if rim.sum() < 8:
+        return mask, []
+    r_min, r_max = BUBBLE_RADIUS_UM[0] / mpp, BUBBLE_RADIUS_UM[1] / mpp
+    # specks (JPEG, nuclei, dust) are no outline: pieces of at least RIM_MIN_PX pixels, grouped when close
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(rim.view(np.uint8), connectivity=8)
+    big = stats[:, cv2.CC_STAT_AREA] >= RIM_MIN_PX
+    big[0] = False
+    rim = big[labels]
+    strength = np.where(rim, strength, 0)
+    image = cv2.GaussianBlur(np.clip(strength / (5 * RIM_OD_MIN) * 255, 0, 255).astype(np.uint8), (3, 3), 0.8)
+    grouped = cv2.dilate(rim.view(np.uint8), np.ones((7, 7), np.uint8))
+    count, groups, boxes, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
+    proposed = []
+    for x, y, bw, bh, _ in boxes[1:]:  # Hough on each group's box alone: its cost grows with the image
+        if max(bw, bh) < 1.6 * r_min:
+            continue
+        x0, y0 = max(0, x - 4), max(0, y - 4)
+        x1, y1 = min(w, x + bw + 4), min(h, y + bh + 4)
+        found = cv2.HoughCircles(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.HOUGH_GRADIENT_ALT, dp=1,
+                                 minDist=max(2.0, r_min), param1=100, param2=HOUGH_PERFECTNESS,
+                                 minRadius=max(2, int(r_min)),
+                                 maxRadius=max(3, int(math.ceil(min(r_max, max(bw, bh) / 2 + 4)))))
+        proposed += [] if found is None else [(cx + x0, cy + y0, r) for cx, cy, r in found[0]]
+    near = cv2.dilate(rim.view(np.uint8), np.ones((5, 5), np.uint8)).view(bool)  # within two pixels
+    circles = []
+    yy, xx = np.ogrid[0:h, 0:w]
+    for cx, cy, r in proposed:
+        angles = np.linspace(0, 2 * math.pi, max(36, int(2 * math.pi * r)), endpoint=False)
+        px = np.round(cx + r * np.cos(angles)).astype(int)
+        py = np.round(cy + r * np.sin(angles)).astype(int)
+        inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+        if inside.mean() < BUBBLE_MIN_ARC:
+            continue
+        on_rim = np.zeros(len(angles), bool)
+        on_rim[inside] = near[py[inside], px[inside]]
+        if on_rim.mean() < BUBBLE_MIN_ARC:
+            continue
+        circles.append((float(cx), float(cy), float(r)))
+        mask |= (xx - cx) ** 2 + (yy - cy) ** 2 <= (r + 1) ** 2  # the rim's outer edge
+    return mask, circles
+
+
+# --------------------------------------------------------------------------------------------- per slide
+@dataclass(frozen=True)
+class SlideQC:
+    """What QC found on one slide's tiles (in the tiler's order) and its summary row."""
+
+    focus: np.ndarray  # float32 (n,): score; NaN where not judged
+    blur: np.ndarray  # bool (n,)
+    fold: np.ndarray
+    bubble: np.ndarray
+    sharpness_ref: float
+    judged: int
+    tissue_fraction: np.ndarray
+
+    @property
+    def flagged(self) -> np.ndarray:
+        return self.blur | self.fold | self.bubble
+
+    @property
+    def in_focus(self) -> bool:
+        return self.judged > 0 and self.sharpness_ref >= SHARPNESS_MIN
+
+    def percentages(self) -> dict[str, float]:
+        area = float(self.tissue_fraction.sum())
+        share = (lambda m: 100.0 * float(self.tissue_fraction[m].sum()) / area) if area > 0 else (lambda m: 0.0)
+        return {"blur_pct": share(self.blur), "fold_pct": share(self.fold), "bubble_pct": share(self.bubble)}
+
+    def summary(self) -> dict:
+        """The per-slide numbers (store attrs ``qc`` and ``qc.csv``)."""
+        judged = self.focus[~np.isnan(self.focus)]
+        n = len(self.focus)
+        out = {k: round(v, 2) for k, v in self.percentages().items()}
+        out.update(focus_median=round(float(np.median(judged)), 3) if judged.size else None,
+                   focus_p10=round(float(np.quantile(judged, 0.1)), 3) if judged.size else None,
+                   judged_pct=round(100.0 * self.judged / n, 1) if n else 0.0,
+                   sharpness_ref=round(self.sharpness_ref, 3) if self.judged else None,
+                   tiles=n, blur_tiles=int(self.blur.sum()), fold_tiles=int(self.fold.sum()),
+                   bubble_tiles=int(self.bubble.sum()))
+        return out
+
+
+def assess(sharpness: np.ndarray, structure: np.ndarray, fold_share: np.ndarray, bubble_share: np.ndarray,
+           tissue_fraction: np.ndarray) -> SlideQC:
+    """Flags and scores of a slide's tiles from their focus features and the shares of their footprints that
+    the fold and bubble masks cover."""
+    focus = score_focus(sharpness, structure)
+    return SlideQC(focus=focus.score, blur=focus.blurred, fold=np.asarray(fold_share) >= DEFECT_TILE_SHARE,
+                   bubble=np.asarray(bubble_share) >= DEFECT_TILE_SHARE, sharpness_ref=focus.reference,
+                   judged=focus.judged, tissue_fraction=np.asarray(tissue_fraction, np.float32))
+
+
+def over_limits(row: dict) -> list[str]:
+    """The :data:`REPORT_LIMITS` a ``qc.csv`` row (or summary) exceeds, as ``blur 12.0% > 10%`` phrases."""
+    out = []
+    for key, limit in REPORT_LIMITS.items():
+        try:
+            value = float(row.get(key))
+        except (TypeError, ValueError):
+            continue
+        if value > limit:
+            out.append(f"{key.removesuffix('_pct')} {value:.1f}% > {limit:g}%")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- QC image
+def qc_overlay(rgb: np.ndarray, tiles: dict[str, np.ndarray], downsample: float, coords: np.ndarray,
+               footprint: float, defects: ThumbnailDefects | None = None) -> np.ndarray:
+    """The QC image with flagged regions tinted in their own colours: blurred tiles blue, fold tiles yellow,
+    bubble tiles cyan (``tiles``: bool per tile, keys ``blur``, ``fold``, ``bubble``), and the fold and bubble
+    masks outlined in the same colours."""
+    out = np.asarray(rgb)[..., :3].astype(np.float32, copy=True)
+    h, w = out.shape[:2]
+    colours = {"blur": QC_BLUR_RGB, "fold": QC_FOLD_RGB, "bubble": QC_BUBBLE_RGB}
+    for kind, colour in colours.items():
+        flags = tiles.get(kind)
+        if flags is None or not np.any(flags):
+            continue
+        area = np.zeros((h, w), np.uint8)
+        for x, y in np.asarray(coords)[np.asarray(flags, bool)]:
+            x0, y0 = int(x / downsample), int(y / downsample)
+            x1, y1 = int(math.ceil((x + footprint) / downsample)), int(math.ceil((y + footprint) / downsample))
+            area[max(0, y0):min(h, y1), max(0, x0):min(w, x1)] = 1
+        tint = area.astype(bool)
+        out[tint] = 0.55 * out[tint] + 0.45 * np.asarray(colour, np.float32)
+    out = out.astype(np.uint8)
+    if defects is not None:
+        for mask, colour in ((defects.fold, QC_FOLD_RGB), (defects.bubble, QC_BUBBLE_RGB)):
+            if mask.any():
+                edge = mask & ~cv2.erode(mask.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
+                out[edge] = colour
+    return out
+
+
+# --------------------------------------------------------------------------------------------- qc.csv
+def qc_row(slide_id: str, mode: str, qc: SlideQC | None = None, *, excluded: int = 0, status: str = "ok",
+           cause: str = "") -> dict:
+    """One ``qc.csv`` row: the slide's summary, what was excluded, and its status (``ok`` or ``failed``)."""
+    row = {c: "" for c in QC_COLUMNS}
+    if qc is not None:
+        row.update({k: ("" if v is None else v) for k, v in qc.summary().items()})
+    row.update(slide_id=slide_id, excluded_tiles=excluded, mode=mode, status=status, cause=" ".join(cause.split()))
+    return row
+
+
+def attrs_row(slide_id: str, attrs) -> dict:
+    """A ``qc.csv`` row from a store's :class:`~wsi.store.QCAttrs`."""
+    data = attrs.to_dict()
+    row = {c: ("" if data.get(c) is None else data.get(c, "")) for c in QC_COLUMNS}
+    row.update(slide_id=slide_id, status="ok", cause="")
+    return row
+
+
+def thresholds() -> dict:
+    """The constants the flags used (recorded in the store's ``qc`` attrs)."""
+    return {"structure_min": STRUCTURE_MIN, "reference_quantile": REFERENCE_QUANTILE,
+            "blur_score_max": BLUR_SCORE_MAX, "sharpness_min": SHARPNESS_MIN,
+            "fold_density_ratio": FOLD_DENSITY_RATIO, "fold_reference_quantile": FOLD_REFERENCE_QUANTILE,
+            "fold_min_um2": FOLD_MIN_UM2, "rim_od_min": RIM_OD_MIN, "bubble_radius_um": list(BUBBLE_RADIUS_UM),
+            "hough_perfectness": HOUGH_PERFECTNESS, "bubble_min_arc": BUBBLE_MIN_ARC,
+            "defect_tile_share": DEFECT_TILE_SHARE}
+
+
+def record_qc(out_dir, row: dict) -> None:
+    """Add (or replace) a slide's row of ``OUT/qc.csv`` under an exclusive lock (tile jobs run in parallel)."""
+    path = Layout(out_dir).qc_csv
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = read_qc(out_dir)
+        rows = [r for r in rows if r["slide_id"] != row["slide_id"]] + [row]
+        rows.sort(key=lambda r: r["slide_id"])
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=QC_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(path, buf.getvalue())
+
+
+def read_qc(out_dir) -> list[dict]:
+    """The rows of ``OUT/qc.csv`` (empty when there is none)."""
+    path = Layout(out_dir).qc_csv
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
