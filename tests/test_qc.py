@@ -232,8 +232,8 @@ def test_fold_and_bubble_composited_onto_a_real_tissue_microarray_are_found():
 def test_report_warns_first_about_slides_over_the_qc_limits(tmp_path):
     from wsi.report import write_report
 
-    wsi.qc.record_qc(tmp_path, wsi.qc.qc_row("good", "flag") | {"blur_pct": 1.0, "fold_pct": 0, "bubble_pct": 0})
-    wsi.qc.record_qc(tmp_path, wsi.qc.qc_row("foggy", "flag") | {"blur_pct": 42.0, "fold_pct": 0, "bubble_pct": 0})
+    wsi.qc.record_qc(tmp_path, [wsi.qc.qc_row("good", "flag") | {"blur_pct": 1.0, "fold_pct": 0, "bubble_pct": 0}])
+    wsi.qc.record_qc(tmp_path, [wsi.qc.qc_row("foggy", "flag") | {"blur_pct": 42.0, "fold_pct": 0, "bubble_pct": 0}])
     html = unescape(write_report(tmp_path, load_config(), run="none").read_text())
     warnings = html[html.index("id=warnings"):html.index("id=performance")]
     assert "foggy (blur 42.0% > 10%)" in warnings and "good" not in warnings

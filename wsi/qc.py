@@ -461,19 +461,22 @@ def thresholds() -> dict:
             "defect_tile_share": DEFECT_TILE_SHARE}
 
 
-def record_qc(out_dir, row: dict) -> None:
-    """Add (or replace) a slide's row of ``OUT/qc.csv`` under an exclusive lock (tile jobs run in parallel)."""
+def record_qc(out_dir, rows: list[dict]) -> None:
+    """Add (or replace) slides' rows of ``OUT/qc.csv`` under an exclusive lock (tile jobs run in parallel);
+    nothing is written when every row is already there as it is."""
     path = Layout(out_dir).qc_csv
     path.parent.mkdir(parents=True, exist_ok=True)
+    new = {r["slide_id"]: {c: str(r.get(c, "")) for c in QC_COLUMNS} for r in rows}
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = read_qc(out_dir)
-        rows = [r for r in rows if r["slide_id"] != row["slide_id"]] + [row]
-        rows.sort(key=lambda r: r["slide_id"])
+        old = {r["slide_id"]: r for r in read_qc(out_dir)}
+        if all(old.get(k) == v for k, v in new.items()):
+            return
+        merged = sorted({**old, **new}.values(), key=lambda r: r["slide_id"])
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=QC_COLUMNS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(merged)
         write_text(path, buf.getvalue())
 
 

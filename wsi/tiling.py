@@ -265,14 +265,21 @@ def _up_to_date(path: Path, slide: Slide, tiling: TilingAttrs) -> bool:
 
 
 def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None,
-               progress: bool = False) -> SlideStore:
+               progress: bool = False, qc_rows: list | None = None) -> SlideStore:
     """Tile one slide into ``<out>/stores/<slide_id>.zarr`` and write ``<out>/qc/<slide_id>.png``.
 
     A complete store made from the same file with the same parameters is returned as is. Raises a
     :class:`~wsi.errors.WsiError` naming the file for anything the lab must fix. With ``tiling.qc`` (``flag``,
     ``exclude``) the tiles are checked as they are read (:mod:`wsi.qc`): flags and scores go into the store, a
-    row into ``OUT/qc.csv``, the flagged regions onto the QC image; a slide with no in-focus tissue fails.
+    row into ``OUT/qc.csv`` (appended to ``qc_rows`` instead when given, for the caller to record a batch at
+    once), the flagged regions onto the QC image; a slide with no in-focus tissue fails.
     """
+    def record(row: dict) -> None:
+        if qc_rows is None:
+            slide_qc.record_qc(out_dir, [row])
+        else:
+            qc_rows.append(row)
+
     slide_cfg = dict(config["slide"])
     if mpp_overrides is not None:
         slide_cfg["mpp_overrides"] = mpp_overrides
@@ -287,7 +294,7 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
         if _up_to_date(final, slide, tiling):
             store = SlideStore.open(final)
             if store.qc is not None:  # qc.csv keeps its row even if it was deleted since
-                slide_qc.record_qc(out_dir, slide_qc.attrs_row(store.slide_id, store.qc))
+                record(slide_qc.attrs_row(store.slide_id, store.qc))
             return store
 
         thumb, mask_ds = read_thumbnail(slide, tissue.mask_mpp, levels)
@@ -319,22 +326,23 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
             row = None
             if tiling.qc != "off":
                 row = _quality_control(writer, slide, tiling, out_dir, thumb, qc_png, mask, mask_ds, coords,
-                                       fractions, focus)
+                                       fractions, focus, record)
             store = writer.commit()
         except BaseException:
             writer.abort()
             raise
         if row is not None:
-            slide_qc.record_qc(out_dir, row)
+            record(row)
         return store
 
 
 def _quality_control(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, out_dir, thumb: np.ndarray,
                      qc_png: np.ndarray, mask: np.ndarray, mask_ds: float, coords: np.ndarray,
-                     fractions: np.ndarray, focus: tuple[np.ndarray, np.ndarray]) -> dict:
+                     fractions: np.ndarray, focus: tuple[np.ndarray, np.ndarray], record) -> dict:
     """Flag the slide's tiles (:mod:`wsi.qc`), paint the flags onto the QC image, write them into the store
     (dropping the flagged tiles with ``tiling.qc: exclude``) and return the slide's ``qc.csv`` row. A slide with
-    no in-focus tissue, or whose every tile is excluded, is a :class:`SlideError` (its ``qc.csv`` row written)."""
+    no in-focus tissue, or whose every tile is excluded, is a :class:`SlideError` (its ``qc.csv`` row passed to
+    ``record`` first)."""
     mpp = mask_ds * slide.mpp_x
     defects = slide_qc.thumbnail_defects(thumb, mask, mpp,
                                          glass_field_um=float(tiling.tissue.get("glass_field_um", 1000.0)))
@@ -348,7 +356,7 @@ def _quality_control(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs,
         judged = (f"its sharpest judged tissue reaches {result.sharpness_ref:.2f} where in-focus tissue reaches "
                   f"{slide_qc.SHARPNESS_MIN:g}" if result.judged else "no tile shows structure enough to judge")
         cause = f"{slide_qc.NO_FOCUS} ({judged})"
-        slide_qc.record_qc(out_dir, slide_qc.qc_row(slide.slide_id, tiling.qc, result, status="failed", cause=cause))
+        record(slide_qc.qc_row(slide.slide_id, tiling.qc, result, status="failed", cause=cause))
         raise SlideError(slide.path, cause, "rescan the slide; the QC image in qc/ shows the tiles judged blurred")
     flagged = result.flagged
     excluded = None
@@ -358,8 +366,7 @@ def _quality_control(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs,
         if not keep.any():
             cause = (f"QC excluded every tile (blur {summary['blur_pct']:.0f}%, fold {summary['fold_pct']:.0f}%, "
                      f"bubble {summary['bubble_pct']:.0f}% of the tissue)")
-            slide_qc.record_qc(out_dir, slide_qc.qc_row(slide.slide_id, tiling.qc, result, status="failed",
-                                                        cause=cause))
+            record(slide_qc.qc_row(slide.slide_id, tiling.qc, result, status="failed", cause=cause))
             raise SlideError(slide.path, cause, "rescan the slide, or tile it with tiling.qc: flag")
         bits = result.blur * 1 + result.fold * 2 + result.bubble * 4
         excluded = {"coords": coords[flagged].astype(np.int64), "flags": bits[flagged].astype(np.uint8),
@@ -455,12 +462,17 @@ def tile_slides(paths, out_dir, config: dict, *, progress: bool = True) -> list[
             raise SlideError(path, f"slide id '{slide_id}' is also the id of {', '.join(map(str, twins))}",
                              "rename one of them: each slide id names one store")
         start = time.perf_counter()
-        store = tile_slide(path, out_dir, config, mpp_overrides=overrides, progress=progress)
+        store = tile_slide(path, out_dir, config, mpp_overrides=overrides, progress=progress, qc_rows=qc_rows)
         seconds = time.perf_counter() - start
         print(f"wsi tile: {slide_id}: {store.n_tiles} tiles, slide {store.slide.mpp_x:.3f} um/px, {seconds:.1f} s",
               flush=True)  # as each slide ends: a job tiles a batch of slides
         return store.n_tiles, seconds
 
-    summary = run_slides(out_dir, "tile", {slide_id: found[0] for slide_id, found in files.items()}, work)
+    qc_rows: list[dict] = []  # recorded in qc.csv once per batch (each record rewrites the cohort's file)
+    try:
+        summary = run_slides(out_dir, "tile", {slide_id: found[0] for slide_id, found in files.items()}, work)
+    finally:
+        if qc_rows:
+            slide_qc.record_qc(out_dir, qc_rows)
     return [TileResult(slide_id, found[0], *summary.results[slide_id]) if slide_id in summary.results
             else TileResult(slide_id, found[0], error=summary.failed[slide_id]) for slide_id, found in files.items()]
