@@ -173,6 +173,22 @@ def test_qc_image_paints_blurred_tiles_in_their_own_colour(flagged):
             assert np.abs(diff).max() < 2, diff
 
 
+def test_viewer_serves_the_flagged_tiles_as_a_layer(flagged):
+    import json
+
+    from wsi.viewer.outputs import Outputs
+
+    out, _ = flagged
+    store = SlideStore.open(store_path(out, "blur"))
+    doc = json.loads(Outputs(out).slide_json("blur"))
+    qc = doc["qc"]
+    flags = store.qc_flags()
+    assert qc["flags"] == [1] * int(flags["blur"].sum()) and qc["blur_pct"] == store.qc.blur_pct
+    assert np.array_equal(np.reshape(qc["coords"], (-1, 2)), store.coords[flags["blur"]])
+    slide_js = (Path(wsi.qc.__file__).parent / "viewer" / "static" / "slide.js").read_text()
+    assert "drawQc" in slide_js and "qc-layer" in slide_js
+
+
 def test_qc_off_writes_no_flags_and_no_row(slides, tmp_path):
     results = tile([slides["nofocus"].path], tmp_path, "tiling.qc=off")
     assert results["nofocus"].error is None  # without QC a blurred slide tiles as before
