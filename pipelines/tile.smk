@@ -1,4 +1,5 @@
-# Tile: one job per batch of `slides_per_job` slides -> OUT/stores/<slide_id>.zarr (+ OUT/qc/<slide_id>.png).
+# Tile: one job per batch of `slides_per_job` slides -> OUT/stores/<slide_id>.zarr (+ OUT/qc/<slide_id>.png), with
+# slide QC (tiling.qc, flag by default: blur, folds, bubbles) run on the way and its rows added to OUT/qc.csv.
 # The job's status file is what Snakemake tracks, so a slide that fails is recorded (status, failures.csv)
 # without failing the job; slides already tiled with the same file and parameters are not redone.
 
