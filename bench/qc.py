@@ -361,24 +361,30 @@ def tier_cost(work: Path, repeats: int = 3) -> dict:
                               lymphoid_aggregates=2, hard=HardCases(solid_tumours=1, mucin=1, haemorrhage=1))
     cases = [("off", True), ("flag", True), ("exclude", True), ("off", False), ("flag", False)]
     seconds: dict = {c: [] for c in cases}
+    rss: dict = {c: [] for c in cases}
+    timer = shutil.which("time") or "/usr/bin/time"
     for _ in range(repeats):
         for mode, pixels in cases:
             out = work / "cost" / "out"
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "wsi.cli", "tile", str(slide), "--out", str(out), "--set",
-                            f"tiling.qc={mode}", "--set", f"tiling.store_pixels={str(pixels).lower()}"],
-                           check=True, capture_output=True)
+            done = subprocess.run([timer, "-f", "%M", sys.executable, "-m", "wsi.cli", "tile", str(slide), "--out",
+                                   str(out), "--set", f"tiling.qc={mode}", "--set",
+                                   f"tiling.store_pixels={str(pixels).lower()}"], check=True, capture_output=True,
+                                  text=True)
             seconds[(mode, pixels)].append(time.perf_counter() - start)
+            rss[(mode, pixels)].append(int(done.stderr.strip().splitlines()[-1]) / 1024)  # KB -> MB
     med = {c: float(np.median(v)) for c, v in seconds.items()}
     out = {"flag/off (pixels)": med[("flag", True)] / med[("off", True)],
            "exclude/off (pixels)": med[("exclude", True)] / med[("off", True)],
            "flag/off (coordinates only)": med[("flag", False)] / med[("off", False)]}
     print("\ncost (whole `wsi tile` processes, median of", repeats, "each, seconds):")
     for c, v in seconds.items():
-        print(f"  qc={c[0]:8s} pixels={c[1]!s:5s} {' '.join(f'{s:.2f}' for s in v)}  median {med[c]:.2f}")
+        print(f"  qc={c[0]:8s} pixels={c[1]!s:5s} {' '.join(f'{s:.2f}' for s in v)}  median {med[c]:.2f}  "
+              f"peak RSS {max(rss[c]):.0f} MB")
     for k, v in out.items():
         print(f"  {k}: {v:.3f}")
+    out["peak_rss_mb"] = {f"{m}/{'pixels' if p else 'coordinates'}": max(v) for (m, p), v in rss.items()}
     return out
 
 

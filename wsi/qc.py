@@ -192,20 +192,25 @@ class ThumbnailDefects:
     circles: tuple = ()
 
 
+_LOG10 = np.log10(np.arange(256, dtype=np.float32) + 1)  # log10(v + 1) of every 8-bit value
+
+
 def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
-    """-log10 of each channel over the glass colour ((3,) or (h, w, 3)), float32, 0 on glass."""
-    ratio = (np.asarray(rgb, np.float32) + 1) / (np.asarray(glass, np.float32) + 1)
-    return np.maximum(-np.log10(np.minimum(ratio, 1.0)), 0).astype(np.float32)
+    """-log10 of each channel (plus one) over the glass colour's ((3,) or (h, w, 3)), float32, 0 on glass and
+    brighter; the 8-bit image through a table."""
+    log_glass = np.log10(np.asarray(glass, np.float32) + 1)
+    return np.maximum(log_glass - _LOG10[np.asarray(rgb, np.uint8)], 0, dtype=np.float32)
 
 
-def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *,
-                      glass_field_um: float = 1000.0) -> ThumbnailDefects:
+def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_field_um: float = 1000.0,
+                      glass: np.ndarray | None = None) -> ThumbnailDefects:
     """Folds (within ``tissue``) and bubbles (anywhere) on an RGB uint8 thumbnail whose pixels are ``mpp`` um
-    wide; the glass colour is estimated as the tissue mask estimates it (``tissue.glass_field_um``)."""
+    wide; ``glass`` is the glass colour the tissue mask found (:class:`wsi.tissue.TissueMasks`), estimated the
+    same way (``tissue.glass_field_um``) when not given."""
     from .tissue import glass_colour
 
     rgb = np.asarray(rgb)[..., :3]
-    glass = glass_colour(rgb, mpp, glass_field_um)
+    glass = glass_colour(rgb, mpp, glass_field_um) if glass is None else glass
     od = optical_density(rgb, glass)
     bubble, circles = _bubbles(od, mpp)
     tissue = np.asarray(tissue, bool)

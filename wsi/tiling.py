@@ -301,7 +301,8 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
         masks = tissue_masks(thumb, mask_ds * slide.mpp_x, tissue)
         mask = masks.tissue
         qc_png = mark_qc(qc_image(thumb, mask, masks.rejected), levels)
-        _write_png(Layout(out_dir).qc(slide.slide_id), qc_png)
+        if tiling.qc == "off" or not mask.any():  # with QC it is written once, with the flags
+            _write_png(Layout(out_dir).qc(slide.slide_id), qc_png)
         if not mask.any():
             inked = f" ({masks.ink.mean():.0%} of it is marker ink)" if masks.ink.any() else ""
             raise SlideError(slide.path, f"no tissue found on the slide{inked}",
@@ -310,6 +311,8 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
         fractions = tissue_fractions(mask, mask_ds, coords, tiling.tile_px_level0)
         keep = fractions >= tiling.min_tissue_fraction
         if not keep.any():
+            if tiling.qc != "off":
+                _write_png(Layout(out_dir).qc(slide.slide_id), qc_png)
             raise SlideError(slide.path, f"no tile reaches min_tissue_fraction {tiling.min_tissue_fraction:g}",
                              "the tissue is smaller than one tile; lower tiling.min_tissue_fraction or tile_px")
         coords, fractions = coords[keep], fractions[keep]
@@ -325,7 +328,7 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
                 focus = _measure_tiles(slide, tiling, coords)
             row = None
             if tiling.qc != "off":
-                row = _quality_control(writer, slide, tiling, out_dir, thumb, qc_png, mask, mask_ds, coords,
+                row = _quality_control(writer, slide, tiling, out_dir, thumb, qc_png, masks, mask_ds, coords,
                                        fractions, focus, record)
             store = writer.commit()
         except BaseException:
@@ -337,15 +340,14 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
 
 
 def _quality_control(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, out_dir, thumb: np.ndarray,
-                     qc_png: np.ndarray, mask: np.ndarray, mask_ds: float, coords: np.ndarray,
+                     qc_png: np.ndarray, masks, mask_ds: float, coords: np.ndarray,
                      fractions: np.ndarray, focus: tuple[np.ndarray, np.ndarray], record) -> dict:
     """Flag the slide's tiles (:mod:`wsi.qc`), paint the flags onto the QC image, write them into the store
     (dropping the flagged tiles with ``tiling.qc: exclude``) and return the slide's ``qc.csv`` row. A slide with
     no in-focus tissue, or whose every tile is excluded, is a :class:`SlideError` (its ``qc.csv`` row passed to
     ``record`` first)."""
     mpp = mask_ds * slide.mpp_x
-    defects = slide_qc.thumbnail_defects(thumb, mask, mpp,
-                                         glass_field_um=float(tiling.tissue.get("glass_field_um", 1000.0)))
+    defects = slide_qc.thumbnail_defects(thumb, masks.tissue, mpp, glass=masks.glass)
     shares = [tissue_fractions(m, mask_ds, coords, tiling.tile_px_level0) for m in (defects.fold, defects.bubble)]
     result = slide_qc.assess(*focus, *shares, fractions)
     flags = {"blur": result.blur, "fold": result.fold, "bubble": result.bubble}
@@ -400,16 +402,20 @@ def _write_tiles(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, coo
     from tqdm import tqdm
 
     features = (np.zeros(len(coords), np.float32), np.zeros(len(coords), np.float32)) if measure else None
+    measured: list = []  # (first tile, future of its run's focus features): OpenCV releases the GIL
+
+    def measure_run(lo: int, tiles: np.ndarray) -> None:
+        features[0][lo:lo + len(tiles)], features[1][lo:lo + len(tiles)] = slide_qc.focus_features(tiles)
 
     chunk, t = tiling.chunk_tiles, tiling.tile_px
     buffer = np.empty((chunk, t, t, 3), np.uint8)
     filled = written = 0
     bar = tqdm(total=len(coords), unit="tile", desc=slide.slide_id, disable=not progress, leave=False)
-    with ThreadPoolExecutor(1) as write_pool:  # compress + write one chunk while the next is read
-        write_future = None
+    with ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as qc_pool:  # compress + write one chunk
+        write_future = None  # while the next is read; QC measures the tiles beside both
         for lo, tiles in iter_tiles(slide, tiling, coords):
             if features is not None:
-                features[0][lo:lo + len(tiles)], features[1][lo:lo + len(tiles)] = slide_qc.focus_features(tiles)
+                measured.append(qc_pool.submit(measure_run, lo, tiles))
             while len(tiles):
                 take = min(chunk - filled, len(tiles))
                 buffer[filled:filled + take] = tiles[:take]
@@ -425,6 +431,8 @@ def _write_tiles(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, coo
             write_future.result()
         if filled:
             writer.write_tiles(written, buffer[:filled])
+        for future in measured:
+            future.result()
     bar.close()
     return features
 

@@ -152,6 +152,7 @@ class TissueMasks:
     tissue: np.ndarray  # kept tissue
     ink: np.ndarray  # marker ink (over glass or over tissue)
     debris: np.ndarray  # stain-coloured pieces dropped as too small to be tissue (dust, debris, flecks)
+    glass: np.ndarray | None = None  # the glass colour ((3,) or per pixel (h, w, 3)), for slide QC (wsi.qc)
 
     @property
     def rejected(self) -> np.ndarray:
@@ -195,7 +196,7 @@ def tissue_masks(rgb: np.ndarray, mpp: float, params: TissueParams) -> TissueMas
     # the outermost pixel counts only when stained, so the outline sits where the edge is half tissue
     tissue &= stained | _erode(tissue, 1, outside=1)
     kept = _drop_small(tissue, params.min_fragment_um2 / px_area)
-    return TissueMasks(tissue=kept, ink=ink, debris=tissue & ~kept)
+    return TissueMasks(tissue=kept, ink=ink, debris=tissue & ~kept, glass=glass)
 
 
 def qc_image(rgb: np.ndarray, tissue: np.ndarray, rejected: np.ndarray | None = None) -> np.ndarray:
