@@ -352,7 +352,7 @@ def tier_nofocus(work: Path) -> dict:
     return {"right": right, "total": len(expected)}
 
 
-def tier_cost(work: Path, repeats: int = 3) -> dict:
+def tier_cost(work: Path, repeats: int = 5) -> dict:
     from wsi.demo import HardCases, write_synthetic_slide
 
     slide = work / "cost" / "cost.svs"
@@ -362,26 +362,33 @@ def tier_cost(work: Path, repeats: int = 3) -> dict:
     cases = [("off", True), ("flag", True), ("exclude", True), ("off", False), ("flag", False)]
     seconds: dict = {c: [] for c in cases}
     rss: dict = {c: [] for c in cases}
+    cpu: dict = {c: [] for c in cases}  # user + system seconds: what the process itself cost, whatever the load
     timer = shutil.which("time") or "/usr/bin/time"
     for _ in range(repeats):
         for mode, pixels in cases:
             out = work / "cost" / "out"
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
-            done = subprocess.run([timer, "-f", "%M", sys.executable, "-m", "wsi.cli", "tile", str(slide), "--out",
-                                   str(out), "--set", f"tiling.qc={mode}", "--set",
+            done = subprocess.run([timer, "-f", "%M %U %S", sys.executable, "-m", "wsi.cli", "tile", str(slide),
+                                   "--out", str(out), "--set", f"tiling.qc={mode}", "--set",
                                    f"tiling.store_pixels={str(pixels).lower()}"], check=True, capture_output=True,
                                   text=True)
             seconds[(mode, pixels)].append(time.perf_counter() - start)
-            rss[(mode, pixels)].append(int(done.stderr.strip().splitlines()[-1]) / 1024)  # KB -> MB
+            kb, user, system = done.stderr.strip().splitlines()[-1].split()
+            rss[(mode, pixels)].append(int(kb) / 1024)
+            cpu[(mode, pixels)].append(float(user) + float(system))
     med = {c: float(np.median(v)) for c, v in seconds.items()}
+    mcpu = {c: float(np.median(v)) for c, v in cpu.items()}
     out = {"flag/off (pixels)": med[("flag", True)] / med[("off", True)],
            "exclude/off (pixels)": med[("exclude", True)] / med[("off", True)],
-           "flag/off (coordinates only)": med[("flag", False)] / med[("off", False)]}
-    print("\ncost (whole `wsi tile` processes, median of", repeats, "each, seconds):")
+           "flag/off (coordinates only)": med[("flag", False)] / med[("off", False)],
+           "flag/off (pixels), CPU": mcpu[("flag", True)] / mcpu[("off", True)],
+           "exclude/off (pixels), CPU": mcpu[("exclude", True)] / mcpu[("off", True)],
+           "flag/off (coordinates only), CPU": mcpu[("flag", False)] / mcpu[("off", False)]}
+    print("\ncost (whole `wsi tile` processes, median of", repeats, "each, seconds of wall clock and of CPU):")
     for c, v in seconds.items():
-        print(f"  qc={c[0]:8s} pixels={c[1]!s:5s} {' '.join(f'{s:.2f}' for s in v)}  median {med[c]:.2f}  "
-              f"peak RSS {max(rss[c]):.0f} MB")
+        print(f"  qc={c[0]:8s} pixels={c[1]!s:5s} wall {' '.join(f'{s:.2f}' for s in v)}  median {med[c]:.2f}; "
+              f"CPU {' '.join(f'{s:.2f}' for s in cpu[c])}  median {mcpu[c]:.2f}; peak RSS {max(rss[c]):.0f} MB")
     for k, v in out.items():
         print(f"  {k}: {v:.3f}")
     out["peak_rss_mb"] = {f"{m}/{'pixels' if p else 'coordinates'}": max(v) for (m, p), v in rss.items()}

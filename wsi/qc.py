@@ -226,7 +226,8 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     :data:`FOLD_REFERENCE_QUANTILE` quantile of the slide's tissue of its colour (see the module docstring)."""
     h, w = tissue.shape
     fold = np.zeros((h, w), bool)
-    density = od.sum(axis=2)
+    red, green, blue = cv2.split(od)
+    density = red + green + blue
     if tissue.sum() < 64:
         return fold
     # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
@@ -234,9 +235,8 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     if dense.sum() < 64:
         return fold
     n = int(math.ceil(1 / FOLD_COLOUR_STEP))
-    share = od / np.maximum(density, 1e-6)[..., None]  # each channel's share of the density: the colour
-    bins = (np.clip((share[..., 0] / FOLD_COLOUR_STEP).astype(np.int32), 0, n - 1) * n
-            + np.clip((share[..., 2] / FOLD_COLOUR_STEP).astype(np.int32), 0, n - 1))
+    scale = 1 / (np.maximum(density, 1e-6) * FOLD_COLOUR_STEP)  # each channel's share of the density: the colour
+    bins = (np.clip((red * scale).astype(np.int32), 0, n - 1) * n + np.clip((blue * scale).astype(np.int32), 0, n - 1))
     values, where = density[dense], bins[dense]
     order = np.lexsort((values, where))  # by colour bin, then density: each bin's quantile by its index
     values, where = values[order], where[order]
@@ -297,10 +297,11 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     h, w = od.shape[:2]
     mask = np.zeros((h, w), bool)
     k = min(255, max(3, int(round(RIM_WINDOW_UM / mpp)) | 1))
-    scaled = np.clip(od * 100, 0, 255).astype(np.uint8)  # medianBlur takes 8 bits: 0.01 OD steps
-    background = cv2.medianBlur(np.ascontiguousarray(scaled), k).astype(np.float32) / 100
-    excess = od - background
-    low, high = excess.min(axis=2), excess.max(axis=2)
+    scaled = np.minimum(od * 100, 255).astype(np.uint8)  # medianBlur takes 8 bits: 0.01 OD steps (truncated)
+    background = cv2.split(cv2.medianBlur(scaled, k))
+    excess = [channel - np.float32(0.01) * b for channel, b in zip(cv2.split(od), background)]  # channel by
+    low, high = np.minimum(np.minimum(excess[0], excess[1]), excess[2]), np.maximum(  # channel: reductions over
+        np.maximum(excess[0], excess[1]), excess[2])  # an axis of 3 are slow
     strength = np.where(low >= RIM_EVENNESS * high, np.maximum(low, 0), 0)
     rim = strength >= RIM_OD_MIN
     if rim.sum() < 8:
