@@ -4,7 +4,9 @@ For each slide: open it (:mod:`wsi.slide`), read a thumbnail at ``tissue.mask_mp
 level), compute the tissue mask (:mod:`wsi.tissue`), lay the tile grid at ``tiling.target_mpp``, keep tiles
 whose tissue share reaches ``tiling.min_tissue_fraction``, then stream the kept tiles into the store
 (:mod:`wsi.store`) chunk by chunk and commit it.
-The mask and the tiles are read only from levels that agree with level 0 (:mod:`wsi.levels`).
+The mask and the tiles are read only from levels that agree with level 0 (:mod:`wsi.levels`). Slide quality
+control (``tiling.qc``, :mod:`wsi.qc`) measures each tile's focus as it streams by and looks for folds and air
+bubbles on the thumbnail; its flags go into the store (or, with ``exclude``, the flagged tiles stay out of it).
 
 Geometry (all recorded in the store's ``tiling`` attrs)
 -------------------------------------------------------
