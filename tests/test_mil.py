@@ -840,7 +840,7 @@ def test_repeats_train_every_slide_once_per_repeat_with_their_own_folds_and_seed
 
 
 def test_run_is_calibrated_out_of_fold_and_predict_applies_its_temperature(trained):
-    from wsi.mil.calibration import apply_temperature
+    from wsi.mil.calibration import Calibration, apply_temperature
 
     out, _, truth, run_dir = trained
     info = json.loads((run_dir / "run.json").read_text())
@@ -855,10 +855,11 @@ def test_run_is_calibrated_out_of_fold_and_predict_applies_its_temperature(train
     summary = predict(out, run_dir, load_config(), slide_ids=["s01", "unlabelled"])
     rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
     ensemble = load_ensemble(run_dir)
-    ensemble.temperature = None
+    ensemble.calibration = Calibration()
     _, _, raw = ensemble.score_bag(SlideStore.open(store_path(out, "unlabelled")).features(ENCODER))
     assert float(rows["unlabelled"]["prob_tumour"]) == pytest.approx(apply_temperature(raw, temperature)[1], abs=1e-5)
     assert SlideStore.open(store_path(out, "unlabelled")).scores("toy")[2].temperature == temperature
+    assert rows["unlabelled"]["calibration"] == "cohort"
 
 
 def test_predict_flags_slides_unlike_the_training_cohort(trained, tmp_path):
@@ -900,6 +901,7 @@ def test_predict_on_a_run_made_before_calibration_warns_and_predicts_raw(trained
         summary = predict(out, old, load_config(), slide_ids=["unlabelled"])
     row = read_csv(summary.predictions_csv)[0]
     assert row["ood"] == "" and row["ood_score"] == "" and 0 <= float(row["prob_tumour"]) <= 1
+    assert row["calibration"] == "none"
     attrs = SlideStore.open(store_path(out, "unlabelled")).scores("toy")[2]
     assert attrs.temperature is None and attrs.ood is None
 
@@ -932,7 +934,7 @@ def test_ensemble_averages_folds_and_checks_the_feature_size(trained):
     attention, tile_scores, probs = ensemble.score_bag(features)
     assert attention.shape == (60,) and tile_scores.shape == (60, 2) and probs.shape == (2,)
     singles = [torch.softmax(m(torch.from_numpy(features)).logits, 0).detach().numpy() for m in ensemble.models]
-    assert np.allclose(probs, apply_temperature(np.mean(singles, axis=0), ensemble.temperature), atol=1e-6)
+    assert np.allclose(probs, apply_temperature(np.mean(singles, axis=0), ensemble.calibration.temperature), atol=1e-6)
     with pytest.raises(ConfigError, match="another encoder"):
         ensemble.score_bag(np.zeros((4, DIM + 1), np.float32))
 

@@ -206,6 +206,37 @@ def test_predict_with_labels_writes_external_validation_beside_predictions(site_
                  "--no-progress"]) == 2
 
 
+def test_site_calibration_is_fitted_per_site_and_predict_applies_it_by_the_labels_site(site_run, tmp_path):
+    import json
+
+    from test_mil import mil_config, read_csv
+
+    from wsi.mil import predict, train
+
+    out, labels, _, new, new_labels = site_run
+    config = mil_config(labels, calibration="site", run_name="by_site")
+    run_dir = train(out, config, progress=False)
+    calibration = json.loads((run_dir / "run.json").read_text())["calibration"]
+    assert calibration["method"] == "site" and sorted(calibration["sites"]) == list(SITES)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert all(0 <= metrics["per_site"][s]["ece"]["value"] <= 1 for s in SITES)  # cross-fitted, per site
+    # a new slide of a training site gets its site's own calibration; one of another site the cohort's
+    moved = new / "moved.csv"
+    moved.write_text(new_labels.read_text().replace("X00,normal,X", "X00,normal,A"))
+    summary = predict(new, run_dir, {**config, "labels": str(moved)})
+    rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
+    assert rows["X00"]["calibration"] == "site A" and rows["Y00"]["calibration"] == "cohort"
+    assert predict(new, run_dir, {**config, "labels": None}).done  # no table: the cohort's, for every slide
+    assert {r["calibration"] for r in read_csv(summary.predictions_csv)} == {"cohort"}
+    # asked for without a site column: one line naming the labels file, before any fold
+    plain = tmp_path / "plain.csv"
+    plain.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in labels.read_text().splitlines()))
+    with pytest.raises(ConfigError) as e:
+        train(out, mil_config(plain, calibration="site"), progress=False)
+    assert "\n" not in str(e.value) and str(plain) in str(e.value)
+    assert "mil.calibration is site, and the labels table has no site column" in str(e.value)
+
+
 def test_report_shows_per_site_figures_and_names_a_one_class_site(site_run):
     from wsi.config import load_config
     from wsi.report import write_report
