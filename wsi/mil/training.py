@@ -32,7 +32,9 @@ its K + 1 versions drawn at random (the raw features or one of the K stain/scann
 for all of the bag's tiles, as a slide is stained and scanned as a whole); validation and test bags are raw.
 
 Calibration (``mil.calibration: temperature``): one temperature fitted on the out-of-fold predictions
-(:mod:`.calibration`); it softens over-confident probabilities without changing any call or ranking.
+(:mod:`.calibration`); it softens over-confident probabilities without changing any call or ranking. ``site``
+adds each training site's own temperature and offsets, held near the cohort's (the labels table needs a site
+column; checked before any fold).
 
 Training recipe (chosen by the ablation in ``bench/mil_quality.py``; figures in bench/RESULTS.md): AdamW,
 learning rate ``mil.lr`` with cosine decay to 1% over ``mil.epochs`` (``mil.schedule: constant`` keeps it),
