@@ -14,7 +14,8 @@ from test_features_encoders import lite0_checkpoint, plain_forward, save_tiny
 
 from wsi.cluster import local_cluster
 from wsi.config import load_config
-from wsi.errors import ConfigError, read_failures, record_failure
+from wsi.errors import ConfigError
+from wsi.failures import read_failures, record_failure
 from wsi.features import extract_cohort, h5_path
 from wsi.features.extract import check_pinned, device_settings
 from wsi.slide import open_slide

@@ -17,7 +17,8 @@ from PIL import Image
 
 from wsi.cli import main as cli_main
 from wsi.config import load_config
-from wsi.errors import ConfigError, StoreError, read_failures
+from wsi.errors import ConfigError, StoreError
+from wsi.failures import read_failures
 from wsi.heatmap import OUTPUTS, HeatmapParams, heatmap_dir, heatmap_slide, heatmaps
 from wsi.heatmap.raster import colour_table
 from wsi.store import ScoreAttrs, SlideAttrs, TileStoreWriter, TilingAttrs, store_path

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from wsi.config import load_config
 from wsi.demo import write_synthetic_slide
-from wsi.errors import read_failures
+from wsi.failures import read_failures
 from wsi.features import load_encoder
 from wsi.heatmap import OUTPUTS, HeatmapParams, heatmap_dir, heatmap_slide, heatmaps
 from wsi.mil import load_ensemble, predict

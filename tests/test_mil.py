@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from wsi.config import load_config
-from wsi.errors import ConfigError, StoreError, read_failures
+from wsi.errors import ConfigError, StoreError
+from wsi.failures import read_failures
 from wsi.mil import (
     create_model,
     list_models,

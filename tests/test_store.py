@@ -8,6 +8,7 @@ import pytest
 
 import wsi.store
 from wsi.errors import StoreError
+from wsi.keys import encoder_key
 from wsi.store import (
     FeatureAttrs,
     ScoreAttrs,
@@ -15,7 +16,6 @@ from wsi.store import (
     SlideStore,
     TileStoreWriter,
     TilingAttrs,
-    encoder_key,
     export_h5,
     is_complete,
     open_cohort,

@@ -221,7 +221,8 @@ def _print_metrics(run_dir: Path) -> None:
 def _previous_run_note(args) -> str:
     """After a failed training: where the previous, complete run of the same name is (it was not touched)."""
     try:
-        from .layout import Layout, run_name
+        from .config import run_name
+        from .layout import Layout
 
         run_dir = Layout(args.out).run_dir(run_name(_config(args)))
     except Exception:  # the config itself is what failed: no run to name

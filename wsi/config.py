@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .keys import encoder_key, feature_set_of
+from .layout import Layout
 
 # The workflow (Snakefile, pipelines/, configs/, profiles/, docs/) ships inside the package as data, so an
 # installed wheel has its defaults and can run the workflow; in a source checkout wsi/workflow/* are symlinks
@@ -141,6 +144,28 @@ def stage_config(config: dict, stage: str) -> dict:
         else:
             out[section] = config[section]
     return out
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def run_name(config: dict) -> str:
+    """The model run's folder name: ``model_dir``'s in mode predict, else ``mil.run_name`` or
+    ``<model>_<feature set's key>``; a plain folder name."""
+    if config.get("mode") == "predict" and config.get("model_dir"):
+        return Path(config["model_dir"]).name
+    name = config["mil"].get("run_name") or f"{config['mil']['model']}_{encoder_key(feature_set_of(config['extract']))}"
+    if not _RUN_NAME.match(name):
+        raise ConfigError(None, f"mil.run_name {name!r} is not a plain folder name",
+                          "use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def scoring_run_dir(config: dict, layout: Layout, run: str) -> Path:
+    """The model run that scores the slides: ``model_dir`` in mode predict, else ``OUT/models/<run>``."""
+    if config.get("mode") == "predict" and config.get("model_dir"):
+        return Path(config["model_dir"])
+    return layout.run_dir(run)
 
 
 def dumps(config: dict) -> str:

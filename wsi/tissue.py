@@ -75,6 +75,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .config import load_config
 from .errors import ConfigError
 
 QC_OUTLINE_RGB = (0, 220, 0)  # tissue outline colour in QC images
@@ -140,8 +141,6 @@ class TissueParams:
     @classmethod
     def default(cls) -> TissueParams:
         """The ``tissue`` section of ``configs/default.yaml`` (the one place defaults live)."""
-        from .config import load_config
-
         return cls.from_dict(load_config()["tissue"])
 
 

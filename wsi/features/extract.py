@@ -51,9 +51,10 @@ from distributed import WorkerPlugin, as_completed, get_worker
 
 from ..cluster import dask_client, gpu_resources, worker_device
 from ..errors import ConfigError, SlideError, StoreError, WsiError
+from ..keys import encoder_key, feature_set
 from ..layout import Layout
 from ..runner import StageRun, StageSummary
-from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, feature_set, store_path
+from ..store import FeatureAttrs, SlideStore, export_h5, store_path
 from .encoders import GPU_BATCH_DEFAULT, Encoder, load_encoder, resolve_spec
 from .feed import HostRing, embed_blocks, staged_blocks
 from .stain import StainTransform, check_stain, fit_reference, fit_slide

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, StoreError
-from ..store import SlideStore, feature_set, is_complete, store_path
+from ..keys import feature_set
+from ..store import SlideStore, is_complete, store_path
 
 STAIN_METHODS = ("none", "macenko", "reinhard")
 IO = 240                      # transmitted light intensity: the brightness of glass (torchstain's default)

@@ -39,12 +39,12 @@ import torch
 
 from .. import __version__
 from ..atomic import write_csv, write_json
-from ..errors import ConfigError
+from ..errors import ConfigError, format_ids
 from ..layout import Layout
 from ..runner import run_slides
 from ..store import ScoreAttrs, SlideStore, open_cohort, store_path
 from .calibration import apply_temperature
-from .data import format_ids, read_labels
+from .data import read_labels
 from .metrics import classification_metrics, plot_roc
 from .models import MILModel, create_model
 from .ood import OODReference, slide_descriptor
