@@ -234,7 +234,7 @@ def mask_function(module, section: dict):
 def score(mask: np.ndarray, truth: dict, um: float, min_tissue_fraction: float) -> dict:
     from scipy import ndimage
 
-    from wsi.tiling import tissue_fractions
+    from wsi.tissue import tissue_fractions
 
     inked = ndimage.binary_dilation(truth["pen"] & ~truth["halo"], iterations=1)  # tissue shows through a halo
     tissue = truth["tissue"] & ~inked

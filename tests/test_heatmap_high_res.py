@@ -23,9 +23,9 @@ from wsi.heatmap import OUTPUTS, HeatmapParams, heatmap_dir, heatmap_slide, heat
 from wsi.mil import load_ensemble, predict
 from wsi.mil.models import create_model, model_config
 from wsi.mil.training import RUN_SCHEMA_VERSION
-from wsi.slide import open_slide
+from wsi.slide import TileSource, open_slide
 from wsi.store import SlideStore, store_path
-from wsi.tiling import read_tiles, tile_slide
+from wsi.tiling import tile_slide
 
 RUN = "toy"
 TILE = 128  # level-0 px (0.5 um/px slide, tiles at 0.5 um/px)
@@ -51,7 +51,7 @@ def _extract(store, encoder, config):
         tiles = store.read_tiles(0, store.n_tiles)
     else:
         with open_slide(store.slide.source_path, **config["slide"]) as slide:
-            tiles = read_tiles(slide, store.tiling, store.coords)
+            tiles = TileSource(slide, store.tiling).read_tiles(store.coords)
     features = store.create_features("test_vit", encoder.dim, chunk_tiles=16)
     features[:] = encoder.embed(tiles, 64)
     store.complete_features("test_vit", encoder.attrs)
@@ -133,7 +133,7 @@ def test_high_res_rescores_a_half_tile_grid_and_leaves_the_store_alone(scored, p
     # exactly the run's ensemble on the fine tiles, read from the slide
     ensemble = load_ensemble(out / "models" / RUN, device="cpu")
     with open_slide(slide_path) as slide:
-        pixels = read_tiles(slide, store.tiling, corners)
+        pixels = TileSource(slide, store.tiling).read_tiles(corners)
     attention = ensemble.score_bag(load_encoder("test_vit", checkpoint).embed(pixels, 64))[0]
     painted_attention = np.array([f["properties"]["measurements"]["attention"] for f in tiles])
     np.testing.assert_allclose(painted_attention, attention, rtol=1e-4, atol=1e-9)

@@ -86,14 +86,14 @@ import numpy as np
 import tifffile
 
 from .errors import ConfigError
-from .slide import (
+from .slide.dicom import (
     DICOM_ITEM_TAG,
     DICOM_JPEG_BASELINE,
     DICOM_PIXEL_DATA_TAG,
     DICOM_SEQUENCE_DELIMITER,
-    DICOM_SUFFIX,
     DICOM_WSI_SOP_CLASS,
 )
+from .slide.paths import DICOM_SUFFIX
 
 Box = tuple[int, int, int, int]
 _DICOM_LEVEL_NAME = re.compile(r"level-\d+\.dcm")  # the files a DICOM slide folder of ours holds

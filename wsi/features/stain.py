@@ -41,6 +41,7 @@ import torch
 
 from ..errors import ConfigError, StoreError
 from ..keys import feature_set
+from ..slide import TileSource, slide_id_from_path
 from ..store import SlideStore, is_complete, store_path
 
 STAIN_METHODS = ("none", "macenko", "reinhard")
@@ -95,11 +96,8 @@ def sample_tiles(store: SlideStore, n: int, slide_cfg: dict) -> np.ndarray:
     index = np.unique(np.linspace(0, store.n_tiles - 1, num=min(n, store.n_tiles)).round().astype(int))
     if store.has_pixels:
         return np.concatenate([store.read_tiles(i, i + 1) for i in index])
-    from ..slide import open_slide
-    from ..tiling import read_tiles
-
-    with open_slide(store.slide.source_path, **slide_cfg) as slide:
-        return read_tiles(slide, store.tiling, store.coords[index])
+    with TileSource.open(store.slide.source_path, store.tiling, **slide_cfg) as tiles:
+        return tiles.read_tiles(store.coords[index])
 
 
 def fit_slide(path: str, method: str, slide_cfg: dict) -> dict:
@@ -151,8 +149,6 @@ def fit_reference(method: str, reference: str, out_dir, slide_ids: list[str], sl
                 "target": fit_stain(method, _read_images(path), path, "extract.stain_reference")}
     store = path if path.suffix == ".zarr" else None
     if store is None:
-        from ..slide import slide_id_from_path
-
         store = store_path(out_dir, slide_id_from_path(path) if path.exists() else reference)
     if not is_complete(store):
         raise ConfigError(reference, "extract.stain_reference is not cohort, a folder of tile images, a model run "

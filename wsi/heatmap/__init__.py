@@ -57,6 +57,7 @@ from .. import __version__, atomic
 from ..errors import ConfigError, StoreError, WsiError
 from ..layout import Layout
 from ..runner import run_slides
+from ..slide import TileSource
 from ..store import OOD_WARNING, SlideStore, open_cohort
 from .geojson import feature_collection
 from .images import blend, save_overlay, save_tile_grid
@@ -218,11 +219,8 @@ def _read_tiles(store: SlideStore, scores: SlideScores, indices: np.ndarray, par
     """Pixels of tiles ``indices``: from the store when it holds them, else read from the slide."""
     if scores.store_tiles and store.has_pixels:
         return np.stack([store.read_tiles(int(i), int(i) + 1)[0] for i in indices])
-    from ..slide import open_slide
-    from ..tiling import read_tiles
-
-    with open_slide(store.slide.source_path, **params.slide) as slide:
-        return read_tiles(slide, store.tiling, scores.coords[indices])
+    with TileSource.open(store.slide.source_path, store.tiling, **params.slide) as tiles:
+        return tiles.read_tiles(scores.coords[indices])
 
 
 def _top_and_bottom(attention: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,8 +5,8 @@ at the tile size. For selected slides this mode lays a grid of tiles of the same
 model sees what it was trained on) with a stride of ``(1 - heatmap.high_res_overlap)`` tiles, e.g. half a
 tile at 0.5. The grid starts where the tiler's does, so it contains every stored position; it keeps the
 positions that the tiler's own rule keeps (tissue share in the store's mask >= ``tiling.min_tissue_fraction``,
-via :func:`wsi.tiling.tissue_fractions`). The tiles are read from the slide exactly as the tiler reads them
-(:func:`wsi.tiling.iter_tiles`), embedded with the run's encoder and scored as one bag by the run's fold
+via :func:`wsi.tissue.tissue_fractions`). The tiles are read from the slide exactly as the tiler reads them
+(:class:`wsi.slide.TileSource`), embedded with the run's encoder and scored as one bag by the run's fold
 ensemble, or for a slide of the run's training cohort by the fold model that held it out; the painter then
 averages the overlapping tiles, which is what smooths the map.
 
@@ -27,7 +27,9 @@ import numpy as np
 
 from ..errors import ConfigError, SlideError
 from ..layout import Layout
+from ..slide import TileGrid, TileSource, open_slide, source_stat
 from ..store import SlideStore
+from ..tissue import tissue_fractions
 from . import HeatmapParams, SlideScores, out_of_fold_source
 
 
@@ -65,8 +67,6 @@ def load_models(model_dir: Path, params: HeatmapParams):
 
 def fine_grid(store: SlideStore, slide, overlap: float) -> np.ndarray:
     """Level-0 corners of the overlapping grid, on the read level's pixel grid, kept by the tissue rule."""
-    from ..tiling import TileGrid, tissue_fractions
-
     t = store.tiling
     edge = round(t.tile_px_level0 / t.read_downsample)  # one tile in read-level pixels, as the tiler reads
     stride = max(1, round(edge * (1.0 - overlap)))
@@ -81,9 +81,6 @@ def fine_grid(store: SlideStore, slide, overlap: float) -> np.ndarray:
 
 def rescore(store: SlideStore, run: str, out_dir, params: HeatmapParams) -> SlideScores:
     """Scores of the fine grid of ``store``'s slide under model run ``run`` (see the module docstring)."""
-    from ..slide import open_slide, source_stat
-    from ..tiling import iter_tiles
-
     ensemble, encoder = load_models(Layout(out_dir).run_dir(run), params)
     source = Path(store.slide.source_path)
     size = source_stat(source)[0] if source.exists() else store.slide.source_size  # missing: open_slide says so
@@ -96,7 +93,7 @@ def rescore(store: SlideStore, run: str, out_dir, params: HeatmapParams) -> Slid
                                      f"{store.slide.width} x {store.slide.height}", "re-run `wsi tile` on it")
         coords = fine_grid(store, slide, params.high_res_overlap)
         features = np.empty((len(coords), encoder.dim), np.float32)
-        for lo, tiles in iter_tiles(slide, store.tiling, coords):
+        for lo, tiles in TileSource(slide, store.tiling).iter_tiles(coords):
             features[lo:lo + len(tiles)] = encoder.embed(tiles, params.batch_size)
     folds = ensemble.held_out_by.get(store.slide_id)
     if len(coords):
