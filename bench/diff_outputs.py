@@ -21,16 +21,18 @@ What it compares, and what it ignores (each ignored item legitimately differs be
   ``zarr.json`` as JSON, without the provenance keys below.
 * **JSON files** (status, ``run.json``, ``heatmap.json``, ``metrics.json``...): as JSON, without the
   provenance keys below.
+* **safetensors weights**: every tensor's bytes and the metadata as a mapping (its key order in the header
+  varies from run to run).
 * **CSV files**: as text, with ``failures.csv``'s ``time`` column dropped.
 * **HDF5 exports**: every dataset's values and every attribute.
 * **TIFF files**: every page's pixels (tags such as ``DateTime`` and ``Software`` are not compared).
 * **PNG files**: the decoded pixels.
 * **report.html**: as text, with dates and times replaced by a placeholder.
-* **everything else** (the synthetic slides, DICOM files, safetensors weights...): byte for byte.
+* **everything else** (the synthetic slides, DICOM files...): byte for byte.
 
-Provenance keys, dropped from JSON wherever they appear: ``time``, ``started``, ``finished``, ``seconds``,
-``created``, ``source_mtime`` (a file's modification time), ``wsi_version``; and in every text compared, the
-run folder's own absolute path is replaced by ``<DIR>``.
+Provenance keys, dropped from JSON wherever they appear: ``time``, ``started``, ``finished``, ``seconds`` and
+any key ending in ``_seconds`` (wall-clock timings), ``created``, ``source_mtime`` (a file's modification time),
+``wsi_version``; and in every text compared, the run folder's own absolute path is replaced by ``<DIR>``.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def _files(folder: Path) -> set[str]:
 def _strip(value, root: str):
     """JSON without provenance keys, with the run folder's path replaced by ``<DIR>``."""
     if isinstance(value, dict):
-        return {k: _strip(v, root) for k, v in value.items() if k not in PROVENANCE_KEYS}
+        return {k: _strip(v, root) for k, v in value.items()
+                if k not in PROVENANCE_KEYS and not k.endswith("_seconds")}
     if isinstance(value, list):
         return [_strip(v, root) for v in value]
     if isinstance(value, str):
@@ -119,13 +122,12 @@ def _h5_diff(a: Path, b: Path) -> str | None:
     import h5py
 
     with h5py.File(a) as fa, h5py.File(b) as fb:
-        items = {}
-        fa.visititems(lambda name, obj: items.setdefault(name, obj))
-        names_b = []
+        names_a, names_b = [], []
+        fa.visit(names_a.append)  # append returns None, so the visit goes on to every object
         fb.visit(names_b.append)
-        if sorted(items) != sorted(names_b):
-            return f"objects {sorted(items)} != {sorted(names_b)}"
-        for name in [""] + sorted(items):
+        if sorted(names_a) != sorted(names_b):
+            return f"objects {sorted(names_a)} != {sorted(names_b)}"
+        for name in [""] + sorted(names_a):
             oa, ob = (fa[name], fb[name]) if name else (fa, fb)
             attrs_a = {k: np.asarray(v).tolist() for k, v in oa.attrs.items()}
             attrs_b = {k: np.asarray(v).tolist() for k, v in ob.attrs.items()}
@@ -150,6 +152,18 @@ def _tiff_diff(a: Path, b: Path) -> str | None:
     return None
 
 
+def _safetensors_diff(a: Path, b: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(a, "numpy") as fa, safe_open(b, "numpy") as fb:
+        if fa.metadata() != fb.metadata():
+            return "metadata differs"
+        if sorted(fa.keys()) != sorted(fb.keys()):
+            return "tensor names differ"
+        differing = [k for k in fa.keys() if not np.array_equal(fa.get_tensor(k), fb.get_tensor(k))]
+    return f"tensors differ: {differing[:5]}" if differing else None
+
+
 def _png_diff(a: Path, b: Path) -> str | None:
     from PIL import Image
 
@@ -169,6 +183,8 @@ def file_diff(rel: str, before: Path, after: Path) -> str | None:
         return _h5_diff(a, b)
     if name.endswith((".tif", ".tiff")) and "/slides/" not in f"/{rel}":
         return _tiff_diff(a, b)
+    if name.endswith(".safetensors"):
+        return _safetensors_diff(a, b)
     if name.endswith(".png"):
         return _png_diff(a, b)
     if name.endswith(".html"):

@@ -3,7 +3,7 @@
     python bench/sites.py [--per-site 8] [--size 5600 4200] [--aggregates 2] [--root bench/out/sites]
                           [--seed 13000]
 
-Cohort (:func:`wsi.demo.write_synthetic_slide`, one :data:`wsi.demo.SITE_PROFILES` profile per site: stain
+Cohort (:func:`wsi_synth.write_synthetic_slide`, one :data:`wsi_synth.SITE_PROFILES` profile per site: stain
 vectors and strengths, scanner colour cast, JPEG quality): four sites A-D of ``--per-site`` slides each, ``--size``
 px at 0.5 um/px (5,600 x 4,200: about 100 tissue tiles; 2,800 x 2,100: about 25), every slide with
 ``--aggregates`` lymphoid aggregates (the tumour mimic), tumour slides with one tumour focus of about one tile (so
@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from wsi.config import load_config
-from wsi.demo import SITE_PROFILES, write_synthetic_slide
 from wsi.features import extract_cohort
 from wsi.mil import train
 from wsi.store import SlideStore
 from wsi.tiling import tile_slides
+from wsi_synth import SITE_PROFILES, write_synthetic_slide
 
 ENCODER = "tf_efficientnet_lite0"
 CONFOUNDED = "A"

@@ -192,5 +192,5 @@ if config.get("demo"):
                 else ""
             ),
         shell:
-            "$WSI_PYTHON -m wsi.cli demo-data {params.folder:q} --n-slides {params.n} --seed {params.seed} {params.field}"
+            "$WSI_PYTHON -m wsi_synth {params.folder:q} --n-slides {params.n} --seed {params.seed} {params.field}"
             " > {log:q} 2>&1"

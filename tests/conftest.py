@@ -1,7 +1,7 @@
-"""Shared fixtures: tiny slides made by :mod:`wsi.demo` (written once per test session) and the real slide.
+"""Shared fixtures: tiny slides made by :mod:`wsi_synth` (written once per test session) and the real slide.
 
 ``make_slide(name, **kwargs)`` writes ``<session tmp>/slides/<name>`` with
-:func:`wsi.demo.write_synthetic_slide` the first time and returns the same :class:`~wsi.demo.SyntheticSlide`
+:func:`wsi_synth.write_synthetic_slide` the first time and returns the same :class:`~wsi_synth.SyntheticSlide`
 afterwards; asking for one name with other arguments is an error, so two tests never share a slide by
 accident. Tests must not modify these files (copy one first).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from wsi.demo import SyntheticSlide, write_synthetic_slide
+from wsi_synth import SyntheticSlide, write_synthetic_slide
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 

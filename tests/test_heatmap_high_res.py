@@ -1,6 +1,6 @@
 """Heatmaps from a real slide file: high-res re-scoring of a half-tile grid, and top tiles read from the slide.
 
-The chain is real: a synthetic pyramidal slide (wsi.demo) tiled by wsi.tiling, features from a tiny timm ViT
+The chain is real: a synthetic pyramidal slide (wsi_synth) tiled by wsi.tiling, features from a tiny timm ViT
 loaded from a local file (wsi.features), an ABMIL fold with seeded random weights in a run folder, scored by
 wsi.mil.predict. The model knows nothing, so the tests check geometry and bookkeeping, and that the high-res
 scores are exactly what the run's ensemble gives the fine tiles.
@@ -16,7 +16,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from wsi.config import load_config
-from wsi.demo import write_synthetic_slide
 from wsi.failures import read_failures
 from wsi.features import load_encoder
 from wsi.heatmap import OUTPUTS, HeatmapParams, heatmap_dir, heatmap_slide, heatmaps
@@ -26,6 +25,7 @@ from wsi.mil.training import RUN_SCHEMA_VERSION
 from wsi.slide import TileSource, open_slide
 from wsi.store import SlideStore, store_path
 from wsi.tiling import tile_slide
+from wsi_synth import write_synthetic_slide
 
 RUN = "toy"
 TILE = 128  # level-0 px (0.5 um/px slide, tiles at 0.5 um/px)

@@ -19,13 +19,13 @@ import pytest
 from PIL import Image
 
 from wsi.config import load_config
-from wsi.demo import write_synthetic_slide
 from wsi.heatmap import heatmaps
 from wsi.mil import predict, train
 from wsi.report import MIN_SLIDES_PER_CLASS, write_report
 from wsi.slide import expand_slide_paths
 from wsi.store import FeatureAttrs, SlideStore, store_path
 from wsi.tiling import tile_slides
+from wsi_synth import write_synthetic_slide
 
 ENCODER = "toy-encoder"
 DIM = 16

@@ -125,7 +125,7 @@ def test_the_workflow_check_stops_a_single_site_cohort_before_any_job(tmp_path, 
 
 
 def test_site_profiles_draw_the_same_tissue_in_each_sites_colours():
-    from wsi.demo import SITE_PROFILES, write_synthetic_slide
+    from wsi_synth import SITE_PROFILES, write_synthetic_slide
 
     drawn = {name: write_synthetic_slide(f"{name}.svs", width=2800, height=2100, seed=11, tumour_tiles=1,
                                          site=profile, write=False) for name, profile in SITE_PROFILES.items()}

@@ -15,11 +15,11 @@ from PIL import Image
 
 from wsi.cli import main as wsi_main
 from wsi.config import load_config
-from wsi.demo import write_synthetic_slide
 from wsi.slide import TileSource, open_slide
 from wsi.store import SlideStore, is_complete, store_path
 from wsi.tiling import tile_slides
 from wsi.tissue import QC_OUTLINE_RGB, QC_REJECTED_RGB
+from wsi_synth import write_synthetic_slide
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 REPO = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsi.demo import make_demo_cohort, write_synthetic_slide
 from wsi.store import SlideStore, is_complete, store_path
+from wsi_synth import make_demo_cohort, write_synthetic_slide
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "abmil_tf_efficientnet_lite0"

@@ -74,7 +74,7 @@ def snakemake(workdir: Path, *args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def one_slide_folder(tmp_path_factory) -> Path:
-    from wsi.demo import write_synthetic_slide
+    from wsi_synth import write_synthetic_slide
 
     folder = tmp_path_factory.mktemp("slides")
     write_synthetic_slide(folder / "a.svs", width=1024, height=768, mpp=0.5, seed=0, tumour_tiles=0)

@@ -44,13 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a store's summary")
     p.add_argument("stores", nargs="+", type=Path)
 
-    p = sub.add_parser("demo-data", help="write a small synthetic H&E-like cohort with a labels CSV")
-    p.add_argument("outdir", type=Path)
-    p.add_argument("--n-slides", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--field-mm", type=float, nargs=2, metavar=("WIDTH", "HEIGHT"),
-                   help="glass area of each slide in mm (default: make_demo_cohort's; smaller = faster demo)")
-
     p = sub.add_parser("extract", help="features of every store's tiles with an encoder, on a Dask cluster")
     _common(p)
     p.add_argument("--encoder", help="registry name (timm name, resnet50_trunc, hf-hub:org/name)")
@@ -245,14 +238,6 @@ def run(args) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 status = 1
         return status
-
-    if args.command == "demo-data":
-        from .demo import make_demo_cohort
-
-        field = {"field_mm": tuple(args.field_mm)} if args.field_mm else {}
-        labels = make_demo_cohort(args.outdir, n_slides=args.n_slides, seed=args.seed, **field)
-        print(f"wrote {args.n_slides} slides and {labels}")
-        return 0
 
     if args.command == "extract":
         from .features import extract_cohort
