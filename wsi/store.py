@@ -257,6 +257,12 @@ class FeatureAttrs(_Attrs):
     stain: dict | None = None     # stain normalisation: method, reference, fitted target and slide values
 
 
+def same_stain_target(a: dict, b: dict) -> bool:
+    """Whether two fitted stain references (``FeatureAttrs.stain["target"]``) are the same, to float precision:
+    extraction reuses a cohort's reference by it, and predict refuses features normalised to another."""
+    return a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+
+
 OOD_WARNING = "this slide is unlike the slides this model was trained on"  # what ScoreAttrs.ood says, to a reader
 
 

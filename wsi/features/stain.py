@@ -42,7 +42,7 @@ import torch
 from ..errors import ConfigError, StoreError
 from ..keys import feature_set
 from ..slide import TileSource, slide_id_from_path
-from ..store import SlideStore, is_complete, store_path
+from ..store import SlideStore, is_complete, same_stain_target, store_path
 
 STAIN_METHODS = ("none", "macenko", "reinhard")
 IO = 240                      # transmitted light intensity: the brightness of glass (torchstain's default)
@@ -171,11 +171,6 @@ def _run_reference(method: str, run_dir: Path) -> dict:
     return {k: stain[k] for k in ("method", "reference", "target")}
 
 
-def same_target(a: dict, b: dict) -> bool:
-    """Whether two fitted references are the same (to float precision)."""
-    return a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
-
-
 # ------------------------------------------------------------------------------------------ applying
 # sRGB (D65) to CIE XYZ and the reference white, as torchstain (and OpenCV) use them
 _RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
@@ -241,7 +236,7 @@ class StainTransform:
 
 def check_stain(method: str, stored: dict | None, reference: dict, path) -> None:
     """Complete features under a normalised key must have been mapped onto ``reference``; else a StoreError."""
-    if method == "none" or (stored and same_target(stored["target"], reference["target"])):
+    if method == "none" or (stored and same_stain_target(stored["target"], reference["target"])):
         return
     raise StoreError(path, f"its {method}-normalised features were fitted to another reference "
                            f"({(stored or {}).get('reference', 'unknown')}, not {reference['reference']})",

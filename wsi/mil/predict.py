@@ -42,7 +42,7 @@ from ..atomic import write_csv, write_json
 from ..errors import ConfigError, format_ids
 from ..layout import Layout
 from ..runner import run_slides
-from ..store import ScoreAttrs, SlideStore, open_cohort, store_path
+from ..store import ScoreAttrs, SlideStore, open_cohort, same_stain_target, store_path
 from .calibration import apply_temperature
 from .data import read_labels
 from .metrics import classification_metrics, plot_roc
@@ -178,8 +178,6 @@ class PredictSummary:
 
 def _check_weights(ensemble: Ensemble, store: SlideStore) -> None:
     """The store's features come from the run's encoder weights, normalised to the run's stain reference."""
-    from ..features.stain import same_target
-
     attrs = store.feature_attrs(ensemble.encoder)
     trained = ensemble.feature_attrs.get("weights_sha256")
     found = attrs.weights_sha256
@@ -188,7 +186,7 @@ def _check_weights(ensemble: Ensemble, store: SlideStore) -> None:
                                       f"{ensemble.run} was trained on weights {trained[:12]}",
                           "re-extract with the run's encoder weights")
     reference = ensemble.feature_attrs.get("stain")
-    if reference and attrs.stain and not same_target(reference["target"], attrs.stain["target"]):
+    if reference and attrs.stain and not same_stain_target(reference["target"], attrs.stain["target"]):
         raise ConfigError(store.path, f"features of {ensemble.encoder} were normalised to "
                                       f"{attrs.stain['reference']}, model run {ensemble.run} to "
                                       f"{reference['reference']}",

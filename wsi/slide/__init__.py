@@ -8,7 +8,9 @@ coordinates-only stores, stain fitting, heatmaps and the viewer. Its modules:
 ``mpp``                MPP from the file, the override table or the default; implausible values refused
 ``dicom``              DICOM WSI constants, the check that every file is whole, where JPEG frames lie
 ``backends/``          one reader per backend behind :class:`~.backends.base.SlideReader`: ``openslide``,
-                       ``tiffslide``, ``jpeg`` (the direct JPEG path), ``wsidicom``; ``auto`` chooses
+                       ``tiffslide``, ``jpeg`` (the direct JPEG path), ``wsidicom``
+``auto``               the chooser for ``slide.backend: auto``: which reader gives the metadata, which one
+                       the pixels
 ``slide``              :class:`Slide`: an open slide, its readers and resolved MPP
 ``opener``             :func:`open_slide`
 ``levels``             the read level for a target MPP; the check of each level against level 0

@@ -1,4 +1,4 @@
-"""Open a slide file or DICOM folder: its readers (:mod:`.backends.auto`), its MPP (:mod:`.mpp`), its id."""
+"""Open a slide file or DICOM folder: its readers (:mod:`.auto`), its MPP (:mod:`.mpp`), its id."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, SlideError
-from .backends.auto import METADATA_ORDER, READERS, open_reader, pixel_reader
+from .auto import METADATA_ORDER, READERS, open_reader, pixel_reader
 from .dicom import check_dicom_files
 from .mpp import file_mpp, load_mpp_overrides, resolve_mpp
 from .paths import DICOM_SUFFIX, dicom_files, slide_id_from_path
 from .slide import Slide
 
-#: ``slide.backend`` values: ``auto`` chooses (:mod:`wsi.slide.backends.auto`), a reader's name uses only it.
+#: ``slide.backend`` values: ``auto`` chooses (:mod:`wsi.slide.auto`), a reader's name uses only it.
 BACKENDS = ("auto", *READERS)
 
 

@@ -2,7 +2,7 @@
 
 A reader knows a slide's pyramid (level sizes and downsamples, as OpenSlide reports them), its properties
 (metadata keys prefixed with the reader's name, e.g. ``openslide.mpp-x``) and reads RGB regions by level-0
-location. Which reader reads a slide is chosen in :mod:`wsi.slide.backends.auto`.
+location. Which reader reads a slide is chosen in :mod:`wsi.slide.auto`.
 """
 
 from __future__ import annotations

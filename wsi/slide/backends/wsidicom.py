@@ -1,5 +1,5 @@
 """wsidicom (imi-bigpicture's reader of the DICOM WSI standard, pure Python): DICOM folders only. ``auto`` reads
-with it where OpenSlide cannot read or misreads a level of a DICOM slide (:mod:`wsi.slide.backends.auto`)."""
+with it where OpenSlide cannot read or misreads a level of a DICOM slide (:mod:`wsi.slide.auto`)."""
 
 from __future__ import annotations
 

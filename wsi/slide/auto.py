@@ -6,13 +6,14 @@ OpenSlide refuses, wsidicom for DICOM folders. Naming a backend (``slide.backend
 metadata and pixels.
 
 When OpenSlide gave the metadata, pixels come from the fastest reader that sees OpenSlide's very pyramid
-(:func:`fast_pixel_reader`): the direct JPEG path (:mod:`.jpeg`) for a pyramid of JPEG tiles, else tiffslide
+(:func:`fast_pixel_reader`): the direct JPEG path (:mod:`.backends.jpeg`) for a pyramid of JPEG tiles, else tiffslide
 for a TIFF, else OpenSlide. A DICOM slide the direct path refuses (TILED_SPARSE, other transfer syntaxes,
 fragmented frames, several focal planes or optical paths) is read through OpenSlide, unless OpenSlide cannot
 read or misreads one of its levels: then through wsidicom (:func:`dicom_pixel_reader`). OpenSlide 4.0.1 does
 both on wsidicomizer's output for an SVS with ``add_missing_levels``: the added levels are YCbCr JPEG frames
 tagged RGB, which OpenSlide decodes as RGB (glass comes out pink-grey) or fails on ("Dimensional mismatch
-reading JPEG"), while wsidicom decodes them as the JPEG data say.
+reading JPEG"), while wsidicom decodes them as the JPEG data say. The chooser sits beside ``backends/``, not in
+it, because judging a reader's levels needs the level check (:mod:`.levels`), which needs an open slide.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dicom import DicomHeader
-from ..levels import COLOUR_TOLERANCE, level0_position
-from .base import SlideReader
-from .jpeg import JpegTileReader
-from .openslide import OpenSlideReader
-from .tiffslide import TiffSlideReader
-from .wsidicom import WsidicomReader
+from .backends.base import SlideReader
+from .backends.jpeg import JpegTileReader
+from .backends.openslide import OpenSlideReader
+from .backends.tiffslide import TiffSlideReader
+from .backends.wsidicom import WsidicomReader
+from .dicom import DicomHeader
+from .levels import COLOUR_TOLERANCE, level0_position
 
 #: The readers ``slide.backend`` may name, each opened from the slide's entry file (a DICOM slide: one ``.dcm``).
 READERS: dict[str, type[SlideReader]] = {r.name: r for r in (OpenSlideReader, TiffSlideReader, WsidicomReader)}
