@@ -74,6 +74,10 @@ TIERS = {
     # t05 made harder once t05 and t1 gave 1.000: 1-2 foci, more mimics, stain strengths 1 +- 0.5 (lab batches)
     "t05h": {"slides": 40, "size_um": (6000.0, 4500.0), "foci": (1, 2), "seed": 1525, "mimics": (2, 6),
              "stain": 0.5},
+    # issue 21's unseen tier, fixed 2026-12-06 before its first run (seed drawn then): smaller slides, 1-2 foci,
+    # 1-5 mimics, stain strengths 1 +- 0.35; never tuned on
+    "t05n": {"slides": 40, "size_um": (4800.0, 3600.0), "foci": (1, 2), "seed": 379673, "mimics": (1, 5),
+             "stain": 0.35},
     # feature-level cohorts: the same design drawn straight as features (no slides, no encoder), for an
     # ablation that this 2-core machine can afford; see write_feature_cohort
     "f05": {"slides": 40, "tiles": (350, 540), "foci": (1, 3), "seed": 2505},
