@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 from distributed import Client, WorkerPlugin
-from test_features_encoders import lite0_checkpoint, plain_forward, save_tiny
+from factories import lite0_checkpoint, plain_forward, save_tiny, write_store
 
 from wsi.cluster import local_cluster
 from wsi.config import load_config
@@ -19,30 +19,11 @@ from wsi.failures import read_failures, record_failure
 from wsi.features import extract_cohort, h5_path
 from wsi.features.extract import check_pinned, device_settings
 from wsi.slide import open_slide
-from wsi.store import SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, store_path
+from wsi.store import SlideStore, store_path
 from wsi.tiling import tile_slides as tile_cohort
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 cloudpickle.register_pickle_by_value(__import__(__name__))  # workers need not import this test module
-
-
-def write_store(out: Path, slide_id: str, tiles: np.ndarray, *, chunk_tiles: int = 8, codec: str = "lossless"):
-    """A complete store of ``tiles`` laid out on a row of a pretend slide."""
-    n, t = len(tiles), tiles.shape[1]
-    slide = SlideAttrs(source_path=f"{slide_id}.svs", source_size=1, source_mtime=0.0, backend="openslide",
-                       vendor="aperio", width=max(1, n) * 2 * t, height=2 * t, mpp_x=0.25, mpp_y=0.25,
-                       mpp_source="file", objective_power=40.0, level_count=1, level_downsamples=(1.0,))
-    tiling = TilingAttrs(target_mpp=0.5, tile_px=t, overlap_px=0, read_level=0, read_downsample=1.0,
-                         tile_px_level0=2.0 * t, stride_px_level0=2.0 * t, effective_mpp=0.5,
-                         min_tissue_fraction=0.25, store_pixels=True, codec=codec, quality=90,
-                         chunk_tiles=chunk_tiles, tissue={}, wsi_version="test")
-    coords = np.stack([np.arange(n) * 2 * t, np.zeros(n, int)], axis=1)
-    writer = TileStoreWriter.create(store_path(out, slide_id), slide_id, slide, tiling, coords=coords,
-                                    tissue_fraction=np.ones(n))
-    for lo in range(0, n, chunk_tiles):
-        writer.write_tiles(lo, tiles[lo:lo + chunk_tiles])
-    writer.write_mask(np.ones((4, 4), bool), np.zeros((4, 4, 3), np.uint8), downsample=64.0, mpp=16.0)
-    return writer.commit()
 
 
 def tissue_like(n: int, t: int, seed: int) -> np.ndarray:

@@ -4,7 +4,7 @@ features of a plain forward pass for any split of tiles into parts, blocks and b
 import numpy as np
 import pytest
 import torch
-from test_features_encoders import plain_forward, random_tiles, save_tiny
+from factories import plain_forward, random_tiles, save_tiny
 
 from wsi.features import load_encoder
 from wsi.features.feed import HostRing, embed_blocks, padded_rows, staged_blocks

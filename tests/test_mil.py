@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from factories import DIM, ENCODER, TUMOUR_TILES, bag_features, make_store, mil_config
 from safetensors.torch import load_file
 
 from wsi.config import load_config
@@ -29,11 +30,7 @@ from wsi.mil import (
 from wsi.mil.data import Cohort
 from wsi.mil.metrics import classification_metrics
 from wsi.mil.training import FoldTask, TrainParams
-from wsi.store import FeatureAttrs, ScoreAttrs, SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, store_path
-
-ENCODER = "toy-encoder"
-DIM = 16
-TUMOUR_TILES = 3
+from wsi.store import ScoreAttrs, SlideStore, store_path
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -44,42 +41,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _feature_attrs(dim=DIM, sha="a" * 64):
-    return FeatureAttrs(encoder=ENCODER, dim=dim, weights_source="test", weights_sha256=sha, input_size=(3, 8, 8),
-                        interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), precision="fp32")
-
-
-def make_store(out, slide_id, features=None, *, n_tiles=None, sha="a" * 64, mark_complete=True):
-    """A real complete store (coordinates only) with ``features`` under ENCODER (None: no features)."""
-    n = len(features) if features is not None else n_tiles
-    slide = SlideAttrs(source_path=f"{slide_id}.svs", source_size=1, source_mtime=0.0, backend="openslide",
-                       vendor="aperio", width=256 * 16, height=256 * 16, mpp_x=0.5, mpp_y=0.5, mpp_source="file",
-                       objective_power=20.0, level_count=1, level_downsamples=(1.0,))
-    tiling = TilingAttrs(target_mpp=0.5, tile_px=256, overlap_px=0, read_level=0, read_downsample=1.0,
-                         tile_px_level0=256.0, stride_px_level0=256.0, effective_mpp=0.5, min_tissue_fraction=0.25,
-                         store_pixels=False, codec="lossless", quality=90, chunk_tiles=32)
-    coords = np.stack([np.arange(n) % 16, np.arange(n) // 16], axis=1) * 256
-    store = TileStoreWriter.create(store_path(out, slide_id), slide_id, slide, tiling, coords=coords,
-                                   tissue_fraction=np.ones(n)).commit()
-    if features is not None:
-        arr = store.create_features(ENCODER, features.shape[1], chunk_tiles=32)
-        arr[:] = features
-        if mark_complete:
-            store.complete_features(ENCODER, _feature_attrs(features.shape[1], sha))
-        else:  # a foreign or damaged writer: complete flag without the finiteness check
-            arr.attrs.update({**_feature_attrs(features.shape[1], sha).to_dict(), "complete": True})
-    return store
-
-
-def bag_features(rng, tumour: bool, n_tiles: int, dim=DIM):
-    """Background tiles N(0, 1); a tumour bag's first TUMOUR_TILES rows (placed at random) shifted by +2.5 on
-    8 dims. Returns (features, indices of tumour tiles)."""
-    x = rng.normal(size=(n_tiles, dim)).astype(np.float32)
-    where = rng.choice(n_tiles, TUMOUR_TILES, replace=False) if tumour else np.array([], int)
-    x[where, :8] += 2.5
-    return x, where
 
 
 def make_cohort(out, n_per_class=9, *, seed=0, patients_per_slide=1, extra_rows=()):
@@ -97,15 +58,6 @@ def make_cohort(out, n_per_class=9, *, seed=0, patients_per_slide=1, extra_rows=
     labels = out / "labels.csv"
     labels.write_text("slide_id,label,patient_id\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
     return labels, truth
-
-
-def mil_config(labels, **mil):
-    config = load_config(overrides={
-        "labels": str(labels), "extract": {"encoder": ENCODER},
-        "cluster": {"kind": "local", "n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"},
-        "mil": {"hidden_dim": 32, "dropout": 0.1, "folds": 3, "epochs": 20, "patience": 6, "lr": 5e-3,
-                "bootstrap": 200, "repeats": 1, **mil}})
-    return config
 
 
 def read_csv(path):

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_mil import ENCODER, bag_features, make_store
+from factories import ENCODER, H_E, bag_features, make_store, mil_config, save_tiny, stained, write_store
 
 from wsi.checks import check_workflow_inputs
 from wsi.config import load_config
@@ -150,7 +150,6 @@ def test_site_profiles_draw_the_same_tissue_in_each_sites_colours():
 def site_run(tmp_path_factory):
     """A leave-one-site-out ABMIL run on 4 sites of toy features (real Dask LocalCluster), and a new cohort of 2
     other sites with its labels table."""
-    from test_mil import mil_config
 
     from wsi.mil import train
 
@@ -230,27 +229,12 @@ def test_report_shows_per_site_figures_and_names_a_one_class_site(site_run):
 
 
 # ------------------------------------------------------------------------------------------ stain normalisation
-H_E = {"lab": [[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]],        # stain vectors (optical density per RGB)
-       "other lab": [[0.49, 0.27], [0.77, 0.87], [0.41, 0.41]],
-       "reference": [[0.56, 0.22], [0.72, 0.80], [0.41, 0.56]]}
-
-
-def stained(stain_matrix, n=16, px=48, seed=0, glass=0.3):
-    """Tiles of one tissue (seeded H and E concentration maps, a share ``glass`` of bare glass) stained with
-    ``stain_matrix``: the same slide as two labs would stain it."""
-    rng = np.random.default_rng(seed)
-    concentration = np.stack([rng.gamma(2, 0.4, (n, px, px)), rng.gamma(2, 0.3, (n, px, px))], axis=1)
-    concentration *= rng.random((n, 1, px, px)) > glass
-    od = np.einsum("ck,nkhw->nhwc", np.array(stain_matrix), concentration)
-    return np.clip(240 * np.exp(-od), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
 def stain_cohort(tmp_path_factory):
     """One tissue as two labs stained it (two stores), a folder of reference tiles and a tiny ViT checkpoint."""
     from PIL import Image
-    from test_features_encoders import save_tiny
-    from test_features_extract import write_store
 
     root = tmp_path_factory.mktemp("stain")
     out = root / "out"
