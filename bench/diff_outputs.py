@@ -20,7 +20,8 @@ What it compares, and what it ignores (each ignored item legitimately differs be
 * **Zarr stores**: every chunk file byte for byte (tiles, coordinates, masks, features, scores); each
   ``zarr.json`` as JSON, without the provenance keys below.
 * **JSON files** (status, ``run.json``, ``heatmap.json``, ``metrics.json``...): as JSON, without the
-  provenance keys below.
+  provenance keys below; a status file's ``items`` sorted by slide id (extraction lists slides in the order
+  their Dask tasks finish).
 * **safetensors weights**: every tensor's bytes and the metadata as a mapping (its key order in the header
   varies from run to run).
 * **CSV files**: as text, with ``failures.csv``'s ``time`` column dropped.
@@ -109,6 +110,13 @@ def _json_diff(a, b, where: str = "") -> str | None:
     return None if a == b else f"{where}: {str(a)[:80]} != {str(b)[:80]}"
 
 
+def _json(path: Path, rel: str):
+    doc = json.loads(path.read_text())
+    if rel.startswith("demo/out/status/") and isinstance(doc.get("items"), list):
+        doc["items"] = sorted(doc["items"], key=lambda item: str(item.get("slide_id")))
+    return doc
+
+
 def _text(path: Path, root: str) -> str:
     return path.read_text(errors="replace").replace(root, "<DIR>")
 
@@ -175,8 +183,7 @@ def file_diff(rel: str, before: Path, after: Path) -> str | None:
     a, b = before / rel, after / rel
     name = Path(rel).name
     if name.endswith(".json"):
-        return _json_diff(_strip(json.loads(a.read_text()), str(before)),
-                          _strip(json.loads(b.read_text()), str(after)))
+        return _json_diff(*(_strip(_json(path, rel), str(root)) for path, root in ((a, before), (b, after))))
     if name.endswith(".csv"):
         return None if _csv_rows(a, str(before)) == _csv_rows(b, str(after)) else "rows differ"
     if name.endswith(".h5"):
