@@ -5,8 +5,10 @@
 
 1. the README's demo (``snakemake --configfile configs/demo.yaml``: the synthetic cohort, tile, extract, train,
    predict, heatmaps, report) into ``DIR/demo``;
-2. high-res heatmaps (``wsi heatmap --high-res``) of two of its slides, which read tiles from the slide files
-   themselves, into ``DIR/demo/out/heatmaps/<run>/<slide>/high_res``.
+2. high-res heatmaps of two of its slides, whose finer grid of tiles is read from the slide files themselves, into
+   ``DIR/demo/out/heatmaps/<run>/<slide>/high_res``: ``wsi extract --high-res``, ``wsi predict`` and
+   ``wsi heatmap --high-res`` where the checkout has ``wsi/features/fine_grid.py`` (the stages meet in the store),
+   ``wsi heatmap --high-res`` alone before that.
 
 ``python bench/diff_outputs.py compare BEFORE AFTER`` compares every file under the two folders and prints one
 line per difference; exit status 1 when there is any. The same code on the same machine gives no difference:
@@ -67,9 +69,14 @@ def run(folder: Path, repo: Path) -> None:
     out = folder / "demo" / "out"
     runs = sorted(p.name for p in (out / "models").iterdir() if not p.name.startswith("."))
     slides = sorted(p.name[:-len(".zarr")] for p in (out / "stores").glob("*.zarr"))[:HIGH_RES_SLIDES]
-    subprocess.run([sys.executable, "-m", "wsi.cli", "heatmap", "--out", str(out), "--config", str(config),
-                    "--model-run", runs[0], "--high-res", "--no-progress", *slides], env=env, check=True,
-                   cwd=folder)
+    common = ["--out", str(out), "--config", str(config), "--no-progress"]
+    if (repo / "wsi" / "features" / "fine_grid.py").exists():
+        subprocess.run([sys.executable, "-m", "wsi.cli", "extract", *common, "--high-res", *slides], env=env,
+                       check=True, cwd=folder)
+        subprocess.run([sys.executable, "-m", "wsi.cli", "predict", *common, "--model", str(out / "models" / runs[0])],
+                       env=env, check=True, cwd=folder)
+    subprocess.run([sys.executable, "-m", "wsi.cli", "heatmap", *common, "--model-run", runs[0], "--high-res",
+                    *slides], env=env, check=True, cwd=folder)
 
 
 # ----------------------------------------------------------------------------------------------- compare

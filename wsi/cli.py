@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="local weights file for the encoder")
     p.add_argument("--cluster", help="local | slurm | a scheduler address (tcp://host:8786)")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--high-res", action="store_true",
+                   help="instead: the finer, overlapping grid of the slides named, for `wsi heatmap --high-res` "
+                   "(their features must be extracted first; `wsi predict` then scores the grid)")
     p.add_argument("slide_ids", nargs="*", help="only these slides (default: every complete store)")
 
     p = sub.add_parser("train", help="cross-validated attention-MIL training on a labels table")
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--model-run", required=True, help="the run whose scores to paint (OUT/models/<run>)")
     p.add_argument("--high-res", action="store_true",
-                   help="re-score a finer, overlapping grid from the slide (needs the model)")
+                   help="paint the finer, overlapping grid's scores (`wsi extract --high-res`, then `wsi predict`)")
     p.add_argument("slide_ids", nargs="*", help="only these slides (default: all with scores); @FILE reads them "
                    "from FILE, one per line")
 
@@ -246,6 +249,13 @@ def run(args) -> int:
                                             "checkpoint": str(args.checkpoint) if args.checkpoint else None},
                                 "cluster": _cluster_override(args.cluster)})
         config = _config(args, overrides)
+        if args.high_res:
+            if not args.slide_ids:
+                raise ConfigError(None, "--high-res needs the slides whose finer grid to extract",
+                                  "name their slide ids")
+            from .features.fine_grid import extract_fine_grids
+
+            return _finish(args, config, extract_fine_grids(args.out, config, args.slide_ids).items())
         summary = extract_cohort(args.out, config, slide_ids=args.slide_ids or None, progress=args.progress)
         return _finish(args, config, summary.outcomes.items())
 

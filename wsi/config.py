@@ -122,14 +122,14 @@ def load_config(config_file: str | Path | None = None, sets: list[str] | tuple =
 
 # The config sections each stage reads. A workflow job gets exactly these (so changing one re-runs that stage
 # and the later ones, nothing before) and its status file records them as the config it ran with. "a.b" is one
-# entry of a section: predict and heatmap read their own ``resources`` entry (whether their job holds a GPU),
-# and a change to another stage's resources must not re-run them.
+# entry of a section: predict reads its own ``resources`` entry (whether its job holds a GPU), and a change to
+# another stage's resources must not re-run it.
 STAGE_SECTIONS = {
     "tile": ("slide", "tissue", "tiling"),
     "extract": ("slide", "extract", "cluster"),
     "train": ("labels", "extract", "cluster", "mil"),
     "predict": ("labels", "extract", "cluster", "mil", "resources.predict"),  # labels: external validation
-    "heatmap": ("slide", "extract", "mil", "heatmap", "resources.heatmap"),  # extract, mil: high-res encoder, model
+    "heatmap": ("slide", "heatmap"),  # slide: the tiles of coordinates-only stores
     "report": ("labels", "mode", "model_dir", "extract", "mil", "heatmap"),
 }
 

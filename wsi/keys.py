@@ -35,6 +35,8 @@ SCORES = "scores"
 ATTENTION = "attention"     # under scores/<run>
 CLASS_SCORES = "class_scores"
 OUT_OF_FOLD = "oof_"        # prefix of the out-of-fold arrays under scores/<run>
+FINE = "fine"               # the finer, overlapping grid of high-res heatmaps: fine/coords, fine/features/<key>;
+FINE_SCORES = "fine_"       # prefix of its scores under scores/<run>
 
 
 def encoder_key(feature_set_name: str) -> str:
@@ -64,3 +66,11 @@ def features_path(feature_set_name: str) -> str:
 
 def scores_path(run: str) -> str:
     return f"{SCORES}/{run}"
+
+
+def fine_coords_path() -> str:
+    return f"{FINE}/{COORDS}"
+
+
+def fine_features_path(feature_set_name: str) -> str:
+    return f"{FINE}/{features_path(feature_set_name)}"

@@ -46,11 +46,21 @@ attrs ``stain`` of            dict or null                normalised features on
                                                           densities) and ``max_concentrations`` (2, 99th
                                                           percentiles); Reinhard CIE L*a*b* ``means`` and
                                                           ``stds`` (3 each); :mod:`wsi.features.stain`
+``fine/coords``               int64 (M, 2)                the finer, overlapping grid of high-res heatmaps
+                                                          (:mod:`wsi.features.fine_grid`): level-0 corners at
+                                                          a stride of ``(1 - overlap)`` tiles; attrs ``overlap``;
+                                                          only for slides extracted with ``--high-res`` (added
+                                                          without a schema bump: older stores have none)
+``fine/features/<key>``       float32 (M, D)              features of the fine grid's tiles; attrs
+                                                          :class:`FeatureAttrs` and ``complete``
 ``scores/<run>/attention``    float32 (N,)                per-tile attention of the fold ensemble (sums to 1)
 ``scores/<run>/class_scores`` float32 (N, C)              per-tile class probabilities of the ensemble
 ``scores/<run>/oof_*``        as the two above            only for a slide of the run's own cohort: the same
                                                           from the fold models that held it out (one per CV
                                                           repeat; out of fold: none trained on this slide)
+``scores/<run>/fine_*``       (M,) and (M, C)             the fine grid's attention and class scores, scored
+                                                          as one bag (out of fold for a slide of the run's
+                                                          cohort), when the store has ``fine/features/<key>``
 attrs of ``scores/<run>``     :class:`ScoreAttrs` +       model run, classes, encoder, slide prediction; with
                               ``complete``                ``oof_*`` arrays also ``oof_folds`` and the out-of-
                                                           fold prediction (added in 0.1 without a schema bump:
@@ -59,7 +69,9 @@ attrs of ``scores/<run>``     :class:`ScoreAttrs` +       model run, classes, en
                                                           one-fold ``oof_folds``); ``temperature`` (the run's
                                                           calibration, applied to the probabilities; null: raw)
                                                           and ``ood_score``/``ood`` (:mod:`wsi.mil.ood`), added
-                                                          without a schema bump: older stores read as null
+                                                          without a schema bump: older stores read as null;
+                                                          ``fine_folds``/``fine_probabilities``/
+                                                          ``fine_predicted``: the fine bag's (likewise)
 ============================  ==========================  =====================================================
 
 Completion and atomicity
@@ -283,6 +295,9 @@ class ScoreAttrs(_Attrs):
     temperature: float | None = None            # the run's calibration, applied to both probabilities; None: raw
     ood_score: float | None = None              # out-of-distribution score against the run's training slides
     ood: bool | None = None                     # ood_score above 1: unlike the slides the model was trained on
+    fine_folds: tuple | None = None             # the fine grid's bag (fine/): the folds that scored it (None: the
+    fine_probabilities: tuple | None = None     # ensemble), its slide probabilities (None: an empty grid) and call;
+    fine_predicted: str | None = None           # all None without a fine grid
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -505,44 +520,97 @@ class SlideStore:
         attrs.pop(keys.COMPLETE, None)
         return FeatureAttrs.from_dict(attrs)
 
+    # -- the fine grid of high-res heatmaps
+    def has_fine_features(self, encoder: str) -> bool:
+        name = keys.fine_features_path(encoder)
+        return name in self.group and self.group[name].attrs.get(keys.COMPLETE) is True
+
+    def fine_coords(self) -> np.ndarray:
+        return np.asarray(self.group[keys.fine_coords_path()][:], dtype=np.int64).reshape(-1, 2)
+
+    def write_fine_features(self, encoder: str, coords: np.ndarray, overlap: float, features: np.ndarray,
+                            attrs: FeatureAttrs) -> None:
+        """Write (or replace) the fine grid at ``overlap`` and its ``encoder`` features, ``complete`` last; a grid
+        of another overlap is replaced with every feature set on it."""
+        fine = self.group.require_group(keys.FINE)
+        coords = np.asarray(coords, np.int64).reshape(-1, 2)
+        if keys.COORDS in fine and (fine[keys.COORDS].attrs.get("overlap") != overlap
+                                    or not np.array_equal(self.fine_coords(), coords)):
+            shutil.rmtree(self.path / keys.FINE)
+            fine = self.group.require_group(keys.FINE)
+        if keys.COORDS not in fine:
+            arr = fine.create_array(keys.COORDS, shape=coords.shape, chunks=(max(1, len(coords)), 2), dtype="int64",
+                                    compressors=[_lossless()])
+            arr[:] = coords
+            arr.attrs["overlap"] = overlap
+        name = keys.fine_features_path(encoder)
+        if name in self.group:
+            shutil.rmtree(self.path / name)
+        features = np.asarray(features, np.float32).reshape(len(coords), -1)
+        arr = self.group.require_group(f"{keys.FINE}/{keys.FEATURES}").create_array(
+            encoder_key(encoder), shape=features.shape, chunks=(max(1, len(coords)), features.shape[1]),
+            dtype="float32", compressors=[_lossless()])
+        arr[:] = features
+        arr.attrs.update({**attrs.to_dict(), keys.COMPLETE: True})
+
+    def fine_features(self, encoder: str) -> tuple[np.ndarray, FeatureAttrs]:
+        """(features (M, D), their attrs) of the fine grid."""
+        if not self.has_fine_features(encoder):
+            raise StoreError(self.path, f"no complete fine-grid features for encoder {encoder}",
+                             f"run `wsi extract --high-res {self.slide_id}`")
+        arr = self.group[keys.fine_features_path(encoder)]
+        attrs = dict(arr.attrs)
+        attrs.pop(keys.COMPLETE, None)
+        return np.asarray(arr[:], dtype=np.float32), FeatureAttrs.from_dict(attrs)
+
     # -- scores
     def has_scores(self, run: str) -> bool:
         name = keys.scores_path(run)
         return name in self.group and self.group[name].attrs.get(keys.COMPLETE) is True
 
     def write_scores(self, run: str, attention: np.ndarray, class_scores: np.ndarray, attrs: ScoreAttrs, *,
-                     out_of_fold: tuple[np.ndarray, np.ndarray] | None = None):
-        """Write (or replace) one run's per-tile scores, and the out-of-fold ``(attention, class_scores)`` when
-        given (``attrs.oof_folds`` must say whose); ``complete`` is set after every array."""
+                     out_of_fold: tuple[np.ndarray, np.ndarray] | None = None,
+                     fine: tuple[np.ndarray, np.ndarray] | None = None):
+        """Write (or replace) one run's per-tile scores, the out-of-fold ``(attention, class_scores)`` when given
+        (``attrs.oof_folds`` must say whose) and the fine grid's (``attrs.fine_*`` say what they gave);
+        ``complete`` is set after every array."""
         if (out_of_fold is None) != (attrs.oof_folds is None):
             raise ValueError("out-of-fold scores and ScoreAttrs.oof_folds come together")
         arrays = {keys.ATTENTION: attention, keys.CLASS_SCORES: class_scores}
         if out_of_fold is not None:
             arrays.update({keys.OUT_OF_FOLD + keys.ATTENTION: out_of_fold[0],
                            keys.OUT_OF_FOLD + keys.CLASS_SCORES: out_of_fold[1]})
+        if fine is not None:
+            arrays.update({keys.FINE_SCORES + keys.ATTENTION: fine[0], keys.FINE_SCORES + keys.CLASS_SCORES: fine[1]})
         n, c = self.n_tiles, len(attrs.classes)
         scores = self.group.require_group(keys.SCORES)
         if run in scores:
             shutil.rmtree(self.path / keys.scores_path(run))
         g = scores.create_group(run)
         for name, values in arrays.items():
-            values = np.asarray(values, np.float32).reshape((n,) if name.endswith(keys.ATTENTION) else (n, c))
-            g.create_array(name, shape=values.shape, dtype="float32", chunks=(max(1, n),) + values.shape[1:],
+            rows = len(fine[0]) if name.startswith(keys.FINE_SCORES) else n
+            values = np.asarray(values, np.float32).reshape((rows,) if name.endswith(keys.ATTENTION) else (rows, c))
+            g.create_array(name, shape=values.shape, dtype="float32", chunks=(max(1, rows),) + values.shape[1:],
                            compressors=[_lossless()])[:] = values
         g.attrs.update({**attrs.to_dict(), keys.COMPLETE: True})
 
-    def scores(self, run: str, *, out_of_fold: bool = False) -> tuple[np.ndarray, np.ndarray, ScoreAttrs]:
+    def scores(self, run: str, *, out_of_fold: bool = False, fine: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, ScoreAttrs]:
         """(attention (N,), class scores (N, C), attrs) of the ensemble, or with ``out_of_fold`` of the fold
-        model that held this slide out (a StoreError when the slide was not in the run's cohort)."""
+        model that held this slide out (a StoreError when the slide was not in the run's cohort), or with
+        ``fine`` of the fine grid's tiles (M rows; a StoreError when the slide has no fine-grid scores)."""
         if not self.has_scores(run):
             raise StoreError(self.path, f"no complete scores for model run {run}", "run `wsi predict` first")
         g = self.group[keys.scores_path(run)]
         attrs = dict(g.attrs)
         attrs.pop(keys.COMPLETE, None)
-        prefix = keys.OUT_OF_FOLD if out_of_fold else ""
+        prefix = keys.OUT_OF_FOLD if out_of_fold else keys.FINE_SCORES if fine else ""
         if out_of_fold and attrs.get("oof_folds", attrs.get("oof_fold")) is None:
             raise StoreError(self.path, f"no out-of-fold scores for model run {run}: the slide was not in its "
                                         "training cohort")
+        if fine and prefix + keys.ATTENTION not in g:
+            raise StoreError(self.path, f"no fine-grid scores for model run {run}",
+                             f"run `wsi extract --high-res {self.slide_id}`, then `wsi predict` with the run")
         return (np.asarray(g[prefix + keys.ATTENTION][:], np.float32),
                 np.asarray(g[prefix + keys.CLASS_SCORES][:], np.float32), ScoreAttrs.from_dict(attrs))
 
