@@ -108,13 +108,20 @@ def bag_features(rng, tumour: bool, n_tiles: int, dim=DIM):
     return x, where
 
 
-def mil_config(labels, **mil):
+def on_cluster(config: dict, cluster) -> dict:
+    """``config`` with its Dask work sent to ``cluster`` (the session's, ``conftest.dask_cluster``)."""
+    return {**config, "cluster": {**config["cluster"], "kind": "address", "address": cluster.scheduler_address}}
+
+
+def mil_config(labels, cluster=None, **mil):
+    """A small MIL config for the toy cohort; its training runs on ``cluster`` when given, else on local workers
+    of its own (two, single-threaded)."""
     config = load_config(overrides={
         "labels": str(labels), "extract": {"encoder": ENCODER},
         "cluster": {"kind": "local", "n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"},
         "mil": {"hidden_dim": 32, "dropout": 0.1, "folds": 3, "epochs": 20, "patience": 6, "lr": 5e-3,
                 "bootstrap": 200, "repeats": 1, **mil}})
-    return config
+    return config if cluster is None else on_cluster(config, cluster)
 
 
 def write_store(out: Path, slide_id: str, tiles: np.ndarray, *, chunk_tiles: int = 8, codec: str = "lossless"):

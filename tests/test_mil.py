@@ -78,18 +78,17 @@ def fold_task(cohort: Cohort, run_dir, config, fold=0, model="abmil"):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One cohort and one ABMIL run trained through the CLI (`wsi train`) on a real LocalCluster."""
+def trained(tmp_path_factory, dask_cluster):
+    """One cohort and one ABMIL run trained through the CLI (`wsi train`) on the session's Dask cluster."""
     from wsi.cli import main
 
     out = tmp_path_factory.mktemp("mil")
     labels, truth = make_cohort(out)
     make_store(out, "unlabelled", bag_features(np.random.default_rng(9), True, 50)[0])
-    sets = ["extract.encoder=" + ENCODER, "cluster.n_workers=2", "cluster.threads_per_worker=1",
-            "cluster.dashboard_address=':0'", "mil.hidden_dim=32", "mil.dropout=0.1", "mil.folds=3",
+    sets = ["extract.encoder=" + ENCODER, "mil.hidden_dim=32", "mil.dropout=0.1", "mil.folds=3",
             "mil.epochs=20", "mil.patience=6", "mil.lr=0.005", "mil.bootstrap=200", "mil.repeats=2"]
     argv = ["train", "--out", str(out), "--labels", str(labels), "--model", "abmil", "--run-name", "toy",
-            "--no-progress"] + [a for s in sets for a in ("--set", s)]
+            "--no-progress", "--cluster", dask_cluster.scheduler_address] + [a for s in sets for a in ("--set", s)]
     assert main(argv) == 0
     return out, labels, truth, out / "models" / "toy"
 
@@ -309,9 +308,10 @@ def test_metrics_match_sklearn_and_intervals_bracket_them():
 
 
 # ------------------------------------------------------------------------------------------ training
-def test_same_seed_gives_the_same_run_through_dask(trained):
+def test_same_seed_gives_the_same_run_through_dask(trained, dask_cluster):
     out, labels, _, run_dir = trained
-    again = train(out, mil_config(labels, run_name="toy_again", model="abmil", repeats=2), progress=False)
+    again = train(out, mil_config(labels, dask_cluster, run_name="toy_again", model="abmil", repeats=2),
+                  progress=False)
     assert (again / "cv_predictions.csv").read_text() == (run_dir / "cv_predictions.csv").read_text()
     for fold in range(3):
         first, second = (load_file(d / f"fold_{fold}.safetensors") for d in (run_dir, again))
@@ -615,7 +615,7 @@ def mimic_bag(rng, tumour: bool, n_tiles: int):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # sklearn 1.8 announces a default change for l1_ratios
-def test_attention_beats_max_and_mean_pooling_when_every_slide_holds_tumour_mimics(tmp_path):
+def test_attention_beats_max_and_mean_pooling_when_every_slide_holds_tumour_mimics(tmp_path, dask_cluster):
     """What attention-MIL is for: on the same folds, logistic regression on each slide's mean-pooled features
     (3 tiles diluted among ~60) or max-pooled ones (the mimics' maxima) stays below 0.8 AUROC while the default
     model's cross-validated AUROC is near 1."""
@@ -631,7 +631,7 @@ def test_attention_beats_max_and_mean_pooling_when_every_slide_holds_tumour_mimi
         rows.append(f"{sid},{'tumour' if tumour else 'normal'},p{i:02d}\n")
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label,patient_id\n" + "".join(rows))
-    run_dir = train(tmp_path, mil_config(labels), progress=False)
+    run_dir = train(tmp_path, mil_config(labels, dask_cluster), progress=False)
     attention = json.loads((run_dir / "metrics.json").read_text())["auroc"]["tumour"]["value"]
     folds = json.loads((run_dir / "run.json").read_text())["folds"]
     for pool in (np.max, np.mean):

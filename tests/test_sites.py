@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from factories import ENCODER, H_E, bag_features, make_store, mil_config, save_tiny, stained, write_store
+from factories import ENCODER, H_E, bag_features, make_store, mil_config, on_cluster, save_tiny, stained, write_store
 
 from wsi.checks import check_workflow_inputs
 from wsi.config import load_config
@@ -147,15 +147,15 @@ def test_site_profiles_draw_the_same_tissue_in_each_sites_colours():
 
 # ------------------------------------------------------------------------------------------ per-site metrics
 @pytest.fixture(scope="module")
-def site_run(tmp_path_factory):
-    """A leave-one-site-out ABMIL run on 4 sites of toy features (real Dask LocalCluster), and a new cohort of 2
-    other sites with its labels table."""
+def site_run(tmp_path_factory, dask_cluster):
+    """A leave-one-site-out ABMIL run on 4 sites of toy features (on the session's Dask cluster), and a new cohort
+    of 2 other sites with its labels table."""
 
     from wsi.mil import train
 
     out = tmp_path_factory.mktemp("sites")
     labels = site_cohort(out)
-    run_dir = train(out, mil_config(labels, cv="leave_one_site_out", run_name="sites"), progress=False)
+    run_dir = train(out, mil_config(labels, dask_cluster, cv="leave_one_site_out", run_name="sites"), progress=False)
     new = tmp_path_factory.mktemp("external")
     new_labels = site_cohort(new, ((3, 3), (2, 3)), seed=7, sites="XY")
     return out, labels, run_dir, new, new_labels
@@ -247,9 +247,8 @@ def stain_cohort(tmp_path_factory):
     return out, reference, save_tiny(root / "test_vit.safetensors")
 
 
-def extract_config(checkpoint, **extract):
-    config = load_config()
-    config["cluster"].update({"n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"})
+def extract_config(cluster, checkpoint, **extract):
+    config = on_cluster(load_config(), cluster)
     config["extract"].update({"encoder": "test_vit", "checkpoint": str(checkpoint), "batch_size": 8,
                               "tiles_per_task": 16, "export_h5": False, **extract})
     return config
@@ -288,7 +287,7 @@ def test_normalising_maps_two_labs_stains_of_one_tissue_close_together(method):
     assert float((out[0] - out[1]).abs().mean()) < (0.3 if method == "macenko" else 0.8) * raw
 
 
-def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_their_attrs(stain_cohort):
+def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_their_attrs(stain_cohort, dask_cluster):
     from wsi.features import extract_cohort
     from wsi.features.stain import fit_stain
     from wsi.store import SlideStore, store_path
@@ -298,8 +297,8 @@ def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_t
 
     reference_tiles = np.stack([np.asarray(Image.open(p)) for p in sorted(reference.glob("*.png"))])
     for method in ("none", "macenko", "reinhard"):
-        summary = extract_cohort(out, extract_config(checkpoint, stain=method, stain_reference=str(reference)),
-                                 progress=False)
+        config = extract_config(dask_cluster, checkpoint, stain=method, stain_reference=str(reference))
+        summary = extract_cohort(out, config, progress=False)
         assert sorted(summary.done) == ["lab", "other"] and not summary.failed
     lab, other = (SlideStore.open(store_path(out, s)) for s in ("lab", "other"))
     assert lab.feature_encoders() == ["test_vit", "test_vit+macenko", "test_vit+reinhard"]
@@ -322,12 +321,12 @@ def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_t
     assert gap("test_vit+macenko") < 0.5 * gap("test_vit")
     assert gap("test_vit+reinhard") < gap("test_vit")
     # a second run skips what is complete under each key
-    again = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference=str(reference)),
-                           progress=False)
+    config = extract_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(reference))
+    again = extract_cohort(out, config, progress=False)
     assert sorted(again.skipped) == ["lab", "other"]
 
 
-def test_a_stain_reference_without_tissue_is_a_one_line_error_naming_it(stain_cohort, tmp_path):
+def test_a_stain_reference_without_tissue_is_a_one_line_error_naming_it(stain_cohort, dask_cluster, tmp_path):
     from PIL import Image
 
     from wsi.features import extract_cohort
@@ -337,27 +336,30 @@ def test_a_stain_reference_without_tissue_is_a_one_line_error_naming_it(stain_co
     glass.mkdir()
     Image.fromarray(np.full((64, 64, 3), 236, np.uint8)).save(glass / "blank.png")
     with pytest.raises(ConfigError) as e:
-        extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference=str(glass)), progress=False)
+        extract_cohort(out, extract_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(glass)),
+                       progress=False)
     message = str(e.value)
     assert "\n" not in message and str(glass) in message and "no tissue" in message
     with pytest.raises(ConfigError, match="not cohort, a folder of tile images, a model run or a tiled slide"):
-        extract_cohort(out, extract_config(checkpoint, stain="reinhard", stain_reference=str(tmp_path / "nope")),
+        nope = str(tmp_path / "nope")
+        extract_cohort(out, extract_config(dask_cluster, checkpoint, stain="reinhard", stain_reference=nope),
                        progress=False)
 
 
-def test_a_cohort_keeps_its_reference_and_never_mixes_features_of_two_references(stain_cohort):
+def test_a_cohort_keeps_its_reference_and_never_mixes_features_of_two_references(stain_cohort, dask_cluster):
     from wsi.features import extract_cohort
 
     out, reference, checkpoint = stain_cohort
-    first = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference=str(reference)),
-                           progress=False)
+    config = extract_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(reference))
+    first = extract_cohort(out, config, progress=False)
     assert not first.failed
     # cohort: the reference the cohort's normalised features were made with, so later slides match them
-    again = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference="cohort"),
+    again = extract_cohort(out, extract_config(dask_cluster, checkpoint, stain="macenko", stain_reference="cohort"),
                            progress=False)
     assert sorted(again.skipped) == ["lab", "other"] and not again.failed
     # another reference (here the slide "lab" of the cohort): complete features of the old one fail their slide
-    other = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference="lab"), progress=False)
+    other = extract_cohort(out, extract_config(dask_cluster, checkpoint, stain="macenko", stain_reference="lab"),
+                           progress=False)
     assert sorted(other.failed) == ["lab", "other"]
     assert "fitted to another reference" in other.causes["lab"] and str(reference.resolve()) in other.causes["lab"]
 
