@@ -30,6 +30,14 @@ def dask_cluster():
 
 
 @pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A randomly initialised tiny timm ViT (``test_vit``, 64 features) saved as safetensors, for the session."""
+    from factories import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors")
+
+
+@pytest.fixture(scope="session")
 def real_slide_path() -> Path:
     """A real Aperio SVS (CC0, 2220 x 2967 px at 0.499 um/px, one level); see tests/data/README.md."""
     return REAL_SLIDE

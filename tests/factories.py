@@ -6,6 +6,7 @@ collects the fixtures of) another.
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,27 @@ def bag_features(rng, tumour: bool, n_tiles: int, dim=DIM):
     where = rng.choice(n_tiles, TUMOUR_TILES, replace=False) if tumour else np.array([], int)
     x[where, :8] += 2.5
     return x, where
+
+
+def tissue_like(n: int, t: int, seed: int) -> np.ndarray:
+    """Pink/purple blotches on a pale background: enough structure for features to differ per tile."""
+    rng = np.random.default_rng(seed)
+    base = np.array([230, 180, 210]) - rng.integers(0, 90, (n, 1, 1, 3))
+    noise = rng.normal(0, 25, (n, t, t, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def extract_config(cluster, checkpoint, **extract) -> dict:
+    """Extraction on ``cluster`` (the session's) with ``checkpoint``'s tiny ``test_vit`` encoder."""
+    config = on_cluster(load_config(), cluster)
+    config["extract"].update({"encoder": "test_vit", "checkpoint": str(checkpoint), "batch_size": 5,
+                              "tiles_per_task": 16, **extract})
+    return config
 
 
 def on_cluster(config: dict, cluster) -> dict:

@@ -14,11 +14,6 @@ from wsi.features import list_encoders, load_encoder
 from wsi.features.encoders import Encoder, EncoderSpec, file_sha256, resolve_spec
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors")
-
-
 def test_embed_equals_plain_forward_with_resize_and_records_provenance(tiny_vit):
     enc = load_encoder("test_vit", tiny_vit)
     tiles = random_tiles(5, 64)

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 from distributed import Client, WorkerPlugin
-from factories import lite0_checkpoint, on_cluster, plain_forward, save_tiny, write_store
+from factories import extract_config, lite0_checkpoint, plain_forward, save_tiny, tissue_like, write_store
 
 from wsi.cluster import local_cluster
 from wsi.config import load_config
@@ -26,34 +26,13 @@ REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 cloudpickle.register_pickle_by_value(__import__(__name__))  # workers need not import this test module
 
 
-def tissue_like(n: int, t: int, seed: int) -> np.ndarray:
-    """Pink/purple blotches on a pale background: enough structure for features to differ per tile."""
-    rng = np.random.default_rng(seed)
-    base = np.array([230, 180, 210]) - rng.integers(0, 90, (n, 1, 1, 3))
-    noise = rng.normal(0, 25, (n, t, t, 3))
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors")
-
-
-def config(cluster, checkpoint, **extract):
-    """Extraction on ``cluster`` (the session's) with ``checkpoint``'s tiny encoder."""
-    cfg = on_cluster(load_config(), cluster)
-    cfg["extract"].update({"encoder": "test_vit", "checkpoint": str(checkpoint), "batch_size": 5,
-                           "tiles_per_task": 16, **extract})
-    return cfg
-
-
 @pytest.mark.parametrize("tiles_per_task,batch_size", [(16, 5), (40, 64)])
 def test_features_equal_a_plain_forward_pass_and_are_exported(dask_cluster, tiny_vit, tmp_path, tiles_per_task,
                                                                batch_size):
     tiles = {"a": tissue_like(37, 48, 1), "b": tissue_like(8, 48, 2), "c": tissue_like(0, 48, 3)}
     for slide_id, t in tiles.items():
         write_store(tmp_path, slide_id, t, chunk_tiles=8)
-    summary = extract_cohort(tmp_path, config(dask_cluster, tiny_vit, tiles_per_task=tiles_per_task,
+    summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit, tiles_per_task=tiles_per_task,
                                               batch_size=batch_size), progress=False)
     assert sorted(summary.done) == ["a", "b", "c"] and summary.failed == [] and summary.n_tiles == 45
     for slide_id, t in tiles.items():
@@ -74,7 +53,7 @@ def test_features_equal_a_plain_forward_pass_and_are_exported(dask_cluster, tiny
 
 def test_complete_slides_are_skipped_and_new_ones_done(dask_cluster, tiny_vit, tmp_path):
     write_store(tmp_path, "old", tissue_like(10, 32, 4))
-    cfg = config(dask_cluster, tiny_vit)
+    cfg = extract_config(dask_cluster, tiny_vit)
     assert extract_cohort(tmp_path, cfg, progress=False).done == ["old"]
     chunk = store_path(tmp_path, "old") / "features" / "test_vit" / "c" / "0" / "0"
     stamp = chunk.stat().st_mtime_ns
@@ -90,7 +69,7 @@ def test_a_checkpoint_that_does_not_fit_stops_the_run_with_one_error(dask_cluste
     write_store(tmp_path, "a", tissue_like(8, 32, 13))
     other = save_tiny(tmp_path / "effnet.safetensors", "test_efficientnet")
     with pytest.raises(ConfigError, match=f"{other}: checkpoint does not fit test_vit: missing cls_token"):
-        extract_cohort(tmp_path, config(dask_cluster, other), progress=False)
+        extract_cohort(tmp_path, extract_config(dask_cluster, other), progress=False)
     assert not SlideStore.open(store_path(tmp_path, "a")).has_features("test_vit")
     with Client(dask_cluster) as client:  # nothing is left registered on a scheduler the run did not start
         plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
@@ -103,7 +82,7 @@ def test_a_gpu_worker_without_cuda_stops_the_run_with_one_error(tiny_vit, tmp_pa
     write_store(tmp_path, "a", tissue_like(8, 32, 14))
     with local_cluster({"n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"}, gpus=["0"]) as c:
         with pytest.raises(ConfigError, match="advertises GPU=1 but torch sees no usable CUDA device"):
-            extract_cohort(tmp_path, config(c, tiny_vit), progress=False)
+            extract_cohort(tmp_path, extract_config(c, tiny_vit), progress=False)
     assert not SlideStore.open(store_path(tmp_path, "a")).has_features("test_vit")
     assert read_failures(tmp_path) == []
 
@@ -161,7 +140,7 @@ def test_bad_stores_fail_alone_with_one_row_each(dask_cluster, tiny_vit, tmp_pat
     untiled.group.attrs["complete"] = False
     record_failure(tmp_path, "untiled", "tile", "untiled.svs", "SlideError: no tissue found on the slide")
 
-    summary = extract_cohort(tmp_path, config(dask_cluster, tiny_vit), slide_ids=None, progress=False)
+    summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit), slide_ids=None, progress=False)
     assert summary.done == ["good"] and summary.skipped == ["untiled"]
     assert summary.outcomes.skipped == {"untiled": "failed at tile"}  # not failed again with other advice
     assert sorted(summary.failed) == ["broken", "corrupt", "unfinished"]
@@ -193,7 +172,7 @@ def test_nan_features_name_slide_and_tile(dask_cluster, tmp_path):
 
     write_store(tmp_path, "grey", grey)
     write_store(tmp_path, "bright", bright)
-    summary = extract_cohort(tmp_path, config(dask_cluster, path), progress=False)
+    summary = extract_cohort(tmp_path, extract_config(dask_cluster, path), progress=False)
     assert summary.done == ["grey"] and summary.failed == ["bright"]
     cause = summary.causes["bright"]
     assert "NaN/Inf features for 1 tiles of slide bright, first tile 4 at (256, 0)" in cause
@@ -222,7 +201,7 @@ def test_worker_dying_mid_task_is_retried_and_the_slide_is_whole(dask_cluster, t
     with Client(dask_cluster) as client:
         client.register_plugin(DieMidTask([str(marker)]), name="die-mid-task")
         try:
-            summary = extract_cohort(tmp_path, config(dask_cluster, tiny_vit), progress=False)
+            summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit), progress=False)
         finally:
             client.unregister_worker_plugin("die-mid-task")
         client.wait_for_workers(2, timeout=60)
@@ -241,7 +220,8 @@ def test_worker_deaths_beyond_the_allowed_retries_fail_the_slide_not_the_cohort(
         with Client(dask_cluster) as client:
             client.register_plugin(DieMidTask([str(tmp_path / "died")]), name="die-mid-task")
             try:
-                summary = extract_cohort(tmp_path, config(dask_cluster, tiny_vit, tiles_per_task=8), progress=False)
+                config = extract_config(dask_cluster, tiny_vit, tiles_per_task=8)
+                summary = extract_cohort(tmp_path, config, progress=False)
             finally:
                 client.unregister_worker_plugin("die-mid-task")
             client.wait_for_workers(2, timeout=60)
@@ -265,7 +245,7 @@ def test_coordinates_only_store_reads_the_slide(dask_cluster, tiny_vit, tmp_path
     features of the stored pixels."""
     with open_slide(REAL_SLIDE) as slide:
         assert slide.pixel_backend == "jpeg-tiles"
-    cfg = config(dask_cluster, tiny_vit, decode_threads=decode_threads)
+    cfg = extract_config(dask_cluster, tiny_vit, decode_threads=decode_threads)
     cfg["tiling"].update({"tile_px": 128, "target_mpp": 1.0})
     tile_slides([REAL_SLIDE], tmp_path / "px", cfg)
     cfg["tiling"]["store_pixels"] = False
@@ -278,7 +258,7 @@ def test_coordinates_only_store_reads_the_slide(dask_cluster, tiny_vit, tmp_path
 
 
 def test_coordinates_only_store_whose_slide_changed_fails(dask_cluster, tiny_vit, tmp_path):
-    cfg = config(dask_cluster, tiny_vit)
+    cfg = extract_config(dask_cluster, tiny_vit)
     cfg["tiling"].update({"tile_px": 128, "target_mpp": 1.0, "store_pixels": False})
     slide = tmp_path / "slides" / "moved.svs"
     slide.parent.mkdir()
@@ -293,7 +273,7 @@ def test_coordinates_only_store_whose_slide_changed_fails(dask_cluster, tiny_vit
 def test_real_weights_on_real_tissue_separate_tissue_from_glass(dask_cluster, tmp_path):
     """ImageNet EfficientNet-Lite0 on the real Aperio fixture: finite features, and tissue tiles and glass tiles
     fall into two groups that a nearest-centroid rule tells apart."""
-    cfg = config(dask_cluster, lite0_checkpoint(), encoder="tf_efficientnet_lite0", batch_size=16)
+    cfg = extract_config(dask_cluster, lite0_checkpoint(), encoder="tf_efficientnet_lite0", batch_size=16)
     cfg["tiling"].update({"tile_px": 128, "target_mpp": 1.0, "min_tissue_fraction": 0.0})
     tile_slides([REAL_SLIDE], tmp_path, cfg)
     summary = extract_cohort(tmp_path, cfg, progress=False)
@@ -318,7 +298,7 @@ def test_cli_extract_runs_on_a_scheduler_address(dask_cluster, tiny_vit, tmp_pat
 
     write_store(tmp_path, "a", tissue_like(12, 32, 12))
     args = ["extract", "--out", str(tmp_path), "--encoder", "test_vit", "--checkpoint", str(tiny_vit),
-            "--dask_cluster", dask_cluster.scheduler_address, "--batch-size", "4", "--no-progress"]
+            "--cluster", dask_cluster.scheduler_address, "--batch-size", "4", "--no-progress"]
     assert wsi_main(args) == 0
     assert SlideStore.open(store_path(tmp_path, "a")).has_features("test_vit")
     assert "Dask dashboard: http" in capsys.readouterr().err

@@ -4,13 +4,12 @@ The cohort: every slide is a bag of background tiles (Gaussian features); tumour
 (3 of ~60) from a shifted distribution. Mean pooling barely sees 3 tiles; attention should find them.
 """
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
-from factories import DIM, ENCODER, TUMOUR_TILES, bag_features, make_store, mil_config
+from factories import DIM, ENCODER, TUMOUR_TILES, bag_features, make_store, mil_config, read_csv
 from safetensors.torch import load_file
 
 from wsi.config import load_config
@@ -58,11 +57,6 @@ def make_cohort(out, n_per_class=9, *, seed=0, patients_per_slide=1, extra_rows=
     labels = out / "labels.csv"
     labels.write_text("slide_id,label,patient_id\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
     return labels, truth
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def fold_task(cohort: Cohort, run_dir, config, fold=0, model="abmil"):
@@ -793,7 +787,7 @@ def test_repeats_train_every_slide_once_per_repeat_with_their_own_folds_and_seed
 
 
 def test_run_is_calibrated_out_of_fold_and_predict_applies_its_temperature(trained):
-    from wsi.mil.calibration import apply_temperature
+    from wsi.mil.calibration import Calibration, apply_temperature
 
     out, _, truth, run_dir = trained
     info = json.loads((run_dir / "run.json").read_text())
@@ -808,10 +802,11 @@ def test_run_is_calibrated_out_of_fold_and_predict_applies_its_temperature(train
     summary = predict(out, run_dir, load_config(), slide_ids=["s01", "unlabelled"])
     rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
     ensemble = load_ensemble(run_dir)
-    ensemble.temperature = None
+    ensemble.calibration = Calibration()
     _, _, raw = ensemble.score_bag(SlideStore.open(store_path(out, "unlabelled")).features(ENCODER))
     assert float(rows["unlabelled"]["prob_tumour"]) == pytest.approx(apply_temperature(raw, temperature)[1], abs=1e-5)
     assert SlideStore.open(store_path(out, "unlabelled")).scores("toy")[2].temperature == temperature
+    assert rows["unlabelled"]["calibration"] == "cohort"
 
 
 def test_predict_flags_slides_unlike_the_training_cohort(trained, tmp_path):
@@ -853,6 +848,7 @@ def test_predict_on_a_run_made_before_calibration_warns_and_predicts_raw(trained
         summary = predict(out, old, load_config(), slide_ids=["unlabelled"])
     row = read_csv(summary.predictions_csv)[0]
     assert row["ood"] == "" and row["ood_score"] == "" and 0 <= float(row["prob_tumour"]) <= 1
+    assert row["calibration"] == "none"
     attrs = SlideStore.open(store_path(out, "unlabelled")).scores("toy")[2]
     assert attrs.temperature is None and attrs.ood is None
 
@@ -885,7 +881,7 @@ def test_ensemble_averages_folds_and_checks_the_feature_size(trained):
     attention, tile_scores, probs = ensemble.score_bag(features)
     assert attention.shape == (60,) and tile_scores.shape == (60, 2) and probs.shape == (2,)
     singles = [torch.softmax(m(torch.from_numpy(features)).logits, 0).detach().numpy() for m in ensemble.models]
-    assert np.allclose(probs, apply_temperature(np.mean(singles, axis=0), ensemble.temperature), atol=1e-6)
+    assert np.allclose(probs, apply_temperature(np.mean(singles, axis=0), ensemble.calibration.temperature), atol=1e-6)
     with pytest.raises(ConfigError, match="another encoder"):
         ensemble.score_bag(np.zeros((4, DIM + 1), np.float32))
 

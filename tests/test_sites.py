@@ -7,7 +7,18 @@ import warnings
 
 import numpy as np
 import pytest
-from factories import ENCODER, H_E, bag_features, make_store, mil_config, on_cluster, save_tiny, stained, write_store
+from factories import (
+    ENCODER,
+    H_E,
+    bag_features,
+    extract_config,
+    make_store,
+    mil_config,
+    read_csv,
+    save_tiny,
+    stained,
+    write_store,
+)
 
 from wsi.checks import check_workflow_inputs
 from wsi.config import load_config
@@ -205,6 +216,36 @@ def test_predict_with_labels_writes_external_validation_beside_predictions(site_
                  "--no-progress"]) == 2
 
 
+def test_site_calibration_is_fitted_per_site_and_predict_applies_it_by_the_labels_site(site_run, dask_cluster,
+                                                                                        tmp_path):
+    import json
+
+    from wsi.mil import predict, train
+
+    out, labels, _, new, new_labels = site_run
+    config = mil_config(labels, dask_cluster, calibration="site", run_name="by_site")
+    run_dir = train(out, config, progress=False)
+    calibration = json.loads((run_dir / "run.json").read_text())["calibration"]
+    assert calibration["method"] == "site" and sorted(calibration["sites"]) == list(SITES)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert all(0 <= metrics["per_site"][s]["ece"]["value"] <= 1 for s in SITES)  # cross-fitted, per site
+    # a new slide of a training site gets its site's own calibration; one of another site the cohort's
+    moved = new / "moved.csv"
+    moved.write_text(new_labels.read_text().replace("X00,normal,X", "X00,normal,A"))
+    summary = predict(new, run_dir, {**config, "labels": str(moved)})
+    rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
+    assert rows["X00"]["calibration"] == "site A" and rows["Y00"]["calibration"] == "cohort"
+    assert predict(new, run_dir, {**config, "labels": None}).done  # no table: the cohort's, for every slide
+    assert {r["calibration"] for r in read_csv(summary.predictions_csv)} == {"cohort"}
+    # asked for without a site column: one line naming the labels file, before any fold
+    plain = tmp_path / "plain.csv"
+    plain.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in labels.read_text().splitlines()))
+    with pytest.raises(ConfigError) as e:
+        train(out, mil_config(plain, calibration="site"), progress=False)
+    assert "\n" not in str(e.value) and str(plain) in str(e.value)
+    assert "mil.calibration is site, and the labels table has no site column" in str(e.value)
+
+
 def test_report_shows_per_site_figures_and_names_a_one_class_site(site_run):
     from wsi.config import load_config
     from wsi.report import write_report
@@ -247,11 +288,9 @@ def stain_cohort(tmp_path_factory):
     return out, reference, save_tiny(root / "test_vit.safetensors")
 
 
-def extract_config(cluster, checkpoint, **extract):
-    config = on_cluster(load_config(), cluster)
-    config["extract"].update({"encoder": "test_vit", "checkpoint": str(checkpoint), "batch_size": 8,
-                              "tiles_per_task": 16, "export_h5": False, **extract})
-    return config
+def stain_config(cluster, checkpoint, **extract):
+    """Extraction of the stain cohort: batches of 8, no h5 exports."""
+    return extract_config(cluster, checkpoint, batch_size=8, export_h5=False, **extract)
 
 
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
@@ -297,7 +336,7 @@ def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_t
 
     reference_tiles = np.stack([np.asarray(Image.open(p)) for p in sorted(reference.glob("*.png"))])
     for method in ("none", "macenko", "reinhard"):
-        config = extract_config(dask_cluster, checkpoint, stain=method, stain_reference=str(reference))
+        config = stain_config(dask_cluster, checkpoint, stain=method, stain_reference=str(reference))
         summary = extract_cohort(out, config, progress=False)
         assert sorted(summary.done) == ["lab", "other"] and not summary.failed
     lab, other = (SlideStore.open(store_path(out, s)) for s in ("lab", "other"))
@@ -321,7 +360,7 @@ def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_t
     assert gap("test_vit+macenko") < 0.5 * gap("test_vit")
     assert gap("test_vit+reinhard") < gap("test_vit")
     # a second run skips what is complete under each key
-    config = extract_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(reference))
+    config = stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(reference))
     again = extract_cohort(out, config, progress=False)
     assert sorted(again.skipped) == ["lab", "other"]
 
@@ -336,13 +375,13 @@ def test_a_stain_reference_without_tissue_is_a_one_line_error_naming_it(stain_co
     glass.mkdir()
     Image.fromarray(np.full((64, 64, 3), 236, np.uint8)).save(glass / "blank.png")
     with pytest.raises(ConfigError) as e:
-        extract_cohort(out, extract_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(glass)),
+        extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(glass)),
                        progress=False)
     message = str(e.value)
     assert "\n" not in message and str(glass) in message and "no tissue" in message
     with pytest.raises(ConfigError, match="not cohort, a folder of tile images, a model run or a tiled slide"):
         nope = str(tmp_path / "nope")
-        extract_cohort(out, extract_config(dask_cluster, checkpoint, stain="reinhard", stain_reference=nope),
+        extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="reinhard", stain_reference=nope),
                        progress=False)
 
 
@@ -350,15 +389,15 @@ def test_a_cohort_keeps_its_reference_and_never_mixes_features_of_two_references
     from wsi.features import extract_cohort
 
     out, reference, checkpoint = stain_cohort
-    config = extract_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(reference))
+    config = stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(reference))
     first = extract_cohort(out, config, progress=False)
     assert not first.failed
     # cohort: the reference the cohort's normalised features were made with, so later slides match them
-    again = extract_cohort(out, extract_config(dask_cluster, checkpoint, stain="macenko", stain_reference="cohort"),
+    again = extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference="cohort"),
                            progress=False)
     assert sorted(again.skipped) == ["lab", "other"] and not again.failed
     # another reference (here the slide "lab" of the cohort): complete features of the old one fail their slide
-    other = extract_cohort(out, extract_config(dask_cluster, checkpoint, stain="macenko", stain_reference="lab"),
+    other = extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference="lab"),
                            progress=False)
     assert sorted(other.failed) == ["lab", "other"]
     assert "fitted to another reference" in other.causes["lab"] and str(reference.resolve()) in other.causes["lab"]

@@ -51,6 +51,12 @@ def feature_set(encoder: str, stain: str | None = "none") -> str:
     return encoder if stain in (None, "none") else f"{encoder}+{stain}"
 
 
+def augmented_set(feature_set_name: str) -> str:
+    """Where a feature set's augmented views are stored: ``<feature set>+augment`` (``extract.augment``); not a
+    feature set of its own."""
+    return f"{feature_set_name}+augment"
+
+
 def feature_set_of(extract: dict) -> str:
     """The feature set an ``extract:`` config section makes (and training on it reads)."""
     return feature_set(extract["encoder"], extract.get("stain"))

@@ -53,6 +53,11 @@ attrs ``stain`` of            dict or null                normalised features on
                                                           without a schema bump: older stores have none)
 ``fine/features/<key>``       float32 (M, D)              features of the fine grid's tiles; attrs
                                                           :class:`FeatureAttrs` and ``complete``
+``features/<key>+augment``    float32 (K, N, D)           augmented views of the same tiles (``extract.augment:
+                                                          K``; :mod:`wsi.features.augment`), chunked one view
+                                                          by ``chunk_tiles`` rows; attrs as ``features/<key>``
+                                                          plus ``augment`` (``views`` K and the strengths); not
+                                                          a feature set of its own: MIL training draws from it
 ``scores/<run>/attention``    float32 (N,)                per-tile attention of the fold ensemble (sums to 1)
 ``scores/<run>/class_scores`` float32 (N, C)              per-tile class probabilities of the ensemble
 ``scores/<run>/oof_*``        as the two above            only for a slide of the run's own cohort: the same
@@ -67,7 +72,9 @@ attrs of ``scores/<run>``     :class:`ScoreAttrs` +       model run, classes, en
                                                           older stores read as having none; ``oof_fold``, one
                                                           int, of stores scored before CV repeats reads as a
                                                           one-fold ``oof_folds``); ``temperature`` (the run's
-                                                          calibration, applied to the probabilities; null: raw)
+                                                          calibration, applied to the probabilities; null: raw;
+                                                          ``calibration_site``: the site whose own calibration
+                                                          was applied instead, ``mil.calibration: site``)
                                                           and ``ood_score``/``ood`` (:mod:`wsi.mil.ood`), added
                                                           without a schema bump: older stores read as null;
                                                           ``fine_folds``/``fine_probabilities``/
@@ -267,6 +274,7 @@ class FeatureAttrs(_Attrs):
     precision: str
     wsi_version: str = ""
     stain: dict | None = None     # stain normalisation: method, reference, fitted target and slide values
+    augment: dict | None = None   # augmented views only: ``views`` (K) and the strengths (wsi.features.augment)
 
 
 def same_stain_target(a: dict, b: dict) -> bool:
@@ -293,6 +301,7 @@ class ScoreAttrs(_Attrs):
     oof_probabilities: tuple | None = None      # their mean slide probabilities; None: not in the run's cohort
     oof_predicted: str | None = None
     temperature: float | None = None            # the run's calibration, applied to both probabilities; None: raw
+    calibration_site: str | None = None         # the site whose own calibration was applied instead (site runs)
     ood_score: float | None = None              # out-of-distribution score against the run's training slides
     ood: bool | None = None                     # ood_score above 1: unlike the slides the model was trained on
     fine_folds: tuple | None = None             # the fine grid's bag (fine/): the folds that scored it (None: the
@@ -480,11 +489,13 @@ class SlideStore:
         if keys.FEATURES not in self.group:
             return []
         return sorted(feature_set(a.attrs["encoder"], (a.attrs.get("stain") or {}).get("method"))
-                      for _, a in self.group[keys.FEATURES].arrays() if a.attrs.get(keys.COMPLETE) is True)
+                      for _, a in self.group[keys.FEATURES].arrays()
+                      if a.attrs.get(keys.COMPLETE) is True and not a.attrs.get("augment"))  # views: not a set
 
-    def create_features(self, encoder: str, dim: int, chunk_tiles: int) -> zarr.Array:
-        """A fresh, incomplete ``features/<key>`` array (NaN-filled, so a chunk never written reads as NaN).
-        An incomplete one from a killed run is replaced; a complete one is never overwritten."""
+    def create_features(self, encoder: str, dim: int, chunk_tiles: int, views: int | None = None) -> zarr.Array:
+        """A fresh, incomplete ``features/<key>`` array (NaN-filled, so a chunk never written reads as NaN),
+        (N, D), or (views, N, D) for augmented views. An incomplete one from a killed run is replaced; a complete
+        one is never overwritten."""
         if self.has_features(encoder):
             raise StoreError(self.path, f"features for {encoder} are already complete",
                              "delete them first to recompute")
@@ -492,8 +503,11 @@ class SlideStore:
         key = encoder_key(encoder)
         if key in features:
             shutil.rmtree(self.path / keys.FEATURES / key)
-        return features.create_array(key, shape=(self.n_tiles, dim), chunks=(max(1, chunk_tiles), dim),
-                                     dtype="float32", fill_value=np.nan, compressors=[_lossless()])
+        shape, chunks = (self.n_tiles, dim), (max(1, chunk_tiles), dim)
+        if views is not None:
+            shape, chunks = (views, *shape), (1, *chunks)
+        return features.create_array(key, shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan,
+                                     compressors=[_lossless()])
 
     def features_writer(self, encoder: str) -> zarr.Array:
         """The incomplete ``features/<key>`` array for a task to write its chunk-aligned rows into."""
@@ -503,17 +517,21 @@ class SlideStore:
         """Check every row is written and finite, then mark the features complete."""
         arr = self.features_writer(encoder)
         data = np.asarray(arr[:])
-        bad = ~np.isfinite(data).all(axis=1)
+        bad = ~np.isfinite(data).all(axis=-1)
+        if bad.ndim == 2:  # augmented views: a tile is bad when any of its views is
+            bad = bad.any(axis=0)
         if bad.any():
             raise StoreError(self.path, f"features for {encoder} have {int(bad.sum())} unwritten or "
                                         f"non-finite rows (first tile index {int(np.flatnonzero(bad)[0])})")
         arr.attrs.update({**attrs.to_dict(), keys.COMPLETE: True})
 
-    def features(self, encoder: str) -> np.ndarray:
+    def features(self, encoder: str, view: int | None = None) -> np.ndarray:
+        """The complete ``features/<key>`` array; of an augmented views array, ``view`` alone (0-based)."""
         if not self.has_features(encoder):
             raise StoreError(self.path, f"no complete features for encoder {encoder}",
                              f"run `wsi extract --encoder {encoder}`")
-        return np.asarray(self.group[self.features_array_path(encoder)][:], dtype=np.float32)
+        array = self.group[self.features_array_path(encoder)]
+        return np.asarray(array[:] if view is None else array[view], dtype=np.float32)
 
     def feature_attrs(self, encoder: str) -> FeatureAttrs:
         attrs = dict(self.group[self.features_array_path(encoder)].attrs)

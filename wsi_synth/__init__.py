@@ -12,6 +12,8 @@ says so), and it uses the runtime only for its errors and the DICOM format const
 
 from .cohort import make_demo_cohort
 from .render import (
+    EOSIN_OD,
+    HAEM_OD,
     PEN_INKS,
     SITE_PROFILES,
     SPECK_TS,
@@ -24,5 +26,5 @@ from .render import (
 )
 from .writers import KINDS, write_synthetic_slide
 
-__all__ = ["KINDS", "PEN_INKS", "SITE_PROFILES", "SPECK_TS", "HardCases", "PenStroke", "SiteProfile", "Speck",
-           "SyntheticSlide", "composite_marks", "make_demo_cohort", "write_synthetic_slide"]
+__all__ = ["EOSIN_OD", "HAEM_OD", "KINDS", "PEN_INKS", "SITE_PROFILES", "SPECK_TS", "HardCases", "PenStroke",
+           "SiteProfile", "Speck", "SyntheticSlide", "composite_marks", "make_demo_cohort", "write_synthetic_slide"]

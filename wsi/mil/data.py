@@ -191,6 +191,22 @@ def load_cohort(out_dir, labels_path, encoder: str, *, classes=None, skip_missin
                   tuple(excluded))
 
 
+def require_views(cohort: Cohort, key: str, views: int) -> None:
+    """With ``views`` (``extract.augment``), every bag must have that many complete augmented views under ``key``;
+    else a ConfigError naming the labels file and the slides."""
+    if not views:
+        return
+    lacking = []
+    for bag in cohort.bags:
+        store = SlideStore.open(bag.store)
+        if not store.has_features(key) or (store.feature_attrs(key).augment or {}).get("views") != views:
+            lacking.append(bag.slide_id)
+    if lacking:
+        raise ConfigError(cohort.labels_path, f"extract.augment is {views}, and {len(lacking)} labelled slide(s) "
+                                              f"lack {views} augmented views ({key}): {format_ids(lacking)}",
+                          "run `wsi extract` with the same extract.augment first, or set extract.augment: 0")
+
+
 def _require_two_classes(bags: list[Bag], names: tuple[str, ...], path) -> None:
     """After skipping slides, at least two classes must still have bags."""
     present = sorted({b.label for b in bags})
