@@ -181,9 +181,9 @@ def _check_weights(ensemble: Ensemble, store: SlideStore, attrs: FeatureAttrs | 
     trained = ensemble.feature_attrs.get("weights_sha256")
     found = attrs.weights_sha256
     if trained and found and trained != found:
-        raise ConfigError(store.path, f"features of {ensemble.encoder} come from weights {found[:12]} "
-                                      f"({attrs.weights_source}), model run {ensemble.run} was trained on weights "
-                                      f"{trained[:12]}", "re-extract with the run's encoder weights")
+        raise ConfigError(store.path, f"features of {ensemble.encoder} come from weights {found[:12]}, model run "
+                                      f"{ensemble.run} was trained on weights {trained[:12]}",
+                          "re-extract with the run's encoder weights")
     reference = ensemble.feature_attrs.get("stain")
     if reference and attrs.stain and not same_stain_target(reference["target"], attrs.stain["target"]):
         raise ConfigError(store.path, f"features of {ensemble.encoder} were normalised to "
