@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi.cluster import local_cluster
 from wsi.config import load_config
 from wsi.features import extract_cohort
 from wsi.mil import train
@@ -103,14 +104,14 @@ def write_cohort(root: Path, cohort: int, per_site: int, size: tuple[int, int], 
     return labels
 
 
-def config_for(labels: Path, arm: str, cv: str, seed: int, views: int) -> dict:
+def config_for(labels: Path, arm: str, cv: str, seed: int, views: int, address: str, repeats: int) -> dict:
     spec = ARMS[arm]
     return load_config(overrides={
         "labels": str(labels),
         "extract": {"encoder": ENCODER, "checkpoint": str(checkpoint_path()), "stain": spec["stain"],
                     "stain_reference": "cohort", "export_h5": False, "augment": views if spec.get("augment") else 0},
-        "cluster": {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"},
-        "mil": {"folds": 4, "cv": cv, "seed": seed, "run_name": f"{cv}_{arm}_{seed}",
+        "cluster": {"kind": "address", "address": address},
+        "mil": {"folds": 4, "cv": cv, "seed": seed, "run_name": f"{cv}_{arm}_{seed}_r{repeats}", "repeats": repeats,
                 "calibration": "site" if cv == "patient" else "temperature"}})
 
 
@@ -132,14 +133,14 @@ def _stat(values) -> str:
     return f"{min(values):.3f} / {np.mean(values):.3f}" if values else "-"
 
 
-def summarise(results: dict, arms: list[str], seeds: list[int]) -> None:
+def summarise(results: dict, arms: list[str], seeds: list[int], repeats: int) -> None:
     """The table of the module docstring, printed."""
     print(f"{'arm':10s} {'patient AUROC':>15s} {'LOSO AUROC':>15s} {'gap (max/mean)':>15s} "
           f"{'worst unseen site':>18s} {'ECE site':>15s} {'ECE cohort T':>15s} {'ECE raw':>15s} "
           f"{'worst site ECE (site)':>22s}")
     for arm in arms:
-        patient = [results.get(f"{arm}/patient/{s}") for s in seeds]
-        loso = [results.get(f"{arm}/leave_one_site_out/{s}") for s in seeds]
+        patient = [results.get(f"{arm}/patient/{s}/r{repeats}") for s in seeds]
+        loso = [results.get(f"{arm}/leave_one_site_out/{s}/r{repeats}") for s in seeds]
         if None in patient or None in loso:
             continue
         gaps = [p["auroc"] - q["auroc"] for p, q in zip(patient, loso)]
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4", help="mil.seed values")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--views", type=int, default=4, help="augmented views of the augment arm")
+    parser.add_argument("--repeats", type=int, default=3, help="mil.repeats of each training (shipped: 3)")
     args = parser.parse_args()
     root = args.root or Path(f"bench/out/sites{args.cohort}")
     out, seeds, arms = root / "out", [int(s) for s in args.seeds.split(",")], args.arms.split(",")
@@ -177,9 +179,23 @@ def main() -> None:
     started = time.perf_counter()
     tile_slides(sorted((root / "slides").glob("*.svs")), out, load_config(), progress=False)
     timings.setdefault("tile", time.perf_counter() - started)
+    # one cluster for every extraction and training: a fresh one per run would cost its start-up 20-odd times
+    with local_cluster({"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"}, gpus=[]) as cluster:
+        _run(args, out, labels, arms, seeds, results, timings, state, saved, cluster.scheduler_address)
+    summarise(results, arms, seeds, args.repeats)
+    n_tiles = sum(SlideStore.open(p).n_tiles for p in sorted((out / "stores").glob("*.zarr")))
+    print(f"{n_tiles} tiles in {len(list((out / 'stores').glob('*.zarr')))} slides; seconds:",
+          {k: round(v, 1) for k, v in timings.items() if not k.startswith("train_")})
+    saved.write_text(json.dumps({**state, "tiles": n_tiles, "args": {k: str(v) for k, v in vars(args).items()}},
+                                indent=1))
+
+
+def _run(args, out: Path, labels: Path, arms, seeds, results, timings, state, saved: Path, address: str) -> None:
+    """Extract every arm's features, then train every (seed, arm, cv) not yet in ``results``."""
     for arm in arms:
         started = time.perf_counter()
-        summary = extract_cohort(out, config_for(labels, arm, "patient", 0, args.views), progress=False)
+        summary = extract_cohort(out, config_for(labels, arm, "patient", 0, args.views, address, args.repeats),
+                                 progress=False)
         if summary.failed:
             raise SystemExit(f"extraction failed for {summary.failed}: {summary.causes}")
         if summary.done:
@@ -188,11 +204,12 @@ def main() -> None:
     for seed in seeds:
         for arm in arms:
             for cv in ("patient", "leave_one_site_out"):
-                key = f"{arm}/{cv}/{seed}"
+                key = f"{arm}/{cv}/{seed}/r{args.repeats}"
                 if key in results:
                     continue
                 started = time.perf_counter()
-                run_dir = train(out, config_for(labels, arm, cv, seed, args.views), progress=False)
+                run_dir = train(out, config_for(labels, arm, cv, seed, args.views, address, args.repeats),
+                                progress=False)
                 timings[f"train_{key}"] = time.perf_counter() - started
                 results[key] = figures(json.loads((run_dir / "metrics.json").read_text()))
                 saved.write_text(json.dumps({**state, "args": {k: str(v) for k, v in vars(args).items()}},
@@ -200,12 +217,6 @@ def main() -> None:
                 print(f"{key}: AUROC {results[key]['auroc']:.3f}, per site "
                       + ", ".join(f"{s} {v:.3f}" for s, v in results[key]["per_site_auroc"].items() if v is not None),
                       flush=True)
-    summarise(results, arms, seeds)
-    n_tiles = sum(SlideStore.open(p).n_tiles for p in sorted((out / "stores").glob("*.zarr")))
-    print(f"{n_tiles} tiles in {len(list((out / 'stores').glob('*.zarr')))} slides; seconds:",
-          {k: round(v, 1) for k, v in timings.items() if not k.startswith("train_")})
-    saved.write_text(json.dumps({**state, "tiles": n_tiles, "args": {k: str(v) for k, v in vars(args).items()}},
-                                indent=1))
 
 
 if __name__ == "__main__":
