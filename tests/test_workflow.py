@@ -107,7 +107,8 @@ def test_readme_demo_runs_every_stage(tmp_path):
     labels = rows(tmp_path / "demo" / "labels.csv")
     predictions = rows(out / "predictions" / RUN / "predictions.csv")
     assert {r["slide_id"] for r in predictions} == {r["slide_id"] for r in labels}
-    assert set(predictions[0]) == {"slide_id", "prob_normal", "prob_tumour", "predicted", "ood_score", "ood"}
+    assert set(predictions[0]) == {"slide_id", "prob_normal", "prob_tumour", "predicted", "ood_score", "ood",
+                                   "calibration"}
     assert not [r for r in predictions if r["ood"] == "True"]  # the training slides, scored out of fold
     metrics = json.loads((out / "models" / RUN / "metrics.json").read_text())
     # the demo model learns: cross-validated (out-of-fold) AUROC, and heatmaps dark on normal slides, lit on foci
