@@ -20,7 +20,7 @@ t05h   12,000 x 9,000 px     40      1-2    t05 made harder: 2-6 lymphoid mimics
 
 Pipeline, every stage the real one:
 
-1. Synthetic H&E-like slides (:func:`wsi.demo.write_synthetic_slide`): half ``tumour`` with tumour foci of
+1. Synthetic H&E-like slides (:func:`wsi_synth.write_synthetic_slide`): half ``tumour`` with tumour foci of
    about one tile each; every slide, of either class, carries 1-4 lymphoid aggregates (the tumour mimic) and
    its own stain strengths (haematoxylin and eosin each 1 +- 0.25); pen marks and dust on some of either class.
    Four patients own two slides each. The per-pixel tumour and lymphoid truth is saved next to each slide.
@@ -120,7 +120,7 @@ def write_cohort(root: Path, n_slides: int, seed: int, size_um: tuple[float, flo
     """Slides, their tumour and lymphoid truth masks (``<id>.tumour.npy``, ``<id>.lymphoid.npy`` at
     TRUTH_DOWNSAMPLE) and labels.csv. A folder written with other parameters is refused rather than silently
     reused."""
-    from wsi.demo import write_synthetic_slide
+    from wsi_synth import write_synthetic_slide
 
     params = {"n_slides": n_slides, "seed": seed, "size_um": list(size_um), "foci": list(foci), "mpp": 0.5}
     if mimics != (0, 0) or stain:

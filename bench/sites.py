@@ -4,11 +4,11 @@ augmentation and per-site calibration do about it.
     python bench/sites.py [--cohort 1|2] [--per-site 8] [--size 4200 3150] [--aggregates 2] [--seeds 0,1,2,3,4]
                           [--arms raw,macenko,reinhard,augment] [--views 4] [--root bench/out/sites<cohort>]
 
-Cohorts (:func:`wsi.demo.write_synthetic_slide`), four sites of ``--per-site`` slides each, ``--size`` px at 0.5
+Cohorts (:func:`wsi_synth.write_synthetic_slide`), four sites of ``--per-site`` slides each, ``--size`` px at 0.5
 um/px, every slide with ``--aggregates`` lymphoid aggregates (the tumour mimic), tumour slides with one tumour focus
 of about one tile:
 
-* ``--cohort 1`` (seed 13000): the four :data:`wsi.demo.SITE_PROFILES` A-D (stain vectors and strengths, scanner
+* ``--cohort 1`` (seed 13000): the four :data:`wsi_synth.SITE_PROFILES` A-D (stain vectors and strengths, scanner
   colour cast, JPEG quality). Site A, a training site, is confounded: all its slides but one are tumour, so its
   purple stain predicts the label; B-D hold both classes equally.
 * ``--cohort 2`` (seed 420362, fixed with its design before its first run): four new sites E-H whose profiles are
@@ -43,11 +43,11 @@ import numpy as np
 
 from wsi.cluster import local_cluster
 from wsi.config import load_config
-from wsi.demo import EOSIN_OD, HAEM_OD, SITE_PROFILES, SiteProfile, write_synthetic_slide
 from wsi.features import extract_cohort
 from wsi.mil import train
 from wsi.store import SlideStore
 from wsi.tiling import tile_slides
+from wsi_synth import EOSIN_OD, HAEM_OD, SITE_PROFILES, SiteProfile, write_synthetic_slide
 
 ENCODER = "tf_efficientnet_lite0"
 COHORTS = {1: {"seed": 13000, "confounded": "A"}, 2: {"seed": 420362, "confounded": None}}

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import ConfigError, format_ids
+from .slide import SLIDE_SUFFIXES, expand_slide_paths, slide_id_from_path
 
 # A class this small next to a bigger one with a near-identical name is a typo, not a class ("tumor" on 3
 # slides beside "tumour" on 200 would silently become a third class, or fail training as a class of one).
@@ -27,8 +28,6 @@ CV_MODES = ("patient", "site", "leave_one_site_out")  # mil.cv: what the cross-v
 def check_slides_dir(slides_dir, key: str = "slides_dir") -> dict[str, Path]:
     """``{slide_id: path}`` of the slides in ``slides_dir`` (one scan); a missing or slide-less folder is an
     error naming ``key``."""
-    from .slide import SLIDE_SUFFIXES, expand_slide_paths, slide_id_from_path
-
     folder = Path(slides_dir)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"

@@ -39,7 +39,9 @@ from pathlib import Path
 from PIL import Image
 
 from . import __version__, atomic
-from .errors import ConfigError, read_failures
+from .config import scoring_run_dir
+from .errors import ConfigError
+from .failures import read_failures
 from .layout import Layout
 from .store import OOD_WARNING, open_cohort
 from .viewer import slide_url
@@ -311,7 +313,7 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
     """Write ``OUT/report.html`` for model run ``run`` (default: the newest predictions) and return its path."""
     out_dir, layout = Path(out_dir), Layout(out_dir)
     run = run or _newest_run(out_dir)
-    model_dir = layout.model_dir(config, run)
+    model_dir = scoring_run_dir(config, layout, run)
     predict_mode = config.get("mode") == "predict"
     predictions = _read_csv(layout.predictions_csv(run))
     by_slide = {r["slide_id"]: r for r in predictions}

@@ -56,9 +56,11 @@ from distributed import WorkerPlugin, as_completed, get_worker
 
 from ..cluster import dask_client, gpu_resources, worker_device
 from ..errors import ConfigError, SlideError, StoreError, WsiError
+from ..keys import augmented_set, encoder_key, feature_set
 from ..layout import Layout
 from ..runner import StageRun, StageSummary
-from ..store import FeatureAttrs, SlideStore, augmented_set, encoder_key, export_h5, feature_set, store_path
+from ..slide import TileSource, source_stat
+from ..store import FeatureAttrs, SlideStore, export_h5, store_path
 from . import augment
 from .encoders import GPU_BATCH_DEFAULT, Encoder, load_encoder, resolve_spec
 from .feed import HostRing, embed_blocks, staged_blocks
@@ -193,22 +195,19 @@ def tile_parts(store: SlideStore, slide_cfg: dict, lo: int, hi: int, block_tiles
                threads: int) -> Iterator[Iterator[np.ndarray]]:
     """Tiles ``lo:hi`` as ordered uint8 arrays, ``threads`` threads decoding ahead of the caller: whole chunks
     of the store's pixels, or for a coordinates-only store row runs of the slide (which must be the very file
-    that was tiled) read and cut as the tiler does (:func:`wsi.tiling.iter_tiles`: the slide's JPEG tiles
+    that was tiled) read and cut as the tiler does (:class:`wsi.slide.TileSource`: the slide's JPEG tiles
     decoded directly where the format allows)."""
     if store.has_pixels:
         yield _read_ahead(store.read_tiles, lo, hi, block_tiles, threads)
         return
-    from ..slide import open_slide, source_stat
-    from ..tiling import iter_tiles
-
     source = Path(store.slide.source_path)
     if not source.exists():
         raise SlideError(source, f"the slide of coordinates-only store {store.path} is missing",
                          "restore the slide file or re-run `wsi tile`")
     if source_stat(source) != (store.slide.source_size, store.slide.source_mtime):
         raise SlideError(source, "slide file changed since it was tiled", "re-run `wsi tile` for this slide")
-    with open_slide(source, **slide_cfg) as slide:
-        yield (tiles for _, tiles in iter_tiles(slide, store.tiling, store.coords[lo:hi], threads=threads))
+    with TileSource.open(source, store.tiling, **slide_cfg) as tile_source:
+        yield (tiles for _, tiles in tile_source.iter_tiles(store.coords[lo:hi], threads=threads))
 
 
 def _read_ahead(read: Callable[[int, int], np.ndarray], lo: int, hi: int, step: int,

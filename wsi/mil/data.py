@@ -30,13 +30,12 @@ import pandas as pd
 import torch
 
 from ..checks import CV_MODES, check_sites
-from ..errors import ConfigError
+from ..errors import ConfigError, format_ids
 from ..layout import Layout
 from ..store import SlideStore, is_complete, open_cohort, store_path
 
 SPLITS = ("train", "val", "test")
 VALIDATION = ("auto", "always", "never")
-_SHOWN = 8  # slide ids quoted in one error message
 
 
 @dataclass(frozen=True)
@@ -77,13 +76,6 @@ class Fold:
     train: tuple[str, ...]
     val: tuple[str, ...]
     test: tuple[str, ...]
-
-
-def format_ids(ids) -> str:
-    """Up to a few ids, comma-separated, then "and N more"."""
-    ids = list(ids)
-    shown = ", ".join(str(i) for i in ids[:_SHOWN])
-    return shown + (f" and {len(ids) - _SHOWN} more" if len(ids) > _SHOWN else "")
 
 
 def read_labels(path) -> pd.DataFrame:

@@ -39,12 +39,12 @@ import torch
 
 from .. import __version__
 from ..atomic import write_csv, write_json
-from ..errors import ConfigError
+from ..errors import ConfigError, format_ids
 from ..layout import Layout
 from ..runner import run_slides
-from ..store import ScoreAttrs, SlideStore, open_cohort, store_path
+from ..store import FeatureAttrs, ScoreAttrs, SlideStore, open_cohort, same_stain_target, store_path
 from .calibration import Calibration
-from .data import format_ids, read_labels
+from .data import read_labels
 from .metrics import classification_metrics, plot_roc
 from .models import MILModel, create_model
 from .ood import OODReference, slide_descriptor
@@ -174,11 +174,10 @@ class PredictSummary:
     unlike_training: list[str] = field(default_factory=list)  # slides flagged out of distribution (``ood``)
 
 
-def _check_weights(ensemble: Ensemble, store: SlideStore) -> None:
-    """The store's features come from the run's encoder weights, normalised to the run's stain reference."""
-    from ..features.stain import same_target
-
-    attrs = store.feature_attrs(ensemble.encoder)
+def _check_weights(ensemble: Ensemble, store: SlideStore, attrs: FeatureAttrs | None = None) -> None:
+    """The store's features (or the fine grid's, ``attrs``) come from the run's encoder weights, normalised to
+    the run's stain reference."""
+    attrs = attrs or store.feature_attrs(ensemble.encoder)
     trained = ensemble.feature_attrs.get("weights_sha256")
     found = attrs.weights_sha256
     if trained and found and trained != found:
@@ -186,7 +185,7 @@ def _check_weights(ensemble: Ensemble, store: SlideStore) -> None:
                                       f"{ensemble.run} was trained on weights {trained[:12]}",
                           "re-extract with the run's encoder weights")
     reference = ensemble.feature_attrs.get("stain")
-    if reference and attrs.stain and not same_target(reference["target"], attrs.stain["target"]):
+    if reference and attrs.stain and not same_stain_target(reference["target"], attrs.stain["target"]):
         raise ConfigError(store.path, f"features of {ensemble.encoder} were normalised to "
                                       f"{attrs.stain['reference']}, model run {ensemble.run} to "
                                       f"{reference['reference']}",
@@ -208,14 +207,33 @@ def _score_store(ensemble: Ensemble, store: SlideStore, site: str | None = None)
         oof_attrs = {"oof_folds": folds, "oof_probabilities": tuple(float(p) for p in oof_probs),
                      "oof_predicted": ensemble.classes[int(np.argmax(oof_probs))]}
     ood_score = ensemble.ood_score(store.slide_id, features)
+    fine, fine_attrs = _score_fine_grid(ensemble, store, folds, site)
     attrs = ScoreAttrs(
         run=ensemble.run, model=ensemble.model_name, encoder=ensemble.encoder, classes=tuple(ensemble.classes),
         probabilities=tuple(float(p) for p in probs), predicted=ensemble.classes[int(np.argmax(probs))],
         wsi_version=__version__, temperature=ensemble.calibration.temperature,
         calibration_site=site if site in ensemble.calibration.sites else None, ood_score=ood_score,
-        ood=None if ood_score is None else ood_score > 1, **oof_attrs)
-    store.write_scores(ensemble.run, attention, tile_scores, attrs, out_of_fold=oof)
+        ood=None if ood_score is None else ood_score > 1, **oof_attrs, **fine_attrs)
+    store.write_scores(ensemble.run, attention, tile_scores, attrs, out_of_fold=oof, fine=fine)
     return attrs
+
+
+def _score_fine_grid(ensemble: Ensemble, store: SlideStore, folds: tuple[int, ...] | None, site: str | None
+                     ) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict]:
+    """The fine grid's tiles (``wsi extract --high-res``) scored as one bag, by the fold models that held the
+    slide out when it is of the run's cohort (as its heatmap shows it), else by the ensemble, calibrated as the
+    slide is: ((attention, class scores), their ``ScoreAttrs.fine_*``), or (None, {}) for a slide without a fine
+    grid."""
+    if not store.has_fine_features(ensemble.encoder):
+        return None, {}
+    features, attrs = store.fine_features(ensemble.encoder)
+    _check_weights(ensemble, store, attrs)
+    if not len(features):  # no fine tile reaches the tissue rule: an empty map, no call
+        empty = np.zeros(0, np.float32), np.zeros((0, len(ensemble.classes)), np.float32)
+        return empty, {"fine_folds": folds, "fine_predicted": "none"}
+    attention, tile_scores, probs = ensemble.score_bag(features, folds=folds, site=site)
+    return (attention, tile_scores), {"fine_folds": folds, "fine_probabilities": tuple(float(p) for p in probs),
+                                      "fine_predicted": ensemble.classes[int(np.argmax(probs))]}
 
 
 def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = None) -> PredictSummary:

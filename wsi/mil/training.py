@@ -86,9 +86,12 @@ from distributed import WorkerPlugin, as_completed, get_worker
 from .. import __version__
 from ..atomic import write_csv, write_json
 from ..checks import check_sites
-from ..errors import ConfigError, record_failure
-from ..layout import Layout, run_name
-from ..store import SlideStore, augmented_set, feature_set
+from ..config import run_name
+from ..errors import ConfigError, format_ids
+from ..failures import record_failure
+from ..keys import augmented_set, feature_set_of
+from ..layout import Layout
+from ..store import SlideStore
 from .calibration import Calibration, brier, confident_errors, cross_fitted, ece, fit_calibration
 from .data import (
     Bag,
@@ -96,7 +99,6 @@ from .data import (
     Fold,
     bag_bytes,
     class_weights,
-    format_ids,
     load_bags,
     load_cohort,
     make_folds,
@@ -474,7 +476,7 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     each repeat with its own folds and seeds) and return the run folder ``OUT/models/<run>``. All input checks
     (:func:`.data.load_cohort`, :func:`.data.make_folds`) run before the first fold starts."""
     mil = config["mil"]
-    encoder = feature_set(config["extract"]["encoder"], config["extract"].get("stain"))  # what features to train on
+    encoder = feature_set_of(config["extract"])  # what features to train on
     if not config.get("labels"):
         raise ConfigError(None, "no labels table (config key labels is null)", "pass --labels FILE")
     name = run_name(config)
