@@ -228,7 +228,8 @@ def compare_rows(rows: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
 
 def extraction_checks(results: Results, address: str, work: Path, setup: Setup) -> None:
     from wsi.features import extract_cohort
-    from wsi.store import SlideStore, feature_set, store_path
+    from wsi.keys import feature_set
+    from wsi.store import SlideStore, store_path
 
     cohort = work / "check"
     write_cohort(cohort, list(setup.check_lengths), "lossless", setup.check_tile_px, distinct=True)

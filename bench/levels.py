@@ -1,4 +1,4 @@
-"""What the level check (wsi.levels) costs, measured in one run.
+"""What the level check (wsi.slide.levels) costs, measured in one run.
 
     python bench/levels.py [--slide PATH] [--width 20000 --height 15000]
 
@@ -44,8 +44,7 @@ def main() -> None:
     from tiling import make_slide  # bench/tiling.py's slide maker: the same scene
 
     from wsi.config import load_config
-    from wsi.levels import LevelCheck, compare_with_level0
-    from wsi.slide import open_slide
+    from wsi.slide import LevelCheck, compare_with_level0, open_slide
     from wsi.tiling import _read_strips, read_thumbnail, tile_slides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

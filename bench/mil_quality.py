@@ -20,7 +20,7 @@ t05h   12,000 x 9,000 px     40      1-2    t05 made harder: 2-6 lymphoid mimics
 
 Pipeline, every stage the real one:
 
-1. Synthetic H&E-like slides (:func:`wsi.demo.write_synthetic_slide`): half ``tumour`` with tumour foci of
+1. Synthetic H&E-like slides (:func:`wsi_synth.write_synthetic_slide`): half ``tumour`` with tumour foci of
    about one tile each; every slide, of either class, carries 1-4 lymphoid aggregates (the tumour mimic) and
    its own stain strengths (haematoxylin and eosin each 1 +- 0.25); pen marks and dust on some of either class.
    Four patients own two slides each. The per-pixel tumour and lymphoid truth is saved next to each slide.
@@ -74,6 +74,10 @@ TIERS = {
     # t05 made harder once t05 and t1 gave 1.000: 1-2 foci, more mimics, stain strengths 1 +- 0.5 (lab batches)
     "t05h": {"slides": 40, "size_um": (6000.0, 4500.0), "foci": (1, 2), "seed": 1525, "mimics": (2, 6),
              "stain": 0.5},
+    # issue 21's unseen tier, fixed 2026-12-06 before its first run (seed drawn then): smaller slides, 1-2 foci,
+    # 1-5 mimics, stain strengths 1 +- 0.35; never tuned on
+    "t05n": {"slides": 40, "size_um": (4800.0, 3600.0), "foci": (1, 2), "seed": 379673, "mimics": (1, 5),
+             "stain": 0.35},
     # feature-level cohorts: the same design drawn straight as features (no slides, no encoder), for an
     # ablation that this 2-core machine can afford; see write_feature_cohort
     "f05": {"slides": 40, "tiles": (350, 540), "foci": (1, 3), "seed": 2505},
@@ -116,7 +120,7 @@ def write_cohort(root: Path, n_slides: int, seed: int, size_um: tuple[float, flo
     """Slides, their tumour and lymphoid truth masks (``<id>.tumour.npy``, ``<id>.lymphoid.npy`` at
     TRUTH_DOWNSAMPLE) and labels.csv. A folder written with other parameters is refused rather than silently
     reused."""
-    from wsi.demo import write_synthetic_slide
+    from wsi_synth import write_synthetic_slide
 
     params = {"n_slides": n_slides, "seed": seed, "size_um": list(size_um), "foci": list(foci), "mpp": 0.5}
     if mimics != (0, 0) or stain:

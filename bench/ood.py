@@ -5,12 +5,12 @@
 Reference: the tier's 40 slides (``bench/mil_quality.py --prepare-only``), fitted as ``wsi train`` fits it
 (:func:`wsi.mil.ood.fit_out_of_fold` on the first CV repeat's folds of ``mil.seed`` 0, ``mil.ood_alpha`` of
 ``configs/default.yaml``). Scored against it, each set through the real pipeline (slides written by
-:func:`wsi.demo.write_synthetic_slide`, ``wsi.tiling.tile_slides``, ``wsi.features.extract_cohort`` with the
+:func:`wsi_synth.write_synthetic_slide`, ``wsi.tiling.tile_slides``, ``wsi.features.extract_cohort`` with the
 tier's encoder and weights):
 
 * **alike**: ``--alike`` new slides drawn exactly as the tier's (its size, foci, mimics and stain batches), from
   seed ``--seed``: in distribution, so flags here are false flags (target <= 5%);
-* **new sites**: ``--per-site`` slides for each of the four :data:`wsi.demo.SITE_PROFILES` (stain vectors and
+* **new sites**: ``--per-site`` slides for each of the four :data:`wsi_synth.SITE_PROFILES` (stain vectors and
   strengths, scanner cast and JPEG quality that the tier never drew), otherwise as the tier's (target >= 90%
   flagged);
 * **artefact bags**: ``--bags`` tiles of pure marker ink, of tissue out of focus (the tier's own tiles under a
@@ -36,7 +36,7 @@ import mil_quality as mq  # noqa: E402  (bench/mil_quality.py: tiers, their cach
 
 def write_sets(root: Path, tier: dict, alike: int, per_site: int, seed: int) -> dict[str, str]:
     """The new slides (kept when present); returns slide id -> set name."""
-    from wsi.demo import SITE_PROFILES, write_synthetic_slide
+    from wsi_synth import SITE_PROFILES, write_synthetic_slide
 
     rng = np.random.default_rng(seed)
     sets = {}

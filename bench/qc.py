@@ -9,10 +9,10 @@ The design below was written into bench/RESULTS.md ("Slide quality control") bef
 
 **generator** (families of ``--slides`` slides; family f uses seeds 8600 + 100 f on; ``--fresh`` adds one family
 from a seed drawn at run time with ``secrets``): 8,000 x 6,000 px slides at 0.5 um/px (4 x 3 mm) drawn by
-:func:`wsi.demo.write_synthetic_slide` with the four site profiles in turn (stain vectors, strengths, scanner
+:func:`wsi_synth.write_synthetic_slide` with the four site profiles in turn (stain vectors, strengths, scanner
 cast, JPEG quality 65-90), solid high-grade tumour on every other slide, mucin on every third, haemorrhage on
 the odd ones, 0-2 lymphoid aggregates, tumour foci, fat in the main pieces; and defects from
-:func:`wsi.demo_defects.draw_defects` over the main pieces: one blur region (sigma drawn from 0.5-3 um, Gaussian
+:func:`wsi_synth.defects.draw_defects` over the main pieces: one blur region (sigma drawn from 0.5-3 um, Gaussian
 and disk kernels in turn), a focus stripe (0 -> 3 um along its length) on every other slide, one fold
 (80-250 um wide) and one bubble (120-350 um radius). The 8 um/px thumbnail and the tiles (256 px at 0.5 um/px) are
 rendered as the writer renders those levels and pass through JPEG at the site's quality, as in a slide file;
@@ -20,7 +20,7 @@ the tissue mask, the kept tiles (tissue share >= 0.25), the focus features and t
 functions ``wsi tile`` calls. Truth per tile (on a 4 um/px grid): the median blur sigma over its tissue, the
 shares of its footprint in a fold and in a bubble, and its tissue class shares.
 
-**real**: defects composited onto the real images of ``tests/data`` (:func:`wsi.demo_defects.composite`; the image
+**real**: defects composited onto the real images of ``tests/data`` (:func:`wsi_synth.defects.composite`; the image
 over its glass colour is the specimen): ``cmu_small_region.svs`` (0.499 um/px) and ``slide.jpeg`` (prostate,
 about 0.5 um/px judged from its nuclei) at full resolution, each with two blur regions of known kernels (sigma
 0.5-3 um, Gaussian or disk), one fold (60-150 um wide) and one bubble (80-200 um radius), JPEG q85; the tiles are
@@ -69,7 +69,7 @@ SITES = ("A", "B", "C", "D")
 # ---------------------------------------------------------------------------------------------- generator
 def cohort(seed_base: int, n: int) -> list[tuple[str, dict, dict]]:
     """(name, write_synthetic_slide kwargs, draw_defects kwargs) for ``n`` slides from ``seed_base``."""
-    from wsi.demo import SITE_PROFILES, HardCases
+    from wsi_synth import SITE_PROFILES, HardCases
 
     rng = np.random.default_rng(seed_base)
     out = []
@@ -92,8 +92,8 @@ def jpeg(rgb: np.ndarray, quality: int = 85) -> np.ndarray:
 
 def generated(name: str, kwargs: dict, defect_kwargs: dict) -> dict:
     """Render one slide's thumbnail and kept tiles, run QC as ``wsi tile`` does, and gather per-tile truth."""
-    from wsi import demo_defects
-    from wsi.demo import write_synthetic_slide
+    from wsi_synth import defects as demo_defects
+    from wsi_synth import write_synthetic_slide
 
     quality = kwargs["site"].jpeg_quality
     plain = write_synthetic_slide(Path(f"{name}.svs"), write=False, **kwargs)
@@ -116,8 +116,7 @@ def run_qc(name: str, thumb: np.ndarray, thumb_ds: float, cols: int, rows: int, 
     """QC of one image as the tiler runs it: mask, kept tiles, focus of the tiles ``render(x, y)`` gives (None:
     thumbnail-only), thumbnail defects, flags; with per-tile truth from ``truth`` (masks on a ``truth_ds`` grid)."""
     from wsi import qc
-    from wsi.tiling import tissue_fractions
-    from wsi.tissue import TissueParams, tissue_masks
+    from wsi.tissue import TissueParams, tissue_fractions, tissue_masks
 
     params = TissueParams.default()
     mpp = thumb_ds * MPP
@@ -181,8 +180,8 @@ def real_case(name: str, rgb: np.ndarray, um: float, seed: int) -> dict:
     """One composite of a real image, QC'd; see the module docstring."""
     import cv2
 
-    from wsi import demo_defects as dd
     from wsi.tissue import TissueParams, tissue_masks
+    from wsi_synth import defects as dd
 
     rng = np.random.default_rng(seed)
     params = TissueParams.default()
@@ -325,10 +324,10 @@ def tier_real(seeds: list[int]) -> dict:
 
 
 def tier_nofocus(work: Path) -> dict:
-    from wsi import demo_defects as dd
     from wsi.config import load_config
-    from wsi.demo import write_synthetic_slide
     from wsi.tiling import tile_slides
+    from wsi_synth import defects as dd
+    from wsi_synth import write_synthetic_slide
 
     slides = work / "nofocus"
     shutil.rmtree(slides, ignore_errors=True)
@@ -353,7 +352,7 @@ def tier_nofocus(work: Path) -> dict:
 
 
 def tier_cost(work: Path, repeats: int = 5) -> dict:
-    from wsi.demo import HardCases, write_synthetic_slide
+    from wsi_synth import HardCases, write_synthetic_slide
 
     slide = work / "cost" / "cost.svs"
     if not slide.exists():

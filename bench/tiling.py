@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 
 def make_slide(path: Path, width: int, height: int, kind: str = "aperio", seed: int = 1) -> None:
     """The benchmark scene as an SVS file or (``kind="dicom"``) a DICOM folder; written once, then reused."""
-    from wsi.demo import write_synthetic_slide
+    from wsi_synth import write_synthetic_slide
 
     if path.exists():
         return

@@ -69,7 +69,7 @@ TRUTH_REV = "be551c4"  # the mask whose judgement of a clean real image is the r
 def cohort(n: int, seed_base: int, edge: bool):
     """(name, write_synthetic_slide kwargs) for ``n`` slides: every hard case spread over the cohort; ``edge``
     adds strokes off the edge (with dust beside them) and a blot with a halo to every slide."""
-    from wsi.demo import HardCases
+    from wsi_synth import HardCases
 
     rng = np.random.default_rng(seed_base)
     slides = []
@@ -99,7 +99,7 @@ def jpeg(rgb: np.ndarray) -> np.ndarray:
 
 def generated(kwargs: dict):
     """(thumbnail, truth, um/px): the slide's 8 um/px level as its file would hold it and its ground truth."""
-    from wsi.demo import write_synthetic_slide
+    from wsi_synth import write_synthetic_slide
 
     slide = write_synthetic_slide(Path("bench.svs"), write=False, **kwargs)
     rgb = slide.render_level(THUMB_DS, 0, 0, math.ceil(slide.width / THUMB_DS), math.ceil(slide.height / THUMB_DS))
@@ -139,7 +139,7 @@ def real_composites(n: int, seed_base: int, truth_mask):
     tissue truth is ``truth_mask`` of the clean (JPEG-coded) image; nothing is drawn over padding."""
     import cv2
 
-    from wsi.demo import PEN_INKS, SPECK_TS, PenStroke, Speck, composite_marks
+    from wsi_synth import PEN_INKS, SPECK_TS, PenStroke, Speck, composite_marks
 
     bases = [(name, jpeg(rgb), um) for name, rgb, um in real_bases()]
     truths = [truth_mask(rgb, um) for _, rgb, um in bases]
@@ -234,7 +234,7 @@ def mask_function(module, section: dict):
 def score(mask: np.ndarray, truth: dict, um: float, min_tissue_fraction: float) -> dict:
     from scipy import ndimage
 
-    from wsi.tiling import tissue_fractions
+    from wsi.tissue import tissue_fractions
 
     inked = ndimage.binary_dilation(truth["pen"] & ~truth["halo"], iterations=1)  # tissue shows through a halo
     tissue = truth["tissue"] & ~inked

@@ -54,7 +54,7 @@ BIG = "case00000"
 
 
 def make_slide(width: int, height: int):
-    from wsi.demo import write_synthetic_slide
+    from wsi_synth import write_synthetic_slide
 
     path = WORK / f"slide_{width}x{height}.svs"
     kwargs = dict(width=width, height=height, mpp=0.25, seed=7, downsamples=(1, 4, 16, 64), tumour_tiles=4)

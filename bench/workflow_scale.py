@@ -30,7 +30,7 @@ REPO = HERE.parent
 
 def cohort(root: Path, n: int) -> Path:
     """``root/<n>/`` with ``slides/`` (n hard links to one slide), ``labels.csv`` and ``config.yaml``."""
-    from wsi.demo import write_synthetic_slide
+    from wsi_synth import write_synthetic_slide
 
     source = root / "source.svs"
     if not source.exists():

@@ -7,7 +7,8 @@ from pathlib import Path
 from snakemake.exceptions import IncompleteCheckpointException
 from wsi.checks import check_slides_dir, check_workflow_inputs
 from wsi.errors import WsiError
-from wsi.layout import Layout, run_name
+from wsi.config import run_name, scoring_run_dir
+from wsi.layout import Layout
 from wsi.slide import dicom_files
 from wsi.plan import Plan, clean_stale, config_file, finish, plan_encoder
 
@@ -30,7 +31,7 @@ def or_exit(check, *args):
 
 
 RUN = or_exit(run_name, config)
-MODEL_DIR = LAYOUT.model_dir(config, RUN)
+MODEL_DIR = scoring_run_dir(config, LAYOUT, RUN)
 
 # `snakemake --unlock` only removes Snakemake's lock: it must work with any config, even a wrong one.
 UNLOCKING = "--unlock" in sys.argv
@@ -191,5 +192,5 @@ if config.get("demo"):
                 else ""
             ),
         shell:
-            "$WSI_PYTHON -m wsi.cli demo-data {params.folder:q} --n-slides {params.n} --seed {params.seed} {params.field}"
+            "$WSI_PYTHON -m wsi_synth {params.folder:q} --n-slides {params.n} --seed {params.seed} {params.field}"
             " > {log:q} 2>&1"

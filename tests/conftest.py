@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny slides made by :mod:`wsi.demo` (written once per test session) and the real slide.
+"""Shared fixtures: tiny slides made by :mod:`wsi_synth` (written once per test session), the real slide, and
+one Dask cluster for the session.
 
 ``make_slide(name, **kwargs)`` writes ``<session tmp>/slides/<name>`` with
-:func:`wsi.demo.write_synthetic_slide` the first time and returns the same :class:`~wsi.demo.SyntheticSlide`
+:func:`wsi_synth.write_synthetic_slide` the first time and returns the same :class:`~wsi_synth.SyntheticSlide`
 afterwards; asking for one name with other arguments is an error, so two tests never share a slide by
 accident. Tests must not modify these files (copy one first).
 """
@@ -12,9 +13,28 @@ from pathlib import Path
 
 import pytest
 
-from wsi.demo import SyntheticSlide, write_synthetic_slide
+from wsi_synth import SyntheticSlide, write_synthetic_slide
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """Two single-threaded local worker processes for the whole session. Tests that extract or train on Dask
+    point their config at it (:func:`factories.on_cluster`) instead of starting worker processes of their own
+    (each start imports torch in every worker); tests of a cluster's own shape still start theirs."""
+    from wsi.cluster import local_cluster
+
+    with local_cluster({"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"}, gpus=[]) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A randomly initialised tiny timm ViT (``test_vit``, 64 features) saved as safetensors, for the session."""
+    from factories import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors")
 
 
 @pytest.fixture(scope="session")

@@ -109,3 +109,31 @@ def test_a_missing_or_damaged_reference_is_one_error_naming_its_file(tmp_path):
     (tmp_path / "ood.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match="re-run `wsi train`"):
         OODReference.load(tmp_path, 1.0)
+
+
+def test_site_calibration_gives_a_site_scored_on_another_scale_its_own_back():
+    """Site B's models score every slide towards tumour (its normals at 0.75-0.9): the cohort's one temperature
+    cannot fix that, B's own fit does; a site of two slides stays near the cohort's; other sites get the cohort's
+    temperature; nothing moves the ranking within a site."""
+    from wsi.mil.calibration import Calibration, fit_calibration
+
+    rng = np.random.default_rng(3)
+    y_a = np.r_[np.zeros(15, int), np.ones(15, int)]
+    p_a = np.where(y_a == 1, rng.uniform(0.7, 0.95, 30), rng.uniform(0.05, 0.3, 30))
+    y_b = np.r_[np.zeros(10, int), np.ones(10, int)]
+    p_b = np.where(y_b == 1, rng.uniform(0.95, 0.995, 20), rng.uniform(0.75, 0.9, 20))
+    y_c, p_c = np.array([0, 1]), np.array([0.6, 0.97])
+    y, probs = np.r_[y_a, y_b, y_c], _binary(np.r_[p_a, p_b, p_c])
+    sites = ["A"] * 30 + ["B"] * 20 + ["C"] * 2
+    fitted = fit_calibration("site", y, probs, sites)
+    cohort_only = fit_calibration("temperature", y, probs)
+    assert fitted.temperature == pytest.approx(cohort_only.temperature)
+    b = np.array([fitted.apply(p, "B") for p in probs[30:50]])
+    assert (b.argmax(1) == y_b).mean() >= 0.9  # B's normals called normal again
+    assert (cohort_only.apply(probs[30:50]).argmax(1) == y_b).mean() <= 0.6  # the one temperature cannot
+    assert _auroc(y_b == 1, b[:, 1]) == pytest.approx(_auroc(y_b == 1, p_b))  # B's own ranking kept
+    t_c, bias_c = fitted.sites["C"]
+    assert abs(np.log(t_c / fitted.temperature)) < 0.5 and abs(bias_c[1]) < 1.0  # two slides: near the cohort
+    np.testing.assert_allclose(fitted.apply(probs[:3], "unseen"), cohort_only.apply(probs[:3]))
+    assert Calibration.from_dict(fitted.to_dict()) == fitted
+    assert Calibration.from_dict({}).apply(probs[:2]).tolist() == probs[:2].tolist()  # a run before: raw

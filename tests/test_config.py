@@ -49,17 +49,19 @@ def test_package_paths_resolve_to_files_shipped_in_packages():
         load_config(sets=["extract.checkpoint=package:no_such_package/w.pth"])
 
 
-def test_predict_and_heatmap_jobs_get_their_own_gpu_request_and_nothing_of_other_stages_resources():
-    """A job's config holds what its stage reads: predict and heatmap their own resources entry (whether the job
-    holds a GPU), so a GPU asked for there reaches the job, and another stage's resources never re-run them."""
+def test_a_predict_job_gets_its_own_gpu_request_and_nothing_of_other_stages_resources():
+    """A job's config holds what its stage reads: predict its own resources entry (whether the job holds a GPU),
+    so a GPU asked for there reaches the job, and another stage's resources never re-run it. Heatmaps read the
+    store only: their job holds the slide and heatmap sections. High-res grids embed on the GPU that
+    resources.heatmap.gpu asks for."""
     from wsi.config import stage_config
-    from wsi.heatmap import HeatmapParams
+    from wsi.features.fine_grid import FineGridParams
 
     config = load_config(sets=["resources.predict.gpu=1", "resources.heatmap.gpu=1"])
     predict = stage_config(config, "predict")
     assert predict["resources"] == {"predict": config["resources"]["predict"]} and predict["mil"] == config["mil"]
-    job = load_config(overrides=stage_config(config, "heatmap"))  # what the job's CLI loads from its file
-    assert HeatmapParams.from_config(job).device == "cuda"
-    assert HeatmapParams.from_config(load_config()).device == "cpu"
+    assert set(stage_config(config, "heatmap")) == {"slide", "heatmap"}
+    assert FineGridParams.from_config(config).device == "cuda"
+    assert FineGridParams.from_config(load_config()).device == "cpu"
     changed = load_config(sets=["resources.predict.gpu=1", "resources.heatmap.gpu=1", "resources.tile.threads=7"])
     assert stage_config(changed, "predict") == predict

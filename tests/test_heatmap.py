@@ -17,7 +17,8 @@ from PIL import Image
 
 from wsi.cli import main as cli_main
 from wsi.config import load_config
-from wsi.errors import ConfigError, StoreError, read_failures
+from wsi.errors import ConfigError, StoreError
+from wsi.failures import read_failures
 from wsi.heatmap import OUTPUTS, HeatmapParams, heatmap_dir, heatmap_slide, heatmaps
 from wsi.heatmap.raster import colour_table
 from wsi.store import ScoreAttrs, SlideAttrs, TileStoreWriter, TilingAttrs, store_path
@@ -394,8 +395,6 @@ def test_configuration_errors_are_refused_before_any_slide(tmp_path):
         heatmaps(tmp_path, RUN, _config(colormap="rainbowish"), progress=False)
     with pytest.raises(StoreError, match="no complete store has scores of model run 'other'"):
         heatmaps(tmp_path, "other", _config(), progress=False)
-    with pytest.raises(ConfigError, match="model run folder does not exist"):
-        heatmaps(tmp_path, RUN, _config(), high_res=True, progress=False)
 
 
 def test_cli_paints_the_slides_named(tmp_path, capsys):

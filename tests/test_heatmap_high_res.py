@@ -1,11 +1,14 @@
-"""Heatmaps from a real slide file: high-res re-scoring of a half-tile grid, and top tiles read from the slide.
+"""Heatmaps from a real slide file: high-res heatmaps of a half-tile grid, and top tiles read from the slide.
 
-The chain is real: a synthetic pyramidal slide (wsi.demo) tiled by wsi.tiling, features from a tiny timm ViT
+The chain is real: a synthetic pyramidal slide (wsi_synth) tiled by wsi.tiling, features from a tiny timm ViT
 loaded from a local file (wsi.features), an ABMIL fold with seeded random weights in a run folder, scored by
-wsi.mil.predict. The model knows nothing, so the tests check geometry and bookkeeping, and that the high-res
-scores are exactly what the run's ensemble gives the fine tiles.
+wsi.mil.predict. The stages meet only in the store: the fine grid's features come from
+``wsi.features.fine_grid``, their scores from predict, and the heatmap paints what the store holds. The model
+knows nothing, so the tests check geometry and bookkeeping, and that the high-res scores are exactly what the
+run's ensemble gives the fine tiles.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -16,16 +19,17 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from wsi.config import load_config
-from wsi.demo import write_synthetic_slide
-from wsi.errors import read_failures
+from wsi.failures import read_failures
 from wsi.features import load_encoder
+from wsi.features.fine_grid import extract_fine_grids
 from wsi.heatmap import OUTPUTS, HeatmapParams, heatmap_dir, heatmap_slide, heatmaps
 from wsi.mil import load_ensemble, predict
 from wsi.mil.models import create_model, model_config
 from wsi.mil.training import RUN_SCHEMA_VERSION
-from wsi.slide import open_slide
+from wsi.slide import TileSource, open_slide
 from wsi.store import SlideStore, store_path
-from wsi.tiling import read_tiles, tile_slide
+from wsi.tiling import tile_slide
+from wsi_synth import write_synthetic_slide
 
 RUN = "toy"
 TILE = 128  # level-0 px (0.5 um/px slide, tiles at 0.5 um/px)
@@ -51,7 +55,7 @@ def _extract(store, encoder, config):
         tiles = store.read_tiles(0, store.n_tiles)
     else:
         with open_slide(store.slide.source_path, **config["slide"]) as slide:
-            tiles = read_tiles(slide, store.tiling, store.coords)
+            tiles = TileSource(slide, store.tiling).read_tiles(store.coords)
     features = store.create_features("test_vit", encoder.dim, chunk_tiles=16)
     features[:] = encoder.embed(tiles, 64)
     store.complete_features("test_vit", encoder.attrs)
@@ -92,11 +96,14 @@ def scored(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def painted(scored):
-    """The standard and the high-res heatmaps of the stored-pixels output; the scores before and after."""
+    """The standard and the high-res heatmaps of the stored-pixels output (its fine grid extracted, then scored
+    by predict with the rest); the standard scores before and after."""
     outs, _, _ = scored
     out, config = outs["pixels"]
     before = SlideStore.open(store_path(out, "hr")).scores(RUN)
     standard = heatmaps(out, RUN, config, progress=False)
+    assert extract_fine_grids(out, config, ["hr"]).done == ["hr"]
+    assert predict(out, out / "models" / RUN, config).done == ["hr"]
     fine = heatmaps(out, RUN, config, high_res=True, progress=False)
     return standard, fine, before, SlideStore.open(store_path(out, "hr")).scores(RUN)
 
@@ -114,7 +121,7 @@ def _blocks_constant(rgba: np.ndarray, block: int) -> bool:
     return bool(same[opaque].all())
 
 
-def test_high_res_rescores_a_half_tile_grid_and_leaves_the_store_alone(scored, painted):
+def test_high_res_paints_the_stored_half_tile_grid_and_the_standard_scores_stay(scored, painted):
     outs, slide_path, checkpoint = scored
     out, _ = outs["pixels"]
     _, summary, before, after = painted
@@ -130,15 +137,18 @@ def test_high_res_rescores_a_half_tile_grid_and_leaves_the_store_alone(scored, p
     assert len(corners) > 2.5 * store.n_tiles
     assert all(f["geometry"]["coordinates"][0][2] == [x + TILE, y + TILE] for f, (x, y) in zip(tiles, corners))
 
+    np.testing.assert_array_equal(store.fine_coords(), corners)
     # exactly the run's ensemble on the fine tiles, read from the slide
     ensemble = load_ensemble(out / "models" / RUN, device="cpu")
     with open_slide(slide_path) as slide:
-        pixels = read_tiles(slide, store.tiling, corners)
+        pixels = TileSource(slide, store.tiling).read_tiles(corners)
     attention = ensemble.score_bag(load_encoder("test_vit", checkpoint).embed(pixels, 64))[0]
     painted_attention = np.array([f["properties"]["measurements"]["attention"] for f in tiles])
     np.testing.assert_allclose(painted_attention, attention, rtol=1e-4, atol=1e-9)
 
-    assert (after[0] == before[0]).all() and (after[1] == before[1]).all() and after[2] == before[2]
+    assert (after[0] == before[0]).all() and (after[1] == before[1]).all()  # the slide's own scores stay
+    assert dataclasses.replace(after[2], fine_probabilities=None, fine_predicted=None) == before[2]
+    assert after[2].fine_predicted in ("normal", "tumour") and after[2].fine_folds is None  # not of the cohort
 
 
 def test_high_res_map_has_detail_finer_than_a_tile(scored, painted):
@@ -164,12 +174,20 @@ def test_coordinates_only_store_shows_the_same_top_tiles_read_from_the_slide(sco
     assert grids[0].shape == grids[1].shape and (grids[0] == grids[1]).all()
 
 
-def test_high_res_refuses_encoder_weights_the_run_was_not_trained_on(scored, painted, tmp_path):
+def test_a_fine_grid_refuses_encoder_weights_the_features_were_not_extracted_with(scored, painted, tmp_path):
     outs, _, _ = scored
     out, config = outs["pixels"]
     other = _tiny_vit(tmp_path / "other.safetensors", seed=1)
     config = load_config(overrides={**config, "extract": {**config["extract"], "checkpoint": str(other)}})
-    summary = heatmaps(out, RUN, config, high_res=True, progress=False)
-    assert summary.failed == ["hr"]
+    summary = extract_fine_grids(out, config, ["hr"])
+    assert summary.failed.keys() == {"hr"}
+    (row,) = [r for r in read_failures(out) if r["stage"] == "extract"]
+    assert "other.safetensors" in row["cause"] and "extracted with" in row["cause"]
+
+
+def test_high_res_without_a_fine_grid_names_the_commands_that_make_one(scored):
+    outs, _, _ = scored
+    out, config = outs["coords"]
+    assert heatmaps(out, RUN, config, high_res=True, progress=False).failed == ["hr"]
     (row,) = [r for r in read_failures(out) if r["stage"] == "heatmap"]
-    assert "other.safetensors" in row["cause"] and "trained on" in row["cause"]
+    assert "wsi extract --high-res hr" in row["cause"]

@@ -1,4 +1,4 @@
-"""Pyramid levels are checked against level 0 before the tiler uses them (wsi.levels), and DICOM is read through
+"""Pyramid levels are checked against level 0 before the tiler uses them (wsi.slide.levels), and DICOM is read through
 wsidicom where OpenSlide fails: real wsidicomizer conversions of the real SVS, and synthetic slides whose
 coarse levels a test corrupts. In every case the tiles are the SVS's (the clean slide's), or the error is
 clear; the mask is never silently wrong."""
@@ -14,8 +14,7 @@ from PIL import Image
 
 from wsi.config import load_config
 from wsi.errors import SlideError
-from wsi.levels import LevelCheck, compare_with_level0
-from wsi.slide import open_slide
+from wsi.slide import LevelCheck, compare_with_level0, open_slide
 from wsi.store import LevelCheckAttrs, SlideStore, describe, store_path
 from wsi.tiling import read_thumbnail, tile_slides
 

@@ -4,16 +4,17 @@ The cohort: every slide is a bag of background tiles (Gaussian features); tumour
 (3 of ~60) from a shifted distribution. Mean pooling barely sees 3 tiles; attention should find them.
 """
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
+from factories import DIM, ENCODER, TUMOUR_TILES, bag_features, make_store, mil_config, read_csv
 from safetensors.torch import load_file
 
 from wsi.config import load_config
-from wsi.errors import ConfigError, StoreError, read_failures
+from wsi.errors import ConfigError, StoreError
+from wsi.failures import read_failures
 from wsi.mil import (
     create_model,
     list_models,
@@ -28,11 +29,7 @@ from wsi.mil import (
 from wsi.mil.data import Cohort
 from wsi.mil.metrics import classification_metrics
 from wsi.mil.training import FoldTask, TrainParams
-from wsi.store import FeatureAttrs, ScoreAttrs, SlideAttrs, SlideStore, TileStoreWriter, TilingAttrs, store_path
-
-ENCODER = "toy-encoder"
-DIM = 16
-TUMOUR_TILES = 3
+from wsi.store import ScoreAttrs, SlideStore, store_path
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -43,42 +40,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _feature_attrs(dim=DIM, sha="a" * 64):
-    return FeatureAttrs(encoder=ENCODER, dim=dim, weights_source="test", weights_sha256=sha, input_size=(3, 8, 8),
-                        interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), precision="fp32")
-
-
-def make_store(out, slide_id, features=None, *, n_tiles=None, sha="a" * 64, mark_complete=True):
-    """A real complete store (coordinates only) with ``features`` under ENCODER (None: no features)."""
-    n = len(features) if features is not None else n_tiles
-    slide = SlideAttrs(source_path=f"{slide_id}.svs", source_size=1, source_mtime=0.0, backend="openslide",
-                       vendor="aperio", width=256 * 16, height=256 * 16, mpp_x=0.5, mpp_y=0.5, mpp_source="file",
-                       objective_power=20.0, level_count=1, level_downsamples=(1.0,))
-    tiling = TilingAttrs(target_mpp=0.5, tile_px=256, overlap_px=0, read_level=0, read_downsample=1.0,
-                         tile_px_level0=256.0, stride_px_level0=256.0, effective_mpp=0.5, min_tissue_fraction=0.25,
-                         store_pixels=False, codec="lossless", quality=90, chunk_tiles=32)
-    coords = np.stack([np.arange(n) % 16, np.arange(n) // 16], axis=1) * 256
-    store = TileStoreWriter.create(store_path(out, slide_id), slide_id, slide, tiling, coords=coords,
-                                   tissue_fraction=np.ones(n)).commit()
-    if features is not None:
-        arr = store.create_features(ENCODER, features.shape[1], chunk_tiles=32)
-        arr[:] = features
-        if mark_complete:
-            store.complete_features(ENCODER, _feature_attrs(features.shape[1], sha))
-        else:  # a foreign or damaged writer: complete flag without the finiteness check
-            arr.attrs.update({**_feature_attrs(features.shape[1], sha).to_dict(), "complete": True})
-    return store
-
-
-def bag_features(rng, tumour: bool, n_tiles: int, dim=DIM):
-    """Background tiles N(0, 1); a tumour bag's first TUMOUR_TILES rows (placed at random) shifted by +2.5 on
-    8 dims. Returns (features, indices of tumour tiles)."""
-    x = rng.normal(size=(n_tiles, dim)).astype(np.float32)
-    where = rng.choice(n_tiles, TUMOUR_TILES, replace=False) if tumour else np.array([], int)
-    x[where, :8] += 2.5
-    return x, where
 
 
 def make_cohort(out, n_per_class=9, *, seed=0, patients_per_slide=1, extra_rows=()):
@@ -98,20 +59,6 @@ def make_cohort(out, n_per_class=9, *, seed=0, patients_per_slide=1, extra_rows=
     return labels, truth
 
 
-def mil_config(labels, **mil):
-    config = load_config(overrides={
-        "labels": str(labels), "extract": {"encoder": ENCODER},
-        "cluster": {"kind": "local", "n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"},
-        "mil": {"hidden_dim": 32, "dropout": 0.1, "folds": 3, "epochs": 20, "patience": 6, "lr": 5e-3,
-                "bootstrap": 200, "repeats": 1, **mil}})
-    return config
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def fold_task(cohort: Cohort, run_dir, config, fold=0, model="abmil"):
     from wsi.mil.models import model_config
 
@@ -125,18 +72,17 @@ def fold_task(cohort: Cohort, run_dir, config, fold=0, model="abmil"):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One cohort and one ABMIL run trained through the CLI (`wsi train`) on a real LocalCluster."""
+def trained(tmp_path_factory, dask_cluster):
+    """One cohort and one ABMIL run trained through the CLI (`wsi train`) on the session's Dask cluster."""
     from wsi.cli import main
 
     out = tmp_path_factory.mktemp("mil")
     labels, truth = make_cohort(out)
     make_store(out, "unlabelled", bag_features(np.random.default_rng(9), True, 50)[0])
-    sets = ["extract.encoder=" + ENCODER, "cluster.n_workers=2", "cluster.threads_per_worker=1",
-            "cluster.dashboard_address=':0'", "mil.hidden_dim=32", "mil.dropout=0.1", "mil.folds=3",
+    sets = ["extract.encoder=" + ENCODER, "mil.hidden_dim=32", "mil.dropout=0.1", "mil.folds=3",
             "mil.epochs=20", "mil.patience=6", "mil.lr=0.005", "mil.bootstrap=200", "mil.repeats=2"]
     argv = ["train", "--out", str(out), "--labels", str(labels), "--model", "abmil", "--run-name", "toy",
-            "--no-progress"] + [a for s in sets for a in ("--set", s)]
+            "--no-progress", "--cluster", dask_cluster.scheduler_address] + [a for s in sets for a in ("--set", s)]
     assert main(argv) == 0
     return out, labels, truth, out / "models" / "toy"
 
@@ -356,9 +302,10 @@ def test_metrics_match_sklearn_and_intervals_bracket_them():
 
 
 # ------------------------------------------------------------------------------------------ training
-def test_same_seed_gives_the_same_run_through_dask(trained):
+def test_same_seed_gives_the_same_run_through_dask(trained, dask_cluster):
     out, labels, _, run_dir = trained
-    again = train(out, mil_config(labels, run_name="toy_again", model="abmil", repeats=2), progress=False)
+    again = train(out, mil_config(labels, dask_cluster, run_name="toy_again", model="abmil", repeats=2),
+                  progress=False)
     assert (again / "cv_predictions.csv").read_text() == (run_dir / "cv_predictions.csv").read_text()
     for fold in range(3):
         first, second = (load_file(d / f"fold_{fold}.safetensors") for d in (run_dir, again))
@@ -662,7 +609,7 @@ def mimic_bag(rng, tumour: bool, n_tiles: int):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # sklearn 1.8 announces a default change for l1_ratios
-def test_attention_beats_max_and_mean_pooling_when_every_slide_holds_tumour_mimics(tmp_path):
+def test_attention_beats_max_and_mean_pooling_when_every_slide_holds_tumour_mimics(tmp_path, dask_cluster):
     """What attention-MIL is for: on the same folds, logistic regression on each slide's mean-pooled features
     (3 tiles diluted among ~60) or max-pooled ones (the mimics' maxima) stays below 0.8 AUROC while the default
     model's cross-validated AUROC is near 1."""
@@ -678,7 +625,7 @@ def test_attention_beats_max_and_mean_pooling_when_every_slide_holds_tumour_mimi
         rows.append(f"{sid},{'tumour' if tumour else 'normal'},p{i:02d}\n")
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label,patient_id\n" + "".join(rows))
-    run_dir = train(tmp_path, mil_config(labels), progress=False)
+    run_dir = train(tmp_path, mil_config(labels, dask_cluster), progress=False)
     attention = json.loads((run_dir / "metrics.json").read_text())["auroc"]["tumour"]["value"]
     folds = json.loads((run_dir / "run.json").read_text())["folds"]
     for pool in (np.max, np.mean):
@@ -840,7 +787,7 @@ def test_repeats_train_every_slide_once_per_repeat_with_their_own_folds_and_seed
 
 
 def test_run_is_calibrated_out_of_fold_and_predict_applies_its_temperature(trained):
-    from wsi.mil.calibration import apply_temperature
+    from wsi.mil.calibration import Calibration, apply_temperature
 
     out, _, truth, run_dir = trained
     info = json.loads((run_dir / "run.json").read_text())
@@ -855,10 +802,11 @@ def test_run_is_calibrated_out_of_fold_and_predict_applies_its_temperature(train
     summary = predict(out, run_dir, load_config(), slide_ids=["s01", "unlabelled"])
     rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
     ensemble = load_ensemble(run_dir)
-    ensemble.temperature = None
+    ensemble.calibration = Calibration()
     _, _, raw = ensemble.score_bag(SlideStore.open(store_path(out, "unlabelled")).features(ENCODER))
     assert float(rows["unlabelled"]["prob_tumour"]) == pytest.approx(apply_temperature(raw, temperature)[1], abs=1e-5)
     assert SlideStore.open(store_path(out, "unlabelled")).scores("toy")[2].temperature == temperature
+    assert rows["unlabelled"]["calibration"] == "cohort"
 
 
 def test_predict_flags_slides_unlike_the_training_cohort(trained, tmp_path):
@@ -900,6 +848,7 @@ def test_predict_on_a_run_made_before_calibration_warns_and_predicts_raw(trained
         summary = predict(out, old, load_config(), slide_ids=["unlabelled"])
     row = read_csv(summary.predictions_csv)[0]
     assert row["ood"] == "" and row["ood_score"] == "" and 0 <= float(row["prob_tumour"]) <= 1
+    assert row["calibration"] == "none"
     attrs = SlideStore.open(store_path(out, "unlabelled")).scores("toy")[2]
     assert attrs.temperature is None and attrs.ood is None
 
@@ -932,7 +881,7 @@ def test_ensemble_averages_folds_and_checks_the_feature_size(trained):
     attention, tile_scores, probs = ensemble.score_bag(features)
     assert attention.shape == (60,) and tile_scores.shape == (60, 2) and probs.shape == (2,)
     singles = [torch.softmax(m(torch.from_numpy(features)).logits, 0).detach().numpy() for m in ensemble.models]
-    assert np.allclose(probs, apply_temperature(np.mean(singles, axis=0), ensemble.temperature), atol=1e-6)
+    assert np.allclose(probs, apply_temperature(np.mean(singles, axis=0), ensemble.calibration.temperature), atol=1e-6)
     with pytest.raises(ConfigError, match="another encoder"):
         ensemble.score_bag(np.zeros((4, DIM + 1), np.float32))
 

@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 import wsi.qc
-from wsi import demo_defects as dd
 from wsi.config import load_config
-from wsi.demo import HardCases, write_synthetic_slide
 from wsi.qc import thumbnail_defects
 from wsi.store import QCAttrs, SlideStore, store_path
 from wsi.tiling import tile_slides
 from wsi.tissue import TissueParams, tissue_masks
+from wsi_synth import HardCases, write_synthetic_slide
+from wsi_synth import defects as dd
 
 DATA = Path(__file__).parent / "data"
 MPP = 0.5

@@ -19,13 +19,13 @@ import pytest
 from PIL import Image
 
 from wsi.config import load_config
-from wsi.demo import write_synthetic_slide
 from wsi.heatmap import heatmaps
 from wsi.mil import predict, train
 from wsi.report import MIN_SLIDES_PER_CLASS, write_report
 from wsi.slide import expand_slide_paths
 from wsi.store import FeatureAttrs, SlideStore, store_path
 from wsi.tiling import tile_slides
+from wsi_synth import write_synthetic_slide
 
 ENCODER = "toy-encoder"
 DIM = 16
@@ -33,10 +33,10 @@ SECTIONS = ("performance", "heatmaps", "in-sample", "slides", "failures", "prove
 WARNING_RGB = (255, 244, 214)  # the warning box's background (#fff4d6 in wsi.report's CSS)
 
 
-def config_for(labels: Path, run_name: str, **mil) -> dict:
+def config_for(labels: Path, run_name: str, cluster, **mil) -> dict:
     return load_config(overrides={
         "labels": str(labels), "extract": {"encoder": ENCODER},
-        "cluster": {"kind": "local", "n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"},
+        "cluster": {"kind": "address", "address": cluster.scheduler_address},
         "mil": {"run_name": run_name, "hidden_dim": 32, "dropout": 0.1, "folds": 3, "epochs": 10, "min_epochs": 4,
                 "patience": 3, "lr": 5e-3, "bootstrap": 200, **mil}})
 
@@ -91,9 +91,10 @@ def tiled(tmp_path_factory):
     return out, labels, rows
 
 
-def run_and_report(out: Path, labels: Path, run_name: str, painted: list[str]) -> Path:
-    """Train, predict, paint the heatmaps of ``painted`` slides (all of them take a while) and report."""
-    config = config_for(labels, run_name)
+def run_and_report(out: Path, labels: Path, run_name: str, painted: list[str], cluster) -> Path:
+    """Train (on ``cluster``), predict, paint the heatmaps of ``painted`` slides (all of them take a while) and
+    report."""
+    config = config_for(labels, run_name, cluster)
     run_dir = train(out, config, progress=False)
     predict(out, run_dir, config)
     if painted:
@@ -105,13 +106,13 @@ PAINTED = ["case00", "case01", "case02", "case03", "case04", "case05"]
 
 
 @pytest.fixture(scope="module")
-def learning_report(tiled):
+def learning_report(tiled, dask_cluster):
     out, labels, _ = tiled
-    return run_and_report(out, labels, "learns", PAINTED)
+    return run_and_report(out, labels, "learns", PAINTED, dask_cluster)
 
 
 @pytest.fixture(scope="module")
-def chance_report(tiled, tmp_path_factory):
+def chance_report(tiled, tmp_path_factory, dask_cluster):
     """4 + 4 slides whose labels are shuffled against their tumour foci, in an OUT of its own."""
     out, _, rows = tiled
     root = tmp_path_factory.mktemp("chance")
@@ -123,7 +124,7 @@ def chance_report(tiled, tmp_path_factory):
     labels = root / "labels.csv"
     labels.write_text("slide_id,label,patient_id\n"
                       + "".join(f"{r['slide_id']},{lab},{r['patient_id']}\n" for r, lab in zip(picked, shuffled)))
-    return run_and_report(root / "out", labels, "chance", [])
+    return run_and_report(root / "out", labels, "chance", [], dask_cluster)
 
 
 # ------------------------------------------------------------------------------------------ the DOM

@@ -7,7 +7,8 @@ from pathlib import Path
 import wsi.atomic
 import wsi.runner
 from wsi.atomic import replacing, write_json
-from wsi.errors import read_failures
+from wsi.config import scoring_run_dir
+from wsi.failures import read_failures
 from wsi.layout import Layout
 from wsi.runner import run_slides
 
@@ -60,8 +61,8 @@ def test_layout_names_the_paths_the_stages_share(tmp_path):
     old.mkdir()
     assert layout.partial_runs("run") == [old, tmp_path / "models" / ".run.partial-1234"]
     assert layout.partial_run("run") != layout.partial_run("run")  # two trainings never share a folder
-    assert layout.model_dir({"mode": "train"}, "run") == tmp_path / "models" / "run"
-    assert layout.model_dir({"mode": "predict", "model_dir": "/site/models/v2"}, "v2") == Path("/site/models/v2")
+    assert scoring_run_dir({"mode": "train"}, layout, "run") == tmp_path / "models" / "run"
+    assert scoring_run_dir({"mode": "predict", "model_dir": "/site/models/v2"}, layout, "v2") == Path("/site/models/v2")
     for run in ("a", "b"):
         layout.predictions_csv(run).parent.mkdir(parents=True)
         layout.predictions_csv(run).write_text("slide_id\n")

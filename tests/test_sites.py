@@ -7,7 +7,18 @@ import warnings
 
 import numpy as np
 import pytest
-from test_mil import ENCODER, bag_features, make_store
+from factories import (
+    ENCODER,
+    H_E,
+    bag_features,
+    extract_config,
+    make_store,
+    mil_config,
+    read_csv,
+    save_tiny,
+    stained,
+    write_store,
+)
 
 from wsi.checks import check_workflow_inputs
 from wsi.config import load_config
@@ -125,7 +136,7 @@ def test_the_workflow_check_stops_a_single_site_cohort_before_any_job(tmp_path, 
 
 
 def test_site_profiles_draw_the_same_tissue_in_each_sites_colours():
-    from wsi.demo import SITE_PROFILES, write_synthetic_slide
+    from wsi_synth import SITE_PROFILES, write_synthetic_slide
 
     drawn = {name: write_synthetic_slide(f"{name}.svs", width=2800, height=2100, seed=11, tumour_tiles=1,
                                          site=profile, write=False) for name, profile in SITE_PROFILES.items()}
@@ -147,16 +158,15 @@ def test_site_profiles_draw_the_same_tissue_in_each_sites_colours():
 
 # ------------------------------------------------------------------------------------------ per-site metrics
 @pytest.fixture(scope="module")
-def site_run(tmp_path_factory):
-    """A leave-one-site-out ABMIL run on 4 sites of toy features (real Dask LocalCluster), and a new cohort of 2
-    other sites with its labels table."""
-    from test_mil import mil_config
+def site_run(tmp_path_factory, dask_cluster):
+    """A leave-one-site-out ABMIL run on 4 sites of toy features (on the session's Dask cluster), and a new cohort
+    of 2 other sites with its labels table."""
 
     from wsi.mil import train
 
     out = tmp_path_factory.mktemp("sites")
     labels = site_cohort(out)
-    run_dir = train(out, mil_config(labels, cv="leave_one_site_out", run_name="sites"), progress=False)
+    run_dir = train(out, mil_config(labels, dask_cluster, cv="leave_one_site_out", run_name="sites"), progress=False)
     new = tmp_path_factory.mktemp("external")
     new_labels = site_cohort(new, ((3, 3), (2, 3)), seed=7, sites="XY")
     return out, labels, run_dir, new, new_labels
@@ -206,6 +216,36 @@ def test_predict_with_labels_writes_external_validation_beside_predictions(site_
                  "--no-progress"]) == 2
 
 
+def test_site_calibration_is_fitted_per_site_and_predict_applies_it_by_the_labels_site(site_run, dask_cluster,
+                                                                                        tmp_path):
+    import json
+
+    from wsi.mil import predict, train
+
+    out, labels, _, new, new_labels = site_run
+    config = mil_config(labels, dask_cluster, calibration="site", run_name="by_site")
+    run_dir = train(out, config, progress=False)
+    calibration = json.loads((run_dir / "run.json").read_text())["calibration"]
+    assert calibration["method"] == "site" and sorted(calibration["sites"]) == list(SITES)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert all(0 <= metrics["per_site"][s]["ece"]["value"] <= 1 for s in SITES)  # cross-fitted, per site
+    # a new slide of a training site gets its site's own calibration; one of another site the cohort's
+    moved = new / "moved.csv"
+    moved.write_text(new_labels.read_text().replace("X00,normal,X", "X00,normal,A"))
+    summary = predict(new, run_dir, {**config, "labels": str(moved)})
+    rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
+    assert rows["X00"]["calibration"] == "site A" and rows["Y00"]["calibration"] == "cohort"
+    assert predict(new, run_dir, {**config, "labels": None}).done  # no table: the cohort's, for every slide
+    assert {r["calibration"] for r in read_csv(summary.predictions_csv)} == {"cohort"}
+    # asked for without a site column: one line naming the labels file, before any fold
+    plain = tmp_path / "plain.csv"
+    plain.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in labels.read_text().splitlines()))
+    with pytest.raises(ConfigError) as e:
+        train(out, mil_config(plain, calibration="site"), progress=False)
+    assert "\n" not in str(e.value) and str(plain) in str(e.value)
+    assert "mil.calibration is site, and the labels table has no site column" in str(e.value)
+
+
 def test_report_shows_per_site_figures_and_names_a_one_class_site(site_run):
     from wsi.config import load_config
     from wsi.report import write_report
@@ -230,27 +270,12 @@ def test_report_shows_per_site_figures_and_names_a_one_class_site(site_run):
 
 
 # ------------------------------------------------------------------------------------------ stain normalisation
-H_E = {"lab": [[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]],        # stain vectors (optical density per RGB)
-       "other lab": [[0.49, 0.27], [0.77, 0.87], [0.41, 0.41]],
-       "reference": [[0.56, 0.22], [0.72, 0.80], [0.41, 0.56]]}
-
-
-def stained(stain_matrix, n=16, px=48, seed=0, glass=0.3):
-    """Tiles of one tissue (seeded H and E concentration maps, a share ``glass`` of bare glass) stained with
-    ``stain_matrix``: the same slide as two labs would stain it."""
-    rng = np.random.default_rng(seed)
-    concentration = np.stack([rng.gamma(2, 0.4, (n, px, px)), rng.gamma(2, 0.3, (n, px, px))], axis=1)
-    concentration *= rng.random((n, 1, px, px)) > glass
-    od = np.einsum("ck,nkhw->nhwc", np.array(stain_matrix), concentration)
-    return np.clip(240 * np.exp(-od), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
 def stain_cohort(tmp_path_factory):
     """One tissue as two labs stained it (two stores), a folder of reference tiles and a tiny ViT checkpoint."""
     from PIL import Image
-    from test_features_encoders import save_tiny
-    from test_features_extract import write_store
 
     root = tmp_path_factory.mktemp("stain")
     out = root / "out"
@@ -263,12 +288,9 @@ def stain_cohort(tmp_path_factory):
     return out, reference, save_tiny(root / "test_vit.safetensors")
 
 
-def extract_config(checkpoint, **extract):
-    config = load_config()
-    config["cluster"].update({"n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"})
-    config["extract"].update({"encoder": "test_vit", "checkpoint": str(checkpoint), "batch_size": 8,
-                              "tiles_per_task": 16, "export_h5": False, **extract})
-    return config
+def stain_config(cluster, checkpoint, **extract):
+    """Extraction of the stain cohort: batches of 8, no h5 exports."""
+    return extract_config(cluster, checkpoint, batch_size=8, export_h5=False, **extract)
 
 
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
@@ -304,7 +326,7 @@ def test_normalising_maps_two_labs_stains_of_one_tissue_close_together(method):
     assert float((out[0] - out[1]).abs().mean()) < (0.3 if method == "macenko" else 0.8) * raw
 
 
-def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_their_attrs(stain_cohort):
+def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_their_attrs(stain_cohort, dask_cluster):
     from wsi.features import extract_cohort
     from wsi.features.stain import fit_stain
     from wsi.store import SlideStore, store_path
@@ -314,8 +336,8 @@ def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_t
 
     reference_tiles = np.stack([np.asarray(Image.open(p)) for p in sorted(reference.glob("*.png"))])
     for method in ("none", "macenko", "reinhard"):
-        summary = extract_cohort(out, extract_config(checkpoint, stain=method, stain_reference=str(reference)),
-                                 progress=False)
+        config = stain_config(dask_cluster, checkpoint, stain=method, stain_reference=str(reference))
+        summary = extract_cohort(out, config, progress=False)
         assert sorted(summary.done) == ["lab", "other"] and not summary.failed
     lab, other = (SlideStore.open(store_path(out, s)) for s in ("lab", "other"))
     assert lab.feature_encoders() == ["test_vit", "test_vit+macenko", "test_vit+reinhard"]
@@ -338,12 +360,12 @@ def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_t
     assert gap("test_vit+macenko") < 0.5 * gap("test_vit")
     assert gap("test_vit+reinhard") < gap("test_vit")
     # a second run skips what is complete under each key
-    again = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference=str(reference)),
-                           progress=False)
+    config = stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(reference))
+    again = extract_cohort(out, config, progress=False)
     assert sorted(again.skipped) == ["lab", "other"]
 
 
-def test_a_stain_reference_without_tissue_is_a_one_line_error_naming_it(stain_cohort, tmp_path):
+def test_a_stain_reference_without_tissue_is_a_one_line_error_naming_it(stain_cohort, dask_cluster, tmp_path):
     from PIL import Image
 
     from wsi.features import extract_cohort
@@ -353,27 +375,30 @@ def test_a_stain_reference_without_tissue_is_a_one_line_error_naming_it(stain_co
     glass.mkdir()
     Image.fromarray(np.full((64, 64, 3), 236, np.uint8)).save(glass / "blank.png")
     with pytest.raises(ConfigError) as e:
-        extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference=str(glass)), progress=False)
+        extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(glass)),
+                       progress=False)
     message = str(e.value)
     assert "\n" not in message and str(glass) in message and "no tissue" in message
     with pytest.raises(ConfigError, match="not cohort, a folder of tile images, a model run or a tiled slide"):
-        extract_cohort(out, extract_config(checkpoint, stain="reinhard", stain_reference=str(tmp_path / "nope")),
+        nope = str(tmp_path / "nope")
+        extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="reinhard", stain_reference=nope),
                        progress=False)
 
 
-def test_a_cohort_keeps_its_reference_and_never_mixes_features_of_two_references(stain_cohort):
+def test_a_cohort_keeps_its_reference_and_never_mixes_features_of_two_references(stain_cohort, dask_cluster):
     from wsi.features import extract_cohort
 
     out, reference, checkpoint = stain_cohort
-    first = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference=str(reference)),
-                           progress=False)
+    config = stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(reference))
+    first = extract_cohort(out, config, progress=False)
     assert not first.failed
     # cohort: the reference the cohort's normalised features were made with, so later slides match them
-    again = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference="cohort"),
+    again = extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference="cohort"),
                            progress=False)
     assert sorted(again.skipped) == ["lab", "other"] and not again.failed
     # another reference (here the slide "lab" of the cohort): complete features of the old one fail their slide
-    other = extract_cohort(out, extract_config(checkpoint, stain="macenko", stain_reference="lab"), progress=False)
+    other = extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference="lab"),
+                           progress=False)
     assert sorted(other.failed) == ["lab", "other"]
     assert "fitted to another reference" in other.causes["lab"] and str(reference.resolve()) in other.causes["lab"]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from wsi.demo import write_synthetic_slide
 from wsi.errors import ConfigError, SlideError
 from wsi.slide import choose_level, expand_slide_paths, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
+from wsi_synth import write_synthetic_slide
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 

@@ -6,8 +6,10 @@ import doctest
 import numpy as np
 import pytest
 
+import wsi.keys
 import wsi.store
 from wsi.errors import StoreError
+from wsi.keys import encoder_key
 from wsi.store import (
     FeatureAttrs,
     ScoreAttrs,
@@ -15,7 +17,6 @@ from wsi.store import (
     SlideStore,
     TileStoreWriter,
     TilingAttrs,
-    encoder_key,
     export_h5,
     is_complete,
     open_cohort,
@@ -35,6 +36,7 @@ FEATURES = FeatureAttrs(encoder="hf-hub:org/enc", dim=3, weights_source="file:/w
 
 def test_docstring_examples_run():
     assert doctest.testmod(wsi.store).failed == 0
+    assert doctest.testmod(wsi.keys).failed == 0
 
 
 @pytest.mark.parametrize("attrs", [SLIDE, TILING, FEATURES,
@@ -156,3 +158,30 @@ def test_scores_replace_and_complete(tmp_path):
     assert attention.shape == (10,) and class_scores.shape == (10, 2) and got == attrs
     with pytest.raises(StoreError, match="no complete scores"):
         store.scores("r2")
+
+
+def test_fine_grid_features_and_scores_round_trip_and_a_new_overlap_replaces_the_grid(tmp_path):
+    store = make_store(tmp_path)[0].commit()
+    assert not store.has_fine_features("hf-hub:org/enc")
+    with pytest.raises(StoreError, match="wsi extract --high-res a"):
+        store.fine_features("hf-hub:org/enc")
+    coords = np.array([[0, 0], [8, 0], [16, 0]])
+    store.write_fine_features("hf-hub:org/enc", coords, 0.5, np.ones((3, 3)), FEATURES)
+    features, attrs = store.fine_features("hf-hub:org/enc")
+    assert features.shape == (3, 3) and attrs == FEATURES and store.fine_coords().tolist() == coords.tolist()
+    assert (tmp_path / "a.zarr" / "fine" / "features" / encoder_key("hf-hub:org/enc")).is_dir()
+
+    attrs = ScoreAttrs(run="r1", model="abmil", encoder="enc", classes=("normal", "tumour"),
+                       probabilities=(0.1, 0.9), predicted="tumour", fine_probabilities=(0.2, 0.8),
+                       fine_predicted="tumour")
+    store.write_scores("r0", np.full(10, 0.1), np.tile([0.3, 0.7], (10, 1)), attrs)
+    with pytest.raises(StoreError, match="no fine-grid scores"):
+        store.scores("r0", fine=True)
+    store.write_scores("r1", np.full(10, 0.1), np.tile([0.3, 0.7], (10, 1)), attrs,
+                       fine=(np.full(3, 1 / 3), np.tile([0.2, 0.8], (3, 1))))
+    attention, class_scores, got = store.scores("r1", fine=True)
+    assert attention.shape == (3,) and class_scores.shape == (3, 2) and got == attrs
+    assert ScoreAttrs.from_dict(attrs.to_dict()) == attrs
+
+    store.write_fine_features("other", coords[:2], 0.75, np.ones((2, 3)), FEATURES)  # another grid: replaced
+    assert store.fine_coords().shape == (2, 2) and not store.has_fine_features("hf-hub:org/enc")

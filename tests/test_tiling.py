@@ -15,11 +15,11 @@ from PIL import Image
 
 from wsi.cli import main as wsi_main
 from wsi.config import load_config
-from wsi.demo import write_synthetic_slide
-from wsi.slide import open_slide
+from wsi.slide import TileSource, open_slide
 from wsi.store import SlideStore, is_complete, store_path
-from wsi.tiling import read_tiles, tile_slides
+from wsi.tiling import tile_slides
 from wsi.tissue import QC_OUTLINE_RGB, QC_REJECTED_RGB
+from wsi_synth import write_synthetic_slide
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_coordinates_only_store_and_read_tiles_give_the_stored_pixels(slide_025,
     np.testing.assert_array_equal(with_pixels.coords, coords_only.coords)
     pick = np.array([0, 3, 4, 5, len(with_pixels.coords) - 1])
     with open_slide(slide_025.path) as slide:
-        reread = read_tiles(slide, coords_only.tiling, coords_only.coords[pick])
+        reread = TileSource(slide, coords_only.tiling).read_tiles(coords_only.coords[pick])
     np.testing.assert_array_equal(reread, with_pixels.read_tiles(0, with_pixels.n_tiles)[pick])
 
 

@@ -17,9 +17,9 @@ from PIL import Image
 from scipy import ndimage
 
 from wsi.config import load_config
-from wsi.demo import PEN_INKS, HardCases, PenStroke, composite_marks
 from wsi.errors import ConfigError
 from wsi.tissue import QC_OUTLINE_RGB, QC_REJECTED_RGB, TissueParams, qc_image, tissue_masks
+from wsi_synth import PEN_INKS, HardCases, PenStroke, composite_marks
 
 PARAMS = TissueParams.default()
 DATA = Path(__file__).parent / "data"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsi.demo import make_demo_cohort, write_synthetic_slide
 from wsi.store import SlideStore, is_complete, store_path
+from wsi_synth import make_demo_cohort, write_synthetic_slide
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "abmil_tf_efficientnet_lite0"
@@ -107,7 +107,8 @@ def test_readme_demo_runs_every_stage(tmp_path):
     labels = rows(tmp_path / "demo" / "labels.csv")
     predictions = rows(out / "predictions" / RUN / "predictions.csv")
     assert {r["slide_id"] for r in predictions} == {r["slide_id"] for r in labels}
-    assert set(predictions[0]) == {"slide_id", "prob_normal", "prob_tumour", "predicted", "ood_score", "ood"}
+    assert set(predictions[0]) == {"slide_id", "prob_normal", "prob_tumour", "predicted", "ood_score", "ood",
+                                   "calibration"}
     assert not [r for r in predictions if r["ood"] == "True"]  # the training slides, scored out of fold
     metrics = json.loads((out / "models" / RUN / "metrics.json").read_text())
     # the demo model learns: cross-validated (out-of-fold) AUROC, and heatmaps dark on normal slides, lit on foci

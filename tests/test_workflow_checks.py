@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsi.checks import check_labels, check_model_dir, near_miss_labels
+from wsi.checks import check_labels, check_model_dir, check_workflow_inputs, near_miss_labels
+from wsi.config import load_config
 from wsi.errors import ConfigError
 from wsi.layout import Layout
 from wsi.plan import Plan
@@ -74,16 +75,18 @@ def snakemake(workdir: Path, *args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def one_slide_folder(tmp_path_factory) -> Path:
-    from wsi.demo import write_synthetic_slide
+    from wsi_synth import write_synthetic_slide
 
     folder = tmp_path_factory.mktemp("slides")
     write_synthetic_slide(folder / "a.svs", width=1024, height=768, mpp=0.5, seed=0, tumour_tiles=0)
     return folder
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", ["no_slides_dir", "empty_slides_dir", "misspelt_model_dir", "unknown_label_id"])
-def test_workflow_refuses_wrong_inputs_before_any_job(case, one_slide_folder, tmp_path):
+CASES = ("no_slides_dir", "empty_slides_dir", "misspelt_model_dir", "unknown_label_id")
+
+
+def wrong_inputs(case: str, one_slide_folder: Path, tmp_path: Path) -> tuple[dict, str]:
+    """The workflow config of a wrong-input ``case`` (over the defaults), and the one line it must be refused with."""
     empty = tmp_path / "empty"
     empty.mkdir()
     model = tmp_path / "models" / "run"
@@ -99,16 +102,33 @@ def test_workflow_refuses_wrong_inputs_before_any_job(case, one_slide_folder, tm
         "unknown_label_id": {"slides_dir": str(one_slide_folder),
                              "labels": str(write_labels(tmp_path / "l.csv", [("a", "x"), ("b", "y")]))},
     }[case])
+    expected = {"no_slides_dir": f"{tmp_path / 'nope'}: slides_dir does not exist",
+                "empty_slides_dir": f"{empty}: slides_dir holds no slides",
+                "misspelt_model_dir": f"{tmp_path / 'models' / 'rnu'}: model_dir does not exist",
+                "unknown_label_id": "1 labelled slide id(s) are not slides in slides_dir"}[case]
+    return config, expected
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_workflow_checks_refuse_wrong_inputs_with_one_line(case, one_slide_folder, tmp_path):
+    """What the Snakefile runs at parse time (pipelines/common.smk: check_workflow_inputs), in this process."""
+    config, expected = wrong_inputs(case, one_slide_folder, tmp_path)
+    with pytest.raises(ConfigError) as e:
+        check_workflow_inputs(load_config(overrides=config))
+    assert expected in e.value.one_line() and "\n" not in e.value.one_line()
+
+
+@pytest.mark.slow
+def test_workflow_refuses_a_wrong_input_before_any_job(one_slide_folder, tmp_path):
+    """The real Snakemake: a refused input is one line and exit status 2, and no job runs (each case's line is
+    checked in process above)."""
+    config, expected = wrong_inputs("unknown_label_id", one_slide_folder, tmp_path)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "report.html").write_text("an old report")  # "Nothing to be done" must not hide the error
     proc = snakemake(tmp_path, "--configfile", str(tmp_path / "config.yaml"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
-    expected = {"no_slides_dir": f"{tmp_path / 'nope'}: slides_dir does not exist",
-                "empty_slides_dir": f"{empty}: slides_dir holds no slides",
-                "misspelt_model_dir": f"{tmp_path / 'models' / 'rnu'}: model_dir does not exist",
-                "unknown_label_id": "1 labelled slide id(s) are not slides in slides_dir"}[case]
     assert line.startswith("wsi: error: ") and expected in line, line
     assert not (tmp_path / "out" / "status").exists()  # no job ran
 

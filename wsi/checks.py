@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import ConfigError, format_ids
+from .slide import SLIDE_SUFFIXES, expand_slide_paths, slide_id_from_path
 
 # A class this small next to a bigger one with a near-identical name is a typo, not a class ("tumor" on 3
 # slides beside "tumour" on 200 would silently become a third class, or fail training as a class of one).
@@ -27,8 +28,6 @@ CV_MODES = ("patient", "site", "leave_one_site_out")  # mil.cv: what the cross-v
 def check_slides_dir(slides_dir, key: str = "slides_dir") -> dict[str, Path]:
     """``{slide_id: path}`` of the slides in ``slides_dir`` (one scan); a missing or slide-less folder is an
     error naming ``key``."""
-    from .slide import SLIDE_SUFFIXES, expand_slide_paths, slide_id_from_path
-
     folder = Path(slides_dir)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
@@ -98,18 +97,23 @@ def check_labels(labels, slide_ids, *, classes=None, skip_missing: bool = False,
     return unknown
 
 
-def check_sites(labels, sites: list, slide_ids: list, *, cv: str = "patient") -> None:
-    """The labels table's site column (``sites``, None per slide without one) is usable: no empty value, and for
-    ``mil.cv`` ``site`` or ``leave_one_site_out`` a site column with at least two sites."""
+def check_sites(labels, sites: list, slide_ids: list, *, cv: str = "patient", calibration: str = "temperature") -> None:
+    """The labels table's site column (``sites``, None per slide without one) is usable: no empty value; for
+    ``mil.cv`` ``site`` or ``leave_one_site_out`` a site column with at least two sites; for ``mil.calibration:
+    site`` a site column."""
     path = Path(labels)
     empty = [s for s, site in zip(slide_ids, sites) if site is not None and not str(site).strip()]
     if empty:
         raise ConfigError(path, f"column site is empty for {len(empty)} slide(s): {format_ids(empty)}",
                           "fill in every slide's site (the institution or scanner it comes from), or drop the "
                           "site column")
+    found = sorted({s for s in sites if s is not None})
+    if calibration == "site" and not found:
+        raise ConfigError(path, "mil.calibration is site, and the labels table has no site column",
+                          "add a site column (the institution or scanner of each slide), or set mil.calibration: "
+                          "temperature")
     if cv == "patient":
         return
-    found = sorted({s for s in sites if s is not None})
     if not found:
         raise ConfigError(path, f"mil.cv is {cv} and the labels file has no site column",
                           "add a site column (slide_id,label,site), or set mil.cv: patient")
@@ -177,5 +181,6 @@ def check_workflow_inputs(config: dict) -> dict[str, Path]:
     if mode != "features" and config.get("labels"):  # predict: a labels table validates the run externally
         rows = read_label_rows(config["labels"], ("slide_id", "site"))
         check_sites(config["labels"], [site for _, site in rows], [s for s, _ in rows],
-                    cv=config["mil"]["cv"] if mode == "train" else "patient")
+                    cv=config["mil"]["cv"] if mode == "train" else "patient",
+                    calibration=config["mil"]["calibration"] if mode == "train" else "temperature")
     return slides

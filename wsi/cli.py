@@ -44,19 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a store's summary")
     p.add_argument("stores", nargs="+", type=Path)
 
-    p = sub.add_parser("demo-data", help="write a small synthetic H&E-like cohort with a labels CSV")
-    p.add_argument("outdir", type=Path)
-    p.add_argument("--n-slides", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--field-mm", type=float, nargs=2, metavar=("WIDTH", "HEIGHT"),
-                   help="glass area of each slide in mm (default: make_demo_cohort's; smaller = faster demo)")
-
     p = sub.add_parser("extract", help="features of every store's tiles with an encoder, on a Dask cluster")
     _common(p)
     p.add_argument("--encoder", help="registry name (timm name, resnet50_trunc, hf-hub:org/name)")
     p.add_argument("--checkpoint", type=Path, help="local weights file for the encoder")
     p.add_argument("--cluster", help="local | slurm | a scheduler address (tcp://host:8786)")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--high-res", action="store_true",
+                   help="instead: the finer, overlapping grid of the slides named, for `wsi heatmap --high-res` "
+                   "(their features must be extracted first; `wsi predict` then scores the grid)")
     p.add_argument("slide_ids", nargs="*", help="only these slides (default: every complete store)")
 
     p = sub.add_parser("train", help="cross-validated attention-MIL training on a labels table")
@@ -78,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--model-run", required=True, help="the run whose scores to paint (OUT/models/<run>)")
     p.add_argument("--high-res", action="store_true",
-                   help="re-score a finer, overlapping grid from the slide (needs the model)")
+                   help="paint the finer, overlapping grid's scores (`wsi extract --high-res`, then `wsi predict`)")
     p.add_argument("slide_ids", nargs="*", help="only these slides (default: all with scores); @FILE reads them "
                    "from FILE, one per line")
 
@@ -221,7 +217,8 @@ def _print_metrics(run_dir: Path) -> None:
 def _previous_run_note(args) -> str:
     """After a failed training: where the previous, complete run of the same name is (it was not touched)."""
     try:
-        from .layout import Layout, run_name
+        from .config import run_name
+        from .layout import Layout
 
         run_dir = Layout(args.out).run_dir(run_name(_config(args)))
     except Exception:  # the config itself is what failed: no run to name
@@ -245,14 +242,6 @@ def run(args) -> int:
                 status = 1
         return status
 
-    if args.command == "demo-data":
-        from .demo import make_demo_cohort
-
-        field = {"field_mm": tuple(args.field_mm)} if args.field_mm else {}
-        labels = make_demo_cohort(args.outdir, n_slides=args.n_slides, seed=args.seed, **field)
-        print(f"wrote {args.n_slides} slides and {labels}")
-        return 0
-
     if args.command == "extract":
         from .features import extract_cohort
 
@@ -260,6 +249,13 @@ def run(args) -> int:
                                             "checkpoint": str(args.checkpoint) if args.checkpoint else None},
                                 "cluster": _cluster_override(args.cluster)})
         config = _config(args, overrides)
+        if args.high_res:
+            if not args.slide_ids:
+                raise ConfigError(None, "--high-res needs the slides whose finer grid to extract",
+                                  "name their slide ids")
+            from .features.fine_grid import extract_fine_grids
+
+            return _finish(args, config, extract_fine_grids(args.out, config, args.slide_ids).items())
         summary = extract_cohort(args.out, config, slide_ids=args.slide_ids or None, progress=args.progress)
         return _finish(args, config, summary.outcomes.items())
 

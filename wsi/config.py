@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .keys import encoder_key, feature_set_of
+from .layout import Layout
 
 # The workflow (Snakefile, pipelines/, configs/, profiles/, docs/) ships inside the package as data, so an
 # installed wheel has its defaults and can run the workflow; in a source checkout wsi/workflow/* are symlinks
@@ -119,14 +122,14 @@ def load_config(config_file: str | Path | None = None, sets: list[str] | tuple =
 
 # The config sections each stage reads. A workflow job gets exactly these (so changing one re-runs that stage
 # and the later ones, nothing before) and its status file records them as the config it ran with. "a.b" is one
-# entry of a section: predict and heatmap read their own ``resources`` entry (whether their job holds a GPU),
-# and a change to another stage's resources must not re-run them.
+# entry of a section: predict reads its own ``resources`` entry (whether its job holds a GPU), and a change to
+# another stage's resources must not re-run it.
 STAGE_SECTIONS = {
     "tile": ("slide", "tissue", "tiling"),
     "extract": ("slide", "extract", "cluster"),
     "train": ("labels", "extract", "cluster", "mil"),
     "predict": ("labels", "extract", "cluster", "mil", "resources.predict"),  # labels: external validation
-    "heatmap": ("slide", "extract", "mil", "heatmap", "resources.heatmap"),  # extract, mil: high-res encoder, model
+    "heatmap": ("slide", "heatmap"),  # slide: the tiles of coordinates-only stores
     "report": ("labels", "mode", "model_dir", "extract", "mil", "heatmap"),
 }
 
@@ -141,6 +144,28 @@ def stage_config(config: dict, stage: str) -> dict:
         else:
             out[section] = config[section]
     return out
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def run_name(config: dict) -> str:
+    """The model run's folder name: ``model_dir``'s in mode predict, else ``mil.run_name`` or
+    ``<model>_<feature set's key>``; a plain folder name."""
+    if config.get("mode") == "predict" and config.get("model_dir"):
+        return Path(config["model_dir"]).name
+    name = config["mil"].get("run_name") or f"{config['mil']['model']}_{encoder_key(feature_set_of(config['extract']))}"
+    if not _RUN_NAME.match(name):
+        raise ConfigError(None, f"mil.run_name {name!r} is not a plain folder name",
+                          "use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def scoring_run_dir(config: dict, layout: Layout, run: str) -> Path:
+    """The model run that scores the slides: ``model_dir`` in mode predict, else ``OUT/models/<run>``."""
+    if config.get("mode") == "predict" and config.get("model_dir"):
+        return Path(config["model_dir"])
+    return layout.run_dir(run)
 
 
 def dumps(config: dict) -> str:

@@ -1,7 +1,9 @@
 """Every path under the output folder, named once.
 
 The library, the CLI and the Snakefile (``pipelines/common.smk``) all build output paths through
-:class:`Layout`, so a folder is renamed here or nowhere.
+:class:`Layout`, so a folder is renamed here or nowhere. Layout knows folders and file names only: which run
+a config trains (:func:`wsi.config.run_name`) and which store keys exist (:mod:`wsi.keys`) are decided
+elsewhere.
 
 =========================================  ===========================================================
 path under OUT                             what
@@ -26,29 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-
-_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
-
-
-def run_name(config: dict) -> str:
-    """The model run's folder name: ``model_dir``'s in mode predict, else ``mil.run_name`` or
-    ``<model>_<encoder key>``; a plain folder name."""
-    from .errors import ConfigError
-    from .store import encoder_key, feature_set
-
-    if config.get("mode") == "predict" and config.get("model_dir"):
-        return Path(config["model_dir"]).name
-    extract = config["extract"]
-    name = config["mil"].get("run_name") or \
-        f"{config['mil']['model']}_{encoder_key(feature_set(extract['encoder'], extract.get('stain')))}"
-    if not _RUN_NAME.match(name):
-        raise ConfigError(None, f"mil.run_name {name!r} is not a plain folder name",
-                          "use letters, digits, '.', '_' and '-'")
-    return name
 
 
 @dataclass(frozen=True)
@@ -86,12 +68,6 @@ class Layout:
 
     def run_dir(self, run: str) -> Path:
         return self.models_dir / run
-
-    def model_dir(self, config: dict, run: str) -> Path:
-        """The model run that scores the slides: ``model_dir`` in mode predict, else ``models/<run>``."""
-        if config.get("mode") == "predict" and config.get("model_dir"):
-            return Path(config["model_dir"])
-        return self.run_dir(run)
 
     def partial_run(self, run: str, kind: str = "partial") -> Path:
         """A fresh ``models/.<run>.<kind>-<8 hex>``: a training of ``run`` being built (``partial``), or the

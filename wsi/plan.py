@@ -20,8 +20,11 @@ import yaml
 
 from .atomic import write_text
 from .config import stage_config
-from .errors import format_ids, lock_path, read_failures
+from .errors import format_ids
+from .failures import lock_path, read_failures
+from .keys import encoder_key, feature_set_of
 from .layout import Layout
+from .provenance import read_status
 
 STAGES = ("tile", "extract", "train", "predict", "heatmap")
 SHOWN_FAILURES = 10
@@ -77,8 +80,6 @@ def clean_stale(layout: Layout, run: str) -> list[Path]:
 # ------------------------------------------------------------------------------------------ summary
 def _read_items(paths) -> list[dict] | None:
     """The items of the status files, or None if any is missing (its job failed or did not run)."""
-    from .provenance import read_status
-
     items = []
     for p in paths:
         if not Path(p).exists():
@@ -148,9 +149,8 @@ def summary(plan: Plan) -> tuple[str, list[str]]:
 
 
 def plan_encoder(config: dict) -> str:
-    from .store import encoder_key, feature_set
-
-    return encoder_key(feature_set(config["extract"]["encoder"], config["extract"].get("stain")))
+    """The key of the features this run extracts: their array in each store and their export folder."""
+    return encoder_key(feature_set_of(config["extract"]))
 
 
 def finish(plan: Plan, *, success: bool) -> None:

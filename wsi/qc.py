@@ -85,6 +85,7 @@ import numpy as np
 
 from .atomic import write_text
 from .layout import Layout
+from .tissue import glass_colour
 
 QC_MODES = ("off", "flag", "exclude")  # tiling.qc: off | flag (keep and mark) | exclude (drop flagged tiles)
 
@@ -207,7 +208,6 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     """Folds (within ``tissue``) and bubbles (anywhere) on an RGB uint8 thumbnail whose pixels are ``mpp`` um
     wide; ``glass`` is the glass colour the tissue mask found (:class:`wsi.tissue.TissueMasks`), estimated the
     same way (``tissue.glass_field_um``) when not given."""
-    from .tissue import glass_colour
 
     rgb = np.asarray(rgb)[..., :3]
     glass = glass_colour(rgb, mpp, glass_field_um) if glass is None else glass

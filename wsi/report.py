@@ -42,7 +42,9 @@ from PIL import Image
 
 from . import __version__, atomic
 from . import qc as slide_qc
-from .errors import ConfigError, read_failures
+from .config import scoring_run_dir
+from .errors import ConfigError
+from .failures import read_failures
 from .layout import Layout
 from .store import OOD_WARNING, open_cohort
 from .viewer import slide_url
@@ -136,7 +138,10 @@ def _metrics_html(metrics: dict, title: str, intro: str, roc: Path | None = None
     calibration = metrics.get("calibration")
     if calibration and calibration.get("temperature") is not None:
         before = calibration["uncalibrated"]
-        note += (f". Probabilities calibrated by temperature {calibration['temperature']:.2f} (Brier and ECE "
+        how = (f"temperature {calibration['temperature']:.2f}" if calibration.get("method") != "site" else
+               f"each site's own temperature and offsets ({len(calibration.get('sites', {}))} sites; other sites: "
+               f"temperature {calibration['temperature']:.2f})")
+        note += (f". Probabilities calibrated by {how} (Brier and ECE "
                  f"{calibration['measured'].split(':')[0]}; uncalibrated: Brier {before['brier']:.3f}, ECE "
                  f"{before['ece']:.3f}). Calibration lets n slides of a class vouch for at most about (n + 1) / "
                  "(n + 2) confidence: where every call is right, the ECE measures that cap, not a fault")
@@ -149,7 +154,7 @@ def _metrics_html(metrics: dict, title: str, intro: str, roc: Path | None = None
 
 
 def _per_site_html(metrics: dict) -> str:
-    """AUROC and balanced accuracy within each site (``per_site``), or nothing without sites."""
+    """AUROC, balanced accuracy and ECE within each site (``per_site``), or nothing without sites."""
     per_site = metrics.get("per_site")
     if not per_site:
         return ""
@@ -158,13 +163,15 @@ def _per_site_html(metrics: dict) -> str:
     for site, m in per_site.items():
         support = ", ".join(f"{n} {c}" for c, n in zip(classes, m.get("support", [])))
         auroc = "".join(f"<td>{_figure_cell(f)}</td>" for _, f in _auroc_figures(m))
+        ece = f"<td>{_figure_cell(m['ece'])}</td>" if "ece" in m else "<td></td>"  # older runs: none
         rows.append(f"<tr><td>{_esc(site)}</td><td>{_esc(support)}</td>{auroc}"
-                    f"<td>{_figure_cell(m['balanced_accuracy'])}</td></tr>")
+                    f"<td>{_figure_cell(m['balanced_accuracy'])}</td>{ece}</tr>")
     head = "".join(f"<th>AUROC ({_esc(c)})</th>" for c, _ in _auroc_figures(next(iter(per_site.values()))))
     return ("<h4>Per site</h4><p class=note>The same figures within each site (the labels table's site column). A "
             "model that learnt a site's stain rather than the tissue scores well pooled and near chance within "
             "a site; a site with one class has no AUROC.</p>"
-            f"<table class=sites><tr><th>site</th><th>slides</th>{head}<th>Balanced accuracy</th></tr>"
+            f"<table class=sites><tr><th>site</th><th>slides</th>{head}<th>Balanced accuracy</th>"
+            "<th>Expected calibration error</th></tr>"
             f"{''.join(rows)}</table>")
 
 
@@ -327,7 +334,7 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
     """Write ``OUT/report.html`` for model run ``run`` (default: the newest predictions) and return its path."""
     out_dir, layout = Path(out_dir), Layout(out_dir)
     run = run or _newest_run(out_dir)
-    model_dir = layout.model_dir(config, run)
+    model_dir = scoring_run_dir(config, layout, run)
     predict_mode = config.get("mode") == "predict"
     predictions = _read_csv(layout.predictions_csv(run))
     by_slide = {r["slide_id"]: r for r in predictions}

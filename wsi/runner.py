@@ -25,7 +25,8 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .errors import WsiError, clear_failure, read_failures, record_failure
+from .errors import WsiError
+from .failures import clear_failure, read_failures, record_failure
 
 # Stages whose failure leaves a slide with nothing for the next one. A later stage skips such a slide instead
 # of failing it again with advice that does not apply, until the earlier stage passes and clears its row.

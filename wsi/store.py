@@ -2,6 +2,7 @@
 
 Every stage reads and writes slides only through this module. ``tile`` creates the store; ``extract`` adds
 ``features/<encoder>``; ``predict`` adds ``scores/<run>``; ``heatmap`` only reads.
+The names in the table below are spelled once, in :mod:`wsi.keys`, which also derives the feature-set key.
 
 Layout of ``<out>/stores/<slide_id>.zarr`` (schema_version 1)
 ==============================================================
@@ -63,20 +64,39 @@ attrs ``stain`` of            dict or null                normalised features on
                                                           densities) and ``max_concentrations`` (2, 99th
                                                           percentiles); Reinhard CIE L*a*b* ``means`` and
                                                           ``stds`` (3 each); :mod:`wsi.features.stain`
+``fine/coords``               int64 (M, 2)                the finer, overlapping grid of high-res heatmaps
+                                                          (:mod:`wsi.features.fine_grid`): level-0 corners at
+                                                          a stride of ``(1 - overlap)`` tiles; attrs ``overlap``;
+                                                          only for slides extracted with ``--high-res`` (added
+                                                          without a schema bump: older stores have none)
+``fine/features/<key>``       float32 (M, D)              features of the fine grid's tiles; attrs
+                                                          :class:`FeatureAttrs` and ``complete``
+``features/<key>+augment``    float32 (K, N, D)           augmented views of the same tiles (``extract.augment:
+                                                          K``; :mod:`wsi.features.augment`), chunked one view
+                                                          by ``chunk_tiles`` rows; attrs as ``features/<key>``
+                                                          plus ``augment`` (``views`` K and the strengths); not
+                                                          a feature set of its own: MIL training draws from it
 ``scores/<run>/attention``    float32 (N,)                per-tile attention of the fold ensemble (sums to 1)
 ``scores/<run>/class_scores`` float32 (N, C)              per-tile class probabilities of the ensemble
 ``scores/<run>/oof_*``        as the two above            only for a slide of the run's own cohort: the same
                                                           from the fold models that held it out (one per CV
                                                           repeat; out of fold: none trained on this slide)
+``scores/<run>/fine_*``       (M,) and (M, C)             the fine grid's attention and class scores, scored
+                                                          as one bag (out of fold for a slide of the run's
+                                                          cohort), when the store has ``fine/features/<key>``
 attrs of ``scores/<run>``     :class:`ScoreAttrs` +       model run, classes, encoder, slide prediction; with
                               ``complete``                ``oof_*`` arrays also ``oof_folds`` and the out-of-
                                                           fold prediction (added in 0.1 without a schema bump:
                                                           older stores read as having none; ``oof_fold``, one
                                                           int, of stores scored before CV repeats reads as a
                                                           one-fold ``oof_folds``); ``temperature`` (the run's
-                                                          calibration, applied to the probabilities; null: raw)
+                                                          calibration, applied to the probabilities; null: raw;
+                                                          ``calibration_site``: the site whose own calibration
+                                                          was applied instead, ``mil.calibration: site``)
                                                           and ``ood_score``/``ood`` (:mod:`wsi.mil.ood`), added
-                                                          without a schema bump: older stores read as null
+                                                          without a schema bump: older stores read as null;
+                                                          ``fine_folds``/``fine_probabilities``/
+                                                          ``fine_predicted``: the fine bag's (likewise)
 ============================  ==========================  =====================================================
 
 Completion and atomicity
@@ -124,7 +144,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import re
 import shutil
 import struct
 import uuid
@@ -137,8 +156,9 @@ import zarr
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from . import atomic
+from . import atomic, keys
 from .errors import StoreError
+from .keys import encoder_key, feature_set
 from .layout import Layout
 
 SCHEMA_VERSION = 1
@@ -305,6 +325,13 @@ class FeatureAttrs(_Attrs):
     precision: str
     wsi_version: str = ""
     stain: dict | None = None     # stain normalisation: method, reference, fitted target and slide values
+    augment: dict | None = None   # augmented views only: ``views`` (K) and the strengths (wsi.features.augment)
+
+
+def same_stain_target(a: dict, b: dict) -> bool:
+    """Whether two fitted stain references (``FeatureAttrs.stain["target"]``) are the same, to float precision:
+    extraction reuses a cohort's reference by it, and predict refuses features normalised to another."""
+    return a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
 
 
 OOD_WARNING = "this slide is unlike the slides this model was trained on"  # what ScoreAttrs.ood says, to a reader
@@ -325,8 +352,12 @@ class ScoreAttrs(_Attrs):
     oof_probabilities: tuple | None = None      # their mean slide probabilities; None: not in the run's cohort
     oof_predicted: str | None = None
     temperature: float | None = None            # the run's calibration, applied to both probabilities; None: raw
+    calibration_site: str | None = None         # the site whose own calibration was applied instead (site runs)
     ood_score: float | None = None              # out-of-distribution score against the run's training slides
     ood: bool | None = None                     # ood_score above 1: unlike the slides the model was trained on
+    fine_folds: tuple | None = None             # the fine grid's bag (fine/): the folds that scored it (None: the
+    fine_probabilities: tuple | None = None     # ensemble), its slide probabilities (None: an empty grid) and call;
+    fine_predicted: str | None = None           # all None without a fine grid
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -415,18 +446,6 @@ def _lossless_numcodecs():
     return numcodecs.Blosc(**_LOSSLESS, shuffle=numcodecs.Blosc.NOSHUFFLE)
 
 
-def encoder_key(encoder: str) -> str:
-    """The array name of an encoder's features: ``hf-hub:MahmoodLab/UNI`` -> ``hf-hub_MahmoodLab_UNI``;
-    ``tf_efficientnet_lite0+macenko`` (a :func:`feature_set`) keeps its ``+``."""
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", encoder)
-
-
-def feature_set(encoder: str, stain: str | None = "none") -> str:
-    """What features are stored and trained under: the encoder's name, with ``+<method>`` when the tiles were
-    stain-normalised (``extract.stain``), e.g. ``tf_efficientnet_lite0+macenko``."""
-    return encoder if stain in (None, "none") else f"{encoder}+{stain}"
-
-
 def store_path(out_dir, slide_id: str) -> Path:
     """``OUT/stores/<slide_id>.zarr`` (:meth:`wsi.layout.Layout.store`)."""
     return Layout(out_dir).store(slide_id)
@@ -447,10 +466,10 @@ class SlideStore:
     def __init__(self, path: str | os.PathLike, group: zarr.Group):
         self.path = Path(path)
         self.group = group
-        self.slide_id: str = group.attrs["slide_id"]
-        self.slide = _read_attrs(group, "slide", SlideAttrs, path)
-        self.tiling = _read_attrs(group, "tiling", TilingAttrs, path)
-        self.levels = _read_attrs(group, "levels", LevelCheckAttrs, path) if "levels" in group.attrs else None
+        self.slide_id: str = group.attrs[keys.SLIDE_ID]
+        self.slide = _read_attrs(group, keys.SLIDE, SlideAttrs, path)
+        self.tiling = _read_attrs(group, keys.TILING, TilingAttrs, path)
+        self.levels = _read_attrs(group, keys.LEVELS, LevelCheckAttrs, path) if keys.LEVELS in group.attrs else None
         self.qc = _read_attrs(group, "qc", QCAttrs, path) if "qc" in group.attrs else None
 
     @classmethod
@@ -464,29 +483,29 @@ class SlideStore:
         except Exception as e:  # zarr raises several types for damaged metadata
             raise StoreError(path, f"not a readable Zarr store ({type(e).__name__}: {e})",
                              "delete it and re-run `wsi tile`") from e
-        if group.attrs.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(path, f"store schema_version is {group.attrs.get('schema_version')!r}, "
+        if group.attrs.get(keys.SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise StoreError(path, f"store schema_version is {group.attrs.get(keys.SCHEMA_VERSION)!r}, "
                                    f"this wsi reads {SCHEMA_VERSION}", "re-run `wsi tile`")
-        if group.attrs.get("complete") is not True:
+        if group.attrs.get(keys.COMPLETE) is not True:
             raise StoreError(path, "store is incomplete (tiling did not finish)", "re-run `wsi tile`")
         return cls(path, group)
 
     # -- tiles
     @property
     def n_tiles(self) -> int:
-        return int(self.group["coords"].shape[0])
+        return int(self.group[keys.COORDS].shape[0])
 
     @property
     def coords(self) -> np.ndarray:
-        return np.asarray(self.group["coords"][:], dtype=np.int64).reshape(-1, 2)
+        return np.asarray(self.group[keys.COORDS][:], dtype=np.int64).reshape(-1, 2)
 
     @property
     def tissue_fraction(self) -> np.ndarray:
-        return np.asarray(self.group["tissue_fraction"][:], dtype=np.float32)
+        return np.asarray(self.group[keys.TISSUE_FRACTION][:], dtype=np.float32)
 
     @property
     def has_pixels(self) -> bool:
-        return "tiles" in self.group
+        return keys.TILES in self.group
 
     def read_tiles(self, lo: int, hi: int) -> np.ndarray:
         """Tiles ``lo:hi`` as uint8 (n, T, T, 3); the store must hold pixels (see ``has_pixels``)."""
@@ -494,15 +513,15 @@ class SlideStore:
             raise StoreError(self.path, "store is coordinates-only (tiling.store_pixels=false)",
                              "read the tiles from the slide with wsi.tiling.read_tiles")
         try:
-            return np.asarray(self.group["tiles"][lo:hi])
+            return np.asarray(self.group[keys.TILES][lo:hi])
         except Exception as e:
             raise StoreError(self.path, f"tiles {lo}:{hi} cannot be decoded ({type(e).__name__}: {e})",
                              "delete the store and re-run `wsi tile`") from e
 
     def mask(self) -> tuple[np.ndarray, np.ndarray, float]:
         """(tissue mask bool (h, w), thumbnail RGB (h, w, 3), downsample = level-0 px per mask px)."""
-        m = self.group["mask/tissue"]
-        return np.asarray(m[:]).astype(bool), np.asarray(self.group["mask/thumbnail"][:]), float(
+        m = self.group[keys.mask_path(keys.MASK_TISSUE)]
+        return np.asarray(m[:]).astype(bool), np.asarray(self.group[keys.mask_path(keys.MASK_THUMBNAIL)][:]), float(
             m.attrs["downsample"])
 
     def qc_flags(self) -> dict[str, np.ndarray] | None:
@@ -522,99 +541,163 @@ class SlideStore:
 
     def ink_mask(self) -> np.ndarray | None:
         """The marker ink found on the thumbnail (bool, on the tissue mask's grid), or None in older stores."""
-        return np.asarray(self.group["mask/ink"][:]).astype(bool) if "mask/ink" in self.group else None
+        ink = keys.mask_path(keys.MASK_INK)
+        return np.asarray(self.group[ink][:]).astype(bool) if ink in self.group else None
 
     # -- features
     def features_array_path(self, encoder: str) -> str:
-        return f"features/{encoder_key(encoder)}"
+        return keys.features_path(encoder)
 
     def has_features(self, encoder: str) -> bool:
         name = self.features_array_path(encoder)
-        return name in self.group and self.group[name].attrs.get("complete") is True
+        return name in self.group and self.group[name].attrs.get(keys.COMPLETE) is True
 
     def feature_encoders(self) -> list[str]:
-        if "features" not in self.group:
+        if keys.FEATURES not in self.group:
             return []
         return sorted(feature_set(a.attrs["encoder"], (a.attrs.get("stain") or {}).get("method"))
-                      for _, a in self.group["features"].arrays() if a.attrs.get("complete") is True)
+                      for _, a in self.group[keys.FEATURES].arrays()
+                      if a.attrs.get(keys.COMPLETE) is True and not a.attrs.get("augment"))  # views: not a set
 
-    def create_features(self, encoder: str, dim: int, chunk_tiles: int) -> zarr.Array:
-        """A fresh, incomplete ``features/<key>`` array (NaN-filled, so a chunk never written reads as NaN).
-        An incomplete one from a killed run is replaced; a complete one is never overwritten."""
+    def create_features(self, encoder: str, dim: int, chunk_tiles: int, views: int | None = None) -> zarr.Array:
+        """A fresh, incomplete ``features/<key>`` array (NaN-filled, so a chunk never written reads as NaN),
+        (N, D), or (views, N, D) for augmented views. An incomplete one from a killed run is replaced; a complete
+        one is never overwritten."""
         if self.has_features(encoder):
             raise StoreError(self.path, f"features for {encoder} are already complete",
                              "delete them first to recompute")
-        features = self.group.require_group("features")
+        features = self.group.require_group(keys.FEATURES)
         key = encoder_key(encoder)
         if key in features:
-            shutil.rmtree(self.path / "features" / key)
-        return features.create_array(key, shape=(self.n_tiles, dim), chunks=(max(1, chunk_tiles), dim),
-                                     dtype="float32", fill_value=np.nan, compressors=[_lossless()])
+            shutil.rmtree(self.path / keys.FEATURES / key)
+        shape, chunks = (self.n_tiles, dim), (max(1, chunk_tiles), dim)
+        if views is not None:
+            shape, chunks = (views, *shape), (1, *chunks)
+        return features.create_array(key, shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan,
+                                     compressors=[_lossless()])
 
     def features_writer(self, encoder: str) -> zarr.Array:
         """The incomplete ``features/<key>`` array for a task to write its chunk-aligned rows into."""
-        return zarr.open_array(str(self.path / "features" / encoder_key(encoder)), mode="r+")
+        return zarr.open_array(str(self.path / keys.features_path(encoder)), mode="r+")
 
     def complete_features(self, encoder: str, attrs: FeatureAttrs) -> None:
         """Check every row is written and finite, then mark the features complete."""
         arr = self.features_writer(encoder)
         data = np.asarray(arr[:])
-        bad = ~np.isfinite(data).all(axis=1)
+        bad = ~np.isfinite(data).all(axis=-1)
+        if bad.ndim == 2:  # augmented views: a tile is bad when any of its views is
+            bad = bad.any(axis=0)
         if bad.any():
             raise StoreError(self.path, f"features for {encoder} have {int(bad.sum())} unwritten or "
                                         f"non-finite rows (first tile index {int(np.flatnonzero(bad)[0])})")
-        arr.attrs.update({**attrs.to_dict(), "complete": True})
+        arr.attrs.update({**attrs.to_dict(), keys.COMPLETE: True})
 
-    def features(self, encoder: str) -> np.ndarray:
+    def features(self, encoder: str, view: int | None = None) -> np.ndarray:
+        """The complete ``features/<key>`` array; of an augmented views array, ``view`` alone (0-based)."""
         if not self.has_features(encoder):
             raise StoreError(self.path, f"no complete features for encoder {encoder}",
                              f"run `wsi extract --encoder {encoder}`")
-        return np.asarray(self.group[self.features_array_path(encoder)][:], dtype=np.float32)
+        array = self.group[self.features_array_path(encoder)]
+        return np.asarray(array[:] if view is None else array[view], dtype=np.float32)
 
     def feature_attrs(self, encoder: str) -> FeatureAttrs:
         attrs = dict(self.group[self.features_array_path(encoder)].attrs)
-        attrs.pop("complete", None)
+        attrs.pop(keys.COMPLETE, None)
         return FeatureAttrs.from_dict(attrs)
+
+    # -- the fine grid of high-res heatmaps
+    def has_fine_features(self, encoder: str) -> bool:
+        name = keys.fine_features_path(encoder)
+        return name in self.group and self.group[name].attrs.get(keys.COMPLETE) is True
+
+    def fine_coords(self) -> np.ndarray:
+        return np.asarray(self.group[keys.fine_coords_path()][:], dtype=np.int64).reshape(-1, 2)
+
+    def write_fine_features(self, encoder: str, coords: np.ndarray, overlap: float, features: np.ndarray,
+                            attrs: FeatureAttrs) -> None:
+        """Write (or replace) the fine grid at ``overlap`` and its ``encoder`` features, ``complete`` last; a grid
+        of another overlap is replaced with every feature set on it."""
+        fine = self.group.require_group(keys.FINE)
+        coords = np.asarray(coords, np.int64).reshape(-1, 2)
+        if keys.COORDS in fine and (fine[keys.COORDS].attrs.get("overlap") != overlap
+                                    or not np.array_equal(self.fine_coords(), coords)):
+            shutil.rmtree(self.path / keys.FINE)
+            fine = self.group.require_group(keys.FINE)
+        if keys.COORDS not in fine:
+            arr = fine.create_array(keys.COORDS, shape=coords.shape, chunks=(max(1, len(coords)), 2), dtype="int64",
+                                    compressors=[_lossless()])
+            arr[:] = coords
+            arr.attrs["overlap"] = overlap
+        name = keys.fine_features_path(encoder)
+        if name in self.group:
+            shutil.rmtree(self.path / name)
+        features = np.asarray(features, np.float32).reshape(len(coords), -1)
+        arr = self.group.require_group(f"{keys.FINE}/{keys.FEATURES}").create_array(
+            encoder_key(encoder), shape=features.shape, chunks=(max(1, len(coords)), features.shape[1]),
+            dtype="float32", compressors=[_lossless()])
+        arr[:] = features
+        arr.attrs.update({**attrs.to_dict(), keys.COMPLETE: True})
+
+    def fine_features(self, encoder: str) -> tuple[np.ndarray, FeatureAttrs]:
+        """(features (M, D), their attrs) of the fine grid."""
+        if not self.has_fine_features(encoder):
+            raise StoreError(self.path, f"no complete fine-grid features for encoder {encoder}",
+                             f"run `wsi extract --high-res {self.slide_id}`")
+        arr = self.group[keys.fine_features_path(encoder)]
+        attrs = dict(arr.attrs)
+        attrs.pop(keys.COMPLETE, None)
+        return np.asarray(arr[:], dtype=np.float32), FeatureAttrs.from_dict(attrs)
 
     # -- scores
     def has_scores(self, run: str) -> bool:
-        name = f"scores/{run}"
-        return name in self.group and self.group[name].attrs.get("complete") is True
+        name = keys.scores_path(run)
+        return name in self.group and self.group[name].attrs.get(keys.COMPLETE) is True
 
     def write_scores(self, run: str, attention: np.ndarray, class_scores: np.ndarray, attrs: ScoreAttrs, *,
-                     out_of_fold: tuple[np.ndarray, np.ndarray] | None = None):
-        """Write (or replace) one run's per-tile scores, and the out-of-fold ``(attention, class_scores)`` when
-        given (``attrs.oof_folds`` must say whose); ``complete`` is set after every array."""
+                     out_of_fold: tuple[np.ndarray, np.ndarray] | None = None,
+                     fine: tuple[np.ndarray, np.ndarray] | None = None):
+        """Write (or replace) one run's per-tile scores, the out-of-fold ``(attention, class_scores)`` when given
+        (``attrs.oof_folds`` must say whose) and the fine grid's (``attrs.fine_*`` say what they gave);
+        ``complete`` is set after every array."""
         if (out_of_fold is None) != (attrs.oof_folds is None):
             raise ValueError("out-of-fold scores and ScoreAttrs.oof_folds come together")
-        arrays = {"attention": attention, "class_scores": class_scores}
+        arrays = {keys.ATTENTION: attention, keys.CLASS_SCORES: class_scores}
         if out_of_fold is not None:
-            arrays.update(oof_attention=out_of_fold[0], oof_class_scores=out_of_fold[1])
+            arrays.update({keys.OUT_OF_FOLD + keys.ATTENTION: out_of_fold[0],
+                           keys.OUT_OF_FOLD + keys.CLASS_SCORES: out_of_fold[1]})
+        if fine is not None:
+            arrays.update({keys.FINE_SCORES + keys.ATTENTION: fine[0], keys.FINE_SCORES + keys.CLASS_SCORES: fine[1]})
         n, c = self.n_tiles, len(attrs.classes)
-        scores = self.group.require_group("scores")
+        scores = self.group.require_group(keys.SCORES)
         if run in scores:
-            shutil.rmtree(self.path / "scores" / run)
+            shutil.rmtree(self.path / keys.scores_path(run))
         g = scores.create_group(run)
         for name, values in arrays.items():
-            values = np.asarray(values, np.float32).reshape((n,) if name.endswith("attention") else (n, c))
-            g.create_array(name, shape=values.shape, dtype="float32", chunks=(max(1, n),) + values.shape[1:],
+            rows = len(fine[0]) if name.startswith(keys.FINE_SCORES) else n
+            values = np.asarray(values, np.float32).reshape((rows,) if name.endswith(keys.ATTENTION) else (rows, c))
+            g.create_array(name, shape=values.shape, dtype="float32", chunks=(max(1, rows),) + values.shape[1:],
                            compressors=[_lossless()])[:] = values
-        g.attrs.update({**attrs.to_dict(), "complete": True})
+        g.attrs.update({**attrs.to_dict(), keys.COMPLETE: True})
 
-    def scores(self, run: str, *, out_of_fold: bool = False) -> tuple[np.ndarray, np.ndarray, ScoreAttrs]:
+    def scores(self, run: str, *, out_of_fold: bool = False, fine: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, ScoreAttrs]:
         """(attention (N,), class scores (N, C), attrs) of the ensemble, or with ``out_of_fold`` of the fold
-        model that held this slide out (a StoreError when the slide was not in the run's cohort)."""
+        model that held this slide out (a StoreError when the slide was not in the run's cohort), or with
+        ``fine`` of the fine grid's tiles (M rows; a StoreError when the slide has no fine-grid scores)."""
         if not self.has_scores(run):
             raise StoreError(self.path, f"no complete scores for model run {run}", "run `wsi predict` first")
-        g = self.group[f"scores/{run}"]
+        g = self.group[keys.scores_path(run)]
         attrs = dict(g.attrs)
-        attrs.pop("complete", None)
-        prefix = "oof_" if out_of_fold else ""
+        attrs.pop(keys.COMPLETE, None)
+        prefix = keys.OUT_OF_FOLD if out_of_fold else keys.FINE_SCORES if fine else ""
         if out_of_fold and attrs.get("oof_folds", attrs.get("oof_fold")) is None:
             raise StoreError(self.path, f"no out-of-fold scores for model run {run}: the slide was not in its "
                                         "training cohort")
-        return (np.asarray(g[f"{prefix}attention"][:], np.float32),
-                np.asarray(g[f"{prefix}class_scores"][:], np.float32), ScoreAttrs.from_dict(attrs))
+        if fine and prefix + keys.ATTENTION not in g:
+            raise StoreError(self.path, f"no fine-grid scores for model run {run}",
+                             f"run `wsi extract --high-res {self.slide_id}`, then `wsi predict` with the run")
+        return (np.asarray(g[prefix + keys.ATTENTION][:], np.float32),
+                np.asarray(g[prefix + keys.CLASS_SCORES][:], np.float32), ScoreAttrs.from_dict(attrs))
 
 
 def open_cohort(out_dir) -> list[SlideStore]:
@@ -650,16 +733,16 @@ class TileStoreWriter:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        group.attrs.update({"schema_version": SCHEMA_VERSION, "slide_id": slide_id, "slide": slide.to_dict(),
-                            "tiling": tiling.to_dict(), "complete": False})
+        group.attrs.update({keys.SCHEMA_VERSION: SCHEMA_VERSION, keys.SLIDE_ID: slide_id, keys.SLIDE: slide.to_dict(),
+                            keys.TILING: tiling.to_dict(), keys.COMPLETE: False})
         if levels is not None:
-            group.attrs["levels"] = levels.to_dict()
+            group.attrs[keys.LEVELS] = levels.to_dict()
         coords = np.asarray(coords, np.int64).reshape(-1, 2)
         n = coords.shape[0]
         chunk = max(1, n)
-        group.create_array("coords", shape=(n, 2), chunks=(chunk, 2), dtype="int64",
+        group.create_array(keys.COORDS, shape=(n, 2), chunks=(chunk, 2), dtype="int64",
                            compressors=[_lossless()])[:] = coords
-        group.create_array("tissue_fraction", shape=(n,), chunks=(chunk,), dtype="float32",
+        group.create_array(keys.TISSUE_FRACTION, shape=(n,), chunks=(chunk,), dtype="float32",
                            compressors=[_lossless()])[:] = np.asarray(tissue_fraction, np.float32)
         if tiling.store_pixels:
             _create_tiles(group, tiling, n)
@@ -723,7 +806,7 @@ class TileStoreWriter:
         Each chunk is encoded here and written as the chunk's file, the bytes Zarr's own write path would write
         (its codec, an edge chunk padded with the fill value to the full chunk shape; tested byte for byte):
         Zarr 3's per-chunk copies cost about as much CPU as decoding the slide, twice the encoding itself."""
-        arr = self.group["tiles"]
+        arr = self.group[keys.TILES]
         chunk, n = arr.chunks[0], arr.shape[0]
         hi = lo + len(tiles)
         if lo % chunk or not (hi % chunk == 0 or hi == n) or not lo < hi <= n:
@@ -739,10 +822,10 @@ class TileStoreWriter:
 
     def write_mask(self, tissue: np.ndarray, thumbnail: np.ndarray, *, downsample: float, mpp: float,
                    ink: np.ndarray | None = None) -> None:
-        mask = self.group.require_group("mask")
-        arrays = [("tissue", np.asarray(tissue, np.uint8)), ("thumbnail", np.asarray(thumbnail))]
+        mask = self.group.require_group(keys.MASK)
+        arrays = [(keys.MASK_TISSUE, np.asarray(tissue, np.uint8)), (keys.MASK_THUMBNAIL, np.asarray(thumbnail))]
         if ink is not None:
-            arrays.append(("ink", np.asarray(ink, np.uint8)))
+            arrays.append((keys.MASK_INK, np.asarray(ink, np.uint8)))
         for name, data in arrays:
             arr = mask.create_array(name, shape=data.shape, chunks=data.shape, dtype="uint8",
                                     compressors=[_lossless()])
@@ -751,7 +834,7 @@ class TileStoreWriter:
 
     def commit(self) -> SlideStore:
         """Mark complete, then move into place; an old store at the final path is replaced as a whole."""
-        self.group.attrs["complete"] = True
+        self.group.attrs[keys.COMPLETE] = True
         old = None
         if self.final.exists():
             old = self.final.with_name(f".{self.final.name}.old-{uuid.uuid4().hex[:8]}")
@@ -769,7 +852,7 @@ def _create_tiles(group: zarr.Group, tiling: TilingAttrs, n: int) -> zarr.Array:
     t = tiling.tile_px
     kwargs = ({"compressors": [_lossless()]} if tiling.codec == "lossless" else
               {"serializer": TileImageCodec(format=tiling.codec, quality=tiling.quality), "compressors": None})
-    return group.create_array("tiles", shape=(n, t, t, 3), chunks=(tiling.chunk_tiles, t, t, 3), dtype="uint8",
+    return group.create_array(keys.TILES, shape=(n, t, t, 3), chunks=(tiling.chunk_tiles, t, t, 3), dtype="uint8",
                               fill_value=0, **kwargs)
 
 
@@ -777,7 +860,7 @@ def is_complete(path) -> bool:
     """True when ``path`` is a store that ``tile`` finished (cheap: reads the root attrs only)."""
     try:
         g = zarr.open_group(str(path), mode="r")
-        return g.attrs.get("complete") is True and g.attrs.get("schema_version") == SCHEMA_VERSION
+        return g.attrs.get(keys.COMPLETE) is True and g.attrs.get(keys.SCHEMA_VERSION) == SCHEMA_VERSION
     except Exception:
         return False
 
@@ -827,7 +910,7 @@ def describe(store: SlideStore) -> str:
         f"levels     {_describe_levels(store.levels)}",
         f"qc         {_describe_qc(store.qc)}",
         f"features   {', '.join(store.feature_encoders()) or '-'}",
-        f"scores     {', '.join(sorted(store.group['scores'].group_keys())) if 'scores' in store.group else '-'}",
+        f"scores     {', '.join(sorted(store.group[keys.SCORES].group_keys())) if keys.SCORES in store.group else '-'}",
         "complete   yes",
     ]
     return "\n".join(lines)

@@ -1,39 +1,22 @@
 """Slides to tiles: the tissue mask, the tile grid at a target MPP, and the per-slide store.
 
 For each slide: open it (:mod:`wsi.slide`), read a thumbnail at ``tissue.mask_mpp`` in strips (never a whole
-level), compute the tissue mask (:mod:`wsi.tissue`), lay the tile grid at ``tiling.target_mpp``, keep tiles
-whose tissue share reaches ``tiling.min_tissue_fraction``, then stream the kept tiles into the store
-(:mod:`wsi.store`) chunk by chunk and commit it.
-The mask and the tiles are read only from levels that agree with level 0 (:mod:`wsi.levels`). Slide quality
+level), compute the tissue mask (:mod:`wsi.tissue`), lay the tile grid at ``tiling.target_mpp``
+(:func:`wsi.slide.tile_grid`; its geometry is documented in :mod:`wsi.slide.tiles`), keep tiles whose tissue
+share reaches ``tiling.min_tissue_fraction``, then stream the kept tiles (:class:`wsi.slide.TileSource`) into the
+store (:mod:`wsi.store`) chunk by chunk and commit it.
+The mask and the tiles are read only from levels that agree with level 0 (:mod:`wsi.slide.levels`). Slide quality
 control (``tiling.qc``, :mod:`wsi.qc`) measures each tile's focus as it streams by and looks for folds and air
 bubbles on the thumbnail; its flags go into the store (or, with ``exclude``, the flagged tiles stay out of it).
-
-Geometry (all recorded in the store's ``tiling`` attrs)
--------------------------------------------------------
-The read level is the coarsest one not coarser than the target (:func:`wsi.slide.choose_level`) that agrees
-with level 0 (:class:`wsi.levels.LevelCheck`; a level that disagrees gives way to the next finer one). One
-tile is ``s = round(tile_px * target_mpp / level_mpp)`` level pixels, area-averaged down to ``tile_px`` when ``s``
-differs; so ``effective_mpp = level_mpp * s / tile_px``. Tiles step by ``s - round(overlap_px * s / tile_px)``
-level pixels; level-0 coordinates are those level positions times the level's downsample, rounded.
-
-Speed
------
-Tiles that touch in a row are read with one backend call per run of up to ``_MAX_RUN_PX`` level pixels and
-cut in memory, in a thread pool (OpenSlide and the JPEG decoders release the GIL). A tile's pixels depend
-only on its own level box, so :func:`read_tiles` gives the same pixels whatever batch a tile is read in: the
-extractor reads coordinates-only stores with it and gets what the tiler would have stored.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -42,9 +25,20 @@ from . import qc as slide_qc
 from .atomic import replacing
 from .errors import SlideError
 from .layout import Layout
-from .levels import LevelCheck, mark_qc
 from .runner import run_slides
-from .slide import Slide, level0_position, load_mpp_overrides, open_slide, slide_id_from_path, source_stat
+from .slide import (
+    LevelCheck,
+    Slide,
+    TileGrid,
+    TileSource,
+    level0_position,
+    load_mpp_overrides,
+    mark_qc,
+    open_slide,
+    slide_id_from_path,
+    source_stat,
+    tile_grid,
+)
 from .store import (
     LevelCheckAttrs,
     QCAttrs,
@@ -55,9 +49,8 @@ from .store import (
     is_complete,
     store_path,
 )
-from .tissue import TissueParams, qc_image, tissue_masks
+from .tissue import TissueParams, qc_image, tissue_fractions, tissue_masks
 
-_MAX_RUN_PX = 8192          # longest row run read in one backend call (level pixels)
 _STRIP_BYTES = 64 << 20     # thumbnail strips: at most this much RGBA per backend call
 
 
@@ -97,132 +90,6 @@ def _read_strips(slide: Slide, level: int, out_w: int, out_h: int) -> np.ndarray
         strip = slide.read_region(0, level0_position(y0, level_ds), level, level_w, max(1, y1 - y0))
         thumb[r0:r1] = np.asarray(Image.fromarray(strip).resize((out_w, r1 - r0), Image.Resampling.BOX))
     return thumb
-
-
-# --------------------------------------------------------------------------------------------- grid
-@dataclass(frozen=True)
-class TileGrid:
-    """Every tile position of a slide at the read level, before tissue filtering."""
-
-    level: int
-    level_downsample: float
-    tile_level_px: int     # s: one tile's edge in read-level pixels
-    stride_level_px: int   # step between neighbouring tiles in read-level pixels
-    cols: int
-    rows: int
-
-    def coords(self) -> np.ndarray:
-        """Level-0 (x, y) of every grid tile, row-major (the store's tile order)."""
-        ys, xs = np.meshgrid(np.arange(self.rows), np.arange(self.cols), indexing="ij")
-        lx, ly = xs.ravel() * self.stride_level_px, ys.ravel() * self.stride_level_px
-        return np.stack([np.round(lx * self.level_downsample), np.round(ly * self.level_downsample)],
-                        axis=1).astype(np.int64)
-
-
-def tile_grid(slide: Slide, *, target_mpp: float, tile_px: int, overlap_px: int = 0,
-              level_tolerance: float = 0.05, levels: LevelCheck | None = None) -> TileGrid:
-    """The tile grid on the level :class:`~wsi.levels.LevelCheck` allows (``levels``; a fresh check when None)."""
-    if overlap_px >= tile_px:
-        raise SlideError(slide.path, f"overlap_px {overlap_px} must be smaller than tile_px {tile_px}")
-    levels = levels if levels is not None else LevelCheck(slide)
-    plan = levels.plan(target_mpp, level_tolerance, "tiles")
-    s = tile_px if plan.scale == 1.0 else int(round(tile_px * plan.scale))
-    stride = s - int(round(overlap_px * s / tile_px))
-    level_w, level_h = slide.level_dimensions[plan.level]
-    cols = (level_w - s) // stride + 1 if level_w >= s else 0
-    rows = (level_h - s) // stride + 1 if level_h >= s else 0
-    return TileGrid(level=plan.level, level_downsample=float(slide.level_downsamples[plan.level]),
-                    tile_level_px=s, stride_level_px=stride, cols=int(cols), rows=int(rows))
-
-
-def tissue_fractions(mask: np.ndarray, downsample: float, coords: np.ndarray, footprint: float) -> np.ndarray:
-    """Share of mask pixels inside each tile's level-0 box, from an integral image (O(1) per tile)."""
-    if len(coords) == 0:
-        return np.zeros(0, np.float32)
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
-    h, w = mask.shape
-
-    def edges(start):
-        lo = np.clip(np.round(start / downsample).astype(np.int64), 0, None)
-        hi = np.round((start + footprint) / downsample).astype(np.int64)
-        return lo, np.maximum(hi, lo + 1)
-
-    x0, x1 = edges(coords[:, 0])
-    y0, y1 = edges(coords[:, 1])
-    x0, x1 = np.minimum(x0, w), np.minimum(x1, w)
-    y0, y1 = np.minimum(y0, h), np.minimum(y1, h)
-    area = (x1 - x0) * (y1 - y0)
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return np.where(area > 0, inside / np.maximum(area, 1), 0.0).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------- pixels
-def _level_box(tiling: TilingAttrs, coords: np.ndarray) -> tuple[np.ndarray, int]:
-    """Read-level top-left of each tile and the tile's edge in read-level pixels."""
-    s = int(round(tiling.tile_px_level0 / tiling.read_downsample))
-    return np.round(coords / tiling.read_downsample).astype(np.int64), s
-
-
-def _row_runs(level_xy: np.ndarray, s: int) -> list[tuple[int, int]]:
-    """Split tile indices into runs read with one call: same row, near neighbours, bounded width."""
-    runs, start = [], 0
-    for i in range(1, len(level_xy) + 1):
-        if (i == len(level_xy) or level_xy[i, 1] != level_xy[start, 1]
-                or not 0 <= level_xy[i, 0] - level_xy[i - 1, 0] <= 2 * s
-                or level_xy[i, 0] + s - level_xy[start, 0] > _MAX_RUN_PX):
-            runs.append((start, i))
-            start = i
-    return runs
-
-
-def _read_run(slide: Slide, tiling: TilingAttrs, level_xy: np.ndarray, s: int) -> np.ndarray:
-    """One backend call for a run of tiles in a row, then each tile cut (and area-averaged) from it.
-
-    With an integer factor the whole run is reduced at once (tiles start at multiples of the factor, so this is
-    exactly the per-tile result); otherwise each tile's box is resampled on its own, so a tile's pixels never
-    depend on its neighbours."""
-    x0, y0 = int(level_xy[0, 0]), int(level_xy[0, 1])
-    width = int(level_xy[-1, 0]) + s - x0
-    ds = tiling.read_downsample
-    region = slide.read_region(level0_position(x0, ds), level0_position(y0, ds), tiling.read_level, width, s)
-    t = tiling.tile_px
-    offsets = level_xy[:, 0] - x0
-    factor = s // t
-    if s % t == 0 and (offsets % factor == 0).all():
-        if factor > 1:  # OpenCV's area resize equals PIL's box reduce bit for bit here, ~8x faster
-            region = cv2.resize(region, (region.shape[1] // factor, t), interpolation=cv2.INTER_AREA)
-        return np.stack([region[:, o:o + t] for o in offsets // factor])
-    tiles = np.empty((len(level_xy), t, t, 3), np.uint8)
-    for i, o in enumerate(offsets):
-        tiles[i] = np.asarray(Image.fromarray(region[:, o:o + s]).resize((t, t), Image.Resampling.BOX))
-    return tiles
-
-
-def iter_tiles(slide: Slide, tiling: TilingAttrs, coords: np.ndarray, *, threads: int | None = None):
-    """Yield (first tile index, uint8 tiles) in order, reading row runs in a bounded thread pool."""
-    level_xy, s = _level_box(tiling, np.asarray(coords, np.int64).reshape(-1, 2))
-    runs = _row_runs(level_xy, s)
-    threads = threads or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(threads) as pool:
-        pending: deque = deque()
-        for lo, hi in runs:
-            pending.append((lo, pool.submit(_read_run, slide, tiling, level_xy[lo:hi], s)))
-            if len(pending) >= 2 * threads:  # bound memory: a few runs in flight
-                lo_done, fut = pending.popleft()
-                yield lo_done, fut.result()
-        while pending:
-            lo_done, fut = pending.popleft()
-            yield lo_done, fut.result()
-
-
-def read_tiles(slide: Slide, tiling: TilingAttrs, coords: np.ndarray, *, threads: int | None = None) -> np.ndarray:
-    """Tiles at ``coords`` (level-0) exactly as the tiler stores them: uint8 (n, tile_px, tile_px, 3)."""
-    t = tiling.tile_px
-    out = np.empty((len(coords), t, t, 3), np.uint8)
-    for lo, tiles in iter_tiles(slide, tiling, coords, threads=threads):
-        out[lo:lo + len(tiles)] = tiles
-    return out
 
 
 # --------------------------------------------------------------------------------------------- one slide
@@ -392,7 +259,7 @@ def _quality_control(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs,
 def _measure_tiles(slide: Slide, tiling: TilingAttrs, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """QC's focus features of tiles read only for it (coordinates-only stores)."""
     sharpness, structure = np.zeros(len(coords), np.float32), np.zeros(len(coords), np.float32)
-    for lo, tiles in iter_tiles(slide, tiling, coords):
+    for lo, tiles in TileSource(slide, tiling).iter_tiles(coords):
         sharpness[lo:lo + len(tiles)], structure[lo:lo + len(tiles)] = slide_qc.focus_features(tiles)
     return sharpness, structure
 
@@ -415,7 +282,7 @@ def _write_tiles(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, coo
     bar = tqdm(total=len(coords), unit="tile", desc=slide.slide_id, disable=not progress, leave=False)
     with ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as qc_pool:  # compress + write one chunk
         write_future = None  # while the next is read; QC measures the tiles beside both
-        for lo, tiles in iter_tiles(slide, tiling, coords):
+        for lo, tiles in TileSource(slide, tiling).iter_tiles(coords):
             if features is not None:
                 measured.append(qc_pool.submit(measure_run, lo, tiles))
             while len(tiles):

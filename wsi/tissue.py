@@ -75,6 +75,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .config import load_config
 from .errors import ConfigError
 
 QC_OUTLINE_RGB = (0, 220, 0)  # tissue outline colour in QC images
@@ -140,8 +141,6 @@ class TissueParams:
     @classmethod
     def default(cls) -> TissueParams:
         """The ``tissue`` section of ``configs/default.yaml`` (the one place defaults live)."""
-        from .config import load_config
-
         return cls.from_dict(load_config()["tissue"])
 
 
@@ -630,3 +629,25 @@ def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
     keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_px
     keep[0] = False
     return keep[labels]
+
+
+def tissue_fractions(mask: np.ndarray, downsample: float, coords: np.ndarray, footprint: float) -> np.ndarray:
+    """Share of mask pixels inside each tile's level-0 box, from an integral image (O(1) per tile)."""
+    if len(coords) == 0:
+        return np.zeros(0, np.float32)
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
+    h, w = mask.shape
+
+    def edges(start):
+        lo = np.clip(np.round(start / downsample).astype(np.int64), 0, None)
+        hi = np.round((start + footprint) / downsample).astype(np.int64)
+        return lo, np.maximum(hi, lo + 1)
+
+    x0, x1 = edges(coords[:, 0])
+    y0, y1 = edges(coords[:, 1])
+    x0, x1 = np.minimum(x0, w), np.minimum(x1, w)
+    y0, y1 = np.minimum(y0, h), np.minimum(y1, h)
+    area = (x1 - x0) * (y1 - y0)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return np.where(area > 0, inside / np.maximum(area, 1), 0.0).astype(np.float32)

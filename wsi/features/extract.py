@@ -31,6 +31,11 @@ Stain normalisation (``extract.stain``, :mod:`.stain`): the reference is fitted 
 stain, and its range tasks normalise each batch on the device before the encoder. The features go to
 ``features/<encoder>+<method>`` with the fit in their attrs; complete ones fitted to another reference fail
 their slide instead of being mixed with the new ones.
+
+Augmentation (``extract.augment: K``, :mod:`.augment`): K more range tasks per range, each embedding the tiles'
+k-th augmented view into ``features/<set>+augment`` (K, N, D); the slide's completing task marks both arrays. A
+slide whose raw features are complete gets only its views; complete views made with another K or other strengths
+fail their slide (delete them to redo).
 """
 
 from __future__ import annotations
@@ -51,9 +56,12 @@ from distributed import WorkerPlugin, as_completed, get_worker
 
 from ..cluster import dask_client, gpu_resources, worker_device
 from ..errors import ConfigError, SlideError, StoreError, WsiError
+from ..keys import augmented_set, encoder_key, feature_set
 from ..layout import Layout
 from ..runner import StageRun, StageSummary
-from ..store import FeatureAttrs, SlideStore, encoder_key, export_h5, feature_set, store_path
+from ..slide import TileSource, source_stat
+from ..store import FeatureAttrs, SlideStore, export_h5, store_path
+from . import augment
 from .encoders import GPU_BATCH_DEFAULT, Encoder, load_encoder, resolve_spec
 from .feed import HostRing, embed_blocks, staged_blocks
 from .stain import StainTransform, check_stain, fit_reference, fit_slide
@@ -187,22 +195,19 @@ def tile_parts(store: SlideStore, slide_cfg: dict, lo: int, hi: int, block_tiles
                threads: int) -> Iterator[Iterator[np.ndarray]]:
     """Tiles ``lo:hi`` as ordered uint8 arrays, ``threads`` threads decoding ahead of the caller: whole chunks
     of the store's pixels, or for a coordinates-only store row runs of the slide (which must be the very file
-    that was tiled) read and cut as the tiler does (:func:`wsi.tiling.iter_tiles`: the slide's JPEG tiles
+    that was tiled) read and cut as the tiler does (:class:`wsi.slide.TileSource`: the slide's JPEG tiles
     decoded directly where the format allows)."""
     if store.has_pixels:
         yield _read_ahead(store.read_tiles, lo, hi, block_tiles, threads)
         return
-    from ..slide import open_slide, source_stat
-    from ..tiling import iter_tiles
-
     source = Path(store.slide.source_path)
     if not source.exists():
         raise SlideError(source, f"the slide of coordinates-only store {store.path} is missing",
                          "restore the slide file or re-run `wsi tile`")
     if source_stat(source) != (store.slide.source_size, store.slide.source_mtime):
         raise SlideError(source, "slide file changed since it was tiled", "re-run `wsi tile` for this slide")
-    with open_slide(source, **slide_cfg) as slide:
-        yield (tiles for _, tiles in iter_tiles(slide, store.tiling, store.coords[lo:hi], threads=threads))
+    with TileSource.open(source, store.tiling, **slide_cfg) as tile_source:
+        yield (tiles for _, tiles in tile_source.iter_tiles(store.coords[lo:hi], threads=threads))
 
 
 def _read_ahead(read: Callable[[int, int], np.ndarray], lo: int, hi: int, step: int,
@@ -220,10 +225,11 @@ def _read_ahead(read: Callable[[int, int], np.ndarray], lo: int, hi: int, step: 
 
 def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tasks_per_gpu: int,
                      decode_threads: int | None, slide_cfg: dict, stain: dict | None = None,
-                     slide_stain: dict | None = None) -> float:
+                     slide_stain: dict | None = None, view: int = 0) -> float:
     """Embed tiles ``lo:hi`` of the store at ``path``, write rows ``lo:hi`` of its feature array
     ``features/<encoder>`` (a feature set) and return the seconds it took; with ``stain`` (the fitted reference)
-    and ``slide_stain`` (the slide's fit) the tiles are normalised first."""
+    and ``slide_stain`` (the slide's fit) the tiles are normalised first. ``view`` k >= 1: the tiles' k-th
+    augmented view (:mod:`.augment`), written to view k of ``encoder``'s views array instead."""
     started = time.perf_counter()
     owner = _plugin(plugin)
     enc = owner.encoder
@@ -236,6 +242,8 @@ def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tas
     if ring.pinned:
         check_pinned(tasks_per_gpu, block, tile_px, hi - lo, enc.dim, owner.batch_size, owner.pinned_budget)
     with tile_parts(store, slide_cfg, lo, hi, block, threads) as parts:
+        if view:
+            parts = augment.augmented_parts(parts, augment.slide_seed(store.slide_id), view, lo)
         features = embed_blocks(enc, staged_blocks(parts, hi - lo, block, ring), hi - lo, owner.batch_size,
                                 lock=owner.lock, ring=ring, stain=transform)
     bad = ~np.isfinite(features).all(axis=1)
@@ -245,20 +253,44 @@ def embed_tile_range(path: str, encoder: str, plugin: str, lo: int, hi: int, tas
         raise StoreError(path, f"encoder {encoder} gave NaN/Inf features for {int(bad.sum())} tiles of slide "
                                f"{store.slide_id}, first tile {i} at ({x}, {y})",
                          "check the checkpoint; try extract.precision fp32")
-    store.features_writer(encoder)[lo:hi] = features
+    writer = store.features_writer(encoder)
+    if view:
+        writer[view - 1, lo:hi] = features
+    else:
+        writer[lo:hi] = features
     return time.perf_counter() - started
 
 
-def complete_slide(path: str, encoder: str, attrs: dict, h5: str | None, stain: dict | None,
+def complete_slide(path: str, arrays: list[tuple[str, dict, str | None]], stain: dict | None,
                    slide_stain: dict | None, *range_seconds: float) -> float:
-    """Runs after every range of the slide: mark its features complete (with the stain fit, if any), then write
-    the h5 export. Returns the seconds the slide's ranges took on the workers, together."""
+    """Runs after every range of the slide: mark each of its new feature arrays complete (``(key, attrs, h5
+    path or None)``; with the stain fit, if any), then write its h5 export. Returns the seconds the slide's
+    ranges took on the workers, together."""
     store = SlideStore.open(path)
-    store.complete_features(encoder, FeatureAttrs.from_dict(
-        {**attrs, "stain": {**stain, "slide": slide_stain} if stain else None}))
-    if h5 is not None:
-        export_h5(store, encoder, h5)
+    for key, attrs, h5 in arrays:
+        store.complete_features(key, FeatureAttrs.from_dict(
+            {**attrs, "stain": {**stain, "slide": slide_stain} if stain else None}))
+        if h5 is not None:
+            export_h5(store, key, h5)
     return sum(range_seconds)
+
+
+def views_settings(views: int) -> dict:
+    """What ``FeatureAttrs.augment`` records for ``views`` augmented views."""
+    return {"views": views, **augment.settings()}
+
+
+def check_views(store: SlideStore, key: str, views: int) -> bool:
+    """Whether the store's augmented views of ``key`` are complete and made as ``views`` views are now made;
+    complete ones made otherwise are a StoreError (never mixed, never silently replaced)."""
+    if not store.has_features(key):
+        return False
+    found = store.feature_attrs(key).augment or {}
+    if found != views_settings(views):
+        raise StoreError(store.path, f"its augmented views features/{key} were made with "
+                                     f"{found.get('views')} views at other strengths than extract.augment: {views} "
+                                     "makes", f"delete features/{encoder_key(key)} to re-extract them")
+    return True
 
 
 # ------------------------------------------------------------------------------------------ the cohort
@@ -330,6 +362,9 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
     encoder, checkpoint, precision = cfg["encoder"], cfg.get("checkpoint"), cfg.get("precision", "auto")
     method = cfg.get("stain", "none")
     key = feature_set(encoder, method)
+    views = int(cfg.get("augment") or 0)
+    if views < 0:
+        raise ConfigError(None, f"extract.augment is {views}; it is the number of augmented views (0: none)")
     resolve_spec(encoder)  # an unknown name fails here, before any cluster starts
     if checkpoint is not None:
         if not Path(checkpoint).exists():
@@ -342,21 +377,24 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
         reference = fit_reference(method, str(cfg["stain_reference"]), out_dir, _cohort_ids(out_dir, None),
                                   dict(config["slide"]), encoder)
 
-    todo: list[SlideStore] = []
+    todo: list[tuple[SlideStore, bool, bool]] = []  # (store, raw features to make, views to make)
     for slide_id in run.todo():
         try:
             store = SlideStore.open(store_path(out_dir, slide_id))
-            if store.has_features(key):
+            raw_done = store.has_features(key)
+            if raw_done:
                 check_stain(method, store.feature_attrs(key).stain, reference, store.path)
                 h5 = h5_path(out_dir, key, slide_id)
                 if cfg["export_h5"] and not h5.exists():
                     export_h5(store, key, h5)
+            views_done = not views or check_views(store, augmented_set(key), views)
+            if raw_done and views_done:
                 run.skip(slide_id, "up to date")
                 continue
         except (WsiError, OSError) as e:
             run.fail(slide_id, e)
             continue
-        todo.append(store)
+        todo.append((store, not raw_done, not views_done))
 
     if todo:
         plugin = plugin_name(encoder, checkpoint, precision)
@@ -369,8 +407,9 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
                 client.register_plugin(EncoderPlugin(encoder, checkpoint, precision, settings,
                                                      gpu_only=resources is not None), name=plugin)
                 attrs = client.submit(describe_encoder, plugin, resources=resources, pure=False).result()
-                for store in todo:
-                    _submit_slide(client, cohort, store, key, config, attrs, plugin, resources, reference)
+                for store, raw, augmented in todo:
+                    _submit_slide(client, cohort, store, key, config, attrs, plugin, resources, reference,
+                                  raw=raw, views=views if augmented else 0)
                 total = sum(cohort.tiles_of.values())
                 with tqdm(total=total, unit="tile", desc=f"extract {encoder}", disable=not progress) as bar:
                     cohort.collect(client, bar)
@@ -380,12 +419,19 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
 
 
 def _submit_slide(client, cohort: _Cohort, store: SlideStore, encoder: str, config: dict, attrs: dict,
-                  plugin: str, resources: dict | None, reference: dict | None) -> None:
-    """A fresh feature array ``features/<encoder>`` (the feature set: encoder[+stain]), the slide's stain fit (with
-    a ``reference``), one task per chunk-aligned tile range, and the slide's completing task."""
+                  plugin: str, resources: dict | None, reference: dict | None, *, raw: bool, views: int) -> None:
+    """Fresh feature arrays: ``features/<encoder>`` (the feature set: encoder[+stain]) when ``raw``, and its
+    ``views`` augmented views (``features/<encoder>+augment``) when ``views``; the slide's stain fit (with a
+    ``reference``), one task per chunk-aligned tile range and view, and the slide's completing task."""
     cfg = config["extract"]
+    h5 = str(h5_path(cohort.run.out_dir, encoder, store.slide_id)) if cfg["export_h5"] else None
+    arrays = [(encoder, attrs, h5)] if raw else []
+    if views:
+        arrays.append((augmented_set(encoder), {**attrs, "augment": views_settings(views)}, None))
     try:
-        store.create_features(encoder, int(attrs["dim"]), store.tiling.chunk_tiles)
+        for key, _, _ in arrays:
+            store.create_features(key, int(attrs["dim"]), store.tiling.chunk_tiles,
+                                  views=views if key != encoder else None)
     except WsiError as e:
         cohort.run.fail(store.slide_id, e)
         return
@@ -394,12 +440,12 @@ def _submit_slide(client, cohort: _Cohort, store: SlideStore, encoder: str, conf
         slide_stain = client.submit(fit_slide, str(store.path), reference["method"], dict(config["slide"]),
                                     pure=False)
     ranges, tiles = [], []
-    for lo, hi in task_ranges(store.n_tiles, store.tiling.chunk_tiles, int(cfg["tiles_per_task"])):
-        ranges.append(client.submit(embed_tile_range, str(store.path), encoder, plugin, lo, hi,
-                                    int(cfg["tasks_per_gpu"]), cfg.get("decode_threads"), dict(config["slide"]),
-                                    reference, slide_stain, resources=resources, pure=False))
-        tiles.append(hi - lo)
-    h5 = str(h5_path(cohort.run.out_dir, encoder, store.slide_id)) if cfg["export_h5"] else None
-    final = client.submit(complete_slide, str(store.path), encoder, attrs, h5, reference, slide_stain, *ranges,
-                          pure=False)
+    for view in ([0] if raw else []) + list(range(1, views + 1)):
+        key = augmented_set(encoder) if view else encoder
+        for lo, hi in task_ranges(store.n_tiles, store.tiling.chunk_tiles, int(cfg["tiles_per_task"])):
+            ranges.append(client.submit(embed_tile_range, str(store.path), key, plugin, lo, hi,
+                                        int(cfg["tasks_per_gpu"]), cfg.get("decode_threads"), dict(config["slide"]),
+                                        reference, slide_stain, view, resources=resources, pure=False))
+            tiles.append(hi - lo)
+    final = client.submit(complete_slide, str(store.path), arrays, reference, slide_stain, *ranges, pure=False)
     cohort.add(store.slide_id, ranges, tiles, final)

@@ -40,7 +40,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, StoreError
-from ..store import SlideStore, feature_set, is_complete, store_path
+from ..keys import feature_set
+from ..slide import TileSource, slide_id_from_path
+from ..store import SlideStore, is_complete, same_stain_target, store_path
 
 STAIN_METHODS = ("none", "macenko", "reinhard")
 IO = 240                      # transmitted light intensity: the brightness of glass (torchstain's default)
@@ -94,11 +96,8 @@ def sample_tiles(store: SlideStore, n: int, slide_cfg: dict) -> np.ndarray:
     index = np.unique(np.linspace(0, store.n_tiles - 1, num=min(n, store.n_tiles)).round().astype(int))
     if store.has_pixels:
         return np.concatenate([store.read_tiles(i, i + 1) for i in index])
-    from ..slide import open_slide
-    from ..tiling import read_tiles
-
-    with open_slide(store.slide.source_path, **slide_cfg) as slide:
-        return read_tiles(slide, store.tiling, store.coords[index])
+    with TileSource.open(store.slide.source_path, store.tiling, **slide_cfg) as tiles:
+        return tiles.read_tiles(store.coords[index])
 
 
 def fit_slide(path: str, method: str, slide_cfg: dict) -> dict:
@@ -150,8 +149,6 @@ def fit_reference(method: str, reference: str, out_dir, slide_ids: list[str], sl
                 "target": fit_stain(method, _read_images(path), path, "extract.stain_reference")}
     store = path if path.suffix == ".zarr" else None
     if store is None:
-        from ..slide import slide_id_from_path
-
         store = store_path(out_dir, slide_id_from_path(path) if path.exists() else reference)
     if not is_complete(store):
         raise ConfigError(reference, "extract.stain_reference is not cohort, a folder of tile images, a model run "
@@ -172,11 +169,6 @@ def _run_reference(method: str, run_dir: Path) -> dict:
         raise ConfigError(run_dir, f"extract.stain_reference is a model run trained on stain {found}, not {method}",
                           f"set extract.stain: {found}, or give another reference")
     return {k: stain[k] for k in ("method", "reference", "target")}
-
-
-def same_target(a: dict, b: dict) -> bool:
-    """Whether two fitted references are the same (to float precision)."""
-    return a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
 
 
 # ------------------------------------------------------------------------------------------ applying
@@ -244,7 +236,7 @@ class StainTransform:
 
 def check_stain(method: str, stored: dict | None, reference: dict, path) -> None:
     """Complete features under a normalised key must have been mapped onto ``reference``; else a StoreError."""
-    if method == "none" or (stored and same_target(stored["target"], reference["target"])):
+    if method == "none" or (stored and same_stain_target(stored["target"], reference["target"])):
         return
     raise StoreError(path, f"its {method}-normalised features were fitted to another reference "
                            f"({(stored or {}).get('reference', 'unknown')}, not {reference['reference']})",

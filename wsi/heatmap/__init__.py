@@ -38,14 +38,14 @@ ensemble's scores of such a slide are flattering. Other slides show the ensemble
 Rasters and alignment rules are in :mod:`wsi.heatmap.raster`. A slide with fewer than two tiles gets valid,
 empty outputs and a warning.
 
-``high_res=True`` re-scores a finer, overlapping grid read from the slide (:mod:`wsi.heatmap.high_res`) and
-writes the same files to ``OUT/heatmaps/<run>/<slide_id>/high_res/``; the stores are not touched.
+``high_res=True`` paints the scores of a finer, overlapping grid that ``wsi extract --high-res`` and
+``wsi predict`` stored (:mod:`wsi.heatmap.high_res`) and writes the same files to
+``OUT/heatmaps/<run>/<slide_id>/high_res/``. Like every stage here, heatmaps read the store only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -54,13 +54,15 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, atomic
-from ..errors import ConfigError, StoreError, WsiError
+from ..errors import ConfigError, StoreError
 from ..layout import Layout
 from ..runner import run_slides
+from ..slide import TileSource
 from ..store import OOD_WARNING, SlideStore, open_cohort
 from .geojson import feature_collection
 from .images import blend, save_overlay, save_tile_grid
 from .raster import NORMALIZATIONS, TileValues, colour_table, normalise, render_rgba
+from .scores import SlideScores, fine_scores, stored_scores
 from .tiff import write_pyramid
 
 __all__ = ["HeatmapParams", "HeatmapSummary", "SlideScores", "heatmap_dir", "heatmap_slide", "heatmaps",
@@ -74,7 +76,8 @@ _REGION_COLOUR = (220, 40, 40)  # QuPath colour of the tumour classification
 
 @dataclass(frozen=True)
 class HeatmapParams:
-    """The ``heatmap:`` config section, checked, plus what high-res mode needs from ``slide:``/``extract:``."""
+    """The ``heatmap:`` config section, checked, plus the ``slide:`` section to read tiles of coordinates-only
+    stores."""
 
     downsample: float
     value: str
@@ -85,13 +88,7 @@ class HeatmapParams:
     top_k: int
     colormap: str
     alpha: float
-    high_res_overlap: float
-    slide: dict          # config["slide"]: opening the slide for coordinates-only stores and high-res mode
-    checkpoint: str | None  # config["extract"]["checkpoint"]: the encoder's local weights (high-res mode)
-    batch_size: int      # config["extract"]["batch_size"]: tiles per forward pass (high-res mode)
-    encoder_precision: str  # config["extract"]["precision"] (high-res mode)
-    mil_precision: str   # config["mil"]["precision"] (high-res mode)
-    device: str = "cpu"  # "cuda" when config["resources"]["heatmap"]["gpu"] gives the job a GPU (high-res mode)
+    slide: dict          # config["slide"]: opening the slide for the tiles of coordinates-only stores and fine grids
 
     @classmethod
     def from_config(cls, config: dict) -> HeatmapParams:
@@ -110,45 +107,7 @@ class HeatmapParams:
         return cls(downsample=float(h["downsample"]), value=h["value"], normalize=normalize,
                    smooth_sigma=float(h["smooth_sigma"]), threshold=float(h["threshold"]),
                    tumour_class=h["tumour_class"], top_k=int(h["top_k"]), colormap=h["colormap"],
-                   alpha=float(h["alpha"]), high_res_overlap=float(h["high_res_overlap"]),
-                   slide=dict(config["slide"]), checkpoint=config["extract"]["checkpoint"],
-                   batch_size=int(config["extract"]["batch_size"]),
-                   encoder_precision=config["extract"]["precision"], mil_precision=config["mil"]["precision"],
-                   device="cuda" if config["resources"]["heatmap"]["gpu"] else "cpu")
-
-
-@dataclass(frozen=True)
-class SlideScores:
-    """Per-tile scores of one slide under one model run, and the slide's prediction.
-
-    ``store_tiles`` is true when row ``i`` is tile ``i`` of the store (so its pixels can come from there)."""
-
-    coords: np.ndarray          # int64 (N, 2) level-0 top-left corners
-    size: float                 # tile footprint at level 0
-    attention: np.ndarray       # float32 (N,)
-    class_scores: np.ndarray    # float32 (N, C)
-    classes: tuple
-    probabilities: tuple
-    predicted: str
-    store_tiles: bool
-    source: str = "ensemble"    # or "out-of-fold (folds ...)": scored by the fold models that held it out
-    ood_score: float | None = None  # predict's out-of-distribution score (above 1: unlike the training slides)
-
-    def class_index(self, name: str | None, run: str) -> int:
-        """Index of the tumour class: ``name``, or the last class when ``name`` is None."""
-        if name is None:
-            return len(self.classes) - 1
-        if name not in self.classes:
-            raise ConfigError(None, f"heatmap.tumour_class {name!r} is not a class of model run {run} "
-                                    f"(classes: {', '.join(map(str, self.classes))})")
-        return self.classes.index(name)
-
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for a in (self.coords, self.attention, self.class_scores):
-            h.update(np.ascontiguousarray(a).tobytes())
-        h.update(json.dumps([self.size, list(self.classes), self.predicted, self.source]).encode())
-        return h.hexdigest()
+                   alpha=float(h["alpha"]), slide=dict(config["slide"]))
 
 
 @dataclass
@@ -160,36 +119,6 @@ class HeatmapSummary:
 def heatmap_dir(out_dir, run: str, slide_id: str) -> Path:
     """``OUT/heatmaps/<run>/<slide_id>`` (:meth:`wsi.layout.Layout.heatmap_dir`)."""
     return Layout(out_dir).heatmap_dir(run, slide_id)
-
-
-def stored_scores(store: SlideStore, run: str) -> SlideScores:
-    """The store's ``scores/<run>`` with its tile geometry: the out-of-fold scores of a slide of the run's
-    training cohort, else the ensemble's; damaged or non-finite scores are a StoreError."""
-    try:
-        attrs = store.scores(run)[2]
-        out_of_fold = attrs.oof_folds is not None
-        attention, class_scores, _ = store.scores(run, out_of_fold=out_of_fold)
-    except WsiError:
-        raise
-    except Exception as e:  # zarr/numcodecs raise their own types for damaged chunks
-        raise StoreError(store.path, f"scores/{run} cannot be read ({type(e).__name__}: {e})",
-                         f"re-run `wsi predict` for {store.slide_id}") from e
-    if not (np.isfinite(attention).all() and np.isfinite(class_scores).all()):
-        raise StoreError(store.path, f"scores/{run} hold non-finite values", "re-run `wsi predict`")
-    if class_scores.shape[1] != len(attrs.classes):
-        raise StoreError(store.path, f"scores/{run} have {class_scores.shape[1]} class columns for "
-                                     f"{len(attrs.classes)} classes", "re-run `wsi predict`")
-    return SlideScores(coords=store.coords, size=float(store.tiling.tile_px_level0), attention=attention,
-                       class_scores=class_scores, classes=tuple(attrs.classes),
-                       probabilities=tuple(attrs.oof_probabilities if out_of_fold else attrs.probabilities),
-                       predicted=attrs.oof_predicted if out_of_fold else attrs.predicted, store_tiles=True,
-                       source=out_of_fold_source(attrs.oof_folds) if out_of_fold else "ensemble",
-                       ood_score=attrs.ood_score)
-
-
-def out_of_fold_source(folds) -> str:
-    """How a heatmap card names scores of the fold models that held the slide out."""
-    return f"out-of-fold (fold {folds[0]})" if len(folds) == 1 else f"out-of-fold (folds {', '.join(map(str, folds))})"
 
 
 def tumour_evidence(tile_probability: np.ndarray, attention: np.ndarray, slide_probability: float) -> np.ndarray:
@@ -218,11 +147,8 @@ def _read_tiles(store: SlideStore, scores: SlideScores, indices: np.ndarray, par
     """Pixels of tiles ``indices``: from the store when it holds them, else read from the slide."""
     if scores.store_tiles and store.has_pixels:
         return np.stack([store.read_tiles(int(i), int(i) + 1)[0] for i in indices])
-    from ..slide import open_slide
-    from ..tiling import read_tiles
-
-    with open_slide(store.slide.source_path, **params.slide) as slide:
-        return read_tiles(slide, store.tiling, scores.coords[indices])
+    with TileSource.open(store.slide.source_path, store.tiling, **params.slide) as tiles:
+        return tiles.read_tiles(scores.coords[indices])
 
 
 def _top_and_bottom(attention: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,12 +171,7 @@ def _params_doc(params: HeatmapParams, high_res: bool) -> dict:
 def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *,
                   high_res: bool = False) -> dict[str, Path]:
     """Write one slide's heatmap files (see the module docstring); returns {file name: path}."""
-    if high_res:
-        from .high_res import rescore
-
-        scores = rescore(store, run, out_dir, params)
-    else:
-        scores = stored_scores(store, run)
+    scores = fine_scores(store, run) if high_res else stored_scores(store, run)
     folder = heatmap_dir(out_dir, run, store.slide_id) / ("high_res" if high_res else "")
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / name for name in OUTPUTS}
@@ -337,15 +258,16 @@ def heatmap_slide(store: SlideStore, run: str, out_dir, params: HeatmapParams, *
     return paths
 
 
-def _up_to_date(store: SlideStore, run: str, out_dir, params: HeatmapParams) -> bool:
+def _up_to_date(store: SlideStore, run: str, out_dir, params: HeatmapParams, high_res: bool) -> bool:
     """The slide's ``heatmap.json`` is there, for these parameters and these very scores, with every file."""
-    folder = heatmap_dir(out_dir, run, store.slide_id)
+    folder = heatmap_dir(out_dir, run, store.slide_id) / ("high_res" if high_res else "")
     try:
         done = json.loads((folder / "heatmap.json").read_text())
     except (OSError, ValueError):
         return False
-    return (done.get("params") == json.loads(json.dumps(_params_doc(params, False)))
-            and done.get("scores_sha256") == stored_scores(store, run).digest()
+    scores = fine_scores(store, run) if high_res else stored_scores(store, run)
+    return (done.get("params") == json.loads(json.dumps(_params_doc(params, high_res)))
+            and done.get("scores_sha256") == scores.digest()
             and all((folder / name).exists() for name in OUTPUTS))
 
 
@@ -354,16 +276,13 @@ def heatmaps(out_dir, run: str, config: dict, *, slide_ids: list[str] | None = N
     """Heatmaps of every slide with scores of ``run`` (or of ``slide_ids``); see the module docstring.
 
     A slide that fails gets one ``failures.csv`` row (stage ``heatmap``) and a line on stderr; the others go
-    on. Slides already done with the same parameters and scores are skipped (high-res ones are always
-    redone: their scores are not stored). Raises StoreError when no slide at all has scores for ``run``.
+    on. Slides already done with the same parameters and scores are skipped. Raises StoreError when no slide
+    at all has scores for ``run``.
     """
     from tqdm import tqdm
 
     params = HeatmapParams.from_config(config)
     layout = Layout(out_dir)
-    if high_res and not layout.run_dir(run).is_dir():
-        raise ConfigError(layout.run_dir(run), "model run folder does not exist",
-                          "high-res mode re-scores tiles with the trained model; check --model-run")
     if slide_ids is None:
         slide_ids = [s.slide_id for s in open_cohort(out_dir) if s.has_scores(run)]
         if not slide_ids:
@@ -371,9 +290,9 @@ def heatmaps(out_dir, run: str, config: dict, *, slide_ids: list[str] | None = N
                              f"run `wsi predict --model {layout.run_dir(run)}` first")
     bar = tqdm(total=len(slide_ids), unit="slide", desc=STAGE, disable=not progress)
 
-    def is_done(slide_id: str) -> bool:  # high-res scores are not stored: always redone
+    def is_done(slide_id: str) -> bool:
         bar.update()
-        return not high_res and _up_to_date(SlideStore.open(layout.store(slide_id)), run, out_dir, params)
+        return _up_to_date(SlideStore.open(layout.store(slide_id)), run, out_dir, params, high_res)
 
     def work(slide_id: str) -> None:
         heatmap_slide(SlideStore.open(layout.store(slide_id)), run, out_dir, params, high_res=high_res)

@@ -30,13 +30,12 @@ import pandas as pd
 import torch
 
 from ..checks import CV_MODES, check_sites
-from ..errors import ConfigError
+from ..errors import ConfigError, format_ids
 from ..layout import Layout
 from ..store import SlideStore, is_complete, open_cohort, store_path
 
 SPLITS = ("train", "val", "test")
 VALIDATION = ("auto", "always", "never")
-_SHOWN = 8  # slide ids quoted in one error message
 
 
 @dataclass(frozen=True)
@@ -77,13 +76,6 @@ class Fold:
     train: tuple[str, ...]
     val: tuple[str, ...]
     test: tuple[str, ...]
-
-
-def format_ids(ids) -> str:
-    """Up to a few ids, comma-separated, then "and N more"."""
-    ids = list(ids)
-    shown = ", ".join(str(i) for i in ids[:_SHOWN])
-    return shown + (f" and {len(ids) - _SHOWN} more" if len(ids) > _SHOWN else "")
 
 
 def read_labels(path) -> pd.DataFrame:
@@ -197,6 +189,22 @@ def load_cohort(out_dir, labels_path, encoder: str, *, classes=None, skip_missin
     unlabelled = tuple(s.slide_id for s in open_cohort(out_dir) if s.slide_id not in labelled)
     return Cohort(labels_path, encoder, names, next(iter(dims)) if dims else 0, tuple(bags), unlabelled,
                   tuple(excluded))
+
+
+def require_views(cohort: Cohort, key: str, views: int) -> None:
+    """With ``views`` (``extract.augment``), every bag must have that many complete augmented views under ``key``;
+    else a ConfigError naming the labels file and the slides."""
+    if not views:
+        return
+    lacking = []
+    for bag in cohort.bags:
+        store = SlideStore.open(bag.store)
+        if not store.has_features(key) or (store.feature_attrs(key).augment or {}).get("views") != views:
+            lacking.append(bag.slide_id)
+    if lacking:
+        raise ConfigError(cohort.labels_path, f"extract.augment is {views}, and {len(lacking)} labelled slide(s) "
+                                              f"lack {views} augmented views ({key}): {format_ids(lacking)}",
+                          "run `wsi extract` with the same extract.augment first, or set extract.augment: 0")
 
 
 def _require_two_classes(bags: list[Bag], names: tuple[str, ...], path) -> None:

@@ -86,7 +86,8 @@ def classification_metrics(y_true, probs, classes, *, groups=None, sites=None, n
                            seed: int = 0) -> dict:
     """Metrics of slide predictions ``probs`` (n, C) against class indices ``y_true`` (n,), with 95% CIs from
     ``n_bootstrap`` patient-level resamples (``groups``: the patient of each slide; default one per slide); with
-    ``sites`` (the site of each slide) also ``per_site``: the same AUROC and balanced accuracy within each site."""
+    ``sites`` (the site of each slide) also ``per_site``: the same AUROC, balanced accuracy, Brier score and ECE within
+    each site."""
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=float)
     classes = [str(c) for c in classes]
@@ -134,7 +135,7 @@ def classification_metrics(y_true, probs, classes, *, groups=None, sites=None, n
             m = classification_metrics(y_true[within], probs[within], classes, groups=groups[within],
                                        n_bootstrap=n_bootstrap, seed=seed)
             out["per_site"][site] = {k: m[k] for k in ("n_slides", "n_patients", "support", "auroc",
-                                                       "balanced_accuracy")}
+                                                       "balanced_accuracy", "brier", "ece")}
     rates_ci = ci("confusion_rates")
     cm = _confusion(y_true, probs.argmax(axis=1), n_classes)
     out["confusion_matrix"] = {

@@ -39,12 +39,12 @@ import torch
 
 from .. import __version__
 from ..atomic import write_csv, write_json
-from ..errors import ConfigError
+from ..errors import ConfigError, format_ids
 from ..layout import Layout
 from ..runner import run_slides
-from ..store import ScoreAttrs, SlideStore, open_cohort, store_path
-from .calibration import apply_temperature
-from .data import format_ids, read_labels
+from ..store import FeatureAttrs, ScoreAttrs, SlideStore, open_cohort, same_stain_target, store_path
+from .calibration import Calibration
+from .data import read_labels
 from .metrics import classification_metrics, plot_roc
 from .models import MILModel, create_model
 from .ood import OODReference, slide_descriptor
@@ -70,7 +70,7 @@ class Ensemble:
     device: torch.device
     precision: str
     held_out_by: dict[str, tuple[int, ...]] = field(default_factory=dict)  # slide id -> the folds that held it out
-    temperature: float | None = None       # the run's calibration; None: probabilities as the models give them
+    calibration: Calibration = field(default_factory=Calibration)  # method none: probabilities as the models give
     ood: OODReference | None = None        # the training slides' feature statistics; None: a run made before
     ood_out_of_fold: dict[str, float] = field(default_factory=dict)  # the training slides' own, out-of-fold scores
 
@@ -85,11 +85,11 @@ class Ensemble:
         if not np.isfinite(features).all():
             raise ConfigError(source, "features contain NaN/inf", f"re-run `wsi extract --encoder {self.encoder}`")
 
-    def score_bag(self, features: np.ndarray, *, folds: tuple[int, ...] | None = None
+    def score_bag(self, features: np.ndarray, *, folds: tuple[int, ...] | None = None, site: str | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``features`` (N, D) -> attention (N,) summing to 1, per-tile class scores (N, C), slide
-        probabilities (C,) calibrated by the run's temperature, averaged over the folds (or over the models of
-        ``folds`` alone)."""
+        probabilities (C,) averaged over the folds (or over the models of ``folds`` alone) and calibrated by the
+        run's calibration (``site``'s own where the run has one)."""
         features = np.asarray(features, dtype=np.float32)
         self.check_features(features)
         x = torch.from_numpy(features).to(self.device)
@@ -97,12 +97,10 @@ class Ensemble:
         with torch.inference_mode(), autocast_context(self.device, dtype):
             outputs = [m(x) for m in (self.models if folds is None else [self.models[f] for f in folds])]
         probs = torch.stack([torch.softmax(o.logits.float(), dim=0) for o in outputs]).mean(dim=0)
-        predicted = int(probs.argmax())  # the temperature never changes it
+        predicted = int(probs.argmax())  # attention follows the models' call (a site's offsets may move it)
         attention = torch.stack([o.attention_for(predicted).float() for o in outputs]).mean(dim=0)
         tile_scores = torch.stack([torch.softmax(o.tile_logits.float(), dim=1) for o in outputs]).mean(dim=0)
-        probs = probs.cpu().numpy()
-        if self.temperature is not None:
-            probs = apply_temperature(probs, self.temperature)
+        probs = self.calibration.apply(probs.cpu().numpy(), site)
         return attention.cpu().numpy(), tile_scores.cpu().numpy(), probs
 
     def ood_score(self, slide_id: str, features: np.ndarray) -> float | None:
@@ -162,7 +160,7 @@ def load_ensemble(model_dir, *, device: str | torch.device | None = None, precis
                     classes=list(info["classes"]), in_dim=int(info["model"]["in_dim"]), model_dir=model_dir,
                     feature_attrs=info.get("feature_attrs") or {}, models=models, device=device,
                     precision=precision, held_out_by=held_out_by,
-                    temperature=(calibration or {}).get("temperature"),
+                    calibration=Calibration.from_dict(calibration or {}),
                     ood=OODReference.load(model_dir, ood["threshold"]) if ood else None,
                     ood_out_of_fold=(ood or {}).get("out_of_fold", {}))
 
@@ -176,11 +174,10 @@ class PredictSummary:
     unlike_training: list[str] = field(default_factory=list)  # slides flagged out of distribution (``ood``)
 
 
-def _check_weights(ensemble: Ensemble, store: SlideStore) -> None:
-    """The store's features come from the run's encoder weights, normalised to the run's stain reference."""
-    from ..features.stain import same_target
-
-    attrs = store.feature_attrs(ensemble.encoder)
+def _check_weights(ensemble: Ensemble, store: SlideStore, attrs: FeatureAttrs | None = None) -> None:
+    """The store's features (or the fine grid's, ``attrs``) come from the run's encoder weights, normalised to
+    the run's stain reference."""
+    attrs = attrs or store.feature_attrs(ensemble.encoder)
     trained = ensemble.feature_attrs.get("weights_sha256")
     found = attrs.weights_sha256
     if trained and found and trained != found:
@@ -188,35 +185,55 @@ def _check_weights(ensemble: Ensemble, store: SlideStore) -> None:
                                       f"{ensemble.run} was trained on weights {trained[:12]}",
                           "re-extract with the run's encoder weights")
     reference = ensemble.feature_attrs.get("stain")
-    if reference and attrs.stain and not same_target(reference["target"], attrs.stain["target"]):
+    if reference and attrs.stain and not same_stain_target(reference["target"], attrs.stain["target"]):
         raise ConfigError(store.path, f"features of {ensemble.encoder} were normalised to "
                                       f"{attrs.stain['reference']}, model run {ensemble.run} to "
                                       f"{reference['reference']}",
                           f"re-extract with extract.stain_reference: {ensemble.model_dir}")
 
 
-def _score_store(ensemble: Ensemble, store: SlideStore) -> np.ndarray:
-    """Score one store and write ``scores/<run>`` into it (with the out-of-fold scores of a slide of the run's
-    cohort); returns the ensemble's slide probabilities."""
+def _score_store(ensemble: Ensemble, store: SlideStore, site: str | None = None) -> ScoreAttrs:
+    """Score one store (of ``site``, when the labels table names it) and write ``scores/<run>`` into it (with the
+    out-of-fold scores of a slide of the run's cohort); returns what it wrote as the slide's attrs."""
     features = store.features(ensemble.encoder)
     ensemble.check_features(features, store.path)
     _check_weights(ensemble, store)
-    attention, tile_scores, probs = ensemble.score_bag(features)
+    attention, tile_scores, probs = ensemble.score_bag(features, site=site)
     folds = ensemble.held_out_by.get(store.slide_id)
     oof, oof_attrs = None, {}
     if folds is not None:
-        oof_attention, oof_tiles, oof_probs = ensemble.score_bag(features, folds=folds)
+        oof_attention, oof_tiles, oof_probs = ensemble.score_bag(features, folds=folds, site=site)
         oof = (oof_attention, oof_tiles)
         oof_attrs = {"oof_folds": folds, "oof_probabilities": tuple(float(p) for p in oof_probs),
                      "oof_predicted": ensemble.classes[int(np.argmax(oof_probs))]}
     ood_score = ensemble.ood_score(store.slide_id, features)
+    fine, fine_attrs = _score_fine_grid(ensemble, store, folds, site)
     attrs = ScoreAttrs(
         run=ensemble.run, model=ensemble.model_name, encoder=ensemble.encoder, classes=tuple(ensemble.classes),
         probabilities=tuple(float(p) for p in probs), predicted=ensemble.classes[int(np.argmax(probs))],
-        wsi_version=__version__, temperature=ensemble.temperature, ood_score=ood_score,
-        ood=None if ood_score is None else ood_score > 1, **oof_attrs)
-    store.write_scores(ensemble.run, attention, tile_scores, attrs, out_of_fold=oof)
+        wsi_version=__version__, temperature=ensemble.calibration.temperature,
+        calibration_site=site if site in ensemble.calibration.sites else None, ood_score=ood_score,
+        ood=None if ood_score is None else ood_score > 1, **oof_attrs, **fine_attrs)
+    store.write_scores(ensemble.run, attention, tile_scores, attrs, out_of_fold=oof, fine=fine)
     return attrs
+
+
+def _score_fine_grid(ensemble: Ensemble, store: SlideStore, folds: tuple[int, ...] | None, site: str | None
+                     ) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict]:
+    """The fine grid's tiles (``wsi extract --high-res``) scored as one bag, by the fold models that held the
+    slide out when it is of the run's cohort (as its heatmap shows it), else by the ensemble, calibrated as the
+    slide is: ((attention, class scores), their ``ScoreAttrs.fine_*``), or (None, {}) for a slide without a fine
+    grid."""
+    if not store.has_fine_features(ensemble.encoder):
+        return None, {}
+    features, attrs = store.fine_features(ensemble.encoder)
+    _check_weights(ensemble, store, attrs)
+    if not len(features):  # no fine tile reaches the tissue rule: an empty map, no call
+        empty = np.zeros(0, np.float32), np.zeros((0, len(ensemble.classes)), np.float32)
+        return empty, {"fine_folds": folds, "fine_predicted": "none"}
+    attention, tile_scores, probs = ensemble.score_bag(features, folds=folds, site=site)
+    return (attention, tile_scores), {"fine_folds": folds, "fine_probabilities": tuple(float(p) for p in probs),
+                                      "fine_predicted": ensemble.classes[int(np.argmax(probs))]}
 
 
 def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = None) -> PredictSummary:
@@ -229,22 +246,42 @@ def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = N
     else:
         targets = {sid: store_path(out_dir, sid) for sid in slide_ids}
     rows = []
+    sites = slide_sites(config.get("labels"))
 
     def work(slide_id: str) -> None:
-        attrs = _score_store(ensemble, SlideStore.open(targets[slide_id]))
+        attrs = _score_store(ensemble, SlideStore.open(targets[slide_id]), sites.get(slide_id))
         rows.append([slide_id, *attrs.probabilities, attrs.predicted,
                      "" if attrs.ood_score is None else round(attrs.ood_score, 4),
-                     "" if attrs.ood is None else attrs.ood])
+                     "" if attrs.ood is None else attrs.ood, calibrated_by(ensemble.calibration, attrs)])
 
     ran = run_slides(out_dir, "predict", targets, work)
     csv_path = Layout(out_dir).predictions_csv(ensemble.run)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(csv_path,
-                         ["slide_id", *probability_columns(ensemble.classes), "predicted", "ood_score", "ood"],
+                         ["slide_id", *probability_columns(ensemble.classes), "predicted", "ood_score", "ood",
+                          "calibration"],
                          rows)
     metrics = external_validation(csv_path.parent, ensemble, rows, config.get("labels"), config["mil"])
     return PredictSummary(csv_path, ran.done, list(ran.failed), metrics,
-                          unlike_training=sorted(r[0] for r in rows if r[-1] is True))
+                          unlike_training=sorted(r[0] for r in rows if r[-2] is True))
+
+
+def slide_sites(labels) -> dict[str, str]:
+    """Each slide's site from the labels table's ``site`` column (none without a table or the column)."""
+    if not labels:
+        return {}
+    table = read_labels(labels)
+    if "site" not in table.columns:
+        return {}
+    return {row.slide_id: row.site for row in table.itertuples(index=False) if row.site}
+
+
+def calibrated_by(calibration: Calibration, attrs: ScoreAttrs) -> str:
+    """predictions.csv's ``calibration``: ``site <name>`` (its own fit), ``cohort`` (the run's temperature) or
+    ``none``."""
+    if attrs.calibration_site is not None:
+        return f"site {attrs.calibration_site}"
+    return "none" if calibration.temperature is None else "cohort"
 
 
 def external_validation(folder: Path, ensemble: Ensemble, rows: list[list], labels, mil: dict) -> Path | None:

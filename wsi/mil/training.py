@@ -27,8 +27,14 @@ Repeats (``mil.repeats``): the whole cross-validation runs ``R`` times, each rep
 ensemble of all ``R x K`` fold models. One cross-validation's figure depends on its seed (a fold whose model
 collapses scores its test slides at 0.0003 or 0.99); the mean over repeats does not follow one draw.
 
+Augmented views (``extract.augment: K``, :mod:`wsi.features.augment`): each epoch, each training bag is one of
+its K + 1 versions drawn at random (the raw features or one of the K stain/scanner-augmented views, the same view
+for all of the bag's tiles, as a slide is stained and scanned as a whole); validation and test bags are raw.
+
 Calibration (``mil.calibration: temperature``): one temperature fitted on the out-of-fold predictions
-(:mod:`.calibration`); it softens over-confident probabilities without changing any call or ranking.
+(:mod:`.calibration`); it softens over-confident probabilities without changing any call or ranking. ``site``
+adds each training site's own temperature and offsets, held near the cohort's (the labels table needs a site
+column; checked before any fold).
 
 Training recipe (chosen by the ablation in ``bench/mil_quality.py``; figures in bench/RESULTS.md): AdamW,
 learning rate ``mil.lr`` with cosine decay to 1% over ``mil.epochs`` (``mil.schedule: constant`` keeps it),
@@ -79,11 +85,26 @@ from distributed import WorkerPlugin, as_completed, get_worker
 
 from .. import __version__
 from ..atomic import write_csv, write_json
-from ..errors import ConfigError, record_failure
-from ..layout import Layout, run_name
-from ..store import SlideStore, feature_set
-from .calibration import apply_temperature, brier, confident_errors, cross_fitted, ece, fit_temperature
-from .data import Bag, Cohort, Fold, class_weights, format_ids, load_bags, load_cohort, make_folds, subsample
+from ..checks import check_sites
+from ..config import run_name
+from ..errors import ConfigError, format_ids
+from ..failures import record_failure
+from ..keys import augmented_set, feature_set_of
+from ..layout import Layout
+from ..store import SlideStore
+from .calibration import Calibration, brier, confident_errors, cross_fitted, ece, fit_calibration
+from .data import (
+    Bag,
+    Cohort,
+    Fold,
+    bag_bytes,
+    class_weights,
+    load_bags,
+    load_cohort,
+    make_folds,
+    require_views,
+    subsample,
+)
 from .metrics import _point_metrics, classification_metrics, plot_reliability, plot_roc
 from .models import MILModel, create_model, model_config
 from .ood import DESCRIPTOR, REFERENCE_FILE, fit_out_of_fold, slide_descriptor
@@ -109,10 +130,11 @@ class TrainParams:
     bag_cache_gb: float
     seed: int
     precision: str
+    views: int = 0    # augmented views a training bag is drawn from besides its raw features (extract.augment)
 
     @classmethod
-    def from_config(cls, mil: dict) -> TrainParams:
-        return cls(**{f.name: mil[f.name] for f in fields(cls)})
+    def from_config(cls, mil: dict, views: int = 0) -> TrainParams:
+        return cls(**{f.name: mil[f.name] for f in fields(cls) if f.name != "views"}, views=views)
 
 
 @dataclass(frozen=True)
@@ -192,6 +214,30 @@ def _evaluate(model: MILModel, bags, encoder, device, dtype, weights: torch.Tens
         loss = losses.sum() / weights[targets].sum().clamp(min=1e-12)
         host = torch.cat([loss.view(1), torch.softmax(logits, dim=1).flatten()]).cpu().numpy()
     return float(host[0]), host[1:].reshape(len(bags), -1)
+
+
+class BagViews:
+    """The augmented views of the training bags (``views`` of them under ``key``; none when 0): in memory on
+    ``device`` when they fit in ``limit_gb`` with the raw bags' share, else read from the stores one view at a
+    time."""
+
+    def __init__(self, bags, key: str, views: int, in_dim: int, limit_gb: float, device: torch.device):
+        self.key, self.views, self.device = key, views, device
+        self.loaded: dict[str, torch.Tensor] = {}
+        if views and bag_bytes(bags, in_dim) * (views + 1) <= limit_gb * 1e9:
+            self.loaded = {b.slide_id: torch.from_numpy(SlideStore.open(b.store).features(key)).to(device)
+                           for b in bags}
+
+    def draw(self, bag: Bag, raw: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """One of the bag's raw features and its views, drawn uniformly (the raw ones when there are no views)."""
+        if not self.views:
+            return raw
+        view = int(rng.integers(self.views + 1))
+        if view == 0:
+            return raw
+        if bag.slide_id in self.loaded:
+            return self.loaded[bag.slide_id][view - 1]
+        return torch.from_numpy(SlideStore.open(bag.store).features(self.key, view=view - 1)).to(self.device)
 
 
 class KeptWeights:
@@ -274,6 +320,8 @@ def _train_fold(task: FoldTask, device: torch.device, loaded, progress) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loaded = bags_on_device(load_bags(task.train + task.val, task.encoder, task.model["in_dim"], p.bag_cache_gb,
                                       loaded), device)
+    views = BagViews(task.train, augmented_set(task.encoder), p.views, task.model["in_dim"], p.bag_cache_gb,
+                     device)
     kept = KeptWeights("validation" if task.val else p.keep, p.epochs, p.average_last)
 
     started_at = time.time()
@@ -284,6 +332,7 @@ def _train_fold(task: FoldTask, device: torch.device, loaded, progress) -> dict:
         order = [task.train[i] for i in rng.permutation(len(task.train))]
         loss_sum = torch.zeros((), device=device)
         for bag, features in iter_bags(order, task.encoder, device, loaded):
+            features = views.draw(bag, features, rng)
             keep = subsample(features.shape[0], p.max_train_tiles, generator)
             x = features if keep is None else features[keep]
             with autocast_context(device, dtype):
@@ -427,7 +476,7 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     each repeat with its own folds and seeds) and return the run folder ``OUT/models/<run>``. All input checks
     (:func:`.data.load_cohort`, :func:`.data.make_folds`) run before the first fold starts."""
     mil = config["mil"]
-    encoder = feature_set(config["extract"]["encoder"], config["extract"].get("stain"))  # what features to train on
+    encoder = feature_set_of(config["extract"])  # what features to train on
     if not config.get("labels"):
         raise ConfigError(None, "no labels table (config key labels is null)", "pass --labels FILE")
     name = run_name(config)
@@ -437,7 +486,10 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
                           validation=mil["validation"], min_val_per_class=mil["min_val_per_class"])
                for r in range(mil["repeats"])]
     model = model_config(mil["model"], cohort.in_dim, len(cohort.classes), mil)
-    params = TrainParams.from_config(mil)
+    params = TrainParams.from_config(mil, views=int(config["extract"].get("augment") or 0))
+    require_views(cohort, augmented_set(encoder), params.views)
+    check_sites(cohort.labels_path, [b.site for b in cohort.bags], [b.slide_id for b in cohort.bags],
+                calibration=mil["calibration"])
     _report_cohort(out_dir, cohort)
 
     layout = Layout(out_dir)
@@ -452,7 +504,7 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
              for r, folds in enumerate(repeats) for f in folds]
     try:
         results, descriptors = _run_folds(tasks, cohort.bags, config["cluster"], progress)
-        metrics, temperature, ood = _write_outputs(tmp, cohort, repeats, results, descriptors, mil)
+        metrics, calibration, ood = _write_outputs(tmp, cohort, repeats, results, descriptors, mil)
         first = SlideStore.open(cohort.bags[0].store)
         write_json(tmp / "run.json", {
             "schema_version": RUN_SCHEMA_VERSION, "complete": True, "run": name, "wsi_version": __version__,
@@ -469,8 +521,7 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
                        **{k: res[k] for k in ("kept", "best_epoch", "best_val_loss", "epochs_run")}}
                       for (r, f), t, res in zip(((r, f) for r, folds in enumerate(repeats) for f in folds),
                                                 tasks, results)],
-            "calibration": ({"method": "temperature", "temperature": temperature} if temperature is not None
-                            else {"method": "none"}),
+            "calibration": calibration.to_dict(),
             "ood": ood,
             "unlabelled": list(cohort.unlabelled), "excluded": [list(e) for e in cohort.excluded],
             "metrics": {k: metrics[k] for k in ("auroc", "balanced_accuracy", "f1", "brier", "ece")},
@@ -484,13 +535,13 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
 
 
 def _write_outputs(run_dir: Path, cohort: Cohort, repeats: list[list[Fold]], results: list[dict],
-                   descriptors: dict[str, np.ndarray], mil: dict) -> tuple[dict, float | None, dict]:
+                   descriptors: dict[str, np.ndarray], mil: dict) -> tuple[dict, Calibration, dict]:
     """cv_predictions.csv, metrics.json, roc.png, reliability.png and ood.safetensors from the folds' test
-    predictions (``results`` in the order of the repeats' folds); returns the metrics, the fitted temperature
-    (None: ``mil.calibration: none``) and run.json's ``ood`` entry.
+    predictions (``results`` in the order of the repeats' folds); returns the metrics, the fitted calibration
+    (:class:`.calibration.Calibration`) and run.json's ``ood`` entry.
 
     A slide's out-of-fold probabilities are the mean over the repeats of the fold model that held it out,
-    calibrated by the temperature fitted on every slide (the csv's ``prob_*``, as predict writes them into the
+    calibrated by the calibration fitted on every slide (the csv's ``prob_*``, as predict writes them into the
     store). The Brier score, ECE and the most confident wrong call are measured on cross-fitted calibrations
     instead (each test fold of the first repeat calibrated by a temperature fitted on the other folds' slides), so
     the fit does not flatter them; no other figure depends on the temperature."""
@@ -506,12 +557,13 @@ def _write_outputs(run_dir: Path, cohort: Cohort, repeats: list[list[Fold]], res
     ids = [s for fold in repeats[0] for s in fold.test]
     raw = np.array([np.mean(held_out[s], axis=0) for s in ids]).reshape(len(ids), len(cohort.classes))
     y_true = np.array([by_id[s].target for s in ids])
-    temperature, probs, measured = None, raw, raw
-    if mil["calibration"] == "temperature":
-        temperature = fit_temperature(y_true, raw)
-        probs = apply_temperature(raw, temperature)
+    method, sites = mil["calibration"], [by_id[s].site for s in ids]
+    calibration = fit_calibration(method, y_true, raw, sites)
+    probs, measured = raw, raw
+    if method != "none":
+        probs = np.array([calibration.apply(p, site) for p, site in zip(raw, sites)])
         groups = [first_fold[s] for s in ids] if len(repeats[0]) > 1 else [by_id[s].patient_id for s in ids]
-        measured = cross_fitted(y_true, raw, groups)
+        measured = cross_fitted(y_true, raw, groups, method, sites if method == "site" else None)
 
     reference, ood_oof = fit_out_of_fold(descriptors, [f.test for f in repeats[0]], mil["ood_alpha"])
     reference.save(run_dir)
@@ -520,20 +572,26 @@ def _write_outputs(run_dir: Path, cohort: Cohort, repeats: list[list[Fold]], res
     write_csv(run_dir / "cv_predictions.csv",
               ["slide_id", "patient_id", "label", "fold", *probability_columns(cohort.classes), "predicted",
                "ood_score", "ood"], rows)
-    sites = [by_id[s].site for s in ids]
     settings = dict(groups=[by_id[s].patient_id for s in ids], sites=sites if any(sites) else None,
                     n_bootstrap=mil["bootstrap"], seed=mil["seed"])
     metrics = classification_metrics(y_true, probs, cohort.classes, **settings)
-    if temperature is not None:
-        # only the calibration figures are taken from here: no per-site resampling for them
-        honest = classification_metrics(y_true, measured, cohort.classes, **{**settings, "sites": None})
+    if method != "none":
+        # only the calibration figures are taken from here: per site, the same figures of the site's slides
+        honest = classification_metrics(y_true, measured, cohort.classes, **settings)
         metrics.update({k: honest[k] for k in ("brier", "ece", "max_wrong_confidence", "confident_wrong")})
+        for site, figures in (honest.get("per_site") or {}).items():
+            metrics["per_site"][site].update({k: figures[k] for k in ("brier", "ece")})
     metrics["repeats"] = len(repeats)
     metrics["calibration"] = {
-        "method": mil["calibration"], "temperature": temperature,
-        "measured": ("cross-fitted: each test fold's slides calibrated by a temperature fitted on the other folds' "
-                     "(Brier, ECE, most confident wrong call)") if temperature is not None else "uncalibrated",
+        **calibration.to_dict(), "temperature": calibration.temperature,
+        "measured": (f"cross-fitted: each test fold's slides calibrated by a {method} calibration fitted on the "
+                     "other folds' (Brier, ECE, most confident wrong call)") if method != "none" else "uncalibrated",
         "uncalibrated": {"brier": brier(y_true, raw), "ece": ece(y_true, raw), **confident_errors(y_true, raw)}}
+    if method == "site":  # what the sites' own fits add to the cohort's one temperature, measured the same way
+        cohort_only = cross_fitted(y_true, raw, groups)
+        metrics["calibration"]["cohort_temperature"] = {
+            "brier": brier(y_true, cohort_only), "ece": ece(y_true, cohort_only),
+            **confident_errors(y_true, cohort_only)}
     metrics["ood"] = {"alpha": mil["ood_alpha"], "flagged_out_of_fold": int(sum(v > 1 for v in ood_oof.values())),
                       "slides": len(ood_oof)}
     write_json(run_dir / "metrics.json", metrics)
@@ -541,4 +599,4 @@ def _write_outputs(run_dir: Path, cohort: Cohort, repeats: list[list[Fold]], res
     plot_reliability(y_true, measured, metrics, run_dir / "reliability.png")
     ood = {"descriptor": DESCRIPTOR, "file": REFERENCE_FILE, "alpha": mil["ood_alpha"],
            "threshold": reference.threshold, "out_of_fold": ood_oof}
-    return metrics, temperature, ood
+    return metrics, calibration, ood

@@ -1,4 +1,8 @@
-"""Never trust a pyramid level blindly: compare it with level 0 before the tiler uses it.
+"""Pyramid levels: which one to read for a target MPP, where a level pixel sits at level 0, and never trusting a
+level blindly: compare it with level 0 before the tiler uses it.
+
+:func:`choose_level` picks the coarsest level not coarser than the target (within a tolerance), as DESIGN.md
+says; :func:`level0_position` is the level-0 coordinate every backend maps back to a given level pixel.
 
 Scanners and converters sometimes write coarse levels that are damaged or tagged with the wrong colour space, and
 a reader may decode a level other than as the file means it (OpenSlide 4.0.1 fails on the levels wsidicomizer
@@ -6,7 +10,7 @@ adds to a DICOM conversion of an SVS). The tissue mask is read from a coarse lev
 silently wrong mask; tiles read from a bad level would be wrong pixels.
 
 :class:`LevelCheck` judges each level the tiler wants (for the mask, :func:`wsi.tiling.read_thumbnail`, and for
-tiles, :func:`wsi.tiling.tile_grid`) once, before it is used. Level 0 is the reference. At a grid of
+tiles, :func:`wsi.slide.tiles.tile_grid`) once, before it is used. Level 0 is the reference. At a grid of
 ``SPOTS_PER_SIDE`` x ``SPOTS_PER_SIDE`` spots spread over the slide, a box of the level (``SPOT_PX`` pixels a
 side, covering about ``SPOT_LEVEL0_PX`` level-0 pixels) is read with its level-0 footprint, area-averaged to
 the same size. The level agrees when, pooled over the spots,
@@ -36,8 +40,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from .errors import SlideError
-from .slide import ReadPlan, Slide, choose_level, level0_position
+from ..errors import SlideError
+from .slide import Slide
 
 SPOTS_PER_SIDE = 4        # the spots form a 4 x 4 grid over the slide
 SPOT_LEVEL0_PX = 256      # a spot covers about this many level-0 pixels a side ...
@@ -49,6 +53,53 @@ CONTRAST_RANGE = (0.5, 2.0)  # the level's grey std within spots over level 0's
 FLAT_EXTRA_STD = 6.0      # where level 0 is flat everywhere, the level may be this much more varied
 
 
+# ------------------------------------------------------------------------------------------ geometry
+def level0_position(level_px: int, downsample: float) -> int:
+    """The level-0 coordinate that every backend maps back to ``level_px`` on a level of ``downsample``.
+
+    Backends take level-0 locations and truncate ``location / downsample``; rounding up (by at most one level-0
+    pixel, which is less than one level pixel) keeps that exact when the downsample is not an integer."""
+    return int(np.ceil(level_px * downsample - 1e-6))
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Where to read for a target MPP: the level, its MPP, and the resampling factor to the target (>= 1)."""
+
+    level: int
+    level_mpp: float
+    scale: float  # level pixels per target pixel; 1.0 means no resampling
+
+    @property
+    def effective_mpp(self) -> float:
+        return self.level_mpp * self.scale
+
+
+def choose_level(slide: Slide, target_mpp: float, tolerance: float = 0.05, levels=None) -> ReadPlan:
+    """The coarsest level not coarser than ``target_mpp`` (within ``tolerance``), as DESIGN.md says; only
+    among ``levels`` when given (the tiler leaves out levels that disagree with level 0, see
+    :mod:`wsi.slide.levels`).
+
+    A level within the tolerance is read as is (no resampling; the effective MPP is recorded); otherwise the
+    finer level is read and area-averaged down by ``scale``. A target finer than level 0 beyond the tolerance
+    is an error: upsampling would invent detail.
+    """
+    best = None
+    for level in range(slide.level_count) if levels is None else levels:
+        mpp = slide.level_mpp(level)
+        if mpp <= target_mpp * (1 + tolerance) and (best is None or mpp > slide.level_mpp(best)):
+            best = level
+    if best is None:
+        raise SlideError(slide.path, f"target {target_mpp:g} um/px is finer than the slide's level 0 "
+                                     f"({slide.mpp_x:g} um/px)", "choose a larger tiling.target_mpp")
+    mpp = slide.level_mpp(best)
+    scale = target_mpp / mpp
+    if abs(scale - 1) <= tolerance:
+        scale = 1.0
+    return ReadPlan(level=best, level_mpp=mpp, scale=scale)
+
+
+# ------------------------------------------------------------------------------------------ the check
 @dataclass(frozen=True)
 class LevelVerdict:
     """What the check found for one level; ``cause`` says why it disagrees (empty when it agrees)."""
@@ -148,7 +199,7 @@ class LevelCheck:
         self.verdicts[level] = LevelVerdict(level, False, cause)
 
     def plan(self, target_mpp: float, tolerance: float, purpose: str) -> ReadPlan:
-        """:func:`wsi.slide.choose_level` among the levels that agree with level 0: the level the resolution
+        """:func:`choose_level` among the levels that agree with level 0: the level the resolution
         asks for, else the next finer one that agrees."""
         allowed = list(range(self.slide.level_count))
         wanted = choose_level(self.slide, target_mpp, tolerance).level

@@ -1,8 +1,6 @@
-"""Synthetic H&E-like whole-slide images, so the demo and every test run on a fresh machine with no data.
+"""The renderer of synthetic H&E-like slides: what a slide shows, drawn pixel by pixel at any level.
 
-:func:`write_synthetic_slide` writes a pyramidal, JPEG-tiled TIFF that openslide (4.x) and tiffslide both open
-and decode to identical pixels, or a DICOM WSI folder that openslide opens; :func:`make_demo_cohort` writes a
-small labelled cohort of (SVS) slides.
+The files are written by :mod:`wsi_synth.writers`; :mod:`wsi_synth.cohort` makes the demo's labelled cohort.
 
 What a slide shows
 ------------------
@@ -26,83 +24,24 @@ the pixels; a slide written with ``mpp=None`` is drawn as if at 0.5 um/px.
 The returned :class:`SyntheticSlide` holds the level-0 boxes of what was drawn (tissue pieces, tumour, pen
 strokes, specks and smudges) and :meth:`SyntheticSlide.truth_masks` renders the exact per-pixel ground truth
 at any downsample, from the same functions that drew the pixels.
-
-File layout and vendor quirks (openslide 4.0.1 / openslide-python 1.4, tiffslide 3.0, tifffile 2026.3, pydicom 3)
--------------------------------------------------------------------------------------------------------------------
-* TIFF tiles are JPEG in YCbCr with 2x2 chroma subsampling (tifffile's default for RGB + JPEG;
-  PhotometricInterpretation YCbCr, ReferenceBlackWhite written). Both backends decode them to the same bytes
-  (exactly, not within a tolerance); against the rendered RGB the error is JPEG's (a few levels on average at
-  quality 85).
-* ``kind="aperio"``: page 0 is level 0, tiled, ImageDescription ``Aperio Image Library v12.0.0`` +
-  ``|AppMag = <10/mpp>|MPP = <mpp>``. Page 1 is a stripped JPEG *thumbnail* (longest side <= 768 px), as in a real
-  SVS: tifffile (hence tiffslide) always takes an SVS's second page for the thumbnail, so without it level 1
-  would vanish. Pages 2+ are the lower levels, tiled, NewSubfileType 0 (tifffile stops reading SVS levels at a
-  page flagged "reduced"). openslide reports vendor ``aperio``, ``openslide.mpp-x`` = MPP and
-  ``openslide.objective-power`` = AppMag; tiffslide reports vendor ``aperio`` and ``tiffslide.mpp-x`` = MPP.
-  With ``mpp=None`` the description has neither MPP nor AppMag and both backends report no MPP.
-* ``kind="generic"``: a plain tiled TIFF, lower levels on following pages flagged NewSubfileType 1 (reduced).
-  The MPP is in XResolution/YResolution with ResolutionUnit centimeter (10,000 / mpp pixels per cm; lower
-  levels carry their own coarser resolution). openslide reports vendor ``generic-tiff`` and
-  ``openslide.mpp-x`` from the resolution tags; tiffslide reports ``tiffslide.mpp-x`` likewise. With
-  ``mpp=None`` the tags hold tifffile's default, 1 pixel per unit with ResolutionUnit NONE (no physical
-  unit, as an un-calibrated scanner leaves it), and neither backend reports an MPP. Aperio files carry
-  that default too; their MPP lives only in the description.
-* BigTIFF is used when a level's raw size passes 2 GiB; both backends read it.
-* ``kind="dicom"``: ``path`` is a *folder* (a path with a file suffix is refused) holding ``level-<i>.dcm``, one
-  VL Whole Slide Microscopy Image (SOP class 1.2.840.10008.5.1.4.1.1.77.1.6) per level, all in one study,
-  series and frame of reference. ImageType is ``ORIGINAL\\PRIMARY\\VOLUME\\NONE`` for level 0 and
-  ``DERIVED\\PRIMARY\\VOLUME\\RESAMPLED`` below (exactly four values: openslide ignores other image types);
-  DimensionOrganizationType ``TILED_FULL`` (frames row by row, Columns x Rows = the tile, edge tiles padded
-  to full size); transfer syntax JPEG Baseline 1.2.840.10008.1.2.4.50, PhotometricInterpretation
-  ``YBR_FULL_422`` (YCbCr, chroma halved horizontally), one fragment per frame, Basic Offset Table filled
-  in (left empty, which readers also accept, when a level could pass 4 GiB).
-  openslide needs PlanarConfiguration 0 even for JPEG, 8 bits, 3 samples, and takes the MPP from level 0's
-  ``SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing`` (mm, row spacing first) and
-  objective power from ``OpticalPathSequence[0].ObjectiveLensPower``: it reports vendor ``dicom``,
-  ``openslide.mpp-x`` = MPP and ``openslide.objective-power`` = 10/MPP. It opens a slide from any one of
-  its files and gathers the other files of the same SeriesInstanceUID in that folder, so a folder holding
-  someone else's .dcm files is refused, and UIDs are fresh on every write. ``mpp=None`` is refused
-  (PixelSpacing is mandatory). tiffslide does not read DICOM.
-
->>> import tempfile, openslide
->>> s = write_synthetic_slide(tempfile.mkdtemp() + "/a.svs", width=1024, height=768, tumour_tiles=1)
->>> with openslide.OpenSlide(s.path) as o:
-...     o.properties["openslide.vendor"], o.properties["openslide.mpp-x"], o.level_count
-('aperio', '0.5', 3)
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
-import re
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
-from . import demo_defects
-from .errors import ConfigError
-from .slide import (
-    DICOM_ITEM_TAG,
-    DICOM_JPEG_BASELINE,
-    DICOM_PIXEL_DATA_TAG,
-    DICOM_SEQUENCE_DELIMITER,
-    DICOM_SUFFIX,
-    DICOM_WSI_SOP_CLASS,
-)
+from wsi.errors import ConfigError
+
+from . import defects as demo_defects
 
 Box = tuple[int, int, int, int]
-_DICOM_LEVEL_NAME = re.compile(r"level-\d+\.dcm")  # the files a DICOM slide folder of ours holds
-
-KINDS = ("aperio", "generic", "dicom")
 RENDER_MPP_WITHOUT_CALIBRATION = 0.5  # um/px used to size features when a slide is written with mpp=None
-THUMBNAIL_PX = 768  # longest side of an SVS thumbnail page
-APERIO_HEADER = "Aperio Image Library v12.0.0"
 
 # Optical density per unit stain (R, G, B); a pixel transmits exp(-sum(conc * od)) of the light.
 EOSIN_OD = np.array([0.05, 0.60, 0.22], np.float32)
@@ -320,7 +259,7 @@ class _ScanArea:
 
 
 @dataclass(frozen=True)
-class _Scene:
+class Scene:
     """Everything drawn on one slide, in level-0 px; ``um`` is the render scale in um per level-0 px."""
 
     width: int
@@ -342,7 +281,7 @@ class _Scene:
     haem_od: tuple = tuple(HAEM_OD.tolist())  # the site's stain vectors: optical density per unit stain (R, G, B)
     eosin_od: tuple = tuple(EOSIN_OD.tolist())
     cast: tuple = (1.0, 1.0, 1.0)  # the scanner's gain per RGB channel (its colour cast over everything)
-    defects: tuple = ()  # wsi.demo_defects: blur, focus stripes, folds, bubbles (level-0 px)
+    defects: tuple = ()  # wsi_synth.defects: blur, focus stripes, folds, bubbles (level-0 px)
 
     def px(self, microns: float) -> float:
         return microns / self.um
@@ -390,7 +329,7 @@ LYMPHOCYTE_NUCLEI = _Nuclei(cell=7.0, keep=0.9, radius=(2.3, 2.9), aspect=(1.0, 
                             wobble=0.05)
 
 
-def _nuclei_absorbance(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: float,
+def _nuclei_absorbance(nuc: _Nuclei, seed: int, scene: Scene, xs, ys, pixel: float,
                        where: np.ndarray) -> np.ndarray:
     """(h, w, 3) share of light the nuclei absorb, for nuclei centred where ``where`` (h, w) > 0. Discrete
     nuclei blend into their mean absorbance as the pixel outgrows them (what area averaging of level 0 gives).
@@ -406,13 +345,13 @@ def _nuclei_absorbance(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: fl
     return absorbed if blend <= 0 else (1 - blend) * absorbed + blend * _mean_absorbance(nuc, seed, scene)
 
 
-def _mean_absorbance(nuc: _Nuclei, seed: int, scene: _Scene) -> np.ndarray:
+def _mean_absorbance(nuc: _Nuclei, seed: int, scene: Scene) -> np.ndarray:
     """(3,) mean absorbance of the nuclei over a 160 um square drawn at level 0: the shade they average to."""
     xs = np.arange(math.ceil(scene.px(160))) + 0.5
     return _discrete_absorbance(nuc, seed, scene, xs, xs, 1.0, np.ones((xs.size, xs.size))).mean(axis=(0, 1))
 
 
-def _discrete_absorbance(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: float,
+def _discrete_absorbance(nuc: _Nuclei, seed: int, scene: Scene, xs, ys, pixel: float,
                          where: np.ndarray) -> np.ndarray:
     """(h, w, 3) absorbance of the individual nuclei, their haematoxylin textured (chromatin)."""
     density = _nuclei_density(nuc, seed, scene, xs, ys, pixel, where)
@@ -423,7 +362,7 @@ def _discrete_absorbance(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: 
     return absorbed
 
 
-def _nuclei_density(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: float, where: np.ndarray) -> np.ndarray:
+def _nuclei_density(nuc: _Nuclei, seed: int, scene: Scene, xs, ys, pixel: float, where: np.ndarray) -> np.ndarray:
     """(h, w) haematoxylin density of the nuclei: each an ellipse splatted into its own small patch, with an
     anti-aliased outline roughened by noise; where nuclei overlap the denser wins."""
     cell = scene.px(nuc.cell)
@@ -475,7 +414,7 @@ def _nuclei_density(nuc: _Nuclei, seed: int, scene: _Scene, xs, ys, pixel: float
     return density
 
 
-def _fat_septa(scene: _Scene, xs, ys, pixel: float) -> np.ndarray:
+def _fat_septa(scene: Scene, xs, ys, pixel: float) -> np.ndarray:
     """Coverage of the thin walls between fat vacuoles: the bisectors of a jittered point lattice (Voronoi)."""
     cell = scene.px(70.0)
     half_width = scene.px(1.6)
@@ -513,7 +452,7 @@ class _Layers:
     specks: list  # (coverage, Speck)
 
 
-def _layers(scene: _Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> _Layers:
+def _layers(scene: Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> _Layers:
     shape = (ys.size, xs.size)
     region = (math.floor(xs[0] - pixel), math.floor(ys[0] - pixel), math.ceil(xs[-1] + pixel) + 1,
               math.ceil(ys[-1] + pixel) + 1)
@@ -551,9 +490,9 @@ def _layers(scene: _Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> _Lay
     return _Layers(tissue, tumour, lymphoid, fat, solid, blood, mucin, pens, specks)
 
 
-def _render(scene: _Scene, x0: float, y0: float, pixel: float, light: np.ndarray) -> np.ndarray:
+def render(scene: Scene, x0: float, y0: float, pixel: float, light: np.ndarray) -> np.ndarray:
     """RGB uint8 of the region whose top-left is level-0 (x0, y0), pixels ``pixel`` level-0 px wide, lit by
-    ``light`` (h, w, 3), the glass's brightness with its noise; defects (:mod:`wsi.demo_defects`) alter the
+    ``light`` (h, w, 3), the glass's brightness with its noise; defects (:mod:`wsi_synth.defects`) alter the
     specimen before the light and the noise."""
     h, w = light.shape[:2]
     xs = x0 + (np.arange(w, dtype=np.float64) + 0.5) * pixel
@@ -566,7 +505,7 @@ def _render(scene: _Scene, x0: float, y0: float, pixel: float, light: np.ndarray
     return np.clip(light * transmit * np.asarray(scene.cast, np.float32) + 0.5, 0, 255).astype(np.uint8)
 
 
-def _transmittance(scene: _Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> np.ndarray:
+def _transmittance(scene: Scene, xs: np.ndarray, ys: np.ndarray, pixel: float) -> np.ndarray:
     """(h, w, 3) light the specimen (tissue, marks) lets through on the grid ``ys x xs``."""
     lay = _layers(scene, xs, ys, pixel)
     transmit = np.ones((ys.size, xs.size, 3), np.float32)
@@ -620,7 +559,7 @@ def composite_marks(rgb: np.ndarray, strokes: Sequence[PenStroke] = (), specks: 
     return out, _marks_truth(pens, dust, (h, w))
 
 
-def _glass(scene: _Scene, pixel: float) -> np.ndarray:
+def glass_texture(scene: Scene, pixel: float) -> np.ndarray:
     """(2P, 2P, 3) float32 glass brightness with per-pixel noise, for pixels ``pixel`` level-0 px wide (fainter
     when coarser, as averaging makes it). It repeats every ``GLASS_PERIOD`` px; doubled so a window fits."""
     noise = np.random.default_rng([scene.seed, 0x61A55, round(pixel * 1000)]).standard_normal(
@@ -629,7 +568,7 @@ def _glass(scene: _Scene, pixel: float) -> np.ndarray:
     return np.tile(glass + noise * np.float32(GLASS_NOISE_LEVELS / pixel), (2, 2, 1))
 
 
-def _light(scene: _Scene, texture: np.ndarray, col: int, row: int, width: int, height: int,
+def illumination(scene: Scene, texture: np.ndarray, col: int, row: int, width: int, height: int,
            pixel: float) -> np.ndarray:
     """The light (height, width, 3) reaching the level pixels from (col, row): the glass texture's window, with
     the scanner's field gains and white padding where the slide has them."""
@@ -647,18 +586,18 @@ def _window(texture: np.ndarray, col: int, row: int, width: int, height: int) ->
     return texture[rows[:, None], cols[None, :]]
 
 
-def _render_region(scene: _Scene, downsample: float, col: int, row: int, width: int, height: int) -> np.ndarray:
+def render_region(scene: Scene, downsample: float, col: int, row: int, width: int, height: int) -> np.ndarray:
     """RGB uint8 (height, width, 3) of the level with this downsample, from level pixel (col, row); rendered in
     bands so memory stays bounded."""
-    glass = _glass(scene, downsample)
+    glass = glass_texture(scene, downsample)
     band = 512
     return np.concatenate([
-        _render(scene, col * downsample, r * downsample, downsample,
-                _light(scene, glass, col, r, width, min(band, row + height - r), downsample))
+        render(scene, col * downsample, r * downsample, downsample,
+                illumination(scene, glass, col, r, width, min(band, row + height - r), downsample))
         for r in range(row, row + height, band)], axis=0)
 
 
-def _tissue_transmittance(scene: _Scene, lay: _Layers, xs, ys, pixel: float) -> np.ndarray:
+def _tissue_transmittance(scene: Scene, lay: _Layers, xs, ys, pixel: float) -> np.ndarray:
     """(h, w, 3) light transmitted by the tissue (1 on glass): stroma, fat, lymphoid and tumour backgrounds, then
     nuclei; the slide's stain strengths scale every optical density."""
     seed = scene.seed
@@ -716,9 +655,9 @@ def _clear_of(blobs: Sequence[_Blob], x: float, y: float, r: float, margin: floa
     return all(b.signed_distance(xs, ys, 1.0).max() < -margin for b in blobs)
 
 
-def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_boxes: Sequence[Box], tumour_tiles: int,
-           pen_marks: bool, specks: bool, lymphoid_aggregates: int = 0, stain: tuple = (1.0, 1.0),
-           hard: HardCases | None = None) -> _Scene:
+def make_scene(path: Path, width: int, height: int, um: float, seed: int, tumour_boxes: Sequence[Box],
+               tumour_tiles: int, pen_marks: bool, specks: bool, lymphoid_aggregates: int = 0,
+               stain: tuple = (1.0, 1.0), hard: HardCases | None = None) -> Scene:
     """Where everything goes, drawn from ``seed``: one or two main tissue pieces scaled to the slide, up to
     three small fragments on the glass, tumour, pen arcs along the main pieces' rims, specks and smudges, then
     lymphoid aggregates and the ``hard`` cases, each from its own random stream, so asking for none of them
@@ -796,7 +735,7 @@ def _scene(path: Path, width: int, height: int, um: float, seed: int, tumour_box
     # lymphoid aggregates: round, 70-150 um radius (one to a few tiles), inside the main pieces, apart from tumour
     lymphoid = place("lymphoid aggregates", np.random.default_rng([seed, 0x1A6]), lymphoid_aggregates, (70, 150),
                      depth=(1.0, math.inf), avoid=tumours, wobble=0.2, inward=True)
-    scene = _Scene(width, height, um, seed, tuple(main + fragments), len(main), tuple(tumours), tuple(strokes),
+    scene = Scene(width, height, um, seed, tuple(main + fragments), len(main), tuple(tumours), tuple(strokes),
                    tuple(dirt), tuple(lymphoid), tuple(float(v) for v in stain))
     return scene if hard is None else _hard_cases(scene, hard, place)
 
@@ -877,7 +816,7 @@ class HardCases:
     ink_halos: int = 0  # dense marker blots on a main piece's rim that fade into a halo on the glass
 
 
-def _hard_cases(scene: _Scene, hard: HardCases, place: _BlobPlacer) -> _Scene:
+def _hard_cases(scene: Scene, hard: HardCases, place: _BlobPlacer) -> Scene:
     """``scene`` with ``hard`` added, each from its own random stream."""
     um, main = scene.um, place.main
     biggest = max(main, key=lambda b: min(b.rx, b.ry))
@@ -925,7 +864,7 @@ def _hard_cases(scene: _Scene, hard: HardCases, place: _BlobPlacer) -> _Scene:
     return scene
 
 
-def _off_edge_strokes(scene: _Scene, count: int, rng: np.random.Generator) -> tuple[tuple, tuple]:
+def _off_edge_strokes(scene: Scene, count: int, rng: np.random.Generator) -> tuple[tuple, tuple]:
     """``count`` marker strokes, each from a point in the slide's middle part (on glass or tissue) out past one of
     its edges, every other one with a halo, and two dust specks on the glass beside each: (strokes, specks)."""
     width, height, um = scene.width, scene.height, scene.um
@@ -960,7 +899,7 @@ def _off_edge_strokes(scene: _Scene, count: int, rng: np.random.Generator) -> tu
     return tuple(strokes), tuple(dust)
 
 
-def _halo_blots(scene: _Scene, main: Sequence[_Blob], count: int, rng: np.random.Generator) -> tuple:
+def _halo_blots(scene: Scene, main: Sequence[_Blob], count: int, rng: np.random.Generator) -> tuple:
     """``count`` dense marker blots (short, wide strokes, 150-350 um half-wide) centred on a main piece's rim,
     each fading into a halo of 100-300 um on the glass, at 0.15-0.4 of the ink's density at its edge."""
     blots = []
@@ -1001,13 +940,13 @@ class SyntheticSlide:
     pen_boxes: tuple[Box, ...]
     speck_boxes: tuple[Box, ...]
     lymphoid_boxes: tuple[Box, ...]
-    scene: _Scene = field(repr=False, compare=False)
+    scene: Scene = field(repr=False, compare=False)
 
     def render_level(self, downsample: float, col: int, row: int, width: int, height: int) -> np.ndarray:
         """The RGB pixels (height, width, 3) the writer JPEG-encoded for the level with this ``downsample``,
         from level pixel (col, row): ground truth for pixel reads (level pixel i covers level-0
         [i * downsample, (i + 1) * downsample))."""
-        return _render_region(self.scene, downsample, col, row, width, height)
+        return render_region(self.scene, downsample, col, row, width, height)
 
     def truth_masks(self, downsample: float) -> dict[str, np.ndarray]:
         """Ground truth on the grid of ``ceil(h / downsample) x ceil(w / downsample)`` pixels (sampled at their
@@ -1015,7 +954,7 @@ class SyntheticSlide:
         ``fat``, ``blood``, ``mucin``, ``pen`` (marker ink, and its halo where at least ``INK_VISIBLE_DENSITY`` of
         the full ink's density), ``halo`` (that halo alone: what lies under it shows through), ``speck`` (specks
         and smudges) and ``padding`` (never scanned); with defects also ``blur_um`` (float: the blur sigma or disk
-        radius in um, 0 where sharp), ``fold`` and ``bubble`` (:func:`wsi.demo_defects.truth`)."""
+        radius in um, 0 where sharp), ``fold`` and ``bubble`` (:func:`wsi_synth.defects.truth`)."""
         w, h = math.ceil(self.width / downsample), math.ceil(self.height / downsample)
         kinds = ("tissue", "tumour", "lymphoid", "fat", "blood", "mucin", "pen", "halo", "speck", "padding")
         out = {k: np.zeros((h, w), bool) for k in kinds}
@@ -1042,326 +981,3 @@ class SyntheticSlide:
                 for kind in ("fold", "bubble"):
                     out.setdefault(kind, np.zeros((h, w), bool))[rows] = found[kind]
         return out
-
-
-# ------------------------------------------------------------------------------------------------ writer
-def _check_args(path: Path, width: int, height: int, mpp: float | None, tile: int, downsamples, jpeg_quality: int,
-                kind: str) -> tuple[float, ...]:
-    def bad(cause: str, hint: str | None = None):
-        raise ConfigError(path, cause, hint)
-
-    if kind not in KINDS:
-        bad(f"unknown synthetic slide kind {kind!r}", f"use one of {', '.join(KINDS)}")
-    if kind == "dicom":
-        if mpp is None:
-            bad("a DICOM slide needs an mpp (PixelSpacing is mandatory in the WSI IOD)", "pass mpp=<um per px>")
-        if path.suffix:
-            bad(f"a DICOM slide is a folder; the path has a file suffix {path.suffix!r}",
-                "pass a folder path without a suffix, e.g. slides/case7")
-        if path.exists() and not path.is_dir():
-            bad("a DICOM slide is a folder, but a file of that name exists")
-        if path.is_dir():
-            foreign = sorted(c.name for c in path.iterdir() if c.suffix.lower() == DICOM_SUFFIX
-                             and not _DICOM_LEVEL_NAME.fullmatch(c.name))
-            if foreign:
-                bad(f"the folder already holds other .dcm files ({', '.join(foreign[:3])})",
-                    "use an empty folder: OpenSlide reads every DICOM file beside the one it opens")
-    if width < 1 or height < 1:
-        bad(f"slide size must be positive, got {width} x {height}")
-    if mpp is not None and not (0 < mpp < 100):
-        bad(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
-    if tile < 16 or tile % 16:
-        bad(f"tile must be a positive multiple of 16 (JPEG 2x2 subsampled blocks), got {tile}")
-    if not 1 <= jpeg_quality <= 100:
-        bad(f"jpeg_quality must be 1..100, got {jpeg_quality}")
-    ds = tuple(float(d) for d in downsamples)
-    if not ds or ds[0] != 1 or any(b <= a for a, b in zip(ds, ds[1:])):
-        bad(f"downsamples must start at 1 and increase, got {tuple(downsamples)}")
-    return ds
-
-
-def _level_tiles(scene: _Scene, downsample: float, size: tuple[int, int], tile: int,
-                 pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
-    """The tiles of one level in TIFF order, rendered a row of tiles at a time on ``pool``."""
-    w, h = size
-    glass = _glass(scene, downsample)
-
-    def one(col_row):
-        col, row = col_row
-        x0, y0, span = col * downsample, row * downsample, tile * downsample
-        light = _light(scene, glass, col, row, tile, tile, downsample)
-        if not scene.touches((math.floor(x0 - downsample), math.floor(y0 - downsample),
-                              math.ceil(x0 + span + downsample), math.ceil(y0 + span + downsample))):
-            return np.clip(light * np.asarray(scene.cast, np.float32) + 0.5, 0, 255).astype(np.uint8)
-        return _render(scene, x0, y0, downsample, light)
-
-    for row in range(0, h, tile):
-        yield from pool.map(one, [(col, row) for col in range(0, w, tile)])
-
-
-def write_synthetic_slide(path, *, width: int, height: int, mpp: float | None = 0.5, tile: int = 256,
-                          downsamples: Sequence[float] = (1, 4, 16), jpeg_quality: int = 85, kind: str = "aperio",
-                          seed: int = 0, tumour_boxes: Sequence[Box] | None = None, tumour_tiles: int = 0,
-                          pen_marks: bool = False, specks: bool = False, lymphoid_aggregates: int = 0,
-                          stain: tuple[float, float] = (1.0, 1.0), hard: HardCases | None = None,
-                          site: SiteProfile | None = None, defects: Sequence = (),
-                          write: bool = True) -> SyntheticSlide:
-    """Write a pyramidal JPEG-tiled H&E-like slide to ``path``; return its ground truth.
-
-    ``kind`` is ``aperio`` (SVS-like, MPP in the description), ``generic`` (tiled TIFF, MPP in the
-    resolution tags) or ``dicom`` (``path`` is a folder of one .dcm file per level; MPP in PixelSpacing);
-    ``mpp=None`` writes no MPP at all (see the module docstring for what each backend then reports; ``dicom``
-    refuses it). One level per entry of ``downsamples`` (starting at 1, any increasing factors such as
-    (1, 3, 9)), each ``ceil(size / downsample)`` pixels. ``tumour_boxes`` (level-0 x0, y0, x1, y1) are filled
-    with tumour (a rounded box, its corners trimmed); ``tumour_tiles`` adds that many small tumour foci of
-    about one 256-px tile at 0.5 um/px inside tissue. ``pen_marks`` draws blue, green, black and red marker
-    arcs over glass and tissue edges; ``specks`` adds dust/debris specks and faint smudges on glass.
-    ``lymphoid_aggregates`` adds that many round clusters of small, dark, packed lymphocytes (70-150 um
-    radius), the classic tumour mimic: more and darker nuclei than tumour, found in normal tissue too. ``stain``
-    scales the haematoxylin and eosin optical densities (1, 1 is the standard look; labs and batches vary by
-    about +-30%). ``hard`` (:class:`HardCases`) adds what tissue detection gets wrong on real slides: solid
-    high-grade tumour sheets (crowded, dark, blue), haemorrhage (as red as red ink), mucin (pale blue-grey),
-    marker strokes across tissue, stitched scanner fields of grey glass with brightness steps beside white
-    padding, and a glass colour cast. ``site`` (:class:`SiteProfile`) draws it as that site would: its stain
-    vectors, its strengths (times ``stain``: a batch within the site), its scanner's cast and JPEG quality (in
-    place of ``jpeg_quality``). ``defects`` (:mod:`wsi.demo_defects`, level-0 px) draws out-of-focus regions and
-    stripes, folds and air bubbles (:func:`wsi.demo_defects.draw_defects` places random ones). Deterministic
-    for a ``seed``. ``write=False`` only draws the scene: the returned slide's
-    :meth:`~SyntheticSlide.render_level` and :meth:`~SyntheticSlide.truth_masks` work, no file is written (for
-    benchmarks that need only a coarse level).
-    """
-    path = Path(path)
-    ds = _check_args(path, width, height, mpp, tile, downsamples, jpeg_quality, kind)
-    for b in tumour_boxes or ():
-        if len(b) != 4 or not (0 <= b[0] < b[2] <= width and 0 <= b[1] < b[3] <= height):
-            raise ConfigError(path, f"tumour box {tuple(b)} is not (x0, y0, x1, y1) inside {width} x {height}")
-    if len(stain) != 2 or not all(0.2 <= float(v) <= 5 for v in stain):
-        raise ConfigError(path, f"stain must be two strengths (haematoxylin, eosin) in 0.2..5, got {tuple(stain)}")
-    um = mpp if mpp is not None else RENDER_MPP_WITHOUT_CALIBRATION
-    if site is not None:
-        stain, jpeg_quality = tuple(a * b for a, b in zip(stain, site.stain)), site.jpeg_quality
-    scene = _scene(path, width, height, um, seed, [tuple(int(v) for v in b) for b in tumour_boxes or ()], tumour_tiles,
-                   pen_marks, specks, lymphoid_aggregates, stain, hard)
-    if site is not None:
-        scene = dataclasses.replace(scene, haem_od=tuple(site.haem_od), eosin_od=tuple(site.eosin_od),
-                                    cast=tuple(site.cast))
-    if defects:
-        scene = dataclasses.replace(scene, defects=tuple(defects))
-    sizes = [(max(1, math.ceil(width / d)), max(1, math.ceil(height / d))) for d in ds]
-
-    if write and kind == "dicom":
-        _write_dicom(path, scene, ds, sizes, tile, jpeg_quality, mpp)
-    elif write:
-        _write_tiff(path, scene, ds, sizes, tile, jpeg_quality, mpp, kind)
-
-    boxes = lambda objs: tuple(_clip_box(o.box(), width, height) for o in objs)  # noqa: E731
-    return SyntheticSlide(path=path, width=width, height=height, mpp=mpp,
-                          tumour_boxes=boxes(scene.tumours + scene.solid),
-                          tissue_boxes=boxes(scene.tissue), pen_boxes=boxes(scene.strokes),
-                          speck_boxes=boxes(scene.specks), lymphoid_boxes=boxes(scene.lymphoid), scene=scene)
-
-
-def _write_tiff(path: Path, scene: _Scene, ds: tuple[float, ...], sizes: list[tuple[int, int]], tile: int,
-                jpeg_quality: int, mpp: float | None, kind: str) -> None:
-    """The ``aperio`` and ``generic`` kinds: one TIFF, levels streamed tile by tile."""
-    width, height = sizes[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    common = dict(photometric="rgb", compression="jpeg", compressionargs={"level": jpeg_quality}, metadata=None)
-    bigtiff = width * height * 3 > 2 ** 31
-    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif, ThreadPoolExecutor(2) as pool:
-        for level, (d, (w, h)) in enumerate(zip(ds, sizes)):
-            page = dict(common, tile=(tile, tile), shape=(h, w, 3), dtype=np.uint8)
-            if kind == "aperio":
-                page["description"] = _aperio_description(width, height, (w, h), tile, jpeg_quality, mpp)
-            else:
-                page["subfiletype"] = 1 if level else 0
-                if mpp is not None:
-                    page["resolution"] = (1e4 / (mpp * width / w), 1e4 / (mpp * height / h))
-                    page["resolutionunit"] = "CENTIMETER"
-            tif.write(_level_tiles(scene, d, (w, h), tile, pool), **page)
-            if kind == "aperio" and level == 0:
-                tif.write(_thumbnail(scene), rowsperstrip=16,
-                          description=_aperio_description(width, height, None, tile, jpeg_quality, mpp), **common)
-
-
-def _write_dicom(path: Path, scene: _Scene, ds: tuple[float, ...], sizes: list[tuple[int, int]], tile: int,
-                 jpeg_quality: int, mpp: float) -> None:
-    """The ``dicom`` kind: folder ``path`` with ``level-<i>.dcm`` per level, one series (see the module docstring).
-
-    Each file's header is written by pydicom without pixel data; the encapsulated Pixel Data element follows,
-    its frames JPEG-encoded as ``_level_tiles`` renders them and itemised one by one, so memory holds a row of
-    tiles, not a level. The Basic Offset Table is reserved up front and filled in at the end."""
-    import imagecodecs
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import itemize_frame
-    from pydicom.uid import generate_uid
-
-    path.mkdir(parents=True, exist_ok=True)
-    for stale in path.glob("level-*.dcm"):  # a previous write of this folder with more levels
-        if _DICOM_LEVEL_NAME.fullmatch(stale.name) and int(stale.name[6:-4]) >= len(sizes):
-            stale.unlink()
-    width, height = sizes[0]
-    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
-    dimension_organization = generate_uid()
-
-    def item(**kwargs) -> Dataset:
-        d = Dataset()
-        for k, v in kwargs.items():
-            setattr(d, k, v)
-        return d
-
-    def code(value: str, scheme: str, meaning: str) -> Dataset:
-        return item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
-
-    with ThreadPoolExecutor(2) as pool:
-        for level, (d, (w, h)) in enumerate(zip(ds, sizes)):
-            across, down = -(-w // tile), -(-h // tile)
-            n_frames = across * down
-            image_type = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if level == 0 else \
-                ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
-            sop_instance = generate_uid()
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = DICOM_WSI_SOP_CLASS
-            meta.MediaStorageSOPInstanceUID = sop_instance
-            meta.TransferSyntaxUID = DICOM_JPEG_BASELINE
-            dcm = Dataset()
-            dcm.file_meta = meta
-            dcm.SOPClassUID, dcm.SOPInstanceUID = DICOM_WSI_SOP_CLASS, sop_instance
-            # patient, study, series, frame of reference, equipment
-            dcm.PatientName, dcm.PatientID, dcm.PatientBirthDate, dcm.PatientSex = "SYNTHETIC", "SYNTHETIC", "", ""
-            dcm.StudyInstanceUID, dcm.StudyID, dcm.AccessionNumber = study, "1", ""
-            dcm.StudyDate, dcm.StudyTime, dcm.ReferringPhysicianName = "", "", ""
-            dcm.Modality, dcm.SeriesInstanceUID, dcm.SeriesNumber = "SM", series, 1
-            dcm.FrameOfReferenceUID, dcm.PositionReferenceIndicator = frame_of_reference, "SLIDE_CORNER"
-            dcm.Manufacturer, dcm.ManufacturerModelName = "wsi", "wsi.demo synthetic slide"
-            dcm.DeviceSerialNumber, dcm.SoftwareVersions = "0", "wsi.demo"
-            dcm.ContainerIdentifier, dcm.IssuerOfTheContainerIdentifierSequence = "SYNTHETIC", []
-            dcm.ContainerTypeCodeSequence = [code("433466003", "SCT", "Microscope slide")]
-            dcm.SpecimenDescriptionSequence = [item(SpecimenIdentifier="SYNTHETIC", SpecimenUID=generate_uid(),
-                                                    IssuerOfTheSpecimenIdentifierSequence=[],
-                                                    SpecimenPreparationSequence=[])]
-            # image: one focal plane, one optical path (bright field), tiles in TILED_FULL order
-            dcm.ImageType, dcm.InstanceNumber = image_type, level + 1
-            dcm.ContentDate, dcm.ContentTime = "20260101", "000000"
-            dcm.BurnedInAnnotation, dcm.SpecimenLabelInImage = "NO", "NO"
-            dcm.VolumetricProperties, dcm.FocusMethod, dcm.ExtendedDepthOfField = "VOLUME", "AUTO", "NO"
-            dcm.LossyImageCompression, dcm.LossyImageCompressionMethod = "01", "ISO_10918_1"
-            dcm.ImagedVolumeWidth, dcm.ImagedVolumeHeight = width * mpp / 1000, height * mpp / 1000
-            dcm.ImagedVolumeDepth = 0.001
-            dcm.TotalPixelMatrixColumns, dcm.TotalPixelMatrixRows = w, h
-            dcm.TotalPixelMatrixFocalPlanes, dcm.NumberOfFocalPlanes = 1, 1
-            dcm.TotalPixelMatrixOriginSequence = [item(XOffsetInSlideCoordinateSystem=0.0,
-                                                       YOffsetInSlideCoordinateSystem=0.0)]
-            dcm.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
-            dcm.DimensionOrganizationType = "TILED_FULL"
-            dcm.DimensionOrganizationSequence = [item(DimensionOrganizationUID=dimension_organization)]
-            dcm.NumberOfOpticalPaths = 1
-            dcm.OpticalPathSequence = [item(
-                OpticalPathIdentifier="1",
-                IlluminationTypeCodeSequence=[code("111744", "DCM", "Brightfield illumination")],
-                IlluminationColorCodeSequence=[code("414298005", "SCT", "Full Spectrum")],
-                ObjectiveLensPower=round(10 / mpp))]
-            dcm.AcquisitionContextSequence = []
-            spacing = [mpp * height / h / 1000, mpp * width / w / 1000]  # mm: row (y), then column (x)
-            dcm.SharedFunctionalGroupsSequence = [item(
-                PixelMeasuresSequence=[item(PixelSpacing=spacing, SliceThickness=0.001)],
-                WholeSlideMicroscopyImageFrameTypeSequence=[item(FrameType=image_type)],
-                OpticalPathIdentificationSequence=[item(OpticalPathIdentifier="1")])]
-            # pixels: 8-bit RGB sent as JPEG baseline in YCbCr with 4:2:2 chroma
-            dcm.SamplesPerPixel, dcm.PhotometricInterpretation, dcm.PlanarConfiguration = 3, "YBR_FULL_422", 0
-            dcm.Rows, dcm.Columns, dcm.NumberOfFrames = tile, tile, n_frames
-            dcm.BitsAllocated, dcm.BitsStored, dcm.HighBit, dcm.PixelRepresentation = 8, 8, 7, 0
-            target = path / f"level-{level}.dcm"
-            dcm.save_as(target, enforce_file_format=True)
-            # a 32-bit Basic Offset Table needs every frame to start below 4 GiB; otherwise leave it empty
-            # (readers then index the frames by walking the items, one item per frame)
-            with_bot = n_frames * (tile * tile * 3 + 4096) < 2 ** 32
-            with open(target, "r+b") as f:
-                f.seek(0, 2)
-                f.write(DICOM_PIXEL_DATA_TAG + b"OB\x00\x00\xff\xff\xff\xff")  # OB, undefined length
-                bot_at = f.tell() + 8
-                f.write(DICOM_ITEM_TAG + (4 * n_frames if with_bot else 0).to_bytes(4, "little"))
-                f.write(bytes(4 * n_frames if with_bot else 0))
-                first = f.tell()
-                offsets = []
-                for rgb in _level_tiles(scene, d, (w, h), tile, pool):
-                    offsets.append(f.tell() - first)
-                    jpeg = imagecodecs.jpeg8_encode(rgb, level=jpeg_quality, outcolorspace="YCBCR",
-                                                    subsampling="422")
-                    f.writelines(itemize_frame(jpeg, 1))
-                f.write(DICOM_SEQUENCE_DELIMITER)
-                if with_bot:
-                    f.seek(bot_at)
-                    f.write(np.asarray(offsets, "<u4").tobytes())
-
-
-def _clip_box(box: Box, width: int, height: int) -> Box:
-    return (max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3]))
-
-
-def _thumbnail(scene: _Scene) -> np.ndarray:
-    """The whole slide at about ``THUMBNAIL_PX`` px on its longest side (at most its own size)."""
-    d = max(1.0, max(scene.width, scene.height) / THUMBNAIL_PX)
-    w, h = max(1, round(scene.width / d)), max(1, round(scene.height / d))
-    return _render_region(scene, scene.width / w, 0, 0, w, h)
-
-
-def _aperio_description(width: int, height: int, level_size: tuple[int, int] | None, tile: int, quality: int,
-                        mpp: float | None) -> str:
-    """The ImageDescription an Aperio scanner writes: header line, then ``|key = value`` pairs."""
-    if level_size is None:
-        line = f"{width}x{height} -> thumbnail"
-    elif level_size == (width, height):
-        line = f"{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
-    else:
-        line = f"{width}x{height} -> {level_size[0]}x{level_size[1]} - ({tile}x{tile}) JPEG/RGB Q={quality}"
-    keys = "" if mpp is None else f"|AppMag = {round(10 / mpp)}|MPP = {mpp:g}"
-    return f"{APERIO_HEADER}\r\n{line}{keys}"
-
-
-# ------------------------------------------------------------------------------------------------ cohort
-def make_demo_cohort(outdir, *, n_slides: int = 8, seed: int = 0,
-                     field_mm: tuple[float, float] = (2.8, 2.2)) -> Path:
-    """Write ``outdir/slides/<slide_id>.svs`` and ``outdir/labels.csv`` (``slide_id,label,patient_id``).
-
-    Labels are balanced ``normal``/``tumour``; tumour slides carry 3-6 small foci of about one tile each (few
-    positives among many tiles, like lymph-node metastases). Each slide shows ``field_mm`` (width, height) of glass;
-    the default gives about 100-130 tissue tiles of 256 px at 0.5 um/px (2 x 1.6 mm is the smallest that always has
-    room for 6 foci). Scanners are mixed as in a real cohort: every fourth slide from the second on is 0.25 um/px
-    (40x, so tiling at 0.5 um/px area-averages), the rest 0.5 um/px (20x); all have levels 1, 4, 16. The default 8
-    slides take about 30 s of CPU to write. From 3 slides on, slides 1 and 2 belong to one patient (and from 7 on,
-    slides 5 and 6 to another), so patient-grouped cross-validation matters. Deterministic for a ``seed``; returns
-    the labels path.
-    """
-    outdir = Path(outdir)
-    if n_slides < 2:
-        raise ConfigError(outdir, f"a demo cohort needs at least 2 slides (one per label), got {n_slides}")
-    rng = np.random.default_rng([seed, 0xC0407])
-    labels = ["tumour"] * (n_slides // 2) + ["normal"] * (n_slides - n_slides // 2)
-    labels = [labels[i] for i in rng.permutation(n_slides)]
-    patients = _patients(n_slides)
-    rows = []
-    for i in range(n_slides):
-        slide_id = f"demo_{i + 1:03d}"
-        mpp = 0.25 if i % 4 == 1 else 0.5
-        write_synthetic_slide(outdir / "slides" / f"{slide_id}.svs", width=round(field_mm[0] * 1000 / mpp),
-                              height=round(field_mm[1] * 1000 / mpp), mpp=mpp, downsamples=(1, 4, 16),
-                              seed=int(rng.integers(2 ** 31)),
-                              tumour_tiles=int(rng.integers(3, 7)) if labels[i] == "tumour" else 0,
-                              pen_marks=bool(rng.random() < 0.4), specks=bool(rng.random() < 0.5))
-        rows.append({"slide_id": slide_id, "label": labels[i], "patient_id": patients[i]})
-    labels_path = outdir / "labels.csv"
-    with open(labels_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["slide_id", "label", "patient_id"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return labels_path
-
-
-def _patients(n_slides: int) -> list[str]:
-    """Patient ids in slide order: slides 1+2 share one from 3 slides on, slides 5+6 from 7 on."""
-    shared = ({1: 0} if n_slides >= 3 else {}) | ({5: 4} if n_slides >= 7 else {})
-    owner: list[int] = []
-    for i in range(n_slides):
-        owner.append(owner[shared[i]] if i in shared else len(set(owner)))
-    return [f"P{o + 1:03d}" for o in owner]

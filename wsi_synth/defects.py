@@ -23,7 +23,7 @@ specimen's transmittance, before the light and the scanner's noise (sensor noise
 blurred region of a synthetic slide keeps the glass noise of the rest. On a real image (:func:`composite`), the
 image itself is the specimen: its transmittance is the image over its glass colour.
 
-The synthetic slide generator (:mod:`wsi.demo`) calls :func:`transmittance` for the regions a defect touches
+The synthetic slide generator (:mod:`wsi_synth`) calls :func:`transmittance` for the regions a defect touches
 and :func:`truth` for its truth masks; :func:`draw_defects` places random defects over a slide's tissue.
 
 numpy and OpenCV only (OpenCV's Gaussian and pillbox filters and its bilinear remap).
