@@ -141,13 +141,16 @@ wildcard_constraints:
 
 def submitted_rules():
     """{rule: its slurm_partition or None} of the rules this run submits to SLURM: those of the jobs to run that
-    are not local, and in demo mode the per-slide rules the demo_data checkpoint adds later."""
+    are not local, and in demo mode the per-slide rules the demo_data checkpoint adds later (in the default
+    partition, as demo_data, unless set-resources names one).
+    """
     jobs = [j for j in workflow.dag.needrun_jobs() if not j.is_local]
     rules = {j.rule.name: j.resources.get("slurm_partition") for j in jobs}
-    if "demo_data" in rules:  # its partition is the default one; set-resources may name another
+    if "demo_data" in rules:
         for name in ("tile", "heatmap"):
             own = workflow.resource_settings.overwrite_resources.get(name) or {}
-            rules[name] = getattr(own.get("slurm_partition"), "value", None) or rules["demo_data"]
+            own = getattr(own.get("slurm_partition"), "value", None)
+            rules[name] = own or rules["demo_data"]
     return rules
 
 
