@@ -95,6 +95,14 @@ def job_error(log: Path) -> str | None:
     return lines[-1].strip() if lines else None
 
 
+def _slurm_log(rule: str, wildcards: str) -> Path | None:
+    """The newest log snakemake-executor-plugin-slurm kept for a failed job of ``rule`` (it keeps only those):
+    where a job that failed before its ``wsi`` command ran left its cause."""
+    folder = Path(".snakemake") / "slurm_logs" / f"rule_{rule}" / wildcards
+    logs = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return logs[-1] if logs else None
+
+
 def _counts(items: list[dict]) -> str:
     """``6 done, 1 skipped, 1 failed`` (statuses that occur, in this order)."""
     counts = Counter(item["status"] for item in items)
@@ -123,9 +131,18 @@ def summary(plan: Plan) -> tuple[str, list[str]]:
         if items is not None:
             text = _counts(items) if stage != "train" else f"model run {layout.run_dir(run)}"
         else:
-            errors = [(log, e) for log in logs if (e := job_error(log))]
-            started = [log for log in logs if log.exists()]
-            text = f"did not finish (log: {started[0]})" if started else "not run"
+            # only the jobs whose status is missing: a finished batch's log says nothing about the one cut off
+            unfinished = [(Path(s).stem, log) for s, log in zip(statuses, logs) if not Path(s).exists()]
+            errors = [(log, e) for _, log in unfinished if (e := job_error(log))]
+            started = [(name, log) for name, log in unfinished if log.exists()]
+            text = "not run"
+            if len(unfinished) < len(statuses):  # some of its jobs finished: the others were cut off or never ran
+                text = f"did not finish: {format_ids(n for n, _ in unfinished)}"
+            if started:
+                name, log = started[0]
+                slurm_log = _slurm_log(stage, name if len(logs) > 1 else "")
+                text = f"did not finish: {format_ids(n for n, _ in started)} (log: {log}" + (
+                    f"; SLURM log: {slurm_log})" if slurm_log and not log.stat().st_size else ")")
             if errors:
                 log, error = errors[0]
                 text = f"failed: {error}" + ("" if str(log) in error else f" (log: {log})")
