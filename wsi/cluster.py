@@ -145,8 +145,10 @@ def worker_log_directory(cluster_cfg: dict) -> str:
 
 def _recording_job_class():
     """dask-jobqueue's ``SLURMJob`` that keeps sbatch's error on the job (``submit_error``): dask-jobqueue
-    submits from its event loop, where a refused submission is only logged."""
+    submits from its event loop, where a refused submission is only logged. Its status follows what happened
+    (failed, closed), so the cluster closes cleanly after either."""
     from dask_jobqueue.slurm import SLURMJob
+    from distributed.core import Status
 
     class RecordingSLURMJob(SLURMJob):
         submit_error: str | None = None
@@ -156,7 +158,12 @@ def _recording_job_class():
                 await super().start()
             except RuntimeError as e:
                 self.submit_error = _sbatch_error(str(e))
+                self.status = Status.failed  # so that closing the cluster passes over it
                 raise
+
+        async def close(self):
+            await super().close()  # scancel; dask-jobqueue leaves the status at running, which closing the
+            self.status = Status.closed  # cluster asserts against while anything still holds the job
 
     return RecordingSLURMJob
 
