@@ -11,6 +11,7 @@ from wsi.layout import Layout, run_name
 from wsi.slide import dicom_files
 from wsi.plan import Plan, clean_stale, config_file, finish, plan_encoder
 from wsi.slurm import preflight
+from wsi.stop import stop_children
 
 # Jobs run the CLI with the interpreter that runs Snakemake, so no `wsi` on PATH is needed (an sbatch script
 # that calls venv/bin/snakemake without activating the venv). Set in the shell, not as a param: another path
@@ -200,6 +201,9 @@ onsuccess:
 
 
 onerror:
+    # Interrupted, Snakemake leaves its local jobs running (dask.yaml's extract and train): stop them and let
+    # them close their clusters (and cancel their SLURM worker jobs) before the summary reads their logs.
+    stop_children()
     summarise(False)
 
 

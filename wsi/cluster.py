@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,9 +109,21 @@ def local_cluster(cluster_cfg: dict, *, gpus: list[str] | None = None):
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING, name="wsi-local")
 
 
+def _import_slurm_cluster():
+    """``dask_jobqueue.SLURMCluster``. dask-jobqueue (0.9) replaces the SIGINT handler when imported (its
+    ``runner`` module: Ctrl-C becomes a silent exit 0, skipping wsi's clean-up and its one line); the handler in
+    place before is put back."""
+    handler = signal.getsignal(signal.SIGINT)
+    from dask_jobqueue import SLURMCluster
+
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGINT, handler)
+    return SLURMCluster
+
+
 def slurm_cluster(cluster_cfg: dict):
     """A ``dask_jobqueue.SLURMCluster`` from ``cluster_cfg["slurm"]``; no job is submitted yet."""
-    from dask_jobqueue import SLURMCluster
+    SLURMCluster = _import_slurm_cluster()
 
     s = cluster_cfg.get("slurm") or {}
     gpus = int(s.get("gpus_per_job", 0))

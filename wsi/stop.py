@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -61,3 +62,50 @@ def stop_on_signals(grace_s: float = GRACE_S) -> Iterator[None]:
             timer.cancel()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid``, exited ones not yet reaped included (Linux ``/proc``; elsewhere none)."""
+    kids = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return kids
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+def stop_children(grace_s: float = GRACE_S + 10, *, poll_s: float = 0.2, settle_s: float = 1.0) -> list[int]:
+    """SIGTERM to this process's children, then wait until they have exited and been reaped, at most
+    ``grace_s`` seconds; returns those left.
+
+    Snakemake, interrupted, cancels its SLURM jobs but leaves its local jobs (``localrules``: extract and train
+    with Dask workers on SLURM) running, and tears down while their threads still wait for them, which fails
+    with "Cannot close a running event loop". The workflow's ``onerror`` calls this first: each ``wsi`` command
+    closes its cluster (cancelling its worker jobs) and logs why it stopped before the run's summary reads the
+    logs (one that already had the terminal's SIGINT ignores this SIGTERM), and ``settle_s`` after the last is
+    reaped lets the thread that waited for it finish.
+    """
+    kids = _children(os.getpid())
+    for pid in kids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    waited = bool(kids)
+    deadline = time.monotonic() + grace_s
+    while kids and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        kids = _children(os.getpid())
+    if waited and not kids:
+        time.sleep(settle_s)
+    return kids
