@@ -27,9 +27,7 @@ fi
 
 # Debian bookworm: SLURM 22.05 and munge 0.5; only what is missing (a second run installs nothing)
 missing=()
-command -v slurmctld >/dev/null || missing+=(slurmctld)
-command -v slurmd >/dev/null || missing+=(slurmd)
-command -v sbatch >/dev/null || missing+=(slurm-client)
+{ command -v slurmctld && command -v slurmd && command -v sbatch; } >/dev/null || missing+=(slurm-wlm)
 command -v munged >/dev/null || missing+=(munge)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq

@@ -174,9 +174,9 @@ onstart:
         )
 
 
-def summarise(success):
+def summarise(success, snakemake_log=None):
     try:
-        finish(plan(), success=success)
+        finish(plan(), success=success, snakemake_log=snakemake_log)
     except (
         IncompleteCheckpointException
     ):  # the demo cohort was never written: nothing to summarise
@@ -204,7 +204,7 @@ onerror:
     # Interrupted, Snakemake leaves its local jobs running (dask.yaml's extract and train): stop them and let
     # them close their clusters (and cancel their SLURM worker jobs) before the summary reads their logs.
     stop_children()
-    summarise(False)
+    summarise(False, log)
 
 
 if config.get("demo"):

@@ -109,8 +109,30 @@ def _counts(items: list[dict]) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in ("done", "skipped", "failed") if counts[s]) or "no slides"
 
 
-def summary(plan: Plan) -> tuple[str, list[str]]:
-    """The end-of-run summary (one screen) and the slides of this cohort that failed."""
+def executor_errors(snakemake_logs) -> dict[Path, str]:
+    """``{a failed job's log: the message Snakemake gave for it}`` from Snakemake's own log of the run (a path or
+    a list of them, as Snakemake hands ``onerror``): what an executor knows and the job's ``wsi`` log cannot
+    (sbatch refused it; SLURM says it was cancelled)."""
+    errors: dict[Path, str] = {}
+    paths = [snakemake_logs] if isinstance(snakemake_logs, (str, Path)) else list(snakemake_logs or [])
+    lines = [line for p in paths if Path(p).is_file() for line in Path(p).read_text(errors="replace").splitlines()]
+    message = log = None
+    for line in lines + [""]:
+        if line.startswith("Error in rule "):
+            message = log = None
+        elif line.startswith("    message: "):
+            message = line.split(": ", 1)[1].strip()
+        elif line.startswith("    log: "):
+            log = line.split(": ", 1)[1].split(" (check log file")[0].split(", ")[0].strip()
+        elif not line.startswith(" ") and message and log:
+            errors.setdefault(Path(log).resolve(), message)
+            message = log = None
+    return errors
+
+
+def summary(plan: Plan, executor_errors: dict[Path, str] | None = None) -> tuple[str, list[str]]:
+    """The end-of-run summary (one screen) and the slides of this cohort that failed. ``executor_errors`` (from
+    :func:`executor_errors`) name the cause of jobs that failed before their ``wsi`` command wrote one."""
     layout, run, config = plan.layout, plan.run, plan.config
     batches = list(plan.batches)
     jobs = {
@@ -134,6 +156,8 @@ def summary(plan: Plan) -> tuple[str, list[str]]:
             # only the jobs whose status is missing: a finished batch's log says nothing about the one cut off
             unfinished = [(Path(s).stem, log) for s, log in zip(statuses, logs) if not Path(s).exists()]
             errors = [(log, e) for _, log in unfinished if (e := job_error(log))]
+            errors += [(log, f"{name}: {e}") for name, log in unfinished
+                       if not job_error(log) and (e := (executor_errors or {}).get(log.resolve()))]
             started = [(name, log) for name, log in unfinished if log.exists()]
             text = "not run"
             if len(unfinished) < len(statuses):  # some of its jobs finished: the others were cut off or never ran
@@ -145,7 +169,8 @@ def summary(plan: Plan) -> tuple[str, list[str]]:
                     f"; SLURM log: {slurm_log})" if slurm_log and not log.stat().st_size else ")")
             if errors:
                 log, error = errors[0]
-                text = f"failed: {error}" + ("" if str(log) in error else f" (log: {log})")
+                written = log.exists() and log.stat().st_size
+                text = f"failed: {error}" + ("" if str(log) in error or not written else f" (log: {log})")
             if stage == "train" and (layout.run_dir(run) / "run.json").exists():
                 text += (f"; the previous model run {layout.run_dir(run)} is unchanged and usable (predictions "
                          "and report, if any, are from it)")
@@ -170,9 +195,10 @@ def plan_encoder(config: dict) -> str:
     return encoder_key(feature_set(config["extract"]["encoder"], config["extract"].get("stain")))
 
 
-def finish(plan: Plan, *, success: bool) -> None:
-    """Print the summary; exit 1 when slides failed, unless ``allow_failed_slides``."""
-    text, failed = summary(plan)
+def finish(plan: Plan, *, success: bool, snakemake_log=None) -> None:
+    """Print the summary; exit 1 when slides failed, unless ``allow_failed_slides``. ``snakemake_log``:
+    Snakemake's log of the run, for causes only the executor knows."""
+    text, failed = summary(plan, executor_errors(snakemake_log))
     print(text, file=sys.stderr)
     if not success:
         print("wsi: exit status 1: a job failed (its cause is above; re-run the same command once fixed)",
