@@ -37,7 +37,9 @@ def test_a_batch_cut_off_before_it_wrote_anything_is_named(tmp_path):
     write_status(layout.status("tile", "batch-00000"), "tile", [{"slide_id": "s0", "status": "done"}])
     assert _tile_line(plan) == "  tile     did not finish: batch-00001"
     layout.log("tile", "batch-00001").parent.mkdir(parents=True, exist_ok=True)
-    layout.log("tile", "batch-00001").write_text("")
+    layout.log("tile", "batch-00001").write_text("")  # an empty log is not worth naming
+    assert _tile_line(plan) == "  tile     did not finish: batch-00001"
+    layout.log("tile", "batch-00001").write_text("tiling s2\n")
     assert _tile_line(plan) == f"  tile     did not finish: batch-00001 (log: {layout.log('tile', 'batch-00001')})"
 
 

@@ -95,6 +95,14 @@ def job_error(log: Path) -> str | None:
     return lines[-1].strip() if lines else None
 
 
+def _where(stage: str, logs: list[Path], name: str, log: Path) -> str:
+    """`` (log: ...)`` for a job's log that holds something; else the SLURM log the plugin kept, if any."""
+    if log.exists() and log.stat().st_size:
+        return f" (log: {log})"
+    slurm_log = _slurm_log(stage, name if len(logs) > 1 else "")
+    return f" (SLURM log: {slurm_log})" if slurm_log else ""
+
+
 def _slurm_log(rule: str, wildcards: str) -> Path | None:
     """The newest log snakemake-executor-plugin-slurm kept for a failed job of ``rule`` (it keeps only those):
     where a job that failed before its ``wsi`` command ran left its cause."""
@@ -155,22 +163,18 @@ def summary(plan: Plan, executor_errors: dict[Path, str] | None = None) -> tuple
         else:
             # only the jobs whose status is missing: a finished batch's log says nothing about the one cut off
             unfinished = [(Path(s).stem, log) for s, log in zip(statuses, logs) if not Path(s).exists()]
-            errors = [(log, e) for _, log in unfinished if (e := job_error(log))]
-            errors += [(log, f"{name}: {e}") for name, log in unfinished
-                       if not job_error(log) and (e := (executor_errors or {}).get(log.resolve()))]
-            started = [(name, log) for name, log in unfinished if log.exists()]
             text = "not run"
             if len(unfinished) < len(statuses):  # some of its jobs finished: the others were cut off or never ran
                 text = f"did not finish: {format_ids(n for n, _ in unfinished)}"
+            started = [(name, log) for name, log in unfinished if log.exists()]
             if started:
-                name, log = started[0]
-                slurm_log = _slurm_log(stage, name if len(logs) > 1 else "")
-                text = f"did not finish: {format_ids(n for n, _ in started)} (log: {log}" + (
-                    f"; SLURM log: {slurm_log})" if slurm_log and not log.stat().st_size else ")")
+                text = f"did not finish: {format_ids(n for n, _ in started)}{_where(stage, logs, *started[0])}"
+            errors = [(name, log, e) for name, log in unfinished if (e := job_error(log))]
+            errors += [(name, log, f"{name}: {e}") for name, log in unfinished
+                       if not job_error(log) and (e := (executor_errors or {}).get(log.resolve()))]
             if errors:
-                log, error = errors[0]
-                written = log.exists() and log.stat().st_size
-                text = f"failed: {error}" + ("" if str(log) in error or not written else f" (log: {log})")
+                name, log, error = errors[0]
+                text = f"failed: {error}" + ("" if str(log) in error else _where(stage, logs, name, log))
             if stage == "train" and (layout.run_dir(run) / "run.json").exists():
                 text += (f"; the previous model run {layout.run_dir(run)} is unchanged and usable (predictions "
                          "and report, if any, are from it)")
