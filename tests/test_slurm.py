@@ -91,11 +91,24 @@ def snakemake_cmd(work: Path, *args) -> list[str]:
             "--directory", str(work), *args]
 
 
-def snakemake(work: Path, *args, timeout: float = 480) -> subprocess.CompletedProcess:
-    proc = subprocess.run(snakemake_cmd(work, *args), capture_output=True, text=True, env=ENV, timeout=timeout,
-                          cwd=work)
-    proc.console = proc.stdout + proc.stderr
-    return proc
+def snakemake(work: Path, *args, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run Snakemake to its end; past ``timeout`` (a hang), stop it as Ctrl-C would (so that it cancels its
+    jobs) and fail."""
+    proc = subprocess.Popen(snakemake_cmd(work, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV, cwd=work, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        pytest.fail(f"snakemake ran past {timeout} s: {' '.join(args)}\n{(out + err)[-3000:]}")
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    done.console = out + err
+    return done
 
 
 def wsi_processes(work: Path) -> list[psutil.Process]:
@@ -197,6 +210,24 @@ def test_what_the_cluster_cannot_do_is_one_line_before_any_job(case, tmp_path):
     assert_clean(tmp_path, proc)
 
 
+# ------------------------------------------------------------------------------- a smaller cohort for the rest
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory) -> Path:
+    """Six small synthetic slides (three per class) and their labels: the Dask and scancel runs' cohort."""
+    folder = tmp_path_factory.mktemp("cohort")
+    make_demo_cohort(folder, n_slides=6, seed=1, field_mm=(1.6, 1.2))
+    return folder
+
+
+def small_config(cohort: Path, out: Path, path: Path, **top) -> Path:
+    """The demo config on ``cohort``, writing to ``out``, with ``top``-level keys replaced."""
+    config = yaml.safe_load(DEMO.read_text())
+    config.pop("demo")
+    config.update(slides_dir=str(cohort / "slides"), labels=str(cohort / "labels.csv"), out_dir=str(out), **top)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 # ----------------------------------------------------------------------------------------------- Dask on SLURM
 def small_workers(path: Path) -> Path:
     """configs/slurm/dask.yaml's workers sized to this node: two jobs of 1 core and 2 GB (the overlay asks for 8
@@ -206,18 +237,21 @@ def small_workers(path: Path) -> Path:
     return path
 
 
-def dask_args(work: Path) -> list[str]:
-    """The demo's slides, tiled and extracted into their own folder (demo/out-dask) with the Dask overlay."""
-    return ["--configfile", str(DEMO), str(DASK), str(CPU), str(small_workers(work / "workers.yaml")),
-            "--config", "mode=features", "out_dir=demo/out-dask"]
+@pytest.fixture(scope="module")
+def dask_work(small_cohort, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A folder and the arguments that tile the small cohort and extract its features with the Dask overlay
+    (mode features: tile, then extract)."""
+    work = tmp_path_factory.mktemp("dask")
+    config = small_config(small_cohort, work / "out", work / "config.yaml", mode="features")
+    return work, ["--configfile", str(config), str(DASK), str(CPU), str(small_workers(work / "workers.yaml"))]
 
 
-def test_ctrl_c_stops_a_dask_on_slurm_run_at_once_and_cancels_its_workers(demo_run):
+def test_ctrl_c_stops_a_dask_on_slurm_run_at_once_and_cancels_its_workers(dask_work):
     """Ctrl-C (SIGINT to the terminal's process group) while extract's worker jobs run: one signal ends the run
     within seconds, with one line saying so; no wsi process and no worker job is left."""
-    work, _, _ = demo_run
+    work, args = dask_work
     before = set(job_states())
-    proc = subprocess.Popen(snakemake_cmd(work, *dask_args(work)), cwd=work, env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(snakemake_cmd(work, *args), cwd=work, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     running = []
     deadline = time.monotonic() + 240
@@ -239,21 +273,21 @@ def test_ctrl_c_stops_a_dask_on_slurm_run_at_once_and_cancels_its_workers(demo_r
     print(f"Ctrl-C: the run ended {seconds:.1f} s after the signal")
 
 
-def test_dask_workers_as_slurm_jobs_extract_the_demo(demo_run):
+def test_dask_workers_as_slurm_jobs_extract_a_cohort(dask_work):
     """configs/slurm/dask.yaml (+ cpu.yaml): extract runs on the submit host and its CPU workers are SLURM jobs
     that log under OUT/logs/extract/workers and are cancelled when it ends. (After the Ctrl-C above, the same
     command finishes what that run left.)"""
-    work, _, _ = demo_run
+    work, args = dask_work
     before = set(job_states())
-    proc = snakemake(work, *dask_args(work))
+    proc = snakemake(work, *args)
     assert proc.returncode == 0, proc.console[-4000:]
     assert "localrule extract:" in proc.console and "extract" not in submitted_rules(proc.console)
     workers = {i for i, (state, name) in job_states().items() if name == "wsi-worker" and i not in before}
     assert len(workers) == 2, job_states()
-    logs = work / "demo" / "out-dask" / "logs" / "extract" / "workers"
+    logs = work / "out" / "logs" / "extract" / "workers"
     assert {p.name for p in logs.iterdir()} >= {f"wsi-worker-{i}.err" for i in workers}
-    status = json.loads((work / "demo" / "out-dask" / "status" / "extract" / "tf_efficientnet_lite0.json").read_text())
-    assert sorted(i["status"] for i in status["items"]).count("failed") == 0 and len(status["items"]) == 8
+    status = json.loads((work / "out" / "status" / "extract" / "tf_efficientnet_lite0.json").read_text())
+    assert [i for i in status["items"] if i["status"] == "failed"] == [] and len(status["items"]) == 6
     assert any(i["status"] == "done" for i in status["items"])  # the workers extracted
     assert_clean(work, proc)
 
@@ -296,16 +330,15 @@ def test_dask_workers_that_cannot_start_end_extract_with_one_line(case, fresh_st
 
 
 # ------------------------------------------------------------------------------------------------- a cancelled job
-def test_scancel_of_a_tile_job_ends_the_run_naming_that_batch_and_a_rerun_finishes(tmp_path):
-    folder = tmp_path / "cohort"
-    make_demo_cohort(folder, n_slides=6, seed=1, field_mm=(1.6, 1.2))
-    config = yaml.safe_load(DEMO.read_text())
-    config.pop("demo")
-    config.update(slides_dir=str(folder / "slides"), labels=str(folder / "labels.csv"), out_dir=str(tmp_path / "out"),
-                  slides_per_job=3)
+def test_scancel_of_a_tile_job_ends_the_run_naming_that_batch_and_a_rerun_finishes(demo_run, small_cohort,
+                                                                                   tmp_path):
+    """Two tile jobs of three slides; the second is cancelled while its `wsi tile` runs. (The cohort is scored
+    with the demo's model, mode predict, so the re-run has no training to redo.)"""
+    work, _, _ = demo_run
+    path = small_config(small_cohort, tmp_path / "out", tmp_path / "config.yaml", slides_per_job=3, mode="predict",
+                        model_dir=str(work / "demo" / "out" / "models" / "abmil_tf_efficientnet_lite0"))
+    config = yaml.safe_load(path.read_text())
     config["resources"]["tile"]["threads"] = 1  # both tile jobs at once on the 2 cores
-    config["mil"].update(folds=3, epochs=4, repeats=1, bootstrap=50)
-    path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     args = ["--configfile", str(path), str(CPU)]
     proc = subprocess.Popen(snakemake_cmd(tmp_path, *args), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
