@@ -159,7 +159,7 @@ onstart:
     # Under the SLURM executor: check the status command and what the jobs ask for before the first sbatch.
     if getattr(workflow.executor_plugin, "name", None) == "slurm":
         settings = workflow.executor_settings
-        or_exit(
+        warnings = or_exit(
             lambda: preflight(
                 config,
                 submitted_rules(),
@@ -167,6 +167,8 @@ onstart:
                 first_poll_s=settings.init_seconds_before_status_checks,
             )
         )
+        for warning in warnings:
+            print(f"wsi: warning: {warning}", file=sys.stderr)
     for stale in clean_stale(LAYOUT, RUN):
         print(
             f"wsi: removed {stale}, left by a training that was stopped",

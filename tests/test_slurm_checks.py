@@ -66,9 +66,13 @@ ACCOUNTING = {"AccountingStorageType": "accounting_storage/slurmdbd", "MinJobAge
 
 
 def test_squeue_works_with_or_without_accounting_while_finished_jobs_stay_listed():
-    check_status_command("squeue", 10, NO_ACCOUNTING)
-    check_status_command("squeue", 10, ACCOUNTING)
-    check_status_command("sacct", 10, ACCOUNTING)
+    assert check_status_command("squeue", 10, NO_ACCOUNTING) is None
+    assert check_status_command("squeue", 10, ACCOUNTING) is None
+
+
+def test_sacct_with_accounting_runs_with_a_warning_about_cancelled_jobs():
+    warning = check_status_command("sacct", 10, ACCOUNTING)
+    assert "does not notice a job cancelled with scancel" in warning and "squeue" in warning
 
 
 def test_sacct_without_accounting_would_wait_forever_and_is_refused():

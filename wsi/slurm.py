@@ -95,8 +95,9 @@ def _seconds(value: str) -> int | None:
     return n * 3600 if unit in ("h", "hour", "hours") else n * 60 if unit in ("min", "mins", "minutes") else n
 
 
-def check_status_command(status_command: str | None, first_poll_s: int, conf: dict[str, str]) -> None:
-    """Refuse a status check that would leave the run waiting forever (see the module docstring)."""
+def check_status_command(status_command: str | None, first_poll_s: int, conf: dict[str, str]) -> str | None:
+    """Refuse a status check that would leave the run waiting forever (see the module docstring); return a
+    warning for one that works until a job is cancelled."""
     accounting = conf.get("AccountingStorageType", "")
     min_job_age = _seconds(conf.get("MinJobAge", ""))
     if status_command == "sacct":
@@ -105,7 +106,8 @@ def check_status_command(status_command: str | None, first_poll_s: int, conf: di
                               f"(AccountingStorageType={accounting or 'unset'}), so Snakemake would never learn "
                               "that a job ended", "set slurm-status-command: squeue, as configs/slurm/config.yaml "
                               "does")
-        return
+        return ("the SLURM status check is sacct: the plugin does not notice a job cancelled with scancel "
+                "(CANCELLED by <uid>) and would wait for it; slurm-status-command: squeue does")
     need = max(MIN_JOB_AGE_S, 3 * first_poll_s)
     if min_job_age is None or min_job_age < need:
         raise ConfigError(None, f"the SLURM status check is squeue, but slurmctld forgets a finished job after "
@@ -113,6 +115,7 @@ def check_status_command(status_command: str | None, first_poll_s: int, conf: di
                           f"(it needs at least {need} s)", "ask the cluster's admins for MinJobAge=300 (SLURM's "
                           "default), or, where slurmdbd keeps accounting, set slurm-status-command: sacct (a job "
                           "cancelled with scancel is then not noticed)")
+    return None
 
 
 def partitions() -> tuple[dict[str, list[Node]], str | None]:
@@ -183,13 +186,14 @@ def worker_request(cluster_cfg: dict) -> Request:
 
 
 def preflight(config: dict, rules: dict[str, str | None], *, status_command: str | None,
-              first_poll_s: int) -> None:
+              first_poll_s: int) -> list[str]:
     """Every check before the first submission: the status command, then the requests of ``rules`` (``{rule:
     slurm_partition or None}``, the rules this run submits) and of the Dask workers when ``cluster.kind`` is
-    slurm. Raises :class:`~wsi.errors.ConfigError`."""
-    check_status_command(status_command, first_poll_s, slurm_config())
+    slurm. Raises :class:`~wsi.errors.ConfigError`; returns warnings (one line each)."""
+    warning = check_status_command(status_command, first_poll_s, slurm_config())
     requests = [rule_request(config, r, rules[r]) for r in config["resources"] if r in rules]  # stage order
     if config["cluster"]["kind"] == "slurm":
         requests.append(worker_request(config["cluster"]))
     parts, default = partitions()
     check_requests(requests, parts, default)
+    return [warning] if warning else []
