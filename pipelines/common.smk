@@ -11,6 +11,8 @@ from wsi.config import run_name, scoring_run_dir
 from wsi.layout import Layout
 from wsi.slide import dicom_files
 from wsi.plan import Plan, clean_stale, config_file, finish, plan_encoder
+from wsi.slurm import preflight
+from wsi.stop import stop_children
 
 # Jobs run the CLI with the interpreter that runs Snakemake, so no `wsi` on PATH is needed (an sbatch script
 # that calls venv/bin/snakemake without activating the venv). Set in the shell, not as a param: another path
@@ -109,6 +111,13 @@ def tile_status(wildcards=None):
     return [str(LAYOUT.status("tile", b)) for b in plan().batches]
 
 
+def batch_tile_status(wildcards):
+    """The tile status of the batch. Through plan() it also ties the job to the demo_data checkpoint, so a job
+    that runs elsewhere (a SLURM job) can read its batch's slide ids in its params."""
+    plan()
+    return str(LAYOUT.status("tile", wildcards.batch))
+
+
 def heatmap_status(wildcards=None):
     return [str(LAYOUT.status("heatmap", b, RUN)) for b in plan().batches]
 
@@ -132,7 +141,35 @@ wildcard_constraints:
     batch=r"batch-\d+",
 
 
+def submitted_rules():
+    """{rule: its slurm_partition or None} of the rules this run submits to SLURM: those of the jobs to run that
+    are not local, and in demo mode the per-slide rules the demo_data checkpoint adds later (in the default
+    partition, as demo_data, unless set-resources names one).
+    """
+    jobs = [j for j in workflow.dag.needrun_jobs() if not j.is_local]
+    rules = {j.rule.name: j.resources.get("slurm_partition") for j in jobs}
+    if "demo_data" in rules:
+        for name in ("tile", "heatmap"):
+            own = workflow.resource_settings.overwrite_resources.get(name) or {}
+            own = getattr(own.get("slurm_partition"), "value", None)
+            rules[name] = own or rules["demo_data"]
+    return rules
+
+
 onstart:
+    # Under the SLURM executor: check the status command and what the jobs ask for before the first sbatch.
+    if getattr(workflow.executor_plugin, "name", None) == "slurm":
+        settings = workflow.executor_settings
+        warnings = or_exit(
+            lambda: preflight(
+                config,
+                submitted_rules(),
+                status_command=settings.status_command,
+                first_poll_s=settings.init_seconds_before_status_checks,
+            )
+        )
+        for warning in warnings:
+            print(f"wsi: warning: {warning}", file=sys.stderr)
     for stale in clean_stale(LAYOUT, RUN):
         print(
             f"wsi: removed {stale}, left by a training that was stopped",
@@ -140,9 +177,9 @@ onstart:
         )
 
 
-def summarise(success):
+def summarise(success, snakemake_log=None):
     try:
-        finish(plan(), success=success)
+        finish(plan(), success=success, snakemake_log=snakemake_log)
     except (
         IncompleteCheckpointException
     ):  # the demo cohort was never written: nothing to summarise
@@ -167,7 +204,10 @@ onsuccess:
 
 
 onerror:
-    summarise(False)
+    # Interrupted, Snakemake leaves its local jobs running (dask.yaml's extract and train): stop them and let
+    # them close their clusters (and cancel their SLURM worker jobs) before the summary reads their logs.
+    stop_children()
+    summarise(False, log)
 
 
 if config.get("demo"):

@@ -5,6 +5,7 @@
 rule heatmap:
     input:
         predictions=LAYOUT.predictions_csv(RUN),
+        tiles=batch_tile_status,
     output:
         status=LAYOUT.status("heatmap", "{batch}", RUN),
     log:

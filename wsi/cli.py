@@ -103,7 +103,13 @@ def _version() -> str:
 def _config(args, overrides: dict | None = None) -> dict:
     from .config import load_config
 
-    return load_config(args.config_file, args.sets, overrides=overrides)
+    config = load_config(args.config_file, args.sets, overrides=overrides)
+    cluster = config.get("cluster") or {}
+    if cluster.get("kind") == "slurm" and not cluster["slurm"].get("log_directory") and getattr(args, "out", None):
+        from .layout import Layout  # SLURM worker jobs log under OUT/logs, not as slurm-<id>.out in the cwd
+
+        cluster["slurm"]["log_directory"] = str(Layout(args.out).worker_logs(args.command))
+    return config
 
 
 def _drop_none(d: dict) -> dict:
@@ -356,8 +362,14 @@ def main(argv: list[str] | None = None) -> int:
             print(message, file=console, flush=True)
         return 2
 
+    from .stop import Stopped, stop_on_signals
+
     try:
-        return run(args)
+        with stop_on_signals():
+            return run(args)
+    except Stopped as e:
+        fail(f"wsi {args.command}: error: {e}")
+        return e.exit_status
     except WsiError as e:
         note = _previous_run_note(args) if args.command == "train" else ""
         return fail(f"wsi {args.command}: error: {e}{note}")

@@ -7,7 +7,13 @@ workstation and a SLURM cluster.
     (default 2) workers sharing the cores this process may use. Workers beyond the GPUs see none
     (``CUDA_VISIBLE_DEVICES=""``), so no model lands on a GPU another worker owns.
     ``slurm``: a ``dask_jobqueue.SLURMCluster``; every SLURM job runs one worker that holds ``gpus_per_job``
-    (0 or 1) GPUs and advertises ``GPU=1`` when it has one. ``n_workers`` jobs are submitted.
+    (0 or 1) GPUs and advertises ``GPU=1`` when it has one. ``n_workers`` jobs are submitted, and
+    :func:`dask_client` waits for the first worker at most ``slurm.start_timeout_s`` seconds: a job sbatch
+    refuses, worker jobs that all end before a worker joins, or the timeout end it with one
+    :class:`~wsi.errors.ConfigError` that quotes sbatch's error, the jobs' states and pending reasons, or the
+    last line of a worker's log. The worker jobs' output goes to ``slurm.log_directory`` (the CLI sets
+    ``OUT/logs/<stage>/workers``), never to ``slurm-<id>.out`` files in the working directory. Closing the
+    client (a finished stage, an error, or SIGINT/SIGTERM through :mod:`wsi.stop`) cancels the worker jobs.
     ``address``: connect to a running scheduler at ``address``; it is left running on exit.
 
 Dask does not know what a GPU is: tasks that need one ask for ``resources=gpu_resources(client)``, so that one
@@ -32,7 +38,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -41,6 +52,11 @@ from .errors import ConfigError
 # Defaults for keys a caller's cluster section may leave out (configs/default.yaml documents them).
 _LOCAL_DEFAULT_WORKERS = 2
 _DEFAULT_DASHBOARD = ":8787"
+_DEFAULT_START_TIMEOUT_S = 1800
+_CLOSE_TIMEOUT_S = 60
+WORKER_JOB_NAME = "wsi-worker"
+# SLURM job states in which a worker may still join; any other state means the job ended
+_LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
 
 
 def usable_cores() -> int:
@@ -93,9 +109,21 @@ def local_cluster(cluster_cfg: dict, *, gpus: list[str] | None = None):
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING, name="wsi-local")
 
 
+def _import_slurm_cluster():
+    """``dask_jobqueue.SLURMCluster``. dask-jobqueue (0.9) replaces the SIGINT handler when imported (its
+    ``runner`` module: Ctrl-C becomes a silent exit 0, skipping wsi's clean-up and its one line); the handler in
+    place before is put back."""
+    handler = signal.getsignal(signal.SIGINT)
+    from dask_jobqueue import SLURMCluster
+
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGINT, handler)
+    return SLURMCluster
+
+
 def slurm_cluster(cluster_cfg: dict):
     """A ``dask_jobqueue.SLURMCluster`` from ``cluster_cfg["slurm"]``; no job is submitted yet."""
-    from dask_jobqueue import SLURMCluster
+    SLURMCluster = _import_slurm_cluster()
 
     s = cluster_cfg.get("slurm") or {}
     gpus = int(s.get("gpus_per_job", 0))
@@ -117,8 +145,102 @@ def slurm_cluster(cluster_cfg: dict):
         memory=s.get("memory", "32GB"), processes=processes, walltime=s.get("walltime"),
         local_directory=s.get("local_directory"), interface=s.get("interface"),
         job_extra_directives=directives, job_script_prologue=list(s.get("job_script_prologue") or []),
-        worker_extra_args=worker_args, job_name="wsi-worker",
+        worker_extra_args=worker_args, job_name=WORKER_JOB_NAME, log_directory=worker_log_directory(cluster_cfg),
+        job_cls=_recording_job_class(),
         scheduler_options={"dashboard_address": cluster_cfg.get("dashboard_address") or _DEFAULT_DASHBOARD})
+
+
+def worker_log_directory(cluster_cfg: dict) -> str:
+    """Where the SLURM worker jobs write ``wsi-worker-<job id>.out/.err``: ``slurm.log_directory``, else a
+    folder under the temporary directory (never the working directory)."""
+    s = cluster_cfg.get("slurm") or {}
+    return str(s.get("log_directory") or os.path.join(tempfile.gettempdir(), "wsi-dask-workers"))
+
+
+def _recording_job_class():
+    """dask-jobqueue's ``SLURMJob`` that keeps sbatch's error on the job (``submit_error``): dask-jobqueue
+    submits from its event loop, where a refused submission is only logged. Its status follows what happened
+    (failed, closed), so the cluster closes cleanly after either."""
+    from dask_jobqueue.slurm import SLURMJob
+    from distributed.core import Status
+
+    class RecordingSLURMJob(SLURMJob):
+        submit_error: str | None = None
+
+        async def start(self):
+            try:
+                await super().start()
+            except RuntimeError as e:
+                self.submit_error = _sbatch_error(str(e))
+                self.status = Status.failed  # so that closing the cluster passes over it
+                raise
+
+        async def close(self):
+            await super().close()  # scancel; dask-jobqueue leaves the status at running, which closing the
+            self.status = Status.closed  # cluster asserts against while anything still holds the job
+
+    return RecordingSLURMJob
+
+
+def _sbatch_error(text: str) -> str:
+    """The line that says why, from dask-jobqueue's 'Command exited with non-zero exit code' message."""
+    stderr = text.split("stderr:", 1)[-1]
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [" ".join(text.split())])[-1]
+
+
+def _job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """``{job id: (state, reason)}`` from ``squeue`` (finished jobs stay listed for MinJobAge); a job squeue
+    no longer lists is absent. Empty when squeue fails: the caller waits on."""
+    try:
+        out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T|%r", "--jobs",
+                              ",".join(job_ids)], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    states = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1], parts[2])
+    return states
+
+
+def _last_line(path: str) -> str | None:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return None
+    return lines[-1] if lines else None
+
+
+def wait_for_slurm_workers(client, cluster, timeout_s: float, *, log_dir: str, poll_s: float = 1.0) -> None:
+    """Return once a worker of ``cluster``'s SLURM jobs has joined; else one :class:`ConfigError`: at once when
+    sbatch refused the jobs or every job ended without a worker joining, else after ``timeout_s`` seconds,
+    naming each job's state and pending reason."""
+    deadline = time.monotonic() + timeout_s
+    hint = ("size cluster.slurm (queue, cores, memory, gpus_per_job) to what the partition offers, or raise "
+            "cluster.slurm.start_timeout_s when the queue is long")
+    while not client.scheduler_info()["workers"]:
+        jobs = list(cluster.workers.values())
+        refused = [j.submit_error for j in jobs if getattr(j, "submit_error", None)]
+        if refused:
+            raise ConfigError(None, f"SLURM refused the Dask worker jobs: {refused[0]}", hint)
+        ids = [j.job_id for j in jobs if getattr(j, "job_id", None)]
+        states = _job_states(ids) if ids else {}
+        if ids and states and all(states.get(i, ("GONE", ""))[0] not in _LIVE_STATES for i in ids):
+            err = os.path.join(log_dir, f"{WORKER_JOB_NAME}-{ids[0]}.err")
+            last = _last_line(err)
+            raise ConfigError(None, "every Dask worker job ended before its worker joined: "
+                              + ", ".join(f"job {i} {states.get(i, ('GONE', ''))[0]}" for i in ids)
+                              + (f"; {err} ends: {last}" if last else ""), f"see the worker logs in {log_dir}")
+        if time.monotonic() > deadline:
+            waiting = ", ".join(f"job {i} {states[i][0]} ({states[i][1]})" if i in states else f"job {i}"
+                                for i in ids) or "no job was submitted"
+            raise ConfigError(None, f"no Dask worker joined within {timeout_s:g} s "
+                              f"(cluster.slurm.start_timeout_s): {waiting}", hint)
+        time.sleep(poll_s)
 
 
 def slurm_job_script(cluster_cfg: dict) -> str:
@@ -169,12 +291,16 @@ def dask_client(cluster_cfg: dict) -> Iterator:
         client = Client(cluster) if cluster is not None else _connect(cluster_cfg)
         try:
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+            if cluster_cfg.get("kind") == "slurm":
+                s = cluster_cfg.get("slurm") or {}
+                wait_for_slurm_workers(client, cluster, float(s.get("start_timeout_s") or _DEFAULT_START_TIMEOUT_S),
+                                       log_dir=worker_log_directory(cluster_cfg))
             yield client
         finally:
             client.close()
     finally:
         if cluster is not None:
-            cluster.close()
+            cluster.close(timeout=_CLOSE_TIMEOUT_S)  # a SLURMCluster scancels its worker jobs here
 
 
 def gpu_resources(client, *, tasks_per_gpu: int = 1, wait_timeout: float | None = None) -> dict | None:

@@ -20,6 +20,7 @@ path under OUT                             what
 ``failures.csv``                           one row per failed slide and stage
 ``status/<stage>/[<run>/]<name>.json``     what a workflow job did; Snakemake tracks these
 ``logs/<stage>/[<run>/]<name>.log``        one log per workflow job
+``logs/<stage>/workers/``                  the SLURM Dask worker jobs' output (``cluster.kind: slurm``)
 ``.wsi/jobs/<name>-<digest>.<ext>``        a job's config and slide list, named by their content
 =========================================  ===========================================================
 """
@@ -106,6 +107,10 @@ class Layout:
 
     def log(self, stage: str, name: str, run: str | None = None) -> Path:
         return self.out / "logs" / stage / (run or "") / f"{name}.log"
+
+    def worker_logs(self, stage: str) -> Path:
+        """Where a stage's SLURM Dask worker jobs write ``wsi-worker-<job id>.out/.err``."""
+        return self.out / "logs" / stage / "workers"
 
     @property
     def jobs_dir(self) -> Path:

@@ -96,14 +96,52 @@ def job_error(log: Path) -> str | None:
     return lines[-1].strip() if lines else None
 
 
+def _where(stage: str, logs: list[Path], name: str, log: Path) -> str:
+    """`` (log: ...)`` for a job's log that holds something; else the SLURM log the plugin kept, if any."""
+    if log.exists() and log.stat().st_size:
+        return f" (log: {log})"
+    slurm_log = _slurm_log(stage, name if len(logs) > 1 else "")
+    return f" (SLURM log: {slurm_log})" if slurm_log else ""
+
+
+def _slurm_log(rule: str, wildcards: str) -> Path | None:
+    """The newest log snakemake-executor-plugin-slurm kept for a failed job of ``rule`` (it keeps only those):
+    where a job that failed before its ``wsi`` command ran left its cause."""
+    folder = Path(".snakemake") / "slurm_logs" / f"rule_{rule}" / wildcards
+    logs = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return logs[-1] if logs else None
+
+
 def _counts(items: list[dict]) -> str:
     """``6 done, 1 skipped, 1 failed`` (statuses that occur, in this order)."""
     counts = Counter(item["status"] for item in items)
     return ", ".join(f"{counts[s]} {s}" for s in ("done", "skipped", "failed") if counts[s]) or "no slides"
 
 
-def summary(plan: Plan) -> tuple[str, list[str]]:
-    """The end-of-run summary (one screen) and the slides of this cohort that failed."""
+def executor_errors(snakemake_logs) -> dict[Path, str]:
+    """``{a failed job's log: the message Snakemake gave for it}`` from Snakemake's own log of the run (a path or
+    a list of them, as Snakemake hands ``onerror``): what an executor knows and the job's ``wsi`` log cannot
+    (sbatch refused it; SLURM says it was cancelled)."""
+    errors: dict[Path, str] = {}
+    paths = [snakemake_logs] if isinstance(snakemake_logs, (str, Path)) else list(snakemake_logs or [])
+    lines = [line for p in paths if Path(p).is_file() for line in Path(p).read_text(errors="replace").splitlines()]
+    message = log = None
+    for line in lines + [""]:
+        if line.startswith("Error in rule "):
+            message = log = None
+        elif line.startswith("    message: "):
+            message = line.split(": ", 1)[1].strip()
+        elif line.startswith("    log: "):
+            log = line.split(": ", 1)[1].split(" (check log file")[0].split(", ")[0].strip()
+        elif not line.startswith(" ") and message and log:
+            errors.setdefault(Path(log).resolve(), message)
+            message = log = None
+    return errors
+
+
+def summary(plan: Plan, executor_errors: dict[Path, str] | None = None) -> tuple[str, list[str]]:
+    """The end-of-run summary (one screen) and the slides of this cohort that failed. ``executor_errors`` (from
+    :func:`executor_errors`) name the cause of jobs that failed before their ``wsi`` command wrote one."""
     layout, run, config = plan.layout, plan.run, plan.config
     batches = list(plan.batches)
     jobs = {
@@ -124,12 +162,20 @@ def summary(plan: Plan) -> tuple[str, list[str]]:
         if items is not None:
             text = _counts(items) if stage != "train" else f"model run {layout.run_dir(run)}"
         else:
-            errors = [(log, e) for log in logs if (e := job_error(log))]
-            started = [log for log in logs if log.exists()]
-            text = f"did not finish (log: {started[0]})" if started else "not run"
+            # only the jobs whose status is missing: a finished batch's log says nothing about the one cut off
+            unfinished = [(Path(s).stem, log) for s, log in zip(statuses, logs) if not Path(s).exists()]
+            text = "not run"
+            if len(unfinished) < len(statuses):  # some of its jobs finished: the others were cut off or never ran
+                text = f"did not finish: {format_ids(n for n, _ in unfinished)}"
+            started = [(name, log) for name, log in unfinished if log.exists()]
+            if started:
+                text = f"did not finish: {format_ids(n for n, _ in started)}{_where(stage, logs, *started[0])}"
+            errors = [(name, log, e) for name, log in unfinished if (e := job_error(log))]
+            errors += [(name, log, f"{name}: {e}") for name, log in unfinished
+                       if not job_error(log) and (e := (executor_errors or {}).get(log.resolve()))]
             if errors:
-                log, error = errors[0]
-                text = f"failed: {error}" + ("" if str(log) in error else f" (log: {log})")
+                name, log, error = errors[0]
+                text = f"failed: {error}" + ("" if str(log) in error else _where(stage, logs, name, log))
             if stage == "train" and (layout.run_dir(run) / "run.json").exists():
                 text += (f"; the previous model run {layout.run_dir(run)} is unchanged and usable (predictions "
                          "and report, if any, are from it)")
@@ -153,9 +199,10 @@ def plan_encoder(config: dict) -> str:
     return encoder_key(feature_set_of(config["extract"]))
 
 
-def finish(plan: Plan, *, success: bool) -> None:
-    """Print the summary; exit 1 when slides failed, unless ``allow_failed_slides``."""
-    text, failed = summary(plan)
+def finish(plan: Plan, *, success: bool, snakemake_log=None) -> None:
+    """Print the summary; exit 1 when slides failed, unless ``allow_failed_slides``. ``snakemake_log``:
+    Snakemake's log of the run, for causes only the executor knows."""
+    text, failed = summary(plan, executor_errors(snakemake_log))
     print(text, file=sys.stderr)
     if not success:
         print("wsi: exit status 1: a job failed (its cause is above; re-run the same command once fixed)",
