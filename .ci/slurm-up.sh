@@ -9,7 +9,9 @@
 # again on a fresh controller state. Why no slurmdbd: the workflow's profile (configs/slurm/config.yaml) asks the
 # SLURM executor plugin for its `squeue` status check, which needs only slurmctld keeping finished jobs for
 # MinJobAge (300 s); the plugin's `sacct` check misses cancelled jobs (state "CANCELLED by <uid>") and waits
-# for them forever, so a site with accounting uses squeue too (README, HPC).
+# for them forever, so a site with accounting uses squeue too (README, HPC). Processes are tracked by process
+# group (proctrack/pgid): with proctrack/linuxproc, a job's Snakemake reparented to init when scancel ended its
+# batch shell escaped SLURM's SIGKILL and lived on; KillWait=10 s bounds how long a cancelled job may linger.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${WSI_SLURM_DIR:-/var/lib/wsi-slurm}
@@ -67,7 +69,8 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/pgid
+KillWait=10
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory

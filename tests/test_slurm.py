@@ -40,6 +40,9 @@ TEST_CLUSTER = "wsi-ci"  # .ci/slurm-up.sh's ClusterName
 # As an sbatch script that never activated the venv: no `wsi` on PATH; SLURM jobs inherit this environment
 ENV = {**os.environ, "PATH": "/usr/bin:/bin"}
 LIVE = "PENDING,CONFIGURING,RUNNING,COMPLETING,SUSPENDED"
+# The tests after the README's command poll SLURM from 3 s after a submission (the profile: 10 s; both then add
+# 10 s per poll), which finds the short jobs of a small cohort sooner and keeps the lane within its 10 minutes.
+FAST_POLL = ["--slurm-init-seconds-before-status-checks", "3"]
 
 pytestmark = pytest.mark.slow
 
@@ -123,11 +126,15 @@ def wsi_processes(work: Path) -> list[psutil.Process]:
     return found
 
 
-def assert_clean(work: Path, proc=None):
-    """No job queued or running, no process of the run left, no slurm-<id>.out in the working folder."""
+def assert_clean(work: Path, proc=None, *, linger_s: float = 30):
+    """No job queued, running or completing, no slurm-<id>.out in the working folder, and no process of the run
+    left, once cancelled jobs have had SLURM's KillWait (10 s on the test cluster) to end."""
+    deadline = time.monotonic() + linger_s
+    while live_jobs() and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert live_jobs() == [], f"jobs left in the queue: {live_jobs()}"
     assert not list(work.glob("slurm-*.out")), sorted(p.name for p in work.glob("slurm-*"))
-    left = wsi_processes(work)
+    _, left = psutil.wait_procs(wsi_processes(work), timeout=linger_s)
     assert not left, [" ".join(p.cmdline()) for p in left]
     if proc is not None:
         assert "Traceback" not in proc.console, proc.console[-3000:]
@@ -243,7 +250,8 @@ def dask_work(small_cohort, tmp_path_factory) -> tuple[Path, list[str]]:
     (mode features: tile, then extract)."""
     work = tmp_path_factory.mktemp("dask")
     config = small_config(small_cohort, work / "out", work / "config.yaml", mode="features")
-    return work, ["--configfile", str(config), str(DASK), str(CPU), str(small_workers(work / "workers.yaml"))]
+    return work, ["--configfile", str(config), str(DASK), str(CPU), str(small_workers(work / "workers.yaml")),
+                  *FAST_POLL]
 
 
 def test_ctrl_c_stops_a_dask_on_slurm_run_at_once_and_cancels_its_workers(dask_work):
@@ -340,7 +348,7 @@ def test_scancel_of_a_tile_job_ends_the_run_naming_that_batch_and_a_rerun_finish
     config = yaml.safe_load(path.read_text())
     config["resources"]["tile"]["threads"] = 1  # both tile jobs at once on the 2 cores
     path.write_text(yaml.safe_dump(config))
-    args = ["--configfile", str(path), str(CPU)]
+    args = ["--configfile", str(path), str(CPU), *FAST_POLL]
     proc = subprocess.Popen(snakemake_cmd(tmp_path, *args), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log = tmp_path / "out" / "logs" / "tile" / "batch-00001.log"
