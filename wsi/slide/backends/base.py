@@ -34,6 +34,29 @@ class SlideReader(ABC):
         """Release the files."""
 
 
+class OpenSlideLike(SlideReader):
+    """A reader over a library object with OpenSlide's API (``properties``, ``level_dimensions``,
+    ``level_downsamples``, ``close``: OpenSlide itself and tiffslide, which copies it); subclasses open it as
+    ``self._slide`` and read its regions."""
+
+    _slide: object
+
+    @property
+    def properties(self):
+        return self._slide.properties
+
+    @property
+    def level_dimensions(self) -> tuple:
+        return self._slide.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple:
+        return self._slide.level_downsamples
+
+    def close(self) -> None:
+        self._slide.close()
+
+
 def over_white(rgba: np.ndarray) -> np.ndarray:
     """Composite RGBA (non-premultiplied, as OpenSlide and tiffslide return it) over white, the colour of glass."""
     rgb = rgba[..., :3]

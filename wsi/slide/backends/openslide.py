@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import SlideReader, over_white
+from .base import OpenSlideLike, over_white
 
 
-class OpenSlideReader(SlideReader):
+class OpenSlideReader(OpenSlideLike):
     name = "openslide"
 
     def __init__(self, entry: Path):
@@ -18,20 +18,5 @@ class OpenSlideReader(SlideReader):
 
         self._slide = openslide.OpenSlide(str(entry))
 
-    @property
-    def properties(self):
-        return self._slide.properties
-
-    @property
-    def level_dimensions(self) -> tuple:
-        return self._slide.level_dimensions
-
-    @property
-    def level_downsamples(self) -> tuple:
-        return self._slide.level_downsamples
-
     def read_region(self, location, level: int, size) -> np.ndarray:
         return over_white(np.asarray(self._slide.read_region(location, level, size)))
-
-    def close(self) -> None:
-        self._slide.close()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import SlideReader, over_white
+from .base import OpenSlideLike, over_white
 
 
-class TiffSlideReader(SlideReader):
+class TiffSlideReader(OpenSlideLike):
     name = "tiffslide"
 
     def __init__(self, entry: Path):
@@ -18,21 +18,6 @@ class TiffSlideReader(SlideReader):
 
         self._slide = tiffslide.TiffSlide(str(entry))
 
-    @property
-    def properties(self):
-        return self._slide.properties
-
-    @property
-    def level_dimensions(self) -> tuple:
-        return self._slide.level_dimensions
-
-    @property
-    def level_downsamples(self) -> tuple:
-        return self._slide.level_downsamples
-
     def read_region(self, location, level: int, size) -> np.ndarray:
         rgb = np.asarray(self._slide.read_region(location, level, size, as_array=True))
         return over_white(rgb) if rgb.shape[2] == 4 else rgb
-
-    def close(self) -> None:
-        self._slide.close()
