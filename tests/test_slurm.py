@@ -314,15 +314,18 @@ def test_dask_workers_that_cannot_start_end_extract_with_one_line(case, fresh_st
     sets = {"never_starts": ['cluster.slurm.job_extra_directives=["--begin=now+3600"]'],  # pending: BeginTime
             "refused": ["cluster.slurm.gpus_per_job=1"],  # a GPU on a node without: sbatch refuses it
             "dies": ['cluster.slurm.job_script_prologue=["echo no python here >&2", "exit 3"]']}[case]
+    # only never_starts is about the timeout; the others must end on their cause, well before it, even when a
+    # loaded machine's slurmctld is slow to place the job (a 15 s timeout then met a job still PENDING (Resources))
+    start_timeout_s = 15 if case == "never_starts" else 90
     cmd = [sys.executable, "-m", "wsi.cli", "extract", "--out", str(fresh_store), "--config", str(DEMO),
            "--no-progress", "--set", "cluster.kind=slurm", "--set", "cluster.n_workers=1",
            "--set", "cluster.slurm.cores=1", "--set", "cluster.slurm.memory=2GB",
-           "--set", "cluster.slurm.gpus_per_job=0", "--set", "cluster.slurm.start_timeout_s=15",
+           "--set", "cluster.slurm.gpus_per_job=0", "--set", f"cluster.slurm.start_timeout_s={start_timeout_s}",
            "--set", "cluster.dashboard_address=:0"]
     cmd += [arg for s in sets for arg in ("--set", s)]
     cmd += ["--log", str(tmp_path / "extract.log")]  # as a workflow job: the console gets only the cause
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=180)
     seconds = time.monotonic() - start
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
@@ -332,7 +335,7 @@ def test_dask_workers_that_cannot_start_end_extract_with_one_line(case, fresh_st
                 "dies": r"every Dask worker job ended before its worker joined: job \d+ FAILED; .*"
                         r"logs/extract/workers/wsi-worker-\d+\.err ends: no python here"}[case]
     assert re.search(rf"^wsi extract: error: {expected}", lines[0]), lines
-    assert seconds < {"never_starts": 60}.get(case, 40), seconds
+    assert seconds < {"never_starts": 60}.get(case, start_timeout_s), seconds
     assert_clean(tmp_path)
     assert live_jobs("wsi-worker") == []
 
