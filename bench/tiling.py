@@ -1,6 +1,6 @@
 """Tiling benchmark: time and peak memory of `tile` against the JPEG decode floor, measured in one run.
 
-    python bench/tiling.py [--width 40000 --height 30000] [--threads N]
+    python bench/tiling.py [--width 40000 --height 30000] [--threads N] [--seed S] [--rounds R]
 
 Makes (once, cached under bench/out/) a pyramidal JPEG Aperio-like slide at 0.25 um/px with levels 1, 4, 16
 (no 2x level, so 0.5 um/px tiles are read at level 0 and area-averaged; ``--seed`` draws another scene, a
@@ -119,6 +119,36 @@ def run_cli(slide: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
+def whole_process_rounds(slide: Path, out: Path, rounds: int, threads: int) -> None:
+    """A whole ``wsi tile`` process and the decode floor, alternated ``rounds`` times, each process against the
+    floor measured right after it: on a loaded machine both move, their ratio within a round less. Also the
+    CPU seconds (user + system) of each, which load moves least."""
+    from wsi.store import SlideStore
+
+    rows = []
+    for i in range(rounds):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        process_s = run_cli(slide, out)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        process_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        if i == 0:
+            store = SlideStore.open(out / "stores" / f"{slide.stem}.zarr")
+            coords, footprint, n_tiles = store.coords, store.tiling.tile_px_level0, len(store.coords)
+        cpu = time.process_time()
+        floor_s, n_jpeg = decode_floor(slide, coords, footprint, threads)
+        floor_cpu = time.process_time() - cpu  # includes reading the JPEG bytes, a few ms
+        rows.append((process_s, floor_s, process_cpu, floor_cpu))
+        print(f"round {i + 1}: process {process_s:.2f} s ({process_cpu:.2f} CPU-s), floor {floor_s:.2f} s "
+              f"({floor_cpu:.2f} CPU-s): {process_s / floor_s:.2f}x wall, {process_cpu / floor_cpu:.2f}x CPU",
+              flush=True)
+    wall = sorted(p / f for p, f, _, _ in rows)
+    cpu = sorted(p / f for _, _, p, f in rows)
+    print(f"\nwhole `wsi tile` process, {n_tiles} tissue tiles, {n_jpeg} level-0 JPEG tiles under them, {threads} "
+          f"threads, {rounds} rounds: wall ratio median {float(np.median(wall)):.2f}x (min {wall[0]:.2f}, max "
+          f"{wall[-1]:.2f}); CPU ratio median {float(np.median(cpu)):.2f}x (min {cpu[0]:.2f}, max {cpu[-1]:.2f})")
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -129,6 +159,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=30000)
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=1, help="the scene's seed (another one: a held-out slide)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="only the whole `wsi tile` process against the floor, alternated this many rounds")
     args = parser.parse_args()
 
     work = HERE / "out"
@@ -136,6 +168,8 @@ def main() -> None:
     name = f"bench_{args.width}x{args.height}" + (f"_seed{args.seed}" if args.seed != 1 else "")
     slide = work / f"{name}.svs"
     make_slide(slide, args.width, args.height, seed=args.seed)
+    if args.rounds:
+        return whole_process_rounds(slide, work / "tiling_run", args.rounds, args.threads)
     dicom = work / f"{name}_dicom"
     make_slide(dicom, args.width, args.height, kind="dicom", seed=args.seed)
 
