@@ -40,6 +40,9 @@ Figures: blur AUROC (tiles with sigma >= 1.5 um against sharp tiles, the detecto
 judged counting as sharp), blur recall by sigma, false flags (any flag) on sharp tiles overall and on dense
 tumour, fat and mucin (>= half the tile), fold recall (>= half the tile in a fold) and false fold flags (tiles
 with no fold), bubble recall (>= half in a bubble) and false bubble flags; per family, then min and mean.
+Added beside them (second run, qc2; the first definitions are kept and still the headline): the blur AUROC over
+the tiles the detector scored (a tile it leaves unscored, NaN, neither positive nor negative) with the share of
+positives left unscored, and the fold recall over fold tiles under 10% fat.
 """
 
 from __future__ import annotations
@@ -128,12 +131,12 @@ def run_qc(name: str, thumb: np.ndarray, thumb_ds: float, cols: int, rows: int, 
     keep = fractions >= 0.25
     coords, fractions = coords[keep], fractions[keep]
     defects = qc.thumbnail_defects(thumb, mask, mpp, glass_field_um=params.glass_field_um)
-    shares = [tissue_fractions(m, thumb_ds, coords, TILE) for m in (defects.fold, defects.bubble)]
+    shares = qc.defect_shares(defects, thumb_ds, coords, TILE)
     if render is not None:
         sharp, struct = qc.focus_features(np.stack([render(int(x), int(y)) for x, y in coords]))
     else:  # thumbnail only: no focus (every tile judged sharp and left unflagged)
         sharp, struct = np.full(len(coords), 5.0, np.float32), np.full(len(coords), 100.0, np.float32)
-    result = qc.assess(sharp, struct, *shares, fractions)
+    result = qc.assess(sharp, struct, *shares, fractions, coords, TILE)
     seconds = time.perf_counter() - start
     tt = tile_truth(truth, truth_ds, coords)
     return {"name": name, "seconds": seconds, "focus": result.focus, "blur": result.blur, "fold": result.fold,
@@ -259,6 +262,9 @@ def score(cases: list[dict]) -> dict:
         pos = tiles & (cat["sigma"] >= 1.5) & (cat["fold"] == 0) & (cat["bubble"] == 0)
         neg = tiles & clean
         out["blur_auroc"] = auroc(detector[pos], detector[neg])
+        scored = ~np.isnan(focus)  # second definition (added 2026-12-06, qc2): only the tiles the detector scored
+        out["blur_auroc_scored"] = auroc(detector[pos & scored], detector[neg & scored])
+        out["blur_unscored_positives"] = rate(pos & ~scored, pos)
         out["blur_recall_1.5"] = rate(flags["blur"] & pos, pos)
         for lo, hi in ((0.5, 1.0), (1.0, 1.5), (1.5, 2.0), (2.0, 3.1)):
             band = tiles & (cat["sigma"] >= lo) & (cat["sigma"] < hi) & (cat["fold"] == 0) & (cat["bubble"] == 0)
@@ -270,6 +276,8 @@ def score(cases: list[dict]) -> dict:
         out["false_blur_sharp"] = rate(flags["blur"] & neg, neg)
     fold_pos, fold_neg = cat["fold"] >= 0.5, cat["fold"] == 0
     out["fold_recall"] = rate(flags["fold"] & fold_pos, fold_pos)
+    lean = fold_pos & (cat["fat"] < 0.1)  # a breakdown (added 2026-12-06, qc2): fold tiles under 10% fat
+    out["fold_recall_under_10pct_fat"] = rate(flags["fold"] & lean, lean)
     out["fold_false"] = rate(flags["fold"] & fold_neg, fold_neg)
     for k in ("tumour", "fat", "mucin"):
         sel = fold_neg & (cat[k] >= 0.5)

@@ -270,3 +270,46 @@ def test_qc_attrs_round_trip_and_the_module_examples_run():
     with pytest.raises(ValueError):
         QCAttrs.from_dict({**attrs.to_dict(), "mode": "maybe"})
     assert doctest.testmod(wsi.qc).failed == 0 and doctest.testmod(dd).failed == 0
+
+
+def test_fold_over_mucin_is_found_where_the_slide_has_denser_tissue_of_mucins_colour():
+    """A thumbnail (8 um/px) painted in optical density: stroma, a pale mucin pool, and far from it a sheet of
+    denser tissue of mucin's colour; a fold band (density doubled) runs over stroma and the pool. The slide-wide
+    reference of mucin's colour is the dense sheet's, so only the comparison with the tissue of its colour
+    within its window finds the band over the pool; the sheet itself is not a fold."""
+    rng = np.random.default_rng(5)
+    h, w = 400, 480
+    yy, xx = np.mgrid[0:h, 0:w]
+    od = np.zeros((h, w, 3), np.float32)
+    stroma, mucin = np.array([0.16, 0.62, 0.22]), np.array([0.34, 0.51, 0.15])
+    tissue = (xx >= 20) & (xx < 460) & (yy >= 20) & (yy < 380)
+    od[tissue] = 0.3 * stroma
+    pool = (xx - 120) ** 2 + (yy - 200) ** 2 < 45 ** 2
+    od[pool] = 0.17 * mucin
+    sheet = (xx >= 320) & (xx < 440) & (yy >= 40) & (yy < 360)
+    od[sheet] = 0.36 * mucin
+    band = (yy >= 192) & (yy < 208) & (xx >= 40) & (xx < 260)
+    od[band] *= 2
+    od *= rng.uniform(0.9, 1.1, (h, w, 1)).astype(np.float32)
+    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    found = thumbnail_defects(rgb, tissue, 8.0)
+    assert (found.fold & band & pool).sum() >= 0.8 * (band & pool).sum()
+    assert (found.fold & band & ~pool).sum() >= 0.8 * (band & ~pool).sum()
+    assert not (found.fold & ~band).any()
+
+
+def test_tiles_too_plain_to_judge_take_their_judged_neighbours_focus():
+    """A 5 x 4 grid of tiles 256 px apart: its left two columns blurred (score 0.3), the rest sharp (1.0); two
+    tiles too plain to judge, one inside each part, and one with no judged neighbour at all."""
+    coords = np.array([(x * 256, y * 256) for y in range(4) for x in range(5)] + [(20 * 256, 20 * 256)])
+    sharpness = np.array([1.2 if x < 2 else 4.0 for y in range(4) for x in range(5)] + [4.0], np.float32)
+    structure = np.full(len(coords), 50.0, np.float32)
+    plain = [1 * 5 + 0, 2 * 5 + 3, 20]  # (x 0, y 1) in the blurred part, (x 3, y 2) in the sharp one, far away
+    structure[plain] = 0.0
+    focus = wsi.qc.score_focus(sharpness, structure, coords, 256)
+    assert focus.blurred[plain[0]] and focus.score[plain[0]] < wsi.qc.BLUR_SCORE_MAX
+    assert not focus.blurred[plain[1]] and focus.score[plain[1]] > 0.9
+    assert np.isnan(focus.score[plain[2]]) and not focus.blurred[plain[2]]
+    assert focus.judged == len(coords) - 3
+    alone = wsi.qc.score_focus(sharpness, structure)  # without coordinates nothing is inferred
+    assert np.isnan(alone.score[plain]).all() and not alone.blurred[plain].any()

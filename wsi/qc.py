@@ -23,7 +23,10 @@ dark) and fat (sharp with little texture) are measured against the same slide's 
 that keeps less detail everywhere moves the reference, not the scores. A judged tile is **blurred** when its
 score is below :data:`BLUR_SCORE_MAX`. A slide whose reference itself is below :data:`SHARPNESS_MIN` (or with no
 judged tile) has **no in-focus tissue**: tiling fails it with that cause, a ``failures.csv`` row and a
-``qc.csv`` row, instead of tiling it as if it were fine.
+``qc.csv`` row, instead of tiling it as if it were fine. An out-of-focus region is larger than a tile: a tile
+too plain to judge takes the median score of its judged neighbours on the tile grid (8-neighbours, at least
+:data:`NEIGHBOURS_MIN` of them judged; :func:`neighbour_scores`) and is flagged by it, so mucin inside a blurred
+region is flagged with it; with fewer judged neighbours its score stays NaN and it is never flagged.
 
 Folds (thumbnail)
 -----------------
@@ -37,11 +40,16 @@ colour (its bin). A fold is a small part of a slide, so that quantile (the media
 tumour is bluer than stroma (its haematoxylin) and has its own reference. A fold pixel must also be at least
 :data:`FOLD_LOCAL_RATIO` times as dense as its surroundings: the median over the :data:`FOLD_BLOCK_UM` blocks
 within :data:`FOLD_WINDOW_UM` of the (not pale) tissue's mean density per block: a sheet of dense tumour is its own
-surroundings, wherever its colour stands among the slide's. Fold pixels where most pixels within
+surroundings, wherever its colour stands among the slide's. The slide's tissue of one colour is not one tissue,
+though (a mucin pool's colour may be a denser tissue's elsewhere on the slide), so a pixel is a fold pixel too
+when it is at least :data:`FOLD_COLOUR_LOCAL_RATIO` times as dense as the mean of the (not pale) tissue of its
+colour or the next colours (one :data:`FOLD_COLOUR_STEP` in red or blue share) within the window
+(:data:`FOLD_COLOUR_BLOCK_UM` blocks, at least :data:`FOLD_MIN_PIXELS` of them): dense tumour is its own
+colour's surroundings. Fold pixels where most pixels within
 :data:`FOLD_SPECK_UM` are so too (a median filter: specks of dense nuclei go), closed over small gaps and kept in
-pieces of at least :data:`FOLD_MIN_UM2`, are the fold mask. Not seen: a fold over tissue
-paler than the slide's (fat doubled is still pale), and a fold that covers much of a slide's tissue of one
-colour (it becomes its own reference).
+pieces of at least :data:`FOLD_MIN_UM2`, are the fold mask. Not seen: a fold over fat or under a flap of fat
+(fat doubled is still pale; a flap of stroma over fat looks like stroma), and a fold that covers much of a
+slide's tissue of one colour within its window (it becomes its own reference).
 
 Bubbles (thumbnail)
 -------------------
@@ -85,7 +93,7 @@ import numpy as np
 
 from .atomic import write_text
 from .layout import Layout
-from .tissue import glass_colour
+from .tissue import glass_colour, tissue_fractions
 
 QC_MODES = ("off", "flag", "exclude")  # tiling.qc: off | flag (keep and mark) | exclude (drop flagged tiles)
 
@@ -94,6 +102,7 @@ STRUCTURE_MIN = 4.0  # judged tiles: RMS gradient at pyramid level 3 at least th
 REFERENCE_QUANTILE = 0.9  # the slide's sharp tissue: this quantile of its judged tiles' sharpness
 BLUR_SCORE_MAX = 0.5  # a judged tile whose sharpness is below this share of the slide's reference is blurred
 SHARPNESS_MIN = 2.2  # a slide whose reference sharpness is below this has no in-focus tissue
+NEIGHBOURS_MIN = 3  # a tile too plain to judge takes its judged 8-neighbours' median score when this many are judged
 
 # folds (thumbnail)
 FOLD_PALE_SHARE = 0.5  # the colour references leave out tissue under this share of the slide's median density
@@ -105,10 +114,12 @@ FOLD_MIN_PIXELS = 200  # a colour needs this many tissue pixels to have a refere
 FOLD_BLOCK_UM = 64.0  # the surroundings' density is summed per block of this size
 FOLD_WINDOW_UM = 704.0  # a pixel's surroundings: the (not pale) tissue within this window
 FOLD_LOCAL_RATIO = 1.4  # a fold pixel is also at least this times as dense as its surroundings' median
-FOLD_MIN_UM2 = 25000.0  # fold pieces smaller than this are dropped (a dark nest, a vessel wall)
+FOLD_COLOUR_LOCAL_RATIO = 1.4  # or at least this times as dense as the tissue of its colour within the window
+FOLD_COLOUR_BLOCK_UM = 128.0  # that window's sums per colour are taken per block of this size
+FOLD_MIN_UM2 = 40000.0  # fold pieces smaller than this are dropped (a dark nest, a cluster of nuclei)
 
 # bubbles (thumbnail)
-RIM_WINDOW_UM = 56.0  # a pixel's neighbourhood for the rim test (a median filter this wide)
+RIM_WINDOW_UM = 40.0  # a pixel's neighbourhood for the rim test (a median filter this wide: 5 px at 8 um/px)
 RIM_OD_MIN = 0.07  # rim candidates exceed their neighbourhood's optical density by this in every channel
 RIM_MIN_PX = 12  # and lie in connected pieces of at least this many pixels (an outline, not specks)
 RIM_EVENNESS = 0.55  # and evenly: the smallest channel's excess at least this share of the largest (neutral)
@@ -116,7 +127,7 @@ BUBBLE_RADIUS_UM = (50.0, 2000.0)  # the bubbles looked for
 HOUGH_PERFECTNESS = 0.6  # OpenCV's HOUGH_GRADIENT_ALT param2: how circular an outline must be to be proposed
 BUBBLE_MIN_ARC = 0.4  # a proposed circle is a bubble when rim candidates lie along this share of it
 
-DEFECT_TILE_SHARE = 0.25  # a tile is a fold (bubble) tile when the fold (bubble) mask covers this share of it
+DEFECT_TILE_SHARE = 0.15  # a tile is a fold (bubble) tile when the fold (bubble) mask covers this share of it
 
 # the report lists the slides whose QC exceeds any of these (percent of the slide's tissue area)
 REPORT_LIMITS = {"blur_pct": 10.0, "fold_pct": 5.0, "bubble_pct": 5.0}
@@ -172,15 +183,44 @@ class FocusResult:
         return self.judged > 0 and self.reference >= SHARPNESS_MIN
 
 
-def score_focus(sharpness: np.ndarray, structure: np.ndarray) -> FocusResult:
-    """Focus scores relative to the slide's own sharp tissue, and blur flags."""
+def score_focus(sharpness: np.ndarray, structure: np.ndarray, coords: np.ndarray | None = None,
+                footprint: float | None = None) -> FocusResult:
+    """Focus scores relative to the slide's own sharp tissue, and blur flags. With the tiles' ``coords`` (their
+    top-left corners on a grid ``footprint`` apart), a tile too plain to judge takes the median score of its
+    judged neighbours (:func:`neighbour_scores`): an out-of-focus region is larger than a tile."""
     sharpness, structure = np.asarray(sharpness, np.float32), np.asarray(structure, np.float32)
     judged = structure >= STRUCTURE_MIN
     if not judged.any():
         return FocusResult(np.full(len(sharpness), np.nan, np.float32), np.zeros(len(sharpness), bool), math.nan, 0)
     reference = float(np.quantile(sharpness[judged], REFERENCE_QUANTILE))
     score = np.where(judged, sharpness / max(reference, 1e-6), np.nan).astype(np.float32)
-    return FocusResult(score, judged & (score < BLUR_SCORE_MAX), reference, int(judged.sum()))
+    if coords is not None and footprint and not judged.all():
+        score = neighbour_scores(score, coords, footprint)
+    return FocusResult(score, ~np.isnan(score) & (score < BLUR_SCORE_MAX), reference, int(judged.sum()))
+
+
+def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float) -> np.ndarray:
+    """``score`` with each NaN (a tile not judged) replaced by the median of its judged 8-neighbours' scores on
+    the tile grid, where at least :data:`NEIGHBOURS_MIN` of them are judged (else it stays NaN). The grid's step
+    is the smallest spacing of the coordinates (``footprint`` when they have none: one tile a row)."""
+    coords = np.asarray(coords, np.float64)
+    step = []
+    for axis in (0, 1):
+        gaps = np.diff(np.unique(coords[:, axis]))
+        step.append(float(gaps.min()) if gaps.size else float(footprint))
+    cells = np.round(coords / np.asarray(step)).astype(np.int64)
+    cells -= cells.min(axis=0)
+    w, h = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
+    grid = np.full((h + 2, w + 2), np.nan, np.float32)
+    grid[cells[:, 1] + 1, cells[:, 0] + 1] = score
+    missing = np.nonzero(np.isnan(score))[0]
+    around = np.stack([grid[cells[missing, 1] + 1 + dy, cells[missing, 0] + 1 + dx]
+                       for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx], axis=1)
+    enough = (~np.isnan(around)).sum(axis=1) >= NEIGHBOURS_MIN
+    out = score.copy()
+    if enough.any():
+        out[missing[enough]] = np.nanmedian(around[enough], axis=1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- thumbnail
@@ -222,8 +262,8 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
 
 
 def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
-    """Fold pixels: tissue at least :data:`FOLD_DENSITY_RATIO` times as dense as the
-    :data:`FOLD_REFERENCE_QUANTILE` quantile of the slide's tissue of its colour (see the module docstring)."""
+    """Fold pixels: tissue at least twice as dense as the slide's tissue of its colour, either the slide's as a
+    whole (and its surroundings) or that colour's within its window (see the module docstring)."""
     h, w = tissue.shape
     fold = np.zeros((h, w), bool)
     red, green, blue = cv2.split(od)
@@ -237,17 +277,25 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     n = int(math.ceil(1 / FOLD_COLOUR_STEP))
     scale = 1 / (np.maximum(density, 1e-6) * FOLD_COLOUR_STEP)  # each channel's share of the density: the colour
     bins = (np.clip((red * scale).astype(np.int32), 0, n - 1) * n + np.clip((blue * scale).astype(np.int32), 0, n - 1))
-    values, where = density[dense], bins[dense]
-    order = np.lexsort((values, where))  # by colour bin, then density: each bin's quantile by its index
-    values, where = values[order], where[order]
-    starts = np.searchsorted(where, np.arange(n * n + 1))
-    counts = np.diff(starts)
+    # the slide's reference per colour: the FOLD_REFERENCE_QUANTILE quantile of its (not pale) tissue of that
+    # colour, from a histogram of density in steps of 1/_LEVELS_PER_OD per colour bin
+    where, values = bins[dense], density[dense]
+    levels = np.minimum((values * _LEVELS_PER_OD).astype(np.int64), _DENSITY_LEVELS - 1)
+    hist = np.bincount(where * _DENSITY_LEVELS + levels, minlength=n * n * _DENSITY_LEVELS).reshape(n * n, -1)
+    counts = hist.sum(axis=1)
     reference = np.full(n * n, np.inf, np.float32)
     have = counts >= FOLD_MIN_PIXELS
-    reference[have] = values[starts[:-1][have] + (FOLD_REFERENCE_QUANTILE * (counts[have] - 1)).astype(np.int64)]
-    candidate = tissue & (density >= FOLD_DENSITY_RATIO * reference[bins])
-    if candidate.any():  # and denser than the tissue around it: a sheet of dense tumour is its own surroundings
-        candidate &= density >= FOLD_LOCAL_RATIO * _local_density(density, dense, mpp)
+    if have.any():
+        cum = np.cumsum(hist[have], axis=1)
+        rank = (FOLD_REFERENCE_QUANTILE * counts[have])[:, None]
+        reference[have] = ((cum < rank).sum(axis=1) + 0.5) / _LEVELS_PER_OD
+    slide_wide = dense & (density >= FOLD_DENSITY_RATIO * reference[bins])
+    if slide_wide.any():  # and denser than the tissue around it: a sheet of dense tumour is its own surroundings
+        slide_wide &= density >= FOLD_LOCAL_RATIO * _local_density(density, dense, mpp)
+    # or denser than the tissue of its colour within its window (a fold over mucin, whose colour elsewhere on
+    # the slide may be denser tissue): dense tumour is its own colour's surroundings too
+    local = dense & (density >= FOLD_COLOUR_LOCAL_RATIO * _colour_local_density(density, bins, dense, n, mpp))
+    candidate = slide_wide | local
     # a fold is a band tens of microns wide: specks (clusters of nuclei a thumbnail pixel wide) go first, then
     # gaps of a couple of pixels close
     k = max(1, int(round(FOLD_SPECK_UM / mpp))) * 2 + 1
@@ -258,6 +306,54 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     keep = stats[:, cv2.CC_STAT_AREA] * mpp * mpp >= FOLD_MIN_UM2
     keep[0] = False
     return keep[labels]
+
+
+_LEVELS_PER_OD = 50  # the colour references' density histogram: steps of 0.02
+_DENSITY_LEVELS = 256  # up to a density of 5.1 (denser pixels fall in the last step)
+
+
+def _colour_local_density(density: np.ndarray, bins: np.ndarray, where: np.ndarray, n: int,
+                          mpp: float) -> np.ndarray:
+    """The mean density, within :data:`FOLD_WINDOW_UM` of each ``where`` pixel (a square of
+    :data:`FOLD_COLOUR_BLOCK_UM` blocks), of the ``where`` pixels whose colour bin is the pixel's or one next to it
+    (inf where there are fewer than :data:`FOLD_MIN_PIXELS`, and off ``where``). Per-block sums per colour bin
+    (one ``bincount``), summed over the window and the neighbouring bins."""
+    h, w = density.shape
+    block = max(1, int(round(FOLD_COLOUR_BLOCK_UM / mpp)))
+    bh, bw = -(-h // block), -(-w // block)
+    side = 2 * max(1, int(round(FOLD_WINDOW_UM / FOLD_COLOUR_BLOCK_UM / 2))) + 1
+    rows, cols = np.nonzero(where)
+    cell = (rows // block) * bw + cols // block
+    colour = bins[rows, cols]
+    size = bh * bw
+    used, col_index = np.unique(colour, return_inverse=True)
+    flat = col_index * size + cell
+    count = np.bincount(flat, minlength=len(used) * size).astype(np.float32).reshape(len(used), size)
+    total = np.bincount(flat, weights=density[rows, cols], minlength=len(used) * size).astype(np.float32)
+    total = total.reshape(len(used), size)
+    # each colour takes its neighbouring colours' sums too (one step in red or blue share: a 3x3 box over the
+    # colour grid), then the window's (a box of blocks)
+    ur, uc = np.divmod(used, n)
+    sums = []
+    for grid in (count, total):
+        near = grid.copy()
+        for dr, dc in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+            other = (ur + dr) * n + uc + dc
+            j = np.minimum(np.searchsorted(used, other), len(used) - 1)
+            ok = (used[j] == other) & (ur + dr >= 0) & (ur + dr < n) & (uc + dc >= 0) & (uc + dc < n)
+            near[ok] += grid[j[ok]]
+        planes = np.ascontiguousarray(near.reshape(len(used), bh, bw).transpose(1, 2, 0))
+        window = np.empty_like(planes)
+        for lo in range(0, len(used), 256):  # OpenCV images have at most 512 channels
+            window[..., lo:lo + 256] = cv2.boxFilter(np.ascontiguousarray(planes[..., lo:lo + 256]), -1,
+                                                     (side, side), normalize=False,
+                                                     borderType=cv2.BORDER_CONSTANT).reshape(bh, bw, -1)
+        sums.append(window.reshape(size, len(used)))
+    win_count, win_total = sums
+    c_here, t_here = win_count[cell, col_index], win_total[cell, col_index]
+    out = np.full((h, w), np.inf, np.float32)
+    out[rows, cols] = np.where(c_here >= FOLD_MIN_PIXELS, t_here / np.maximum(c_here, 1), np.inf)
+    return out
 
 
 def _local_density(density: np.ndarray, where: np.ndarray, mpp: float) -> np.ndarray:
@@ -346,6 +442,14 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     return mask, circles
 
 
+def defect_shares(defects: ThumbnailDefects, downsample: float, coords: np.ndarray,
+                  footprint: float) -> tuple[np.ndarray, np.ndarray]:
+    """The shares of each tile's footprint that the fold and the bubble masks cover (zeros, not measured, for an
+    empty mask)."""
+    return tuple(tissue_fractions(m, downsample, coords, footprint) if m.any() else np.zeros(len(coords), np.float32)
+                 for m in (defects.fold, defects.bubble))
+
+
 # --------------------------------------------------------------------------------------------- per slide
 @dataclass(frozen=True)
 class SlideQC:
@@ -387,10 +491,11 @@ class SlideQC:
 
 
 def assess(sharpness: np.ndarray, structure: np.ndarray, fold_share: np.ndarray, bubble_share: np.ndarray,
-           tissue_fraction: np.ndarray) -> SlideQC:
+           tissue_fraction: np.ndarray, coords: np.ndarray | None = None, footprint: float | None = None) -> SlideQC:
     """Flags and scores of a slide's tiles from their focus features and the shares of their footprints that
-    the fold and bubble masks cover."""
-    focus = score_focus(sharpness, structure)
+    the fold and bubble masks cover (with ``coords`` and ``footprint``, tiles too plain to judge take their
+    judged neighbours' median score: :func:`score_focus`)."""
+    focus = score_focus(sharpness, structure, coords, footprint)
     return SlideQC(focus=focus.score, blur=focus.blurred, fold=np.asarray(fold_share) >= DEFECT_TILE_SHARE,
                    bubble=np.asarray(bubble_share) >= DEFECT_TILE_SHARE, sharpness_ref=focus.reference,
                    judged=focus.judged, tissue_fraction=np.asarray(tissue_fraction, np.float32))
@@ -462,7 +567,9 @@ def thresholds() -> dict:
     return {"structure_min": STRUCTURE_MIN, "reference_quantile": REFERENCE_QUANTILE,
             "blur_score_max": BLUR_SCORE_MAX, "sharpness_min": SHARPNESS_MIN,
             "fold_density_ratio": FOLD_DENSITY_RATIO, "fold_reference_quantile": FOLD_REFERENCE_QUANTILE,
-            "fold_min_um2": FOLD_MIN_UM2, "rim_od_min": RIM_OD_MIN, "bubble_radius_um": list(BUBBLE_RADIUS_UM),
+            "fold_colour_local_ratio": FOLD_COLOUR_LOCAL_RATIO, "neighbours_min": NEIGHBOURS_MIN,
+            "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2, "rim_od_min": RIM_OD_MIN,
+            "bubble_radius_um": list(BUBBLE_RADIUS_UM),
             "hough_perfectness": HOUGH_PERFECTNESS, "bubble_min_arc": BUBBLE_MIN_ARC,
             "defect_tile_share": DEFECT_TILE_SHARE}
 

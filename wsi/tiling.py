@@ -217,8 +217,8 @@ def _quality_control(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs,
     ``record`` first)."""
     mpp = mask_ds * slide.mpp_x
     defects = slide_qc.thumbnail_defects(thumb, masks.tissue, mpp, glass=masks.glass)
-    shares = [tissue_fractions(m, mask_ds, coords, tiling.tile_px_level0) for m in (defects.fold, defects.bubble)]
-    result = slide_qc.assess(*focus, *shares, fractions)
+    shares = slide_qc.defect_shares(defects, mask_ds, coords, tiling.tile_px_level0)
+    result = slide_qc.assess(*focus, *shares, fractions, coords, tiling.tile_px_level0)
     flags = {"blur": result.blur, "fold": result.fold, "bubble": result.bubble}
     _write_png(Layout(out_dir).qc(slide.slide_id),
                slide_qc.qc_overlay(qc_png, flags, mask_ds, coords, tiling.tile_px_level0, defects))
