@@ -341,13 +341,14 @@ class _LineRecorder:
         pass
 
 
-def test_train_log_shows_each_folds_epochs_while_the_folds_run(tmp_path, monkeypatch):
+def test_train_log_shows_each_folds_epochs_while_the_folds_run(tmp_path, monkeypatch, dask_cluster):
     """Epoch lines (losses, validation balanced accuracy) reach the log from the Dask workers as the epochs
     end, in order, each fold's ended by the weights it kept, all before the run folder exists."""
     import sys
 
     labels, _ = make_cohort(tmp_path, n_per_class=6)
-    config = mil_config(labels, epochs=3, min_epochs=3, bootstrap=0, validation="always", run_name="live")
+    config = mil_config(labels, dask_cluster, epochs=3, min_epochs=3, bootstrap=0, validation="always",
+                        run_name="live")
     recorder = _LineRecorder(tmp_path / "models" / "live")
     monkeypatch.setattr(sys, "stdout", recorder)
     run_dir = train(tmp_path, TrainConfig.from_config(config), progress=False).outputs["model run"]
