@@ -46,6 +46,7 @@ def test_a_tiles_view_is_its_own_whatever_the_batch_and_views_differ():
         assert np.corrcoef(a.mean(axis=2).ravel(), b.mean(axis=2).ravel())[0, 1] > 0.8
 
 
+@pytest.mark.slow
 def test_extraction_stores_the_views_beside_the_raw_features(dask_cluster, tiny_vit, tmp_path):
     tiles = {"a": tissue_like(20, 48, 1), "b": tissue_like(9, 48, 2)}
     for slide_id, t in tiles.items():

@@ -77,6 +77,7 @@ def test_a_checkpoint_that_does_not_fit_stops_the_run_with_one_error(dask_cluste
     assert not any(name.startswith("wsi-encoder") for names in plugins.values() for name in names)
 
 
+@pytest.mark.slow
 def test_a_gpu_worker_without_cuda_stops_the_run_with_one_error(tiny_vit, tmp_path):
     """A worker that advertises GPU=1 on this machine, which has none: one clear error, no slide touched (the
     run would otherwise go on some 100x slower on the worker's CPU)."""
@@ -214,6 +215,7 @@ def test_worker_dying_mid_task_is_retried_and_the_slide_is_whole(dask_cluster, t
     np.testing.assert_allclose(feats, plain_forward("test_vit", tiny_vit, tiles), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_worker_deaths_beyond_the_allowed_retries_fail_the_slide_not_the_cohort(dask_cluster, tiny_vit, tmp_path):
     write_store(tmp_path, "a", tissue_like(16, 32, 10))
     write_store(tmp_path, "b", tissue_like(16, 32, 11))
@@ -242,6 +244,7 @@ def tile_slides(paths, out, cfg):
     assert len(summary.done) == 1 and not summary.failed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decode_threads", [None, 3])
 def test_coordinates_only_store_reads_the_slide(dask_cluster, tiny_vit, tmp_path, decode_threads):
     """The slide's JPEG tiles decoded directly (as tiling reads them), in one or several threads, give the

@@ -314,6 +314,7 @@ def test_same_seed_gives_the_same_run_through_dask(trained, dask_cluster):
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
 def test_one_fold_at_a_time_per_worker_using_all_its_threads(tmp_path):
     labels, _ = make_cohort(tmp_path, n_per_class=3)
     config = mil_config(labels, epochs=2, bootstrap=0)
@@ -341,6 +342,7 @@ class _LineRecorder:
         pass
 
 
+@pytest.mark.slow
 def test_train_log_shows_each_folds_epochs_while_the_folds_run(tmp_path, monkeypatch, dask_cluster):
     """Epoch lines (losses, validation balanced accuracy) reach the log from the Dask workers as the epochs
     end, in order, each fold's ended by the weights it kept, all before the run folder exists."""
@@ -573,6 +575,7 @@ def stained_mimic_bag(rng, tumour: bool, n_tiles: int, stain: float):
     return x
 
 
+@pytest.mark.slow
 def test_per_class_attention_finds_the_foci_where_one_branch_learns_each_slides_stain(tmp_path):
     """Where ABMIL falls behind CLAM-MB (issue 15; bench/RESULTS.md, "Why ABMIL falls below max pooling"): 24
     slides of 150-300 tiles, 3 tumour tiles in a tumour slide, mimics in every slide, 3 folds. Without stain
@@ -611,6 +614,7 @@ def mimic_bag(rng, tumour: bool, n_tiles: int):
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # sklearn 1.8 announces a default change for l1_ratios
 def test_attention_beats_max_and_mean_pooling_when_every_slide_holds_tumour_mimics(tmp_path, dask_cluster):
     """What attention-MIL is for: on the same folds, logistic regression on each slide's mean-pooled features

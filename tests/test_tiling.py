@@ -297,6 +297,7 @@ def test_a_corrupt_dicom_folder_fails_alone_with_one_line_naming_it(svs_and_dico
     assert not is_complete(store_path(out, "broken"))
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_complete_store_and_rerun_completes(tmp_path):
     slide = write_synthetic_slide(tmp_path / "big.svs", width=12288, height=8192, mpp=0.25, seed=2)
     out = tmp_path / "out"
