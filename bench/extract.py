@@ -121,7 +121,7 @@ def efficiency(work: Path, seconds: float, batch_size: int) -> None:
 
     from wsi.cluster import local_cluster
     from wsi.config import load_config
-    from wsi.features import extract_cohort
+    from wsi.features import ExtractConfig, extract_cohort
 
     print(f"\n== pipeline efficiency (2 workers x 1 thread, batch {batch_size}, fp32, 224 px) ==")
     t = time.perf_counter()
@@ -143,15 +143,16 @@ def efficiency(work: Path, seconds: float, batch_size: int) -> None:
                 cfg["extract"].update({"encoder": encoder, "checkpoint": str(ckpt), "batch_size": batch_size,
                                        "tiles_per_task": 64})
                 cpu, t = cluster_cpu(client), time.perf_counter()
-                summary = extract_cohort(out, cfg, progress=False)
-                elapsed, pipe_cpu = time.perf_counter() - t, (cluster_cpu(client) - cpu) / summary.n_tiles
-                assert not summary.failed, summary.causes
+                summary = extract_cohort(out, ExtractConfig.from_config(cfg), progress=False)
+                tiles = sum(summary.results.values())  # tiles embedded
+                elapsed, pipe_cpu = time.perf_counter() - t, (cluster_cpu(client) - cpu) / tiles
+                assert not summary.failed, summary.failed
                 after, _ = model_throughput(client, encoder, ckpt, batch_size, batches=2)
                 # the machine is shared: the model's rate is the mean of before and after the pipeline, and the
                 # CPU seconds per tile (everything the pipeline's processes used, model loading included) are
                 # the figure that other jobs on the machine do not move
-                model_tps, pipe_tps = (before + after) / 2, summary.n_tiles / elapsed
-                print(f"{encoder:22s} {model_tps:13.2f} {pipe_tps:16.2f} {summary.n_tiles:5d} "
+                model_tps, pipe_tps = (before + after) / 2, tiles / elapsed
+                print(f"{encoder:22s} {model_tps:13.2f} {pipe_tps:16.2f} {tiles:5d} "
                       f"{pipe_tps / model_tps:10.2f} {model_cpu:16.3f} {pipe_cpu:19.3f} {model_cpu / pipe_cpu:14.2f}"
                       f"   (model tiles/s before {before:.2f}, after {after:.2f})", flush=True)
     finally:
@@ -178,13 +179,13 @@ def codecs(work: Path) -> None:
     from wsi.config import load_config
     from wsi.features import load_encoder
     from wsi.store import SlideStore, TileStoreWriter, store_path
-    from wsi.tiling import tile_slides
+    from wsi.tiling import TileConfig, tile_slides
 
     print("\n== lossy tile codecs (real tissue, 256 px at 0.5 um/px, EfficientNet-Lite0 ImageNet features) ==")
     enc = load_encoder("tf_efficientnet_lite0", Path(lite0.__file__).parent / "models" /
                        "efficientnet-lite0-57934424.pth")
-    [result] = tile_slides([REAL_SLIDE], work / "codec-lossless", load_config(), progress=False)
-    assert result.error is None, result.error
+    tiled = tile_slides(work / "codec-lossless", TileConfig.from_config(load_config()), [REAL_SLIDE], progress=False)
+    assert not tiled.failed, tiled.failed
     lossless = SlideStore.open(store_path(work / "codec-lossless", "cmu_small_region"))
     tiles = lossless.read_tiles(0, lossless.n_tiles)
     reference = enc.embed(tiles, batch_size=32)

@@ -227,7 +227,7 @@ def compare_rows(rows: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
 
 
 def extraction_checks(results: Results, address: str, work: Path, setup: Setup) -> None:
-    from wsi.features import extract_cohort
+    from wsi.features import ExtractConfig, extract_cohort
     from wsi.keys import feature_set
     from wsi.store import SlideStore, store_path
 
@@ -247,12 +247,12 @@ def extraction_checks(results: Results, address: str, work: Path, setup: Setup) 
                              batch_size=CHECK_BATCH, gpu_batch_size=CHECK_BATCH, tiles_per_task=CHECK_TASK)
         started = time.perf_counter()
         try:
-            summary = extract_cohort(cohort, cfg, progress=False)
+            summary = extract_cohort(cohort, ExtractConfig.from_config(cfg), progress=False)
         except Exception as e:  # the other runs still give their figures
             results.check(False, f"{what}: raised {type(e).__name__}: {e}")
             continue
         if summary.failed:
-            results.check(False, f"{what}: failed slides {summary.causes}")
+            results.check(False, f"{what}: failed slides {summary.failed}")
             continue
         seconds = time.perf_counter() - started
         cosines, misplaced, ran_in = [], 0, None
@@ -399,7 +399,7 @@ def pipeline_rate(results: Results, client, address: str, name: str, ckpt: Path,
                   setup: Setup, forward: float) -> None:
     from distributed import get_task_stream
 
-    from wsi.features import extract_cohort
+    from wsi.features import ExtractConfig, extract_cohort
 
     cfg = cluster_config(address, encoder=name, checkpoint=str(ckpt))
     if setup.tiles_per_task:
@@ -407,9 +407,10 @@ def pipeline_rate(results: Results, client, address: str, name: str, ckpt: Path,
     for done in cohort.glob("stores/*.zarr/features"):
         shutil.rmtree(done)
     with GpuSampler() as gpu, get_task_stream(client) as stream:
-        summary = extract_cohort(cohort, cfg, progress=False)
-    if summary.failed or summary.n_tiles != setup.slides * setup.tiles_per_slide:
-        results.check(False, f"timing {name} {codec}: {summary.n_tiles} tiles extracted, failed {summary.causes}")
+        summary = extract_cohort(cohort, ExtractConfig.from_config(cfg), progress=False)
+    tiles = sum(summary.results.values())  # tiles embedded
+    if summary.failed or tiles != setup.slides * setup.tiles_per_slide:
+        results.check(False, f"timing {name} {codec}: {tiles} tiles extracted, failed {summary.failed}")
         return
     rate, t0, t1, n_tasks = steady_rate(stream.data, int(cfg["extract"]["tiles_per_task"]))
     results.timing(model=name, store=codec, forward_tiles_per_s=round(forward), end_to_end_tiles_per_s=round(rate),
@@ -423,7 +424,7 @@ def mil_rate(results: Results, address: str, work: Path, setup: Setup) -> None:
     from mil import ENCODER, make_stores
 
     from wsi.config import load_config
-    from wsi.mil import train
+    from wsi.mil import TrainConfig, train
 
     out = work / "mil-timing"
     labels = make_stores(out, setup.mil_bags, setup.mil_tiles, setup.mil_dim)
@@ -433,7 +434,7 @@ def mil_rate(results: Results, address: str, work: Path, setup: Setup) -> None:
                 "patience": setup.mil_epochs, "bootstrap": 100}})
     with GpuSampler() as gpu:
         t0 = time.time()
-        run_dir = train(out, cfg, progress=False)
+        run_dir = train(out, TrainConfig.from_config(cfg), progress=False).outputs["model run"]
         t1 = time.time()
     folds = [json.loads(p.read_text()) for p in sorted(run_dir.glob("fold_*.json"))]
     bags = sum(f["n_train"] * (len(f["history"]) - 1) for f in folds)

@@ -88,14 +88,15 @@ def _rss_mb() -> float:
 def child(out: Path, downsample: float) -> None:
     """One whole slide, as the CLI does it; prints JSON with seconds and peak RSS."""
     from wsi.config import load_config
-    from wsi.heatmap import HeatmapParams, heatmap_slide, stored_scores
+    from wsi.heatmap import HeatmapConfig, HeatmapParams, heatmap_slide, stored_scores
     from wsi.store import SlideStore, store_path
 
     store = SlideStore.open(store_path(out, "bench"))
     stored_scores(store, RUN)
     store.mask()
     floor = _rss_mb()
-    params = HeatmapParams.from_config(load_config(overrides={"heatmap": {"downsample": downsample}}))
+    config = load_config(overrides={"heatmap": {"downsample": downsample}})
+    params = HeatmapParams.from_sections(HeatmapConfig.from_config(config))
     t = time.perf_counter()
     paths = heatmap_slide(store, RUN, out, params)
     print(json.dumps({"seconds": time.perf_counter() - t, "rss_floor_mb": floor, "rss_peak_mb": _rss_mb(),
@@ -105,7 +106,7 @@ def child(out: Path, downsample: float) -> None:
 def parts(out: Path, downsample: float) -> dict:
     """Seconds of each output alone, through the same functions heatmap_slide calls."""
     from wsi.config import load_config
-    from wsi.heatmap import HeatmapParams, stored_scores
+    from wsi.heatmap import HeatmapConfig, HeatmapParams, stored_scores
     from wsi.heatmap.geojson import feature_collection
     from wsi.heatmap.images import blend, save_overlay
     from wsi.heatmap.raster import TileValues, colour_table, normalise, render_rgba
@@ -113,7 +114,8 @@ def parts(out: Path, downsample: float) -> dict:
     from wsi.store import SlideStore, store_path
 
     store = SlideStore.open(store_path(out, "bench"))
-    params = HeatmapParams.from_config(load_config(overrides={"heatmap": {"downsample": downsample}}))
+    config = load_config(overrides={"heatmap": {"downsample": downsample}})
+    params = HeatmapParams.from_sections(HeatmapConfig.from_config(config))
     scores = stored_scores(store, RUN)
     table = colour_table(params.colormap)
     tiles = TileValues(scores.coords, scores.size, normalise(scores.attention, "percentile"))

@@ -45,7 +45,7 @@ def main() -> None:
 
     from wsi.config import load_config
     from wsi.slide import LevelCheck, compare_with_level0, open_slide
-    from wsi.tiling import _read_strips, read_thumbnail, tile_slides
+    from wsi.tiling import TileConfig, _read_strips, read_thumbnail, tile_slides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slide", type=Path)
@@ -78,10 +78,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
-        [result] = tile_slides([path], out, config, progress=False)
+        [result] = tile_slides(out, TileConfig.from_config(config), [path], progress=False).items()
         whole = time.perf_counter() - t
-        assert result.error is None, result.error
-        print(f"tile (coordinates only, {result.n_tiles} tiles): {whole:.2f} s; "
+        assert result["cause"] is None, result["cause"]
+        print(f"tile (coordinates only, {result["n_tiles"]} tiles): {whole:.2f} s; "
               f"the mask level's check is {checked - plain:.3f} s of it ({(checked - plain) / whole:.1%})")
 
         from wsidicomizer import WsiDicomizer

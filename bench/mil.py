@@ -95,10 +95,10 @@ def _config(out: Path, labels: Path, model: str) -> dict:
 
 # -------------------------------------------------------------------------------- phases (subprocesses)
 def phase_train(out: Path, labels: Path, model: str) -> dict:
-    from wsi.mil import train
+    from wsi.mil import TrainConfig, train
 
     started = time.perf_counter()
-    run_dir = train(out, _config(out, labels, model), progress=False)
+    run_dir = train(out, TrainConfig.from_config(_config(out, labels, model)), progress=False).outputs["model run"]
     wall = time.perf_counter() - started
     folds = [json.loads((run_dir / f"fold_{i}.json").read_text()) for i in range(3)]
     train_per_bag = [e["train_seconds"] / f["n_train"] for f in folds for e in f["history"]]
@@ -119,13 +119,13 @@ def phase_check(out: Path, labels: Path) -> dict:
 
 def phase_predict(out: Path, model: str, n: int) -> dict:
     from wsi.config import load_config
-    from wsi.mil import load_ensemble, predict
+    from wsi.mil import PredictConfig, load_ensemble, predict
 
     ids = [f"bag{i:04d}" for i in range(n)]
     load_ensemble(out / "models" / f"bench_{model}")  # imports and model weights: the floor of any predict run
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
-    summary = predict(out, out / "models" / f"bench_{model}", load_config(), slide_ids=ids)
+    summary = predict(out, PredictConfig.from_config(load_config()), out / "models" / f"bench_{model}", slide_ids=ids)
     wall = time.perf_counter() - started
     assert not summary.failed, summary.failed
     return {"s_per_slide": wall / n, "floor_rss_mb": floor,

@@ -216,8 +216,8 @@ def prepare(root: Path, tier: dict) -> tuple[Path, Path, dict]:
         started = time.perf_counter()
         out, labels = write_feature_cohort(root, tier)
         return out, labels, {"features_s": time.perf_counter() - started}
-    from wsi.features import extract_cohort
-    from wsi.tiling import tile_slides
+    from wsi.features import ExtractConfig, extract_cohort
+    from wsi.tiling import TileConfig, tile_slides
 
     timings, started = {}, time.perf_counter()
     labels = write_cohort(root, tier["slides"], tier["seed"], tier["size_um"], tier["foci"],
@@ -229,10 +229,10 @@ def prepare(root: Path, tier: dict) -> tuple[Path, Path, dict]:
         "cluster": {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"}})
     out = root / "out"
     started = time.perf_counter()
-    tile_slides(sorted((root / "slides").glob("*.svs")), out, config, progress=False)
+    tile_slides(out, TileConfig.from_config(config), sorted((root / "slides").glob("*.svs")), progress=False)
     timings["tile_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    extract_cohort(out, config, progress=False)
+    extract_cohort(out, ExtractConfig.from_config(config), progress=False)
     timings["extract_s"] = time.perf_counter() - started
     return out, labels, timings
 

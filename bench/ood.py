@@ -85,11 +85,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from wsi.config import load_config
-    from wsi.features import extract_cohort, load_encoder
+    from wsi.features import ExtractConfig, extract_cohort, load_encoder
     from wsi.mil import make_folds
     from wsi.mil.ood import fit_out_of_fold, slide_descriptor
     from wsi.store import SlideStore, store_path
-    from wsi.tiling import tile_slides
+    from wsi.tiling import TileConfig, tile_slides
 
     tier = mq.TIERS[args.tier]
     root = args.root or mq.HERE / "out" / f"mil_quality_{args.tier}"
@@ -107,8 +107,8 @@ def main() -> None:
         "extract": {"encoder": mq.ENCODER, "checkpoint": str(mq.checkpoint_path()), "batch_size": 32,
                     "export_h5": False},
         "cluster": {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"}})
-    tile_slides(sorted((work / "slides").glob("*.svs")), work / "out", config, progress=False)
-    extract_cohort(work / "out", config, progress=False)
+    tile_slides(work / "out", TileConfig.from_config(config), sorted((work / "slides").glob("*.svs")), progress=False)
+    extract_cohort(work / "out", ExtractConfig.from_config(config), progress=False)
     scores = {sid: float(reference.score(slide_descriptor(SlideStore.open(store_path(work / "out", sid))
                                                           .features(mq.ENCODER))))
               for sid in sets}

@@ -333,7 +333,7 @@ def tier_real(seeds: list[int]) -> dict:
 
 def tier_nofocus(work: Path) -> dict:
     from wsi.config import load_config
-    from wsi.tiling import tile_slides
+    from wsi.tiling import TileConfig, tile_slides
     from wsi_synth import defects as dd
     from wsi_synth import write_synthetic_slide
 
@@ -350,8 +350,9 @@ def tier_nofocus(work: Path) -> dict:
                                   defects=defects, tumour_tiles=1)
             expected[name] = bool(defects)
     config = load_config()
-    results = tile_slides(sorted(slides.glob("*.svs")), work / "nofocus-out", config, progress=False)
-    failed = {r.slide_id: (r.error or "") for r in results}
+    tiled = tile_slides(work / "nofocus-out", TileConfig.from_config(config), sorted(slides.glob("*.svs")),
+                        progress=False)
+    failed = {item["slide_id"]: (item["cause"] or "") for item in tiled.items()}
     right = sum((("no in-focus tissue" in failed[k]) == v) for k, v in expected.items())
     print(f"\nnofocus: {right}/{len(expected)} slides called right")
     for k, v in sorted(expected.items()):

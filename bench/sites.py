@@ -43,10 +43,10 @@ import numpy as np
 
 from wsi.cluster import local_cluster
 from wsi.config import load_config
-from wsi.features import extract_cohort
-from wsi.mil import train
+from wsi.features import ExtractConfig, extract_cohort
+from wsi.mil import TrainConfig, train
 from wsi.store import SlideStore
-from wsi.tiling import tile_slides
+from wsi.tiling import TileConfig, tile_slides
 from wsi_synth import EOSIN_OD, HAEM_OD, SITE_PROFILES, SiteProfile, write_synthetic_slide
 
 ENCODER = "tf_efficientnet_lite0"
@@ -177,7 +177,7 @@ def main() -> None:
     labels = write_cohort(root, args.cohort, args.per_site, tuple(args.size), args.aggregates)
     timings.setdefault("write", time.perf_counter() - started)
     started = time.perf_counter()
-    tile_slides(sorted((root / "slides").glob("*.svs")), out, load_config(), progress=False)
+    tile_slides(out, TileConfig.from_config(load_config()), sorted((root / "slides").glob("*.svs")), progress=False)
     timings.setdefault("tile", time.perf_counter() - started)
     # one cluster for every extraction and training: a fresh one per run would cost its start-up 20-odd times
     with local_cluster({"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"}, gpus=[]) as cluster:
@@ -194,10 +194,10 @@ def _run(args, out: Path, labels: Path, arms, seeds, results, timings, state, sa
     """Extract every arm's features, then train every (seed, arm, cv) not yet in ``results``."""
     for arm in arms:
         started = time.perf_counter()
-        summary = extract_cohort(out, config_for(labels, arm, "patient", 0, args.views, address, args.repeats),
-                                 progress=False)
+        config = config_for(labels, arm, "patient", 0, args.views, address, args.repeats)
+        summary = extract_cohort(out, ExtractConfig.from_config(config), progress=False)
         if summary.failed:
-            raise SystemExit(f"extraction failed for {summary.failed}: {summary.causes}")
+            raise SystemExit(f"extraction failed: {summary.failed}")
         if summary.done:
             timings[f"extract_{arm}"] = time.perf_counter() - started
 
@@ -208,8 +208,8 @@ def _run(args, out: Path, labels: Path, arms, seeds, results, timings, state, sa
                 if key in results:
                     continue
                 started = time.perf_counter()
-                run_dir = train(out, config_for(labels, arm, cv, seed, args.views, address, args.repeats),
-                                progress=False)
+                config = config_for(labels, arm, cv, seed, args.views, address, args.repeats)
+                run_dir = train(out, TrainConfig.from_config(config), progress=False).outputs["model run"]
                 timings[f"train_{key}"] = time.perf_counter() - started
                 results[key] = figures(json.loads((run_dir / "metrics.json").read_text()))
                 saved.write_text(json.dumps({**state, "args": {k: str(v) for k, v in vars(args).items()}},

@@ -96,12 +96,12 @@ def run_tiling(slide: Path, out: Path, sets: list[str]) -> dict:
     """`tile_slides` in a fresh process; returns seconds, tiles and that process's peak RSS."""
     code = (
         "import json, sys, time, resource\n"
-        "from wsi.config import load_config\nfrom wsi.tiling import tile_slides\n"
+        "from wsi.config import load_config\nfrom wsi.tiling import TileConfig, tile_slides\n"
         f"cfg = load_config(sets={sets!r})\n"
         "t = time.perf_counter()\n"
-        f"r = tile_slides([{str(slide)!r}], {str(out)!r}, cfg, progress=False)[0]\n"
+        f"[r] = tile_slides({str(out)!r}, TileConfig.from_config(cfg), [{str(slide)!r}], progress=False).items()\n"
         "dt = time.perf_counter() - t\n"
-        "print(json.dumps({'seconds': dt, 'tiles': r.n_tiles, 'error': r.error,"
+        "print(json.dumps({'seconds': dt, 'tiles': r['n_tiles'], 'error': r['cause'],"
         " 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     )
     shutil.rmtree(out, ignore_errors=True)

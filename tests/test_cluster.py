@@ -48,6 +48,7 @@ def test_local_default_is_two_cpu_workers_and_closes(capsys):
     assert cluster.status.name == "closed"
 
 
+@pytest.mark.slow
 def test_gpu_workers_each_see_their_own_device_and_advertise_gpu():
     """The per-GPU wiring, checked on CPU: each GPU worker gets its CUDA_VISIBLE_DEVICES and GPU=1; the worker
     beyond the GPUs sees none, so it cannot put a model on a GPU another worker owns."""
@@ -102,6 +103,7 @@ def _spans(seconds: float) -> tuple[float, float]:
     return start, time.time()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tasks_per_gpu,overlap", [(1, False), (2, True)])
 def test_tasks_share_a_gpu_worker_only_when_asked(tasks_per_gpu, overlap):
     """One GPU worker with two threads: tasks asking for a whole GPU run one after the other, tasks asking for
@@ -191,6 +193,7 @@ def test_a_worker_that_sees_cuda_without_the_gpu_resource_warns_once_naming_it(g
     assert "--resources GPU=1" in str(caught[0].message)
 
 
+@pytest.mark.slow
 def test_an_advertised_gpu_that_cuda_cannot_use_is_an_error():
     """Real worker processes on this machine, which has no GPU: the worker that advertises one fails loudly, the
     one that does not runs on the CPU."""

@@ -55,13 +55,39 @@ def test_a_predict_job_gets_its_own_gpu_request_and_nothing_of_other_stages_reso
     store only: their job holds the slide and heatmap sections. High-res grids embed on the GPU that
     resources.heatmap.gpu asks for."""
     from wsi.config import stage_config
-    from wsi.features.fine_grid import FineGridParams
+    from wsi.features.fine_grid import FineGridConfig, FineGridParams
 
     config = load_config(sets=["resources.predict.gpu=1", "resources.heatmap.gpu=1"])
     predict = stage_config(config, "predict")
     assert predict["resources"] == {"predict": config["resources"]["predict"]} and predict["mil"] == config["mil"]
     assert set(stage_config(config, "heatmap")) == {"slide", "heatmap"}
-    assert FineGridParams.from_config(config).device == "cuda"
-    assert FineGridParams.from_config(load_config()).device == "cpu"
+    assert FineGridParams.from_sections(FineGridConfig.from_config(config)).device == "cuda"
+    assert FineGridParams.from_sections(FineGridConfig.from_config(load_config())).device == "cpu"
     changed = load_config(sets=["resources.predict.gpu=1", "resources.heatmap.gpu=1", "resources.tile.threads=7"])
     assert stage_config(changed, "predict") == predict
+
+
+def test_each_stage_is_given_exactly_the_sections_its_workflow_job_is_keyed_on():
+    """Every stage takes a StageConfig built by the one builder: its fields are the sections STAGE_SECTIONS names
+    for the stage (what a workflow job's config file holds), so a stage cannot read a section whose change
+    would not re-run its job."""
+    from dataclasses import fields
+
+    from wsi.config import STAGE_SECTIONS, StageConfig
+    from wsi.features import ExtractConfig
+    from wsi.features.fine_grid import FineGridConfig
+    from wsi.heatmap import HeatmapConfig
+    from wsi.mil import PredictConfig, TrainConfig
+    from wsi.report import ReportConfig
+    from wsi.tiling import TileConfig
+
+    config = load_config(sets=["resources.predict.gpu=1"])
+    stages = (TileConfig, ExtractConfig, FineGridConfig, TrainConfig, PredictConfig, HeatmapConfig, ReportConfig)
+    assert sorted(c.stage for c in stages) == sorted(STAGE_SECTIONS)
+    for stage_type in stages:
+        params = stage_type.from_config(config)
+        assert [f.name for f in fields(params)] == [k.partition(".")[0] for k in STAGE_SECTIONS[stage_type.stage]]
+        assert isinstance(params, StageConfig)
+    assert PredictConfig.from_config(config).resources == {"predict": config["resources"]["predict"]}
+    with pytest.raises(TypeError):  # the whole config is not a stage's config
+        TileConfig(**config)

@@ -149,6 +149,7 @@ def test_tumour_foci_are_tile_sized_dark_crowded_and_inside_tissue(small_slide):
     assert not (truth["tumour"] & ~truth["tissue"]).any()
 
 
+@pytest.mark.slow
 def test_lymphoid_aggregates_pack_small_dark_nuclei_and_leave_the_rest_unchanged(tmp_path):
     """The mimic: round clusters of small, packed, darker-than-tumour nuclei inside tissue, apart from tumour;
     drawn from their own random stream, so a slide without them is the same slide."""
@@ -171,6 +172,7 @@ def test_lymphoid_aggregates_pack_small_dark_nuclei_and_leave_the_rest_unchanged
     assert dark[lymphoid].mean() > 0.25  # a dense cluster, not stroma (see the tumour test)
 
 
+@pytest.mark.slow
 def test_hard_cases_look_like_what_labs_see_and_none_leaves_the_slide_as_it_was(tmp_path):
     """Solid high-grade tumour as dark and blue as a real dense core, blood as red as red ink, pale blue-grey
     mucin, and stitched grey glass fields beside white padding; asking for no hard case changes nothing."""
@@ -267,6 +269,7 @@ def test_bad_arguments_fail_with_one_line_naming_the_file(tmp_path, kwargs, caus
     assert not path.exists()
 
 
+@pytest.mark.slow
 def test_demo_cohort_labels_match_its_slides(tmp_path):
     labels = make_demo_cohort(tmp_path / "demo", n_slides=3, seed=7, field_mm=(2.0, 1.6))
     with open(labels, newline="") as f:
@@ -293,6 +296,7 @@ def test_writers_docstring_example_runs():
     assert doctest.testmod(wsi_synth.writers).failed == 0
 
 
+@pytest.mark.slow
 def test_command_line_writes_the_cohort(tmp_path, capsys):
     from wsi_synth.__main__ import main
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from wsi.errors import ConfigError
 from wsi.failures import read_failures
-from wsi.features import extract_cohort
+from wsi.features import ExtractConfig, extract_cohort
 from wsi.features.augment import augment_tiles, slide_seed
 from wsi.keys import augmented_set
 from wsi.mil.data import Bag, Cohort, require_views
@@ -46,12 +46,14 @@ def test_a_tiles_view_is_its_own_whatever_the_batch_and_views_differ():
         assert np.corrcoef(a.mean(axis=2).ravel(), b.mean(axis=2).ravel())[0, 1] > 0.8
 
 
+@pytest.mark.slow
 def test_extraction_stores_the_views_beside_the_raw_features(dask_cluster, tiny_vit, tmp_path):
     tiles = {"a": tissue_like(20, 48, 1), "b": tissue_like(9, 48, 2)}
     for slide_id, t in tiles.items():
         write_store(tmp_path, slide_id, t, chunk_tiles=8)
-    summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit, augment=2), progress=False)
-    assert sorted(summary.done) == ["a", "b"] and summary.failed == []
+    summary = extract_cohort(tmp_path, ExtractConfig.from_config(extract_config(dask_cluster, tiny_vit, augment=2)),
+                             progress=False)
+    assert sorted(summary.done) == ["a", "b"] and summary.failed == {}
     for slide_id, t in tiles.items():
         store = SlideStore.open(store_path(tmp_path, slide_id))
         np.testing.assert_allclose(store.features("test_vit"), plain_forward("test_vit", tiny_vit, t),
@@ -68,15 +70,17 @@ def test_extraction_stores_the_views_beside_the_raw_features(dask_cluster, tiny_
 def test_views_are_added_to_done_slides_and_other_strengths_are_refused(dask_cluster, tiny_vit, tmp_path):
     write_store(tmp_path, "a", tissue_like(10, 32, 4))
     write_store(tmp_path, "b", tissue_like(10, 32, 5))
-    assert sorted(extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit), progress=False).done) == ["a", "b"]
+    raw = extract_cohort(tmp_path, ExtractConfig.from_config(extract_config(dask_cluster, tiny_vit)), progress=False)
+    assert sorted(raw.done) == ["a", "b"]
     raw_chunk = store_path(tmp_path, "a") / "features" / "test_vit" / "c" / "0" / "0"
     stamp = raw_chunk.stat().st_mtime_ns
-    summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit, augment=1), progress=False,
-                             slide_ids=["a"])
+    summary = extract_cohort(tmp_path, ExtractConfig.from_config(extract_config(dask_cluster, tiny_vit, augment=1)),
+                             progress=False, slide_ids=["a"])
     assert summary.done == ["a"] and raw_chunk.stat().st_mtime_ns == stamp  # only the views were made
     assert SlideStore.open(store_path(tmp_path, "a")).features(augmented_set("test_vit")).shape == (1, 10, 64)
-    summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit, augment=3), progress=False)
-    assert summary.failed == ["a"] and summary.done == ["b"]  # a's 1 view is never mixed with 3; b carries on
+    summary = extract_cohort(tmp_path, ExtractConfig.from_config(extract_config(dask_cluster, tiny_vit, augment=3)),
+                             progress=False)
+    assert list(summary.failed) == ["a"] and summary.done == ["b"]  # a's 1 view is never mixed with 3; b carries on
     (failure,) = read_failures(tmp_path)
     assert "made with 1 views" in failure["cause"] and "delete features/test_vit+augment" in failure["cause"]
 

@@ -83,6 +83,7 @@ def test_a_pickled_object_is_refused_by_weights_only(tmp_path):
         load_encoder("test_vit", path)
 
 
+@pytest.mark.slow
 def test_real_lite0_weights_load_by_order_and_equal_timm(tmp_path):
     ckpt = lite0_checkpoint()
     enc = load_encoder("tf_efficientnet_lite0", ckpt)
@@ -104,6 +105,7 @@ def test_order_remap_is_strict_and_only_where_registered(tmp_path):
         load_encoder("tf_efficientnet_lite0.in1k", lite0_checkpoint())
 
 
+@pytest.mark.slow
 def test_resnet50_trunc_is_layer3_average_pooled(tmp_path):
     torch.manual_seed(0)
     full = timm.create_model("resnet50", pretrained=False).eval()

@@ -16,10 +16,11 @@ from wsi.cluster import local_cluster
 from wsi.config import load_config
 from wsi.errors import ConfigError
 from wsi.failures import read_failures, record_failure
-from wsi.features import extract_cohort, h5_path
+from wsi.features import ExtractConfig, extract_cohort, h5_path
 from wsi.features.extract import check_pinned, device_settings
 from wsi.slide import open_slide
 from wsi.store import SlideStore, store_path
+from wsi.tiling import TileConfig
 from wsi.tiling import tile_slides as tile_cohort
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
@@ -32,9 +33,9 @@ def test_features_equal_a_plain_forward_pass_and_are_exported(dask_cluster, tiny
     tiles = {"a": tissue_like(37, 48, 1), "b": tissue_like(8, 48, 2), "c": tissue_like(0, 48, 3)}
     for slide_id, t in tiles.items():
         write_store(tmp_path, slide_id, t, chunk_tiles=8)
-    summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit, tiles_per_task=tiles_per_task,
-                                              batch_size=batch_size), progress=False)
-    assert sorted(summary.done) == ["a", "b", "c"] and summary.failed == [] and summary.n_tiles == 45
+    config = extract_config(dask_cluster, tiny_vit, tiles_per_task=tiles_per_task, batch_size=batch_size)
+    summary = extract_cohort(tmp_path, ExtractConfig.from_config(config), progress=False)
+    assert sorted(summary.done) == ["a", "b", "c"] and not summary.failed and sum(summary.results.values()) == 45
     for slide_id, t in tiles.items():
         store = SlideStore.open(store_path(tmp_path, slide_id))
         feats = store.features("test_vit")
@@ -54,13 +55,13 @@ def test_features_equal_a_plain_forward_pass_and_are_exported(dask_cluster, tiny
 def test_complete_slides_are_skipped_and_new_ones_done(dask_cluster, tiny_vit, tmp_path):
     write_store(tmp_path, "old", tissue_like(10, 32, 4))
     cfg = extract_config(dask_cluster, tiny_vit)
-    assert extract_cohort(tmp_path, cfg, progress=False).done == ["old"]
+    assert extract_cohort(tmp_path, ExtractConfig.from_config(cfg), progress=False).done == ["old"]
     chunk = store_path(tmp_path, "old") / "features" / "test_vit" / "c" / "0" / "0"
     stamp = chunk.stat().st_mtime_ns
     write_store(tmp_path, "new", tissue_like(10, 32, 5))
     h5_path(tmp_path, "test_vit", "old").unlink()
-    summary = extract_cohort(tmp_path, cfg, progress=False)
-    assert summary.skipped == ["old"] and summary.done == ["new"]
+    summary = extract_cohort(tmp_path, ExtractConfig.from_config(cfg), progress=False)
+    assert summary.skipped == {"old": "up to date"} and summary.done == ["new"]
     assert chunk.stat().st_mtime_ns == stamp  # not recomputed
     assert h5_path(tmp_path, "test_vit", "old").exists()  # the missing export is written again
 
@@ -69,20 +70,21 @@ def test_a_checkpoint_that_does_not_fit_stops_the_run_with_one_error(dask_cluste
     write_store(tmp_path, "a", tissue_like(8, 32, 13))
     other = save_tiny(tmp_path / "effnet.safetensors", "test_efficientnet")
     with pytest.raises(ConfigError, match=f"{other}: checkpoint does not fit test_vit: missing cls_token"):
-        extract_cohort(tmp_path, extract_config(dask_cluster, other), progress=False)
+        extract_cohort(tmp_path, ExtractConfig.from_config(extract_config(dask_cluster, other)), progress=False)
     assert not SlideStore.open(store_path(tmp_path, "a")).has_features("test_vit")
     with Client(dask_cluster) as client:  # nothing is left registered on a scheduler the run did not start
         plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
     assert not any(name.startswith("wsi-encoder") for names in plugins.values() for name in names)
 
 
+@pytest.mark.slow
 def test_a_gpu_worker_without_cuda_stops_the_run_with_one_error(tiny_vit, tmp_path):
     """A worker that advertises GPU=1 on this machine, which has none: one clear error, no slide touched (the
     run would otherwise go on some 100x slower on the worker's CPU)."""
     write_store(tmp_path, "a", tissue_like(8, 32, 14))
     with local_cluster({"n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"}, gpus=["0"]) as c:
         with pytest.raises(ConfigError, match="advertises GPU=1 but torch sees no usable CUDA device"):
-            extract_cohort(tmp_path, extract_config(c, tiny_vit), progress=False)
+            extract_cohort(tmp_path, ExtractConfig.from_config(extract_config(c, tiny_vit)), progress=False)
     assert not SlideStore.open(store_path(tmp_path, "a")).has_features("test_vit")
     assert read_failures(tmp_path) == []
 
@@ -140,9 +142,10 @@ def test_bad_stores_fail_alone_with_one_row_each(dask_cluster, tiny_vit, tmp_pat
     untiled.group.attrs["complete"] = False
     record_failure(tmp_path, "untiled", "tile", "untiled.svs", "SlideError: no tissue found on the slide")
 
-    summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit), slide_ids=None, progress=False)
-    assert summary.done == ["good"] and summary.skipped == ["untiled"]
-    assert summary.outcomes.skipped == {"untiled": "failed at tile"}  # not failed again with other advice
+    summary = extract_cohort(tmp_path, ExtractConfig.from_config(extract_config(dask_cluster, tiny_vit)),
+                             slide_ids=None, progress=False)
+    assert summary.done == ["good"]
+    assert summary.skipped == {"untiled": "failed at tile"}  # not failed again with other advice
     assert sorted(summary.failed) == ["broken", "corrupt", "unfinished"]
     assert "wsi extract: good: 20 tiles, " in capsys.readouterr().out  # a line per slide as it ends
     rows = {r["slide_id"]: r for r in read_failures(tmp_path) if r["stage"] == "extract"}
@@ -172,9 +175,9 @@ def test_nan_features_name_slide_and_tile(dask_cluster, tmp_path):
 
     write_store(tmp_path, "grey", grey)
     write_store(tmp_path, "bright", bright)
-    summary = extract_cohort(tmp_path, extract_config(dask_cluster, path), progress=False)
-    assert summary.done == ["grey"] and summary.failed == ["bright"]
-    cause = summary.causes["bright"]
+    summary = extract_cohort(tmp_path, ExtractConfig.from_config(extract_config(dask_cluster, path)), progress=False)
+    assert summary.done == ["grey"] and list(summary.failed) == ["bright"]
+    cause = summary.failed["bright"]
     assert "NaN/Inf features for 1 tiles of slide bright, first tile 4 at (256, 0)" in cause
     assert not SlideStore.open(store_path(tmp_path, "bright")).has_features("test_vit")
 
@@ -201,7 +204,8 @@ def test_worker_dying_mid_task_is_retried_and_the_slide_is_whole(dask_cluster, t
     with Client(dask_cluster) as client:
         client.register_plugin(DieMidTask([str(marker)]), name="die-mid-task")
         try:
-            summary = extract_cohort(tmp_path, extract_config(dask_cluster, tiny_vit), progress=False)
+            summary = extract_cohort(tmp_path, ExtractConfig.from_config(extract_config(dask_cluster, tiny_vit)),
+                                     progress=False)
         finally:
             client.unregister_worker_plugin("die-mid-task")
         client.wait_for_workers(2, timeout=60)
@@ -211,6 +215,7 @@ def test_worker_dying_mid_task_is_retried_and_the_slide_is_whole(dask_cluster, t
     np.testing.assert_allclose(feats, plain_forward("test_vit", tiny_vit, tiles), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_worker_deaths_beyond_the_allowed_retries_fail_the_slide_not_the_cohort(dask_cluster, tiny_vit, tmp_path):
     write_store(tmp_path, "a", tissue_like(16, 32, 10))
     write_store(tmp_path, "b", tissue_like(16, 32, 11))
@@ -221,7 +226,7 @@ def test_worker_deaths_beyond_the_allowed_retries_fail_the_slide_not_the_cohort(
             client.register_plugin(DieMidTask([str(tmp_path / "died")]), name="die-mid-task")
             try:
                 config = extract_config(dask_cluster, tiny_vit, tiles_per_task=8)
-                summary = extract_cohort(tmp_path, config, progress=False)
+                summary = extract_cohort(tmp_path, ExtractConfig.from_config(config), progress=False)
             finally:
                 client.unregister_worker_plugin("die-mid-task")
             client.wait_for_workers(2, timeout=60)
@@ -229,16 +234,17 @@ def test_worker_deaths_beyond_the_allowed_retries_fail_the_slide_not_the_cohort(
         scheduler.allowed_failures = allowed
     assert summary.failed, "the killed task was not retried"
     for slide_id in summary.failed:
-        assert "KilledWorker" in summary.causes[slide_id]
+        assert "KilledWorker" in summary.failed[slide_id]
         assert not SlideStore.open(store_path(tmp_path, slide_id)).has_features("test_vit")
     assert set(summary.done) | set(summary.failed) == {"a", "b"}
 
 
 def tile_slides(paths, out, cfg):
-    [result] = tile_cohort(paths, out, cfg, progress=False)
-    assert result.error is None
+    summary = tile_cohort(out, TileConfig.from_config(cfg), paths, progress=False)
+    assert len(summary.done) == 1 and not summary.failed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decode_threads", [None, 3])
 def test_coordinates_only_store_reads_the_slide(dask_cluster, tiny_vit, tmp_path, decode_threads):
     """The slide's JPEG tiles decoded directly (as tiling reads them), in one or several threads, give the
@@ -251,7 +257,8 @@ def test_coordinates_only_store_reads_the_slide(dask_cluster, tiny_vit, tmp_path
     cfg["tiling"]["store_pixels"] = False
     tile_slides([REAL_SLIDE], tmp_path / "co", cfg)
     for out in ("px", "co"):
-        assert extract_cohort(tmp_path / out, cfg, progress=False).done == ["cmu_small_region"]
+        summary = extract_cohort(tmp_path / out, ExtractConfig.from_config(cfg), progress=False)
+        assert summary.done == ["cmu_small_region"]
     px, co = (SlideStore.open(store_path(tmp_path / d, "cmu_small_region")) for d in ("px", "co"))
     assert not co.has_pixels and px.n_tiles > 10
     np.testing.assert_allclose(co.features("test_vit"), px.features("test_vit"), rtol=1e-5, atol=1e-6)
@@ -265,8 +272,8 @@ def test_coordinates_only_store_whose_slide_changed_fails(dask_cluster, tiny_vit
     slide.write_bytes(REAL_SLIDE.read_bytes())
     tile_slides([slide], tmp_path, cfg)
     os.utime(slide, (1, 1))
-    summary = extract_cohort(tmp_path, cfg, progress=False)
-    assert summary.failed == ["moved"] and "changed since it was tiled" in summary.causes["moved"]
+    summary = extract_cohort(tmp_path, ExtractConfig.from_config(cfg), progress=False)
+    assert list(summary.failed) == ["moved"] and "changed since it was tiled" in summary.failed["moved"]
 
 
 @pytest.mark.slow
@@ -276,7 +283,7 @@ def test_real_weights_on_real_tissue_separate_tissue_from_glass(dask_cluster, tm
     cfg = extract_config(dask_cluster, lite0_checkpoint(), encoder="tf_efficientnet_lite0", batch_size=16)
     cfg["tiling"].update({"tile_px": 128, "target_mpp": 1.0, "min_tissue_fraction": 0.0})
     tile_slides([REAL_SLIDE], tmp_path, cfg)
-    summary = extract_cohort(tmp_path, cfg, progress=False)
+    summary = extract_cohort(tmp_path, ExtractConfig.from_config(cfg), progress=False)
     assert summary.done == ["cmu_small_region"]
     store = SlideStore.open(store_path(tmp_path, "cmu_small_region"))
     feats, fraction = store.features("tf_efficientnet_lite0"), store.tissue_fraction

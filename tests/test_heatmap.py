@@ -19,7 +19,7 @@ from wsi.cli import main as cli_main
 from wsi.config import load_config
 from wsi.errors import ConfigError, StoreError
 from wsi.failures import read_failures
-from wsi.heatmap import OUTPUTS, HeatmapParams, heatmap_dir, heatmap_slide, heatmaps
+from wsi.heatmap import OUTPUTS, HeatmapConfig, HeatmapParams, heatmap_dir, heatmap_slide, heatmaps
 from wsi.heatmap.raster import colour_table
 from wsi.store import ScoreAttrs, SlideAttrs, TileStoreWriter, TilingAttrs, store_path
 
@@ -132,13 +132,14 @@ def painted(tmp_path_factory):
     summary). The default tumour-probability map has its own test."""
     out = tmp_path_factory.mktemp("out")
     make_store(out)
-    summary = heatmaps(out, RUN, _config(smooth_sigma=0.0, value="attention"), progress=False)
+    config = HeatmapConfig.from_config(_config(smooth_sigma=0.0, value="attention"))
+    summary = heatmaps(out, config, RUN, progress=False)
     return out, summary
 
 
 def test_every_output_is_written_for_the_slide(painted):
     out, summary = painted
-    assert summary.done == ["s1"] and summary.failed == []
+    assert summary.done == ["s1"] and summary.failed == {}
     folder = heatmap_dir(out, RUN, "s1")
     assert sorted(p.name for p in folder.iterdir()) == sorted(OUTPUTS + ("heatmap.json",))
     done = json.loads((folder / "heatmap.json").read_text())
@@ -244,7 +245,7 @@ def test_top_tiles_grid_shows_the_most_attended_tiles_first(painted):
 
 def test_smoothing_softens_edges_but_keeps_the_block_on_top(tmp_path):
     make_store(tmp_path)
-    heatmaps(tmp_path, RUN, _config(smooth_sigma=2.0), progress=False)
+    heatmaps(tmp_path, HeatmapConfig.from_config(_config(smooth_sigma=2.0)), RUN, progress=False)
     with openslide.OpenSlide(str(heatmap_dir(tmp_path, RUN, "s1") / "heatmap.tif")) as slide:
         values = _values(np.asarray(slide.read_region((0, 0), 0, slide.dimensions)))
     block, _ = _expected(32.0, values.shape)
@@ -259,12 +260,12 @@ def test_smoothing_softens_edges_but_keeps_the_block_on_top(tmp_path):
 def test_rerun_skips_done_slides_and_redoes_them_when_parameters_change(tmp_path):
     make_store(tmp_path)
     config = _config(smooth_sigma=0.0)
-    heatmaps(tmp_path, RUN, config, progress=False)
+    heatmaps(tmp_path, HeatmapConfig.from_config(config), RUN, progress=False)
     tif = heatmap_dir(tmp_path, RUN, "s1") / "heatmap.tif"
     first = tif.stat().st_mtime_ns
-    assert heatmaps(tmp_path, RUN, config, progress=False).done == ["s1"]
+    assert heatmaps(tmp_path, HeatmapConfig.from_config(config), RUN, progress=False).done == ["s1"]
     assert tif.stat().st_mtime_ns == first
-    heatmaps(tmp_path, RUN, _config(smooth_sigma=0.0, colormap="magma"), progress=False)
+    heatmaps(tmp_path, HeatmapConfig.from_config(_config(smooth_sigma=0.0, colormap="magma")), RUN, progress=False)
     assert tif.stat().st_mtime_ns != first
 
 
@@ -272,9 +273,9 @@ def test_default_map_is_tumour_evidence_on_its_own_scale(tmp_path):
     """The default (value evidence, normalize auto) paints tile probability x attention relative to the top tile
     x slide probability as it is: 0.9 x 1 x 0.9 in the block, 0.2 x 1/3 x 0.9 outside; attention gets ranks,
     and value=tumour paints the tile probability alone."""
-    assert HeatmapParams.from_config(_config(value="attention")).normalize == "percentile"
+    assert HeatmapParams.from_sections(HeatmapConfig.from_config(_config(value="attention"))).normalize == "percentile"
     store = make_store(tmp_path)
-    params = HeatmapParams.from_config(_config(smooth_sigma=0.0))
+    params = HeatmapParams.from_sections(HeatmapConfig.from_config(_config(smooth_sigma=0.0)))
     assert (params.value, params.normalize) == ("evidence", "raw")
     for value, block_value, outside_value in (("evidence", 0.81, 0.06), ("tumour", 0.9, 0.2)):
         paths = heatmap_slide(store, RUN, tmp_path, dataclasses.replace(params, value=value))
@@ -295,7 +296,7 @@ def test_a_normal_slide_stays_dark_though_its_tiles_probabilities_are_high(tmp_p
     tumour = np.full(len(store.coords), 0.8)
     store.write_scores(RUN, attention, np.stack([1 - tumour, tumour], 1),
                        dataclasses.replace(attrs, probabilities=(0.9, 0.1), predicted="normal"))
-    params = HeatmapParams.from_config(_config(smooth_sigma=0.0))
+    params = HeatmapParams.from_sections(HeatmapConfig.from_config(_config(smooth_sigma=0.0)))
     for value, brightest, classified in (("tumour", 0.8, len(tumour)), ("evidence", 0.08, 0)):
         paths = heatmap_slide(store, RUN, tmp_path, dataclasses.replace(params, value=value))
         values = _values(np.asarray(Image.open(paths["heatmap.png"])))
@@ -316,7 +317,8 @@ def test_a_training_slide_shows_its_out_of_fold_scores_labelled_as_such(tmp_path
     store.write_scores(RUN, ensemble_attention, ensemble_scores,
                        dataclasses.replace(attrs, oof_folds=(1,), oof_probabilities=(0.3, 0.7), oof_predicted="tumour"),
                        out_of_fold=(ensemble_attention, np.stack([1 - oof_tumour, oof_tumour], 1)))
-    paths = heatmap_slide(store, RUN, tmp_path, HeatmapParams.from_config(_config(smooth_sigma=0.0)))
+    params = HeatmapParams.from_sections(HeatmapConfig.from_config(_config(smooth_sigma=0.0)))
+    paths = heatmap_slide(store, RUN, tmp_path, params)
     with tiffslide.TiffSlide(str(paths["heatmap.tif"])) as slide:
         values = _values(np.asarray(slide.read_region((0, 0), 0, slide.dimensions)))
     block, outside = _expected(32.0, values.shape)
@@ -326,7 +328,7 @@ def test_a_training_slide_shows_its_out_of_fold_scores_labelled_as_such(tmp_path
     done = json.loads((heatmap_dir(tmp_path, RUN, "s1") / "heatmap.json").read_text())
     assert done["scores"] == "out-of-fold (fold 1)" and done["probabilities"] == {"normal": 0.3, "tumour": 0.7}
     other = make_store(tmp_path, "outsider")  # not in the cohort: the ensemble's scores, no label
-    heatmap_slide(other, RUN, tmp_path, HeatmapParams.from_config(_config()))
+    heatmap_slide(other, RUN, tmp_path, HeatmapParams.from_sections(HeatmapConfig.from_config(_config())))
     assert json.loads((heatmap_dir(tmp_path, RUN, "outsider") / "heatmap.json").read_text())["scores"] == "ensemble"
 
 
@@ -334,19 +336,19 @@ def test_a_slide_flagged_out_of_distribution_says_so_on_its_overlay(tmp_path):
     store = make_store(tmp_path)
     attention, class_scores, attrs = store.scores(RUN)
     store.write_scores(RUN, attention, class_scores, dataclasses.replace(attrs, ood_score=2.31, ood=True))
-    paths = heatmap_slide(store, RUN, tmp_path, HeatmapParams.from_config(_config()))
+    paths = heatmap_slide(store, RUN, tmp_path, HeatmapParams.from_sections(HeatmapConfig.from_config(_config())))
     title = Image.open(paths["overlay.png"]).info["Title"]
     assert "WARNING: this slide is unlike the slides this model was trained on (OOD score 2.31)" in title
     assert json.loads((heatmap_dir(tmp_path, RUN, "s1") / "heatmap.json").read_text())["ood_score"] == 2.31
     other = make_store(tmp_path, "alike")
-    heatmap_slide(other, RUN, tmp_path, HeatmapParams.from_config(_config()))
+    heatmap_slide(other, RUN, tmp_path, HeatmapParams.from_sections(HeatmapConfig.from_config(_config())))
     assert "WARNING" not in Image.open(heatmap_dir(tmp_path, RUN, "alike") / "overlay.png").info["Title"]
 
 
 @pytest.mark.parametrize("n_tiles", [0, 1])
 def test_slides_with_zero_or_one_tile_give_empty_valid_outputs_and_a_warning(tmp_path, n_tiles):
     store = make_store(tmp_path, coords=_coords()[:n_tiles])
-    params = HeatmapParams.from_config(_config())
+    params = HeatmapParams.from_sections(HeatmapConfig.from_config(_config()))
     with pytest.warns(UserWarning, match=f"{n_tiles} tile"):
         paths = heatmap_slide(store, RUN, tmp_path, params)
     assert json.loads(paths["tiles.geojson"].read_text()) == {"type": "FeatureCollection", "features": []}
@@ -366,10 +368,10 @@ def test_a_bad_slide_is_recorded_and_the_others_carry_on(tmp_path):
     bad.write_scores(RUN, attention, class_scores, attrs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        summary = heatmaps(tmp_path, RUN, _config(), slide_ids=["good", "no_mask", "nan_scores", "missing"],
-                           progress=False)
+        summary = heatmaps(tmp_path, HeatmapConfig.from_config(_config()), RUN,
+                           slide_ids=["good", "no_mask", "nan_scores", "missing"], progress=False)
     assert summary.done == ["good"]
-    assert summary.failed == ["no_mask", "nan_scores", "missing"]
+    assert list(summary.failed) == ["no_mask", "nan_scores", "missing"]
     failures = {r["slide_id"]: r for r in read_failures(tmp_path)}
     assert set(failures) == {"no_mask", "nan_scores", "missing"}
     assert all(r["stage"] == "heatmap" for r in failures.values())
@@ -381,8 +383,8 @@ def test_a_bad_slide_is_recorded_and_the_others_carry_on(tmp_path):
 
 def test_unknown_tumour_class_names_the_classes(tmp_path):
     make_store(tmp_path)
-    summary = heatmaps(tmp_path, RUN, _config(tumour_class="carcinoma"), progress=False)
-    assert summary.failed == ["s1"]
+    summary = heatmaps(tmp_path, HeatmapConfig.from_config(_config(tumour_class="carcinoma")), RUN, progress=False)
+    assert list(summary.failed) == ["s1"]
     (row,) = read_failures(tmp_path)
     assert "carcinoma" in row["cause"] and "normal, tumour" in row["cause"]
 
@@ -390,11 +392,11 @@ def test_unknown_tumour_class_names_the_classes(tmp_path):
 def test_configuration_errors_are_refused_before_any_slide(tmp_path):
     make_store(tmp_path)
     with pytest.raises(ConfigError, match="attention weights have no absolute scale"):
-        heatmaps(tmp_path, RUN, _config(value="attention", normalize="raw"), progress=False)
+        heatmaps(tmp_path, HeatmapConfig.from_config(_config(value="attention", normalize="raw")), RUN, progress=False)
     with pytest.raises(ConfigError, match="not a matplotlib colormap"):
-        heatmaps(tmp_path, RUN, _config(colormap="rainbowish"), progress=False)
+        heatmaps(tmp_path, HeatmapConfig.from_config(_config(colormap="rainbowish")), RUN, progress=False)
     with pytest.raises(StoreError, match="no complete store has scores of model run 'other'"):
-        heatmaps(tmp_path, "other", _config(), progress=False)
+        heatmaps(tmp_path, HeatmapConfig.from_config(_config()), "other", progress=False)
 
 
 def test_cli_paints_the_slides_named(tmp_path, capsys):

@@ -21,14 +21,14 @@ from safetensors.torch import save_file
 from wsi.config import load_config
 from wsi.failures import read_failures
 from wsi.features import load_encoder
-from wsi.features.fine_grid import extract_fine_grids
-from wsi.heatmap import OUTPUTS, HeatmapParams, heatmap_dir, heatmap_slide, heatmaps
-from wsi.mil import load_ensemble, predict
+from wsi.features.fine_grid import FineGridConfig, extract_fine_grids
+from wsi.heatmap import OUTPUTS, HeatmapConfig, HeatmapParams, heatmap_dir, heatmap_slide, heatmaps
+from wsi.mil import PredictConfig, load_ensemble, predict
 from wsi.mil.models import create_model, model_config
 from wsi.mil.training import RUN_SCHEMA_VERSION
 from wsi.slide import TileSource, open_slide
 from wsi.store import SlideStore, store_path
-from wsi.tiling import tile_slide
+from wsi.tiling import TileConfig, tile_slide
 from wsi_synth import write_synthetic_slide
 
 RUN = "toy"
@@ -86,10 +86,10 @@ def scored(tmp_path_factory):
     for name, store_pixels in (("pixels", True), ("coords", False)):
         out = root / name
         config = _config(checkpoint, store_pixels=store_pixels)
-        store = tile_slide(slide_path, out, config)
+        store = tile_slide(out, TileConfig.from_config(config), slide_path)
         _extract(store, encoder, config)
         _write_run(out / "models" / RUN, encoder, config)
-        assert predict(out, out / "models" / RUN, config).done == ["hr"]
+        assert predict(out, PredictConfig.from_config(config), out / "models" / RUN).done == ["hr"]
         outs[name] = (out, config)
     return outs, slide_path, checkpoint
 
@@ -101,10 +101,10 @@ def painted(scored):
     outs, _, _ = scored
     out, config = outs["pixels"]
     before = SlideStore.open(store_path(out, "hr")).scores(RUN)
-    standard = heatmaps(out, RUN, config, progress=False)
-    assert extract_fine_grids(out, config, ["hr"]).done == ["hr"]
-    assert predict(out, out / "models" / RUN, config).done == ["hr"]
-    fine = heatmaps(out, RUN, config, high_res=True, progress=False)
+    standard = heatmaps(out, HeatmapConfig.from_config(config), RUN, progress=False)
+    assert extract_fine_grids(out, FineGridConfig.from_config(config), ["hr"]).done == ["hr"]
+    assert predict(out, PredictConfig.from_config(config), out / "models" / RUN).done == ["hr"]
+    fine = heatmaps(out, HeatmapConfig.from_config(config), RUN, high_res=True, progress=False)
     return standard, fine, before, SlideStore.open(store_path(out, "hr")).scores(RUN)
 
 
@@ -125,7 +125,7 @@ def test_high_res_paints_the_stored_half_tile_grid_and_the_standard_scores_stay(
     outs, slide_path, checkpoint = scored
     out, _ = outs["pixels"]
     _, summary, before, after = painted
-    assert summary.done == ["hr"] and summary.failed == []
+    assert summary.done == ["hr"] and summary.failed == {}
     folder = heatmap_dir(out, RUN, "hr") / "high_res"
     assert all((folder / name).exists() for name in OUTPUTS)
 
@@ -169,7 +169,7 @@ def test_coordinates_only_store_shows_the_same_top_tiles_read_from_the_slide(sco
         out, config = outs[name]
         store = SlideStore.open(store_path(out, "hr"))
         assert store.has_pixels == (name == "pixels")
-        paths = heatmap_slide(store, RUN, out, HeatmapParams.from_config(config))
+        paths = heatmap_slide(store, RUN, out, HeatmapParams.from_sections(HeatmapConfig.from_config(config)))
         grids.append(np.asarray(Image.open(paths["top_tiles.png"])))
     assert grids[0].shape == grids[1].shape and (grids[0] == grids[1]).all()
 
@@ -179,7 +179,7 @@ def test_a_fine_grid_refuses_encoder_weights_the_features_were_not_extracted_wit
     out, config = outs["pixels"]
     other = _tiny_vit(tmp_path / "other.safetensors", seed=1)
     config = load_config(overrides={**config, "extract": {**config["extract"], "checkpoint": str(other)}})
-    summary = extract_fine_grids(out, config, ["hr"])
+    summary = extract_fine_grids(out, FineGridConfig.from_config(config), ["hr"])
     assert summary.failed.keys() == {"hr"}
     (row,) = [r for r in read_failures(out) if r["stage"] == "extract"]
     assert "other.safetensors" in row["cause"] and "extracted with" in row["cause"]
@@ -188,6 +188,6 @@ def test_a_fine_grid_refuses_encoder_weights_the_features_were_not_extracted_wit
 def test_high_res_without_a_fine_grid_names_the_commands_that_make_one(scored):
     outs, _, _ = scored
     out, config = outs["coords"]
-    assert heatmaps(out, RUN, config, high_res=True, progress=False).failed == ["hr"]
+    assert heatmaps(out, HeatmapConfig.from_config(config), RUN, high_res=True, progress=False).failed.keys() == {"hr"}
     (row,) = [r for r in read_failures(out) if r["stage"] == "heatmap"]
     assert "wsi extract --high-res hr" in row["cause"]

@@ -16,13 +16,13 @@ from wsi.config import load_config
 from wsi.errors import SlideError
 from wsi.slide import LevelCheck, compare_with_level0, open_slide
 from wsi.store import LevelCheckAttrs, SlideStore, describe, store_path
-from wsi.tiling import read_thumbnail, tile_slides
+from wsi.tiling import TileConfig, read_thumbnail, tile_slides
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 
 
 def tile(path, out, *sets):
-    [result] = tile_slides([path], out, load_config(sets=list(sets)), progress=False)
+    [result] = tile_slides(out, TileConfig.from_config(load_config(sets=list(sets))), [path], progress=False).items()
     return result
 
 
@@ -51,7 +51,7 @@ def assert_same_tiles(store: SlideStore, reference: SlideStore, *, max_edge_tile
 @pytest.fixture(scope="session")
 def svs_store(tmp_path_factory) -> SlideStore:
     out = tmp_path_factory.mktemp("svs_out")
-    assert tile(REAL_SLIDE, out).error is None
+    assert tile(REAL_SLIDE, out)["cause"] is None
     return SlideStore.open(store_path(out, "cmu_small_region"))
 
 
@@ -91,7 +91,7 @@ def test_openslide_fails_or_misreads_the_levels_wsidicomizer_adds_and_auto_reads
 def test_a_wsidicomizer_conversion_tiles_like_the_svs(wsidicomizer_folders, svs_store, tmp_path,
                                                       add_missing_levels):
     folder = wsidicomizer_folders[add_missing_levels]
-    assert tile(folder, tmp_path).error is None
+    assert tile(folder, tmp_path)["cause"] is None
     store = SlideStore.open(store_path(tmp_path, folder.name))
     levels = store.levels
     if add_missing_levels:  # the mask comes from the converter's own 16x level, which agrees with level 0
@@ -116,11 +116,11 @@ def test_openslide_named_on_the_converted_folder_is_a_clear_error_or_right_never
     nothing: the check rejects level 4 and the slide fails with one line naming the folder and a level."""
     folder = wsidicomizer_folders[True]
     result = tile(folder, tmp_path, "slide.backend=openslide")
-    if result.error is None:
+    if result["cause"] is None:
         assert_same_tiles(SlideStore.open(store_path(tmp_path, folder.name)), svs_store)
     else:
-        assert result.error.startswith(f"{folder}: no level decodes sensibly: cannot read level 0")
-        assert "\n" not in result.error
+        assert result["cause"].startswith(f"{folder}: no level decodes sensibly: cannot read level 0")
+        assert "\n" not in result["cause"]
 
 
 # ------------------------------------------------------------------------------ corrupted synthetic slides
@@ -171,7 +171,7 @@ def clean(make_slide, tmp_path_factory):
                                **LEVELS_SLIDE).path for kind in ("aperio", "dicom")}
     stores = {}
     for kind, path in slides.items():
-        assert tile(path, out / kind).error is None
+        assert tile(path, out / kind)["cause"] is None
         stores[kind] = SlideStore.open(store_path(out / kind, path.name.removesuffix(".svs")))
         assert (stores[kind].levels.mask_level, stores[kind].levels.summary) == (2, "")
     return slides, stores
@@ -196,7 +196,7 @@ def test_a_corrupted_coarse_level_is_not_used_for_the_mask(clean, tmp_path, case
         corrupt_svs_colours(path, page=3)
         scramble_svs_tiles(path, page=2)
     result = tile(path, tmp_path / "out")
-    assert result.error is None
+    assert result["cause"] is None
     store = SlideStore.open(store_path(tmp_path / "out", path.name.removesuffix(".svs")))
     levels = store.levels
     assert levels.rejected == rejected and (levels.mask_level, levels.mask_level_wanted) == (mask_level, 2)
@@ -214,13 +214,13 @@ def test_a_rejected_tile_level_gives_way_to_level_0_with_the_same_tiles(make_sli
     area-averaged, equal to the clean slide's within JPEG re-encoding noise."""
     src = make_slide("levels_2x.svs", width=4096, height=3072, mpp=0.25, downsamples=(1, 2, 16), seed=6,
                      tumour_tiles=1).path
-    assert tile(src, tmp_path / "clean").error is None
+    assert tile(src, tmp_path / "clean")["cause"] is None
     clean_store = SlideStore.open(store_path(tmp_path / "clean", "levels_2x"))
     assert clean_store.tiling.read_level == 1
     path = tmp_path / "levels_2x.svs"
     shutil.copy(src, path)
     scramble_svs_tiles(path, page=2)
-    assert tile(path, tmp_path / "out").error is None
+    assert tile(path, tmp_path / "out")["cause"] is None
     store = SlideStore.open(store_path(tmp_path / "out", "levels_2x"))
     assert (store.levels.tile_level, store.levels.tile_level_wanted, store.tiling.read_level) == (0, 1, 0)
     assert "tiles from level 0 instead of 1" in store.levels.summary
@@ -234,8 +234,8 @@ def test_level_0_that_cannot_be_decoded_is_one_line_naming_the_file_and_level(cl
     for name in ("level-0.dcm", "level-1.dcm", "level-2.dcm"):
         rewrite_dicom_frames(path / name, lambda shape, i: b"\xff\xd8 not a JPEG frame \xff\xd9")
     result = tile(path, tmp_path / "out")
-    assert result.error.startswith(f"{path}: no level decodes sensibly: cannot read level 0 at")
-    assert "\n" not in result.error
+    assert result["cause"].startswith(f"{path}: no level decodes sensibly: cannot read level 0 at")
+    assert "\n" not in result["cause"]
     assert not store_path(tmp_path / "out", "broken").exists()
 
 

@@ -16,6 +16,8 @@ from wsi.config import load_config
 from wsi.errors import ConfigError, StoreError
 from wsi.failures import read_failures
 from wsi.mil import (
+    PredictConfig,
+    TrainConfig,
     create_model,
     list_models,
     load_cohort,
@@ -304,19 +306,20 @@ def test_metrics_match_sklearn_and_intervals_bracket_them():
 # ------------------------------------------------------------------------------------------ training
 def test_same_seed_gives_the_same_run_through_dask(trained, dask_cluster):
     out, labels, _, run_dir = trained
-    again = train(out, mil_config(labels, dask_cluster, run_name="toy_again", model="abmil", repeats=2),
-                  progress=False)
+    config = mil_config(labels, dask_cluster, run_name="toy_again", model="abmil", repeats=2)
+    again = train(out, TrainConfig.from_config(config), progress=False).outputs["model run"]
     assert (again / "cv_predictions.csv").read_text() == (run_dir / "cv_predictions.csv").read_text()
     for fold in range(3):
         first, second = (load_file(d / f"fold_{fold}.safetensors") for d in (run_dir, again))
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
 def test_one_fold_at_a_time_per_worker_using_all_its_threads(tmp_path):
     labels, _ = make_cohort(tmp_path, n_per_class=3)
     config = mil_config(labels, epochs=2, bootstrap=0)
     config["cluster"].update(n_workers=1, threads_per_worker=2)
-    run_dir = train(tmp_path, config, progress=False)
+    run_dir = train(tmp_path, TrainConfig.from_config(config), progress=False).outputs["model run"]
     folds = sorted((json.loads((run_dir / f"fold_{i}.json").read_text()) for i in range(3)),
                    key=lambda f: f["started"])
     assert [f["torch_threads"] for f in folds] == [2, 2, 2]
@@ -339,16 +342,18 @@ class _LineRecorder:
         pass
 
 
-def test_train_log_shows_each_folds_epochs_while_the_folds_run(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_train_log_shows_each_folds_epochs_while_the_folds_run(tmp_path, monkeypatch, dask_cluster):
     """Epoch lines (losses, validation balanced accuracy) reach the log from the Dask workers as the epochs
     end, in order, each fold's ended by the weights it kept, all before the run folder exists."""
     import sys
 
     labels, _ = make_cohort(tmp_path, n_per_class=6)
-    config = mil_config(labels, epochs=3, min_epochs=3, bootstrap=0, validation="always", run_name="live")
+    config = mil_config(labels, dask_cluster, epochs=3, min_epochs=3, bootstrap=0, validation="always",
+                        run_name="live")
     recorder = _LineRecorder(tmp_path / "models" / "live")
     monkeypatch.setattr(sys, "stdout", recorder)
-    run_dir = train(tmp_path, config, progress=False)
+    run_dir = train(tmp_path, TrainConfig.from_config(config), progress=False).outputs["model run"]
     monkeypatch.undo()
 
     lines = [(line, existed) for line, existed in recorder.lines if line.startswith("wsi train: fold ")]
@@ -570,6 +575,7 @@ def stained_mimic_bag(rng, tumour: bool, n_tiles: int, stain: float):
     return x
 
 
+@pytest.mark.slow
 def test_per_class_attention_finds_the_foci_where_one_branch_learns_each_slides_stain(tmp_path):
     """Where ABMIL falls behind CLAM-MB (issue 15; bench/RESULTS.md, "Why ABMIL falls below max pooling"): 24
     slides of 150-300 tiles, 3 tumour tiles in a tumour slide, mimics in every slide, 3 folds. Without stain
@@ -608,6 +614,7 @@ def mimic_bag(rng, tumour: bool, n_tiles: int):
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # sklearn 1.8 announces a default change for l1_ratios
 def test_attention_beats_max_and_mean_pooling_when_every_slide_holds_tumour_mimics(tmp_path, dask_cluster):
     """What attention-MIL is for: on the same folds, logistic regression on each slide's mean-pooled features
@@ -625,7 +632,8 @@ def test_attention_beats_max_and_mean_pooling_when_every_slide_holds_tumour_mimi
         rows.append(f"{sid},{'tumour' if tumour else 'normal'},p{i:02d}\n")
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label,patient_id\n" + "".join(rows))
-    run_dir = train(tmp_path, mil_config(labels, dask_cluster), progress=False)
+    summary = train(tmp_path, TrainConfig.from_config(mil_config(labels, dask_cluster)), progress=False)
+    run_dir = summary.outputs["model run"]
     attention = json.loads((run_dir / "metrics.json").read_text())["auroc"]["tumour"]["value"]
     folds = json.loads((run_dir / "run.json").read_text())["folds"]
     for pool in (np.max, np.mean):
@@ -673,7 +681,7 @@ def test_failed_training_leaves_the_previous_run_untouched(trained, tmp_path):
     config["cluster"] = {**config["cluster"], "kind": "address", "address": "tcp://127.0.0.1:1",
                          "connect_timeout_s": 1}
     with pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
-        train(out, config, progress=False)
+        train(out, TrainConfig.from_config(config), progress=False)
     assert (run_dir / "run.json").read_text() == before
     assert not [p for p in (out / "models").iterdir() if p.name.startswith(".")]
 
@@ -682,10 +690,10 @@ def test_failed_training_leaves_the_previous_run_untouched(trained, tmp_path):
 def test_predict_writes_scores_and_predictions_and_attention_finds_tumour(trained):
     out, labels, truth, run_dir = trained
     make_store(out, "nofeat", n_tiles=5)
-    summary = predict(out, run_dir, load_config(), slide_ids=None)
+    summary = predict(out, PredictConfig.from_config(load_config()), run_dir, slide_ids=None)
     assert "nofeat" in summary.failed and "s01" in summary.done
-    rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
-    assert summary.predictions_csv == out / "predictions" / "toy" / "predictions.csv"
+    rows = {r["slide_id"]: r for r in read_csv(summary.outputs["predictions"])}
+    assert summary.outputs["predictions"] == out / "predictions" / "toy" / "predictions.csv"
     assert set(rows) == set(truth) | {"unlabelled"}
     right = sum(r["predicted"] == ("tumour" if truth[s].size else "normal") for s, r in rows.items() if s in truth)
     assert right >= len(truth) - 1
@@ -723,11 +731,15 @@ def test_predict_runs_on_the_device_its_job_resources_give_it(monkeypatch, tmp_p
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(predict_module, "load_ensemble", load_ensemble)
+    (tmp_path / "run").mkdir()  # complete enough for predict's check of the folder; loading it is faked
+    (tmp_path / "run" / "fold_0.safetensors").touch()
+    run_json = {"complete": True, "folds": [{"weights": "fold_0.safetensors"}]}
+    (tmp_path / "run" / "run.json").write_text(json.dumps(run_json))
     for gpu in (0, 1):
         config = load_config()
         config["resources"]["predict"]["gpu"] = gpu
         with pytest.raises(Loaded):
-            predict(tmp_path, tmp_path / "run", config)
+            predict(tmp_path, PredictConfig.from_config(config), tmp_path / "run")
     assert asked == ["cpu", "cuda"]
 
 
@@ -735,7 +747,7 @@ def test_predict_stores_out_of_fold_scores_of_training_slides_beside_the_ensembl
     """Each labelled slide also gets the scores of the fold model that held it out: the very probabilities of
     cv_predictions.csv, and attention that still finds tumour; a slide outside the cohort gets none."""
     out, _, truth, run_dir = trained
-    predict(out, run_dir, load_config(), slide_ids=[*truth, "unlabelled"])
+    predict(out, PredictConfig.from_config(load_config()), run_dir, slide_ids=[*truth, "unlabelled"])
     cv = {r["slide_id"]: r for r in read_csv(run_dir / "cv_predictions.csv")}
     hits = []
     for sid, where in truth.items():
@@ -799,8 +811,8 @@ def test_run_is_calibrated_out_of_fold_and_predict_applies_its_temperature(train
     assert metrics["calibration"]["temperature"] == temperature and "uncalibrated" in metrics["calibration"]
     assert metrics["max_wrong_confidence"] <= 1 and metrics["confident_wrong"] >= 0
     assert (run_dir / "reliability.png").read_bytes()[:4] == b"\x89PNG"
-    summary = predict(out, run_dir, load_config(), slide_ids=["s01", "unlabelled"])
-    rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
+    summary = predict(out, PredictConfig.from_config(load_config()), run_dir, slide_ids=["s01", "unlabelled"])
+    rows = {r["slide_id"]: r for r in read_csv(summary.outputs["predictions"])}
     ensemble = load_ensemble(run_dir)
     ensemble.calibration = Calibration()
     _, _, raw = ensemble.score_bag(SlideStore.open(store_path(out, "unlabelled")).features(ENCODER))
@@ -818,16 +830,18 @@ def test_predict_flags_slides_unlike_the_training_cohort(trained, tmp_path):
     make_store(new, "glass", np.full((40, DIM), 2.0, np.float32))
     make_store(new, "stain", (bag_features(rng, False, 60)[0] + 1.5).astype(np.float32))
     make_store(new, "alike", bag_features(rng, True, 60)[0])
-    summary = predict(new, run_dir, load_config())
-    assert summary.unlike_training == ["glass", "stain"]
-    rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
+    summary = predict(new, PredictConfig.from_config(load_config()), run_dir)
+    assert sorted(s for s, attrs in summary.results.items() if attrs.ood is True) == ["glass", "stain"]
+    assert summary.warnings[0].endswith("do not trust their probabilities): glass, stain")
+    rows = {r["slide_id"]: r for r in read_csv(summary.outputs["predictions"])}
     assert rows["glass"]["ood"] == "True" and rows["stain"]["ood"] == "True" and rows["alike"]["ood"] == "False"
     assert float(rows["glass"]["ood_score"]) > 1 > float(rows["alike"]["ood_score"])
     assert SlideStore.open(store_path(new, "stain")).scores("toy")[2].ood is True
     cv = read_csv(run_dir / "cv_predictions.csv")
     assert sum(r["ood"] == "True" for r in cv) <= 1
     info = json.loads((run_dir / "run.json").read_text())
-    own_csv = predict(out, run_dir, load_config(), slide_ids=list(truth)).predictions_csv
+    own_csv = predict(out, PredictConfig.from_config(load_config()), run_dir,
+                      slide_ids=list(truth)).outputs["predictions"]
     own = {r["slide_id"]: r for r in read_csv(own_csv)}
     assert all(float(own[s]["ood_score"]) == pytest.approx(info["ood"]["out_of_fold"][s], abs=1e-4) for s in truth)
 
@@ -845,8 +859,8 @@ def test_predict_on_a_run_made_before_calibration_warns_and_predicts_raw(trained
     (old / "run.json").write_text(json.dumps(info))
     (old / "ood.safetensors").unlink()
     with pytest.warns(UncalibratedRunWarning, match="trained before calibration existed"):
-        summary = predict(out, old, load_config(), slide_ids=["unlabelled"])
-    row = read_csv(summary.predictions_csv)[0]
+        summary = predict(out, PredictConfig.from_config(load_config()), old, slide_ids=["unlabelled"])
+    row = read_csv(summary.outputs["predictions"])[0]
     assert row["ood"] == "" and row["ood_score"] == "" and 0 <= float(row["prob_tumour"]) <= 1
     assert row["calibration"] == "none"
     attrs = SlideStore.open(store_path(out, "unlabelled")).scores("toy")[2]
@@ -859,14 +873,15 @@ def test_predict_rejects_features_from_another_encoder_per_slide(trained, tmp_pa
     make_store(other, "wide", np.random.default_rng(0).normal(size=(30, 2 * DIM)).astype(np.float32))
     make_store(other, "reweighed", np.random.default_rng(1).normal(size=(30, DIM)).astype(np.float32), sha="b" * 64)
     make_store(other, "fine", np.random.default_rng(2).normal(size=(30, DIM)).astype(np.float32))
-    summary = predict(other, run_dir, load_config(), slide_ids=["wide", "reweighed", "fine", "absent"])
-    assert summary.done == ["fine"] and summary.failed == ["wide", "reweighed", "absent"]
+    summary = predict(other, PredictConfig.from_config(load_config()), run_dir,
+                      slide_ids=["wide", "reweighed", "fine", "absent"])
+    assert summary.done == ["fine"] and list(summary.failed) == ["wide", "reweighed", "absent"]
     causes = {r["slide_id"]: r["cause"] for r in read_failures(other)}
     assert f"features have shape (30, {2 * DIM}), model run toy expects (N, {DIM})" in causes["wide"]
     assert "another encoder" in causes["wide"]
     assert "come from weights bbbbbbbbbbbb, model run toy was trained on weights aaaaaaaaaaaa" in causes["reweighed"]
     assert "store does not exist" in causes["absent"]
-    assert [r["slide_id"] for r in read_csv(summary.predictions_csv)] == ["fine"]
+    assert [r["slide_id"] for r in read_csv(summary.outputs["predictions"])] == ["fine"]
 
 
 def test_ensemble_averages_folds_and_checks_the_feature_size(trained):

@@ -17,7 +17,7 @@ import wsi.qc
 from wsi.config import load_config
 from wsi.qc import thumbnail_defects
 from wsi.store import QCAttrs, SlideStore, store_path
-from wsi.tiling import tile_slides
+from wsi.tiling import TileConfig, tile_slides
 from wsi.tissue import TissueParams, tissue_masks
 from wsi_synth import HardCases, write_synthetic_slide
 from wsi_synth import defects as dd
@@ -27,7 +27,8 @@ MPP = 0.5
 
 
 def tile(paths, out, *sets):
-    return {r.slide_id: r for r in tile_slides(paths, out, load_config(sets=list(sets)), progress=False)}
+    summary = tile_slides(out, TileConfig.from_config(load_config(sets=list(sets))), paths, progress=False)
+    return {item["slide_id"]: item for item in summary.items()}
 
 
 def shares(coords: np.ndarray, size: float, truth: np.ndarray, ds: float) -> np.ndarray:
@@ -73,7 +74,7 @@ def flagged(slides, tmp_path_factory):
 
 def test_blurred_half_of_a_slide_is_flagged_and_its_sharp_half_is_not(slides, flagged):
     out, results = flagged
-    assert results["blur"].error is None
+    assert results["blur"]["cause"] is None
     store = SlideStore.open(store_path(out, "blur"))
     flags = store.qc_flags()
     x = store.coords[:, 0]
@@ -121,8 +122,8 @@ def test_air_bubble_is_found_as_a_circle_and_its_tiles_flagged(slides, flagged):
 
 def test_slide_with_no_sharp_tissue_fails_qc_and_the_others_carry_on(slides, flagged):
     out, results = flagged
-    assert "no in-focus tissue" in results["nofocus"].error
-    assert results["sharp"].error is None and results["sharp"].n_tiles > 0
+    assert "no in-focus tissue" in results["nofocus"]["cause"]
+    assert results["sharp"]["cause"] is None and results["sharp"]["n_tiles"] > 0
     with open(out / "failures.csv", newline="") as f:
         [row] = [r for r in csv.DictReader(f) if r["slide_id"] == "nofocus"]
     assert row["stage"] == "tile" and "no in-focus tissue" in row["cause"]
@@ -139,7 +140,7 @@ def test_exclude_drops_flagged_tiles_from_the_store_and_records_them(slides, fla
     out, _ = flagged
     results = tile([slides["blur"].path, slides["defects"].path], tmp_path, "tiling.qc=exclude")
     for sid in ("blur", "defects"):
-        assert results[sid].error is None
+        assert results[sid]["cause"] is None
         kept = SlideStore.open(store_path(tmp_path, sid))
         full = SlideStore.open(store_path(out, sid))
         flags = full.qc_flags()
@@ -191,7 +192,7 @@ def test_viewer_serves_the_flagged_tiles_as_a_layer(flagged):
 
 def test_qc_off_writes_no_flags_and_no_row(slides, tmp_path):
     results = tile([slides["nofocus"].path], tmp_path, "tiling.qc=off")
-    assert results["nofocus"].error is None  # without QC a blurred slide tiles as before
+    assert results["nofocus"]["cause"] is None  # without QC a blurred slide tiles as before
     assert SlideStore.open(store_path(tmp_path, "nofocus")).qc is None
     assert not (tmp_path / "qc.csv").exists()
 
@@ -199,7 +200,7 @@ def test_qc_off_writes_no_flags_and_no_row(slides, tmp_path):
 def test_sharp_real_tissue_is_not_flagged(real_slide_path, tmp_path):
     results = tile([real_slide_path], tmp_path)
     store = SlideStore.open(store_path(tmp_path, "cmu_small_region"))
-    assert results["cmu_small_region"].error is None
+    assert results["cmu_small_region"]["cause"] is None
     flags = store.qc_flags()
     assert not (flags["blur"] | flags["fold"] | flags["bubble"]).any()
     assert store.qc.judged_pct > 80
@@ -216,7 +217,7 @@ def test_real_tissue_blurred_by_a_known_kernel_is_flagged(tmp_path):
     tifffile.imwrite(path, blurred, tile=(256, 256), compression="jpeg", photometric="rgb",
                      resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER", metadata=None)
     results = tile([path], tmp_path / "out")
-    assert results["prostate"].error is None
+    assert results["prostate"]["cause"] is None
     store = SlideStore.open(store_path(tmp_path / "out", "prostate"))
     flags, x = store.qc_flags(), store.coords[:, 0]
     left, right = x + 256 <= 1250 - 16, x >= 1250 + 16
@@ -251,11 +252,12 @@ def test_fold_and_bubble_composited_onto_a_real_tissue_microarray_are_found():
 
 
 def test_report_warns_first_about_slides_over_the_qc_limits(tmp_path):
-    from wsi.report import write_report
+    from wsi.report import ReportConfig, write_report
 
     wsi.qc.record_qc(tmp_path, [wsi.qc.qc_row("good", "flag") | {"blur_pct": 1.0, "fold_pct": 0, "bubble_pct": 0}])
     wsi.qc.record_qc(tmp_path, [wsi.qc.qc_row("foggy", "flag") | {"blur_pct": 42.0, "fold_pct": 0, "bubble_pct": 0}])
-    html = unescape(write_report(tmp_path, load_config(), run="none").read_text())
+    report = write_report(tmp_path, ReportConfig.from_config(load_config()), run="none").outputs["report"]
+    html = unescape(report.read_text())
     warnings = html[html.index("id=warnings"):html.index("id=performance")]
     assert "foggy (blur 42.0% > 10%)" in warnings and "good" not in warnings
     quality = html[html.index("id=quality"):]

@@ -19,12 +19,12 @@ import pytest
 from PIL import Image
 
 from wsi.config import load_config
-from wsi.heatmap import heatmaps
-from wsi.mil import predict, train
-from wsi.report import MIN_SLIDES_PER_CLASS, write_report
+from wsi.heatmap import HeatmapConfig, heatmaps
+from wsi.mil import PredictConfig, TrainConfig, predict, train
+from wsi.report import MIN_SLIDES_PER_CLASS, ReportConfig, write_report
 from wsi.slide import expand_slide_paths
 from wsi.store import FeatureAttrs, SlideStore, store_path
-from wsi.tiling import tile_slides
+from wsi.tiling import TileConfig, tile_slides
 from wsi_synth import write_synthetic_slide
 
 ENCODER = "toy-encoder"
@@ -78,7 +78,7 @@ def tiled(tmp_path_factory):
         shutil.copy(truth[sid].path, slides / f"{sid}.svs")
         rows.append({"slide_id": sid, "label": label, "patient_id": f"p{i:02d}"})
     (slides / "broken.svs").write_bytes(b"II*\x00" + os.urandom(2048))
-    tile_slides(expand_slide_paths([slides]), out, load_config(), progress=False)
+    tile_slides(out, TileConfig.from_config(load_config()), expand_slide_paths([slides]), progress=False)
     rng = np.random.default_rng(0)
     for sid, slide in truth.items():
         store = SlideStore.open(store_path(out, sid))
@@ -95,11 +95,11 @@ def run_and_report(out: Path, labels: Path, run_name: str, painted: list[str], c
     """Train (on ``cluster``), predict, paint the heatmaps of ``painted`` slides (all of them take a while) and
     report."""
     config = config_for(labels, run_name, cluster)
-    run_dir = train(out, config, progress=False)
-    predict(out, run_dir, config)
+    run_dir = train(out, TrainConfig.from_config(config), progress=False).outputs["model run"]
+    predict(out, PredictConfig.from_config(config), run_dir)
     if painted:
-        heatmaps(out, run_dir.name, config, slide_ids=painted, progress=False)
-    return write_report(out, config, run=run_dir.name)
+        heatmaps(out, HeatmapConfig.from_config(config), run_dir.name, slide_ids=painted, progress=False)
+    return write_report(out, ReportConfig.from_config(config), run=run_dir.name).outputs["report"]
 
 
 PAINTED = ["case00", "case01", "case02", "case03", "case04", "case05"]

@@ -162,11 +162,12 @@ def site_run(tmp_path_factory, dask_cluster):
     """A leave-one-site-out ABMIL run on 4 sites of toy features (on the session's Dask cluster), and a new cohort
     of 2 other sites with its labels table."""
 
-    from wsi.mil import train
+    from wsi.mil import TrainConfig, train
 
     out = tmp_path_factory.mktemp("sites")
     labels = site_cohort(out)
-    run_dir = train(out, mil_config(labels, dask_cluster, cv="leave_one_site_out", run_name="sites"), progress=False)
+    config = mil_config(labels, dask_cluster, cv="leave_one_site_out", run_name="sites")
+    run_dir = train(out, TrainConfig.from_config(config), progress=False).outputs["model run"]
     new = tmp_path_factory.mktemp("external")
     new_labels = site_cohort(new, ((3, 3), (2, 3)), seed=7, sites="XY")
     return out, labels, run_dir, new, new_labels
@@ -220,11 +221,11 @@ def test_site_calibration_is_fitted_per_site_and_predict_applies_it_by_the_label
                                                                                         tmp_path):
     import json
 
-    from wsi.mil import predict, train
+    from wsi.mil import PredictConfig, TrainConfig, predict, train
 
     out, labels, _, new, new_labels = site_run
     config = mil_config(labels, dask_cluster, calibration="site", run_name="by_site")
-    run_dir = train(out, config, progress=False)
+    run_dir = train(out, TrainConfig.from_config(config), progress=False).outputs["model run"]
     calibration = json.loads((run_dir / "run.json").read_text())["calibration"]
     assert calibration["method"] == "site" and sorted(calibration["sites"]) == list(SITES)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -232,39 +233,40 @@ def test_site_calibration_is_fitted_per_site_and_predict_applies_it_by_the_label
     # a new slide of a training site gets its site's own calibration; one of another site the cohort's
     moved = new / "moved.csv"
     moved.write_text(new_labels.read_text().replace("X00,normal,X", "X00,normal,A"))
-    summary = predict(new, run_dir, {**config, "labels": str(moved)})
-    rows = {r["slide_id"]: r for r in read_csv(summary.predictions_csv)}
+    summary = predict(new, PredictConfig.from_config({**config, "labels": str(moved)}), run_dir)
+    rows = {r["slide_id"]: r for r in read_csv(summary.outputs["predictions"])}
     assert rows["X00"]["calibration"] == "site A" and rows["Y00"]["calibration"] == "cohort"
-    assert predict(new, run_dir, {**config, "labels": None}).done  # no table: the cohort's, for every slide
-    assert {r["calibration"] for r in read_csv(summary.predictions_csv)} == {"cohort"}
+    # no table: the cohort's, for every slide
+    assert predict(new, PredictConfig.from_config({**config, "labels": None}), run_dir).done
+    assert {r["calibration"] for r in read_csv(summary.outputs["predictions"])} == {"cohort"}
     # asked for without a site column: one line naming the labels file, before any fold
     plain = tmp_path / "plain.csv"
     plain.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in labels.read_text().splitlines()))
     with pytest.raises(ConfigError) as e:
-        train(out, mil_config(plain, calibration="site"), progress=False)
+        train(out, TrainConfig.from_config(mil_config(plain, calibration="site")), progress=False)
     assert "\n" not in str(e.value) and str(plain) in str(e.value)
     assert "mil.calibration is site, and the labels table has no site column" in str(e.value)
 
 
 def test_report_shows_per_site_figures_and_names_a_one_class_site(site_run):
     from wsi.config import load_config
-    from wsi.report import write_report
+    from wsi.report import ReportConfig, write_report
 
     _, _, run_dir, new, new_labels = site_run
-    from wsi.mil import predict
+    from wsi.mil import PredictConfig, predict
 
     config = load_config(overrides={"labels": str(new_labels), "mode": "predict", "model_dir": str(run_dir),
                                     "mil": {"bootstrap": 100}})
-    predict(new, run_dir, config)
-    text = write_report(new, config, run="sites").read_text()
+    predict(new, PredictConfig.from_config(config), run_dir)
+    text = write_report(new, ReportConfig.from_config(config), run="sites").outputs["report"].read_text()
     assert "Metrics on these slides (external validation)" in text
     assert text.count("<table class=sites>") == 2  # external and the run's own cross-validation
     assert "<td>X</td><td>3 normal, 3 tumour</td>" in text
     one_class = new_labels.read_text().replace("Y00,normal", "Y00,tumour").replace("Y01,normal", "Y01,tumour")
     new_labels.with_name("one.csv").write_text(one_class)
     config["labels"] = str(new_labels.with_name("one.csv"))
-    predict(new, run_dir, config)
-    text = write_report(new, config, run="sites").read_text()
+    predict(new, PredictConfig.from_config(config), run_dir)
+    text = write_report(new, ReportConfig.from_config(config), run="sites").outputs["report"].read_text()
     warnings_html = text.split("<section id=warnings")[1].split("</section>")[0]
     assert "site Y holds only tumour slides" in warnings_html
 
@@ -327,7 +329,7 @@ def test_normalising_maps_two_labs_stains_of_one_tissue_close_together(method):
 
 
 def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_their_attrs(stain_cohort, dask_cluster):
-    from wsi.features import extract_cohort
+    from wsi.features import ExtractConfig, extract_cohort
     from wsi.features.stain import fit_stain
     from wsi.store import SlideStore, store_path
 
@@ -337,7 +339,7 @@ def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_t
     reference_tiles = np.stack([np.asarray(Image.open(p)) for p in sorted(reference.glob("*.png"))])
     for method in ("none", "macenko", "reinhard"):
         config = stain_config(dask_cluster, checkpoint, stain=method, stain_reference=str(reference))
-        summary = extract_cohort(out, config, progress=False)
+        summary = extract_cohort(out, ExtractConfig.from_config(config), progress=False)
         assert sorted(summary.done) == ["lab", "other"] and not summary.failed
     lab, other = (SlideStore.open(store_path(out, s)) for s in ("lab", "other"))
     assert lab.feature_encoders() == ["test_vit", "test_vit+macenko", "test_vit+reinhard"]
@@ -361,46 +363,46 @@ def test_normalised_features_live_beside_raw_ones_with_the_fitted_reference_in_t
     assert gap("test_vit+reinhard") < gap("test_vit")
     # a second run skips what is complete under each key
     config = stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(reference))
-    again = extract_cohort(out, config, progress=False)
+    again = extract_cohort(out, ExtractConfig.from_config(config), progress=False)
     assert sorted(again.skipped) == ["lab", "other"]
 
 
 def test_a_stain_reference_without_tissue_is_a_one_line_error_naming_it(stain_cohort, dask_cluster, tmp_path):
     from PIL import Image
 
-    from wsi.features import extract_cohort
+    from wsi.features import ExtractConfig, extract_cohort
 
     out, _, checkpoint = stain_cohort
     glass = tmp_path / "glass"
     glass.mkdir()
     Image.fromarray(np.full((64, 64, 3), 236, np.uint8)).save(glass / "blank.png")
     with pytest.raises(ConfigError) as e:
-        extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(glass)),
-                       progress=False)
+        config = stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(glass))
+        extract_cohort(out, ExtractConfig.from_config(config), progress=False)
     message = str(e.value)
     assert "\n" not in message and str(glass) in message and "no tissue" in message
     with pytest.raises(ConfigError, match="not cohort, a folder of tile images, a model run or a tiled slide"):
         nope = str(tmp_path / "nope")
-        extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="reinhard", stain_reference=nope),
-                       progress=False)
+        config = stain_config(dask_cluster, checkpoint, stain="reinhard", stain_reference=nope)
+        extract_cohort(out, ExtractConfig.from_config(config), progress=False)
 
 
 def test_a_cohort_keeps_its_reference_and_never_mixes_features_of_two_references(stain_cohort, dask_cluster):
-    from wsi.features import extract_cohort
+    from wsi.features import ExtractConfig, extract_cohort
 
     out, reference, checkpoint = stain_cohort
     config = stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference=str(reference))
-    first = extract_cohort(out, config, progress=False)
+    first = extract_cohort(out, ExtractConfig.from_config(config), progress=False)
     assert not first.failed
     # cohort: the reference the cohort's normalised features were made with, so later slides match them
-    again = extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference="cohort"),
-                           progress=False)
+    cohort_reference = stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference="cohort")
+    again = extract_cohort(out, ExtractConfig.from_config(cohort_reference), progress=False)
     assert sorted(again.skipped) == ["lab", "other"] and not again.failed
     # another reference (here the slide "lab" of the cohort): complete features of the old one fail their slide
-    other = extract_cohort(out, stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference="lab"),
-                           progress=False)
+    lab_reference = stain_config(dask_cluster, checkpoint, stain="macenko", stain_reference="lab")
+    other = extract_cohort(out, ExtractConfig.from_config(lab_reference), progress=False)
     assert sorted(other.failed) == ["lab", "other"]
-    assert "fitted to another reference" in other.causes["lab"] and str(reference.resolve()) in other.causes["lab"]
+    assert "fitted to another reference" in other.failed["lab"] and str(reference.resolve()) in other.failed["lab"]
 
 
 def test_a_model_run_hands_new_slides_the_reference_it_was_trained_with(stain_cohort, tmp_path):

@@ -402,6 +402,7 @@ def _real(name: str) -> np.ndarray:
     return np.asarray(Image.open(DATA / name).convert("RGB"))
 
 
+@pytest.mark.slow
 def test_real_needle_core_on_grey_stitched_glass_with_blue_marker():
     rgb = _real("slide_with_ink.jpeg")
     masks = tissue_masks(rgb, 8.0, PARAMS)

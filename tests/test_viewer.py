@@ -27,7 +27,7 @@ from PIL import Image
 from wsi.config import load_config
 from wsi.slide import expand_slide_paths, open_slide
 from wsi.store import ScoreAttrs, SlideStore, store_path
-from wsi.tiling import tile_slides
+from wsi.tiling import TileConfig, tile_slides
 from wsi.viewer import make_server, url
 from wsi.viewer.tiles import TILE_PX, DeepZoom
 
@@ -81,7 +81,7 @@ def out(make_slide, tmp_path_factory) -> Path:
     shutil.copy(normal.path, slides / "normal.svs")
     shutil.copy(normal.path, slides / "gone.svs")
     out = root / "out"
-    tile_slides(expand_slide_paths([slides]), out, load_config(), progress=False)
+    tile_slides(out, TileConfig.from_config(load_config()), expand_slide_paths([slides]), progress=False)
     (slides / "gone.svs").unlink()
     for sid in ("tumour", "normal", "gone"):
         write_scores(SlideStore.open(store_path(out, sid)), tumour=sid == "tumour", out_of_fold=sid == "normal")

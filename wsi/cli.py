@@ -12,8 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, format_ids
-
 
 def _common(p: argparse.ArgumentParser, out_required: bool = True, per_slide: bool = True,
             status: bool = True) -> None:
@@ -125,99 +123,30 @@ def _cluster_override(value: str | None) -> dict:
     return {"kind": "address", "address": value}
 
 
-def _items(summary, *fields) -> list[dict]:
-    return [{"slide_id": slide_id, "status": field} for field in fields for slide_id in getattr(summary, field)]
-
-
-def _skipped(failed_earlier: dict[str, str]) -> list[dict]:
-    return [{"slide_id": s, "status": "skipped", "cause": f"failed at {stage}"} for s, stage in failed_earlier.items()]
-
-
-def _finish(args, config: dict, items: list[dict]) -> int:
-    """Report the per-slide outcome; exit 1 when a slide failed, unless a workflow job asked for --status."""
+def _finish(args, config: dict, summary) -> int:
+    """Print what the stage did (:class:`wsi.runner.StageSummary`); exit 1 when a slide failed, unless a
+    workflow job asked for --status."""
     from .layout import Layout
 
-    failed = [i for i in items if i["status"] == "failed"]
-    skipped = [i for i in items if i["status"] == "skipped"]
-    print(f"wsi {args.command}: {len(items) - len(failed) - len(skipped)} of {len(items)} slides done"
-          + (f", {len(skipped)} skipped" if skipped else "")
-          + (f"; {len(failed)} failed (see {Layout(args.out).failures})" if failed else ""), flush=True)
-    if args.status:
-        _write_status(args, config, items)
+    for line in summary.messages:
+        print(line)
+    for what, path in summary.outputs.items():
+        print(f"{what}: {path}")
+    for line in summary.warnings:
+        print(line, file=sys.stderr)
+    items = summary.items()
+    if summary.unit == "slide_id":
+        print(f"wsi {args.command}: {len(summary.done)} of {len(items)} slides done"
+              + (f", {len(summary.skipped)} skipped" if summary.skipped else "")
+              + (f"; {len(summary.failed)} failed (see {Layout(args.out).failures})" if summary.failed else ""),
+              flush=True)
+    if getattr(args, "status", None):
+        from .config import stage_config
+        from .provenance import write_status
+
+        write_status(args.status, args.command, items, stage_config(config, args.command))
         return 0
-    return 1 if failed else 0
-
-
-def _write_status(args, config: dict, items: list[dict]) -> None:
-    from .config import stage_config
-    from .provenance import write_status
-
-    write_status(args.status, args.command, items, stage_config(config, args.command))
-
-
-def _tile(args) -> int:
-    from .slide import expand_slide_paths
-    from .tiling import tile_slides
-
-    missing = [p for p in args.slides if not p.exists()]
-    if missing:
-        raise ConfigError(missing[0], "slide file or folder does not exist"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), "check the path")
-    paths = expand_slide_paths(args.slides)
-    if not paths:
-        raise ConfigError(args.slides[0], "no slides found", "name slide files, or folders that hold them")
-    config = _config(args)
-    results = tile_slides(paths, args.out, config, progress=args.progress)
-    return _finish(args, config, [{"slide_id": r.slide_id, "source": str(r.source),
-                                   "status": "failed" if r.error else "done", "cause": r.error,
-                                   "n_tiles": r.n_tiles, "seconds": round(r.seconds, 2)} for r in results])
-
-
-def _train(args) -> int:
-    from .checks import check_labels, read_label_rows
-    from .layout import Layout
-    from .runner import failed_earlier
-
-    overrides = _drop_none({"labels": str(args.labels) if args.labels else None,
-                            "mil": {"model": args.model, "run_name": args.run_name},
-                            "extract": {"encoder": args.encoder}, "cluster": _cluster_override(args.cluster)})
-    config = _config(args, overrides)
-    mil, layout = config["mil"], Layout(args.out)
-    skip_missing = bool(mil.get("skip_missing"))
-    if config.get("labels"):
-        failed = failed_earlier(args.out, "train", [s for s, _ in read_label_rows(config["labels"])])
-        if failed and not skip_missing:
-            raise ConfigError(config["labels"], f"{len(failed)} labelled slide(s) failed an earlier stage: "
-                              + format_ids(f"{s} [{stage}]" for s, stage in failed.items()),
-                              f"their causes are in {layout.failures}; fix them, drop them from the labels, or "
-                              "set mil.skip_missing: true")
-        check_labels(config["labels"], layout.store_ids(), classes=mil.get("classes"), skip_missing=skip_missing,
-                     where=str(layout.stores_dir))
-
-    from .mil import train
-
-    run_dir = train(args.out, config, progress=args.progress)
-    _print_metrics(run_dir)
-    print(f"model run: {run_dir}")
-    if args.status:
-        _write_status(args, config, [{"run": str(run_dir), "status": "done"}])
-    return 0
-
-
-def _number(value) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
-
-
-def _print_metrics(run_dir: Path) -> None:
-    """The run's cross-validated metrics (the folds' epochs were logged as they ran)."""
-    import json
-
-    for name, metric in json.loads((run_dir / "run.json").read_text())["metrics"].items():
-        values = metric.items() if "value" not in metric else [("", metric)]
-        for cls, m in values:
-            low, high = (_number(v) for v in m.get("ci95") or (None, None))
-            print(f"wsi train: cross-validated {name}{' ' + cls if cls else ''}: {_number(m['value'])} "
-                  f"(95% CI {low}-{high})")
+    return 1 if summary.failed else 0
 
 
 def _previous_run_note(args) -> str:
@@ -232,10 +161,60 @@ def _previous_run_note(args) -> str:
     return f"; the previous model run {run_dir} is unchanged and usable" if (run_dir / "run.json").exists() else ""
 
 
-def run(args) -> int:
+def _stage(args):
+    """``(config, summary)``: the stage ``args.command`` names, called with its sections of the config."""
     if args.command == "tile":
-        return _tile(args)
+        from .tiling import TileConfig, tile_slides
 
+        config = _config(args)
+        return config, tile_slides(args.out, TileConfig.from_config(config), args.slides, progress=args.progress)
+
+    if args.command == "extract":
+        config = _config(args, _drop_none({"extract": {"encoder": args.encoder, "batch_size": args.batch_size,
+                                                       "checkpoint": str(args.checkpoint) if args.checkpoint
+                                                       else None},
+                                           "cluster": _cluster_override(args.cluster)}))
+        if args.high_res:
+            from .features.fine_grid import FineGridConfig, extract_fine_grids
+
+            return config, extract_fine_grids(args.out, FineGridConfig.from_config(config), args.slide_ids)
+        from .features import ExtractConfig, extract_cohort
+
+        return config, extract_cohort(args.out, ExtractConfig.from_config(config), slide_ids=args.slide_ids or None,
+                                      progress=args.progress)
+
+    if args.command == "train":
+        from .mil import TrainConfig, train
+
+        config = _config(args, _drop_none({"labels": str(args.labels) if args.labels else None,
+                                           "mil": {"model": args.model, "run_name": args.run_name},
+                                           "extract": {"encoder": args.encoder},
+                                           "cluster": _cluster_override(args.cluster)}))
+        return config, train(args.out, TrainConfig.from_config(config), progress=args.progress)
+
+    if args.command == "predict":
+        from .mil import PredictConfig, predict
+
+        config = _config(args, _drop_none({"labels": str(args.labels) if args.labels else None}))
+        return config, predict(args.out, PredictConfig.from_config(config), args.model_dir,
+                               slide_ids=args.slide_ids or None)
+
+    if args.command == "heatmap":
+        from .heatmap import HeatmapConfig, heatmaps
+
+        config = _config(args)
+        return config, heatmaps(args.out, HeatmapConfig.from_config(config), args.model_run,
+                                slide_ids=args.slide_ids or None, high_res=args.high_res, progress=args.progress)
+
+    if args.command == "report":
+        from .report import ReportConfig, write_report
+
+        config = _config(args)
+        return config, write_report(args.out, ReportConfig.from_config(config), run=args.model_run)
+    raise AssertionError(args.command)
+
+
+def run(args) -> int:
     if args.command == "inspect":
         from .store import SlideStore, describe
 
@@ -248,77 +227,10 @@ def run(args) -> int:
                 status = 1
         return status
 
-    if args.command == "extract":
-        from .features import extract_cohort
-
-        overrides = _drop_none({"extract": {"encoder": args.encoder, "batch_size": args.batch_size,
-                                            "checkpoint": str(args.checkpoint) if args.checkpoint else None},
-                                "cluster": _cluster_override(args.cluster)})
-        config = _config(args, overrides)
-        if args.high_res:
-            if not args.slide_ids:
-                raise ConfigError(None, "--high-res needs the slides whose finer grid to extract",
-                                  "name their slide ids")
-            from .features.fine_grid import extract_fine_grids
-
-            return _finish(args, config, extract_fine_grids(args.out, config, args.slide_ids).items())
-        summary = extract_cohort(args.out, config, slide_ids=args.slide_ids or None, progress=args.progress)
-        return _finish(args, config, summary.outcomes.items())
-
-    if args.command == "train":
-        return _train(args)
-
-    if args.command == "predict":
-        from .checks import check_model_dir
-        from .runner import failed_earlier
-
-        check_model_dir(args.model_dir, key="--model")
-        config = _config(args, _drop_none({"labels": str(args.labels) if args.labels else None}))
-        from .layout import Layout
-        from .store import is_complete
-
-        layout = Layout(args.out)
-        slide_ids = args.slide_ids or [s for s in layout.store_ids() if is_complete(layout.store(s))]
-        earlier = failed_earlier(args.out, "predict", slide_ids)
-
-        from .mil import predict
-
-        summary = predict(args.out, args.model_dir, config,
-                          slide_ids=[s for s in slide_ids if s not in earlier])
-        print(f"predictions: {summary.predictions_csv}")
-        if summary.metrics_json:
-            print(f"external validation: {summary.metrics_json}")
-        if summary.unlike_training:
-            print(f"wsi predict: {len(summary.unlike_training)} slide(s) unlike the slides the model was trained on "
-                  f"(ood_score above 1; do not trust their probabilities): {', '.join(summary.unlike_training)}",
-                  file=sys.stderr)
-        return _finish(args, config, _items(summary, "done", "failed") + _skipped(earlier))
-
-    if args.command == "heatmap":
-        from .runner import failed_earlier
-
-        config = _config(args)
-        earlier = failed_earlier(args.out, "heatmap", args.slide_ids)
-        todo = [s for s in args.slide_ids if s not in earlier]
-        items = _skipped(earlier)
-        if todo or not args.slide_ids:
-            from .heatmap import heatmaps
-
-            summary = heatmaps(args.out, args.model_run, config, slide_ids=todo or None, high_res=args.high_res,
-                               progress=args.progress)
-            items = _items(summary, "done", "failed") + items
-        return _finish(args, config, items)
-
     if args.command == "workflow":
         from .config import workflow_snakefile
 
         print(workflow_snakefile())
-        return 0
-
-    if args.command == "report":
-        from .report import write_report
-
-        print(write_report(args.out, _config(args), run=args.model_run))
         return 0
 
     if args.command == "view":
@@ -326,7 +238,7 @@ def run(args) -> int:
 
         serve(args.out, run=args.run, host=args.host, port=args.port)
         return 0
-    raise AssertionError(args.command)
+    return _finish(args, *_stage(args))
 
 
 def _log_to(path: Path):

@@ -1,7 +1,11 @@
 """The configuration every stage reads: ``configs/default.yaml``, a user file over it, then ``key=value`` sets.
 
-One merged, validated dict flows from the CLI (or the Snakefile) into the stage functions; each stage reads
-its own section (``slide``, ``tissue``, ``tiling``, ``extract``, ``cluster``, ``mil``, ``heatmap``).
+One merged, validated dict is made at the edge (the CLI; the Snakefile hands each job its stage's sections in a
+file); a stage function never sees it whole. It takes a :class:`StageConfig`: a frozen dataclass of the sections
+that stage reads (:data:`STAGE_SECTIONS`), built by :meth:`StageConfig.from_config`, the one builder for every
+stage::
+
+    summary = extract_cohort(out, ExtractConfig.from_config(load_config(sets=["extract.encoder=resnet18"])))
 """
 
 from __future__ import annotations
@@ -9,8 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -131,6 +136,8 @@ STAGE_SECTIONS = {
     "predict": ("labels", "extract", "cluster", "mil", "resources.predict"),  # labels: external validation
     "heatmap": ("slide", "heatmap"),  # slide: the tiles of coordinates-only stores
     "report": ("labels", "mode", "model_dir", "extract", "mil", "heatmap"),
+    # not a workflow job: `wsi extract --high-res`, the finer grid of `wsi heatmap --high-res`
+    "fine_grid": ("slide", "extract", "heatmap", "resources.heatmap"),
 }
 
 
@@ -146,15 +153,34 @@ def stage_config(config: dict, stage: str) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class StageConfig:
+    """The config sections one stage reads, and only those: a subclass per stage names its ``stage`` and has one
+    field per entry of ``STAGE_SECTIONS[stage]`` (``resources.predict`` is a field ``resources`` holding
+    ``{"predict": ...}``), so a stage cannot read a section whose change would not re-run it."""
+
+    stage: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """The stage's sections of a whole, validated config (:func:`load_config`)."""
+        return cls(**stage_config(config, cls.stage))
+
+
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
 def run_name(config: dict) -> str:
-    """The model run's folder name: ``model_dir``'s in mode predict, else ``mil.run_name`` or
-    ``<model>_<feature set's key>``; a plain folder name."""
+    """The model run's folder name: ``model_dir``'s in mode predict, else :func:`trained_run_name`."""
     if config.get("mode") == "predict" and config.get("model_dir"):
         return Path(config["model_dir"]).name
-    name = config["mil"].get("run_name") or f"{config['mil']['model']}_{encoder_key(feature_set_of(config['extract']))}"
+    return trained_run_name(config["mil"], config["extract"])
+
+
+def trained_run_name(mil: dict, extract: dict) -> str:
+    """The folder name of the run a training makes: ``mil.run_name`` or ``<model>_<feature set's key>``; a plain
+    folder name."""
+    name = mil.get("run_name") or f"{mil['model']}_{encoder_key(feature_set_of(extract))}"
     if not _RUN_NAME.match(name):
         raise ConfigError(None, f"mil.run_name {name!r} is not a plain folder name",
                           "use letters, digits, '.', '_' and '-'")

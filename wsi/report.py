@@ -36,16 +36,19 @@ import html
 import io
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from PIL import Image
 
 from . import __version__, atomic
 from . import qc as slide_qc
-from .config import scoring_run_dir
+from .config import StageConfig, scoring_run_dir
 from .errors import ConfigError
 from .failures import read_failures
 from .layout import Layout
+from .runner import StageSummary
 from .store import OOD_WARNING, open_cohort
 from .viewer import slide_url
 
@@ -330,10 +333,25 @@ def _is_ood(row: dict | None) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ the report
-def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
-    """Write ``OUT/report.html`` for model run ``run`` (default: the newest predictions) and return its path."""
+@dataclass(frozen=True)
+class ReportConfig(StageConfig):
+    """The sections the report reads (:meth:`~wsi.config.StageConfig.from_config`); its provenance shows them."""
+
+    stage: ClassVar[str] = "report"
+    labels: str | None
+    mode: str
+    model_dir: str | None
+    extract: dict
+    mil: dict
+    heatmap: dict
+
+
+def write_report(out_dir, params: ReportConfig, *, run: str | None = None) -> StageSummary:
+    """Write ``OUT/report.html`` for model run ``run`` (default: the newest predictions): the summary's output
+    ``report``."""
     out_dir, layout = Path(out_dir), Layout(out_dir)
     run = run or _newest_run(out_dir)
+    config = asdict(params)
     model_dir = scoring_run_dir(config, layout, run)
     predict_mode = config.get("mode") == "predict"
     predictions = _read_csv(layout.predictions_csv(run))
@@ -441,7 +459,7 @@ def write_report(out_dir, config: dict, *, run: str | None = None) -> Path:
            f"<style>{_CSS}</style></head><body><h1>wsi report: {_esc(run)}</h1>"
            f"<p class=note>{'prediction run' if predict_mode else 'training run'} · {len(slide_ids)} slides · "
            f"wsi {__version__}</p>{''.join(sections)}</body></html>")
-    return atomic.write_text(layout.report, doc)
+    return StageSummary("report", outputs={"report": atomic.write_text(layout.report, doc)})
 
 
 def _provenance_html(out_dir: Path, run: str, model_dir: Path, run_info: dict, config: dict) -> str:

@@ -41,17 +41,30 @@ EARLIER_STAGES = {
 
 @dataclass
 class StageSummary:
+    """What one run of a stage did, the same for every stage: per slide (done, skipped and why, failed and why,
+    what it returned), the cohort files it wrote and the lines it has for the user. The CLI prints it and
+    writes :meth:`items` into the job's status file."""
+
     stage: str
     done: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)   # slide id -> why
     failed: dict[str, str] = field(default_factory=dict)    # slide id -> one-line cause
     results: dict[str, object] = field(default_factory=dict)  # slide id -> what ``work`` returned (done slides)
+    details: dict[str, dict] = field(default_factory=dict)  # slide id -> more fields of its status item
+    outputs: dict[str, object] = field(default_factory=dict)  # what it is ("predictions") -> the file it wrote
+    messages: list[str] = field(default_factory=list)       # lines for stdout (train: its metrics)
+    warnings: list[str] = field(default_factory=list)       # lines for stderr
+    unit: str = "slide_id"  # what ``done`` names: slides, or (train) the model run
 
     def items(self) -> list[dict]:
-        """One entry per slide, as status files record them."""
-        return ([{"slide_id": s, "status": "done"} for s in self.done]
-                + [{"slide_id": s, "status": "skipped", "cause": why} for s, why in self.skipped.items()]
-                + [{"slide_id": s, "status": "failed", "cause": why} for s, why in self.failed.items()])
+        """One entry per slide (or model run), as status files record them."""
+        def item(name: str, status: str, cause: str | None = None) -> dict:
+            return {self.unit: name, "status": status, **({"cause": cause} if cause else {}),
+                    **self.details.get(name, {})}
+
+        return ([item(s, "done") for s in self.done]
+                + [item(s, "skipped", why) for s, why in self.skipped.items()]
+                + [item(s, "failed", why) for s, why in self.failed.items()])
 
 
 def failed_earlier(out_dir, stage: str, slide_ids) -> dict[str, str]:

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -23,14 +24,16 @@ from PIL import Image
 from . import __version__
 from . import qc as slide_qc
 from .atomic import replacing
-from .errors import SlideError
+from .config import StageConfig
+from .errors import ConfigError, SlideError
 from .layout import Layout
-from .runner import run_slides
+from .runner import StageSummary, run_slides
 from .slide import (
     LevelCheck,
     Slide,
     TileGrid,
     TileSource,
+    expand_slide_paths,
     level0_position,
     load_mpp_overrides,
     mark_qc,
@@ -52,6 +55,16 @@ from .store import (
 from .tissue import TissueParams, qc_image, tissue_fractions, tissue_masks
 
 _STRIP_BYTES = 64 << 20     # thumbnail strips: at most this much RGBA per backend call
+
+
+@dataclass(frozen=True)
+class TileConfig(StageConfig):
+    """The sections the tile stage reads (:meth:`~wsi.config.StageConfig.from_config`)."""
+
+    stage: ClassVar[str] = "tile"
+    slide: dict
+    tissue: dict
+    tiling: dict
 
 
 # --------------------------------------------------------------------------------------------- thumbnail
@@ -93,9 +106,8 @@ def _read_strips(slide: Slide, level: int, out_w: int, out_h: int) -> np.ndarray
 
 
 # --------------------------------------------------------------------------------------------- one slide
-def _tiling_attrs(slide: Slide, grid: TileGrid, cfg: dict, tissue: TissueParams) -> TilingAttrs:
+def _tiling_attrs(slide: Slide, grid: TileGrid, t: dict, tissue: TissueParams) -> TilingAttrs:
     level_mpp = slide.level_mpp(grid.level)
-    t = cfg["tiling"]
     return TilingAttrs(
         target_mpp=float(t["target_mpp"]), tile_px=int(t["tile_px"]), overlap_px=int(t["overlap_px"]),
         read_level=grid.level, read_downsample=grid.level_downsample,
@@ -133,7 +145,7 @@ def _up_to_date(path: Path, slide: Slide, tiling: TilingAttrs) -> bool:
     return same_source and store.tiling == tiling
 
 
-def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None,
+def tile_slide(out_dir, params: TileConfig, path, *, mpp_overrides: dict | None = None,
                progress: bool = False, qc_rows: list | None = None) -> SlideStore:
     """Tile one slide into ``<out>/stores/<slide_id>.zarr`` and write ``<out>/qc/<slide_id>.png``.
 
@@ -149,16 +161,16 @@ def tile_slide(path, out_dir, config: dict, *, mpp_overrides: dict | None = None
         else:
             qc_rows.append(row)
 
-    slide_cfg = dict(config["slide"])
+    slide_cfg = dict(params.slide)
     if mpp_overrides is not None:
         slide_cfg["mpp_overrides"] = mpp_overrides
-    tissue = TissueParams.from_dict(config["tissue"])
+    tissue = TissueParams.from_dict(params.tissue)
+    t = params.tiling
     with open_slide(path, **slide_cfg) as slide:
         levels = LevelCheck(slide)
-        grid = tile_grid(slide, target_mpp=config["tiling"]["target_mpp"], tile_px=config["tiling"]["tile_px"],
-                         overlap_px=config["tiling"]["overlap_px"],
-                         level_tolerance=config["tiling"]["level_tolerance"], levels=levels)
-        tiling = _tiling_attrs(slide, grid, config, tissue)
+        grid = tile_grid(slide, target_mpp=t["target_mpp"], tile_px=t["tile_px"], overlap_px=t["overlap_px"],
+                         level_tolerance=t["level_tolerance"], levels=levels)
+        tiling = _tiling_attrs(slide, grid, t, tissue)
         final = store_path(out_dir, slide.slide_id)
         if _up_to_date(final, slide, tiling):
             store = SlideStore.open(final)
@@ -312,38 +324,38 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------------------------- cohort
-@dataclass(frozen=True)
-class TileResult:
-    slide_id: str
-    source: Path
-    n_tiles: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-
-
-def tile_slides(paths, out_dir, config: dict, *, progress: bool = True) -> list[TileResult]:
-    """Tile every slide through the stage runner (:func:`wsi.runner.run_slides`): a bad slide gets a one-line
-    error and a ``failures.csv`` row, the rest go on; a done slide gets a line (tiles, MPP, seconds) on stdout as
-    it ends. Returns one result per slide id, in order.
+def tile_slides(out_dir, params: TileConfig, slides, *, progress: bool = True) -> StageSummary:
+    """Tile every slide of ``slides`` (files, or folders of slides) through the stage runner
+    (:func:`wsi.runner.run_slides`): a bad slide gets a one-line error and a ``failures.csv`` row, the rest go
+    on; a done slide gets a line (tiles, MPP, seconds) on stdout as it ends. Each slide's status item has its
+    source, tiles and seconds. Raises ConfigError when a path does not exist or names no slide.
 
     Two files with the same slide id fail together: their stores would overwrite each other.
     """
+    slides = [Path(p) for p in slides]
+    missing = [p for p in slides if not p.exists()]
+    if missing:
+        raise ConfigError(missing[0], "slide file or folder does not exist"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), "check the path")
+    paths = expand_slide_paths(slides)
+    if not paths:
+        raise ConfigError(slides[0], "no slides found", "name slide files, or folders that hold them")
     files: dict[str, list[Path]] = {}
     for path in map(Path, paths):
         files.setdefault(slide_id_from_path(path), []).append(path)
-    overrides = load_mpp_overrides(config["slide"].get("mpp_overrides"))
+    overrides = load_mpp_overrides(params.slide.get("mpp_overrides"))
 
-    def work(slide_id: str) -> tuple[int, float]:
+    def work(slide_id: str) -> dict:
         path, *twins = files[slide_id]
         if twins:
             raise SlideError(path, f"slide id '{slide_id}' is also the id of {', '.join(map(str, twins))}",
                              "rename one of them: each slide id names one store")
         start = time.perf_counter()
-        store = tile_slide(path, out_dir, config, mpp_overrides=overrides, progress=progress, qc_rows=qc_rows)
+        store = tile_slide(out_dir, params, path, mpp_overrides=overrides, progress=progress, qc_rows=qc_rows)
         seconds = time.perf_counter() - start
         print(f"wsi tile: {slide_id}: {store.n_tiles} tiles, slide {store.slide.mpp_x:.3f} um/px, {seconds:.1f} s",
               flush=True)  # as each slide ends: a job tiles a batch of slides
-        return store.n_tiles, seconds
+        return {"n_tiles": store.n_tiles, "seconds": round(seconds, 2)}
 
     qc_rows: list[dict] = []  # recorded in qc.csv once per batch (each record rewrites the cohort's file)
     try:
@@ -351,5 +363,8 @@ def tile_slides(paths, out_dir, config: dict, *, progress: bool = True) -> list[
     finally:
         if qc_rows:
             slide_qc.record_qc(out_dir, qc_rows)
-    return [TileResult(slide_id, found[0], *summary.results[slide_id]) if slide_id in summary.results
-            else TileResult(slide_id, found[0], error=summary.failed[slide_id]) for slide_id, found in files.items()]
+    for slide_id, found in files.items():
+        tiled = summary.results.get(slide_id) or {"n_tiles": 0, "seconds": 0.0}
+        summary.details[slide_id] = {"source": str(found[0]), **({"cause": None} if slide_id in summary.results
+                                                                  else {}), **tiled}
+    return summary

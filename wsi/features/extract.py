@@ -49,12 +49,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from distributed import WorkerPlugin, as_completed, get_worker
 
 from ..cluster import dask_client, gpu_resources, worker_device
+from ..config import StageConfig
 from ..errors import ConfigError, SlideError, StoreError, WsiError
 from ..keys import augmented_set, encoder_key, feature_set
 from ..layout import Layout
@@ -69,32 +71,14 @@ from .stain import StainTransform, check_stain, fit_reference, fit_slide
 STAGE = "extract"
 
 
-@dataclass
-class ExtractSummary:
-    """What one run did: the stage runner's outcome per slide, tiles embedded and wall time."""
+@dataclass(frozen=True)
+class ExtractConfig(StageConfig):
+    """The sections the extract stage reads (:meth:`~wsi.config.StageConfig.from_config`)."""
 
-    encoder: str
-    outcomes: StageSummary
-    n_tiles: int = 0
-    seconds: float = 0.0
-
-    @property
-    def done(self) -> list[str]:
-        return list(self.outcomes.done)
-
-    @property
-    def skipped(self) -> list[str]:
-        """Up to date, or failed at an earlier stage (``outcomes.skipped`` says which)."""
-        return list(self.outcomes.skipped)
-
-    @property
-    def failed(self) -> list[str]:
-        return list(self.outcomes.failed)
-
-    @property
-    def causes(self) -> dict[str, str]:
-        """Slide id -> one-line cause of its failure."""
-        return dict(self.outcomes.failed)
+    stage: ClassVar[str] = STAGE
+    slide: dict
+    extract: dict
+    cluster: dict
 
 
 def h5_path(out_dir, encoder: str, slide_id: str) -> Path:
@@ -311,7 +295,6 @@ class _Cohort:
 
     def __init__(self, run: StageRun):
         self.run = run
-        self.n_tiles = 0
         self.slide_of: dict[str, str] = {}      # future key -> slide id
         self.tiles_of: dict[str, int] = {}      # range future key -> tiles
         self.final_keys: set[str] = set()
@@ -339,26 +322,25 @@ class _Cohort:
                 tiles = sum(self.tiles_of[f.key] for f in self.futures[slide_id][:-1])
                 bar.write(f"wsi extract: {slide_id}: {tiles} tiles, {fut.result():.1f} s on the workers")
                 sys.stdout.flush()  # a job's log shows each slide as it ends
-                self.run.done(slide_id)
+                self.run.done(slide_id, tiles)
             else:
                 bar.update(self.tiles_of[fut.key])
-                self.n_tiles += self.tiles_of[fut.key]
 
 
-def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
-                   progress: bool = True) -> ExtractSummary:
-    """Features of every store under ``OUT/stores`` (or of ``slide_ids``) with ``config["extract"]["encoder"]``,
-    on the Dask cluster of ``config["cluster"]``.
+def extract_cohort(out_dir, params: ExtractConfig, *, slide_ids: list[str] | None = None,
+                   progress: bool = True) -> StageSummary:
+    """Features of every store under ``OUT/stores`` (or of ``slide_ids``) with ``extract.encoder``, on the Dask
+    cluster of the ``cluster`` section.
 
     Writes ``features/<encoder>`` into each store and, with ``extract.export_h5``,
-    ``OUT/features/<encoder>/<slide_id>.h5``. Slides whose features are complete are skipped. Failed slides
-    are in ``OUT/failures.csv`` and in the summary.
+    ``OUT/features/<encoder>/<slide_id>.h5``. Slides whose features are complete are skipped ("up to date").
+    Failed slides are in ``OUT/failures.csv`` and in the summary, whose ``results`` are the tiles embedded for
+    each slide done.
     """
     from tqdm.auto import tqdm
 
-    start = time.perf_counter()
     out_dir = Path(out_dir)
-    cfg = config["extract"]
+    cfg = params.extract
     encoder, checkpoint, precision = cfg["encoder"], cfg.get("checkpoint"), cfg.get("precision", "auto")
     method = cfg.get("stain", "none")
     key = feature_set(encoder, method)
@@ -375,7 +357,7 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
     reference = None  # a reference without tissue (or none to be found) stops the run here, naming it
     if method != "none":
         reference = fit_reference(method, str(cfg["stain_reference"]), out_dir, _cohort_ids(out_dir, None),
-                                  dict(config["slide"]), encoder)
+                                  dict(params.slide), encoder)
 
     todo: list[tuple[SlideStore, bool, bool]] = []  # (store, raw features to make, views to make)
     for slide_id in run.todo():
@@ -399,7 +381,7 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
     if todo:
         plugin = plugin_name(encoder, checkpoint, precision)
         settings = {k: cfg.get(k) for k in ("batch_size", "gpu_batch_size", "tasks_per_gpu", "pinned_mb")}
-        with dask_client(config["cluster"]) as client:
+        with dask_client(params.cluster) as client:
             resources = gpu_resources(client, tasks_per_gpu=int(cfg["tasks_per_gpu"]))
             try:
                 # a checkpoint that does not fit, or a GPU worker without CUDA, raises here, from the workers'
@@ -408,22 +390,22 @@ def extract_cohort(out_dir, config: dict, *, slide_ids: list[str] | None = None,
                                                      gpu_only=resources is not None), name=plugin)
                 attrs = client.submit(describe_encoder, plugin, resources=resources, pure=False).result()
                 for store, raw, augmented in todo:
-                    _submit_slide(client, cohort, store, key, config, attrs, plugin, resources, reference,
+                    _submit_slide(client, cohort, store, key, params, attrs, plugin, resources, reference,
                                   raw=raw, views=views if augmented else 0)
                 total = sum(cohort.tiles_of.values())
                 with tqdm(total=total, unit="tile", desc=f"extract {encoder}", disable=not progress) as bar:
                     cohort.collect(client, bar)
             finally:
                 client.unregister_worker_plugin(plugin)
-    return ExtractSummary(key, run.summary, cohort.n_tiles, time.perf_counter() - start)
+    return run.summary
 
 
-def _submit_slide(client, cohort: _Cohort, store: SlideStore, encoder: str, config: dict, attrs: dict,
+def _submit_slide(client, cohort: _Cohort, store: SlideStore, encoder: str, params: ExtractConfig, attrs: dict,
                   plugin: str, resources: dict | None, reference: dict | None, *, raw: bool, views: int) -> None:
     """Fresh feature arrays: ``features/<encoder>`` (the feature set: encoder[+stain]) when ``raw``, and its
     ``views`` augmented views (``features/<encoder>+augment``) when ``views``; the slide's stain fit (with a
     ``reference``), one task per chunk-aligned tile range and view, and the slide's completing task."""
-    cfg = config["extract"]
+    cfg = params.extract
     h5 = str(h5_path(cohort.run.out_dir, encoder, store.slide_id)) if cfg["export_h5"] else None
     arrays = [(encoder, attrs, h5)] if raw else []
     if views:
@@ -437,14 +419,14 @@ def _submit_slide(client, cohort: _Cohort, store: SlideStore, encoder: str, conf
         return
     slide_stain = None  # a slide without tissue to fit fails through its range tasks, which depend on the fit
     if reference is not None:
-        slide_stain = client.submit(fit_slide, str(store.path), reference["method"], dict(config["slide"]),
+        slide_stain = client.submit(fit_slide, str(store.path), reference["method"], dict(params.slide),
                                     pure=False)
     ranges, tiles = [], []
     for view in ([0] if raw else []) + list(range(1, views + 1)):
         key = augmented_set(encoder) if view else encoder
         for lo, hi in task_ranges(store.n_tiles, store.tiling.chunk_tiles, int(cfg["tiles_per_task"])):
             ranges.append(client.submit(embed_tile_range, str(store.path), key, plugin, lo, hi,
-                                        int(cfg["tasks_per_gpu"]), cfg.get("decode_threads"), dict(config["slide"]),
+                                        int(cfg["tasks_per_gpu"]), cfg.get("decode_threads"), dict(params.slide),
                                         reference, slide_stain, view, resources=resources, pure=False))
             tiles.append(hi - lo)
     final = client.submit(complete_slide, str(store.path), arrays, reference, slide_stain, *ranges, pure=False)

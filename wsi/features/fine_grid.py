@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
+from ..config import StageConfig
 from ..errors import ConfigError, SlideError, StoreError
 from ..keys import feature_set_of
 from ..layout import Layout
@@ -35,8 +37,19 @@ from .encoders import Encoder, load_encoder
 
 
 @dataclass(frozen=True)
+class FineGridConfig(StageConfig):
+    """The sections ``wsi extract --high-res`` reads (:meth:`~wsi.config.StageConfig.from_config`)."""
+
+    stage: ClassVar[str] = "fine_grid"
+    slide: dict
+    extract: dict
+    heatmap: dict
+    resources: dict       # {"heatmap": ...}: whether heatmap jobs hold a GPU
+
+
+@dataclass(frozen=True)
 class FineGridParams:
-    """What the fine grid and its embedding read from the config."""
+    """What the fine grid and its embedding read from their sections."""
 
     encoder: str          # the feature set: extract.encoder (stain-normalised sets are refused)
     overlap: float        # heatmap.high_res_overlap
@@ -47,15 +60,15 @@ class FineGridParams:
     slide: dict           # the slide: section, to open the slide files
 
     @classmethod
-    def from_config(cls, config: dict) -> FineGridParams:
-        extract = config["extract"]
+    def from_sections(cls, sections: FineGridConfig) -> FineGridParams:
+        extract = sections.extract
         if feature_set_of(extract) != extract["encoder"]:
             raise ConfigError(None, f"extract.stain {extract['stain']}: high-res grids do not normalise tiles yet",
                               "paint the heatmap from the stored scores (without --high-res)")
-        return cls(encoder=extract["encoder"], overlap=float(config["heatmap"]["high_res_overlap"]),
+        return cls(encoder=extract["encoder"], overlap=float(sections.heatmap["high_res_overlap"]),
                    checkpoint=extract["checkpoint"], batch_size=int(extract["batch_size"]),
-                   precision=extract["precision"], slide=dict(config["slide"]),
-                   device="cuda" if config["resources"]["heatmap"]["gpu"] else "cpu")
+                   precision=extract["precision"], slide=dict(sections.slide),
+                   device="cuda" if sections.resources["heatmap"]["gpu"] else "cpu")
 
 
 def fine_grid(store: SlideStore, slide: Slide, overlap: float) -> np.ndarray:
@@ -115,10 +128,12 @@ def _embed_fine_grid(store: SlideStore, params: FineGridParams, encoders: dict[s
     store.write_fine_features(params.encoder, coords, params.overlap, features, encoder.attrs)
 
 
-def extract_fine_grids(out_dir, config: dict, slide_ids: list[str]) -> StageSummary:
+def extract_fine_grids(out_dir, sections: FineGridConfig, slide_ids: list[str]) -> StageSummary:
     """The fine grid and its features of each of ``slide_ids`` (stage ``extract``: a slide that fails gets a
-    ``failures.csv`` row, the others go on)."""
-    params = FineGridParams.from_config(config)
+    ``failures.csv`` row, the others go on). Raises ConfigError when no slide is named."""
+    if not slide_ids:
+        raise ConfigError(None, "--high-res needs the slides whose finer grid to extract", "name their slide ids")
+    params = FineGridParams.from_sections(sections)
     layout = Layout(out_dir)
     encoders: dict[str | None, Encoder] = {}  # loaded once per weights file
 

@@ -50,13 +50,15 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from .. import __version__, atomic
+from ..config import StageConfig
 from ..errors import ConfigError, StoreError
 from ..layout import Layout
-from ..runner import run_slides
+from ..runner import StageSummary, run_slides
 from ..slide import TileSource
 from ..store import OOD_WARNING, SlideStore, open_cohort
 from .geojson import feature_collection
@@ -65,13 +67,22 @@ from .raster import NORMALIZATIONS, TileValues, colour_table, normalise, render_
 from .scores import SlideScores, fine_scores, stored_scores
 from .tiff import write_pyramid
 
-__all__ = ["HeatmapParams", "HeatmapSummary", "SlideScores", "heatmap_dir", "heatmap_slide", "heatmaps",
+__all__ = ["HeatmapConfig", "HeatmapParams", "SlideScores", "heatmap_dir", "heatmap_slide", "heatmaps",
            "stored_scores", "tumour_evidence"]
 
 VALUES = ("evidence", "tumour", "attention")
 OUTPUTS = ("overlay.png", "heatmap.png", "tiles.geojson", "heatmap.tif", "top_tiles.png")
 STAGE = "heatmap"
 _REGION_COLOUR = (220, 40, 40)  # QuPath colour of the tumour classification
+
+
+@dataclass(frozen=True)
+class HeatmapConfig(StageConfig):
+    """The sections the heatmap stage reads (:meth:`~wsi.config.StageConfig.from_config`)."""
+
+    stage: ClassVar[str] = STAGE
+    slide: dict
+    heatmap: dict
 
 
 @dataclass(frozen=True)
@@ -88,11 +99,11 @@ class HeatmapParams:
     top_k: int
     colormap: str
     alpha: float
-    slide: dict          # config["slide"]: opening the slide for the tiles of coordinates-only stores and fine grids
+    slide: dict          # the slide section: opening the slide for the tiles of coordinates-only stores and fine grids
 
     @classmethod
-    def from_config(cls, config: dict) -> HeatmapParams:
-        h = config["heatmap"]
+    def from_sections(cls, sections: HeatmapConfig) -> HeatmapParams:
+        h = sections.heatmap
         if h["value"] not in VALUES:
             raise ConfigError(None, f"heatmap.value {h['value']!r} is not one of {VALUES}")
         normalize = h["normalize"]
@@ -107,13 +118,7 @@ class HeatmapParams:
         return cls(downsample=float(h["downsample"]), value=h["value"], normalize=normalize,
                    smooth_sigma=float(h["smooth_sigma"]), threshold=float(h["threshold"]),
                    tumour_class=h["tumour_class"], top_k=int(h["top_k"]), colormap=h["colormap"],
-                   alpha=float(h["alpha"]), slide=dict(config["slide"]))
-
-
-@dataclass
-class HeatmapSummary:
-    done: list[str] = dataclasses.field(default_factory=list)
-    failed: list[str] = dataclasses.field(default_factory=list)
+                   alpha=float(h["alpha"]), slide=dict(sections.slide))
 
 
 def heatmap_dir(out_dir, run: str, slide_id: str) -> Path:
@@ -271,17 +276,17 @@ def _up_to_date(store: SlideStore, run: str, out_dir, params: HeatmapParams, hig
             and all((folder / name).exists() for name in OUTPUTS))
 
 
-def heatmaps(out_dir, run: str, config: dict, *, slide_ids: list[str] | None = None, high_res: bool = False,
-             progress: bool = True) -> HeatmapSummary:
+def heatmaps(out_dir, sections: HeatmapConfig, run: str, *, slide_ids: list[str] | None = None,
+             high_res: bool = False, progress: bool = True) -> StageSummary:
     """Heatmaps of every slide with scores of ``run`` (or of ``slide_ids``); see the module docstring.
 
     A slide that fails gets one ``failures.csv`` row (stage ``heatmap``) and a line on stderr; the others go
-    on. Slides already done with the same parameters and scores are skipped. Raises StoreError when no slide
-    at all has scores for ``run``.
+    on; one that failed an earlier stage is skipped. Slides already done with the same parameters and scores
+    are not redone, and count as done. Raises StoreError when no slide at all has scores for ``run``.
     """
     from tqdm import tqdm
 
-    params = HeatmapParams.from_config(config)
+    params = HeatmapParams.from_sections(sections)
     layout = Layout(out_dir)
     if slide_ids is None:
         slide_ids = [s.slide_id for s in open_cohort(out_dir) if s.has_scores(run)]
@@ -300,5 +305,8 @@ def heatmaps(out_dir, run: str, config: dict, *, slide_ids: list[str] | None = N
     ran = run_slides(out_dir, STAGE, {slide_id: layout.store(slide_id) for slide_id in slide_ids}, work,
                      is_done=is_done)
     bar.close()
-    return HeatmapSummary(done=ran.done + [s for s, why in ran.skipped.items() if why == "up to date"],
-                          failed=list(ran.failed))
+    up_to_date = [s for s, why in ran.skipped.items() if why == "up to date"]
+    ran.done += up_to_date
+    for slide_id in up_to_date:
+        del ran.skipped[slide_id]
+    return ran

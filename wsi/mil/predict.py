@@ -33,16 +33,19 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from .. import __version__
 from ..atomic import write_csv, write_json
+from ..checks import check_model_dir
+from ..config import StageConfig
 from ..errors import ConfigError, format_ids
 from ..layout import Layout
-from ..runner import run_slides
-from ..store import FeatureAttrs, ScoreAttrs, SlideStore, open_cohort, same_stain_target, store_path
+from ..runner import StageSummary, run_slides
+from ..store import FeatureAttrs, ScoreAttrs, SlideStore, is_complete, same_stain_target, store_path
 from .calibration import Calibration
 from .data import read_labels
 from .metrics import classification_metrics, plot_roc
@@ -166,12 +169,15 @@ def load_ensemble(model_dir, *, device: str | torch.device | None = None, precis
 
 
 @dataclass(frozen=True)
-class PredictSummary:
-    predictions_csv: Path
-    done: list[str]
-    failed: list[str]
-    metrics_json: Path | None = None   # external validation, when a labels table named new slides
-    unlike_training: list[str] = field(default_factory=list)  # slides flagged out of distribution (``ood``)
+class PredictConfig(StageConfig):
+    """The sections the predict stage reads (:meth:`~wsi.config.StageConfig.from_config`)."""
+
+    stage: ClassVar[str] = "predict"
+    labels: str | None    # external validation
+    extract: dict
+    cluster: dict
+    mil: dict
+    resources: dict       # {"predict": ...}: whether the job holds a GPU
 
 
 def _check_weights(ensemble: Ensemble, store: SlideStore, attrs: FeatureAttrs | None = None) -> None:
@@ -236,23 +242,27 @@ def _score_fine_grid(ensemble: Ensemble, store: SlideStore, folds: tuple[int, ..
                                       "fine_predicted": ensemble.classes[int(np.argmax(probs))]}
 
 
-def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = None) -> PredictSummary:
+def predict(out_dir, params: PredictConfig, model_dir, *, slide_ids: list[str] | None = None) -> StageSummary:
     """Score ``slide_ids`` (default: every complete store under ``OUT/stores``) with the run in ``model_dir``,
-    one store at a time; returns where ``predictions.csv`` is and which slides were done or failed."""
-    ensemble = load_ensemble(model_dir, device="cuda" if config["resources"]["predict"]["gpu"] else "cpu",
-                             precision=config["mil"]["precision"])
+    one store at a time. The summary's outputs are ``predictions.csv`` and, when ``labels`` name slides outside
+    the run's training cohort, ``metrics.json`` (external validation); its warning names the slides unlike the
+    training slides (``ood``), and each done slide's result is its :class:`~wsi.store.ScoreAttrs`."""
+    check_model_dir(model_dir, key="--model")
+    ensemble = load_ensemble(model_dir, device="cuda" if params.resources["predict"]["gpu"] else "cpu",
+                             precision=params.mil["precision"])
     if slide_ids is None:
-        targets = {s.slide_id: s.path for s in open_cohort(out_dir)}
-    else:
-        targets = {sid: store_path(out_dir, sid) for sid in slide_ids}
+        layout = Layout(out_dir)
+        slide_ids = [s for s in layout.store_ids() if is_complete(layout.store(s))]
+    targets = {sid: store_path(out_dir, sid) for sid in slide_ids}
     rows = []
-    sites = slide_sites(config.get("labels"))
+    sites = slide_sites(params.labels)
 
     def work(slide_id: str) -> None:
         attrs = _score_store(ensemble, SlideStore.open(targets[slide_id]), sites.get(slide_id))
         rows.append([slide_id, *attrs.probabilities, attrs.predicted,
                      "" if attrs.ood_score is None else round(attrs.ood_score, 4),
                      "" if attrs.ood is None else attrs.ood, calibrated_by(ensemble.calibration, attrs)])
+        return attrs
 
     ran = run_slides(out_dir, "predict", targets, work)
     csv_path = Layout(out_dir).predictions_csv(ensemble.run)
@@ -261,9 +271,15 @@ def predict(out_dir, model_dir, config: dict, *, slide_ids: list[str] | None = N
                          ["slide_id", *probability_columns(ensemble.classes), "predicted", "ood_score", "ood",
                           "calibration"],
                          rows)
-    metrics = external_validation(csv_path.parent, ensemble, rows, config.get("labels"), config["mil"])
-    return PredictSummary(csv_path, ran.done, list(ran.failed), metrics,
-                          unlike_training=sorted(r[0] for r in rows if r[-2] is True))
+    metrics = external_validation(csv_path.parent, ensemble, rows, params.labels, params.mil)
+    ran.outputs["predictions"] = csv_path
+    if metrics:
+        ran.outputs["external validation"] = metrics
+    unlike = sorted(r[0] for r in rows if r[-2] is True)
+    if unlike:
+        ran.warnings.append(f"wsi predict: {len(unlike)} slide(s) unlike the slides the model was trained on "
+                            f"(ood_score above 1; do not trust their probabilities): {', '.join(unlike)}")
+    return ran
 
 
 def slide_sites(labels) -> dict[str, str]:

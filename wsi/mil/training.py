@@ -78,6 +78,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -85,12 +86,13 @@ from distributed import WorkerPlugin, as_completed, get_worker
 
 from .. import __version__
 from ..atomic import write_csv, write_json
-from ..checks import check_sites
-from ..config import run_name
+from ..checks import check_labels, check_sites, read_label_rows
+from ..config import StageConfig, trained_run_name
 from ..errors import ConfigError, format_ids
 from ..failures import record_failure
 from ..keys import augmented_set, feature_set_of
 from ..layout import Layout
+from ..runner import StageSummary, failed_earlier
 from ..store import SlideStore
 from .calibration import Calibration, brier, confident_errors, cross_fitted, ece, fit_calibration
 from .data import (
@@ -471,23 +473,66 @@ def repeat_seed(seed: int, repeat: int) -> int:
     return seed + 1000 * repeat
 
 
-def train(out_dir, config: dict, *, progress: bool = True) -> Path:
-    """Cross-validate ``config["mil"]["model"]`` on the labelled stores of ``out_dir`` (``mil.repeats`` times,
-    each repeat with its own folds and seeds) and return the run folder ``OUT/models/<run>``. All input checks
-    (:func:`.data.load_cohort`, :func:`.data.make_folds`) run before the first fold starts."""
-    mil = config["mil"]
-    encoder = feature_set_of(config["extract"])  # what features to train on
-    if not config.get("labels"):
+@dataclass(frozen=True)
+class TrainConfig(StageConfig):
+    """The sections the train stage reads (:meth:`~wsi.config.StageConfig.from_config`)."""
+
+    stage: ClassVar[str] = "train"
+    labels: str | None
+    extract: dict
+    cluster: dict
+    mil: dict
+
+
+def _check_labelled(out_dir, labels, mil: dict) -> None:
+    """The labelled slides against the stores: none failed an earlier stage (unless ``mil.skip_missing``),
+    then :func:`wsi.checks.check_labels`."""
+    layout, skip_missing = Layout(out_dir), bool(mil.get("skip_missing"))
+    failed = failed_earlier(out_dir, "train", [s for s, _ in read_label_rows(labels)])
+    if failed and not skip_missing:
+        raise ConfigError(labels, f"{len(failed)} labelled slide(s) failed an earlier stage: "
+                          + format_ids(f"{s} [{stage}]" for s, stage in failed.items()),
+                          f"their causes are in {layout.failures}; fix them, drop them from the labels, or "
+                          "set mil.skip_missing: true")
+    check_labels(labels, layout.store_ids(), classes=mil.get("classes"), skip_missing=skip_missing,
+                 where=str(layout.stores_dir))
+
+
+def _number(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+
+
+def metric_lines(metrics: dict) -> list[str]:
+    """One line per cross-validated metric (and class), with its 95% interval."""
+    lines = []
+    for name, metric in metrics.items():
+        values = metric.items() if "value" not in metric else [("", metric)]
+        for cls, m in values:
+            low, high = (_number(v) for v in m.get("ci95") or (None, None))
+            lines.append(f"wsi train: cross-validated {name}{' ' + cls if cls else ''}: {_number(m['value'])} "
+                         f"(95% CI {low}-{high})")
+    return lines
+
+
+def train(out_dir, params: TrainConfig, *, progress: bool = True) -> StageSummary:
+    """Cross-validate ``mil.model`` on the labelled stores of ``out_dir`` (``mil.repeats`` times, each repeat with
+    its own folds and seeds) into the run folder ``OUT/models/<run>``: the summary's one done item and its output
+    ``model run``, with the metrics' lines as messages. All input checks (the labels against the stores,
+    :func:`.data.load_cohort`, :func:`.data.make_folds`) run before the first fold starts."""
+    mil = params.mil
+    encoder = feature_set_of(params.extract)  # what features to train on
+    if not params.labels:
         raise ConfigError(None, "no labels table (config key labels is null)", "pass --labels FILE")
-    name = run_name(config)
-    cohort = load_cohort(out_dir, config["labels"], encoder, classes=mil.get("classes"),
+    _check_labelled(out_dir, params.labels, mil)
+    name = trained_run_name(mil, params.extract)
+    cohort = load_cohort(out_dir, params.labels, encoder, classes=mil.get("classes"),
                          skip_missing=bool(mil.get("skip_missing")))
     repeats = [make_folds(cohort, mil["folds"], repeat_seed(mil["seed"], r), cv=mil["cv"],
                           validation=mil["validation"], min_val_per_class=mil["min_val_per_class"])
                for r in range(mil["repeats"])]
     model = model_config(mil["model"], cohort.in_dim, len(cohort.classes), mil)
-    params = TrainParams.from_config(mil, views=int(config["extract"].get("augment") or 0))
-    require_views(cohort, augmented_set(encoder), params.views)
+    fit = TrainParams.from_config(mil, views=int(params.extract.get("augment") or 0))
+    require_views(cohort, augmented_set(encoder), fit.views)
     check_sites(cohort.labels_path, [b.site for b in cohort.bags], [b.slide_id for b in cohort.bags],
                 calibration=mil["calibration"])
     _report_cohort(out_dir, cohort)
@@ -499,19 +544,20 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
     by_id = {b.slide_id: b for b in cohort.bags}
     n_folds = len(repeats[0])
     tasks = [FoldTask(str(tmp), r * n_folds + f.index, encoder, model,
-                      dataclasses.replace(params, seed=repeat_seed(params.seed, r)),
+                      dataclasses.replace(fit, seed=repeat_seed(fit.seed, r)),
                       *(tuple(by_id[s] for s in ids) for ids in (f.train, f.val, f.test)))
              for r, folds in enumerate(repeats) for f in folds]
     try:
-        results, descriptors = _run_folds(tasks, cohort.bags, config["cluster"], progress)
+        results, descriptors = _run_folds(tasks, cohort.bags, params.cluster, progress)
         metrics, calibration, ood = _write_outputs(tmp, cohort, repeats, results, descriptors, mil)
+        reported = {k: metrics[k] for k in ("auroc", "balanced_accuracy", "f1", "brier", "ece")}
         first = SlideStore.open(cohort.bags[0].store)
         write_json(tmp / "run.json", {
             "schema_version": RUN_SCHEMA_VERSION, "complete": True, "run": name, "wsi_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": model, "encoder": encoder,
             "feature_attrs": first.feature_attrs(encoder).to_dict(), "classes": list(cohort.classes),
             "label_map": {c: i for i, c in enumerate(cohort.classes)}, "labels": str(cohort.labels_path),
-            "training": {**asdict(params), "validation": mil["validation"], "folds": n_folds,
+            "training": {**asdict(fit), "validation": mil["validation"], "folds": n_folds,
                          "repeats": len(repeats), "optimizer": "AdamW",
                          "loss": "cross-entropy x inverse class frequency",
                          "split": "given" if cohort.bags[0].split else CV_SPLITS[mil["cv"]],
@@ -524,14 +570,15 @@ def train(out_dir, config: dict, *, progress: bool = True) -> Path:
             "calibration": calibration.to_dict(),
             "ood": ood,
             "unlabelled": list(cohort.unlabelled), "excluded": [list(e) for e in cohort.excluded],
-            "metrics": {k: metrics[k] for k in ("auroc", "balanced_accuracy", "f1", "brier", "ece")},
+            "metrics": reported,
         })
         final = layout.run_dir(name)
         _commit_dir(tmp, final, layout.partial_run(name, "old"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+    return StageSummary("train", done=[str(final)], outputs={"model run": final}, messages=metric_lines(reported),
+                        unit="run")
 
 
 def _write_outputs(run_dir: Path, cohort: Cohort, repeats: list[list[Fold]], results: list[dict],
