@@ -46,7 +46,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -396,7 +396,10 @@ def extract_cohort(out_dir, params: ExtractConfig, *, slide_ids: list[str] | Non
                 with tqdm(total=total, unit="tile", desc=f"extract {encoder}", disable=not progress) as bar:
                     cohort.collect(client, bar)
             finally:
-                client.unregister_worker_plugin(plugin)
+                # frees the encoder on a shared cluster; best effort: a worker that died (distributed's
+                # CommClosedError is an OSError) holds nothing, and the slides' outcomes are already recorded
+                with suppress(OSError):
+                    client.unregister_worker_plugin(plugin)
     return run.summary
 
 
