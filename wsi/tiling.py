@@ -200,35 +200,42 @@ def tile_slide(out_dir, params: TileConfig, path, *, mpp_overrides: dict | None 
 
         writer = TileStoreWriter.create(final, slide.slide_id, _slide_attrs(slide), tiling, coords=coords,
                                         tissue_fraction=fractions, levels=_level_check_attrs(slide, levels))
-        try:
-            writer.write_mask(mask, thumb, ink=masks.ink, downsample=mask_ds, mpp=mask_ds * slide.mpp_x)
-            focus = None
-            if tiling.store_pixels:
-                focus = _write_tiles(writer, slide, tiling, coords, progress=progress, measure=tiling.qc != "off")
-            elif tiling.qc != "off":  # coordinates only: QC alone reads the tiles
-                focus = _measure_tiles(slide, tiling, coords)
-            row = None
-            if tiling.qc != "off":
-                row = _quality_control(writer, slide, tiling, out_dir, thumb, qc_png, masks, mask_ds, coords,
-                                       fractions, focus, record)
-            store = writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        # QC's folds and bubbles need only the thumbnail: found in a thread while the tiles are read (OpenCV
+        # releases the GIL), off the tile path's critical path
+        with ThreadPoolExecutor(1) as defects_pool:
+            try:
+                defects = None
+                if tiling.qc != "off":
+                    defects = defects_pool.submit(slide_qc.thumbnail_defects, thumb, mask, mask_ds * slide.mpp_x,
+                                                  glass=masks.glass)
+                writer.write_mask(mask, thumb, ink=masks.ink, downsample=mask_ds, mpp=mask_ds * slide.mpp_x)
+                focus = None
+                if tiling.store_pixels:
+                    focus = _write_tiles(writer, slide, tiling, coords, progress=progress,
+                                         measure=tiling.qc != "off")
+                elif tiling.qc != "off":  # coordinates only: QC alone reads the tiles
+                    focus = _measure_tiles(slide, tiling, coords)
+                row = None
+                if defects is not None:
+                    row = _quality_control(writer, slide, tiling, out_dir, defects.result(), qc_png, mask_ds,
+                                           coords, fractions, focus, record)
+                store = writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
         if row is not None:
             record(row)
         return store
 
 
-def _quality_control(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, out_dir, thumb: np.ndarray,
-                     qc_png: np.ndarray, masks, mask_ds: float, coords: np.ndarray,
+def _quality_control(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, out_dir, defects,
+                     qc_png: np.ndarray, mask_ds: float, coords: np.ndarray,
                      fractions: np.ndarray, focus: tuple[np.ndarray, np.ndarray], record) -> dict:
-    """Flag the slide's tiles (:mod:`wsi.qc`), paint the flags onto the QC image, write them into the store
-    (dropping the flagged tiles with ``tiling.qc: exclude``) and return the slide's ``qc.csv`` row. A slide with
-    no in-focus tissue, or whose every tile is excluded, is a :class:`SlideError` (its ``qc.csv`` row passed to
-    ``record`` first)."""
+    """Flag the slide's tiles (:mod:`wsi.qc`) from their focus and the thumbnail's ``defects``, paint the flags
+    onto the QC image, write them into the store (dropping the flagged tiles with ``tiling.qc: exclude``) and
+    return the slide's ``qc.csv`` row. A slide with no in-focus tissue, or whose every tile is excluded, is a
+    :class:`SlideError` (its ``qc.csv`` row passed to ``record`` first)."""
     mpp = mask_ds * slide.mpp_x
-    defects = slide_qc.thumbnail_defects(thumb, masks.tissue, mpp, glass=masks.glass)
     shares = slide_qc.defect_shares(defects, mask_ds, coords, tiling.tile_px_level0)
     result = slide_qc.assess(*focus, *shares, fractions, coords, tiling.tile_px_level0)
     flags = {"blur": result.blur, "fold": result.fold, "bubble": result.bubble}
@@ -319,8 +326,8 @@ def _write_tiles(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, coo
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
-    with replacing(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
+    with replacing(path) as tmp:  # zlib level 1: a QC image is looked at, not archived; level 6 cost ~5x the CPU
+        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)
 
 
 # --------------------------------------------------------------------------------------------- cohort
