@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from wsi.config import DEFAULTS_PATH, load_config, parse_set
+from wsi.config import CONFIG_DIR, DEFAULTS_PATH, load_config, load_yaml, parse_set
 from wsi.errors import ConfigError
 
 
@@ -14,6 +14,13 @@ def test_defaults_validate_and_every_key_is_commented():
         stripped = line.strip()
         if stripped and not stripped.startswith("#") and not stripped.endswith(":"):
             assert "#" in line, f"undocumented config key: {line}"
+
+
+def test_every_shipped_config_reads_the_same_through_libyaml_as_through_pyyaml():
+    files = sorted(CONFIG_DIR.rglob("*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        assert load_yaml(path.read_text()) == yaml.safe_load(path.read_text()), path
 
 
 def test_user_file_then_sets_override_defaults(tmp_path):
