@@ -37,6 +37,11 @@ CLASS_SCORES = "class_scores"
 OUT_OF_FOLD = "oof_"        # prefix of the out-of-fold arrays under scores/<run>
 FINE = "fine"               # the finer, overlapping grid of high-res heatmaps: fine/coords, fine/features/<key>;
 FINE_SCORES = "fine_"       # prefix of its scores under scores/<run>
+QC = "qc"                   # slide QC: the group of per-tile arrays, and the root attrs key of its summary
+QC_FOCUS = "focus"          # under QC
+QC_FLAGS = ("blur", "fold", "bubble")  # under QC, one array each; also their bits in QC_EXCLUDED + "flags": 1, 2, 4
+QC_EXCLUDED = "excluded_"   # prefix, under QC, of the arrays of the tiles `tiling.qc: exclude` left out
+MASK_QC = ("fold", "bubble")  # under MASK: what QC found on the thumbnail
 
 
 def encoder_key(feature_set_name: str) -> str:
@@ -64,6 +69,10 @@ def feature_set_of(extract: dict) -> str:
 
 def mask_path(name: str) -> str:
     return f"{MASK}/{name}"
+
+
+def qc_path(name: str) -> str:
+    return f"{QC}/{name}"
 
 
 def features_path(feature_set_name: str) -> str:

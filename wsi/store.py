@@ -470,7 +470,7 @@ class SlideStore:
         self.slide = _read_attrs(group, keys.SLIDE, SlideAttrs, path)
         self.tiling = _read_attrs(group, keys.TILING, TilingAttrs, path)
         self.levels = _read_attrs(group, keys.LEVELS, LevelCheckAttrs, path) if keys.LEVELS in group.attrs else None
-        self.qc = _read_attrs(group, "qc", QCAttrs, path) if "qc" in group.attrs else None
+        self.qc = _read_attrs(group, keys.QC, QCAttrs, path) if keys.QC in group.attrs else None
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> SlideStore:
@@ -527,17 +527,26 @@ class SlideStore:
     def qc_flags(self) -> dict[str, np.ndarray] | None:
         """Per stored tile: ``focus`` (float32, NaN = not judged) and ``blur``, ``fold``, ``bubble`` (bool), or
         None when QC did not run on this store."""
-        if self.qc is None or "qc" not in self.group:
+        if self.qc is None or keys.QC not in self.group:
             return None
-        g = self.group["qc"]
-        out = {"focus": np.asarray(g["focus"][:], np.float32)}
-        out.update({k: np.asarray(g[k][:]).astype(bool) for k in ("blur", "fold", "bubble")})
+        g = self.group[keys.QC]
+        out = {keys.QC_FOCUS: np.asarray(g[keys.QC_FOCUS][:], np.float32)}
+        out.update({k: np.asarray(g[k][:]).astype(bool) for k in keys.QC_FLAGS})
         return out
+
+    def qc_excluded(self) -> tuple[np.ndarray, np.ndarray]:
+        """The tiles ``tiling.qc: exclude`` left out: level-0 (x, y) int64 (M, 2) and their flag bits uint8 (M,)
+        (1 blur, 2 fold, 4 bubble); M = 0 in flag mode or without QC."""
+        coords = keys.qc_path(keys.QC_EXCLUDED + "coords")
+        if coords not in self.group:
+            return np.zeros((0, 2), np.int64), np.zeros(0, np.uint8)
+        return (np.asarray(self.group[coords][:], np.int64).reshape(-1, 2),
+                np.asarray(self.group[keys.qc_path(keys.QC_EXCLUDED + "flags")][:], np.uint8))
 
     def qc_masks(self) -> dict[str, np.ndarray]:
         """The fold and bubble masks QC found on the thumbnail (bool, the tissue mask's grid); empty without QC."""
-        return {k: np.asarray(self.group[f"mask/{k}"][:]).astype(bool) for k in ("fold", "bubble")
-                if f"mask/{k}" in self.group}
+        return {k: np.asarray(self.group[keys.mask_path(k)][:]).astype(bool) for k in keys.MASK_QC
+                if keys.mask_path(k) in self.group}
 
     def ink_mask(self) -> np.ndarray | None:
         """The marker ink found on the thumbnail (bool, on the tissue mask's grid), or None in older stores."""
@@ -783,22 +792,22 @@ class TileStoreWriter:
         """Slide QC (:mod:`wsi.qc`): per stored tile ``focus`` and the ``blur``/``fold``/``bubble`` flags, the
         excluded tiles (``coords``, ``flags``, ``focus``, ``tissue_fraction``) in exclude mode, the fold and
         bubble masks on the thumbnail's grid, and the summary attrs."""
-        g = self.group.require_group("qc")
-        n = len(flags["focus"])
-        arrays = {"focus": np.asarray(flags["focus"], np.float32)}
-        arrays.update({k: np.asarray(flags[k], np.uint8) for k in ("blur", "fold", "bubble")})
+        g = self.group.require_group(keys.QC)
+        n = len(flags[keys.QC_FOCUS])
+        arrays = {keys.QC_FOCUS: np.asarray(flags[keys.QC_FOCUS], np.float32)}
+        arrays.update({k: np.asarray(flags[k], np.uint8) for k in keys.QC_FLAGS})
         for key, data in (excluded or {}).items():
-            arrays[f"excluded_{key}"] = np.asarray(data)
+            arrays[keys.QC_EXCLUDED + key] = np.asarray(data)
         for name, data in arrays.items():
-            rows = max(1, len(data) if name.startswith("excluded_") else n)
+            rows = max(1, len(data) if name.startswith(keys.QC_EXCLUDED) else n)
             g.create_array(name, shape=data.shape, chunks=(rows,) + data.shape[1:], dtype=data.dtype,
                            compressors=[_lossless()])[...] = data
-        mask = self.group.require_group("mask")
+        mask = self.group.require_group(keys.MASK)
         for name, data in (masks or {}).items():
             arr = mask.create_array(name, shape=data.shape, chunks=data.shape, dtype="uint8", compressors=[_lossless()])
             arr[...] = np.asarray(data, np.uint8)
             arr.attrs.update({"downsample": float(downsample), "mpp": float(mpp)})
-        self.group.attrs["qc"] = attrs.to_dict()
+        self.group.attrs[keys.QC] = attrs.to_dict()
 
     def write_tiles(self, lo: int, tiles: np.ndarray) -> None:
         """Write tiles ``lo:lo+len(tiles)``: whole chunks (the slide's last may be short).

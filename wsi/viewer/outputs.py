@@ -149,12 +149,10 @@ class Outputs:
         bits = flags["blur"] * 1 + flags["fold"] * 2 + flags["bubble"] * 4
         hit = np.flatnonzero(bits)
         coords, kinds = store.coords[hit], bits[hit]
-        excluded = 0
-        if "qc/excluded_coords" in store.group:
-            extra = np.asarray(store.group["qc/excluded_coords"][:], np.int64).reshape(-1, 2)
-            excluded = len(extra)
-            coords = np.concatenate([coords, extra])
-            kinds = np.concatenate([kinds, np.asarray(store.group["qc/excluded_flags"][:], np.int64)])
+        extra, extra_kinds = store.qc_excluded()
+        excluded = len(extra)
+        coords = np.concatenate([coords, extra])
+        kinds = np.concatenate([kinds, extra_kinds.astype(np.int64)])
         q = store.qc
         return {"tile_px_level0": float(store.tiling.tile_px_level0), "coords": coords.ravel().tolist(),
                 "flags": kinds.astype(int).tolist(), "excluded": excluded, "mode": q.mode,
