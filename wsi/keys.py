@@ -75,6 +75,12 @@ def qc_path(name: str) -> str:
     return f"{QC}/{name}"
 
 
+def qc_flag_bits(flags):
+    """The QC flags of tiles as one number each: 1 blur, 2 fold, 4 bubble (``flags``: a mapping of
+    :data:`QC_FLAGS` to boolean arrays), as ``qc/excluded_flags`` stores them and the viewer draws them."""
+    return sum(flags[name] * (1 << bit) for bit, name in enumerate(QC_FLAGS))
+
+
 def features_path(feature_set_name: str) -> str:
     return f"{FEATURES}/{encoder_key(feature_set_name)}"
 

@@ -26,6 +26,7 @@ from . import qc as slide_qc
 from .atomic import replacing
 from .config import StageConfig
 from .errors import ConfigError, SlideError
+from .keys import qc_flag_bits
 from .layout import Layout
 from .runner import StageSummary, run_slides
 from .slide import (
@@ -258,7 +259,7 @@ def _quality_control(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs,
                      f"bubble {summary['bubble_pct']:.0f}% of the tissue)")
             record(slide_qc.qc_row(slide.slide_id, tiling.qc, result, status="failed", cause=cause))
             raise SlideError(slide.path, cause, "rescan the slide, or tile it with tiling.qc: flag")
-        bits = result.blur * 1 + result.fold * 2 + result.bubble * 4
+        bits = qc_flag_bits(flags)
         excluded = {"coords": coords[flagged].astype(np.int64), "flags": bits[flagged].astype(np.uint8),
                     "focus": result.focus[flagged], "tissue_fraction": fractions[flagged].astype(np.float32)}
         if flagged.any():

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import WsiError
+from ..keys import qc_flag_bits
 from ..layout import Layout
 from ..store import SlideStore
 from .tiles import TILE_PX, SlideTiles
@@ -146,7 +147,7 @@ class Outputs:
         flags = store.qc_flags()
         if flags is None:
             return None
-        bits = flags["blur"] * 1 + flags["fold"] * 2 + flags["bubble"] * 4
+        bits = qc_flag_bits(flags)
         hit = np.flatnonzero(bits)
         coords, kinds = store.coords[hit], bits[hit]
         extra, extra_kinds = store.qc_excluded()
