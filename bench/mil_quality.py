@@ -116,15 +116,19 @@ def checkpoint_path() -> Path:
 
 # ------------------------------------------------------------------------------------------ the cohort
 def write_cohort(root: Path, n_slides: int, seed: int, size_um: tuple[float, float], foci: tuple[int, int],
-                 mimics: tuple[int, int], stain: float) -> Path:
+                 mimics: tuple[int, int], stain: float, defects: dict | None = None) -> Path:
     """Slides, their tumour and lymphoid truth masks (``<id>.tumour.npy``, ``<id>.lymphoid.npy`` at
     TRUTH_DOWNSAMPLE) and labels.csv. A folder written with other parameters is refused rather than silently
-    reused."""
+    reused. ``defects`` (:func:`wsi_synth.defects.draw_defects` counts) draws those scanning defects on every
+    slide, off its tumour (see :func:`defects_off_tumour`), from a stream of their own: the slides are otherwise
+    the ones drawn without them; their truth, blur of at least 1.5 um or a fold, goes to ``<id>.defect.npy``."""
     from wsi_synth import write_synthetic_slide
 
     params = {"n_slides": n_slides, "seed": seed, "size_um": list(size_um), "foci": list(foci), "mpp": 0.5}
     if mimics != (0, 0) or stain:
         params.update(mimics=list(mimics), stain=stain)
+    if defects:
+        params.update(defects=defects)
     recorded = root / "cohort.json"
     if recorded.exists() and json.loads(recorded.read_text()) != params:
         raise SystemExit(f"{root} holds a cohort written with {recorded.read_text()}; use another --root")
@@ -147,15 +151,45 @@ def write_cohort(root: Path, n_slides: int, seed: int, size_um: tuple[float, flo
         path, truth = slides / f"{slide_id}.svs", slides / f"{slide_id}.lymphoid.npy"
         if path.exists() and truth.exists():
             continue
-        written = write_synthetic_slide(path, width=round(size_um[0] / 0.5), height=round(size_um[1] / 0.5),
-                                        mpp=0.5, seed=slide_seed, tumour_tiles=n_foci, pen_marks=pen, specks=dust,
-                                        lymphoid_aggregates=n_mimics, stain=strengths)
+        drawing = dict(width=round(size_um[0] / 0.5), height=round(size_um[1] / 0.5), mpp=0.5, seed=slide_seed,
+                       tumour_tiles=n_foci, pen_marks=pen, specks=dust, lymphoid_aggregates=n_mimics,
+                       stain=strengths)
+        if defects:
+            plain = write_synthetic_slide(path, write=False, **drawing)
+            drawing["defects"] = defects_off_tumour(plain, np.random.default_rng([seed, i, 26]), defects)
+        written = write_synthetic_slide(path, **drawing)
         masks = written.truth_masks(TRUTH_DOWNSAMPLE)
         np.save(slides / f"{slide_id}.tumour.npy", masks["tumour"])
+        if defects:
+            np.save(slides / f"{slide_id}.defect.npy", (masks["blur_um"] >= 1.5) | masks["fold"])
         np.save(truth, masks["lymphoid"])  # last: its presence says the slide is whole
     labels = root / "labels.csv"
     labels.write_text("slide_id,label,patient_id\n" + "".join(rows))
     return labels
+
+
+def defects_off_tumour(slide, rng: np.random.Generator, counts: dict, tries: int = 50) -> list:
+    """:func:`wsi_synth.defects.draw_defects` ``counts`` drawn one at a time over the slide's main pieces, each
+    redrawn (up to ``tries`` times, then left out) until it touches none of the slide's tumour: the defects sit
+    beside tumour, never on it, so a flagged tile is never a tumour tile by construction."""
+    from wsi_synth.defects import BlurRegion, Fold, draw_defects
+
+    step = 16
+    tumour = slide.truth_masks(step)["tumour"]
+    xs, ys = (np.arange(tumour.shape[1]) + 0.5) * step, (np.arange(tumour.shape[0]) + 0.5) * step
+    kinds = {k: v for k, v in counts.items() if k != "sigma_um"}
+    drawn = []
+    for kind, n in kinds.items():
+        for _ in range(n):
+            for _ in range(tries):
+                (d,) = draw_defects(slide.tissue_boxes, slide.width, slide.height, 0.5, rng, **{kind: 1},
+                                    sigma_um=tuple(counts.get("sigma_um", (1.5, 3.0))))
+                where = (d.sigma_map(xs, ys) > 0 if isinstance(d, BlurRegion) else
+                         d.band(xs, ys) if isinstance(d, Fold) else d.distance(xs, ys) < d.radius + 30)
+                if not (where & tumour).any():
+                    drawn.append(d)
+                    break
+    return drawn
 
 
 def mask_share(store, truth: np.ndarray) -> np.ndarray:
@@ -207,9 +241,11 @@ def write_feature_cohort(root: Path, tier: dict) -> tuple[Path, Path]:
     return out, labels
 
 
-def prepare(root: Path, tier: dict) -> tuple[Path, Path, dict]:
+def prepare(root: Path, tier: dict, *, defects: dict | None = None, qc: str = "flag",
+            out_name: str = "out") -> tuple[Path, Path, dict]:
     """Slides -> stores -> features, each step skipped where its output is complete (a feature-level tier: its
-    drawn stores); returns (OUT, labels, timings)."""
+    drawn stores); returns (OUT, labels, timings). ``defects`` as :func:`write_cohort` takes them; ``qc`` the
+    ``tiling.qc`` mode; ``out_name`` the folder under ``root`` the stores go to (one per mode on the same slides)."""
     from wsi.config import load_config
 
     if "tiles" in tier:
@@ -221,13 +257,13 @@ def prepare(root: Path, tier: dict) -> tuple[Path, Path, dict]:
 
     timings, started = {}, time.perf_counter()
     labels = write_cohort(root, tier["slides"], tier["seed"], tier["size_um"], tier["foci"],
-                          tuple(tier.get("mimics", MIMICS)), tier.get("stain", STAIN))
+                          tuple(tier.get("mimics", MIMICS)), tier.get("stain", STAIN), defects)
     timings["slides_s"] = time.perf_counter() - started
     config = load_config(overrides={
-        "labels": str(labels),
+        "labels": str(labels), "tiling": {"qc": qc},
         "extract": {"encoder": ENCODER, "checkpoint": str(checkpoint_path()), "batch_size": 32, "export_h5": False},
         "cluster": {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"}})
-    out = root / "out"
+    out = root / out_name
     started = time.perf_counter()
     tile_slides(out, TileConfig.from_config(config), sorted((root / "slides").glob("*.svs")), progress=False)
     timings["tile_s"] = time.perf_counter() - started
@@ -278,8 +314,8 @@ def mil_settings(overrides: dict) -> dict:
 def run_mil(cohort: Cohort, model: str, overrides: dict, repeats: int, tier_seed: int, cache: Path) -> dict:
     """Out-of-fold tumour probabilities and attention figures of one MIL recipe over ``repeats`` repeats of 5-fold
     CV; each repeat is cached in ``cache`` under a digest of everything that decides it."""
-    result = {"model": model, "overrides": overrides, "probs": [], "top1": [], "mass": [], "kept": [],
-              "train_s": 0.0}
+    result = {"model": model, "overrides": overrides, "probs": [], "top1": [], "mass": [], "top_tile": [],
+              "kept": [], "train_s": 0.0}
     for r in range(repeats):
         mil = mil_settings(overrides)
         key = json.dumps([model, mil, bool(overrides.get("drop_val")), tier_seed, r], sort_keys=True)
@@ -291,6 +327,7 @@ def run_mil(cohort: Cohort, model: str, overrides: dict, repeats: int, tier_seed
         done = json.loads(path.read_text())
         for k in ("probs", "top1", "mass"):
             result[k].append(done[k])
+        result["top_tile"].append(done.get("top_tile"))  # absent from repeats cached before it was kept
         result["kept"] += done["kept"]
         result["train_s"] += done["train_s"]
     return result
@@ -310,7 +347,7 @@ def _run_mil_repeat(cohort: Cohort, model: str, mil: dict, drop_val: bool, tier_
     params = TrainParams.from_config({**mil, "seed": r})
     folds = make_folds(cohort.bags, N_FOLDS, tier_seed + r, validation=mil["validation"],
                        min_val_per_class=mil["min_val_per_class"])
-    probs, top1, mass, kept, seconds = {}, [], [], [], 0.0
+    probs, top_tile, top1, mass, kept, seconds = {}, {}, [], [], [], 0.0
     for fold in folds:
         val = () if drop_val else fold.val
         with tempfile.TemporaryDirectory() as run_dir:
@@ -329,12 +366,13 @@ def _run_mil_repeat(cohort: Cohort, model: str, mil: dict, drop_val: bool, tier_
             attention, _, p = held_out.score_bag(cohort.features[slide_id])
             assert abs(p[1] - summary["test"][slide_id][1]) < 1e-5  # the fold's own out-of-fold score
             probs[slide_id] = float(p[1])
+            top_tile[slide_id] = int(np.argmax(attention))
             is_tumour = cohort.tumour_tiles[slide_id]
             if by_id[slide_id].label == "tumour" and is_tumour.any():
                 top1.append(float(is_tumour[int(np.argmax(attention))]))
                 mass.append(float(attention[is_tumour].sum()))
-    return {"probs": [probs[s] for s in cohort.ids], "top1": float(np.mean(top1)), "mass": float(np.mean(mass)),
-            "kept": kept, "train_s": seconds}
+    return {"probs": [probs[s] for s in cohort.ids], "top_tile": [top_tile[s] for s in cohort.ids],
+            "top1": float(np.mean(top1)), "mass": float(np.mean(mass)), "kept": kept, "train_s": seconds}
 
 
 def gated_abmil_reference(cohort: Cohort, train_ids, test_ids, seed: int) -> dict[str, float]:
