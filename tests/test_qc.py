@@ -315,3 +315,18 @@ def test_tiles_too_plain_to_judge_take_their_judged_neighbours_focus():
     assert focus.judged == len(coords) - 3
     alone = wsi.qc.score_focus(sharpness, structure)  # without coordinates nothing is inferred
     assert np.isnan(alone.score[plain]).all() and not alone.blurred[plain].any()
+
+
+def test_a_tile_inside_a_pool_too_plain_to_judge_takes_the_next_ring_of_tiles_focus():
+    """A 7 x 5 grid of tiles: its left three columns blurred (score 0.3), the rest sharp; a 3 x 3 block of tiles
+    too plain to judge (a mucin pool) in the blurred part. The block's centre has no judged 8-neighbour, but the
+    5 x 5 tiles around it hold 8 blurred and 3 sharp judged ones: it is scored and flagged with the region."""
+    coords = np.array([(x * 256, y * 256) for y in range(5) for x in range(7)])
+    sharpness = np.array([1.2 if x < 3 else 4.0 for y in range(5) for x in range(7)], np.float32)
+    structure = np.full(len(coords), 50.0, np.float32)
+    pool = [y * 7 + x for y in (1, 2, 3) for x in (0, 1, 2)]
+    structure[pool] = 0.0
+    focus = wsi.qc.score_focus(sharpness, structure, coords, 256)
+    centre = 2 * 7 + 1
+    assert focus.score[centre] < wsi.qc.BLUR_SCORE_MAX and focus.blurred[[p for p in pool if p % 7 < 2]].all()
+    assert not focus.blurred[[y * 7 + x for y in range(5) for x in range(3, 7)]].any()

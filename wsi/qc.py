@@ -25,8 +25,9 @@ score is below :data:`BLUR_SCORE_MAX`. A slide whose reference itself is below :
 judged tile) has **no in-focus tissue**: tiling fails it with that cause, a ``failures.csv`` row and a
 ``qc.csv`` row, instead of tiling it as if it were fine. An out-of-focus region is larger than a tile: a tile
 too plain to judge takes the median score of its judged neighbours on the tile grid (8-neighbours, at least
-:data:`NEIGHBOURS_MIN` of them judged; :func:`neighbour_scores`) and is flagged by it, so mucin inside a blurred
-region is flagged with it; with fewer judged neighbours its score stays NaN and it is never flagged.
+:data:`NEIGHBOURS_MIN` of them judged, else the 24 of the 5 x 5 tiles around it; :func:`neighbour_scores`) and is
+flagged by it, so mucin inside a blurred region is flagged with it; with fewer judged tiles around its score stays
+NaN and it is never flagged.
 
 Folds (thumbnail)
 -----------------
@@ -103,6 +104,7 @@ REFERENCE_QUANTILE = 0.9  # the slide's sharp tissue: this quantile of its judge
 BLUR_SCORE_MAX = 0.5  # a judged tile whose sharpness is below this share of the slide's reference is blurred
 SHARPNESS_MIN = 2.2  # a slide whose reference sharpness is below this has no in-focus tissue
 NEIGHBOURS_MIN = 3  # a tile too plain to judge takes its judged 8-neighbours' median score when this many are judged
+# (else the judged tiles' of the 5 x 5 around it, when this many are judged there)
 
 # folds (thumbnail)
 FOLD_PALE_SHARE = 0.5  # the colour references leave out tissue under this share of the slide's median density
@@ -201,8 +203,11 @@ def score_focus(sharpness: np.ndarray, structure: np.ndarray, coords: np.ndarray
 
 def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float) -> np.ndarray:
     """``score`` with each NaN (a tile not judged) replaced by the median of its judged 8-neighbours' scores on
-    the tile grid, where at least :data:`NEIGHBOURS_MIN` of them are judged (else it stays NaN). The grid's step
-    is the smallest spacing of the coordinates (``footprint`` when they have none: one tile a row)."""
+    the tile grid, where at least :data:`NEIGHBOURS_MIN` of them are judged; where fewer are, by the median of
+    the judged tiles of the next ring too (the 5 x 5 tiles around it: a tile inside a pool of mucin whose
+    neighbours are mucin too), again when at least :data:`NEIGHBOURS_MIN` are judged (else it stays NaN). The
+    grid's step is the smallest spacing of the coordinates (``footprint`` when they have none: one tile a
+    row)."""
     coords = np.asarray(coords, np.float64)
     step = []
     for axis in (0, 1):
@@ -211,15 +216,18 @@ def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float) ->
     cells = np.round(coords / np.asarray(step)).astype(np.int64)
     cells -= cells.min(axis=0)
     w, h = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
-    grid = np.full((h + 2, w + 2), np.nan, np.float32)
-    grid[cells[:, 1] + 1, cells[:, 0] + 1] = score
-    missing = np.nonzero(np.isnan(score))[0]
-    around = np.stack([grid[cells[missing, 1] + 1 + dy, cells[missing, 0] + 1 + dx]
-                       for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx], axis=1)
-    enough = (~np.isnan(around)).sum(axis=1) >= NEIGHBOURS_MIN
+    grid = np.full((h + 4, w + 4), np.nan, np.float32)
+    grid[cells[:, 1] + 2, cells[:, 0] + 2] = score
     out = score.copy()
-    if enough.any():
-        out[missing[enough]] = np.nanmedian(around[enough], axis=1)
+    missing = np.nonzero(np.isnan(score))[0]
+    for reach in (1, 2):  # the 8 neighbours, then the 24 of the 5 x 5 tiles around
+        around = np.stack([grid[cells[missing, 1] + 2 + dy, cells[missing, 0] + 2 + dx]
+                           for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1) if dy or dx],
+                          axis=1)
+        enough = (~np.isnan(around)).sum(axis=1) >= NEIGHBOURS_MIN
+        if enough.any():
+            out[missing[enough]] = np.nanmedian(around[enough], axis=1)
+        missing = missing[~enough]
     return out
 
 
