@@ -330,3 +330,29 @@ def test_a_tile_inside_a_pool_too_plain_to_judge_takes_the_next_ring_of_tiles_fo
     centre = 2 * 7 + 1
     assert focus.score[centre] < wsi.qc.BLUR_SCORE_MAX and focus.blurred[[p for p in pool if p % 7 < 2]].all()
     assert not focus.blurred[[y * 7 + x for y in range(5) for x in range(3, 7)]].any()
+
+
+def stroma_thumbnail(h: int = 300, w: int = 400, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """An 8 um/px thumbnail of stroma in optical density (h, w, 3) with a little noise, and its tissue mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    tissue = (xx >= 20) & (xx < w - 20) & (yy >= 20) & (yy < h - 20)
+    od = np.zeros((h, w, 3), np.float32)
+    od[tissue] = 0.3 * np.array([0.16, 0.62, 0.22], np.float32)
+    return od * rng.uniform(0.9, 1.1, (h, w, 1)).astype(np.float32), tissue
+
+
+def test_a_short_fold_band_is_kept_and_a_round_dense_nest_of_its_size_is_not():
+    """A fold band cut short (12 x 40 px at 8 um/px: ~31,000 um2, under FOLD_MIN_UM2) and a round nest twice as
+    dense of about the same area: the band is kept as band-shaped, the nest is dropped."""
+    od, tissue = stroma_thumbnail()
+    yy, xx = np.mgrid[0:od.shape[0], 0:od.shape[1]]
+    band = (yy >= 100) & (yy < 112) & (xx >= 60) & (xx < 100)
+    nest = (xx - 280) ** 2 + (yy - 150) ** 2 < 11 ** 2
+    od[band | nest] *= 2
+    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    assert band.sum() * 64 < wsi.qc.FOLD_MIN_UM2 and nest.sum() * 64 >= wsi.qc.FOLD_BAND_MIN_UM2
+    found = thumbnail_defects(rgb, tissue, 8.0)
+    assert (found.fold & band).sum() >= 0.8 * band.sum()
+    assert not (found.fold & nest).any()
+

@@ -48,7 +48,10 @@ colour or the next colours (one :data:`FOLD_COLOUR_STEP` in red or blue share) w
 (:data:`FOLD_COLOUR_BLOCK_UM` blocks, at least :data:`FOLD_MIN_PIXELS` of them): dense tumour is its own
 colour's surroundings. Fold pixels where most pixels within
 :data:`FOLD_SPECK_UM` are so too (a median filter: specks of dense nuclei go), closed over small gaps and kept in
-pieces of at least :data:`FOLD_MIN_UM2`, are the fold mask. Not seen: a fold over fat or under a flap of fat
+pieces of at least :data:`FOLD_MIN_UM2`, or of at least :data:`FOLD_BAND_MIN_UM2` when band-shaped (their
+smallest enclosing rectangle at least :data:`FOLD_BAND_ELONGATION` times as long as wide and at least
+:data:`FOLD_BAND_FILL` full: a fold band cut short where it runs into fat; clusters of nuclei are round or
+ragged), are the fold mask. Not seen: a fold over fat or under a flap of fat
 (fat doubled is still pale; a flap of stroma over fat looks like stroma), and a fold that covers much of a
 slide's tissue of one colour within its window (it becomes its own reference).
 
@@ -119,6 +122,9 @@ FOLD_LOCAL_RATIO = 1.4  # a fold pixel is also at least this times as dense as i
 FOLD_COLOUR_LOCAL_RATIO = 1.4  # or at least this times as dense as the tissue of its colour within the window
 FOLD_COLOUR_BLOCK_UM = 128.0  # that window's sums per colour are taken per block of this size
 FOLD_MIN_UM2 = 40000.0  # fold pieces smaller than this are dropped (a dark nest, a cluster of nuclei)
+FOLD_BAND_MIN_UM2 = 10000.0  # a smaller piece is kept from this size when band-shaped (a fold cut short by fat):
+FOLD_BAND_ELONGATION = 2.0  # its enclosing rectangle this many times as long as wide (clusters of nuclei are round
+FOLD_BAND_FILL = 0.6  # or ragged) and this share full of it (a band's edges are straight)
 
 # bubbles (thumbnail)
 RIM_WINDOW_UM = 40.0  # a pixel's neighbourhood for the rim test (a median filter this wide: 5 px at 8 um/px)
@@ -311,9 +317,24 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     closed = cv2.morphologyEx(majority, cv2.MORPH_CLOSE, _disc_kernel(16 / mpp)).view(bool)
     closed &= tissue
     count, labels, stats, _ = cv2.connectedComponentsWithStats(closed.view(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] * mpp * mpp >= FOLD_MIN_UM2
+    area = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
+    keep = area >= FOLD_MIN_UM2
     keep[0] = False
+    shorter = ~keep & (area >= FOLD_BAND_MIN_UM2)
+    shorter[0] = False
+    for i in np.nonzero(shorter)[0]:
+        keep[i] = _band_shaped(labels, stats[i], i)
     return keep[labels]
+
+
+def _band_shaped(labels: np.ndarray, stats: np.ndarray, i: int) -> bool:
+    """Whether piece ``i`` of ``labels`` (its ``stats`` row) is a band: its smallest enclosing rectangle at least
+    :data:`FOLD_BAND_ELONGATION` times as long as wide and at least :data:`FOLD_BAND_FILL` full of it."""
+    x, y, w, h, area = (int(v) for v in stats[:5])
+    ys, xs = np.nonzero(labels[y:y + h, x:x + w] == i)
+    (_, _), (a, b), _ = cv2.minAreaRect(np.stack([xs, ys], axis=1).astype(np.float32))
+    long, short = max(a, b) + 1, min(a, b) + 1  # pixel extents: a rectangle of pixel centres spans one less
+    return long >= FOLD_BAND_ELONGATION * short and area >= FOLD_BAND_FILL * long * short
 
 
 _LEVELS_PER_OD = 50  # the colour references' density histogram: steps of 0.02
@@ -576,7 +597,9 @@ def thresholds() -> dict:
             "blur_score_max": BLUR_SCORE_MAX, "sharpness_min": SHARPNESS_MIN,
             "fold_density_ratio": FOLD_DENSITY_RATIO, "fold_reference_quantile": FOLD_REFERENCE_QUANTILE,
             "fold_colour_local_ratio": FOLD_COLOUR_LOCAL_RATIO, "neighbours_min": NEIGHBOURS_MIN,
-            "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2, "rim_od_min": RIM_OD_MIN,
+            "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2,
+            "fold_band_min_um2": FOLD_BAND_MIN_UM2, "fold_band_elongation": FOLD_BAND_ELONGATION,
+            "fold_band_fill": FOLD_BAND_FILL, "rim_od_min": RIM_OD_MIN,
             "bubble_radius_um": list(BUBBLE_RADIUS_UM),
             "hough_perfectness": HOUGH_PERFECTNESS, "bubble_min_arc": BUBBLE_MIN_ARC,
             "defect_tile_share": DEFECT_TILE_SHARE}
