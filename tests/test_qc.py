@@ -356,3 +356,13 @@ def test_a_short_fold_band_is_kept_and_a_round_dense_nest_of_its_size_is_not():
     assert (found.fold & band).sum() >= 0.8 * band.sum()
     assert not (found.fold & nest).any()
 
+
+def test_a_bubble_cut_by_the_edge_of_the_image_is_found():
+    """A bubble (radius 25 px at 8 um/px) composited onto the tissue microarray's glass with its centre 12 px from
+    the image's left edge: its outline's box holds no whole circle (the circle reaches past the image, as a
+    circle reaches past an arc that a fold across it leaves); the circle is found all the same."""
+    rgb = tma_cores()[:, 200:]
+    tissue = tissue_masks(rgb, 8.0, TissueParams.default()).tissue
+    cy = rgb.shape[0] / 2
+    found = thumbnail_defects(dd.composite(rgb, [dd.Bubble(12, cy, 25, rim=2)]), tissue, 8.0)
+    assert any(math.hypot(x - 12, y - cy) < 3 and abs(r - 25) < 3 for x, y, r in found.circles)

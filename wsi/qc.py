@@ -62,8 +62,10 @@ under it. Pixels whose optical density exceeds their neighbourhood's (a median o
 least :data:`RIM_OD_MIN` in every channel, evenly (no channel's excess under :data:`RIM_EVENNESS` of the
 largest), in pieces of at least :data:`RIM_MIN_PX` pixels, are rim candidates. OpenCV's Hough transform
 (``HOUGH_GRADIENT_ALT``, perfectness :data:`HOUGH_PERFECTNESS`) proposes circles of radius
-:data:`BUBBLE_RADIUS_UM` on each group of them; a proposed circle along which rim candidates lie (within two
-pixels) for at least :data:`BUBBLE_MIN_ARC` of its circumference is a bubble, and its disc is the bubble mask.
+:data:`BUBBLE_RADIUS_UM` on each group of them (in the group's box grown by the largest radius looked for: an
+outline cut into arcs by a fold across it, or by the image's edge, has its circle reach past each arc); a
+proposed circle along which rim candidates lie (within two pixels) for at least :data:`BUBBLE_MIN_ARC` of its
+circumference is a bubble, and its disc is the bubble mask.
 Dense tumour's nuclei and the edges of dark regions also leave candidates, but not along a circle.
 
 Per tile and per slide
@@ -445,12 +447,15 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     for x, y, bw, bh, _ in boxes[1:]:  # Hough on each group's box alone: its cost grows with the image
         if max(bw, bh) < 1.6 * r_min:
             continue
-        x0, y0 = max(0, x - 4), max(0, y - 4)
-        x1, y1 = min(w, x + bw + 4), min(h, y + bh + 4)
-        found = cv2.HoughCircles(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.HOUGH_GRADIENT_ALT, dp=1,
-                                 minDist=max(2.0, r_min), param1=100, param2=HOUGH_PERFECTNESS,
-                                 minRadius=max(2, int(r_min)),
-                                 maxRadius=max(3, int(math.ceil(min(r_max, max(bw, bh) / 2 + 4)))))
+        r_hi = max(3, int(math.ceil(min(r_max, max(bw, bh) / 2 + 4))))
+        # the circle of an arc (an outline cut by a fold across it, or by the image's edge) reaches past the
+        # arc's box: the box grows by the largest radius looked for, zeros beyond the image
+        x0, y0, x1, y1 = x - r_hi, y - r_hi, x + bw + r_hi, y + bh + r_hi
+        part = image[max(0, y0):min(h, y1), max(0, x0):min(w, x1)]
+        part = cv2.copyMakeBorder(part, max(0, -y0), max(0, y1 - h), max(0, -x0), max(0, x1 - w),
+                                  cv2.BORDER_CONSTANT, value=0)
+        found = cv2.HoughCircles(part, cv2.HOUGH_GRADIENT_ALT, dp=1, minDist=max(2.0, r_min), param1=100,
+                                 param2=HOUGH_PERFECTNESS, minRadius=max(2, int(r_min)), maxRadius=r_hi)
         proposed += [] if found is None else [(cx + x0, cy + y0, r) for cx, cy, r in found[0]]
     near = cv2.dilate(rim.view(np.uint8), np.ones((5, 5), np.uint8)).view(bool)  # within two pixels
     circles = []
