@@ -366,3 +366,20 @@ def test_a_bubble_cut_by_the_edge_of_the_image_is_found():
     cy = rgb.shape[0] / 2
     found = thumbnail_defects(dd.composite(rgb, [dd.Bubble(12, cy, 25, rim=2)]), tissue, 8.0)
     assert any(math.hypot(x - 12, y - cy) < 3 and abs(r - 25) < 3 for x, y, r in found.circles)
+
+
+
+def fold_through_bubble():
+    """A fold band (12 px wide at 8 um/px) composited across stroma and through an air bubble (radius 25 px):
+    (what thumbnail_defects found, the truth)."""
+    od, tissue = stroma_thumbnail()
+    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    fold, bubble = dd.Fold(200, 140, 0.0, 140, 12, line_width=0.5), dd.Bubble(200, 146, 25, rim=2)
+    return thumbnail_defects(dd.composite(rgb, [fold, bubble]), tissue, 8.0), dd.composite_truth(tissue, [fold, bubble])
+
+
+def test_a_bubble_whose_outline_a_fold_cuts_in_two_is_one_bubble():
+    """The fold cuts the bubble's outline into two arcs, each proposing the circle: it is one bubble."""
+    found, _ = fold_through_bubble()
+    [(x, y, r)] = found.circles
+    assert math.hypot(x - 200, y - 146) < 3 and abs(r - 25) < 3

@@ -461,6 +461,8 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     circles = []
     yy, xx = np.ogrid[0:h, 0:w]
     for cx, cy, r in proposed:
+        if any(math.hypot(cx - x, cy - y) < r_min and abs(r - q) < r_min for x, y, q in circles):
+            continue  # the same circle, proposed again from the other arc of its outline
         angles = np.linspace(0, 2 * math.pi, max(36, int(2 * math.pi * r)), endpoint=False)
         px = np.round(cx + r * np.cos(angles)).astype(int)
         py = np.round(cy + r * np.sin(angles)).astype(int)
