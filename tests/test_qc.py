@@ -383,3 +383,12 @@ def test_a_bubble_whose_outline_a_fold_cuts_in_two_is_one_bubble():
     found, _ = fold_through_bubble()
     [(x, y, r)] = found.circles
     assert math.hypot(x - 200, y - 146) < 3 and abs(r - 25) < 3
+
+
+def test_a_fold_running_into_a_bubble_is_carried_on_under_it():
+    """Folds are not looked for under a bubble (the tissue seen through it is paler), but the fold found on either
+    side of it runs on through the disc along its band; the rest of the disc stays clear."""
+    found, truth = fold_through_bubble()
+    under = truth["fold"] & truth["bubble"]
+    assert under.sum() > 300 and (found.fold & under).sum() >= 0.8 * under.sum()
+    assert (found.fold & truth["bubble"] & ~truth["fold"]).sum() <= 0.1 * under.sum()

@@ -51,7 +51,9 @@ colour's surroundings. Fold pixels where most pixels within
 pieces of at least :data:`FOLD_MIN_UM2`, or of at least :data:`FOLD_BAND_MIN_UM2` when band-shaped (their
 smallest enclosing rectangle at least :data:`FOLD_BAND_ELONGATION` times as long as wide and at least
 :data:`FOLD_BAND_FILL` full: a fold band cut short where it runs into fat; clusters of nuclei are round or
-ragged), are the fold mask. Not seen: a fold over fat or under a flap of fat
+ragged), are the fold mask. Under an air bubble (below) folds are not looked for (its outline darkens the tissue,
+the tissue seen through it is paler), but a fold piece within :data:`FOLD_BUBBLE_REACH_UM` of a bubble's disc runs
+on through it, along its band (its enclosing rectangle's width). Not seen: a fold over fat or under a flap of fat
 (fat doubled is still pale; a flap of stroma over fat looks like stroma), and a fold that covers much of a
 slide's tissue of one colour within its window (it becomes its own reference).
 
@@ -127,6 +129,8 @@ FOLD_MIN_UM2 = 40000.0  # fold pieces smaller than this are dropped (a dark nest
 FOLD_BAND_MIN_UM2 = 10000.0  # a smaller piece is kept from this size when band-shaped (a fold cut short by fat):
 FOLD_BAND_ELONGATION = 2.0  # its enclosing rectangle this many times as long as wide (clusters of nuclei are round
 FOLD_BAND_FILL = 0.6  # or ragged) and this share full of it (a band's edges are straight)
+FOLD_BUBBLE_REACH_UM = 48.0  # a fold piece this near a bubble's disc (not searched, nor 3 px around it) runs on
+# under the bubble, along its band
 
 # bubbles (thumbnail)
 RIM_WINDOW_UM = 40.0  # a pixel's neighbourhood for the rim test (a median filter this wide: 5 px at 8 um/px)
@@ -270,11 +274,41 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     od = optical_density(rgb, glass)
     bubble, circles = _bubbles(od, mpp)
     tissue = np.asarray(tissue, bool)
-    if circles:  # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through
-        # it is paler: folds are neither looked for nor measured there
-        tissue = tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool)
-    fold = _folds(od, tissue, mpp)
+    if not circles:
+        return ThumbnailDefects(fold=_folds(od, tissue, mpp), bubble=bubble)
+    # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through it is paler:
+    # folds are neither looked for nor measured there, but a fold found running into a bubble runs on under it
+    fold = _folds(od, tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool), mpp)
+    if fold.any():
+        fold = _through_bubbles(fold, bubble, tissue, mpp)
     return ThumbnailDefects(fold=fold, bubble=bubble, circles=tuple(circles))
+
+
+def _through_bubbles(fold: np.ndarray, bubble: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
+    """``fold`` with each fold piece that comes within :data:`FOLD_BUBBLE_REACH_UM` of a bubble's disc carried on
+    through it: the tissue of the disc (and that reach around it) within the piece's band (its smallest enclosing
+    rectangle's width, along its length), where connected to the piece."""
+    reach = 2 * max(1, int(round(FOLD_BUBBLE_REACH_UM / mpp))) + 1
+    under = cv2.dilate(bubble.view(np.uint8), np.ones((reach, reach), np.uint8)).view(bool)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(fold.view(np.uint8), connectivity=8)
+    out = fold.copy()
+    bx, by, bw, bh = cv2.boundingRect(under.view(np.uint8))
+    for i in range(1, count):
+        x, y, w, h = (int(v) for v in stats[i][:4])
+        x0, y0, x1, y1 = min(x, bx), min(y, by), max(x + w, bx + bw), max(y + h, by + bh)
+        piece = labels[y0:y1, x0:x1] == i
+        if not (piece & under[y0:y1, x0:x1]).any():
+            continue
+        ys, xs = np.nonzero(piece)
+        (cx, cy), (a, b), angle = cv2.minAreaRect(np.stack([xs, ys], axis=1).astype(np.float32))
+        t = math.radians(angle)
+        ux, uy = (math.cos(t), math.sin(t)) if a >= b else (-math.sin(t), math.cos(t))  # along the band
+        gy, gx = np.mgrid[0:y1 - y0, 0:x1 - x0]
+        band = np.abs((gy - cy) * ux - (gx - cx) * uy) <= min(a, b) / 2 + 0.5
+        grown = (band & under[y0:y1, x0:x1] & tissue[y0:y1, x0:x1]) | piece
+        _, parts = cv2.connectedComponents(grown.view(np.uint8), connectivity=8)
+        out[y0:y1, x0:x1] |= parts == parts[ys[0], xs[0]]
+    return out
 
 
 def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
@@ -606,7 +640,8 @@ def thresholds() -> dict:
             "fold_colour_local_ratio": FOLD_COLOUR_LOCAL_RATIO, "neighbours_min": NEIGHBOURS_MIN,
             "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2,
             "fold_band_min_um2": FOLD_BAND_MIN_UM2, "fold_band_elongation": FOLD_BAND_ELONGATION,
-            "fold_band_fill": FOLD_BAND_FILL, "rim_od_min": RIM_OD_MIN,
+            "fold_band_fill": FOLD_BAND_FILL, "fold_bubble_reach_um": FOLD_BUBBLE_REACH_UM,
+            "rim_od_min": RIM_OD_MIN,
             "bubble_radius_um": list(BUBBLE_RADIUS_UM),
             "hough_perfectness": HOUGH_PERFECTNESS, "bubble_min_arc": BUBBLE_MIN_ARC,
             "defect_tile_share": DEFECT_TILE_SHARE}
