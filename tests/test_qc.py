@@ -315,3 +315,80 @@ def test_tiles_too_plain_to_judge_take_their_judged_neighbours_focus():
     assert focus.judged == len(coords) - 3
     alone = wsi.qc.score_focus(sharpness, structure)  # without coordinates nothing is inferred
     assert np.isnan(alone.score[plain]).all() and not alone.blurred[plain].any()
+
+
+def test_a_tile_inside_a_pool_too_plain_to_judge_takes_the_next_ring_of_tiles_focus():
+    """A 7 x 5 grid of tiles: its left three columns blurred (score 0.3), the rest sharp; a 3 x 3 block of tiles
+    too plain to judge (a mucin pool) in the blurred part. The block's centre has no judged 8-neighbour, but the
+    5 x 5 tiles around it hold 8 blurred and 3 sharp judged ones: it is scored and flagged with the region."""
+    coords = np.array([(x * 256, y * 256) for y in range(5) for x in range(7)])
+    sharpness = np.array([1.2 if x < 3 else 4.0 for y in range(5) for x in range(7)], np.float32)
+    structure = np.full(len(coords), 50.0, np.float32)
+    pool = [y * 7 + x for y in (1, 2, 3) for x in (0, 1, 2)]
+    structure[pool] = 0.0
+    focus = wsi.qc.score_focus(sharpness, structure, coords, 256)
+    centre = 2 * 7 + 1
+    assert focus.score[centre] < wsi.qc.BLUR_SCORE_MAX and focus.blurred[[p for p in pool if p % 7 < 2]].all()
+    assert not focus.blurred[[y * 7 + x for y in range(5) for x in range(3, 7)]].any()
+
+
+def stroma_thumbnail(h: int = 300, w: int = 400, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """An 8 um/px thumbnail of stroma in optical density (h, w, 3) with a little noise, and its tissue mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    tissue = (xx >= 20) & (xx < w - 20) & (yy >= 20) & (yy < h - 20)
+    od = np.zeros((h, w, 3), np.float32)
+    od[tissue] = 0.3 * np.array([0.16, 0.62, 0.22], np.float32)
+    return od * rng.uniform(0.9, 1.1, (h, w, 1)).astype(np.float32), tissue
+
+
+def test_a_short_fold_band_is_kept_and_a_round_dense_nest_of_its_size_is_not():
+    """A fold band cut short (12 x 40 px at 8 um/px: ~31,000 um2, under FOLD_MIN_UM2) and a round nest twice as
+    dense of about the same area: the band is kept as band-shaped, the nest is dropped."""
+    od, tissue = stroma_thumbnail()
+    yy, xx = np.mgrid[0:od.shape[0], 0:od.shape[1]]
+    band = (yy >= 100) & (yy < 112) & (xx >= 60) & (xx < 100)
+    nest = (xx - 280) ** 2 + (yy - 150) ** 2 < 11 ** 2
+    od[band | nest] *= 2
+    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    assert band.sum() * 64 < wsi.qc.FOLD_MIN_UM2 and nest.sum() * 64 >= wsi.qc.FOLD_BAND_MIN_UM2
+    found = thumbnail_defects(rgb, tissue, 8.0)
+    assert (found.fold & band).sum() >= 0.8 * band.sum()
+    assert not (found.fold & nest).any()
+
+
+def test_a_bubble_cut_by_the_edge_of_the_image_is_found():
+    """A bubble (radius 25 px at 8 um/px) composited onto the tissue microarray's glass with its centre 12 px from
+    the image's left edge: its outline's box holds no whole circle (the circle reaches past the image, as a
+    circle reaches past an arc that a fold across it leaves); the circle is found all the same."""
+    rgb = tma_cores()[:, 200:]
+    tissue = tissue_masks(rgb, 8.0, TissueParams.default()).tissue
+    cy = rgb.shape[0] / 2
+    found = thumbnail_defects(dd.composite(rgb, [dd.Bubble(12, cy, 25, rim=2)]), tissue, 8.0)
+    assert any(math.hypot(x - 12, y - cy) < 3 and abs(r - 25) < 3 for x, y, r in found.circles)
+
+
+
+def fold_through_bubble():
+    """A fold band (12 px wide at 8 um/px) composited across stroma and through an air bubble (radius 25 px):
+    (what thumbnail_defects found, the truth)."""
+    od, tissue = stroma_thumbnail()
+    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    fold, bubble = dd.Fold(200, 140, 0.0, 140, 12, line_width=0.5), dd.Bubble(200, 146, 25, rim=2)
+    return thumbnail_defects(dd.composite(rgb, [fold, bubble]), tissue, 8.0), dd.composite_truth(tissue, [fold, bubble])
+
+
+def test_a_bubble_whose_outline_a_fold_cuts_in_two_is_one_bubble():
+    """The fold cuts the bubble's outline into two arcs, each proposing the circle: it is one bubble."""
+    found, _ = fold_through_bubble()
+    [(x, y, r)] = found.circles
+    assert math.hypot(x - 200, y - 146) < 3 and abs(r - 25) < 3
+
+
+def test_a_fold_running_into_a_bubble_is_carried_on_under_it():
+    """Folds are not looked for under a bubble (the tissue seen through it is paler), but the fold found on either
+    side of it runs on through the disc along its band; the rest of the disc stays clear."""
+    found, truth = fold_through_bubble()
+    under = truth["fold"] & truth["bubble"]
+    assert under.sum() > 300 and (found.fold & under).sum() >= 0.8 * under.sum()
+    assert (found.fold & truth["bubble"] & ~truth["fold"]).sum() <= 0.1 * under.sum()

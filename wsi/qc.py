@@ -25,8 +25,9 @@ score is below :data:`BLUR_SCORE_MAX`. A slide whose reference itself is below :
 judged tile) has **no in-focus tissue**: tiling fails it with that cause, a ``failures.csv`` row and a
 ``qc.csv`` row, instead of tiling it as if it were fine. An out-of-focus region is larger than a tile: a tile
 too plain to judge takes the median score of its judged neighbours on the tile grid (8-neighbours, at least
-:data:`NEIGHBOURS_MIN` of them judged; :func:`neighbour_scores`) and is flagged by it, so mucin inside a blurred
-region is flagged with it; with fewer judged neighbours its score stays NaN and it is never flagged.
+:data:`NEIGHBOURS_MIN` of them judged, else the 24 of the 5 x 5 tiles around it; :func:`neighbour_scores`) and is
+flagged by it, so mucin inside a blurred region is flagged with it; with fewer judged tiles around its score stays
+NaN and it is never flagged.
 
 Folds (thumbnail)
 -----------------
@@ -47,7 +48,12 @@ colour or the next colours (one :data:`FOLD_COLOUR_STEP` in red or blue share) w
 (:data:`FOLD_COLOUR_BLOCK_UM` blocks, at least :data:`FOLD_MIN_PIXELS` of them): dense tumour is its own
 colour's surroundings. Fold pixels where most pixels within
 :data:`FOLD_SPECK_UM` are so too (a median filter: specks of dense nuclei go), closed over small gaps and kept in
-pieces of at least :data:`FOLD_MIN_UM2`, are the fold mask. Not seen: a fold over fat or under a flap of fat
+pieces of at least :data:`FOLD_MIN_UM2`, or of at least :data:`FOLD_BAND_MIN_UM2` when band-shaped (their
+smallest enclosing rectangle at least :data:`FOLD_BAND_ELONGATION` times as long as wide and at least
+:data:`FOLD_BAND_FILL` full: a fold band cut short where it runs into fat; clusters of nuclei are round or
+ragged), are the fold mask. Under an air bubble (below) folds are not looked for (its outline darkens the tissue,
+the tissue seen through it is paler), but a fold piece within :data:`FOLD_BUBBLE_REACH_UM` of a bubble's disc runs
+on through it, along its band (its enclosing rectangle's width). Not seen: a fold over fat or under a flap of fat
 (fat doubled is still pale; a flap of stroma over fat looks like stroma), and a fold that covers much of a
 slide's tissue of one colour within its window (it becomes its own reference).
 
@@ -58,8 +64,10 @@ under it. Pixels whose optical density exceeds their neighbourhood's (a median o
 least :data:`RIM_OD_MIN` in every channel, evenly (no channel's excess under :data:`RIM_EVENNESS` of the
 largest), in pieces of at least :data:`RIM_MIN_PX` pixels, are rim candidates. OpenCV's Hough transform
 (``HOUGH_GRADIENT_ALT``, perfectness :data:`HOUGH_PERFECTNESS`) proposes circles of radius
-:data:`BUBBLE_RADIUS_UM` on each group of them; a proposed circle along which rim candidates lie (within two
-pixels) for at least :data:`BUBBLE_MIN_ARC` of its circumference is a bubble, and its disc is the bubble mask.
+:data:`BUBBLE_RADIUS_UM` on each group of them (in the group's box grown by the largest radius looked for: an
+outline cut into arcs by a fold across it, or by the image's edge, has its circle reach past each arc); a
+proposed circle along which rim candidates lie (within two pixels) for at least :data:`BUBBLE_MIN_ARC` of its
+circumference is a bubble, and its disc is the bubble mask.
 Dense tumour's nuclei and the edges of dark regions also leave candidates, but not along a circle.
 
 Per tile and per slide
@@ -103,6 +111,7 @@ REFERENCE_QUANTILE = 0.9  # the slide's sharp tissue: this quantile of its judge
 BLUR_SCORE_MAX = 0.5  # a judged tile whose sharpness is below this share of the slide's reference is blurred
 SHARPNESS_MIN = 2.2  # a slide whose reference sharpness is below this has no in-focus tissue
 NEIGHBOURS_MIN = 3  # a tile too plain to judge takes its judged 8-neighbours' median score when this many are judged
+# (else the judged tiles' of the 5 x 5 around it, when this many are judged there)
 
 # folds (thumbnail)
 FOLD_PALE_SHARE = 0.5  # the colour references leave out tissue under this share of the slide's median density
@@ -117,6 +126,11 @@ FOLD_LOCAL_RATIO = 1.4  # a fold pixel is also at least this times as dense as i
 FOLD_COLOUR_LOCAL_RATIO = 1.4  # or at least this times as dense as the tissue of its colour within the window
 FOLD_COLOUR_BLOCK_UM = 128.0  # that window's sums per colour are taken per block of this size
 FOLD_MIN_UM2 = 40000.0  # fold pieces smaller than this are dropped (a dark nest, a cluster of nuclei)
+FOLD_BAND_MIN_UM2 = 10000.0  # a smaller piece is kept from this size when band-shaped (a fold cut short by fat):
+FOLD_BAND_ELONGATION = 2.0  # its enclosing rectangle this many times as long as wide (clusters of nuclei are round
+FOLD_BAND_FILL = 0.6  # or ragged) and this share full of it (a band's edges are straight)
+FOLD_BUBBLE_REACH_UM = 48.0  # a fold piece this near a bubble's disc (not searched, nor 3 px around it) runs on
+# under the bubble, along its band
 
 # bubbles (thumbnail)
 RIM_WINDOW_UM = 40.0  # a pixel's neighbourhood for the rim test (a median filter this wide: 5 px at 8 um/px)
@@ -201,8 +215,11 @@ def score_focus(sharpness: np.ndarray, structure: np.ndarray, coords: np.ndarray
 
 def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float) -> np.ndarray:
     """``score`` with each NaN (a tile not judged) replaced by the median of its judged 8-neighbours' scores on
-    the tile grid, where at least :data:`NEIGHBOURS_MIN` of them are judged (else it stays NaN). The grid's step
-    is the smallest spacing of the coordinates (``footprint`` when they have none: one tile a row)."""
+    the tile grid, where at least :data:`NEIGHBOURS_MIN` of them are judged; where fewer are, by the median of
+    the judged tiles of the next ring too (the 5 x 5 tiles around it: a tile inside a pool of mucin whose
+    neighbours are mucin too), again when at least :data:`NEIGHBOURS_MIN` are judged (else it stays NaN). The
+    grid's step is the smallest spacing of the coordinates (``footprint`` when they have none: one tile a
+    row)."""
     coords = np.asarray(coords, np.float64)
     step = []
     for axis in (0, 1):
@@ -211,15 +228,18 @@ def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float) ->
     cells = np.round(coords / np.asarray(step)).astype(np.int64)
     cells -= cells.min(axis=0)
     w, h = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
-    grid = np.full((h + 2, w + 2), np.nan, np.float32)
-    grid[cells[:, 1] + 1, cells[:, 0] + 1] = score
-    missing = np.nonzero(np.isnan(score))[0]
-    around = np.stack([grid[cells[missing, 1] + 1 + dy, cells[missing, 0] + 1 + dx]
-                       for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx], axis=1)
-    enough = (~np.isnan(around)).sum(axis=1) >= NEIGHBOURS_MIN
+    grid = np.full((h + 4, w + 4), np.nan, np.float32)
+    grid[cells[:, 1] + 2, cells[:, 0] + 2] = score
     out = score.copy()
-    if enough.any():
-        out[missing[enough]] = np.nanmedian(around[enough], axis=1)
+    missing = np.nonzero(np.isnan(score))[0]
+    for reach in (1, 2):  # the 8 neighbours, then the 24 of the 5 x 5 tiles around
+        around = np.stack([grid[cells[missing, 1] + 2 + dy, cells[missing, 0] + 2 + dx]
+                           for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1) if dy or dx],
+                          axis=1)
+        enough = (~np.isnan(around)).sum(axis=1) >= NEIGHBOURS_MIN
+        if enough.any():
+            out[missing[enough]] = np.nanmedian(around[enough], axis=1)
+        missing = missing[~enough]
     return out
 
 
@@ -254,11 +274,41 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     od = optical_density(rgb, glass)
     bubble, circles = _bubbles(od, mpp)
     tissue = np.asarray(tissue, bool)
-    if circles:  # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through
-        # it is paler: folds are neither looked for nor measured there
-        tissue = tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool)
-    fold = _folds(od, tissue, mpp)
+    if not circles:
+        return ThumbnailDefects(fold=_folds(od, tissue, mpp), bubble=bubble)
+    # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through it is paler:
+    # folds are neither looked for nor measured there, but a fold found running into a bubble runs on under it
+    fold = _folds(od, tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool), mpp)
+    if fold.any():
+        fold = _through_bubbles(fold, bubble, tissue, mpp)
     return ThumbnailDefects(fold=fold, bubble=bubble, circles=tuple(circles))
+
+
+def _through_bubbles(fold: np.ndarray, bubble: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
+    """``fold`` with each fold piece that comes within :data:`FOLD_BUBBLE_REACH_UM` of a bubble's disc carried on
+    through it: the tissue of the disc (and that reach around it) within the piece's band (its smallest enclosing
+    rectangle's width, along its length), where connected to the piece."""
+    reach = 2 * max(1, int(round(FOLD_BUBBLE_REACH_UM / mpp))) + 1
+    under = cv2.dilate(bubble.view(np.uint8), np.ones((reach, reach), np.uint8)).view(bool)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(fold.view(np.uint8), connectivity=8)
+    out = fold.copy()
+    bx, by, bw, bh = cv2.boundingRect(under.view(np.uint8))
+    for i in range(1, count):
+        x, y, w, h = (int(v) for v in stats[i][:4])
+        x0, y0, x1, y1 = min(x, bx), min(y, by), max(x + w, bx + bw), max(y + h, by + bh)
+        piece = labels[y0:y1, x0:x1] == i
+        if not (piece & under[y0:y1, x0:x1]).any():
+            continue
+        ys, xs = np.nonzero(piece)
+        (cx, cy), (a, b), angle = cv2.minAreaRect(np.stack([xs, ys], axis=1).astype(np.float32))
+        t = math.radians(angle)
+        ux, uy = (math.cos(t), math.sin(t)) if a >= b else (-math.sin(t), math.cos(t))  # along the band
+        gy, gx = np.mgrid[0:y1 - y0, 0:x1 - x0]
+        band = np.abs((gy - cy) * ux - (gx - cx) * uy) <= min(a, b) / 2 + 0.5
+        grown = (band & under[y0:y1, x0:x1] & tissue[y0:y1, x0:x1]) | piece
+        _, parts = cv2.connectedComponents(grown.view(np.uint8), connectivity=8)
+        out[y0:y1, x0:x1] |= parts == parts[ys[0], xs[0]]
+    return out
 
 
 def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
@@ -303,9 +353,24 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     closed = cv2.morphologyEx(majority, cv2.MORPH_CLOSE, _disc_kernel(16 / mpp)).view(bool)
     closed &= tissue
     count, labels, stats, _ = cv2.connectedComponentsWithStats(closed.view(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] * mpp * mpp >= FOLD_MIN_UM2
+    area = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
+    keep = area >= FOLD_MIN_UM2
     keep[0] = False
+    shorter = ~keep & (area >= FOLD_BAND_MIN_UM2)
+    shorter[0] = False
+    for i in np.nonzero(shorter)[0]:
+        keep[i] = _band_shaped(labels, stats[i], i)
     return keep[labels]
+
+
+def _band_shaped(labels: np.ndarray, stats: np.ndarray, i: int) -> bool:
+    """Whether piece ``i`` of ``labels`` (its ``stats`` row) is a band: its smallest enclosing rectangle at least
+    :data:`FOLD_BAND_ELONGATION` times as long as wide and at least :data:`FOLD_BAND_FILL` full of it."""
+    x, y, w, h, area = (int(v) for v in stats[:5])
+    ys, xs = np.nonzero(labels[y:y + h, x:x + w] == i)
+    (_, _), (a, b), _ = cv2.minAreaRect(np.stack([xs, ys], axis=1).astype(np.float32))
+    long, short = max(a, b) + 1, min(a, b) + 1  # pixel extents: a rectangle of pixel centres spans one less
+    return long >= FOLD_BAND_ELONGATION * short and area >= FOLD_BAND_FILL * long * short
 
 
 _LEVELS_PER_OD = 50  # the colour references' density histogram: steps of 0.02
@@ -416,17 +481,22 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     for x, y, bw, bh, _ in boxes[1:]:  # Hough on each group's box alone: its cost grows with the image
         if max(bw, bh) < 1.6 * r_min:
             continue
-        x0, y0 = max(0, x - 4), max(0, y - 4)
-        x1, y1 = min(w, x + bw + 4), min(h, y + bh + 4)
-        found = cv2.HoughCircles(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.HOUGH_GRADIENT_ALT, dp=1,
-                                 minDist=max(2.0, r_min), param1=100, param2=HOUGH_PERFECTNESS,
-                                 minRadius=max(2, int(r_min)),
-                                 maxRadius=max(3, int(math.ceil(min(r_max, max(bw, bh) / 2 + 4)))))
+        r_hi = max(3, int(math.ceil(min(r_max, max(bw, bh) / 2 + 4))))
+        # the circle of an arc (an outline cut by a fold across it, or by the image's edge) reaches past the
+        # arc's box: the box grows by the largest radius looked for, zeros beyond the image
+        x0, y0, x1, y1 = x - r_hi, y - r_hi, x + bw + r_hi, y + bh + r_hi
+        part = image[max(0, y0):min(h, y1), max(0, x0):min(w, x1)]
+        part = cv2.copyMakeBorder(part, max(0, -y0), max(0, y1 - h), max(0, -x0), max(0, x1 - w),
+                                  cv2.BORDER_CONSTANT, value=0)
+        found = cv2.HoughCircles(part, cv2.HOUGH_GRADIENT_ALT, dp=1, minDist=max(2.0, r_min), param1=100,
+                                 param2=HOUGH_PERFECTNESS, minRadius=max(2, int(r_min)), maxRadius=r_hi)
         proposed += [] if found is None else [(cx + x0, cy + y0, r) for cx, cy, r in found[0]]
     near = cv2.dilate(rim.view(np.uint8), np.ones((5, 5), np.uint8)).view(bool)  # within two pixels
     circles = []
     yy, xx = np.ogrid[0:h, 0:w]
     for cx, cy, r in proposed:
+        if any(math.hypot(cx - x, cy - y) < r_min and abs(r - q) < r_min for x, y, q in circles):
+            continue  # the same circle, proposed again from the other arc of its outline
         angles = np.linspace(0, 2 * math.pi, max(36, int(2 * math.pi * r)), endpoint=False)
         px = np.round(cx + r * np.cos(angles)).astype(int)
         py = np.round(cy + r * np.sin(angles)).astype(int)
@@ -568,7 +638,10 @@ def thresholds() -> dict:
             "blur_score_max": BLUR_SCORE_MAX, "sharpness_min": SHARPNESS_MIN,
             "fold_density_ratio": FOLD_DENSITY_RATIO, "fold_reference_quantile": FOLD_REFERENCE_QUANTILE,
             "fold_colour_local_ratio": FOLD_COLOUR_LOCAL_RATIO, "neighbours_min": NEIGHBOURS_MIN,
-            "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2, "rim_od_min": RIM_OD_MIN,
+            "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2,
+            "fold_band_min_um2": FOLD_BAND_MIN_UM2, "fold_band_elongation": FOLD_BAND_ELONGATION,
+            "fold_band_fill": FOLD_BAND_FILL, "fold_bubble_reach_um": FOLD_BUBBLE_REACH_UM,
+            "rim_od_min": RIM_OD_MIN,
             "bubble_radius_um": list(BUBBLE_RADIUS_UM),
             "hough_perfectness": HOUGH_PERFECTNESS, "bubble_min_arc": BUBBLE_MIN_ARC,
             "defect_tile_share": DEFECT_TILE_SHARE}
