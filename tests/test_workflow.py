@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from factories import on_cluster
 
 from wsi.store import SlideStore, is_complete, store_path
 from wsi_synth import make_demo_cohort, write_synthetic_slide
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = "abmil_tf_efficientnet_lite0"
+DEMO_RUN = "abmil_tf_efficientnet_lite0"  # the README demo's model run
+RUN = "abmil_test_vit"  # the small cohort's: the session's tiny test_vit encoder
 
 
 def snakemake_cmd(workdir: Path, *args) -> list[str]:
@@ -78,23 +80,30 @@ def small_cohort(tmp_path_factory) -> Path:
     return folder
 
 
-def small_config(cohort: Path, out: Path, path: Path, **top) -> Path:
-    """The demo config on ``cohort``, with 4 slides per tile/heatmap job (so 7 slides make 2 batches)."""
+def small_config(cohort: Path, out: Path, path: Path, checkpoint: Path, cluster=None, **top) -> Path:
+    """The demo config on ``cohort``, with 4 slides per tile/heatmap job (so 7 slides make 2 batches) and the
+    tiny test_vit encoder at ``checkpoint`` (the README demo runs the demo's EfficientNet; these runs check what
+    the workflow does, not what the model learns); its Dask work on ``cluster`` (the session's) when given, else
+    on local workers each extract and train job starts."""
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     config.pop("demo")
     config.update(slides_dir=str(cohort / "slides"), labels=str(cohort / "labels.csv"), out_dir=str(out),
                   slides_per_job=4, **top)
+    config["extract"].update(encoder="test_vit", checkpoint=str(checkpoint))
     config["mil"].update(folds=3, epochs=4, patience=4, bootstrap=50)
+    if cluster is not None:
+        config = on_cluster(config, cluster)
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 @pytest.fixture(scope="module")
-def reference_run(small_cohort, tmp_path_factory):
-    """One uninterrupted run over the small cohort (with its corrupt slide), with --keep-going; returns the
-    work folder, the config and the finished process (its exit status and console)."""
+def reference_run(small_cohort, tiny_vit, dask_cluster, tmp_path_factory):
+    """One uninterrupted run over the small cohort (with its corrupt slide), with --keep-going, on the session's
+    Dask cluster (the README demo and the killed runs start clusters of their own); returns the work folder, the
+    config and the finished process (its exit status and console)."""
     work = tmp_path_factory.mktemp("reference")
-    config = small_config(small_cohort, work / "out", work / "config.yaml")
+    config = small_config(small_cohort, work / "out", work / "config.yaml", tiny_vit, dask_cluster)
     proc = snakemake(work, "--configfile", str(config), "--keep-going", check=False)
     return work, config, proc
 
@@ -105,16 +114,16 @@ def test_readme_demo_runs_every_stage(tmp_path):
     snakemake(tmp_path, "--configfile", str(REPO / "configs" / "demo.yaml"))
     out = tmp_path / "demo" / "out"
     labels = rows(tmp_path / "demo" / "labels.csv")
-    predictions = rows(out / "predictions" / RUN / "predictions.csv")
+    predictions = rows(out / "predictions" / DEMO_RUN / "predictions.csv")
     assert {r["slide_id"] for r in predictions} == {r["slide_id"] for r in labels}
     assert set(predictions[0]) == {"slide_id", "prob_normal", "prob_tumour", "predicted", "ood_score", "ood",
                                    "calibration"}
     assert not [r for r in predictions if r["ood"] == "True"]  # the training slides, scored out of fold
-    metrics = json.loads((out / "models" / RUN / "metrics.json").read_text())
+    metrics = json.loads((out / "models" / DEMO_RUN / "metrics.json").read_text())
     # the demo model learns: cross-validated (out-of-fold) AUROC, and heatmaps dark on normal slides, lit on foci
     assert metrics["auroc"]["tumour"]["value"] >= 0.9 and len(metrics["auroc"]["tumour"]["ci95"]) == 2
     for r in labels:
-        folder = out / "heatmaps" / RUN / r["slide_id"]
+        folder = out / "heatmaps" / DEMO_RUN / r["slide_id"]
         for name in ("overlay.png", "heatmap.png", "tiles.geojson", "heatmap.tif", "top_tiles.png"):
             assert (folder / name).stat().st_size > 0, folder / name
         assert (out / "features" / "tf_efficientnet_lite0" / f"{r['slide_id']}.h5").exists()
@@ -160,9 +169,9 @@ def test_status_files_record_the_config_the_job_ran_with(reference_run):
     assert set(tile["config"]) == {"slide", "tissue", "tiling"}
     assert tile["config"]["tiling"]["tile_px"] == 256
     assert [i["status"] for i in tile["items"]] == ["done"] * 3 and all(i["n_tiles"] > 0 for i in tile["items"])
-    extract = json.loads((work / "out" / "status" / "extract" / "tf_efficientnet_lite0.json").read_text())
+    extract = json.loads((work / "out" / "status" / "extract" / "test_vit.json").read_text())
     assert set(extract["config"]) == {"slide", "extract", "cluster"}
-    assert extract["config"]["extract"]["checkpoint"].endswith(".pth")  # the weights it used, not the default null
+    assert extract["config"]["extract"]["checkpoint"] == used["extract"]["checkpoint"]  # not the default null
     assert extract["config"]["cluster"]["n_workers"] == used["cluster"]["n_workers"]
 
 
@@ -232,10 +241,10 @@ def _run_until(work: Path, config: Path, marker, timeout: float = 300) -> str:
 
 
 @pytest.mark.slow
-def test_killed_runs_resume_without_redoing_work_and_match_an_uninterrupted_run(small_cohort, reference_run,
-                                                                               tmp_path):
+def test_killed_runs_resume_without_redoing_work_and_match_an_uninterrupted_run(small_cohort, tiny_vit,
+                                                                               reference_run, tmp_path):
     out = tmp_path / "out"
-    config = small_config(small_cohort, out, tmp_path / "config.yaml", allow_failed_slides=True)
+    config = small_config(small_cohort, out, tmp_path / "config.yaml", tiny_vit, allow_failed_slides=True)
     status = out / "status"
 
     # 1. killed while tiling: after the first slide's tile job finished
@@ -270,14 +279,14 @@ def test_killed_runs_resume_without_redoing_work_and_match_an_uninterrupted_run(
 
 
 @pytest.mark.slow
-def test_unwritable_output_folder_is_a_clear_error(small_cohort, tmp_path):
+def test_unwritable_output_folder_is_a_clear_error(small_cohort, tiny_vit, tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the output folder should be")
     proc = subprocess.run([sys.executable, "-m", "wsi.cli", "tile", str(small_cohort / "slides" / "demo_002.svs"),
                            "--out", str(blocker / "out"), "--no-progress"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and str(blocker) in proc.stderr and "Traceback" not in proc.stderr
-    config = small_config(small_cohort, blocker / "out", tmp_path / "config.yaml")
+    config = small_config(small_cohort, blocker / "out", tmp_path / "config.yaml", tiny_vit)
     proc = snakemake(tmp_path, "--configfile", str(config), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"wsi: error: {blocker / 'out'}: out_dir cannot be created or written" in proc.stderr
@@ -285,8 +294,8 @@ def test_unwritable_output_folder_is_a_clear_error(small_cohort, tmp_path):
 
 
 @pytest.mark.slow
-def test_slurm_profile_dry_run_plans_every_stage(small_cohort, tmp_path):
-    config = small_config(small_cohort, tmp_path / "out", tmp_path / "config.yaml")
+def test_slurm_profile_dry_run_plans_every_stage(small_cohort, tiny_vit, tmp_path):
+    config = small_config(small_cohort, tmp_path / "out", tmp_path / "config.yaml", tiny_vit)
     proc = snakemake(tmp_path, "-n", "--profile", str(REPO / "configs" / "slurm"), "--configfile", str(config))
     plan = planned_jobs(proc)
     assert plan["tile"] == 2 and plan["extract"] == 1 and plan["train"] == 1 and plan["heatmap"] == 2
