@@ -225,8 +225,7 @@ def _run_until(work: Path, config: Path, marker, timeout: float = 300) -> str:
     """Start snakemake, SIGKILL it and every process under it once ``marker()`` is true; return its log text.
 
     A killed Snakemake leaves its lock behind; `snakemake --unlock` (what the README says to run after a hard
-    kill) releases it first."""
-    snakemake(work, "--configfile", str(config), "--unlock")
+    kill) releases it after the kill, so the next run can start."""
     log = work / f"killed-{time.time_ns()}.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(snakemake_cmd(work, "--configfile", str(config), "--keep-going"),
@@ -237,6 +236,7 @@ def _run_until(work: Path, config: Path, marker, timeout: float = 300) -> str:
         assert proc.poll() is None, "the run finished before the kill point"
         _kill_tree(proc.pid)
         proc.wait()
+    snakemake(work, "--configfile", str(config), "--unlock")
     return log.read_text()
 
 
@@ -259,8 +259,7 @@ def test_killed_runs_resume_without_redoing_work_and_match_an_uninterrupted_run(
     _run_until(tmp_path, config, lambda: (out / "logs" / "train").exists())
     assert not (out / "models" / RUN / "run.json").exists()
 
-    # unlock, then the same command again finishes the run
-    snakemake(tmp_path, "--configfile", str(config), "--unlock")
+    # unlocked (after each kill), the same command again finishes the run
     snakemake(tmp_path, "--configfile", str(config), "--keep-going")
     for store, stamp in tiled.items():  # slides tiled before the first kill were not tiled again
         assert (store / "zarr.json").stat().st_mtime_ns == stamp, store
