@@ -82,7 +82,7 @@ def one_slide_folder(tmp_path_factory) -> Path:
     return folder
 
 
-CASES = ("no_slides_dir", "empty_slides_dir", "misspelt_model_dir", "unknown_label_id")
+CASES = ("no_slides_dir", "empty_slides_dir", "misspelt_model_dir", "unknown_label_id", "unwritable_out_dir")
 
 
 def wrong_inputs(case: str, one_slide_folder: Path, tmp_path: Path) -> tuple[dict, str]:
@@ -93,6 +93,8 @@ def wrong_inputs(case: str, one_slide_folder: Path, tmp_path: Path) -> tuple[dic
     model.mkdir(parents=True)
     (model / "run.json").write_text(json.dumps({"complete": True, "folds": [{"weights": "fold_0.safetensors"}]}))
     (model / "fold_0.safetensors").write_bytes(b"")
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the output folder should be")
     config = {"out_dir": str(tmp_path / "out")}
     config.update({
         "no_slides_dir": {"mode": "features", "slides_dir": str(tmp_path / "nope")},
@@ -101,11 +103,14 @@ def wrong_inputs(case: str, one_slide_folder: Path, tmp_path: Path) -> tuple[dic
                                "model_dir": str(tmp_path / "models" / "rnu")},
         "unknown_label_id": {"slides_dir": str(one_slide_folder),
                              "labels": str(write_labels(tmp_path / "l.csv", [("a", "x"), ("b", "y")]))},
+        "unwritable_out_dir": {"mode": "features", "slides_dir": str(one_slide_folder),
+                               "out_dir": str(blocker / "out")},
     }[case])
     expected = {"no_slides_dir": f"{tmp_path / 'nope'}: slides_dir does not exist",
                 "empty_slides_dir": f"{empty}: slides_dir holds no slides",
                 "misspelt_model_dir": f"{tmp_path / 'models' / 'rnu'}: model_dir does not exist",
-                "unknown_label_id": "1 labelled slide id(s) are not slides in slides_dir"}[case]
+                "unknown_label_id": "1 labelled slide id(s) are not slides in slides_dir",
+                "unwritable_out_dir": f"{blocker / 'out'}: out_dir cannot be created or written"}[case]
     return config, expected
 
 
