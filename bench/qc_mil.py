@@ -1,13 +1,15 @@
 """Slide QC against MIL (issue 26): when slides carry out-of-focus regions and folds, does ``tiling.qc: exclude``
 keep the MIL calls as good as on clean slides, and better than ``flag``?
 
-    python bench/qc_mil.py [--repeats 5] [--root bench/out/qc_mil]
+    python bench/qc_mil.py [--tier m] [--repeats 5] [--root bench/out/qc_mil_<tier>]
 
 Design (fixed in bench/RESULTS.md, "Slide quality control", before the first run):
 
-* the ``m`` tier of ``bench/mil_quality.py`` (32 slides of 3.6 x 2.7 mm at 0.5 um/px, half ``tumour`` with 1-3
-  foci of about one tile, 1-4 lymphoid mimics on every slide, stain strengths 1 +- 0.25), drawn twice from the
-  same seeds: *clean*, and with *defects* on every slide (:func:`mil_quality.defects_off_tumour`: two blur
+* a slide tier of ``bench/mil_quality.py`` (``--tier``: ``m``, 32 slides of 3.6 x 2.7 mm at 0.5 um/px, half
+  ``tumour`` with 1-3 foci of about one tile, 1-4 lymphoid mimics on every slide, stain strengths 1 +- 0.25; or
+  ``t05n``, whose clean cohort the shipped recipe does not rank perfectly), drawn twice from the same seeds:
+  *clean* (the tier's own cache, ``bench/out/mil_quality_<tier>``, shared with ``mil_quality.py``), and with
+  *defects* on every slide (:func:`mil_quality.defects_off_tumour`: two blur
   regions of sigma 1.5-3 um and one fold over the main pieces, each redrawn until it touches no tumour: on a
   tumour-free slide they sit anywhere in the tissue, on a tumour slide beside the tumour);
 * three arms, every stage the real one (``tile_slides``, ``extract_cohort`` with ``tf_efficientnet_lite0`` and
@@ -96,18 +98,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="repeats of 5-fold CV (fold seeds tier seed + r)")
     parser.add_argument("--tumour-share", type=float, default=0.1)
-    parser.add_argument("--root", type=Path, default=HERE / "out" / "qc_mil")
+    parser.add_argument("--tier", default="m", choices=[k for k, v in mq.TIERS.items() if "size_um" in v])
+    parser.add_argument("--root", type=Path, default=None, help="default bench/out/qc_mil_<tier>")
     args = parser.parse_args()
 
-    tier = mq.TIERS["m"]
+    tier = mq.TIERS[args.tier]
+    args.root = args.root or HERE / "out" / f"qc_mil_{args.tier}"
     cohorts, runs, timings = {}, {}, {}
     for arm, (folder, defects, qc) in ARMS.items():
-        root = args.root / folder
-        out, labels, timings[arm] = mq.prepare(root, tier, defects=defects, qc=qc, out_name=f"out_{qc}")
+        # the clean slides are the tier's own, prepared as mil_quality.py prepares them (tiling.qc: flag)
+        root = HERE / "out" / f"mil_quality_{args.tier}" if folder == "clean" else args.root / folder
+        out_name = "out" if folder == "clean" else f"out_{qc}"
+        out, labels, timings[arm] = mq.prepare(root, tier, defects=defects, qc=qc, out_name=out_name)
         print(f"{arm}: prepared, " + ", ".join(f"{k} {v:.0f}" for k, v in timings[arm].items()), flush=True)
         cohorts[arm] = mq.load(root, out, labels, args.tumour_share)
         started = time.perf_counter()
-        runs[arm] = mq.run_mil(cohorts[arm], "abmil", {}, args.repeats, tier["seed"], root / f"arms_{qc}")
+        runs[arm] = mq.run_mil(cohorts[arm], "abmil", {}, args.repeats, tier["seed"],
+                               args.root / f"arms_{arm}")
         timings[arm]["train_s"] = time.perf_counter() - started
         print(f"{arm}: trained, {timings[arm]['train_s']:.0f} s", flush=True)
     ids = cohorts["clean"].ids
@@ -121,7 +128,7 @@ def main() -> None:
 
     figures = {"clean": paired("clean", ()), "flag": paired("flag", ("clean",)),
                "exclude": paired("exclude", ("flag", "clean"))}
-    results = {"tier": "m", "repeats": args.repeats, "defects": DEFECTS, "timings": timings, "arms": {}}
+    results = {"tier": args.tier, "repeats": args.repeats, "defects": DEFECTS, "timings": timings, "arms": {}}
     for arm in ARMS:
         results["arms"][arm] = {**figures[arm], "top1": runs[arm]["top1"], "mass": runs[arm]["mass"],
                                 "normal": normal_slide_figures(cohorts[arm], runs[arm], defect_truth),
