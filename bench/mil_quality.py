@@ -192,11 +192,12 @@ def defects_off_tumour(slide, rng: np.random.Generator, counts: dict, tries: int
     return drawn
 
 
-def mask_share(store, truth: np.ndarray) -> np.ndarray:
-    """Share of each tile's level-0 footprint that is set in a truth mask (at TRUTH_DOWNSAMPLE)."""
+def mask_share(store, truth: np.ndarray, coords: np.ndarray | None = None) -> np.ndarray:
+    """Share of each tile's level-0 footprint that is set in a truth mask (at TRUTH_DOWNSAMPLE): the store's
+    tiles, or the tiles of the store's grid at ``coords`` (level-0 x, y)."""
     side = store.tiling.tile_px_level0 / TRUTH_DOWNSAMPLE
     shares = []
-    for x, y in store.coords / TRUTH_DOWNSAMPLE:
+    for x, y in (store.coords if coords is None else coords) / TRUTH_DOWNSAMPLE:
         window = truth[int(math.floor(y)):int(math.ceil(y + side)), int(math.floor(x)):int(math.ceil(x + side))]
         shares.append(float(window.mean()) if window.size else 0.0)
     return np.array(shares)

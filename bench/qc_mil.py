@@ -69,11 +69,8 @@ def tile_figures(cohort: mq.Cohort, defect_truth: dict[str, np.ndarray]) -> dict
         excluded, _ = store.qc_excluded()
         out["excluded"] += len(excluded)
         if len(excluded):
-            side = store.tiling.tile_px_level0 / mq.TRUTH_DOWNSAMPLE
-            truth = defect_truth[bag.slide_id]
-            for x, y in excluded / mq.TRUTH_DOWNSAMPLE:
-                window = truth[int(y):int(np.ceil(y + side)), int(x):int(np.ceil(x + side))]
-                out["excluded_defect"] += int(window.size and window.mean() >= DEFECT_TILE_SHARE)
+            share = mq.mask_share(store, defect_truth[bag.slide_id], excluded)
+            out["excluded_defect"] += int((share >= DEFECT_TILE_SHARE).sum())
     return out
 
 
