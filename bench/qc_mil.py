@@ -51,6 +51,7 @@ DEFECT_TILE_SHARE = 0.25
 def tile_figures(cohort: mq.Cohort, defect_truth: dict[str, np.ndarray]) -> dict:
     """Per arm: tiles, QC flags, and the defect and tumour tiles among the flagged ones (flag mode) or left out
     (exclude mode: the store's excluded tiles, measured on their coordinates)."""
+    from wsi.keys import qc_flag_bits
     from wsi.store import SlideStore
 
     out = {"tiles": 0, "defect_tiles": 0, "flagged": 0, "flagged_defect": 0, "flagged_tumour": 0,
@@ -59,8 +60,7 @@ def tile_figures(cohort: mq.Cohort, defect_truth: dict[str, np.ndarray]) -> dict
         store = SlideStore.open(bag.store)
         defect = mq.mask_share(store, defect_truth[bag.slide_id]) >= DEFECT_TILE_SHARE
         flags = store.qc_flags()
-        flagged = np.zeros(len(defect), bool) if flags is None else (
-            flags["blur"] | flags["fold"] | flags["bubble"])
+        flagged = np.zeros(len(defect), bool) if flags is None else qc_flag_bits(flags) > 0
         out["tiles"] += len(defect)
         out["defect_tiles"] += int(defect.sum())
         out["flagged"] += int(flagged.sum())
