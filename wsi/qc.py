@@ -461,12 +461,18 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     h, w = od.shape[:2]
     mask = np.zeros((h, w), bool)
     k = min(255, max(3, int(round(RIM_WINDOW_UM / mpp)) | 1))
-    scaled = np.minimum(od * 100, 255).astype(np.uint8)  # medianBlur takes 8 bits: 0.01 OD steps (truncated)
-    background = cv2.split(cv2.medianBlur(scaled, k))
-    excess = [channel - np.float32(0.01) * b for channel, b in zip(cv2.split(od), background)]  # channel by
-    low, high = np.minimum(np.minimum(excess[0], excess[1]), excess[2]), np.maximum(  # channel: reductions over
-        np.maximum(excess[0], excess[1]), excess[2])  # an axis of 3 are slow
-    strength = np.where(low >= RIM_EVENNESS * high, np.maximum(low, 0), 0)
+    scaled = od * 100  # medianBlur takes 8 bits: 0.01 OD steps (truncated)
+    background = cv2.split(cv2.medianBlur(np.minimum(scaled, 255, out=scaled).astype(np.uint8), k))
+    excess = []  # channel by channel (reductions over an axis of 3 are slow), in place (a thumbnail-sized
+    for c, b in enumerate(background):  # temporary is fresh memory, whose pages cost CPU too)
+        e = np.multiply(b, np.float32(0.01), dtype=np.float32)
+        excess.append(np.subtract(od[..., c], e, out=e))
+    low = np.minimum(excess[0], excess[1])
+    np.minimum(low, excess[2], out=low)
+    high = np.maximum(excess[0], excess[1], out=excess[0])
+    np.maximum(high, excess[2], out=high)
+    even = low >= np.multiply(high, RIM_EVENNESS, out=high)
+    strength = np.where(even, np.maximum(low, 0, out=low), 0)
     rim = strength >= RIM_OD_MIN
     if rim.sum() < 8:
         return mask, []
@@ -475,15 +481,18 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     count, labels, stats, _ = cv2.connectedComponentsWithStats(rim.view(np.uint8), connectivity=8)
     big = stats[:, cv2.CC_STAT_AREA] >= RIM_MIN_PX
     big[0] = False
+    if not big.any():
+        return mask, []
     rim = big[labels]
-    strength = np.where(rim, strength, 0)
-    image = cv2.GaussianBlur(np.clip(strength / (5 * RIM_OD_MIN) * 255, 0, 255).astype(np.uint8), (3, 3), 0.8)
     grouped = cv2.dilate(rim.view(np.uint8), np.ones((7, 7), np.uint8))
     count, groups, boxes, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
+    wide = [box for box in boxes[1:] if max(box[2], box[3]) >= 1.6 * r_min]  # the others hold no bubble's arc
+    if not wide:
+        return mask, []
+    strength = np.where(rim, strength, 0)
+    image = cv2.GaussianBlur(np.clip(strength / (5 * RIM_OD_MIN) * 255, 0, 255).astype(np.uint8), (3, 3), 0.8)
     proposed = []
-    for x, y, bw, bh, _ in boxes[1:]:  # Hough on each group's box alone: its cost grows with the image
-        if max(bw, bh) < 1.6 * r_min:
-            continue
+    for x, y, bw, bh, _ in wide:  # Hough on each group's box alone: its cost grows with the image
         r_hi = max(3, int(math.ceil(min(r_max, max(bw, bh) / 2 + 4))))
         # the circle of an arc (an outline cut by a fold across it, or by the image's edge) reaches past the
         # arc's box: the box grows by the largest radius looked for, zeros beyond the image
@@ -496,7 +505,6 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
         proposed += [] if found is None else [(cx + x0, cy + y0, r) for cx, cy, r in found[0]]
     near = cv2.dilate(rim.view(np.uint8), np.ones((5, 5), np.uint8)).view(bool)  # within two pixels
     circles = []
-    yy, xx = np.ogrid[0:h, 0:w]
     for cx, cy, r in proposed:
         if any(math.hypot(cx - x, cy - y) < r_min and abs(r - q) < r_min for x, y, q in circles):
             continue  # the same circle, proposed again from the other arc of its outline
@@ -511,7 +519,11 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
         if on_rim.mean() < BUBBLE_MIN_ARC:
             continue
         circles.append((float(cx), float(cy), float(r)))
-        mask |= (xx - cx) ** 2 + (yy - cy) ** 2 <= (r + 1) ** 2  # the rim's outer edge
+        # the rim's outer edge, drawn in the disc's box (a pixel beyond it on each side, whatever the rounding)
+        x0, x1 = max(0, math.floor(cx - r) - 2), min(w, math.ceil(cx + r) + 3)
+        y0, y1 = max(0, math.floor(cy - r) - 2), min(h, math.ceil(cy + r) + 3)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        mask[y0:y1, x0:x1] |= (xx - cx) ** 2 + (yy - cy) ** 2 <= (r + 1) ** 2
     return mask, circles
 
 
