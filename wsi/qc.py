@@ -320,7 +320,8 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     h, w = tissue.shape
     fold = np.zeros((h, w), bool)
     red, green, blue = cv2.split(od)
-    density = red + green + blue
+    density = red + green
+    density += blue
     if tissue.sum() < 64:
         return fold
     # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
@@ -328,8 +329,14 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     if dense.sum() < 64:
         return fold
     n = int(math.ceil(1 / FOLD_COLOUR_STEP))
-    scale = 1 / (np.maximum(density, 1e-6) * FOLD_COLOUR_STEP)  # each channel's share of the density: the colour
-    bins = (np.clip((red * scale).astype(np.int32), 0, n - 1) * n + np.clip((blue * scale).astype(np.int32), 0, n - 1))
+    # each channel's share of the density: the colour (in place, here and above: a thumbnail-sized temporary is
+    # fresh memory, whose pages cost CPU too)
+    scale = np.maximum(density, 1e-6)
+    scale *= FOLD_COLOUR_STEP
+    np.divide(1, scale, out=scale)
+    bins = _colour_steps(red, scale, n)
+    bins *= n
+    bins += _colour_steps(blue, scale, n)
     # the slide's reference per colour: the FOLD_REFERENCE_QUANTILE quantile of its (not pale) tissue of that
     # colour, from a histogram of density in steps of 1/_LEVELS_PER_OD per colour bin
     where, values = bins[dense], density[dense]
@@ -342,7 +349,8 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
         cum = np.cumsum(hist[have], axis=1)
         rank = (FOLD_REFERENCE_QUANTILE * counts[have])[:, None]
         reference[have] = ((cum < rank).sum(axis=1) + 0.5) / _LEVELS_PER_OD
-    slide_wide = dense & (density >= FOLD_DENSITY_RATIO * reference[bins])
+    slide_wide = np.zeros((h, w), bool)
+    slide_wide[dense] = values >= FOLD_DENSITY_RATIO * reference[where]
     if slide_wide.any():  # and denser than the tissue around it: a sheet of dense tumour is its own surroundings
         slide_wide &= density >= FOLD_LOCAL_RATIO * _local_density(density, dense, mpp)
     # or denser than the tissue of its colour within its window (a fold over mucin, whose colour elsewhere on
@@ -363,7 +371,14 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     shorter[0] = False
     for i in np.nonzero(shorter)[0]:
         keep[i] = _band_shaped(labels, stats[i], i)
-    return keep[labels]
+    return keep[labels] if keep.any() else fold
+
+
+def _colour_steps(channel: np.ndarray, scale: np.ndarray, n: int) -> np.ndarray:
+    """A channel's share of the density in colour steps (``channel * scale``, truncated to 0..n-1), int32;
+    ``channel`` is overwritten on the way."""
+    steps = np.multiply(channel, scale, out=channel).astype(np.int32)
+    return np.clip(steps, 0, n - 1, out=steps)
 
 
 def _band_shaped(labels: np.ndarray, stats: np.ndarray, i: int) -> bool:
@@ -394,7 +409,9 @@ def _colour_local_density(density: np.ndarray, bins: np.ndarray, where: np.ndarr
     cell = (rows // block) * bw + cols // block
     colour = bins[rows, cols]
     size = bh * bw
-    used, col_index = np.unique(colour, return_inverse=True)
+    present = np.bincount(colour, minlength=n * n) > 0  # the colours used, in order (np.unique sorts)
+    used = np.flatnonzero(present)
+    col_index = (np.cumsum(present) - 1)[colour]
     flat = col_index * size + cell
     count = np.bincount(flat, minlength=len(used) * size).astype(np.float32).reshape(len(used), size)
     total = np.bincount(flat, weights=density[rows, cols], minlength=len(used) * size).astype(np.float32)
@@ -433,7 +450,7 @@ def _local_density(density: np.ndarray, where: np.ndarray, mpp: float) -> np.nda
     block = max(1, int(round(FOLD_BLOCK_UM / mpp)))
     small = (max(1, round(w / block)), max(1, round(h / block)))
     weight = cv2.resize(where.astype(np.float32), small, interpolation=cv2.INTER_AREA)
-    total = cv2.resize(np.where(where, density, 0).astype(np.float32), small, interpolation=cv2.INTER_AREA)
+    total = cv2.resize(np.where(where, density, 0), small, interpolation=cv2.INTER_AREA)
     valid = weight >= 0.2
     if not valid.any():
         return np.full((h, w), np.inf, np.float32)
