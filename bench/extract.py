@@ -128,7 +128,8 @@ def memory_layouts(batch_size: int, rounds: int = 3) -> None:
     import timm
     import torch
 
-    print(f"\n== memory layout on CPU (1 thread, batch {batch_size}, fp32, 224 px; CPU s, best of {rounds}, alternated) ==")
+    print(f"\n== memory layout on CPU (1 thread, batch {batch_size}, fp32, 224 px; CPU s, best of {rounds}, "
+          "alternated) ==")
     print(f"{'model':22s} {'NCHW s/batch':>12s} {'NHWC s/batch':>12s} {'NCHW / NHWC':>11s} {'max rel diff':>12s}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
