@@ -16,6 +16,18 @@ import pytest
 from wsi_synth import SyntheticSlide, write_synthetic_slide
 
 REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
+# Test files that run first, in this order: under pytest-xdist (pyproject's addopts) each takes a worker while
+# the others share the rest. The SLURM lane spends most of its minutes waiting on SLURM's status polls, and the
+# workflow's Snakemake runs are the longest file; started last, either would be the run's tail.
+FIRST = ("test_slurm.py", "test_workflow.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return FIRST.index(name) if name in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: within a rank, collection order
 
 
 @pytest.fixture(scope="session")
