@@ -1,6 +1,12 @@
 """Feature extraction benchmark: pipeline efficiency, and what lossy tile codecs do to features.
 
-    python bench/extract.py [--seconds 20] [--batch-size 16] [--skip-efficiency] [--skip-codecs]
+    python bench/extract.py [--seconds 20] [--batch-size 16] [--skip-layouts] [--skip-efficiency] [--skip-codecs]
+
+Memory layout (per CPU encoder: ``tf_efficientnet_lite0``, ``resnet50``, ``vit_small_patch16_224``, one torch
+thread, a batch of ``--batch-size`` at 224 px): the same model's forward passes with its weights and input in
+contiguous (NCHW) and in channels_last (NHWC) layout, alternated in this one process; prints the CPU seconds per
+batch of each and their ratio, and the largest difference between the two outputs relative to their largest
+value. The encoder runs channels_last on every device (:class:`wsi.features.encoders.Encoder`).
 
 Pipeline efficiency (per encoder: ``resnet50_trunc`` and ``vit_small_patch16_224``, random weights loaded from a
 local file, 224 px tiles, fp32 on CPU), measured in this one run:
@@ -63,7 +69,7 @@ def forward_rate(encoder: str, checkpoint: str, batch_size: int, batches: int) -
 
     torch.set_num_threads(get_worker().state.nthreads)
     enc = load_encoder(encoder, checkpoint)
-    x = torch.randn(batch_size, *enc.input_size)
+    x = torch.randn(batch_size, *enc.input_size).contiguous(memory_format=enc.memory_format)
     with torch.inference_mode():
         enc.model(x)  # warm-up
         wall, cpu = time.perf_counter(), time.process_time()
@@ -114,6 +120,34 @@ def write_cohort(out: Path, n_slides: int, tiles_per_slide: int, tile_px: int = 
             w.write_tiles(lo, np.clip(base + rng.normal(0, 30, (n, tile_px, tile_px, 3)), 0, 255).astype(np.uint8))
         w.write_mask(np.ones((4, 4), bool), np.zeros((4, 4, 3), np.uint8), downsample=64.0, mpp=16.0)
         w.commit()
+
+
+def memory_layouts(batch_size: int, rounds: int = 3) -> None:
+    import copy
+
+    import timm
+    import torch
+
+    print(f"\n== memory layout on CPU (1 thread, batch {batch_size}, fp32, 224 px; CPU s, best of {rounds}, "
+          "alternated) ==")
+    print(f"{'model':22s} {'NCHW s/batch':>12s} {'NHWC s/batch':>12s} {'NCHW / NHWC':>11s} {'max rel diff':>12s}")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.rand(batch_size, 3, 224, 224)
+    for name in ("tf_efficientnet_lite0", "resnet50", "vit_small_patch16_224"):
+        contiguous = timm.create_model(name, pretrained=False, num_classes=0).eval()
+        nhwc = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
+        runs = {"nchw": (contiguous, x), "nhwc": (nhwc, x.contiguous(memory_format=torch.channels_last))}
+        best, out = {k: float("inf") for k in runs}, {}
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for key, (model, batch) in runs.items():
+                    t = time.process_time()  # one thread: its CPU time, which other jobs do not move
+                    out[key] = model(batch)
+                    best[key] = min(best[key], time.process_time() - t)
+        diff = float((out["nchw"] - out["nhwc"]).abs().max() / out["nchw"].abs().max())
+        print(f"{name:22s} {best['nchw']:12.3f} {best['nhwc']:12.3f} {best['nchw'] / best['nhwc']:11.2f} {diff:12.1e}",
+              flush=True)
 
 
 def efficiency(work: Path, seconds: float, batch_size: int) -> None:
@@ -216,11 +250,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="pipeline work per encoder, roughly")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--skip-layouts", action="store_true")
     parser.add_argument("--skip-efficiency", action="store_true")
     parser.add_argument("--skip-codecs", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wsi-bench-extract-"))
     try:
+        if not args.skip_layouts:
+            memory_layouts(args.batch_size)
         if not args.skip_efficiency:
             efficiency(work, args.seconds, args.batch_size)
         if not args.skip_codecs:

@@ -269,9 +269,12 @@ _LOG10 = np.log10(np.arange(256, dtype=np.float32) + 1)  # log10(v + 1) of every
 
 def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
     """-log10 of each channel (plus one) over the glass colour's ((3,) or (h, w, 3)), float32, 0 on glass and
-    brighter; the 8-bit image through a table."""
+    brighter; the 8-bit image through a table (OpenCV's ``LUT``: numpy's indexing would first copy the image
+    as 64-bit indices, eight times its size), the rest in place."""
     log_glass = np.log10(np.asarray(glass, np.float32) + 1)
-    return np.maximum(log_glass - _LOG10[np.asarray(rgb, np.uint8)], 0, dtype=np.float32)
+    od = cv2.LUT(np.ascontiguousarray(rgb, np.uint8), _LOG10)
+    np.subtract(log_glass, od, out=od)
+    return np.maximum(od, 0, out=od)
 
 
 def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_field_um: float = 1000.0,
@@ -378,7 +381,8 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     h, w = tissue.shape
     fold = np.zeros((h, w), bool)
     red, green, blue = cv2.split(od)
-    density = red + green + blue
+    density = red + green
+    density += blue
     if tissue.sum() < 64:
         return fold
     # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
@@ -386,8 +390,14 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     if dense.sum() < 64:
         return fold
     n = int(math.ceil(1 / FOLD_COLOUR_STEP))
-    scale = 1 / (np.maximum(density, 1e-6) * FOLD_COLOUR_STEP)  # each channel's share of the density: the colour
-    bins = (np.clip((red * scale).astype(np.int32), 0, n - 1) * n + np.clip((blue * scale).astype(np.int32), 0, n - 1))
+    # each channel's share of the density: the colour (in place, here and above: a thumbnail-sized temporary is
+    # fresh memory, whose pages cost CPU too)
+    scale = np.maximum(density, 1e-6)
+    scale *= FOLD_COLOUR_STEP
+    np.divide(1, scale, out=scale)
+    bins = _colour_steps(red, scale, n)
+    bins *= n
+    bins += _colour_steps(blue, scale, n)
     # the slide's reference per colour: the FOLD_REFERENCE_QUANTILE quantile of its (not pale) tissue of that
     # colour, from a histogram of density in steps of 1/_LEVELS_PER_OD per colour bin
     where, values = bins[dense], density[dense]
@@ -400,7 +410,8 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
         cum = np.cumsum(hist[have], axis=1)
         rank = (FOLD_REFERENCE_QUANTILE * counts[have])[:, None]
         reference[have] = ((cum < rank).sum(axis=1) + 0.5) / _LEVELS_PER_OD
-    slide_wide = dense & (density >= FOLD_DENSITY_RATIO * reference[bins])
+    slide_wide = np.zeros((h, w), bool)
+    slide_wide[dense] = values >= FOLD_DENSITY_RATIO * reference[where]
     if slide_wide.any():  # and denser than the tissue around it: a sheet of dense tumour is its own surroundings
         slide_wide &= density >= FOLD_LOCAL_RATIO * _local_density(density, dense, mpp)
     # or denser than the tissue of its colour within its window (a fold over mucin, whose colour elsewhere on
@@ -421,7 +432,14 @@ def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     shorter[0] = False
     for i in np.nonzero(shorter)[0]:
         keep[i] = _band_shaped(labels, stats[i], i)
-    return keep[labels]
+    return keep[labels] if keep.any() else fold
+
+
+def _colour_steps(channel: np.ndarray, scale: np.ndarray, n: int) -> np.ndarray:
+    """A channel's share of the density in colour steps (``channel * scale``, truncated to 0..n-1), int32;
+    ``channel`` is overwritten on the way."""
+    steps = np.multiply(channel, scale, out=channel).astype(np.int32)
+    return np.clip(steps, 0, n - 1, out=steps)
 
 
 def _band_shaped(labels: np.ndarray, stats: np.ndarray, i: int) -> bool:
@@ -452,7 +470,9 @@ def _colour_local_density(density: np.ndarray, bins: np.ndarray, where: np.ndarr
     cell = (rows // block) * bw + cols // block
     colour = bins[rows, cols]
     size = bh * bw
-    used, col_index = np.unique(colour, return_inverse=True)
+    present = np.bincount(colour, minlength=n * n) > 0  # the colours used, in order (np.unique sorts)
+    used = np.flatnonzero(present)
+    col_index = (np.cumsum(present) - 1)[colour]
     flat = col_index * size + cell
     count = np.bincount(flat, minlength=len(used) * size).astype(np.float32).reshape(len(used), size)
     total = np.bincount(flat, weights=density[rows, cols], minlength=len(used) * size).astype(np.float32)
@@ -491,7 +511,7 @@ def _local_density(density: np.ndarray, where: np.ndarray, mpp: float) -> np.nda
     block = max(1, int(round(FOLD_BLOCK_UM / mpp)))
     small = (max(1, round(w / block)), max(1, round(h / block)))
     weight = cv2.resize(where.astype(np.float32), small, interpolation=cv2.INTER_AREA)
-    total = cv2.resize(np.where(where, density, 0).astype(np.float32), small, interpolation=cv2.INTER_AREA)
+    total = cv2.resize(np.where(where, density, 0), small, interpolation=cv2.INTER_AREA)
     valid = weight >= 0.2
     if not valid.any():
         return np.full((h, w), np.inf, np.float32)
@@ -519,12 +539,18 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     h, w = od.shape[:2]
     mask = np.zeros((h, w), bool)
     k = min(255, max(3, int(round(RIM_WINDOW_UM / mpp)) | 1))
-    scaled = np.minimum(od * 100, 255).astype(np.uint8)  # medianBlur takes 8 bits: 0.01 OD steps (truncated)
-    background = cv2.split(cv2.medianBlur(scaled, k))
-    excess = [channel - np.float32(0.01) * b for channel, b in zip(cv2.split(od), background)]  # channel by
-    low, high = np.minimum(np.minimum(excess[0], excess[1]), excess[2]), np.maximum(  # channel: reductions over
-        np.maximum(excess[0], excess[1]), excess[2])  # an axis of 3 are slow
-    strength = np.where(low >= RIM_EVENNESS * high, np.maximum(low, 0), 0)
+    scaled = od * 100  # medianBlur takes 8 bits: 0.01 OD steps (truncated)
+    background = cv2.split(cv2.medianBlur(np.minimum(scaled, 255, out=scaled).astype(np.uint8), k))
+    excess = []  # channel by channel (reductions over an axis of 3 are slow), in place (a thumbnail-sized
+    for c, b in enumerate(background):  # temporary is fresh memory, whose pages cost CPU too)
+        e = np.multiply(b, np.float32(0.01), dtype=np.float32)
+        excess.append(np.subtract(od[..., c], e, out=e))
+    low = np.minimum(excess[0], excess[1])
+    np.minimum(low, excess[2], out=low)
+    high = np.maximum(excess[0], excess[1], out=excess[0])
+    np.maximum(high, excess[2], out=high)
+    even = low >= np.multiply(high, RIM_EVENNESS, out=high)
+    strength = np.where(even, np.maximum(low, 0, out=low), 0)
     rim = strength >= RIM_OD_MIN
     if rim.sum() < 8:
         return mask, []
@@ -533,15 +559,18 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     count, labels, stats, _ = cv2.connectedComponentsWithStats(rim.view(np.uint8), connectivity=8)
     big = stats[:, cv2.CC_STAT_AREA] >= RIM_MIN_PX
     big[0] = False
+    if not big.any():
+        return mask, []
     rim = big[labels]
-    strength = np.where(rim, strength, 0)
-    image = cv2.GaussianBlur(np.clip(strength / (5 * RIM_OD_MIN) * 255, 0, 255).astype(np.uint8), (3, 3), 0.8)
     grouped = cv2.dilate(rim.view(np.uint8), np.ones((7, 7), np.uint8))
     count, groups, boxes, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
+    wide = [box for box in boxes[1:] if max(box[2], box[3]) >= 1.6 * r_min]  # the others hold no bubble's arc
+    if not wide:
+        return mask, []
+    strength = np.where(rim, strength, 0)
+    image = cv2.GaussianBlur(np.clip(strength / (5 * RIM_OD_MIN) * 255, 0, 255).astype(np.uint8), (3, 3), 0.8)
     proposed = []
-    for x, y, bw, bh, _ in boxes[1:]:  # Hough on each group's box alone: its cost grows with the image
-        if max(bw, bh) < 1.6 * r_min:
-            continue
+    for x, y, bw, bh, _ in wide:  # Hough on each group's box alone: its cost grows with the image
         r_hi = max(3, int(math.ceil(min(r_max, max(bw, bh) / 2 + 4))))
         # the circle of an arc (an outline cut by a fold across it, or by the image's edge) reaches past the
         # arc's box: the box grows by the largest radius looked for, zeros beyond the image
@@ -554,7 +583,6 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
         proposed += [] if found is None else [(cx + x0, cy + y0, r) for cx, cy, r in found[0]]
     near = cv2.dilate(rim.view(np.uint8), np.ones((5, 5), np.uint8)).view(bool)  # within two pixels
     circles = []
-    yy, xx = np.ogrid[0:h, 0:w]
     for cx, cy, r in proposed:
         if any(math.hypot(cx - x, cy - y) < r_min and abs(r - q) < r_min for x, y, q in circles):
             continue  # the same circle, proposed again from the other arc of its outline
@@ -569,7 +597,11 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
         if on_rim.mean() < BUBBLE_MIN_ARC:
             continue
         circles.append((float(cx), float(cy), float(r)))
-        mask |= (xx - cx) ** 2 + (yy - cy) ** 2 <= (r + 1) ** 2  # the rim's outer edge
+        # the rim's outer edge, drawn in the disc's box (a pixel beyond it on each side, whatever the rounding)
+        x0, x1 = max(0, math.floor(cx - r) - 2), min(w, math.ceil(cx + r) + 3)
+        y0, y1 = max(0, math.floor(cy - r) - 2), min(h, math.ceil(cy + r) + 3)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        mask[y0:y1, x0:x1] |= (xx - cx) ** 2 + (yy - cy) ** 2 <= (r + 1) ** 2
     return mask, circles
 
 

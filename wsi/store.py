@@ -803,10 +803,10 @@ class TileStoreWriter:
             g.create_array(name, shape=data.shape, chunks=(rows,) + data.shape[1:], dtype=data.dtype,
                            compressors=[_lossless()])[...] = data
         mask = self.group.require_group(keys.MASK)
-        for name, data in (masks or {}).items():
-            arr = mask.create_array(name, shape=data.shape, chunks=data.shape, dtype="uint8", compressors=[_lossless()])
+        for name, data in (masks or {}).items():  # attrs given at creation: the same zarr.json, written once
+            arr = mask.create_array(name, shape=data.shape, chunks=data.shape, dtype="uint8", compressors=[_lossless()],
+                                    attributes={"downsample": float(downsample), "mpp": float(mpp)})
             arr[...] = np.asarray(data, np.uint8)
-            arr.attrs.update({"downsample": float(downsample), "mpp": float(mpp)})
         self.group.attrs[keys.QC] = attrs.to_dict()
 
     def write_tiles(self, lo: int, tiles: np.ndarray) -> None:
