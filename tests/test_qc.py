@@ -392,3 +392,23 @@ def test_a_fold_running_into_a_bubble_is_carried_on_under_it():
     under = truth["fold"] & truth["bubble"]
     assert under.sum() > 300 and (found.fold & under).sum() >= 0.8 * under.sum()
     assert (found.fold & truth["bubble"] & ~truth["fold"]).sum() <= 0.1 * under.sum()
+
+
+def test_a_fold_running_on_over_fat_is_followed_along_its_band():
+    """A fold band (12 px wide at 8 um/px) composited across stroma and on over fat (pale vacuoles between septa:
+    its density varies several-fold from pixel to pixel). Over fat the doubled tissue is still pale, so no pixel
+    there is a fold pixel; the band found over stroma is followed on along its band, where each 128-um segment is
+    about twice as dense as its flanks, to the fold's end; the fat beside the band stays clear."""
+    od, tissue = stroma_thumbnail()
+    yy, xx = np.mgrid[0:od.shape[0], 0:od.shape[1]]
+    fat = tissue & (xx >= 200)
+    septa = np.random.default_rng(3).random(od.shape[:2]) < 0.25
+    od[fat & ~septa] *= 0.05
+    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    fold = dd.Fold(170, 140, 0.0, 150, 12, line_width=0.5)
+    found = thumbnail_defects(dd.composite(rgb, [fold]), tissue, 8.0)
+    truth = dd.composite_truth(tissue, [fold])["fold"]
+    over_fat = truth & fat
+    assert over_fat.sum() > 700 and (found.fold & over_fat).sum() >= 0.8 * over_fat.sum()
+    assert (found.fold & truth & ~fat).sum() >= 0.8 * (truth & ~fat).sum()
+    assert (found.fold & ~truth).sum() <= 0.1 * truth.sum()

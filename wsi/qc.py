@@ -53,9 +53,14 @@ smallest enclosing rectangle at least :data:`FOLD_BAND_ELONGATION` times as long
 :data:`FOLD_BAND_FILL` full: a fold band cut short where it runs into fat; clusters of nuclei are round or
 ragged), are the fold mask. Under an air bubble (below) folds are not looked for (its outline darkens the tissue,
 the tissue seen through it is paler), but a fold piece within :data:`FOLD_BUBBLE_REACH_UM` of a bubble's disc runs
-on through it, along its band (its enclosing rectangle's width). Not seen: a fold over fat or under a flap of fat
-(fat doubled is still pale; a flap of stroma over fat looks like stroma), and a fold that covers much of a
-slide's tissue of one colour within its window (it becomes its own reference).
+on through it, along its band (its enclosing rectangle's width). A band-shaped fold piece is also followed past
+either end along its band, in segments of :data:`FOLD_ALONG_STEP_UM`, for as long as each segment is at least
+:data:`FOLD_ALONG_RATIO` times as dense as the mean of the two strips flanking it (:func:`_along_bands`): per
+pixel, fat's density varies 2x within 100 um, so doubled fat cannot be told from single fat, but a segment's mean
+against its flanks' can, and a flap of stroma over fat, as dense as the stroma beside it, is still about the sum
+of its two flanks. Not seen: a fold over fat or under a flap of fat with no piece found over denser tissue to
+follow (fat doubled is still pale; a flap of stroma over fat looks like stroma), and a fold that covers much of
+a slide's tissue of one colour within its window (it becomes its own reference).
 
 Bubbles (thumbnail)
 -------------------
@@ -131,6 +136,12 @@ FOLD_BAND_ELONGATION = 2.0  # its enclosing rectangle this many times as long as
 FOLD_BAND_FILL = 0.6  # or ragged) and this share full of it (a band's edges are straight)
 FOLD_BUBBLE_REACH_UM = 48.0  # a fold piece this near a bubble's disc (not searched, nor 3 px around it) runs on
 # under the bubble, along its band
+FOLD_ALONG_STEP_UM = 128.0  # a band-shaped fold piece is followed along its band in segments this long (fat's
+# density varies 2x within 100 um per pixel; a segment's mean does not)
+FOLD_ALONG_RATIO = 1.4  # a segment is fold when at least this times as dense as the mean of its two flanks
+FOLD_ALONG_GAP_UM = 8.0  # the flanks (each as wide as the band) start this far outside it: the band's blurred edge
+FOLD_ALONG_TISSUE = 0.5  # a segment is judged only where the band and both flanks are at least this share tissue
+FOLD_ALONG_REACH_UM = 1600.0  # a piece is followed at most this far past its end (bounds the box measured)
 
 # bubbles (thumbnail)
 RIM_WINDOW_UM = 40.0  # a pixel's neighbourhood for the rim test (a median filter this wide: 5 px at 8 um/px)
@@ -277,14 +288,64 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     od = optical_density(rgb, glass)
     bubble, circles = _bubbles(od, mpp)
     tissue = np.asarray(tissue, bool)
-    if not circles:
-        return ThumbnailDefects(fold=_folds(od, tissue, mpp), bubble=bubble)
     # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through it is paler:
     # folds are neither looked for nor measured there, but a fold found running into a bubble runs on under it
-    fold = _folds(od, tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool), mpp)
+    searched = tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool) if circles else tissue
+    fold = _folds(od, searched, mpp)
     if fold.any():
+        fold = _along_bands(fold, od, searched, mpp)
+    if circles and fold.any():
         fold = _through_bubbles(fold, bubble, tissue, mpp)
     return ThumbnailDefects(fold=fold, bubble=bubble, circles=tuple(circles))
+
+
+def _along_bands(fold: np.ndarray, od: np.ndarray, searched: np.ndarray, mpp: float) -> np.ndarray:
+    """``fold`` with each band-shaped fold piece (its smallest enclosing rectangle at least
+    :data:`FOLD_BAND_ELONGATION` times as long as wide) carried on past either end along its band, segment by
+    segment (:data:`FOLD_ALONG_STEP_UM` long, the rectangle's width), while a segment's mean density over the
+    ``searched`` tissue is at least :data:`FOLD_ALONG_RATIO` times the mean of its two flanks' (strips as wide as
+    the band, :data:`FOLD_ALONG_GAP_UM` outside it); it stops at the first segment that is not, or that is under
+    :data:`FOLD_ALONG_TISSUE` tissue, band or flanks, or :data:`FOLD_ALONG_REACH_UM` past the end."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(fold.view(np.uint8), connectivity=8)
+    density = sum(cv2.split(od))
+    step, gap = FOLD_ALONG_STEP_UM / mpp, FOLD_ALONG_GAP_UM / mpp
+    segments = int(math.ceil(FOLD_ALONG_REACH_UM / FOLD_ALONG_STEP_UM))
+    h, w = fold.shape
+    out = fold.copy()
+    for i in range(1, count):
+        x, y, bw, bh = (int(v) for v in stats[i][:4])
+        ys, xs = np.nonzero(labels[y:y + bh, x:x + bw] == i)
+        (cx, cy), (a, b), angle = cv2.minAreaRect(np.stack([xs + x, ys + y], axis=1).astype(np.float32))
+        length, half = max(a, b) + 1, (min(a, b) + 1) / 2  # pixel extents: centres span one less
+        if length < FOLD_BAND_ELONGATION * 2 * half:
+            continue  # no band to follow
+        t = math.radians(angle)
+        ux, uy = (math.cos(t), math.sin(t)) if a >= b else (-math.sin(t), math.cos(t))  # along the band
+        r = int(math.ceil(length / 2 + segments * step + 3 * half + gap))
+        x0, y0, x1, y1 = max(0, int(cx) - r), max(0, int(cy) - r), min(w, int(cx) + r + 1), min(h, int(cy) + r + 1)
+        gy, gx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        along = (gx - cx) * ux + (gy - cy) * uy
+        across = (gy - cy) * ux - (gx - cx) * uy
+        off_axis = np.abs(across)
+        flank = (off_axis > half + gap) & (off_axis <= 3 * half + gap)
+        strip = np.where(off_axis <= half, 0, np.where(flank, np.where(across > 0, 1, 2), -1))  # band 0, flanks 1, 2
+        here = searched[y0:y1, x0:x1]
+        value = np.where(here, density[y0:y1, x0:x1], 0)
+        for sign in (1, -1):
+            past = sign * along - length / 2
+            segment = np.floor(past / step).astype(np.int64)
+            measured = (past >= 0) & (segment < segments) & (strip >= 0)
+            key = (segment * 3 + strip)[measured]
+            area, tissue, total = (np.bincount(key, weights=v, minlength=3 * segments).reshape(segments, 3)
+                                   for v in (None, here[measured], value[measured]))
+            mean = total / np.maximum(tissue, 1)
+            # a flap of stroma over fat is about as dense as the stroma it came from on one side and many times
+            # the fat on the other: a doubled band is about the sum of its flanks, single tissue about their mean
+            doubled = (tissue >= FOLD_ALONG_TISSUE * np.maximum(area, 1)).all(axis=1) & (
+                mean[:, 0] >= FOLD_ALONG_RATIO * (mean[:, 1] + mean[:, 2]) / 2)
+            run = segments if doubled.all() else int(np.argmin(doubled))
+            out[y0:y1, x0:x1] |= (strip == 0) & (past >= 0) & (segment < run) & here
+    return out
 
 
 def _through_bubbles(fold: np.ndarray, bubble: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
@@ -673,6 +734,9 @@ def thresholds() -> dict:
             "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2,
             "fold_band_min_um2": FOLD_BAND_MIN_UM2, "fold_band_elongation": FOLD_BAND_ELONGATION,
             "fold_band_fill": FOLD_BAND_FILL, "fold_bubble_reach_um": FOLD_BUBBLE_REACH_UM,
+            "fold_along_step_um": FOLD_ALONG_STEP_UM, "fold_along_ratio": FOLD_ALONG_RATIO,
+            "fold_along_gap_um": FOLD_ALONG_GAP_UM, "fold_along_tissue": FOLD_ALONG_TISSUE,
+            "fold_along_reach_um": FOLD_ALONG_REACH_UM,
             "rim_od_min": RIM_OD_MIN,
             "bubble_radius_um": list(BUBBLE_RADIUS_UM),
             "hough_perfectness": HOUGH_PERFECTNESS, "bubble_min_arc": BUBBLE_MIN_ARC,
