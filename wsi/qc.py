@@ -315,12 +315,10 @@ def _along_bands(fold: np.ndarray, od: np.ndarray, searched: np.ndarray, mpp: fl
     for i in range(1, count):
         x, y, bw, bh = (int(v) for v in stats[i][:4])
         ys, xs = np.nonzero(labels[y:y + bh, x:x + bw] == i)
-        (cx, cy), (a, b), angle = cv2.minAreaRect(np.stack([xs + x, ys + y], axis=1).astype(np.float32))
-        length, half = max(a, b) + 1, (min(a, b) + 1) / 2  # pixel extents: centres span one less
-        if length < FOLD_BAND_ELONGATION * 2 * half:
+        cx, cy, length, width, ux, uy = _band_axis(xs + x, ys + y)
+        half = width / 2
+        if length < FOLD_BAND_ELONGATION * width:
             continue  # no band to follow
-        t = math.radians(angle)
-        ux, uy = (math.cos(t), math.sin(t)) if a >= b else (-math.sin(t), math.cos(t))  # along the band
         r = int(math.ceil(length / 2 + segments * step + 3 * half + gap))
         x0, y0, x1, y1 = max(0, int(cx) - r), max(0, int(cy) - r), min(w, int(cx) + r + 1), min(h, int(cy) + r + 1)
         gy, gx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
@@ -364,11 +362,9 @@ def _through_bubbles(fold: np.ndarray, bubble: np.ndarray, tissue: np.ndarray, m
         if not (piece & under[y0:y1, x0:x1]).any():
             continue
         ys, xs = np.nonzero(piece)
-        (cx, cy), (a, b), angle = cv2.minAreaRect(np.stack([xs, ys], axis=1).astype(np.float32))
-        t = math.radians(angle)
-        ux, uy = (math.cos(t), math.sin(t)) if a >= b else (-math.sin(t), math.cos(t))  # along the band
+        cx, cy, _, width, ux, uy = _band_axis(xs, ys)
         gy, gx = np.mgrid[0:y1 - y0, 0:x1 - x0]
-        band = np.abs((gy - cy) * ux - (gx - cx) * uy) <= min(a, b) / 2 + 0.5
+        band = np.abs((gy - cy) * ux - (gx - cx) * uy) <= width / 2
         grown = (band & under[y0:y1, x0:x1] & tissue[y0:y1, x0:x1]) | piece
         _, parts = cv2.connectedComponents(grown.view(np.uint8), connectivity=8)
         out[y0:y1, x0:x1] |= parts == parts[ys[0], xs[0]]
@@ -447,9 +443,18 @@ def _band_shaped(labels: np.ndarray, stats: np.ndarray, i: int) -> bool:
     :data:`FOLD_BAND_ELONGATION` times as long as wide and at least :data:`FOLD_BAND_FILL` full of it."""
     x, y, w, h, area = (int(v) for v in stats[:5])
     ys, xs = np.nonzero(labels[y:y + h, x:x + w] == i)
-    (_, _), (a, b), _ = cv2.minAreaRect(np.stack([xs, ys], axis=1).astype(np.float32))
-    long, short = max(a, b) + 1, min(a, b) + 1  # pixel extents: a rectangle of pixel centres spans one less
+    _, _, long, short, _, _ = _band_axis(xs, ys)
     return long >= FOLD_BAND_ELONGATION * short and area >= FOLD_BAND_FILL * long * short
+
+
+def _band_axis(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float, float, float, float]:
+    """The smallest rectangle enclosing a piece's pixels (columns ``xs``, rows ``ys``): its centre ``cx, cy``, its
+    length and width as pixel extents (a rectangle of pixel centres spans one less) and the unit vector ``ux, uy``
+    along its length."""
+    (cx, cy), (a, b), angle = cv2.minAreaRect(np.stack([xs, ys], axis=1).astype(np.float32))
+    t = math.radians(angle)
+    ux, uy = (math.cos(t), math.sin(t)) if a >= b else (-math.sin(t), math.cos(t))
+    return cx, cy, max(a, b) + 1, min(a, b) + 1, ux, uy
 
 
 _LEVELS_PER_OD = 50  # the colour references' density histogram: steps of 0.02
