@@ -9,7 +9,6 @@ accident. Tests must not modify these files (copy one first).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,6 @@ REAL_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 # the others share the rest. The SLURM lane spends most of its minutes waiting on SLURM's status polls, and the
 # workflow's Snakemake runs are the longest file; started last, either would be the run's tail.
 FIRST = ("test_slurm.py", "test_workflow.py")
-
-
-def pytest_configure(config):
-    # Under pytest-xdist the SLURM lane is the run's longest path, and its work runs in SLURM jobs, which slurmd
-    # starts at the normal priority: the workers (whose processes everything else runs in) yield the cores to it
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.nice(5)
 
 
 def pytest_collection_modifyitems(config, items):
