@@ -802,11 +802,8 @@ class TileStoreWriter:
             rows = max(1, len(data) if name.startswith(keys.QC_EXCLUDED) else n)
             g.create_array(name, shape=data.shape, chunks=(rows,) + data.shape[1:], dtype=data.dtype,
                            compressors=[_lossless()])[...] = data
-        mask = self.group.require_group(keys.MASK)
-        for name, data in (masks or {}).items():  # attrs given at creation: the same zarr.json, written once
-            arr = mask.create_array(name, shape=data.shape, chunks=data.shape, dtype="uint8", compressors=[_lossless()],
-                                    attributes={"downsample": float(downsample), "mpp": float(mpp)})
-            arr[...] = np.asarray(data, np.uint8)
+        self._write_masks({name: np.asarray(data, np.uint8) for name, data in (masks or {}).items()},
+                          downsample=downsample, mpp=mpp)
         self.group.attrs[keys.QC] = attrs.to_dict()
 
     def write_tiles(self, lo: int, tiles: np.ndarray) -> None:
@@ -831,15 +828,18 @@ class TileStoreWriter:
 
     def write_mask(self, tissue: np.ndarray, thumbnail: np.ndarray, *, downsample: float, mpp: float,
                    ink: np.ndarray | None = None) -> None:
-        mask = self.group.require_group(keys.MASK)
-        arrays = [(keys.MASK_TISSUE, np.asarray(tissue, np.uint8)), (keys.MASK_THUMBNAIL, np.asarray(thumbnail))]
+        arrays = {keys.MASK_TISSUE: np.asarray(tissue, np.uint8), keys.MASK_THUMBNAIL: np.asarray(thumbnail)}
         if ink is not None:
-            arrays.append((keys.MASK_INK, np.asarray(ink, np.uint8)))
-        for name, data in arrays:
-            arr = mask.create_array(name, shape=data.shape, chunks=data.shape, dtype="uint8",
-                                    compressors=[_lossless()])
-            arr[...] = data
-            arr.attrs.update({"downsample": float(downsample), "mpp": float(mpp)})
+            arrays[keys.MASK_INK] = np.asarray(ink, np.uint8)
+        self._write_masks(arrays, downsample=downsample, mpp=mpp)
+
+    def _write_masks(self, arrays: dict[str, np.ndarray], *, downsample: float, mpp: float) -> None:
+        """uint8 images under ``mask/``, one chunk each, with the downsample and MPP they are drawn at (given at
+        creation: each array's zarr.json is written once)."""
+        mask = self.group.require_group(keys.MASK)
+        for name, data in arrays.items():
+            mask.create_array(name, shape=data.shape, chunks=data.shape, dtype="uint8", compressors=[_lossless()],
+                              attributes={"downsample": float(downsample), "mpp": float(mpp)})[...] = data
 
     def commit(self) -> SlideStore:
         """Mark complete, then move into place; an old store at the final path is replaced as a whole."""
