@@ -58,9 +58,18 @@ either end along its band, in segments of :data:`FOLD_ALONG_STEP_UM`, for as lon
 :data:`FOLD_ALONG_RATIO` times as dense as the mean of the two strips flanking it (:func:`_along_bands`): per
 pixel, fat's density varies 2x within 100 um, so doubled fat cannot be told from single fat, but a segment's mean
 against its flanks' can, and a flap of stroma over fat, as dense as the stroma beside it, is still about the sum
-of its two flanks. Not seen: a fold over fat or under a flap of fat with no piece found over denser tissue to
-follow (fat doubled is still pale; a flap of stroma over fat looks like stroma), and a fold that covers much of
-a slide's tissue of one colour within its window (it becomes its own reference).
+of its two flanks. Straight bands are also searched for with no piece to start from (:func:`_straight_bands`):
+on a grid of :data:`FOLD_SEARCH_UM`, in :data:`FOLD_SEARCH_ANGLES` directions, bands of
+:data:`FOLD_SEARCH_WIDTHS_UM` and :data:`FOLD_SEARCH_LENGTH_UM` long each :data:`FOLD_SEARCH_SEGMENT_UM` segment of
+which is doubled tissue against its two flanks (strips as wide): :data:`FOLD_SEARCH_SUM_RATIO` to
+:data:`FOLD_SEARCH_SUM_MAX` of their sum (a fold is about the sum of its flanks, single tissue about their mean, a
+strip of stroma between fat several times their sum) and at least :data:`FOLD_SEARCH_FLANK_RATIO` times the denser
+flank (along a dense tumour sheet's straight edge the band is as dense as the sheet); such bands are fold pieces,
+followed along their band and under bubbles as the others. It finds a fold band over fat where no pixel is a fold
+pixel, and a band's full width where the fold pixels cover part of it. Not seen: a fold over fat or under a flap
+of fat that is neither straight nor doubled over 640 um beside tissue of one kind (fat doubled beside denser
+tissue; a flap of stroma over fat looks like stroma), and a fold that covers much of a slide's tissue of one
+colour within its window (it becomes its own reference).
 
 Bubbles (thumbnail)
 -------------------
@@ -142,7 +151,16 @@ FOLD_ALONG_RATIO = 1.4  # a segment is fold when at least this times as dense as
 FOLD_ALONG_GAP_UM = 8.0  # the flanks (each as wide as the band) start this far outside it: the band's blurred edge
 FOLD_ALONG_TISSUE = 0.5  # a segment is judged only where the band and both flanks are at least this share tissue
 FOLD_ALONG_REACH_UM = 1600.0  # a piece is followed at most this far past its end (bounds the box measured)
-
+FOLD_SEARCH_UM = 32.0  # straight bands of doubled tissue are also searched for with no piece to start from, on a
+# grid this coarse (its cost grows with the area searched: ~15 ms a 6 x 4.5 mm slide)
+FOLD_SEARCH_ANGLES = 16  # in this many directions (11.25 degrees apart)
+FOLD_SEARCH_WIDTHS_UM = (96.0, 176.0)  # bands this wide (folds are 60-250 um wide), each flank as wide
+FOLD_SEARCH_LENGTH_UM = 640.0  # and this long: straight over it (a nest of tumour, a bend of stroma is not)
+FOLD_SEARCH_SEGMENT_UM = 160.0  # every segment this long along it is doubled tissue (fat's density varies 2x within
+# 100 um per pixel; a segment's mean does not):
+FOLD_SEARCH_SUM_RATIO = 0.95  # at least this share of the sum of its two flanks' mean densities (single tissue: about
+FOLD_SEARCH_SUM_MAX = 1.3  # half of it) and at most this share (a strip of stroma between fat: several times it)
+FOLD_SEARCH_FLANK_RATIO = 1.2  # and at least this times as dense as its denser flank (a tumour sheet's edge: 1x)
 # bubbles (thumbnail)
 RIM_WINDOW_UM = 40.0  # a pixel's neighbourhood for the rim test (a median filter this wide: 5 px at 8 um/px)
 RIM_OD_MIN = 0.07  # rim candidates exceed their neighbourhood's optical density by this in every channel
@@ -291,15 +309,79 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through it is paler:
     # folds are neither looked for nor measured there, but a fold found running into a bubble runs on under it
     searched = tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool) if circles else tissue
-    fold = _folds(od, searched, mpp)
+    density = sum(cv2.split(od))
+    fold = _folds(od, searched, mpp) | _straight_bands(density, searched, mpp)
     if fold.any():
-        fold = _along_bands(fold, od, searched, mpp)
+        fold = _along_bands(fold, density, searched, mpp)
     if circles and fold.any():
         fold = _through_bubbles(fold, bubble, tissue, mpp)
     return ThumbnailDefects(fold=fold, bubble=bubble, circles=tuple(circles))
 
 
-def _along_bands(fold: np.ndarray, od: np.ndarray, searched: np.ndarray, mpp: float) -> np.ndarray:
+def _straight_bands(density: np.ndarray, searched: np.ndarray, mpp: float) -> np.ndarray:
+    """Straight bands of doubled tissue, found with no fold piece to start from: on a grid of
+    :data:`FOLD_SEARCH_UM`, in :data:`FOLD_SEARCH_ANGLES` directions, each of :data:`FOLD_SEARCH_WIDTHS_UM` wide and
+    :data:`FOLD_SEARCH_LENGTH_UM` long, bands every :data:`FOLD_SEARCH_SEGMENT_UM` segment of which is, in mean
+    density over the ``searched`` tissue, :data:`FOLD_SEARCH_SUM_RATIO` to :data:`FOLD_SEARCH_SUM_MAX` of the sum
+    of its two flanks' (strips as wide, either side) and at least :data:`FOLD_SEARCH_FLANK_RATIO` times the denser
+    flank's, band and flanks at least :data:`FOLD_ALONG_TISSUE` tissue."""
+    h, w = searched.shape
+    scale = max(1, int(round(FOLD_SEARCH_UM / mpp)))
+    small = (max(1, w // scale), max(1, h // scale))
+    weight = cv2.resize(searched.astype(np.float32), small, interpolation=cv2.INTER_AREA)
+    total = cv2.resize(np.where(searched, density, 0).astype(np.float32), small, interpolation=cv2.INTER_AREA)
+    found = np.zeros(weight.shape, np.uint8)
+    if not weight.any():
+        return np.zeros((h, w), bool)
+    # the search runs over the tissue's box alone (its cost grows with the area turned), turned about its centre
+    # onto a canvas that holds it at any angle
+    x, y, bw, bh = cv2.boundingRect((weight > 0).view(np.uint8))
+    weight, total = weight[y:y + bh, x:x + bw], total[y:y + bh, x:x + bw]
+    side = int(math.ceil(math.hypot(bw, bh))) + 2
+    seg = max(1, int(round(FOLD_SEARCH_SEGMENT_UM / (mpp * scale))))
+    length = max(seg, int(round(FOLD_SEARCH_LENGTH_UM / (mpp * scale))))
+    for k in range(FOLD_SEARCH_ANGLES):
+        turn = cv2.getRotationMatrix2D((bw / 2, bh / 2), 180.0 * k / FOLD_SEARCH_ANGLES, 1.0)
+        turn[:, 2] += ((side - bw) / 2, (side - bh) / 2)
+        tissue, dens = (cv2.warpAffine(m, turn, (side, side), flags=cv2.INTER_LINEAR) for m in (weight, total))
+        hit = np.zeros((side, side), np.uint8)
+        for width_um in FOLD_SEARCH_WIDTHS_UM:
+            width = max(1, int(round(width_um / (mpp * scale))))
+            band = _doubled_segments(tissue, dens, seg, width)
+            # every segment of a band's length doubled: a straight band, not a nest or a bend of stroma
+            band = cv2.erode(band.view(np.uint8), np.ones((1, length - seg + 1), np.uint8))
+            if band.any():
+                hit |= cv2.dilate(band, np.ones((width, length), np.uint8))
+        if hit.any():
+            found[y:y + bh, x:x + bw] |= cv2.warpAffine(hit, turn, (bw, bh),
+                                                        flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    if not found.any():
+        return np.zeros((h, w), bool)
+    return cv2.resize(found, (w, h), interpolation=cv2.INTER_NEAREST).view(bool) & searched
+
+
+def _doubled_segments(tissue: np.ndarray, density: np.ndarray, seg: int, width: int) -> np.ndarray:
+    """Where a horizontal segment ``seg`` long and ``width`` wide centred on a pixel is doubled tissue against
+    the strips of its width above and below it, from per-pixel ``tissue`` shares and tissue ``density`` sums
+    (see :func:`_straight_bands`). A fold is doubled tissue, about the sum of its two flanks, where single
+    tissue is about their mean and a strip of stroma between fat several times their sum; and denser than the
+    denser flank, where a tumour sheet's edge is as dense as the sheet."""
+    area, sums = (cv2.boxFilter(m, -1, (seg, width), normalize=False, borderType=cv2.BORDER_CONSTANT)
+                  for m in (tissue, density))
+    mean = sums / np.maximum(area, 1e-6)
+    full = area >= FOLD_ALONG_TISSUE * seg * width
+    above, below = np.zeros_like(mean), np.zeros_like(mean)
+    above[width:], below[:-width] = mean[:-width], mean[width:]
+    judged = full.copy()
+    judged[width:] &= full[:-width]
+    judged[:-width] &= full[width:]
+    judged[:width] = judged[-width:] = False
+    flanks = above + below
+    return judged & (mean >= FOLD_SEARCH_SUM_RATIO * flanks) & (mean <= FOLD_SEARCH_SUM_MAX * flanks) & (
+        mean >= FOLD_SEARCH_FLANK_RATIO * np.maximum(above, below))
+
+
+def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mpp: float) -> np.ndarray:
     """``fold`` with each band-shaped fold piece (its smallest enclosing rectangle at least
     :data:`FOLD_BAND_ELONGATION` times as long as wide) carried on past either end along its band, segment by
     segment (:data:`FOLD_ALONG_STEP_UM` long, the rectangle's width), while a segment's mean density over the
@@ -307,7 +389,6 @@ def _along_bands(fold: np.ndarray, od: np.ndarray, searched: np.ndarray, mpp: fl
     the band, :data:`FOLD_ALONG_GAP_UM` outside it); it stops at the first segment that is not, or that is under
     :data:`FOLD_ALONG_TISSUE` tissue, band or flanks, or :data:`FOLD_ALONG_REACH_UM` past the end."""
     count, labels, stats, _ = cv2.connectedComponentsWithStats(fold.view(np.uint8), connectivity=8)
-    density = sum(cv2.split(od))
     step, gap = FOLD_ALONG_STEP_UM / mpp, FOLD_ALONG_GAP_UM / mpp
     segments = int(math.ceil(FOLD_ALONG_REACH_UM / FOLD_ALONG_STEP_UM))
     h, w = fold.shape
@@ -741,7 +822,11 @@ def thresholds() -> dict:
             "fold_band_fill": FOLD_BAND_FILL, "fold_bubble_reach_um": FOLD_BUBBLE_REACH_UM,
             "fold_along_step_um": FOLD_ALONG_STEP_UM, "fold_along_ratio": FOLD_ALONG_RATIO,
             "fold_along_gap_um": FOLD_ALONG_GAP_UM, "fold_along_tissue": FOLD_ALONG_TISSUE,
-            "fold_along_reach_um": FOLD_ALONG_REACH_UM,
+            "fold_along_reach_um": FOLD_ALONG_REACH_UM, "fold_search_um": FOLD_SEARCH_UM,
+            "fold_search_angles": FOLD_SEARCH_ANGLES, "fold_search_widths_um": list(FOLD_SEARCH_WIDTHS_UM),
+            "fold_search_length_um": FOLD_SEARCH_LENGTH_UM, "fold_search_segment_um": FOLD_SEARCH_SEGMENT_UM,
+            "fold_search_sum_ratio": FOLD_SEARCH_SUM_RATIO, "fold_search_sum_max": FOLD_SEARCH_SUM_MAX,
+            "fold_search_flank_ratio": FOLD_SEARCH_FLANK_RATIO,
             "rim_od_min": RIM_OD_MIN,
             "bubble_radius_um": list(BUBBLE_RADIUS_UM),
             "hough_perfectness": HOUGH_PERFECTNESS, "bubble_min_arc": BUBBLE_MIN_ARC,
