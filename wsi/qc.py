@@ -13,9 +13,14 @@ level 0 (the tile's pixels; ~0.5-1 um at 0.5 um/px) and level 2 (~2-4 um). Their
 *sharpness* (the root of the ratio, times 4, so that a tile with no detail finer than level 2 scores about 1), is
 the same for tissue of any darkness or amount of texture (it compares the tile with itself), and falls as blur
 grows: at 0.5 um/px, sharp tissue of the generator and of the real images of ``tests/data`` scores 2.6-5.9,
-tissue blurred by a Gaussian of sigma 1.5 um 1.3-1.8 (``bench/qc.py``). Where a tile shows too little structure
-to judge (the gradient at level 3, ~4-8 um, below :data:`STRUCTURE_MIN` grey levels per pixel: mucin, pools of
-blood, pale secretions), its focus is not judged (NaN) and it is never flagged.
+tissue blurred by a Gaussian of sigma 1.5 um 1.3-1.8 (``bench/qc.py``). The ratio is taken in each of the tile's
+:data:`FOCUS_BLOCKS` x :data:`FOCUS_BLOCKS` blocks (32 um at 256 px and 0.5 um/px), and the tile's sharpness is
+the lower median of those of its blocks that show structure (their own level-3 gradient at least
+:data:`STRUCTURE_MIN`; all blocks where none does): a tile at a blurred region's edge, most of its tissue blurred,
+keeps most of its fine gradient in its sharp part, so a ratio over the whole tile scores it nearly sharp; the
+lower median says how at least half its tissue looks, which is how a tile's blur is judged. Where a tile shows too
+little structure to judge (the gradient at level 3, ~4-8 um, below :data:`STRUCTURE_MIN` grey levels per pixel:
+mucin, pools of blood, pale secretions), its focus is not judged (NaN) and it is never flagged.
 
 The *focus score* of a tile is its sharpness over the slide's own reference, the :data:`REFERENCE_QUANTILE`
 quantile of its judged tiles' sharpness: 1 is as sharp as the slide's sharp tissue, so dense tumour (sharp but
@@ -99,7 +104,7 @@ percentile of the judged tiles' scores. The report lists the slides over :data:`
 ([3.6, 3.6, 3.6, 1.7], True)
 >>> focus = score_focus(sharpness, structure)
 >>> focus.blurred.tolist(), round(float(focus.score[3]), 2), focus.in_focus
-([False, False, False, True], 0.47, True)
+([False, False, False, True], 0.48, True)
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ STRUCTURE_MIN = 4.0  # judged tiles: RMS gradient at pyramid level 3 at least th
 REFERENCE_QUANTILE = 0.9  # the slide's sharp tissue: this quantile of its judged tiles' sharpness
 BLUR_SCORE_MAX = 0.5  # a judged tile whose sharpness is below this share of the slide's reference is blurred
 SHARPNESS_MIN = 2.2  # a slide whose reference sharpness is below this has no in-focus tissue
+FOCUS_BLOCKS = 4  # a tile's sharpness: the lower median of its 4 x 4 blocks' (32 um at 256 px, 0.5 um/px)
 NEIGHBOURS_MIN = 3  # a tile too plain to judge takes its judged 8-neighbours' median score when this many are judged
 # (else the judged tiles' of the 5 x 5 around it, when this many are judged there)
 
@@ -193,22 +199,42 @@ def focus_features(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sharpness, structure = np.empty(n, np.float32), np.empty(n, np.float32)
     for i in range(n):
         grey = cv2.cvtColor(np.ascontiguousarray(tiles[i]), cv2.COLOR_RGB2GRAY)
-        fine = _gradient_energy(grey)
+        fine = _block_gradient_energy(grey)
         level = grey
         for _ in range(2):
             level = cv2.pyrDown(level)
-        coarse = _gradient_energy(level)
-        gate = _gradient_energy(cv2.pyrDown(level))
-        sharpness[i] = 4.0 * math.sqrt(fine / max(coarse, 1e-6))
-        structure[i] = math.sqrt(gate) / 8.0
+        coarse = _block_gradient_energy(level)
+        gate = _block_gradient_energy(cv2.pyrDown(level))
+        sharpness[i] = _block_median_sharpness(fine, coarse, gate)
+        structure[i] = math.sqrt(sum(gate) / len(gate)) / 8.0
     return sharpness, structure
 
 
-def _gradient_energy(grey: np.ndarray) -> float:
-    """Mean squared 3x3 Sobel gradient of a uint8 image (OpenCV's C loops: no float copies)."""
+def _block_median_sharpness(fine: list[float], coarse: list[float], gate: list[float]) -> float:
+    """The lower median sharpness of a tile's blocks that show structure (their level-3 gradient energy ``gate``
+    at least :data:`STRUCTURE_MIN`'s; all blocks when none does): a tile at a blurred region's edge is judged by
+    what at least half of its tissue shows, not by its sharp part, which holds most of its fine gradient."""
+    ratios = [4.0 * math.sqrt(f / max(c, 1e-6)) for f, c in zip(fine, coarse, strict=True)]
+    structured = [r for r, g in zip(ratios, gate, strict=True) if g >= (8.0 * STRUCTURE_MIN) ** 2]
+    ranked = sorted(structured or ratios)
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def _block_gradient_energy(grey: np.ndarray) -> list[float]:
+    """Mean squared 3x3 Sobel gradient of a uint8 image in each of its :data:`FOCUS_BLOCKS` x
+    :data:`FOCUS_BLOCKS` blocks, row by row (OpenCV's C loops on views: no float copies of the tile)."""
     gx = cv2.Sobel(grey, cv2.CV_16S, 1, 0, ksize=3)
     gy = cv2.Sobel(grey, cv2.CV_16S, 0, 1, ksize=3)
-    return (cv2.norm(gx, cv2.NORM_L2SQR) + cv2.norm(gy, cv2.NORM_L2SQR)) / max(grey.size, 1)
+    h, w = grey.shape
+    rows = [h * k // FOCUS_BLOCKS for k in range(FOCUS_BLOCKS + 1)]
+    cols = [w * k // FOCUS_BLOCKS for k in range(FOCUS_BLOCKS + 1)]
+    out = []
+    for top, bottom in zip(rows[:-1], rows[1:], strict=True):
+        for left, right in zip(cols[:-1], cols[1:], strict=True):
+            block = (slice(top, bottom), slice(left, right))
+            size = max((bottom - top) * (right - left), 1)
+            out.append((cv2.norm(gx[block], cv2.NORM_L2SQR) + cv2.norm(gy[block], cv2.NORM_L2SQR)) / size)
+    return out
 
 
 @dataclass(frozen=True)
@@ -813,7 +839,7 @@ def attrs_row(slide_id: str, attrs) -> dict:
 
 def thresholds() -> dict:
     """The constants the flags used (recorded in the store's ``qc`` attrs)."""
-    return {"structure_min": STRUCTURE_MIN, "reference_quantile": REFERENCE_QUANTILE,
+    return {"structure_min": STRUCTURE_MIN, "focus_blocks": FOCUS_BLOCKS, "reference_quantile": REFERENCE_QUANTILE,
             "blur_score_max": BLUR_SCORE_MAX, "sharpness_min": SHARPNESS_MIN,
             "fold_density_ratio": FOLD_DENSITY_RATIO, "fold_reference_quantile": FOLD_REFERENCE_QUANTILE,
             "fold_colour_local_ratio": FOLD_COLOUR_LOCAL_RATIO, "neighbours_min": NEIGHBOURS_MIN,
