@@ -335,8 +335,8 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through it is paler:
     # folds are neither looked for nor measured there, but a fold found running into a bubble runs on under it
     searched = tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool) if circles else tissue
-    density = sum(cv2.split(od))
-    fold = _folds(od, searched, mpp) | _straight_bands(density, searched, mpp)
+    density = sum(cv2.split(od))  # per pixel, the three channels' optical densities: every fold step's measure
+    fold = _folds(od, density, searched, mpp) | _straight_bands(density, searched, mpp)
     if fold.any():
         fold = _along_bands(fold, density, searched, mpp)
     if circles and fold.any():
@@ -478,14 +478,13 @@ def _through_bubbles(fold: np.ndarray, bubble: np.ndarray, tissue: np.ndarray, m
     return out
 
 
-def _folds(od: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
+def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
     """Fold pixels: tissue at least twice as dense as the slide's tissue of its colour, either the slide's as a
-    whole (and its surroundings) or that colour's within its window (see the module docstring)."""
+    whole (and its surroundings) or that colour's within its window (see the module docstring). ``density`` is
+    the sum of ``od``'s channels; it is not modified."""
     h, w = tissue.shape
     fold = np.zeros((h, w), bool)
-    red, green, blue = cv2.split(od)
-    density = red + green
-    density += blue
+    red, _, blue = cv2.split(od)
     if tissue.sum() < 64:
         return fold
     # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
