@@ -479,7 +479,9 @@ def main() -> int:
         # a microVM's memory grows as it is used, but Dask sizes its workers from what it reports at start
         cluster_cfg["memory_limit"] = 0
     try:
-        with dask_client(cluster_cfg) as client:
+        # workers forked from a server that imported torch and both stages, as extract's and train's are: CUDA
+        # must still start in each worker, on the GPU its CUDA_VISIBLE_DEVICES names
+        with dask_client(cluster_cfg, preload=["wsi.features.extract", "wsi.mil.training"]) as client:
             address = client.scheduler_info()["address"]
             on_gpu = gpu_resources(client) is not None
             results.check(on_gpu != args.cpu, f"{len(client.scheduler_info()['workers'])} worker(s), GPU resource: "

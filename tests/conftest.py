@@ -47,10 +47,12 @@ def pytest_collection_modifyitems(config, items):
 def dask_cluster():
     """Two single-threaded local worker processes for the whole session. Tests that extract or train on Dask
     point their config at it (:func:`factories.on_cluster`) instead of starting worker processes of their own
-    (each start imports torch in every worker); tests of a cluster's own shape still start theirs."""
+    (each start imports torch in every worker); tests of a cluster's own shape still start theirs. Its workers are
+    forked with both stages' modules imported, as the product's clusters are with their stage's."""
     from wsi.cluster import local_cluster
 
-    with local_cluster({"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"}, gpus=[]) as cluster:
+    with local_cluster({"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"}, gpus=[],
+                       preload=["wsi.features.extract", "wsi.mil.training"]) as cluster:
         yield cluster
 
 

@@ -4,7 +4,10 @@ device and precision a worker's tasks run with.
 There is no GPU here: where a test needs torch to report one, it patches torch's CUDA queries (``gpu`` fixture)
 and nothing else, so the choice code under test is the real one."""
 
+import json
 import os
+import subprocess
+import sys
 import time
 import warnings
 from types import SimpleNamespace
@@ -60,6 +63,40 @@ def test_gpu_workers_each_see_their_own_device_and_advertise_gpu():
         seen = {client.submit(_worker_env, "CUDA_VISIBLE_DEVICES", resources={"GPU": 1}, pure=False).result()
                 for _ in range(4)}
         assert seen <= {"3", "5"}
+
+
+_FORKED_WORKERS = """
+import json, os, sys
+from distributed import Client
+from wsi.cluster import local_cluster
+
+def start():
+    import torch
+    return [os.getppid(), "wsi.mil.training" in sys.modules, torch.cuda.is_initialized(),
+            os.environ.get("CUDA_VISIBLE_DEVICES")]
+
+if __name__ == "__main__":
+    cfg = {"n_workers": 3, "threads_per_worker": 1, "dashboard_address": ":0"}
+    with local_cluster(cfg, gpus=["3", "5"], preload=["wsi.mil.training"]) as cluster, Client(cluster) as client:
+        print(json.dumps({"me": os.getpid(), "workers": list(client.run(start).values())}))
+"""
+
+
+@pytest.mark.slow
+def test_local_workers_fork_from_one_server_that_imported_the_stage_and_still_see_their_own_gpu(tmp_path):
+    """A fresh process (the server starts with a process's first cluster): its three workers share one parent
+    that is not the process itself, hold the stage's module before any task ran, have not touched CUDA, and
+    each still gets its own CUDA_VISIBLE_DEVICES."""
+    script = tmp_path / "forked.py"
+    script.write_text(_FORKED_WORKERS)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    parents = {w[0] for w in got["workers"]}
+    assert len(parents) == 1 and got["me"] not in parents
+    assert all(w[1] for w in got["workers"])
+    assert not any(w[2] for w in got["workers"])
+    assert sorted(w[3] for w in got["workers"]) == ["", "3", "5"]
 
 
 def test_address_connects_and_leaves_the_scheduler_running():

@@ -381,7 +381,7 @@ def extract_cohort(out_dir, params: ExtractConfig, *, slide_ids: list[str] | Non
     if todo:
         plugin = plugin_name(encoder, checkpoint, precision)
         settings = {k: cfg.get(k) for k in ("batch_size", "gpu_batch_size", "tasks_per_gpu", "pinned_mb")}
-        with dask_client(params.cluster) as client:
+        with dask_client(params.cluster, preload=[__name__]) as client:  # its workers run this module
             resources = gpu_resources(client, tasks_per_gpu=int(cfg["tasks_per_gpu"]))
             try:
                 # a checkpoint that does not fit, or a GPU worker without CUDA, raises here, from the workers'

@@ -422,7 +422,7 @@ def _run_folds(tasks: list[FoldTask], bags, cluster_cfg: dict, progress: bool
 
     from ..cluster import dask_client, gpu_resources
 
-    with dask_client(cluster_cfg) as client:
+    with dask_client(cluster_cfg, preload=[__name__]) as client:  # its workers run this module
         resources = gpu_resources(client)
         slot = f"wsi-mil-fold-slot-{uuid.uuid4().hex[:8]}"  # per run: trainings sharing a scheduler
         topic = f"wsi-train-progress-{slot[-8:]}"
