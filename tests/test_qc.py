@@ -470,3 +470,40 @@ def test_the_straight_edge_of_a_dense_tumour_sheet_is_not_a_fold_band():
     od[sheet] *= np.random.default_rng(1).uniform(0.9, 1.1, (sheet.sum(), 1)).astype(np.float32)
     rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
     assert not thumbnail_defects(rgb, tissue, 8.0).fold.any()
+
+
+def test_a_fold_band_over_a_fat_island_under_a_flap_of_stroma_is_bridged():
+    """A fold band (12 px wide at 8 um/px) across stroma, over an island of fat (24 px, 192 um, along it) that lies
+    under the band alone: there the flap of stroma over the fat is as dense as the stroma on either side, so no
+    segment of it is doubled and the run along the band stops at it; the band resumes doubled past it, so the
+    stretch is bridged. (Main, 4221af8, finds 21 of its 288 pixels.)"""
+    od, tissue = stroma_thumbnail()
+    yy, xx = np.mgrid[0:od.shape[0], 0:od.shape[1]]
+    island = tissue & (xx >= 188) & (xx < 212) & (yy >= 140) & (yy < 153)
+    septa = np.random.default_rng(5).random(od.shape[:2]) < 0.25
+    od[island & ~septa] *= 0.05
+    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    fold = dd.Fold(200, 140, 0.0, 140, 12, line_width=0.5)
+    found = thumbnail_defects(dd.composite(rgb, [fold]), tissue, 8.0)
+    truth = dd.composite_truth(tissue, [fold])["fold"]
+    assert (truth & island).sum() > 200 and (found.fold & truth & island).sum() >= 0.8 * (truth & island).sum()
+    assert (found.fold & truth).sum() >= 0.9 * truth.sum()
+    assert (found.fold & ~truth).sum() <= 0.1 * truth.sum()
+
+
+@pytest.mark.parametrize("radius", [15, 25])
+def test_a_dense_nest_a_little_past_a_folds_end_is_not_bridged_to(radius):
+    """A round nest of dense tumour (2.5x the stroma) 96 um past a fold band's end, on its axis: a segment over it
+    is doubled against its flanks, but the band does not resume there (one doubled segment holding no fold
+    piece, or a nest wider than the band's flanks, which are then nest too): neither it nor the stroma between is
+    flagged."""
+    od, tissue = stroma_thumbnail()
+    yy, xx = np.mgrid[0:od.shape[0], 0:od.shape[1]]
+    nest = (xx - 192 - radius) ** 2 + (yy - 146) ** 2 < radius ** 2
+    od[nest] = 0.75 * np.array([0.28, 0.50, 0.22], np.float32)
+    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    fold = dd.Fold(120, 140, 0.0, 60, 12, line_width=0.5)
+    found = thumbnail_defects(dd.composite(rgb, [fold]), tissue, 8.0)
+    truth = dd.composite_truth(tissue, [fold])["fold"]
+    assert (found.fold & truth).sum() >= 0.9 * truth.sum()
+    assert not (found.fold & ~truth).any()

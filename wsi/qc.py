@@ -63,8 +63,14 @@ either end along its band, in segments of :data:`FOLD_ALONG_STEP_UM`, for as lon
 :data:`FOLD_ALONG_RATIO` times as dense as the mean of the two strips flanking it (:func:`_along_bands`): per
 pixel, fat's density varies 2x within 100 um, so doubled fat cannot be told from single fat, but a segment's mean
 against its flanks' can, and a flap of stroma over fat, as dense as the stroma beside it, is still about the sum
-of its two flanks. Straight bands are also searched for with no piece to start from (:func:`_straight_bands`):
-on a grid of :data:`FOLD_SEARCH_UM`, in :data:`FOLD_SEARCH_ANGLES` directions, bands of
+of its two flanks; or :data:`FOLD_ALONG_LESSER` times its lesser flank (doubled fat beside stroma is about twice
+the fat, a strip of stroma beside fat many times it). A stretch of segments that are not doubled, up to
+:data:`FOLD_ALONG_BRIDGE_UM` long, is bridged where the band resumes doubled past it (two segments in a row, or one
+that holds another fold piece): a fold's stretch over fat under a flap of stroma is as dense as stroma and cannot
+be seen, but the band goes on past it. Each fold piece that fills at least :data:`FOLD_BAND_FILL` of its convex
+hull is then filled out to its hull (:func:`_filled_bands`): fat under a flap of stroma, and a flap of fat over
+stroma, leave notches and holes in a band. Straight bands are also searched for with no piece to start from
+(:func:`_straight_bands`): on a grid of :data:`FOLD_SEARCH_UM`, in :data:`FOLD_SEARCH_ANGLES` directions, bands of
 :data:`FOLD_SEARCH_WIDTHS_UM` and :data:`FOLD_SEARCH_LENGTH_UM` long each :data:`FOLD_SEARCH_SEGMENT_UM` segment of
 which is doubled tissue against its two flanks (strips as wide): :data:`FOLD_SEARCH_SUM_RATIO` to
 :data:`FOLD_SEARCH_SUM_MAX` of their sum (a fold is about the sum of its flanks, single tissue about their mean, a
@@ -157,6 +163,11 @@ FOLD_ALONG_RATIO = 1.4  # a segment is fold when at least this times as dense as
 FOLD_ALONG_GAP_UM = 8.0  # the flanks (each as wide as the band) start this far outside it: the band's blurred edge
 FOLD_ALONG_TISSUE = 0.5  # a segment is judged only where the band and both flanks are at least this share tissue
 FOLD_ALONG_REACH_UM = 1600.0  # a piece is followed at most this far past its end (bounds the box measured)
+FOLD_ALONG_LESSER = (1.6, 2.6)  # or 1.6-2.6 times its lesser flank: doubled tissue of one flank's kind, the other
+# flank another tissue (doubled fat beside stroma; a strip of stroma beside fat is several times the fat)
+FOLD_ALONG_BRIDGE_UM = 256.0  # the run goes on across at most this much of segments not doubled where a doubled one
+# follows (fat under a flap of stroma is as dense as stroma: the fold's stretch over fat cannot be seen)
+FOLD_ALONG_PIECE = 0.1  # where at least this share of the band holds another fold piece
 FOLD_SEARCH_UM = 32.0  # straight bands of doubled tissue are also searched for with no piece to start from, on a
 # grid this coarse (its cost grows with the area searched: ~15 ms a 6 x 4.5 mm slide)
 FOLD_SEARCH_ANGLES = 16  # in this many directions (11.25 degrees apart)
@@ -338,7 +349,7 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     density = sum(cv2.split(od))  # per pixel, the three channels' optical densities: every fold step's measure
     fold = _folds(od, density, searched, mpp) | _straight_bands(density, searched, mpp)
     if fold.any():
-        fold = _along_bands(fold, density, searched, mpp)
+        fold = _filled_bands(_along_bands(fold, density, searched, mpp), searched)
     if circles and fold.any():
         fold = _through_bubbles(fold, bubble, tissue, mpp)
     return ThumbnailDefects(fold=fold, bubble=bubble, circles=tuple(circles))
@@ -413,10 +424,14 @@ def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mp
     segment (:data:`FOLD_ALONG_STEP_UM` long, the rectangle's width), while a segment's mean density over the
     ``searched`` tissue is at least :data:`FOLD_ALONG_RATIO` times the mean of its two flanks' (strips as wide as
     the band, :data:`FOLD_ALONG_GAP_UM` outside it); it stops at the first segment that is not, or that is under
-    :data:`FOLD_ALONG_TISSUE` tissue, band or flanks, or :data:`FOLD_ALONG_REACH_UM` past the end."""
+    :data:`FOLD_ALONG_TISSUE` tissue, band or flanks, or :data:`FOLD_ALONG_REACH_UM` past the end. A segment is
+    doubled too at :data:`FOLD_ALONG_LESSER` times its lesser flank's mean; a stretch of segments not doubled, at
+    most :data:`FOLD_ALONG_BRIDGE_UM` long, is bridged where the band resumes doubled past it (two segments in a
+    row, or one where :data:`FOLD_ALONG_PIECE` of the band is another fold piece)."""
     count, labels, stats, _ = cv2.connectedComponentsWithStats(fold.view(np.uint8), connectivity=8)
     step, gap = FOLD_ALONG_STEP_UM / mpp, FOLD_ALONG_GAP_UM / mpp
     segments = int(math.ceil(FOLD_ALONG_REACH_UM / FOLD_ALONG_STEP_UM))
+    bridge = int(round(FOLD_ALONG_BRIDGE_UM / FOLD_ALONG_STEP_UM))
     h, w = fold.shape
     out = fold.copy()
     for i in range(1, count):
@@ -436,20 +451,55 @@ def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mp
         strip = np.where(off_axis <= half, 0, np.where(flank, np.where(across > 0, 1, 2), -1))  # band 0, flanks 1, 2
         here = searched[y0:y1, x0:x1]
         value = np.where(here, density[y0:y1, x0:x1], 0)
+        seen = fold[y0:y1, x0:x1] & (labels[y0:y1, x0:x1] != i)  # the other fold pieces
         for sign in (1, -1):
             past = sign * along - length / 2
             segment = np.floor(past / step).astype(np.int64)
             measured = (past >= 0) & (segment < segments) & (strip >= 0)
             key = (segment * 3 + strip)[measured]
-            area, tissue, total = (np.bincount(key, weights=v, minlength=3 * segments).reshape(segments, 3)
-                                   for v in (None, here[measured], value[measured]))
+            area, tissue, total, found = (np.bincount(key, weights=v, minlength=3 * segments).reshape(segments, 3)
+                                          for v in (None, here[measured], value[measured], seen[measured]))
             mean = total / np.maximum(tissue, 1)
             # a flap of stroma over fat is about as dense as the stroma it came from on one side and many times
             # the fat on the other: a doubled band is about the sum of its flanks, single tissue about their mean
+            lesser = np.minimum(mean[:, 1], mean[:, 2])
             doubled = (tissue >= FOLD_ALONG_TISSUE * np.maximum(area, 1)).all(axis=1) & (
-                mean[:, 0] >= FOLD_ALONG_RATIO * (mean[:, 1] + mean[:, 2]) / 2)
+                (mean[:, 0] >= FOLD_ALONG_RATIO * (mean[:, 1] + mean[:, 2]) / 2)
+                | ((mean[:, 0] >= FOLD_ALONG_LESSER[0] * lesser) & (mean[:, 0] <= FOLD_ALONG_LESSER[1] * lesser)))
+            # a stretch of segments not doubled (the fold over fat, a flap of fat over stroma) is bridged when,
+            # within FOLD_ALONG_BRIDGE_UM, the band resumes doubled: two segments in a row, or one that holds
+            # another fold piece (a nest of dense tumour a little past a fold's end is one doubled segment)
+            twice = doubled.copy()
+            twice[:-1] &= doubled[1:]
+            twice[-1] = False
+            resumes = twice | (doubled & (found[:, 0] >= FOLD_ALONG_PIECE * np.maximum(area[:, 0], 1)))
             run = segments if doubled.all() else int(np.argmin(doubled))
+            while run < segments:
+                ahead = np.flatnonzero(resumes[run + 1:run + bridge + 1])
+                if not len(ahead):
+                    break
+                rest = doubled[run + 1 + int(ahead[0]):]
+                run += 1 + int(ahead[0]) + (len(rest) if rest.all() else int(np.argmin(rest)))
             out[y0:y1, x0:x1] |= (strip == 0) & (past >= 0) & (segment < run) & here
+    return out
+
+
+def _filled_bands(fold: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """``fold`` with each piece that fills at least :data:`FOLD_BAND_FILL` of its convex hull filled out to it
+    (within ``tissue``): a fold band's stretches over fat under a flap of stroma, and a flap of fat over
+    stroma, are as dense as single stroma and leave notches and holes in the band."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(fold.view(np.uint8), connectivity=8)
+    out = fold.copy()
+    for i in range(1, count):
+        x, y, bw, bh, area = (int(v) for v in stats[i][:5])
+        ys, xs = np.nonzero(labels[y:y + bh, x:x + bw] == i)
+        hull = cv2.convexHull(np.stack([xs, ys], axis=1).astype(np.int32))
+        # the hull runs through the outer pixels' centres: half a pixel more all round
+        if area < FOLD_BAND_FILL * (cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2 + 1):
+            continue  # ragged or bent: no band to fill
+        inside = np.zeros((bh, bw), np.uint8)
+        cv2.fillConvexPoly(inside, hull, 1)
+        out[y:y + bh, x:x + bw] |= inside.view(bool) & tissue[y:y + bh, x:x + bw]
     return out
 
 
@@ -884,4 +934,5 @@ def read_qc(out_dir) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
 
