@@ -934,5 +934,3 @@ def read_qc(out_dir) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
