@@ -156,6 +156,36 @@ def test_exclude_drops_flagged_tiles_from_the_store_and_records_them(slides, fla
         assert int(qc_rows(tmp_path)[sid]["excluded_tiles"]) == flagged_any.sum()
 
 
+def test_the_stores_qc_arrays_are_the_files_zarr_itself_writes(tmp_path):
+    """QC's arrays are written straight to their files (Zarr's round trips cost more CPU than QC's own work on
+    them); any Zarr reader must find what Zarr would have written, byte for byte."""
+    import types
+
+    import zarr
+
+    from wsi.store import TileStoreWriter, _lossless
+
+    rng = np.random.default_rng(0)
+    arrays = {"focus": (np.where(rng.random(37) < 0.2, np.nan, rng.random(37)).astype(np.float32), (37,), None),
+              "blur": (np.zeros(37, np.uint8), (37,), None),
+              "fold": ((rng.random(37) < 0.3).astype(np.uint8), (37,), None),
+              "coords": (rng.integers(0, 10**6, (5, 2)), (5, 2), None), "none": (np.zeros(0, np.float32), (1,), None),
+              "mask": ((rng.random((30, 41)) < 0.1).astype(np.uint8), (30, 41), {"downsample": 16.0, "mpp": 8.0})}
+    ours = types.SimpleNamespace(tmp=tmp_path / "ours.zarr")
+    zarr.open_group(str(ours.tmp), mode="w", zarr_format=3)
+    TileStoreWriter._require_group(ours, "qc")
+    theirs = zarr.open_group(str(tmp_path / "theirs.zarr"), mode="w", zarr_format=3).require_group("qc")
+    for name, (data, chunks, attributes) in arrays.items():
+        TileStoreWriter._write_array(ours, f"qc/{name}", data, chunks, attributes)
+        theirs.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=[_lossless()],
+                            attributes=attributes)[...] = data
+    files = {p.relative_to(tmp_path / "theirs.zarr") for p in (tmp_path / "theirs.zarr").rglob("*") if p.is_file()}
+    assert files == {p.relative_to(ours.tmp) for p in ours.tmp.rglob("*") if p.is_file()}
+    assert all((ours.tmp / f).read_bytes() == (tmp_path / "theirs.zarr" / f).read_bytes() for f in files)
+    back = zarr.open_group(str(ours.tmp), mode="r")["qc"]
+    assert all(np.array_equal(back[name][...], data, equal_nan=True) for name, (data, _, _) in arrays.items())
+
+
 def test_qc_image_paints_blurred_tiles_in_their_own_colour(flagged):
     out, _ = flagged
     store = SlideStore.open(store_path(out, "blur"))

@@ -204,48 +204,112 @@ QC_COLUMNS = ("slide_id", "blur_pct", "fold_pct", "bubble_pct", "focus_median", 
 
 # --------------------------------------------------------------------------------------------- focus
 def focus_features(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sharpness (n,), structure (n,)) of uint8 RGB tiles (n, T, T, 3), float32: see the module docstring."""
+    """(sharpness (n,), structure (n,)) of uint8 RGB tiles (n, T, T, 3), float32: see the module docstring.
+
+    Level 0 is measured tile by tile (its gradients stay in the CPU's cache), levels 2 and 3 of all the tiles at
+    once (:func:`_stack_gradient_energy`: a tile's own calls there were nearly all Python overhead). Every block
+    sum is an exact integer (squared 16-bit gradients), so the order it is summed in does not change a bit."""
     tiles = np.asarray(tiles)
     n = len(tiles)
     sharpness, structure = np.empty(n, np.float32), np.empty(n, np.float32)
+    if n == 0:
+        return sharpness, structure
+    h, w = tiles.shape[1:3]
+    blocks = FOCUS_BLOCKS * FOCUS_BLOCKS
+    fine = np.empty((n, blocks))
+    gradients = np.empty((h, 2, w), np.int16)  # each row's x gradient, then its y gradient: one norm a block
+    coarse_stack = gate_stack = None
     for i in range(n):
         grey = cv2.cvtColor(np.ascontiguousarray(tiles[i]), cv2.COLOR_RGB2GRAY)
-        fine = _block_gradient_energy(grey)
-        level = grey
-        for _ in range(2):
-            level = cv2.pyrDown(level)
-        coarse = _block_gradient_energy(level)
-        gate = _block_gradient_energy(cv2.pyrDown(level))
-        sharpness[i] = _block_median_sharpness(fine, coarse, gate)
-        structure[i] = math.sqrt(sum(gate) / len(gate)) / 8.0
+        fine[i] = _block_gradient_energy(grey, gradients)
+        level = cv2.pyrDown(cv2.pyrDown(grey))
+        gate = cv2.pyrDown(level)
+        if coarse_stack is None:
+            coarse_stack = np.empty((n,) + level.shape, np.uint8)
+            gate_stack = np.empty((n,) + gate.shape, np.uint8)
+        coarse_stack[i], gate_stack[i] = level, gate
+    coarse, gate = _stack_gradient_energy(coarse_stack), _stack_gradient_energy(gate_stack)
+    sharpness[:] = _block_median_sharpness(fine, coarse, gate)
+    total = gate[:, 0].copy()  # summed left to right, as Python's sum of the blocks
+    for k in range(1, blocks):
+        total += gate[:, k]
+    structure[:] = np.sqrt(total / blocks) / 8.0
     return sharpness, structure
 
 
-def _block_median_sharpness(fine: list[float], coarse: list[float], gate: list[float]) -> float:
-    """The lower median sharpness of a tile's blocks that show structure (their level-3 gradient energy ``gate``
-    at least :data:`STRUCTURE_MIN`'s; all blocks when none does): a tile at a blurred region's edge is judged by
-    what at least half of its tissue shows, not by its sharp part, which holds most of its fine gradient."""
-    ratios = [4.0 * math.sqrt(f / max(c, 1e-6)) for f, c in zip(fine, coarse, strict=True)]
-    structured = [r for r, g in zip(ratios, gate, strict=True) if g >= (8.0 * STRUCTURE_MIN) ** 2]
-    ranked = sorted(structured or ratios)
-    return ranked[(len(ranked) - 1) // 2]
+def _block_median_sharpness(fine: np.ndarray, coarse: np.ndarray, gate: np.ndarray) -> np.ndarray:
+    """The lower median sharpness of each tile's blocks that show structure (their level-3 gradient energy ``gate``
+    at least :data:`STRUCTURE_MIN`'s; all blocks when none does), from (n, blocks) energies: a tile at a blurred
+    region's edge is judged by what at least half of its tissue shows, not by its sharp part, which holds most of
+    its fine gradient."""
+    ratios = 4.0 * np.sqrt(fine / np.maximum(coarse, 1e-6))
+    structured = gate >= (8.0 * STRUCTURE_MIN) ** 2
+    none = ~structured.any(axis=1)
+    structured[none] = True
+    ranked = np.sort(np.where(structured, ratios, np.inf), axis=1)
+    return ranked[np.arange(len(ranked)), (structured.sum(axis=1) - 1) // 2]
 
 
-def _block_gradient_energy(grey: np.ndarray) -> list[float]:
+def _block_edges(size: int) -> list[int]:
+    return [size * k // FOCUS_BLOCKS for k in range(FOCUS_BLOCKS + 1)]
+
+
+_BLOCK_PLANS: dict = {}
+
+
+def _block_plan(h: int, w: int) -> list[tuple[slice, slice, int]]:
+    """Each of the :data:`FOCUS_BLOCKS` x :data:`FOCUS_BLOCKS` blocks of an (h, w) image, row by row: its rows in
+    the interleaved gradients of :func:`_block_gradient_energy`, its columns, its size in pixels."""
+    plan = _BLOCK_PLANS.get((h, w))
+    if plan is None:
+        rows, cols = _block_edges(h), _block_edges(w)
+        plan = [(slice(2 * top, 2 * bottom), slice(left, right), max((bottom - top) * (right - left), 1))
+                for top, bottom in zip(rows[:-1], rows[1:], strict=True)
+                for left, right in zip(cols[:-1], cols[1:], strict=True)]
+        _BLOCK_PLANS[(h, w)] = plan
+    return plan
+
+
+def _block_gradient_energy(grey: np.ndarray, gradients: np.ndarray | None = None) -> list[float]:
     """Mean squared 3x3 Sobel gradient of a uint8 image in each of its :data:`FOCUS_BLOCKS` x
-    :data:`FOCUS_BLOCKS` blocks, row by row (OpenCV's C loops on views: no float copies of the tile)."""
-    gx = cv2.Sobel(grey, cv2.CV_16S, 1, 0, ksize=3)
-    gy = cv2.Sobel(grey, cv2.CV_16S, 0, 1, ksize=3)
+    :data:`FOCUS_BLOCKS` blocks, row by row. The x and y gradients are written row by row interleaved into
+    ``gradients`` ((h, 2, w) int16, reused from tile to tile), so that one ``cv2.norm`` over a block's rows takes
+    both: the sum of their squares, an exact integer."""
     h, w = grey.shape
-    rows = [h * k // FOCUS_BLOCKS for k in range(FOCUS_BLOCKS + 1)]
-    cols = [w * k // FOCUS_BLOCKS for k in range(FOCUS_BLOCKS + 1)]
-    out = []
-    for top, bottom in zip(rows[:-1], rows[1:], strict=True):
-        for left, right in zip(cols[:-1], cols[1:], strict=True):
-            block = (slice(top, bottom), slice(left, right))
-            size = max((bottom - top) * (right - left), 1)
-            out.append((cv2.norm(gx[block], cv2.NORM_L2SQR) + cv2.norm(gy[block], cv2.NORM_L2SQR)) / size)
-    return out
+    if gradients is None:
+        gradients = np.empty((h, 2, w), np.int16)
+    cv2.Sobel(grey, cv2.CV_16S, 1, 0, dst=gradients[:, 0], ksize=3)
+    cv2.Sobel(grey, cv2.CV_16S, 0, 1, dst=gradients[:, 1], ksize=3)
+    both = gradients.reshape(2 * h, w)
+    return [cv2.norm(both[rows, cols], cv2.NORM_L2SQR) / size for rows, cols, size in _block_plan(h, w)]
+
+
+def _stack_gradient_energy(stack: np.ndarray) -> np.ndarray:
+    """:func:`_block_gradient_energy` of each of (n, h, w) uint8 images at once, (n, blocks) float64: one Sobel
+    over the images stacked, each with a row above and below it mirrored as OpenCV's border (``BORDER_REFLECT_101``)
+    so that no image sees the next, and the blocks' sums of squares in integers (exact, as OpenCV's)."""
+    n, h, w = stack.shape
+    if h < FOCUS_BLOCKS or w < FOCUS_BLOCKS:  # blocks of no pixels: the tile's own measure
+        return np.array([_block_gradient_energy(image) for image in stack], np.float64).reshape(n, -1)
+    padded = np.empty((n, h + 2, w), np.uint8)
+    padded[:, 1:h + 1] = stack
+    padded[:, 0], padded[:, h + 1] = stack[:, 1], stack[:, h - 2]
+    padded = padded.reshape(n * (h + 2), w)
+    gx, gy = cv2.Sobel(padded, cv2.CV_16S, 1, 0, ksize=3), cv2.Sobel(padded, cv2.CV_16S, 0, 1, ksize=3)
+    energy = cv2.multiply(gx, gx, dtype=cv2.CV_32S)  # at most 2 x 1020^2 a pixel
+    energy += cv2.multiply(gy, gy, dtype=cv2.CV_32S)
+    energy = energy.reshape(n, h + 2, w)
+    rows, cols = _block_edges(h), _block_edges(w)
+    if h % FOCUS_BLOCKS == 0 and w % FOCUS_BLOCKS == 0:
+        bh, bw = h // FOCUS_BLOCKS, w // FOCUS_BLOCKS
+        sums = energy.reshape(n, h + 2, FOCUS_BLOCKS, bw).sum(axis=3, dtype=np.int64)[:, 1:h + 1]
+        sums = sums.reshape(n, FOCUS_BLOCKS, bh, FOCUS_BLOCKS).sum(axis=2)
+    else:
+        sums = np.add.reduceat(np.add.reduceat(energy[:, 1:h + 1], rows[:-1], axis=1, dtype=np.int64),
+                               cols[:-1], axis=2)
+    sizes = np.array([[(bottom - top) * (right - left) for left, right in zip(cols[:-1], cols[1:])]
+                      for top, bottom in zip(rows[:-1], rows[1:])], np.float64)
+    return (sums / sizes).reshape(n, FOCUS_BLOCKS * FOCUS_BLOCKS)
 
 
 @dataclass(frozen=True)
