@@ -21,11 +21,7 @@ Steps (``rgb`` in, boolean masks out; ``mpp`` is the thumbnail's pixel size):
    nucleus). Each region of at least 5,000 um2 is then judged as a whole: green and black regions are ink; a
    blue region is ink when its mean red/blue is at most 0.42 (blue ink 0.25-0.4; the darkest pixels of dense
    high-grade tumour reach 0.5-0.55, but a tumour region's mean is 0.7 and more, and its few ink-coloured
-   pixels form only specks). A blue or black region is not ink where the density it adds over the tissue beside
-   it is H&E's (green absorbed most, blue little): a fold doubles the tissue's density, so over dense tumour it
-   is as dark as black ink and its red/blue as low as blue ink's, but it adds the tissue's own density, where ink
-   adds its own; in such a region, the pieces of 5,000 um2 or more whose own excess is an ink's (a stroke across
-   the fold) are ink. A red region is ink only where it is stroke-shaped (``keep_blood``): blood is as
+   pixels form only specks); a red region is ink only where it is stroke-shaped (``keep_blood``): blood is as
    red as red ink, but a marker leaves strokes of even width, long for their width, while haemorrhage lies in
    pools. Each red region is opened by a disc half again as wide as its typical half-width, which keeps the
    parts wider than a stroke (a pool, even one a stroke touches) as blood; the removed, thin parts are ink
@@ -94,10 +90,6 @@ RED_INK_MAX_BLUE_OVER_GREEN = 0.4  # red ink and blood: (B - G) / (R - G) at mos
 RUN_ON_MIN = 0.7  # ink over tissue adds at least this share of the ink's density (full strokes 0.85-1; a dense
 # tumour beside pale stroma reads as at most 0.56 of blue ink's, haematoxylin absorbing much as blue ink does)
 FAT_CELL_MAX_UM2 = 6000.0  # a fat cell (70 um across, 3,800 um2; up to 90 um): the largest hole a stroke may close
-RING_UM = 24.0  # a blue or black region's excess density is measured over the ring this wide around it,
-RING_TISSUE_OD = 0.15  # over the ring's pixels of at least this summed density (tissue) where they are a quarter
-STAIN_MIN_GREEN_OVER_RED = 0.9  # H&E's density: green at least this share of red (blue ink 0.67, black 1.0;
-STAIN_MAX_BLUE_OVER_GREEN = 0.6  # tumour 1.2-1.9) and blue at most this share of green (black ink 0.93; H&E 0.3-0.5)
 INK_KINDS = ("green", "blue", "black", "red")  # the order candidate colours claim a pixel in
 
 
@@ -293,8 +285,6 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
     ink = np.zeros(r.shape, bool)
     taken = np.zeros(r.shape, bool)
     candidates, decided = {}, []  # each ink colour's candidate pixels; (ink colour, its decided ink)
-    od = None  # optical density, -log of the glass-relative RGB (computed when first needed)
-    inked_parts = np.zeros(r.shape, bool)
     for kind, pixels in zip(INK_KINDS, ink_colour):
         pixels = candidates[kind] = pixels & ~taken  # each pixel: the first ink colour it has (crossings part)
         taken |= pixels
@@ -307,29 +297,18 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
         big[0] = False
         if kind == "blue":  # dense tumour's darkest pixels are as blue, but never a whole region
             red_over_blue = np.bincount(at, weights=r[pixels] / np.maximum(b[pixels], 1e-6), minlength=n + 1)
-            big &= red_over_blue <= INK_MAX_RED_OVER_BLUE * area
-        if kind in ("blue", "black") and big.any():  # doubled tissue (a fold) is as dark: its density is H&E's
-            if od is None:
-                od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
-            regions = np.flatnonzero(big)
-            stain_like, inked_parts = _stain_excess(labels, regions, np.logical_or.reduce(ink_colour), od, mpp)
-            big[regions[stain_like]] = False
-        if kind == "blue":
-            kind_ink = big[labels]
+            kind_ink = (big & (red_over_blue <= INK_MAX_RED_OVER_BLUE * area))[labels]
         elif kind == "red" and keep_blood:  # blood is as red: strokes are told from pools by their shape
             kind_ink = _red_strokes(labels, np.flatnonzero(big))
         else:  # green and black are never H&E's colours
             kind_ink = big[labels]
-        if kind in ("blue", "black") and inked_parts.any():  # a stroke across a fold: its own part is ink
-            kind_ink |= inked_parts
         ink |= kind_ink
         decided.append((kind, kind_ink))
     red = candidates["red"]
     blood = red & ~ink  # red, not ink: what hides the other inks
     glass = (r + g + b) >= 2.7  # near the glass colour in every channel (glass-relative, 3 = glass)
     if ink.any():  # strokes run on where what lies under them hides their colour
-        if od is None:
-            od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
+        od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
         for kind, kind_ink in decided:
             if not kind_ink.any():
                 continue
@@ -351,46 +330,6 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
     for _ in range(2):
         ink |= _dilate(ink, 1.5) & ~stain
     return ink
-
-
-def _stain_excess(labels: np.ndarray, regions: np.ndarray, candidates: np.ndarray, od: np.ndarray,
-                  mpp: float) -> tuple[np.ndarray, np.ndarray]:
-    """For each of ``regions`` (labels of blue or black ink ``candidates``): whether the density it adds over
-    the tissue beside it is H&E's, not an ink's; and the inked parts of those that are.
-
-    A fold doubles the tissue's density, so over dense tumour it is as dark as black ink and its red/blue as
-    low as blue ink's; but what it adds over the tissue beside it points along that tissue's own density, where
-    ink adds its own. The excess is the region's median density less the median of the ring around it
-    (``RING_UM`` wide, pixels of any ink colour left out; its pixels of ``RING_TISSUE_OD`` or more where they are
-    a quarter of it: the tissue beside a region, the glass beside a stroke on glass). It is H&E's when green
-    takes the most of it (``STAIN_MIN_GREEN_OVER_RED`` of red at least: haematoxylin and eosin both absorb green
-    most, blue ink red) and blue little (``STAIN_MAX_BLUE_OVER_GREEN`` of green at most: black ink absorbs all
-    three alike). A stroke across a fold joins it into one region: in a region found H&E's, the pieces of
-    ``INK_MIN_UM2`` or more whose own excess is not H&E's are returned as ink."""
-    stain_like = np.zeros(len(regions), bool)
-    inked = np.zeros(labels.shape, bool)
-    width = max(1, int(round(RING_UM / mpp)))
-
-    def hne(excess):
-        red, green, blue = excess[..., 0], excess[..., 1], excess[..., 2]
-        return (green > 0) & (green >= STAIN_MIN_GREEN_OVER_RED * red) & (blue <= STAIN_MAX_BLUE_OVER_GREEN * green)
-
-    for k, region in enumerate(regions):
-        ys, xs = np.nonzero(labels == region)
-        box = (slice(max(ys.min() - width - 1, 0), ys.max() + width + 2),
-               slice(max(xs.min() - width - 1, 0), xs.max() + width + 2))
-        inside = labels[box] == region
-        ring = _dilate(inside, width) & ~candidates[box]
-        if not ring.any():
-            continue
-        beside = ring & (od[box].sum(axis=2) >= RING_TISSUE_OD)  # the tissue beside it, where there is some
-        beside = beside if beside.sum() >= 0.25 * ring.sum() else ring
-        under = np.median(od[box][beside], axis=0)
-        stain_like[k] = bool(hne(np.median(od[box][inside], axis=0) - under))
-        if stain_like[k]:
-            ink_part = inside & ~hne(od[box] - under)
-            inked[box] |= _drop_small(ink_part, INK_MIN_UM2 / (mpp * mpp))
-    return stain_like, inked
 
 
 def _run_on(strokes: np.ndarray, half_width: float, host: np.ndarray, blood: np.ndarray,
