@@ -1,6 +1,6 @@
 """Tissue-detection benchmark: the tissue mask scored against known truth on three families of hard images.
 
-    python bench/tissue.py [--family generator edge real] [--slides 16] [--seed-base N] [--old REV]
+    python bench/tissue.py [--family generator edge real inkfold] [--slides 16] [--seed-base N] [--old REV]
 
 **generator** (seeds 7000+, used by no test): what tissue detection gets wrong on real slides, spread over 16 or
 more 8 x 6 mm slides at 0.5 um/px: solid high-grade tumour sheets (as dark and blue as a real dense tumour
@@ -24,6 +24,15 @@ The tissue truth of a real image is the mask of the **clean** image by the revis
 existed (``TRUTH_REV``): what the family measures is what the ink changes, and a mask's own judgement of clean
 real tissue is left to the tests on the clean images. Dense dark cores (red under 0.8 of blue, mean under 140,
 inside that truth) stand for tumour.
+
+**inkfold** (seeds 7300+; designed before its first run, never tuned on): tissue folds over dense tumour, which
+must stay tissue, and marker ink over dense tumour, which must go (see :func:`inkfold_images`). For each seed,
+one generator slide (16,000 x 12,000 px at 0.5 um/px, 1-2 solid high-grade tumour sheets, the site profiles in
+turn, each sheet with a fold through it drawn by :class:`wsi_synth.defects.Fold`) and one composite of
+``tma_spots.jpeg`` (1-2 folds through its dense dark cores, drawn by :func:`wsi_synth.defects.composite`, as
+``bench/qc.py``'s real tier draws them); on every other seed, a black or blue marker stroke through a solid sheet
+or a dense core as well. Figures per image: the ink-free tumour's share the mask calls ink, tumour recall,
+tumour tiles lost (>= 25% ink-free tumour, dropped), the share of the ink over tissue kept as tissue.
 
 Each generator slide's 8 um/px thumbnail is rendered exactly as the writer renders that pyramid level, and
 every image passes through the same JPEG encoding (quality 85, YCbCr 4:2:0) that the slide files use; writing
@@ -62,7 +71,7 @@ MPP = 0.5
 THUMB_DS = 16  # 8 um/px, the default tissue.mask_mpp
 CLASSES = ("tumour", "stroma", "fat", "blood", "mucin", "lymphoid")
 CASTS = ((242.0, 241.0, 245.0), (236.0, 232.0, 214.0), (228.0, 234.0, 246.0), (246.0, 246.0, 246.0))
-SEED_BASES = {"generator": 7000, "edge": 7100, "real": 7200}
+SEED_BASES = {"generator": 7000, "edge": 7100, "real": 7200, "inkfold": 7300}
 TRUTH_REV = "be551c4"  # the mask whose judgement of a clean real image is the real family's tissue truth
 
 
@@ -210,6 +219,156 @@ def real_composites(n: int, seed_base: int, truth_mask):
     return out
 
 
+def _fold(rng, cx: float, cy: float, um: float, long_um: tuple, wide_um: tuple, line_px: float | None):
+    """A fold through (cx, cy) (pixels of a grid of ``um`` um/px) in a random direction."""
+    from wsi_synth import defects as dd
+
+    return dd.Fold(cx, cy, rng.uniform(0, math.pi), rng.uniform(*long_um) / um, rng.uniform(*wide_um) / um,
+                   line_width=line_px if line_px else rng.uniform(2, 4) / um, line_density=rng.uniform(1.0, 2.0))
+
+
+def _stroke_through(rng, cx: float, cy: float, um: float, colour: str):
+    """A straight marker stroke through (cx, cy), 0.5-1.5 mm long, 40-100 um half-wide, in pixels of ``um``."""
+    from wsi_synth import PenStroke
+
+    angle, half = rng.uniform(0, math.pi), 0.5 * rng.uniform(500, 1500) / um
+    d = half * np.array([math.cos(angle), math.sin(angle)])
+    return PenStroke((tuple(np.array([cx, cy]) - d), (cx, cy), tuple(np.array([cx, cy]) + d)),
+                     rng.uniform(40, 100) / um, colour, int(rng.integers(1, 2 ** 31)))
+
+
+def inkfold_images(n: int, seed_base: int, truth_mask):
+    """(name, image, truth, um/px) for the inkfold family: for each of ``n`` seeds, a generator slide and a
+    composite of ``tma_spots.jpeg``:
+
+    * generator (``g<seed>``): 16,000 x 12,000 px at 0.5 um/px, 1-2 solid tumour sheets, 0-2 tumour foci, 0-2
+      lymphoid aggregates, haemorrhage on every third, mucin on every fourth, marker strokes on the glass on
+      every other one (``pen_marks``), the four site profiles in turn; through each solid sheet (a random pixel
+      of its truth) a fold of 400-1,200 um half-length and 80-250 um width (bend line 2-4 um, 1-2x density), as
+      :func:`wsi_synth.defects.draw_defects` sizes them; the 8 um/px level as the writer renders it;
+    * real (``tma<seed>``): ``tma_spots.jpeg`` (8 um/px) with 1-2 folds through random pixels of its dense dark
+      cores (red under 0.8 of blue, mean under 140, inside the clean image's mask by ``TRUTH_REV``, eroded by a
+      pixel), 300-800 um half-length, 60-150 um wide, a one-pixel bend line of 1-2x density, drawn by
+      :func:`wsi_synth.defects.composite` (``bench/qc.py``'s real tier draws its folds the same way); the
+      tissue truth is that clean mask, the tumour truth those dense cores;
+    * on odd seeds, both images also get a straight marker stroke (0.5-1.5 mm long, 40-100 um half-wide; black
+      on seeds 1, 5, 9, ..., blue on 3, 7, ...) through a random solid-sheet (dense core) pixel, its optical
+      density added to the image's (:func:`wsi_synth.composite_marks`).
+
+    Every image passes through the slides' JPEG coding (quality 85)."""
+    import cv2
+    from PIL import Image
+
+    from wsi_synth import SITE_PROFILES, HardCases, composite_marks, write_synthetic_slide
+    from wsi_synth import defects as dd
+
+    def erode(mask):
+        return cv2.erode(mask.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
+
+    def pick(rng, where):
+        ys, xs = np.nonzero(where)
+        k = int(rng.integers(len(ys)))
+        return xs[k] + 0.5, ys[k] + 0.5
+
+    tma = jpeg(np.asarray(Image.open(DATA / "tma_spots.jpeg").convert("RGB")))
+    tma_tissue = truth_mask(tma, 8.0)
+    dense = tma_tissue & (tma[..., 0] < 0.8 * tma[..., 2].astype(np.float32)) & (tma.mean(axis=2) < 140)
+    um = THUMB_DS * MPP
+    out = []
+    for i in range(n):
+        seed = seed_base + i
+        rng = np.random.default_rng([seed, 0xF01D])
+        ink = ("black", "blue")[(i // 2) % 2] if i % 2 else None
+        # generator slide
+        hard = HardCases(solid_tumours=int(rng.integers(1, 3)), haemorrhage=int(i % 3 == 0), mucin=int(i % 4 == 0))
+        kwargs = dict(width=16000, height=12000, mpp=MPP, seed=seed, tumour_tiles=int(rng.integers(0, 3)),
+                      pen_marks=i % 2 == 0, specks=True, lymphoid_aggregates=int(rng.integers(0, 3)), hard=hard,
+                      site=SITE_PROFILES["ABCD"[i % 4]])
+        plain = write_synthetic_slide(Path("bench.svs"), write=False, **kwargs)
+        tumour = plain.truth_masks(THUMB_DS)["tumour"]
+        sheets = []
+        for blob in plain.scene.solid:
+            x0, y0, x1, y1 = (v / THUMB_DS for v in blob.box())
+            inside = np.zeros_like(tumour)
+            inside[max(int(y0), 0):int(y1) + 1, max(int(x0), 0):int(x1) + 1] = True
+            inside &= erode(tumour)
+            if inside.any():
+                sheets.append(inside)
+        folds = [_fold(rng, *(v * THUMB_DS for v in pick(rng, sheet)), MPP, (400, 1200), (80, 250), None)
+                 for sheet in sheets]
+        slide = write_synthetic_slide(Path("bench.svs"), write=False, defects=folds, **kwargs)
+        rgb = slide.render_level(THUMB_DS, 0, 0, math.ceil(slide.width / THUMB_DS), math.ceil(slide.height / THUMB_DS))
+        truth = slide.truth_masks(THUMB_DS)
+        if ink and sheets:
+            rgb, marks = composite_marks(rgb.astype(np.float32), [_stroke_through(rng, *pick(rng, sheets[0]), um,
+                                                                                  ink)])
+            for kind in ("pen", "halo", "speck"):
+                truth[kind] = truth[kind] | marks[kind]
+        out.append((f"g{seed}", jpeg(rgb), truth, um))
+        # tissue microarray composite
+        folds = [_fold(rng, *pick(rng, erode(dense)), 8.0, (300, 800), (60, 150), 1.0)
+                 for _ in range(int(rng.integers(1, 3)))]
+        rgb = dd.composite(tma, folds)
+        truth = {"tissue": tma_tissue, "tumour": dense, **dd.composite_truth(tma_tissue, folds),
+                 **{k: np.zeros_like(dense) for k in ("fat", "blood", "mucin", "lymphoid", "pen", "halo", "speck")}}
+        if ink:
+            rgb, marks = composite_marks(rgb.astype(np.float32), [_stroke_through(rng, *pick(rng, erode(dense)), 8.0,
+                                                                                  ink)])
+            truth.update(marks)
+        out.append((f"tma{seed}", jpeg(rgb), truth, 8.0))
+    return out
+
+
+def inkfold_score(masks, truth: dict, um: float, min_tissue_fraction: float) -> dict:
+    """The inkfold family's figures for one image (``masks``: a TissueMasks), beside :func:`score`'s."""
+    from scipy import ndimage
+
+    from wsi.tissue import tissue_fractions
+
+    out = score(masks.tissue, truth, um, min_tissue_fraction)
+    inked = ndimage.binary_dilation(truth["pen"] & ~truth["halo"], iterations=1)
+    tumour = truth["tumour"] & ~inked
+    folded = tumour & truth.get("fold", np.zeros_like(tumour))
+    out["tumour_ink"] = (int(masks.ink[tumour].sum()), int(tumour.sum()))
+    out["fold_tumour"] = (int(masks.tissue[folded].sum()), int(folded.sum()))
+    on_tissue = truth["pen"] & ~truth["halo"] & truth["tissue"]
+    out["ink_on_tissue_kept"] = (int(masks.tissue[on_tissue].sum()), int(on_tissue.sum()))
+    downsample = um / MPP
+    tile = 256 / downsample
+    h, w = masks.tissue.shape
+    ys, xs = np.meshgrid(np.arange(int(h // tile)), np.arange(int(w // tile)), indexing="ij")
+    coords = np.stack([xs.ravel(), ys.ravel()], 1) * 256
+    kept = tissue_fractions(masks.tissue, downsample, coords, 256) >= min_tissue_fraction
+    tumour_tiles = tissue_fractions(tumour, downsample, coords, 256) >= 0.25
+    out["tumour_tiles"] = (int((tumour_tiles & ~kept).sum()), int(tumour_tiles.sum()))
+    return out
+
+
+def inkfold_report(method: str, results: list, seconds: list) -> None:
+    def share(pair):
+        return pair[0] / pair[1] if pair[1] else math.nan
+
+    print(f"\n== {method}: mask {np.mean(seconds):.3f} s per image")
+    print(f"{'image':12s} {'tum->ink':>8s} {'tumour':>7s} {'fold-tum':>8s} {'tum tiles lost':>14s} "
+          f"{'ink/tissue kept':>15s} {'recall':>7s} {'lost':>5s} {'ink kept':>9s} {'bad ink':>7s}")
+    for name, r in results:
+        print(f"{name:12s} {share(r['tumour_ink']):8.3f} {share(r['tumour']):7.3f} {share(r['fold_tumour']):8.3f} "
+              f"{r['tumour_tiles'][0]:6d} of {r['tumour_tiles'][1]:4d} {share(r['ink_on_tissue_kept']):15.3f} "
+              f"{share(r['tissue']):7.3f} {r['lost']:5d} {share(r['ink_kept']):9.4f} {r['bad_ink']:7d}")
+    for part, prefix in (("generator", "g"), ("tma", "tma"), ("all", "")):
+        rows = [r for name, r in results if name.startswith(prefix)]
+        figures = {"tumour lost to ink": [share(r["tumour_ink"]) for r in rows],
+                   "tumour recall": [share(r["tumour"]) for r in rows],
+                   "fold-over-tumour recall": [share(r["fold_tumour"]) for r in rows if r["fold_tumour"][1]],
+                   "tumour tiles lost": [r["tumour_tiles"][0] for r in rows],
+                   "ink over tissue kept": [share(r["ink_on_tissue_kept"]) for r in rows
+                                            if r["ink_on_tissue_kept"][1]]}
+        print(f"{part}: " + "; ".join(f"{k} min {min(v):.3f} mean {np.mean(v):.3f} max {max(v):.3f}"
+                                      for k, v in figures.items() if v)
+              + f"; tumour tiles lost in all {sum(r['tumour_tiles'][0] for r in rows)} of "
+              + f"{sum(r['tumour_tiles'][1] for r in rows)}")
+
+
 def load_old(rev: str):
     """wsi.tissue as it was at ``rev``, imported as a module of the current package (for its relative imports)."""
     source = subprocess.run(["git", "show", f"{rev}:wsi/tissue.py"], cwd=ROOT, capture_output=True, text=True,
@@ -229,6 +388,13 @@ def mask_function(module, section: dict):
     if hasattr(module, "tissue_masks"):
         return lambda rgb, um: module.tissue_masks(rgb, um, params).tissue
     return lambda rgb, um: module.tissue_mask(rgb, um, params)
+
+
+def masks_function(module, section: dict):
+    """``(rgb, um/px) -> TissueMasks`` of a wsi.tissue module (this one or an old revision's)."""
+    params = module.TissueParams.from_dict({k: section[k] for k in (f.name for f in
+                                            module.dataclasses.fields(module.TissueParams))})
+    return lambda rgb, um: module.tissue_masks(rgb, um, params)
 
 
 def score(mask: np.ndarray, truth: dict, um: float, min_tissue_fraction: float) -> dict:
@@ -298,6 +464,25 @@ def report(method: str, results: list, seconds: list) -> None:
           + f"{sum(a for _, a in ink_kept)} px (worst image {max(k / max(a, 1) for k, a in ink_kept):.4f})")
 
 
+def inkfold_family(args, seed_base: int, section: dict, min_fraction: float) -> None:
+    import wsi.tissue
+
+    methods = {"new": masks_function(wsi.tissue, section),
+               f"old ({args.old})": masks_function(load_old(args.old), section)}
+    images = inkfold_images(args.slides, seed_base, mask_function(load_old(TRUTH_REV), section))
+    rows = {m: [] for m in methods}
+    seconds = {m: [] for m in methods}
+    for name, rgb, truth, um in images:
+        for method, fn in methods.items():
+            t = time.perf_counter()
+            masks = fn(rgb, um)
+            seconds[method].append(time.perf_counter() - t)
+            rows[method].append((name, inkfold_score(masks, truth, um, min_fraction)))
+    print(f"\n#### family inkfold, {args.slides} seeds ({2 * args.slides} images) from seed {seed_base}")
+    for method, results in rows.items():
+        inkfold_report(method, results, seconds[method])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", nargs="+", choices=tuple(SEED_BASES), default=list(SEED_BASES))
@@ -315,6 +500,9 @@ def main() -> None:
                                                                                               section)}
     for family in args.family:
         seed_base = SEED_BASES[family] if args.seed_base is None else args.seed_base
+        if family == "inkfold":
+            inkfold_family(args, seed_base, section, min_fraction)
+            continue
         if family == "real":
             images = real_composites(args.slides, seed_base, mask_function(load_old(TRUTH_REV), section))
         else:
