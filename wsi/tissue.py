@@ -541,8 +541,19 @@ def _distance_inside(mask: np.ndarray) -> np.ndarray:
     box = _around(mask, 0)
     if box is not None:  # the nearest pixel outside lies in the box or on the ring of zeros around it
         padded = cv2.copyMakeBorder(mask[box].view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-        depth[box] = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+        depth[box] = _euclidean_distance(padded)[1:-1, 1:-1]
     return depth
+
+
+def _euclidean_distance(zero_at: np.ndarray) -> np.ndarray:
+    """The exact Euclidean distance (float32) of each pixel of a uint8 image to its nearest zero pixel.
+
+    OpenCV's precise transform (Intel IPP's, where OpenCV is built with it) rounds it differently from one
+    process to another: the same thumbnail gave one of two results, 1 ulp apart on a few pixels, which flipped
+    a mask decision and so the mask. An exact distance is the root of an integer (the squared offset), so the
+    root of its rounded square is the same value in every process."""
+    distance = cv2.distanceTransform(zero_at, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return np.sqrt(np.rint(np.square(distance, dtype=np.float64))).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -563,7 +574,7 @@ def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
     box = _around(mask, int(np.ceil(radius)) + 1)
     if box is not None:
         outside = np.ascontiguousarray(~mask[box]).view(np.uint8)
-        grown[box] = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius
+        grown[box] = _euclidean_distance(outside) <= radius
     return grown
 
 
