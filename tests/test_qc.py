@@ -446,17 +446,25 @@ def test_a_fold_running_into_a_bubble_is_carried_on_under_it():
     assert (found.fold & truth["bubble"] & ~truth["fold"]).sum() <= 0.1 * under.sum()
 
 
+
+
+def fat_thumbnail(seed: int = 3, where=lambda xx, yy: True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stroma thumbnail turned to fat where ``where(xx, yy)`` holds (everywhere by default): pale vacuoles
+    between septa, its density varying several-fold from pixel to pixel (RGB uint8, the tissue mask, the fat)."""
+    od, tissue = stroma_thumbnail()
+    yy, xx = np.mgrid[0:od.shape[0], 0:od.shape[1]]
+    fat = tissue & where(xx, yy)
+    septa = np.random.default_rng(seed).random(od.shape[:2]) < 0.25
+    od[fat & ~septa] *= 0.05
+    return np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8), tissue, fat
+
+
 def test_a_fold_running_on_over_fat_is_followed_along_its_band():
     """A fold band (12 px wide at 8 um/px) composited across stroma and on over fat (pale vacuoles between septa:
     its density varies several-fold from pixel to pixel). Over fat the doubled tissue is still pale, so no pixel
     there is a fold pixel; the band found over stroma is followed on along its band, where each 128-um segment is
     about twice as dense as its flanks, to the fold's end; the fat beside the band stays clear."""
-    od, tissue = stroma_thumbnail()
-    yy, xx = np.mgrid[0:od.shape[0], 0:od.shape[1]]
-    fat = tissue & (xx >= 200)
-    septa = np.random.default_rng(3).random(od.shape[:2]) < 0.25
-    od[fat & ~septa] *= 0.05
-    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    rgb, tissue, fat = fat_thumbnail(3, lambda xx, yy: xx >= 200)
     fold = dd.Fold(170, 140, 0.0, 150, 12, line_width=0.5)
     found = thumbnail_defects(dd.composite(rgb, [fold]), tissue, 8.0)
     truth = dd.composite_truth(tissue, [fold])["fold"]
@@ -466,13 +474,6 @@ def test_a_fold_running_on_over_fat_is_followed_along_its_band():
     assert (found.fold & ~truth).sum() <= 0.1 * truth.sum()
 
 
-def fat_thumbnail(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """The stroma thumbnail turned to fat: pale vacuoles between septa, its density varying several-fold from
-    pixel to pixel (RGB uint8 and the tissue mask)."""
-    od, tissue = stroma_thumbnail()
-    septa = np.random.default_rng(seed).random(od.shape[:2]) < 0.25
-    od[tissue & ~septa] *= 0.05
-    return np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8), tissue
 
 
 @pytest.mark.parametrize("seed", [3, 4])
@@ -481,7 +482,7 @@ def test_a_straight_fold_band_wholly_over_fat_is_found_with_no_piece_to_follow(s
     pixel is a fold pixel and there is no piece to follow along its band; the straight band, about the sum of its
     two flanks over its whole length, is found by the search for straight bands; the fat away from it stays
     clear. (The fourth version finds none of it.)"""
-    rgb, tissue = fat_thumbnail(seed)
+    rgb, tissue, _ = fat_thumbnail(seed)
     fold = dd.Fold(200, 150, 0.4, 120, 20, line_width=0.5)
     found = thumbnail_defects(dd.composite(rgb, [fold]), tissue, 8.0)
     truth = dd.composite_truth(tissue, [fold])["fold"]
@@ -507,12 +508,7 @@ def test_a_fold_band_over_a_fat_island_under_a_flap_of_stroma_is_bridged():
     under the band alone: there the flap of stroma over the fat is as dense as the stroma on either side, so no
     segment of it is doubled and the run along the band stops at it; the band resumes doubled past it, so the
     stretch is bridged. (Main, 4221af8, finds 21 of its 288 pixels.)"""
-    od, tissue = stroma_thumbnail()
-    yy, xx = np.mgrid[0:od.shape[0], 0:od.shape[1]]
-    island = tissue & (xx >= 188) & (xx < 212) & (yy >= 140) & (yy < 153)
-    septa = np.random.default_rng(5).random(od.shape[:2]) < 0.25
-    od[island & ~septa] *= 0.05
-    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    rgb, tissue, island = fat_thumbnail(5, lambda xx, yy: (xx >= 188) & (xx < 212) & (yy >= 140) & (yy < 153))
     fold = dd.Fold(200, 140, 0.0, 140, 12, line_width=0.5)
     found = thumbnail_defects(dd.composite(rgb, [fold]), tissue, 8.0)
     truth = dd.composite_truth(tissue, [fold])["fold"]
