@@ -446,8 +446,6 @@ def test_a_fold_running_into_a_bubble_is_carried_on_under_it():
     assert (found.fold & truth["bubble"] & ~truth["fold"]).sum() <= 0.1 * under.sum()
 
 
-
-
 def fat_thumbnail(seed: int = 3, where=lambda xx, yy: True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stroma thumbnail turned to fat where ``where(xx, yy)`` holds (everywhere by default): pale vacuoles
     between septa, its density varying several-fold from pixel to pixel (RGB uint8, the tissue mask, the fat)."""
