@@ -360,10 +360,14 @@ def test_scancel_of_a_tile_job_ends_the_run_naming_that_batch_and_a_rerun_finish
     while job is None and time.monotonic() < deadline and proc.poll() is None:
         out = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i|%k"], capture_output=True, text=True).stdout
         ids = [i for i, comment in (line.split("|") for line in out.split()) if comment.endswith("batch-00001")]
-        if ids and log.exists() and log.stat().st_size:  # its `wsi tile` has started
-            job = ids[0]
-        time.sleep(0.2)
+        job = ids[0] if ids else None
+        time.sleep(0 if job else 0.2)
     assert job, "the tile job of batch-00001 never ran"
+    # cancelled as soon as its `wsi tile` has started tiling (its first progress line): its three small slides take
+    # about a second, so a slower look (a squeue call each time) could find the job already done
+    while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert log.exists() and log.stat().st_size, "the tile job of batch-00001 never started tiling"
     subprocess.run(["scancel", job], check=True)
     start = time.monotonic()
     console, _ = proc.communicate(timeout=240)
