@@ -464,20 +464,27 @@ def report(method: str, results: list, seconds: list) -> None:
           + f"{sum(a for _, a in ink_kept)} px (worst image {max(k / max(a, 1) for k, a in ink_kept):.4f})")
 
 
+def scored(images, methods: dict, score_one) -> tuple[dict, dict]:
+    """Each method's mask of every ``(name, rgb, truth, um)`` image scored by ``score_one(mask, truth, um)``, and
+    the seconds each mask took: ``({method: [(name, figures)]}, {method: [seconds]})``."""
+    rows: dict = {m: [] for m in methods}
+    seconds: dict = {m: [] for m in methods}
+    for name, rgb, truth, um in images:
+        for method, fn in methods.items():
+            t = time.perf_counter()
+            mask = fn(rgb, um)
+            seconds[method].append(time.perf_counter() - t)
+            rows[method].append((name, score_one(mask, truth, um)))
+    return rows, seconds
+
+
 def inkfold_family(args, seed_base: int, section: dict, min_fraction: float) -> None:
     import wsi.tissue
 
     methods = {"new": masks_function(wsi.tissue, section),
                f"old ({args.old})": masks_function(load_old(args.old), section)}
     images = inkfold_images(args.slides, seed_base, mask_function(load_old(TRUTH_REV), section))
-    rows = {m: [] for m in methods}
-    seconds = {m: [] for m in methods}
-    for name, rgb, truth, um in images:
-        for method, fn in methods.items():
-            t = time.perf_counter()
-            masks = fn(rgb, um)
-            seconds[method].append(time.perf_counter() - t)
-            rows[method].append((name, inkfold_score(masks, truth, um, min_fraction)))
+    rows, seconds = scored(images, methods, lambda masks, truth, um: inkfold_score(masks, truth, um, min_fraction))
     print(f"\n#### family inkfold, {args.slides} seeds ({2 * args.slides} images) from seed {seed_base}")
     for method, results in rows.items():
         inkfold_report(method, results, seconds[method])
@@ -507,14 +514,7 @@ def main() -> None:
             images = real_composites(args.slides, seed_base, mask_function(load_old(TRUTH_REV), section))
         else:
             images = ((name, *generated(kwargs)) for name, kwargs in cohort(args.slides, seed_base, family == "edge"))
-        rows = {m: [] for m in methods}
-        seconds = {m: [] for m in methods}
-        for name, rgb, truth, um in images:
-            for method, fn in methods.items():
-                t = time.perf_counter()
-                mask = fn(rgb, um)
-                seconds[method].append(time.perf_counter() - t)
-                rows[method].append((name, score(mask, truth, um, min_fraction)))
+        rows, seconds = scored(images, methods, lambda mask, truth, um: score(mask, truth, um, min_fraction))
         print(f"\n#### family {family}, {args.slides} images from seed {seed_base}")
         for method, results in rows.items():
             report(method, results, seconds[method])
