@@ -803,10 +803,8 @@ class TileStoreWriter:
             rows = max(1, len(data) if name.startswith(keys.QC_EXCLUDED) else n)
             self._write_array(f"{keys.QC}/{name}", data, (rows,) + data.shape[1:])
         if masks:
-            self._require_group(keys.MASK)
-            for name, data in masks.items():
-                self._write_array(f"{keys.MASK}/{name}", np.asarray(data, np.uint8), None,
-                                  {"downsample": float(downsample), "mpp": float(mpp)})
+            self._write_masks({name: np.asarray(data, np.uint8) for name, data in masks.items()},
+                              downsample=downsample, mpp=mpp)
         self.group.attrs[keys.QC] = attrs.to_dict()
 
     def _require_group(self, name: str) -> None:
@@ -876,10 +874,9 @@ class TileStoreWriter:
     def _write_masks(self, arrays: dict[str, np.ndarray], *, downsample: float, mpp: float) -> None:
         """uint8 images under ``mask/``, one chunk each, with the downsample and MPP they are drawn at (given at
         creation: each array's zarr.json is written once)."""
-        mask = self.group.require_group(keys.MASK)
+        self._require_group(keys.MASK)
         for name, data in arrays.items():
-            mask.create_array(name, shape=data.shape, chunks=data.shape, dtype="uint8", compressors=[_lossless()],
-                              attributes={"downsample": float(downsample), "mpp": float(mpp)})[...] = data
+            self._write_array(f"{keys.MASK}/{name}", data, None, {"downsample": float(downsample), "mpp": float(mpp)})
 
     def commit(self) -> SlideStore:
         """Mark complete, then move into place; an old store at the final path is replaced as a whole."""
