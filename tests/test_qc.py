@@ -531,3 +531,42 @@ def test_a_dense_nest_a_little_past_a_folds_end_is_not_bridged_to(radius):
     truth = dd.composite_truth(tissue, [fold])["fold"]
     assert (found.fold & truth).sum() >= 0.9 * truth.sum()
     assert not (found.fold & ~truth).any()
+
+
+def test_a_fold_running_on_over_fat_beside_stroma_is_followed_where_the_fat_is_pale():
+    """A fold band (12 px wide at 8 um/px) across stroma and on over fat that lies beside stroma: on the right, the
+    band and the strip it was folded from are fat (the strip's fat with more septa than the band's), the far flank
+    stroma. There the doubled fat is about 1.5x the fat beside it, far under the mean of a fat and a stroma flank and
+    under FOLD_ALONG_LESSER's twice, but pale: the band found over stroma is followed on over the fat to the fold's
+    end. (The seventh version, main 0234b8a, stops where the fat begins.)"""
+    od, tissue = stroma_thumbnail()
+    yy, xx = np.mgrid[0:od.shape[0], 0:od.shape[1]]
+    rng = np.random.default_rng(6)
+    septa = rng.random(od.shape[:2])
+    source = tissue & (xx >= 200) & (yy >= 112) & (yy < 140)  # the flap's source strip and the near flank
+    under = tissue & (xx >= 200) & (yy >= 140) & (yy < 152)  # the fat under the flap
+    od[(source & (septa >= 0.3)) | (under & (septa >= 0.12))] *= 0.05
+    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    fold = dd.Fold(200, 140, 0.0, 140, 12, line_width=0.5)
+    found = thumbnail_defects(dd.composite(rgb, [fold]), tissue, 8.0)
+    truth = dd.composite_truth(tissue, [fold])["fold"]
+    over_fat = truth & under
+    assert over_fat.sum() > 1000 and (found.fold & over_fat).sum() >= 0.8 * over_fat.sum()
+    assert (found.fold & truth & ~under).sum() >= 0.8 * (truth & ~under).sum()
+    assert (found.fold & ~truth).sum() <= 0.1 * truth.sum()
+
+
+def test_a_fold_piece_that_is_no_band_is_not_filled_out_to_its_hull():
+    """A square patch twice as dense as the stroma (40 px at 8 um/px) with a notch of single stroma (14 x 20 px)
+    cut into one side: a fold piece, filling more than FOLD_BAND_FILL of its hull, but as long as wide, so no band
+    whose notches are fat under a flap: the stroma in the notch stays clear. (The seventh version, main 0234b8a,
+    fills it.)"""
+    od, tissue = stroma_thumbnail()
+    yy, xx = np.mgrid[0:od.shape[0], 0:od.shape[1]]
+    patch = (xx >= 150) & (xx < 190) & (yy >= 120) & (yy < 160)
+    notch = (xx >= 163) & (xx < 177) & (yy >= 140) & (yy < 160)
+    od[patch & ~notch] *= 2
+    found = thumbnail_defects(np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8), tissue, 8.0)
+    assert (found.fold & patch & ~notch).sum() >= 0.9 * (patch & ~notch).sum()
+    assert (found.fold & notch).sum() <= 0.05 * notch.sum()
+    assert not (found.fold & ~patch).any()
