@@ -64,14 +64,12 @@ either end along its band, in segments of :data:`FOLD_ALONG_STEP_UM`, for as lon
 pixel, fat's density varies 2x within 100 um, so doubled fat cannot be told from single fat, but a segment's mean
 against its flanks' can, and a flap of stroma over fat, as dense as the stroma beside it, is still about the sum
 of its two flanks; or :data:`FOLD_ALONG_LESSER` times its lesser flank (doubled fat beside stroma is about twice
-the fat, a strip of stroma beside fat many times it); or, where the segment is pale (under :data:`FOLD_ALONG_PALE`
-of the slide's median tissue density: fat), :data:`FOLD_ALONG_RATIO` times its lesser flank (fat's density varies
-too much from segment to segment for the lower bound of twice). A stretch of segments that are not doubled, up to
+the fat, a strip of stroma beside fat many times it). A stretch of segments that are not doubled, up to
 :data:`FOLD_ALONG_BRIDGE_UM` long, is bridged where the band resumes doubled past it (two segments in a row, or one
 that holds another fold piece): a fold's stretch over fat under a flap of stroma is as dense as stroma and cannot
-be seen, but the band goes on past it. Each band-shaped fold piece that fills at least :data:`FOLD_BAND_FILL`
-of its convex hull is then filled out to its hull (:func:`_filled_bands`): fat under a flap of stroma, and a flap
-of fat over stroma, leave notches and holes in a band. Straight bands are also searched for with no piece to start from
+be seen, but the band goes on past it. Each fold piece that fills at least :data:`FOLD_BAND_FILL` of its convex
+hull is then filled out to its hull (:func:`_filled_bands`): fat under a flap of stroma, and a flap of fat over
+stroma, leave notches and holes in a band. Straight bands are also searched for with no piece to start from
 (:func:`_straight_bands`): on a grid of :data:`FOLD_SEARCH_UM`, in :data:`FOLD_SEARCH_ANGLES` directions, bands of
 :data:`FOLD_SEARCH_WIDTHS_UM` and :data:`FOLD_SEARCH_LENGTH_UM` long each :data:`FOLD_SEARCH_SEGMENT_UM` segment of
 which is doubled tissue against its two flanks (strips as wide): :data:`FOLD_SEARCH_SUM_RATIO` to
@@ -167,9 +165,6 @@ FOLD_ALONG_TISSUE = 0.5  # a segment is judged only where the band and both flan
 FOLD_ALONG_REACH_UM = 1600.0  # a piece is followed at most this far past its end (bounds the box measured)
 FOLD_ALONG_LESSER = (1.6, 2.6)  # or 1.6-2.6 times its lesser flank: doubled tissue of one flank's kind, the other
 # flank another tissue (doubled fat beside stroma; a strip of stroma beside fat is several times the fat)
-FOLD_ALONG_PALE = 0.8  # or, over fat, FOLD_ALONG_RATIO times its lesser flank where it is paler than this share of
-# the slide's median tissue density (doubled fat beside stroma: the stroma lifts the flanks' mean, and fat's density
-# varies too much from segment to segment for FOLD_ALONG_LESSER's lower bound)
 FOLD_ALONG_BRIDGE_UM = 256.0  # the run goes on across at most this much of segments not doubled where a doubled one
 # follows (fat under a flap of stroma is as dense as stroma: the fold's stretch over fat cannot be seen)
 FOLD_ALONG_PIECE = 0.1  # where at least this share of the band holds another fold piece
@@ -494,17 +489,15 @@ def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mp
     ``searched`` tissue is at least :data:`FOLD_ALONG_RATIO` times the mean of its two flanks' (strips as wide as
     the band, :data:`FOLD_ALONG_GAP_UM` outside it); it stops at the first segment that is not, or that is under
     :data:`FOLD_ALONG_TISSUE` tissue, band or flanks, or :data:`FOLD_ALONG_REACH_UM` past the end. A segment is
-    doubled too at :data:`FOLD_ALONG_LESSER` times its lesser flank's mean, or, paler than :data:`FOLD_ALONG_PALE`
-    of the ``searched`` tissue's median density (fat), at :data:`FOLD_ALONG_RATIO` times it; a stretch of segments
-    not doubled, at most :data:`FOLD_ALONG_BRIDGE_UM` long, is bridged where the band resumes doubled past it (two
-    segments in a row, or one where :data:`FOLD_ALONG_PIECE` of the band is another fold piece)."""
+    doubled too at :data:`FOLD_ALONG_LESSER` times its lesser flank's mean; a stretch of segments not doubled, at
+    most :data:`FOLD_ALONG_BRIDGE_UM` long, is bridged where the band resumes doubled past it (two segments in a
+    row, or one where :data:`FOLD_ALONG_PIECE` of the band is another fold piece)."""
     count, labels, stats, _ = cv2.connectedComponentsWithStats(fold.view(np.uint8), connectivity=8)
     step, gap = FOLD_ALONG_STEP_UM / mpp, FOLD_ALONG_GAP_UM / mpp
     segments = int(math.ceil(FOLD_ALONG_REACH_UM / FOLD_ALONG_STEP_UM))
     bridge = int(round(FOLD_ALONG_BRIDGE_UM / FOLD_ALONG_STEP_UM))
     h, w = fold.shape
     out = fold.copy()
-    pale = FOLD_ALONG_PALE * float(np.median(density[searched])) if count > 1 else 0.0
     for i in range(1, count):
         x, y, bw, bh = (int(v) for v in stats[i][:4])
         ys, xs = np.nonzero(labels[y:y + bh, x:x + bw] == i)
@@ -532,13 +525,11 @@ def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mp
                                           for v in (None, here[measured], value[measured], seen[measured]))
             mean = total / np.maximum(tissue, 1)
             # a flap of stroma over fat is about as dense as the stroma it came from on one side and many times
-            # the fat on the other: a doubled band is about the sum of its flanks, single tissue about their mean;
-            # doubled fat is pale, and at least FOLD_ALONG_RATIO times the fat beside it
+            # the fat on the other: a doubled band is about the sum of its flanks, single tissue about their mean
             lesser = np.minimum(mean[:, 1], mean[:, 2])
             doubled = (tissue >= FOLD_ALONG_TISSUE * np.maximum(area, 1)).all(axis=1) & (
                 (mean[:, 0] >= FOLD_ALONG_RATIO * (mean[:, 1] + mean[:, 2]) / 2)
-                | ((mean[:, 0] >= FOLD_ALONG_LESSER[0] * lesser) & (mean[:, 0] <= FOLD_ALONG_LESSER[1] * lesser))
-                | ((mean[:, 0] >= FOLD_ALONG_RATIO * lesser) & (mean[:, 0] <= pale)))
+                | ((mean[:, 0] >= FOLD_ALONG_LESSER[0] * lesser) & (mean[:, 0] <= FOLD_ALONG_LESSER[1] * lesser)))
             # a stretch of segments not doubled (the fold over fat, a flap of fat over stroma) is bridged when,
             # within FOLD_ALONG_BRIDGE_UM, the band resumes doubled: two segments in a row, or one that holds
             # another fold piece (a nest of dense tumour a little past a fold's end is one doubled segment)
@@ -558,19 +549,14 @@ def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mp
 
 
 def _filled_bands(fold: np.ndarray, tissue: np.ndarray) -> np.ndarray:
-    """``fold`` with each band-shaped piece (its smallest enclosing rectangle at least
-    :data:`FOLD_BAND_ELONGATION` times as long as wide) that fills at least :data:`FOLD_BAND_FILL` of its convex
-    hull filled out to it (within ``tissue``): a fold band's stretches over fat under a flap of stroma, and a flap
-    of fat over stroma, are as dense as single stroma and leave notches and holes in the band. A piece that is no
-    band (a dense nest, a fold's stub with a nest beside it) is left as it is: its hull is not a band's."""
+    """``fold`` with each piece that fills at least :data:`FOLD_BAND_FILL` of its convex hull filled out to it
+    (within ``tissue``): a fold band's stretches over fat under a flap of stroma, and a flap of fat over
+    stroma, are as dense as single stroma and leave notches and holes in the band."""
     count, labels, stats, _ = cv2.connectedComponentsWithStats(fold.view(np.uint8), connectivity=8)
     out = fold.copy()
     for i in range(1, count):
         x, y, bw, bh, area = (int(v) for v in stats[i][:5])
         ys, xs = np.nonzero(labels[y:y + bh, x:x + bw] == i)
-        _, _, length, width, _, _ = _band_axis(xs, ys)
-        if length < FOLD_BAND_ELONGATION * width:
-            continue  # no band
         hull = cv2.convexHull(np.stack([xs, ys], axis=1).astype(np.int32))
         # the hull runs through the outer pixels' centres: half a pixel more all round
         if area < FOLD_BAND_FILL * (cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2 + 1):
