@@ -15,8 +15,8 @@ the way the optics or the section makes it, and its truth is the region it was d
   optical density doubles where both layers are tissue; the bend at the strip's far edge is a sharp, denser
   line.
 * :class:`Bubble`: an air bubble under the coverslip: a round, dark, neutral outline (light refracted away at
-  the air's edge) with a thin bright ring inside it; the tissue under it is seen through air instead of
-  mountant: magnified a little, smeared (blurred) and paler.
+  the air's edge) with a thin bright ring inside it; the tissue under it, folds and blur included, is seen
+  through air instead of mountant: magnified a little, smeared (blurred) and paler.
 
 Sizes are level-0 px of the slide they are drawn on (or pixels of a real image). Blur is applied to the
 specimen's transmittance, before the light and the scanner's noise (sensor noise comes after the optics), so a
@@ -253,8 +253,26 @@ def _varying_blur(image: np.ndarray, sigma: np.ndarray, kernel: str) -> np.ndarr
 def apply(defects: Sequence[Defect], render: Render, xs: np.ndarray, ys: np.ndarray, pixel: float) -> np.ndarray:
     """The specimen's transmittance (h, w, 3) on the grid ``ys x xs`` (pixel centres, level-0 px; pixels
     ``pixel`` level-0 px wide) with ``defects`` drawn: folds first (the section), then blur (the focus), then
-    bubbles (the mounting). ``render(xs, ys)`` is the clean transmittance on any grid of this pixel size."""
-    defects = touching(defects, xs, ys, pixel)
+    bubbles (the mounting), each refracting the specimen as it is imaged there, its folds and blur included.
+    ``render(xs, ys)`` is the clean transmittance on any grid of this pixel size."""
+    specimen = [d for d in defects if not isinstance(d, Bubble)]
+    bubbles = [d for d in touching(defects, xs, ys, pixel) if isinstance(d, Bubble)]
+    image = _imaged(specimen, render, xs, ys, pixel)
+    if bubbles:
+        # a bubble lies between the coverslip and the section: what it magnifies and smears is the section with
+        # its folds, out of focus where the rest is (the whole defect list: its view reaches past this grid)
+        def imaged(gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+            return _imaged(specimen, render, gx, gy, pixel)
+
+        image = np.array(image, np.float32)
+        for bubble in bubbles:
+            image = _draw_bubble(image, bubble, imaged, xs, ys, pixel)
+    return image
+
+
+def _imaged(specimen: Sequence[Defect], render: Render, xs: np.ndarray, ys: np.ndarray, pixel: float) -> np.ndarray:
+    """:func:`apply` without bubbles: the section's folds, then the focus's blur."""
+    defects = touching(specimen, xs, ys, pixel)
     if not defects:
         return render(xs, ys)
     blurs = [d for d in defects if isinstance(d, BlurRegion | FocusStripe)]
@@ -270,10 +288,7 @@ def apply(defects: Sequence[Defect], render: Render, xs: np.ndarray, ys: np.ndar
         if mine:
             sigma = np.sqrt(sum(d.sigma_map(ex, ey) ** 2 for d in mine)) / pixel
             image = _varying_blur(image, sigma, kernel)
-    image = image[margin:margin + ys.size, margin:margin + xs.size]
-    for bubble in (d for d in defects if isinstance(d, Bubble)):
-        image = _draw_bubble(image, bubble, render, xs, ys, pixel)
-    return image
+    return image[margin:margin + ys.size, margin:margin + xs.size]
 
 
 def _draw_fold(image: np.ndarray, fold: Fold, render: Render, xs, ys, pixel: float) -> np.ndarray:
