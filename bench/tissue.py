@@ -47,6 +47,7 @@ family afresh (seeds nothing has used). The mask is scored on the truth of the s
   falls just short of min_tissue_fraction (12-25%), which the outline's last pixel decides;
 * lost tiles: tiles with half or more ink-free tissue, or a quarter or more tumour, that the mask drops;
 * ink kept: share of the ink on glass (ink and halo, no tissue under it) that the mask keeps as tissue;
+* ink over tissue kept: share of the strokes over tissue (not their halos) that the mask keeps as tissue;
 * seconds per slide of the mask.
 
 The same numbers for the tissue detector of an older revision (``--old``, default the one before the ink off
@@ -331,8 +332,6 @@ def inkfold_score(masks, truth: dict, um: float, min_tissue_fraction: float) -> 
     folded = tumour & truth.get("fold", np.zeros_like(tumour))
     out["tumour_ink"] = (int(masks.ink[tumour].sum()), int(tumour.sum()))
     out["fold_tumour"] = (int(masks.tissue[folded].sum()), int(folded.sum()))
-    on_tissue = truth["pen"] & ~truth["halo"] & truth["tissue"]
-    out["ink_on_tissue_kept"] = (int(masks.tissue[on_tissue].sum()), int(on_tissue.sum()))
     downsample = um / MPP
     tile = 256 / downsample
     h, w = masks.tissue.shape
@@ -413,6 +412,8 @@ def score(mask: np.ndarray, truth: dict, um: float, min_tissue_fraction: float) 
         out[name] = (int(mask[where].sum()), int(where.sum()))
     ink_on_glass = truth["pen"] & ~truth["tissue"]
     out["ink_kept"] = (int(mask[ink_on_glass].sum()), int(ink_on_glass.sum()))
+    on_tissue = truth["pen"] & ~truth["halo"] & truth["tissue"]  # strokes, not halos: tissue shows through those
+    out["ink_on_tissue_kept"] = (int(mask[on_tissue].sum()), int(on_tissue.sum()))
     # the tiler's grid: 256 px tiles at 0.5 um/px = 128 um, on a grid whose level 0 is 0.5 um/px
     downsample = um / MPP
     tile = 256 / downsample
@@ -462,6 +463,10 @@ def report(method: str, results: list, seconds: list) -> None:
           + f"(>= 50% tissue or >= 25% tumour): {total('lost')}; ink on glass kept as tissue: "
           + f"{sum(k for k, _ in ink_kept) / max(1, sum(a for _, a in ink_kept)):.4f} of "
           + f"{sum(a for _, a in ink_kept)} px (worst image {max(k / max(a, 1) for k, a in ink_kept):.4f})")
+    on_tissue = [r["ink_on_tissue_kept"] for _, r in results]
+    inked_px = sum(a for _, a in on_tissue)
+    print(f"ink over tissue kept as tissue: {sum(k for k, _ in on_tissue) / max(1, inked_px):.4f} of {inked_px} px "
+          + f"(worst image {max(k / max(a, 1) for k, a in on_tissue):.4f})")
 
 
 def scored(images, methods: dict, score_one) -> tuple[dict, dict]:

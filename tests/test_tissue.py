@@ -475,8 +475,8 @@ def _tma_core() -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     return rgb[box], (labels == largest)[box], (float(cx - box[1].start), float(cy - box[0].start))
 
 
-@pytest.mark.xfail(strict=True, reason="a fold over dense tumour is taken for blue or black ink (two fixes tried, "
-                   "branches inkfold and inkfold2, failed their frozen runs; bench/RESULTS.md)")
+@pytest.mark.xfail(strict=True, reason="a fold over dense tumour is taken for blue or black ink (three fixes tried, "
+                   "branches inkfold, inkfold2 and inkfold3, failed their frozen runs; bench/RESULTS.md)")
 def test_a_fold_over_dense_tumour_is_tissue_not_ink():
     """A fold doubles the tissue's density: over the real microarray's dense dark core it is as dark as black
     ink and its red/blue as low as blue ink's, but the density it adds is H&E's (green absorbed most), so the
