@@ -15,8 +15,8 @@ darkness or amount of texture (it compares the tile with itself), and falls as b
 tissue of the generator and of the real images of ``tests/data`` scores 2.6-5.9, tissue blurred by a Gaussian of
 sigma 1.5 um 1.3-1.8 (``bench/qc.py``). The ratio is taken in each block of the tile's central
 :data:`FOCUS_BLOCK_ROWS` rows of its :data:`FOCUS_BLOCKS` x :data:`FOCUS_BLOCKS` blocks (32 um at 256 px and 0.5
-um/px; half its pixels: an out-of-focus region is larger than a tile, and the focus was most of QC's cost), and the
-tile's sharpness is the lower median of those of its blocks that show structure (their own level-3 gradient at least
+um/px; half its pixels, for half the cost: an out-of-focus region is larger than a tile), and the tile's sharpness
+is the lower median of those of its blocks that show structure (their own level-3 gradient at least
 :data:`STRUCTURE_MIN`; all blocks where none does): a tile at a blurred region's edge, most of its tissue blurred,
 keeps most of its fine gradient in its sharp part, so a ratio over the whole tile scores it nearly sharp; the lower
 median says how at least half its tissue looks, which is how a tile's blur is judged. Where a tile shows too little
