@@ -277,6 +277,20 @@ def test_tiles_mostly_inside_a_blurred_region_are_flagged_though_their_edge_is_s
     assert not focus.blurred[sharp].any()
 
 
+def test_a_tiles_focus_is_measured_on_its_central_half_of_rows():
+    """Focus is measured on the central FOCUS_BLOCK_ROWS of the tile's FOCUS_BLOCKS rows of blocks (half its
+    pixels, for half the cost): blurring its top and bottom quarters changes nothing, blurring its middle does."""
+    rgb = np.asarray(Image.open(DATA / "slide.jpeg").convert("RGB"))[1024:1280, 1024:1280]
+    blur = cv2.GaussianBlur(rgb, (0, 0), 4)
+    edges = rgb.copy()
+    edges[:64], edges[192:] = blur[:64], blur[192:]
+    middle = rgb.copy()
+    middle[64:192] = blur[64:192]
+    sharpness, structure = wsi.qc.focus_features(np.stack([rgb, edges, middle]))
+    assert sharpness[1] == sharpness[0] and structure[1] == structure[0]
+    assert sharpness[2] < 0.6 * sharpness[0]
+
+
 def tma_cores() -> np.ndarray:
     """The upper blocks of tests/data/tma_spots.jpeg (8 um/px): some 40 cores, the darkest tumour ones among them."""
     return np.asarray(Image.open(DATA / "tma_spots.jpeg").convert("RGB"))[1150:1900]

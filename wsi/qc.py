@@ -7,20 +7,21 @@ slide: two numbers per tile, and masks on the thumbnail's grid.
 
 Focus (per tile)
 ----------------
-An out-of-focus region loses its fine detail first. Each tile's grey image is reduced to a pyramid (each level
-half the last, Gaussian-smoothed: OpenCV's ``pyrDown``) and the mean squared gradient (3x3 Sobel) is taken at
-level 0 (the tile's pixels; ~0.5-1 um at 0.5 um/px) and level 2 (~2-4 um). Their ratio, the tile's
-*sharpness* (the root of the ratio, times 4, so that a tile with no detail finer than level 2 scores about 1), is
-the same for tissue of any darkness or amount of texture (it compares the tile with itself), and falls as blur
-grows: at 0.5 um/px, sharp tissue of the generator and of the real images of ``tests/data`` scores 2.6-5.9,
-tissue blurred by a Gaussian of sigma 1.5 um 1.3-1.8 (``bench/qc.py``). The ratio is taken in each of the tile's
-:data:`FOCUS_BLOCKS` x :data:`FOCUS_BLOCKS` blocks (32 um at 256 px and 0.5 um/px), and the tile's sharpness is
-the lower median of those of its blocks that show structure (their own level-3 gradient at least
+An out-of-focus region loses its fine detail first. Each tile's grey image is reduced to a pyramid (each level half
+the last, Gaussian-smoothed: OpenCV's ``pyrDown``) and the mean squared gradient (3x3 Sobel) is taken at level 0
+(the tile's pixels; ~0.5-1 um at 0.5 um/px) and level 2 (~2-4 um). Their ratio, the tile's *sharpness* (the root of
+the ratio, times 4, so that a tile with no detail finer than level 2 scores about 1), is the same for tissue of any
+darkness or amount of texture (it compares the tile with itself), and falls as blur grows: at 0.5 um/px, sharp
+tissue of the generator and of the real images of ``tests/data`` scores 2.6-5.9, tissue blurred by a Gaussian of
+sigma 1.5 um 1.3-1.8 (``bench/qc.py``). The ratio is taken in each block of the tile's central
+:data:`FOCUS_BLOCK_ROWS` rows of its :data:`FOCUS_BLOCKS` x :data:`FOCUS_BLOCKS` blocks (32 um at 256 px and 0.5
+um/px; half its pixels, for half the cost: an out-of-focus region is larger than a tile), and the tile's sharpness
+is the lower median of those of its blocks that show structure (their own level-3 gradient at least
 :data:`STRUCTURE_MIN`; all blocks where none does): a tile at a blurred region's edge, most of its tissue blurred,
-keeps most of its fine gradient in its sharp part, so a ratio over the whole tile scores it nearly sharp; the
-lower median says how at least half its tissue looks, which is how a tile's blur is judged. Where a tile shows too
-little structure to judge (the gradient at level 3, ~4-8 um, below :data:`STRUCTURE_MIN` grey levels per pixel:
-mucin, pools of blood, pale secretions), its focus is not judged (NaN) and it is never flagged.
+keeps most of its fine gradient in its sharp part, so a ratio over the whole tile scores it nearly sharp; the lower
+median says how at least half its tissue looks, which is how a tile's blur is judged. Where a tile shows too little
+structure to judge (the gradient at level 3, ~4-8 um, below :data:`STRUCTURE_MIN` grey levels per pixel: mucin,
+pools of blood, pale secretions), its focus is not judged (NaN) and it is never flagged.
 
 The *focus score* of a tile is its sharpness over the slide's own reference, the :data:`REFERENCE_QUANTILE`
 quantile of its judged tiles' sharpness: 1 is as sharp as the slide's sharp tissue, so dense tumour (sharp but
@@ -107,10 +108,10 @@ percentile of the judged tiles' scores. The report lists the slides over :data:`
 >>> tile = np.kron(squares, np.ones((8, 8, 3))).astype(np.uint8)      # 256 px of sharp 8-px squares
 >>> sharpness, structure = focus_features(np.stack([tile, tile, tile, cv2.GaussianBlur(tile, (0, 0), 3)]))
 >>> [round(float(v), 1) for v in sharpness], bool((structure >= STRUCTURE_MIN).all())
-([3.6, 3.6, 3.6, 1.7], True)
+([3.6, 3.6, 3.6, 1.8], True)
 >>> focus = score_focus(sharpness, structure)
 >>> focus.blurred.tolist(), round(float(focus.score[3]), 2), focus.in_focus
-([False, False, False, True], 0.48, True)
+([False, False, False, True], 0.49, True)
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ REFERENCE_QUANTILE = 0.9  # the slide's sharp tissue: this quantile of its judge
 BLUR_SCORE_MAX = 0.5  # a judged tile whose sharpness is below this share of the slide's reference is blurred
 SHARPNESS_MIN = 2.2  # a slide whose reference sharpness is below this has no in-focus tissue
 FOCUS_BLOCKS = 4  # a tile's sharpness: the lower median of its 4 x 4 blocks' (32 um at 256 px, 0.5 um/px)
+FOCUS_BLOCK_ROWS = 2  # of which the central 2 rows of blocks are measured: half the tile's pixels, for half the cost
 NEIGHBOURS_MIN = 3  # a tile too plain to judge takes its judged 8-neighbours' median score when this many are judged
 # (else the judged tiles' of the 5 x 5 around it, when this many are judged there)
 
@@ -214,8 +216,10 @@ def focus_features(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sharpness, structure = np.empty(n, np.float32), np.empty(n, np.float32)
     if n == 0:
         return sharpness, structure
+    rows = _measured_rows(tiles.shape[1])
+    tiles = tiles[:, rows]
     h, w = tiles.shape[1:3]
-    blocks = FOCUS_BLOCKS * FOCUS_BLOCKS
+    blocks = FOCUS_BLOCK_ROWS * FOCUS_BLOCKS
     fine = np.empty((n, blocks))
     gradients = np.empty((h, 2, w), np.int16)  # each row's x gradient, then its y gradient: one norm a block
     coarse_stack = gate_stack = None
@@ -250,19 +254,27 @@ def _block_median_sharpness(fine: np.ndarray, coarse: np.ndarray, gate: np.ndarr
     return ranked[np.arange(len(ranked)), (structured.sum(axis=1) - 1) // 2]
 
 
-def _block_edges(size: int) -> list[int]:
-    return [size * k // FOCUS_BLOCKS for k in range(FOCUS_BLOCKS + 1)]
+def _measured_rows(size: int) -> slice:
+    """The rows of a tile ``size`` px tall whose focus is measured: its central :data:`FOCUS_BLOCK_ROWS` of
+    :data:`FOCUS_BLOCKS` rows of blocks (at least one row)."""
+    top = size * (FOCUS_BLOCKS - FOCUS_BLOCK_ROWS) // (2 * FOCUS_BLOCKS)
+    return slice(top, max(top + 1, size * (FOCUS_BLOCKS + FOCUS_BLOCK_ROWS) // (2 * FOCUS_BLOCKS)))
+
+
+def _block_edges(size: int, count: int) -> list[int]:
+    return [size * k // count for k in range(count + 1)]
 
 
 _BLOCK_PLANS: dict = {}
 
 
 def _block_plan(h: int, w: int) -> list[tuple[slice, slice, int]]:
-    """Each of the :data:`FOCUS_BLOCKS` x :data:`FOCUS_BLOCKS` blocks of an (h, w) image, row by row: its rows in
-    the interleaved gradients of :func:`_block_gradient_energy`, its columns, its size in pixels."""
+    """Each of the :data:`FOCUS_BLOCK_ROWS` x :data:`FOCUS_BLOCKS` blocks of an (h, w) image (a tile's measured
+    rows), row by row: its rows in the interleaved gradients of :func:`_block_gradient_energy`, its columns, its
+    size in pixels."""
     plan = _BLOCK_PLANS.get((h, w))
     if plan is None:
-        rows, cols = _block_edges(h), _block_edges(w)
+        rows, cols = _block_edges(h, FOCUS_BLOCK_ROWS), _block_edges(w, FOCUS_BLOCKS)
         plan = [(slice(2 * top, 2 * bottom), slice(left, right), max((bottom - top) * (right - left), 1))
                 for top, bottom in zip(rows[:-1], rows[1:], strict=True)
                 for left, right in zip(cols[:-1], cols[1:], strict=True)]
@@ -271,7 +283,7 @@ def _block_plan(h: int, w: int) -> list[tuple[slice, slice, int]]:
 
 
 def _block_gradient_energy(grey: np.ndarray, gradients: np.ndarray | None = None) -> list[float]:
-    """Mean squared 3x3 Sobel gradient of a uint8 image in each of its :data:`FOCUS_BLOCKS` x
+    """Mean squared 3x3 Sobel gradient of a uint8 image in each of its :data:`FOCUS_BLOCK_ROWS` x
     :data:`FOCUS_BLOCKS` blocks, row by row. The x and y gradients are written row by row interleaved into
     ``gradients`` ((h, 2, w) int16, reused from tile to tile), so that one ``cv2.norm`` over a block's rows takes
     both: the sum of their squares, an exact integer."""
@@ -289,7 +301,7 @@ def _stack_gradient_energy(stack: np.ndarray) -> np.ndarray:
     over the images stacked, each with a row above and below it mirrored as OpenCV's border (``BORDER_REFLECT_101``)
     so that no image sees the next, and the blocks' sums of squares in integers (exact, as OpenCV's)."""
     n, h, w = stack.shape
-    if h < FOCUS_BLOCKS or w < FOCUS_BLOCKS:  # blocks of no pixels: the tile's own measure
+    if h < FOCUS_BLOCK_ROWS or w < FOCUS_BLOCKS:  # blocks of no pixels: the tile's own measure
         return np.array([_block_gradient_energy(image) for image in stack], np.float64).reshape(n, -1)
     padded = np.empty((n, h + 2, w), np.uint8)
     padded[:, 1:h + 1] = stack
@@ -299,17 +311,17 @@ def _stack_gradient_energy(stack: np.ndarray) -> np.ndarray:
     energy = cv2.multiply(gx, gx, dtype=cv2.CV_32S)  # at most 2 x 1020^2 a pixel
     energy += cv2.multiply(gy, gy, dtype=cv2.CV_32S)
     energy = energy.reshape(n, h + 2, w)
-    rows, cols = _block_edges(h), _block_edges(w)
-    if h % FOCUS_BLOCKS == 0 and w % FOCUS_BLOCKS == 0:
-        bh, bw = h // FOCUS_BLOCKS, w // FOCUS_BLOCKS
+    rows, cols = _block_edges(h, FOCUS_BLOCK_ROWS), _block_edges(w, FOCUS_BLOCKS)
+    if h % FOCUS_BLOCK_ROWS == 0 and w % FOCUS_BLOCKS == 0:
+        bh, bw = h // FOCUS_BLOCK_ROWS, w // FOCUS_BLOCKS
         sums = energy.reshape(n, h + 2, FOCUS_BLOCKS, bw).sum(axis=3, dtype=np.int64)[:, 1:h + 1]
-        sums = sums.reshape(n, FOCUS_BLOCKS, bh, FOCUS_BLOCKS).sum(axis=2)
+        sums = sums.reshape(n, FOCUS_BLOCK_ROWS, bh, FOCUS_BLOCKS).sum(axis=2)
     else:
         sums = np.add.reduceat(np.add.reduceat(energy[:, 1:h + 1], rows[:-1], axis=1, dtype=np.int64),
                                cols[:-1], axis=2)
     sizes = np.array([[(bottom - top) * (right - left) for left, right in zip(cols[:-1], cols[1:])]
                       for top, bottom in zip(rows[:-1], rows[1:])], np.float64)
-    return (sums / sizes).reshape(n, FOCUS_BLOCKS * FOCUS_BLOCKS)
+    return (sums / sizes).reshape(n, FOCUS_BLOCK_ROWS * FOCUS_BLOCKS)
 
 
 @dataclass(frozen=True)
@@ -410,7 +422,10 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through it is paler:
     # folds are neither looked for nor measured there, but a fold found running into a bubble runs on under it
     searched = tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool) if circles else tissue
-    density = sum(cv2.split(od))  # per pixel, the three channels' optical densities: every fold step's measure
+    # per pixel, the three channels' optical densities: every fold step's measure (added in place from the image's
+    # strided channels, as sum(cv2.split(od)) adds them: split's three planes cost more than the sum)
+    density = np.add(od[..., 0], od[..., 1])
+    density += od[..., 2]
     fold = _folds(od, density, searched, mpp) | _straight_bands(density, searched, mpp)
     if fold.any():
         fold = _filled_bands(_along_bands(fold, density, searched, mpp), searched)
@@ -952,8 +967,8 @@ def attrs_row(slide_id: str, attrs) -> dict:
 
 def thresholds() -> dict:
     """The constants the flags used (recorded in the store's ``qc`` attrs)."""
-    return {"structure_min": STRUCTURE_MIN, "focus_blocks": FOCUS_BLOCKS, "reference_quantile": REFERENCE_QUANTILE,
-            "blur_score_max": BLUR_SCORE_MAX, "sharpness_min": SHARPNESS_MIN,
+    return {"structure_min": STRUCTURE_MIN, "focus_blocks": FOCUS_BLOCKS, "focus_block_rows": FOCUS_BLOCK_ROWS,
+            "reference_quantile": REFERENCE_QUANTILE, "blur_score_max": BLUR_SCORE_MAX, "sharpness_min": SHARPNESS_MIN,
             "fold_density_ratio": FOLD_DENSITY_RATIO, "fold_reference_quantile": FOLD_REFERENCE_QUANTILE,
             "fold_colour_local_ratio": FOLD_COLOUR_LOCAL_RATIO, "neighbours_min": NEIGHBOURS_MIN,
             "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2,
