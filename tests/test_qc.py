@@ -474,6 +474,20 @@ def test_a_fold_running_into_a_bubble_is_carried_on_under_it():
     assert (found.fold & truth["bubble"] & ~truth["fold"]).sum() <= 0.1 * under.sum()
 
 
+
+def test_a_fold_lying_wholly_under_a_bubble_is_found_against_the_tissue_inside_it():
+    """A fold band (14 px wide, 56 px long at 8 um/px) composited over stroma wholly inside an air bubble (radius
+    45 px): no fold piece outside runs into it, and the bubble pales it as it pales the stroma beside it, so only
+    against the tissue inside the same bubble is it doubled. The rest of the disc stays clear."""
+    od, tissue = stroma_thumbnail()
+    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    fold, bubble = dd.Fold(200, 140, 0.3, 28, 14, line_width=0.5), dd.Bubble(200, 146, 45, rim=2)
+    found = thumbnail_defects(dd.composite(rgb, [fold, bubble]), tissue, 8.0)
+    truth = dd.composite_truth(tissue, [fold, bubble])
+    assert len(found.circles) == 1 and (truth["fold"] & ~truth["bubble"]).sum() == 0
+    assert (found.fold & truth["fold"]).sum() >= 0.5 * truth["fold"].sum()  # 491 of 784 px (0 before)
+    assert (found.fold & ~truth["fold"]).sum() <= 0.1 * truth["fold"].sum()
+
 def fat_thumbnail(seed: int = 3, where=lambda xx, yy: True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stroma thumbnail turned to fat where ``where(xx, yy)`` holds (everywhere by default): pale vacuoles
     between septa, its density varying several-fold from pixel to pixel (RGB uint8, the tissue mask, the fat)."""

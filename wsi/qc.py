@@ -57,10 +57,15 @@ colour's surroundings. Fold pixels where most pixels within
 pieces of at least :data:`FOLD_MIN_UM2`, or of at least :data:`FOLD_BAND_MIN_UM2` when band-shaped (their
 smallest enclosing rectangle at least :data:`FOLD_BAND_ELONGATION` times as long as wide and at least
 :data:`FOLD_BAND_FILL` full: a fold band cut short where it runs into fat; clusters of nuclei are round or
-ragged), are the fold mask. Under an air bubble (below) folds are not looked for (its outline darkens the tissue,
-the tissue seen through it is paler), but a fold piece within :data:`FOLD_BUBBLE_REACH_UM` of a bubble's disc runs
-on through it, along its band (its enclosing rectangle's width). A band-shaped fold piece is also followed past
-either end along its band, in segments of :data:`FOLD_ALONG_STEP_UM`, for as long as each segment is at least
+ragged), are the fold mask. An air bubble (below) darkens the tissue along its outline, and inside it shows
+the section paler, fold and single layer alike: inside its disc less :data:`FOLD_BUBBLE_RIM_UM` all round, a pixel
+is a fold pixel when it is at least :data:`FOLD_DENSITY_RATIO` times as dense, each against its colour's reference,
+as the :data:`FOLD_BUBBLE_QUANTILE` quantile of the tissue inside the same bubble (not judged where that tissue is
+mostly pale: under :data:`FOLD_PALE_SHARE` of the slide's median density), and a piece mostly inside a bubble is
+kept only when band-shaped (a bubble shifts dense tissue's colour); and a fold piece found outside
+the bubbles within :data:`FOLD_BUBBLE_REACH_UM` of a bubble's disc runs on through it, along its band (its
+enclosing rectangle's width). A band-shaped fold piece is also followed past either end along its band, in
+segments of :data:`FOLD_ALONG_STEP_UM`, for as long as each segment is at least
 :data:`FOLD_ALONG_RATIO` times as dense as the mean of the two strips flanking it (:func:`_along_bands`): per
 pixel, fat's density varies 2x within 100 um, so doubled fat cannot be told from single fat, but a segment's mean
 against its flanks' can, and a flap of stroma over fat, as dense as the stroma beside it, is still about the sum
@@ -159,6 +164,9 @@ FOLD_BAND_ELONGATION = 2.0  # its enclosing rectangle this many times as long as
 FOLD_BAND_FILL = 0.6  # or ragged) and this share full of it (a band's edges are straight)
 FOLD_BUBBLE_REACH_UM = 48.0  # a fold piece this near a bubble's disc (not searched, nor 3 px around it) runs on
 # under the bubble, along its band
+FOLD_BUBBLE_RIM_UM = 40.0  # folds are looked for inside a bubble's disc less this all round (its outline, 10-20 um
+# wide, and the bright ring inside it)
+FOLD_BUBBLE_QUANTILE = 0.2  # against this quantile of the bubble's tissue (a fold may cover half of it)
 FOLD_ALONG_STEP_UM = 128.0  # a band-shaped fold piece is followed along its band in segments this long (fat's
 # density varies 2x within 100 um per pixel; a segment's mean does not)
 FOLD_ALONG_RATIO = 1.4  # a segment is fold when at least this times as dense as the mean of its two flanks
@@ -420,17 +428,23 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     bubble, circles = _bubbles(od, mpp)
     tissue = np.asarray(tissue, bool)
     # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through it is paler:
-    # folds are neither looked for nor measured there, but a fold found running into a bubble runs on under it
+    # folds are measured there only against the tissue inside the same bubble, and a fold found running into a
+    # bubble runs on under it
     searched = tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool) if circles else tissue
     # per pixel, the three channels' optical densities: every fold step's measure (added in place from the image's
     # strided channels, as sum(cv2.split(od)) adds them: split's three planes cost more than the sum)
     density = np.add(od[..., 0], od[..., 1])
     density += od[..., 2]
-    fold = _folds(od, density, searched, mpp) | _straight_bands(density, searched, mpp)
+    insides = _bubble_insides(circles, tissue, mpp)
+    fold = _folds(od, density, searched, mpp, insides) | _straight_bands(density, searched, mpp)
     if fold.any():
         fold = _filled_bands(_along_bands(fold, density, searched, mpp), searched)
     if circles and fold.any():
-        fold = _through_bubbles(fold, bubble, tissue, mpp)
+        # only a piece found outside the bubbles: one found inside is all of the fold there that shows
+        outside = fold.copy()
+        for rows, cols, inside in insides:
+            outside[rows, cols] &= ~inside
+        fold |= _through_bubbles(outside, bubble, tissue, mpp)
     return ThumbnailDefects(fold=fold, bubble=bubble, circles=tuple(circles))
 
 
@@ -607,17 +621,38 @@ def _through_bubbles(fold: np.ndarray, bubble: np.ndarray, tissue: np.ndarray, m
     return out
 
 
-def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
+def _bubble_insides(circles: list, tissue: np.ndarray, mpp: float) -> list[tuple[slice, slice, np.ndarray]]:
+    """The tissue inside each bubble's disc less :data:`FOLD_BUBBLE_RIM_UM` all round (its outline and the
+    bright ring inside it): the disc's box (rows, columns) and the mask within it."""
+    h, w = tissue.shape
+    rim = FOLD_BUBBLE_RIM_UM / mpp
+    insides = []
+    for cx, cy, r in circles:
+        x0, x1 = max(0, math.floor(cx - r)), min(w, math.ceil(cx + r) + 1)
+        y0, y1 = max(0, math.floor(cy - r)), min(h, math.ceil(cy + r) + 1)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        inside = ((xx - cx) ** 2 + (yy - cy) ** 2 <= (r - rim) ** 2) & tissue[y0:y1, x0:x1]
+        if inside.any():
+            insides.append((slice(y0, y1), slice(x0, x1), inside))
+    return insides
+
+
+def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
+           insides: list[tuple[slice, slice, np.ndarray]]) -> np.ndarray:
     """Fold pixels: tissue at least twice as dense as the slide's tissue of its colour, either the slide's as a
-    whole (and its surroundings) or that colour's within its window (see the module docstring). ``density`` is
-    the sum of ``od``'s channels; it is not modified."""
+    whole (and its surroundings) or that colour's within its window (see the module docstring); and inside each
+    bubble (``insides``, from :func:`_bubble_insides`; ``tissue`` leaves them out) tissue at least
+    :data:`FOLD_DENSITY_RATIO` times as dense, against its colour's slide reference, as the
+    :data:`FOLD_BUBBLE_QUANTILE` quantile of the bubble's tissue so measured: the bubble pales a fold and the
+    single tissue beside it alike. ``density`` is the sum of ``od``'s channels; it is not modified."""
     h, w = tissue.shape
     fold = np.zeros((h, w), bool)
     red, _, blue = cv2.split(od)
     if tissue.sum() < 64:
         return fold
     # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
-    dense = tissue & (density >= FOLD_PALE_SHARE * float(np.median(density[tissue])))
+    slide_median = float(np.median(density[tissue]))
+    dense = tissue & (density >= FOLD_PALE_SHARE * slide_median)
     if dense.sum() < 64:
         return fold
     n = int(math.ceil(1 / FOLD_COLOUR_STEP))
@@ -649,15 +684,29 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float) 
     # the slide may be denser tissue): dense tumour is its own colour's surroundings too
     local = dense & (density >= FOLD_COLOUR_LOCAL_RATIO * _colour_local_density(density, bins, dense, n, mpp))
     candidate = slide_wide | local
+    # inside a bubble, against the bubble's own tissue, each pixel as a share of its colour's reference (0 where
+    # its colour has none): the bubble pales a fold and the single layer beside it alike. A bubble over tissue
+    # that is mostly pale (fat, the tissue's frayed edge; a bubble keeps 0.6-0.85 of the contrast) is not judged
+    judged = tissue.copy()
+    for rows, cols, inside in insides:
+        seen = density[rows, cols][inside]
+        relative = seen / reference[bins[rows, cols][inside]]
+        if (relative > 0).sum() >= FOLD_MIN_PIXELS and np.median(seen) >= FOLD_PALE_SHARE * slide_median:
+            single = float(np.quantile(relative[relative > 0], FOLD_BUBBLE_QUANTILE))
+            candidate[rows, cols][inside] = relative >= FOLD_DENSITY_RATIO * single
+            judged[rows, cols] |= inside
     # a fold is a band tens of microns wide: specks (clusters of nuclei a thumbnail pixel wide) go first, then
     # gaps of a couple of pixels close
     k = max(1, int(round(FOLD_SPECK_UM / mpp))) * 2 + 1
     majority = cv2.medianBlur(candidate.view(np.uint8) * 255, k)  # where most of the pixels around are
     closed = cv2.morphologyEx(majority, cv2.MORPH_CLOSE, _disc_kernel(16 / mpp)).view(bool)
-    closed &= tissue
+    closed &= judged
     count, labels, stats, _ = cv2.connectedComponentsWithStats(closed.view(np.uint8), connectivity=8)
     area = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
-    keep = area >= FOLD_MIN_UM2
+    # a piece mostly inside a bubble must be band-shaped whatever its size: the bubble shifts the colours of
+    # dense tissue (a tumour nest there is measured against another colour's reference), not a band's shape
+    under = np.bincount(labels[judged & ~tissue], minlength=count) > stats[:, cv2.CC_STAT_AREA] / 2
+    keep = (area >= FOLD_MIN_UM2) & ~under
     keep[0] = False
     shorter = ~keep & (area >= FOLD_BAND_MIN_UM2)
     shorter[0] = False
@@ -974,6 +1023,7 @@ def thresholds() -> dict:
             "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2,
             "fold_band_min_um2": FOLD_BAND_MIN_UM2, "fold_band_elongation": FOLD_BAND_ELONGATION,
             "fold_band_fill": FOLD_BAND_FILL, "fold_bubble_reach_um": FOLD_BUBBLE_REACH_UM,
+            "fold_bubble_rim_um": FOLD_BUBBLE_RIM_UM, "fold_bubble_quantile": FOLD_BUBBLE_QUANTILE,
             "fold_along_step_um": FOLD_ALONG_STEP_UM, "fold_along_ratio": FOLD_ALONG_RATIO,
             "fold_along_gap_um": FOLD_ALONG_GAP_UM, "fold_along_tissue": FOLD_ALONG_TISSUE,
             "fold_along_reach_um": FOLD_ALONG_REACH_UM, "fold_search_um": FOLD_SEARCH_UM,
