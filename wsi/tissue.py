@@ -15,30 +15,37 @@ Steps (``rgb`` in, boolean masks out; ``mpp`` is the thumbnail's pixel size):
    field centres, and divided out, so grey, yellow or blue casts and brightness steps behave like white glass.
    A thumbnail with no near-neutral bright glass (filled with tissue) keeps its colours.
 2. **Marker ink** (``pen_filter``), decided region by region, never grown into tissue. Pixels of an ink colour
-   (outside H&E's purple-to-pink range) form candidate regions, one colour at a time so crossing strokes part:
-   green (green the brightest channel: never in H&E), blue (blue the brightest with red at most half of it),
-   red (blue barely above green; eosin's pink has blue well above green), black (dark grey, or darker than any
-   nucleus). Each region of at least 5,000 um2 is then judged as a whole: green and black regions are ink; a
-   blue region is ink when its mean red/blue is at most 0.42 (blue ink 0.25-0.4; the darkest pixels of dense
-   high-grade tumour reach 0.5-0.55, but a tumour region's mean is 0.7 and more, and its few ink-coloured
-   pixels form only specks); a red region is ink only where it is stroke-shaped (``keep_blood``): blood is as
-   red as red ink, but a marker leaves strokes of even width, long for their width, while haemorrhage lies in
-   pools. Each red region is opened by a disc half again as wide as its typical half-width, which keeps the
-   parts wider than a stroke (a pool, even one a stroke touches) as blood; the removed, thin parts are ink
-   where at least 3 times as long as wide. Where what lies under a stroke hides its colour (red ink over
-   dark-blue tumour is a purple H&E also shows; any ink over blood turns dark), the stroke is followed on in
-   optical density: ink adds its own density to what lies under it, so a pixel whose excess density over the
-   tissue of its kind around it (blood against blood) points along the ink's, at 0.7 of its strength or more, is
-   ink where it joins the stroke and is no wider than it. Blue, green and black are followed only over and beside
-   blood (blue ink absorbs much as haematoxylin does); a red stub that a crossing stroke cuts off goes with its
-   stroke, and so does a stroke's rounded end just past a pool it crossed (red ink on glass is blood's colour:
-   the red beyond the run-on's end, along its axis, where it reaches the glass). A marker also bleeds into the
-   glass beside it and fades out there (a halo, enough to pass for faint stain): the tinted pixels joined to a
-   blue, green or black stroke whose density, less as much of the ink's as they can hold, leaves glass are ink
-   too; H&E's density does not point along those inks', so stain under a halo stays (a faint red is pale
-   eosin's colour as much as red ink's halo's: red halos are left to the stain tests). Ink then grows by
-   up to two pixels into pixels that are not H&E-coloured or pale (a stroke's blurred edge, JPEG ringing), never
-   into stain. Where ink lies over tissue, only the inked pixels go.
+   (outside H&E's purple-to-pink range) form candidate regions, one colour at a time so crossing strokes part: green
+   (green the brightest channel: never in H&E), blue (blue the brightest with red at most half of it), red (blue
+   barely above green; eosin's pink has blue well above green), black (dark grey, or darker than any nucleus). Each
+   region of at least 5,000 um2 is then judged as a whole: green and black regions are ink; a blue region is ink
+   when its mean red/blue is at most 0.42 (blue ink 0.25-0.4; the darkest pixels of dense high-grade tumour reach
+   0.5-0.55, but a tumour region's mean is 0.7 and more, and its few ink-coloured pixels form only specks). A blue
+   or black region is not ink where the tissue beside it is H&E-coloured and the density the region adds over it is
+   H&E's (green absorbed most, blue little) and sizeable (a third of the tissue's and more): a fold doubles the
+   tissue's density, so over dense tumour it is as dark as black ink and its red/blue as low as blue ink's, but it
+   adds the tissue's own density, where ink adds its own; in such a region, the pieces of 5,000 um2 or more whose
+   own excess over the tissue beside it, or over the fold's own density, is an ink's (a stroke across the fold) are
+   ink; and in a blue or black region found ink beside H&E-coloured tissue, the pieces of 5,000 um2 or more adding a
+   sizeable H&E density, green well above red (a fold the stroke touches), are not. A region darker than JPEG can
+   measure in red or blue keeps the colour rules' verdict. A red region is ink only where it is stroke-shaped
+   (``keep_blood``): blood is as red as red ink, but a marker leaves strokes of even width, long for their width,
+   while haemorrhage lies in pools. Each red region is opened by a disc half again as wide as its typical
+   half-width, which keeps the parts wider than a stroke (a pool, even one a stroke touches) as blood; the removed,
+   thin parts are ink where at least 3 times as long as wide. Where what lies under a stroke hides its colour (red
+   ink over dark-blue tumour is a purple H&E also shows; any ink over blood turns dark), the stroke is followed on
+   in optical density: ink adds its own density to what lies under it, so a pixel whose excess density over the
+   tissue of its kind around it (blood against blood) points along the ink's, at 0.7 of its strength or more, is ink
+   where it joins the stroke and is no wider than it. Blue, green and black are followed only over and beside blood,
+   and over folds (blue ink absorbs much as haematoxylin does); a red stub that a crossing stroke cuts off goes with
+   its stroke, and so does a stroke's rounded end just past a pool it crossed (red ink on glass is blood's colour:
+   the red beyond the run-on's end, along its axis, where it reaches the glass). A marker also bleeds into the glass
+   beside it and fades out there (a halo, enough to pass for faint stain): the tinted pixels joined to a blue, green
+   or black stroke whose density, less as much of the ink's as they can hold, leaves glass are ink too; H&E's
+   density does not point along those inks', so stain under a halo stays (a faint red is pale eosin's colour as much
+   as red ink's halo's: red halos are left to the stain tests). Ink then grows by up to two pixels into pixels that
+   are not H&E-coloured or pale (a stroke's blurred edge, JPEG ringing), never into stain. Where ink lies over
+   tissue, only the inked pixels go.
 3. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
    *stained* when its saturation ``(max - min) / max`` reaches ``saturation_min`` and its brightness (mean of
    R, G, B relative to the glass) is at most ``brightness_max``. *Faint* pixels (darker than
@@ -90,6 +97,16 @@ RED_INK_MAX_BLUE_OVER_GREEN = 0.4  # red ink and blood: (B - G) / (R - G) at mos
 RUN_ON_MIN = 0.7  # ink over tissue adds at least this share of the ink's density (full strokes 0.85-1; a dense
 # tumour beside pale stroma reads as at most 0.56 of blue ink's, haematoxylin absorbing much as blue ink does)
 FAT_CELL_MAX_UM2 = 6000.0  # a fat cell (70 um across, 3,800 um2; up to 90 um): the largest hole a stroke may close
+RING_UM = 24.0  # a blue or black region's excess density is measured over the ring this wide around it,
+RING_TISSUE_OD = 0.15  # over the ring's pixels of at least this summed density (tissue) where they are a quarter
+STAIN_MIN_GREEN_OVER_RED = 0.9  # H&E's density: green at least this share of red (blue ink 0.67, black 1.0;
+STAIN_MAX_BLUE_OVER_GREEN = 0.6  # tumour 1.2-1.9) and blue at most this share of green (black ink 0.93; H&E 0.3-0.5)
+STAIN_MAX_BLUE_OVER_RED = 0.7  # and of red (black ink 0.9-1.07, over a fold 0.74-0.79; H&E 0.36-0.65)
+FOLD_MIN_EXCESS = 0.3  # a fold adds about the tissue's own density (0.45 at the test's densest core): at least this
+FOLD_MIN_GREEN_OVER_RED = 1.4  # a fold joined to a stroke: H&E's excess, green 1.6-2.3 x red (blue ink over it 1.0-1.2)
+FOLD_MAX_OD = 3.5  # median density above this in a channel (under 1/33 of the glass): JPEG's error hides its hue
+STROKE_EDGE_PX = 2.0  # a stroke found in a fold region takes its blurred edge this far with it
+OVER_FOLD_MIN_OD = 0.15  # a stroke over a fold: its pixels add at least this red density to the fold's
 INK_KINDS = ("green", "blue", "black", "red")  # the order candidate colours claim a pixel in
 
 
@@ -285,8 +302,12 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
     ink = np.zeros(r.shape, bool)
     taken = np.zeros(r.shape, bool)
     candidates, decided = {}, []  # each ink colour's candidate pixels; (ink colour, its decided ink)
+    od = None  # optical density, -log of the glass-relative RGB (computed when first needed)
+    folds = np.zeros(r.shape, bool)  # blue and black candidates found to be folds (doubled tissue), not ink
     for kind, pixels in zip(INK_KINDS, ink_colour):
         pixels = candidates[kind] = pixels & ~taken  # each pixel: the first ink colour it has (crossings part)
+        stroke_parts = np.zeros(r.shape, bool)  # this colour's strokes found inside fold regions
+        fold_parts = np.zeros(r.shape, bool)  # folds found inside this colour's ink regions
         taken |= pixels
         labels, n = _label(pixels)
         if n == 0:
@@ -297,18 +318,28 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
         big[0] = False
         if kind == "blue":  # dense tumour's darkest pixels are as blue, but never a whole region
             red_over_blue = np.bincount(at, weights=r[pixels] / np.maximum(b[pixels], 1e-6), minlength=n + 1)
-            kind_ink = (big & (red_over_blue <= INK_MAX_RED_OVER_BLUE * area))[labels]
-        elif kind == "red" and keep_blood:  # blood is as red: strokes are told from pools by their shape
+            big &= red_over_blue <= INK_MAX_RED_OVER_BLUE * area
+        if kind in ("blue", "black") and big.any():  # doubled tissue (a fold) is as dark: its density is H&E's
+            if od is None:
+                od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
+            regions = np.flatnonzero(big)
+            candidates_any = np.logical_or.reduce(ink_colour)
+            stain_like, stroke_parts, fold_parts = _stain_excess(labels, regions, candidates_any, od, mpp)
+            big[regions[stain_like]] = False
+            folds |= (np.isin(labels, regions[stain_like]) & ~stroke_parts) | fold_parts
+        if kind == "red" and keep_blood:  # blood is as red: strokes are told from pools by their shape
             kind_ink = _red_strokes(labels, np.flatnonzero(big))
-        else:  # green and black are never H&E's colours
+        else:  # green is never H&E's colour; blue and black were judged above
             kind_ink = big[labels]
+        kind_ink = (kind_ink | stroke_parts) & ~fold_parts  # a stroke across a fold: each part goes its own way
         ink |= kind_ink
         decided.append((kind, kind_ink))
     red = candidates["red"]
     blood = red & ~ink  # red, not ink: what hides the other inks
     glass = (r + g + b) >= 2.7  # near the glass colour in every channel (glass-relative, 3 = glass)
     if ink.any():  # strokes run on where what lies under them hides their colour
-        od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
+        if od is None:
+            od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
         for kind, kind_ink in decided:
             if not kind_ink.any():
                 continue
@@ -319,7 +350,8 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
                     ink |= _red_stubs(kind_ink, half_width, red, ink)
                     host &= ~ink
             else:  # blue, green and black keep their colour over stain (blue ink and haematoxylin absorb
-                host &= _dilate(blood, 3 * half_width)  # alike), not over blood, so look there only
+                # alike), not over blood or over a fold (as dark as black, as blue as blue ink): look there only
+                host &= _dilate(blood, 3 * half_width) | folds
             run_on = _run_on(kind_ink, half_width, host, blood & ~ink, od)
             ink |= run_on
             if kind == "red" and keep_blood:  # where a stroke found over blood pokes out of the pool
@@ -330,6 +362,78 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
     for _ in range(2):
         ink |= _dilate(ink, 1.5) & ~stain
     return ink
+
+
+def _stain_excess(labels: np.ndarray, regions: np.ndarray, candidates: np.ndarray, od: np.ndarray,
+                  mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of ``regions`` (labels of blue or black ink ``candidates``): whether the density it adds over
+    the tissue beside it is H&E's, not an ink's; the inked parts of those that are; and the folded parts of
+    those that are not.
+
+    A fold doubles the tissue's density, so over dense tumour it is as dark as black ink and its red/blue as
+    low as blue ink's; but what it adds over the tissue beside it points along that tissue's own density, where
+    ink adds its own. The excess is the region's median density less the median of the ring around it
+    (``RING_UM`` wide, pixels of any ink colour left out; its pixels of ``RING_TISSUE_OD`` or more, which must be
+    a quarter of it: a region with glass beside it is a stroke or blot on the glass). The ring's median must be
+    H&E's itself (a blot's dark core lies in its own lighter ink), and the excess at least ``FOLD_MIN_EXCESS`` of
+    it (a fold about doubles the tissue). A region whose median is darker than ``FOLD_MAX_OD`` in red or blue
+    keeps the colour rules' verdict: JPEG's error there hides the direction, and a channel read too light makes
+    ink look like H&E. Green may be that dark (a fold over dense tumour is nearly black in green, H&E's darkest
+    channel): green read too light only makes the excess look less like H&E's.
+    It is H&E's when green takes the most of it (``STAIN_MIN_GREEN_OVER_RED`` of red at least: haematoxylin and
+    eosin both absorb green most, blue ink red) and blue little (``STAIN_MAX_BLUE_OVER_GREEN`` of green and
+    ``STAIN_MAX_BLUE_OVER_RED`` of red at most: black ink absorbs all three alike, and over a fold, where green
+    is read too light, it keeps blue near red). A stroke across a fold joins it into one region: in a region
+    found H&E's, the pieces of ``INK_MIN_UM2`` or more whose own excess is not H&E's, over the ring or (with
+    ``OVER_FOLD_MIN_OD`` of red or more: blue and black ink absorb red) over the median of the region's H&E
+    pixels, the fold's, are returned as ink, with their blurred edge (``STROKE_EDGE_PX``). A fold that a stroke
+    or a blot touches joins it into one region too, ink by its median: in a region beside H&E-coloured tissue
+    found ink, the pieces of ``INK_MIN_UM2`` or more whose pixels' excess is H&E's, sizeable (``FOLD_MIN_EXCESS``
+    of the ring's) and green at least ``FOLD_MIN_GREEN_OVER_RED`` of red (blue ink over tissue adds about as
+    much red as green) are returned as folded, not ink."""
+    stain_like = np.zeros(len(regions), bool)
+    inked = np.zeros(labels.shape, bool)
+    folded = np.zeros(labels.shape, bool)
+    width = max(1, int(round(RING_UM / mpp)))
+
+    def hne(excess):
+        red, green, blue = excess[..., 0], excess[..., 1], excess[..., 2]
+        return ((green > 0) & (green >= STAIN_MIN_GREEN_OVER_RED * red) & (blue <= STAIN_MAX_BLUE_OVER_GREEN * green)
+                & (blue <= STAIN_MAX_BLUE_OVER_RED * red))
+
+    for k, region in enumerate(regions):
+        ys, xs = np.nonzero(labels == region)
+        box = (slice(max(ys.min() - width - 1, 0), ys.max() + width + 2),
+               slice(max(xs.min() - width - 1, 0), xs.max() + width + 2))
+        inside = labels[box] == region
+        ring = _dilate(inside, width) & ~candidates[box]
+        if not ring.any():
+            continue
+        beside = ring & (od[box].sum(axis=2) >= RING_TISSUE_OD)  # the tissue beside it, where there is some
+        if beside.sum() < 0.25 * ring.sum():  # glass beside it: a stroke (or a blot) on the glass
+            continue
+        under = np.median(od[box][beside], axis=0)
+        if not hne(under):  # what lies beside it is not H&E-coloured tissue (a blot's own lighter ink)
+            continue
+        dark = np.median(od[box][inside], axis=0)
+        if max(dark[0], dark[2]) > FOLD_MAX_OD:  # near black in red or blue: its direction is JPEG's noise
+            continue
+        excess = dark - under
+        stain_like[k] = bool(hne(excess)) and excess.sum() >= FOLD_MIN_EXCESS * under.sum()
+        pixel_excess = od[box] - under
+        if not stain_like[k]:  # ink as a whole: a fold it joins is not
+            fold = (inside & hne(pixel_excess) & (pixel_excess.sum(axis=2) >= FOLD_MIN_EXCESS * under.sum())
+                    & (pixel_excess[..., 1] >= FOLD_MIN_GREEN_OVER_RED * pixel_excess[..., 0]))
+            folded[box] |= _drop_small(fold, INK_MIN_UM2 / (mpp * mpp))
+        else:
+            fold = inside & hne(pixel_excess)
+            ink_part = inside & ~hne(pixel_excess)
+            if fold.any():  # ink over the fold itself: what it adds over the fold's density is the ink's
+                over_fold = od[box] - np.median(od[box][fold], axis=0)
+                ink_part |= inside & ~hne(over_fold) & (over_fold[..., 0] >= OVER_FOLD_MIN_OD)
+            ink_part = _drop_small(ink_part, INK_MIN_UM2 / (mpp * mpp))
+            inked[box] |= _dilate(ink_part, STROKE_EDGE_PX) if ink_part.any() else ink_part  # its blurred edge
+    return stain_like, inked, folded
 
 
 def _run_on(strokes: np.ndarray, half_width: float, host: np.ndarray, blood: np.ndarray,
