@@ -277,6 +277,20 @@ def test_tiles_mostly_inside_a_blurred_region_are_flagged_though_their_edge_is_s
     assert not focus.blurred[sharp].any()
 
 
+def test_a_tiles_focus_is_measured_on_its_central_half_of_rows():
+    """Focus is measured on the central FOCUS_BLOCK_ROWS of the tile's FOCUS_BLOCKS rows of blocks (half its
+    pixels, for half the cost): blurring its top and bottom quarters changes nothing, blurring its middle does."""
+    rgb = np.asarray(Image.open(DATA / "slide.jpeg").convert("RGB"))[1024:1280, 1024:1280]
+    blur = cv2.GaussianBlur(rgb, (0, 0), 4)
+    edges = rgb.copy()
+    edges[:64], edges[192:] = blur[:64], blur[192:]
+    middle = rgb.copy()
+    middle[64:192] = blur[64:192]
+    sharpness, structure = wsi.qc.focus_features(np.stack([rgb, edges, middle]))
+    assert sharpness[1] == sharpness[0] and structure[1] == structure[0]
+    assert sharpness[2] < 0.6 * sharpness[0]
+
+
 def tma_cores() -> np.ndarray:
     """The upper blocks of tests/data/tma_spots.jpeg (8 um/px): some 40 cores, the darkest tumour ones among them."""
     return np.asarray(Image.open(DATA / "tma_spots.jpeg").convert("RGB"))[1150:1900]
@@ -459,6 +473,20 @@ def test_a_fold_running_into_a_bubble_is_carried_on_under_it():
     assert under.sum() > 300 and (found.fold & under).sum() >= 0.8 * under.sum()
     assert (found.fold & truth["bubble"] & ~truth["fold"]).sum() <= 0.1 * under.sum()
 
+
+
+def test_a_fold_lying_wholly_under_a_bubble_is_found_against_the_tissue_inside_it():
+    """A fold band (14 px wide, 56 px long at 8 um/px) composited over stroma wholly inside an air bubble (radius
+    45 px): no fold piece outside runs into it, and the bubble pales it as it pales the stroma beside it, so only
+    against the tissue inside the same bubble is it doubled. The rest of the disc stays clear."""
+    od, tissue = stroma_thumbnail()
+    rgb = np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8)
+    fold, bubble = dd.Fold(200, 140, 0.3, 28, 14, line_width=0.5), dd.Bubble(200, 146, 45, rim=2)
+    found = thumbnail_defects(dd.composite(rgb, [fold, bubble]), tissue, 8.0)
+    truth = dd.composite_truth(tissue, [fold, bubble])
+    assert len(found.circles) == 1 and (truth["fold"] & ~truth["bubble"]).sum() == 0
+    assert (found.fold & truth["fold"]).sum() >= 0.5 * truth["fold"].sum()  # 491 of 784 px (0 before)
+    assert (found.fold & ~truth["fold"]).sum() <= 0.1 * truth["fold"].sum()
 
 def fat_thumbnail(seed: int = 3, where=lambda xx, yy: True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stroma thumbnail turned to fat where ``where(xx, yy)`` holds (everywhere by default): pale vacuoles

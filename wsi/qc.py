@@ -7,20 +7,21 @@ slide: two numbers per tile, and masks on the thumbnail's grid.
 
 Focus (per tile)
 ----------------
-An out-of-focus region loses its fine detail first. Each tile's grey image is reduced to a pyramid (each level
-half the last, Gaussian-smoothed: OpenCV's ``pyrDown``) and the mean squared gradient (3x3 Sobel) is taken at
-level 0 (the tile's pixels; ~0.5-1 um at 0.5 um/px) and level 2 (~2-4 um). Their ratio, the tile's
-*sharpness* (the root of the ratio, times 4, so that a tile with no detail finer than level 2 scores about 1), is
-the same for tissue of any darkness or amount of texture (it compares the tile with itself), and falls as blur
-grows: at 0.5 um/px, sharp tissue of the generator and of the real images of ``tests/data`` scores 2.6-5.9,
-tissue blurred by a Gaussian of sigma 1.5 um 1.3-1.8 (``bench/qc.py``). The ratio is taken in each of the tile's
-:data:`FOCUS_BLOCKS` x :data:`FOCUS_BLOCKS` blocks (32 um at 256 px and 0.5 um/px), and the tile's sharpness is
-the lower median of those of its blocks that show structure (their own level-3 gradient at least
+An out-of-focus region loses its fine detail first. Each tile's grey image is reduced to a pyramid (each level half
+the last, Gaussian-smoothed: OpenCV's ``pyrDown``) and the mean squared gradient (3x3 Sobel) is taken at level 0
+(the tile's pixels; ~0.5-1 um at 0.5 um/px) and level 2 (~2-4 um). Their ratio, the tile's *sharpness* (the root of
+the ratio, times 4, so that a tile with no detail finer than level 2 scores about 1), is the same for tissue of any
+darkness or amount of texture (it compares the tile with itself), and falls as blur grows: at 0.5 um/px, sharp
+tissue of the generator and of the real images of ``tests/data`` scores 2.6-5.9, tissue blurred by a Gaussian of
+sigma 1.5 um 1.3-1.8 (``bench/qc.py``). The ratio is taken in each block of the tile's central
+:data:`FOCUS_BLOCK_ROWS` rows of its :data:`FOCUS_BLOCKS` x :data:`FOCUS_BLOCKS` blocks (32 um at 256 px and 0.5
+um/px; half its pixels, for half the cost: an out-of-focus region is larger than a tile), and the tile's sharpness
+is the lower median of those of its blocks that show structure (their own level-3 gradient at least
 :data:`STRUCTURE_MIN`; all blocks where none does): a tile at a blurred region's edge, most of its tissue blurred,
-keeps most of its fine gradient in its sharp part, so a ratio over the whole tile scores it nearly sharp; the
-lower median says how at least half its tissue looks, which is how a tile's blur is judged. Where a tile shows too
-little structure to judge (the gradient at level 3, ~4-8 um, below :data:`STRUCTURE_MIN` grey levels per pixel:
-mucin, pools of blood, pale secretions), its focus is not judged (NaN) and it is never flagged.
+keeps most of its fine gradient in its sharp part, so a ratio over the whole tile scores it nearly sharp; the lower
+median says how at least half its tissue looks, which is how a tile's blur is judged. Where a tile shows too little
+structure to judge (the gradient at level 3, ~4-8 um, below :data:`STRUCTURE_MIN` grey levels per pixel: mucin,
+pools of blood, pale secretions), its focus is not judged (NaN) and it is never flagged.
 
 The *focus score* of a tile is its sharpness over the slide's own reference, the :data:`REFERENCE_QUANTILE`
 quantile of its judged tiles' sharpness: 1 is as sharp as the slide's sharp tissue, so dense tumour (sharp but
@@ -56,10 +57,15 @@ colour's surroundings. Fold pixels where most pixels within
 pieces of at least :data:`FOLD_MIN_UM2`, or of at least :data:`FOLD_BAND_MIN_UM2` when band-shaped (their
 smallest enclosing rectangle at least :data:`FOLD_BAND_ELONGATION` times as long as wide and at least
 :data:`FOLD_BAND_FILL` full: a fold band cut short where it runs into fat; clusters of nuclei are round or
-ragged), are the fold mask. Under an air bubble (below) folds are not looked for (its outline darkens the tissue,
-the tissue seen through it is paler), but a fold piece within :data:`FOLD_BUBBLE_REACH_UM` of a bubble's disc runs
-on through it, along its band (its enclosing rectangle's width). A band-shaped fold piece is also followed past
-either end along its band, in segments of :data:`FOLD_ALONG_STEP_UM`, for as long as each segment is at least
+ragged), are the fold mask. An air bubble (below) darkens the tissue along its outline, and inside it shows
+the section paler, fold and single layer alike: inside its disc less :data:`FOLD_BUBBLE_RIM_UM` all round, a pixel
+is a fold pixel when it is at least :data:`FOLD_DENSITY_RATIO` times as dense, each against its colour's reference,
+as the :data:`FOLD_BUBBLE_QUANTILE` quantile of the tissue inside the same bubble (not judged where that tissue is
+mostly pale: under :data:`FOLD_PALE_SHARE` of the slide's median density), and a piece mostly inside a bubble is
+kept only when band-shaped (a bubble shifts dense tissue's colour); and a fold piece found outside
+the bubbles within :data:`FOLD_BUBBLE_REACH_UM` of a bubble's disc runs on through it, along its band (its
+enclosing rectangle's width). A band-shaped fold piece is also followed past either end along its band, in
+segments of :data:`FOLD_ALONG_STEP_UM`, for as long as each segment is at least
 :data:`FOLD_ALONG_RATIO` times as dense as the mean of the two strips flanking it (:func:`_along_bands`): per
 pixel, fat's density varies 2x within 100 um, so doubled fat cannot be told from single fat, but a segment's mean
 against its flanks' can, and a flap of stroma over fat, as dense as the stroma beside it, is still about the sum
@@ -107,10 +113,10 @@ percentile of the judged tiles' scores. The report lists the slides over :data:`
 >>> tile = np.kron(squares, np.ones((8, 8, 3))).astype(np.uint8)      # 256 px of sharp 8-px squares
 >>> sharpness, structure = focus_features(np.stack([tile, tile, tile, cv2.GaussianBlur(tile, (0, 0), 3)]))
 >>> [round(float(v), 1) for v in sharpness], bool((structure >= STRUCTURE_MIN).all())
-([3.6, 3.6, 3.6, 1.7], True)
+([3.6, 3.6, 3.6, 1.8], True)
 >>> focus = score_focus(sharpness, structure)
 >>> focus.blurred.tolist(), round(float(focus.score[3]), 2), focus.in_focus
-([False, False, False, True], 0.48, True)
+([False, False, False, True], 0.49, True)
 """
 
 from __future__ import annotations
@@ -136,6 +142,7 @@ REFERENCE_QUANTILE = 0.9  # the slide's sharp tissue: this quantile of its judge
 BLUR_SCORE_MAX = 0.5  # a judged tile whose sharpness is below this share of the slide's reference is blurred
 SHARPNESS_MIN = 2.2  # a slide whose reference sharpness is below this has no in-focus tissue
 FOCUS_BLOCKS = 4  # a tile's sharpness: the lower median of its 4 x 4 blocks' (32 um at 256 px, 0.5 um/px)
+FOCUS_BLOCK_ROWS = 2  # of which the central 2 rows of blocks are measured: half the tile's pixels, for half the cost
 NEIGHBOURS_MIN = 3  # a tile too plain to judge takes its judged 8-neighbours' median score when this many are judged
 # (else the judged tiles' of the 5 x 5 around it, when this many are judged there)
 
@@ -157,6 +164,9 @@ FOLD_BAND_ELONGATION = 2.0  # its enclosing rectangle this many times as long as
 FOLD_BAND_FILL = 0.6  # or ragged) and this share full of it (a band's edges are straight)
 FOLD_BUBBLE_REACH_UM = 48.0  # a fold piece this near a bubble's disc (not searched, nor 3 px around it) runs on
 # under the bubble, along its band
+FOLD_BUBBLE_RIM_UM = 40.0  # folds are looked for inside a bubble's disc less this all round (its outline, 10-20 um
+# wide, and the bright ring inside it)
+FOLD_BUBBLE_QUANTILE = 0.2  # against this quantile of the bubble's tissue (a fold may cover half of it)
 FOLD_ALONG_STEP_UM = 128.0  # a band-shaped fold piece is followed along its band in segments this long (fat's
 # density varies 2x within 100 um per pixel; a segment's mean does not)
 FOLD_ALONG_RATIO = 1.4  # a segment is fold when at least this times as dense as the mean of its two flanks
@@ -214,8 +224,10 @@ def focus_features(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sharpness, structure = np.empty(n, np.float32), np.empty(n, np.float32)
     if n == 0:
         return sharpness, structure
+    rows = _measured_rows(tiles.shape[1])
+    tiles = tiles[:, rows]
     h, w = tiles.shape[1:3]
-    blocks = FOCUS_BLOCKS * FOCUS_BLOCKS
+    blocks = FOCUS_BLOCK_ROWS * FOCUS_BLOCKS
     fine = np.empty((n, blocks))
     gradients = np.empty((h, 2, w), np.int16)  # each row's x gradient, then its y gradient: one norm a block
     coarse_stack = gate_stack = None
@@ -250,19 +262,27 @@ def _block_median_sharpness(fine: np.ndarray, coarse: np.ndarray, gate: np.ndarr
     return ranked[np.arange(len(ranked)), (structured.sum(axis=1) - 1) // 2]
 
 
-def _block_edges(size: int) -> list[int]:
-    return [size * k // FOCUS_BLOCKS for k in range(FOCUS_BLOCKS + 1)]
+def _measured_rows(size: int) -> slice:
+    """The rows of a tile ``size`` px tall whose focus is measured: its central :data:`FOCUS_BLOCK_ROWS` of
+    :data:`FOCUS_BLOCKS` rows of blocks (at least one row)."""
+    top = size * (FOCUS_BLOCKS - FOCUS_BLOCK_ROWS) // (2 * FOCUS_BLOCKS)
+    return slice(top, max(top + 1, size * (FOCUS_BLOCKS + FOCUS_BLOCK_ROWS) // (2 * FOCUS_BLOCKS)))
+
+
+def _block_edges(size: int, count: int) -> list[int]:
+    return [size * k // count for k in range(count + 1)]
 
 
 _BLOCK_PLANS: dict = {}
 
 
 def _block_plan(h: int, w: int) -> list[tuple[slice, slice, int]]:
-    """Each of the :data:`FOCUS_BLOCKS` x :data:`FOCUS_BLOCKS` blocks of an (h, w) image, row by row: its rows in
-    the interleaved gradients of :func:`_block_gradient_energy`, its columns, its size in pixels."""
+    """Each of the :data:`FOCUS_BLOCK_ROWS` x :data:`FOCUS_BLOCKS` blocks of an (h, w) image (a tile's measured
+    rows), row by row: its rows in the interleaved gradients of :func:`_block_gradient_energy`, its columns, its
+    size in pixels."""
     plan = _BLOCK_PLANS.get((h, w))
     if plan is None:
-        rows, cols = _block_edges(h), _block_edges(w)
+        rows, cols = _block_edges(h, FOCUS_BLOCK_ROWS), _block_edges(w, FOCUS_BLOCKS)
         plan = [(slice(2 * top, 2 * bottom), slice(left, right), max((bottom - top) * (right - left), 1))
                 for top, bottom in zip(rows[:-1], rows[1:], strict=True)
                 for left, right in zip(cols[:-1], cols[1:], strict=True)]
@@ -271,7 +291,7 @@ def _block_plan(h: int, w: int) -> list[tuple[slice, slice, int]]:
 
 
 def _block_gradient_energy(grey: np.ndarray, gradients: np.ndarray | None = None) -> list[float]:
-    """Mean squared 3x3 Sobel gradient of a uint8 image in each of its :data:`FOCUS_BLOCKS` x
+    """Mean squared 3x3 Sobel gradient of a uint8 image in each of its :data:`FOCUS_BLOCK_ROWS` x
     :data:`FOCUS_BLOCKS` blocks, row by row. The x and y gradients are written row by row interleaved into
     ``gradients`` ((h, 2, w) int16, reused from tile to tile), so that one ``cv2.norm`` over a block's rows takes
     both: the sum of their squares, an exact integer."""
@@ -289,7 +309,7 @@ def _stack_gradient_energy(stack: np.ndarray) -> np.ndarray:
     over the images stacked, each with a row above and below it mirrored as OpenCV's border (``BORDER_REFLECT_101``)
     so that no image sees the next, and the blocks' sums of squares in integers (exact, as OpenCV's)."""
     n, h, w = stack.shape
-    if h < FOCUS_BLOCKS or w < FOCUS_BLOCKS:  # blocks of no pixels: the tile's own measure
+    if h < FOCUS_BLOCK_ROWS or w < FOCUS_BLOCKS:  # blocks of no pixels: the tile's own measure
         return np.array([_block_gradient_energy(image) for image in stack], np.float64).reshape(n, -1)
     padded = np.empty((n, h + 2, w), np.uint8)
     padded[:, 1:h + 1] = stack
@@ -299,17 +319,17 @@ def _stack_gradient_energy(stack: np.ndarray) -> np.ndarray:
     energy = cv2.multiply(gx, gx, dtype=cv2.CV_32S)  # at most 2 x 1020^2 a pixel
     energy += cv2.multiply(gy, gy, dtype=cv2.CV_32S)
     energy = energy.reshape(n, h + 2, w)
-    rows, cols = _block_edges(h), _block_edges(w)
-    if h % FOCUS_BLOCKS == 0 and w % FOCUS_BLOCKS == 0:
-        bh, bw = h // FOCUS_BLOCKS, w // FOCUS_BLOCKS
+    rows, cols = _block_edges(h, FOCUS_BLOCK_ROWS), _block_edges(w, FOCUS_BLOCKS)
+    if h % FOCUS_BLOCK_ROWS == 0 and w % FOCUS_BLOCKS == 0:
+        bh, bw = h // FOCUS_BLOCK_ROWS, w // FOCUS_BLOCKS
         sums = energy.reshape(n, h + 2, FOCUS_BLOCKS, bw).sum(axis=3, dtype=np.int64)[:, 1:h + 1]
-        sums = sums.reshape(n, FOCUS_BLOCKS, bh, FOCUS_BLOCKS).sum(axis=2)
+        sums = sums.reshape(n, FOCUS_BLOCK_ROWS, bh, FOCUS_BLOCKS).sum(axis=2)
     else:
         sums = np.add.reduceat(np.add.reduceat(energy[:, 1:h + 1], rows[:-1], axis=1, dtype=np.int64),
                                cols[:-1], axis=2)
     sizes = np.array([[(bottom - top) * (right - left) for left, right in zip(cols[:-1], cols[1:])]
                       for top, bottom in zip(rows[:-1], rows[1:])], np.float64)
-    return (sums / sizes).reshape(n, FOCUS_BLOCKS * FOCUS_BLOCKS)
+    return (sums / sizes).reshape(n, FOCUS_BLOCK_ROWS * FOCUS_BLOCKS)
 
 
 @dataclass(frozen=True)
@@ -408,14 +428,23 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     bubble, circles = _bubbles(od, mpp)
     tissue = np.asarray(tissue, bool)
     # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through it is paler:
-    # folds are neither looked for nor measured there, but a fold found running into a bubble runs on under it
+    # folds are measured there only against the tissue inside the same bubble, and a fold found running into a
+    # bubble runs on under it
     searched = tissue & ~cv2.dilate(bubble.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool) if circles else tissue
-    density = sum(cv2.split(od))  # per pixel, the three channels' optical densities: every fold step's measure
-    fold = _folds(od, density, searched, mpp) | _straight_bands(density, searched, mpp)
+    # per pixel, the three channels' optical densities: every fold step's measure (added in place from the image's
+    # strided channels, as sum(cv2.split(od)) adds them: split's three planes cost more than the sum)
+    density = np.add(od[..., 0], od[..., 1])
+    density += od[..., 2]
+    insides = _bubble_insides(circles, tissue, mpp)
+    fold = _folds(od, density, searched, mpp, insides) | _straight_bands(density, searched, mpp)
     if fold.any():
         fold = _filled_bands(_along_bands(fold, density, searched, mpp), searched)
     if circles and fold.any():
-        fold = _through_bubbles(fold, bubble, tissue, mpp)
+        # only a piece found outside the bubbles: one found inside is all of the fold there that shows
+        outside = fold.copy()
+        for rows, cols, inside in insides:
+            outside[rows, cols] &= ~inside
+        fold |= _through_bubbles(outside, bubble, tissue, mpp)
     return ThumbnailDefects(fold=fold, bubble=bubble, circles=tuple(circles))
 
 
@@ -592,17 +621,38 @@ def _through_bubbles(fold: np.ndarray, bubble: np.ndarray, tissue: np.ndarray, m
     return out
 
 
-def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float) -> np.ndarray:
+def _bubble_insides(circles: list, tissue: np.ndarray, mpp: float) -> list[tuple[slice, slice, np.ndarray]]:
+    """The tissue inside each bubble's disc less :data:`FOLD_BUBBLE_RIM_UM` all round (its outline and the
+    bright ring inside it): the disc's box (rows, columns) and the mask within it."""
+    h, w = tissue.shape
+    rim = FOLD_BUBBLE_RIM_UM / mpp
+    insides = []
+    for cx, cy, r in circles:
+        x0, x1 = max(0, math.floor(cx - r)), min(w, math.ceil(cx + r) + 1)
+        y0, y1 = max(0, math.floor(cy - r)), min(h, math.ceil(cy + r) + 1)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        inside = ((xx - cx) ** 2 + (yy - cy) ** 2 <= (r - rim) ** 2) & tissue[y0:y1, x0:x1]
+        if inside.any():
+            insides.append((slice(y0, y1), slice(x0, x1), inside))
+    return insides
+
+
+def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
+           insides: list[tuple[slice, slice, np.ndarray]]) -> np.ndarray:
     """Fold pixels: tissue at least twice as dense as the slide's tissue of its colour, either the slide's as a
-    whole (and its surroundings) or that colour's within its window (see the module docstring). ``density`` is
-    the sum of ``od``'s channels; it is not modified."""
+    whole (and its surroundings) or that colour's within its window (see the module docstring); and inside each
+    bubble (``insides``, from :func:`_bubble_insides`; ``tissue`` leaves them out) tissue at least
+    :data:`FOLD_DENSITY_RATIO` times as dense, against its colour's slide reference, as the
+    :data:`FOLD_BUBBLE_QUANTILE` quantile of the bubble's tissue so measured: the bubble pales a fold and the
+    single tissue beside it alike. ``density`` is the sum of ``od``'s channels; it is not modified."""
     h, w = tissue.shape
     fold = np.zeros((h, w), bool)
     red, _, blue = cv2.split(od)
     if tissue.sum() < 64:
         return fold
     # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
-    dense = tissue & (density >= FOLD_PALE_SHARE * float(np.median(density[tissue])))
+    slide_median = float(np.median(density[tissue]))
+    dense = tissue & (density >= FOLD_PALE_SHARE * slide_median)
     if dense.sum() < 64:
         return fold
     n = int(math.ceil(1 / FOLD_COLOUR_STEP))
@@ -634,15 +684,29 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float) 
     # the slide may be denser tissue): dense tumour is its own colour's surroundings too
     local = dense & (density >= FOLD_COLOUR_LOCAL_RATIO * _colour_local_density(density, bins, dense, n, mpp))
     candidate = slide_wide | local
+    # inside a bubble, against the bubble's own tissue, each pixel as a share of its colour's reference (0 where
+    # its colour has none): the bubble pales a fold and the single layer beside it alike. A bubble over tissue
+    # that is mostly pale (fat, the tissue's frayed edge; a bubble keeps 0.6-0.85 of the contrast) is not judged
+    judged = tissue.copy()
+    for rows, cols, inside in insides:
+        seen = density[rows, cols][inside]
+        relative = seen / reference[bins[rows, cols][inside]]
+        if (relative > 0).sum() >= FOLD_MIN_PIXELS and np.median(seen) >= FOLD_PALE_SHARE * slide_median:
+            single = float(np.quantile(relative[relative > 0], FOLD_BUBBLE_QUANTILE))
+            candidate[rows, cols][inside] = relative >= FOLD_DENSITY_RATIO * single
+            judged[rows, cols] |= inside
     # a fold is a band tens of microns wide: specks (clusters of nuclei a thumbnail pixel wide) go first, then
     # gaps of a couple of pixels close
     k = max(1, int(round(FOLD_SPECK_UM / mpp))) * 2 + 1
     majority = cv2.medianBlur(candidate.view(np.uint8) * 255, k)  # where most of the pixels around are
     closed = cv2.morphologyEx(majority, cv2.MORPH_CLOSE, _disc_kernel(16 / mpp)).view(bool)
-    closed &= tissue
+    closed &= judged
     count, labels, stats, _ = cv2.connectedComponentsWithStats(closed.view(np.uint8), connectivity=8)
     area = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
-    keep = area >= FOLD_MIN_UM2
+    # a piece mostly inside a bubble must be band-shaped whatever its size: the bubble shifts the colours of
+    # dense tissue (a tumour nest there is measured against another colour's reference), not a band's shape
+    under = np.bincount(labels[judged & ~tissue], minlength=count) > stats[:, cv2.CC_STAT_AREA] / 2
+    keep = (area >= FOLD_MIN_UM2) & ~under
     keep[0] = False
     shorter = ~keep & (area >= FOLD_BAND_MIN_UM2)
     shorter[0] = False
@@ -952,13 +1016,14 @@ def attrs_row(slide_id: str, attrs) -> dict:
 
 def thresholds() -> dict:
     """The constants the flags used (recorded in the store's ``qc`` attrs)."""
-    return {"structure_min": STRUCTURE_MIN, "focus_blocks": FOCUS_BLOCKS, "reference_quantile": REFERENCE_QUANTILE,
-            "blur_score_max": BLUR_SCORE_MAX, "sharpness_min": SHARPNESS_MIN,
+    return {"structure_min": STRUCTURE_MIN, "focus_blocks": FOCUS_BLOCKS, "focus_block_rows": FOCUS_BLOCK_ROWS,
+            "reference_quantile": REFERENCE_QUANTILE, "blur_score_max": BLUR_SCORE_MAX, "sharpness_min": SHARPNESS_MIN,
             "fold_density_ratio": FOLD_DENSITY_RATIO, "fold_reference_quantile": FOLD_REFERENCE_QUANTILE,
             "fold_colour_local_ratio": FOLD_COLOUR_LOCAL_RATIO, "neighbours_min": NEIGHBOURS_MIN,
             "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2,
             "fold_band_min_um2": FOLD_BAND_MIN_UM2, "fold_band_elongation": FOLD_BAND_ELONGATION,
             "fold_band_fill": FOLD_BAND_FILL, "fold_bubble_reach_um": FOLD_BUBBLE_REACH_UM,
+            "fold_bubble_rim_um": FOLD_BUBBLE_RIM_UM, "fold_bubble_quantile": FOLD_BUBBLE_QUANTILE,
             "fold_along_step_um": FOLD_ALONG_STEP_UM, "fold_along_ratio": FOLD_ALONG_RATIO,
             "fold_along_gap_um": FOLD_ALONG_GAP_UM, "fold_along_tissue": FOLD_ALONG_TISSUE,
             "fold_along_reach_um": FOLD_ALONG_REACH_UM, "fold_search_um": FOLD_SEARCH_UM,
