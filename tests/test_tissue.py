@@ -478,7 +478,7 @@ def _tma_core() -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
 def test_a_fold_over_dense_tumour_is_tissue_not_ink():
     """A fold doubles the tissue's density: over the real microarray's dense dark core it is as dark as black
     ink and its red/blue as low as blue ink's, but the density it adds is H&E's (green absorbed most), so the
-    doubled tumour stays tissue (the mask before the third try, branch inkfold3, called 0.2 of the core ink)."""
+    doubled tumour stays tissue (the mask before the fix, branch inkfold4, called 0.2 of the core ink)."""
     from wsi_synth import defects as dd
 
     rgb, core, (cx, cy) = _tma_core()
