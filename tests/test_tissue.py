@@ -475,12 +475,10 @@ def _tma_core() -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     return rgb[box], (labels == largest)[box], (float(cx - box[1].start), float(cy - box[0].start))
 
 
-@pytest.mark.xfail(strict=True, reason="a fold over dense tumour is taken for blue or black ink (three fixes tried, "
-                   "branches inkfold, inkfold2 and inkfold3, failed their frozen runs; bench/RESULTS.md)")
 def test_a_fold_over_dense_tumour_is_tissue_not_ink():
     """A fold doubles the tissue's density: over the real microarray's dense dark core it is as dark as black
     ink and its red/blue as low as blue ink's, but the density it adds is H&E's (green absorbed most), so the
-    doubled tumour should stay tissue (the mask calls 0.2 of the core ink)."""
+    doubled tumour stays tissue (the mask before the fix, branch inkfold4, called 0.2 of the core ink)."""
     from wsi_synth import defects as dd
 
     rgb, core, (cx, cy) = _tma_core()

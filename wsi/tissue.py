@@ -15,30 +15,41 @@ Steps (``rgb`` in, boolean masks out; ``mpp`` is the thumbnail's pixel size):
    field centres, and divided out, so grey, yellow or blue casts and brightness steps behave like white glass.
    A thumbnail with no near-neutral bright glass (filled with tissue) keeps its colours.
 2. **Marker ink** (``pen_filter``), decided region by region, never grown into tissue. Pixels of an ink colour
-   (outside H&E's purple-to-pink range) form candidate regions, one colour at a time so crossing strokes part:
-   green (green the brightest channel: never in H&E), blue (blue the brightest with red at most half of it),
-   red (blue barely above green; eosin's pink has blue well above green), black (dark grey, or darker than any
-   nucleus). Each region of at least 5,000 um2 is then judged as a whole: green and black regions are ink; a
-   blue region is ink when its mean red/blue is at most 0.42 (blue ink 0.25-0.4; the darkest pixels of dense
-   high-grade tumour reach 0.5-0.55, but a tumour region's mean is 0.7 and more, and its few ink-coloured
-   pixels form only specks); a red region is ink only where it is stroke-shaped (``keep_blood``): blood is as
-   red as red ink, but a marker leaves strokes of even width, long for their width, while haemorrhage lies in
-   pools. Each red region is opened by a disc half again as wide as its typical half-width, which keeps the
-   parts wider than a stroke (a pool, even one a stroke touches) as blood; the removed, thin parts are ink
-   where at least 3 times as long as wide. Where what lies under a stroke hides its colour (red ink over
-   dark-blue tumour is a purple H&E also shows; any ink over blood turns dark), the stroke is followed on in
-   optical density: ink adds its own density to what lies under it, so a pixel whose excess density over the
-   tissue of its kind around it (blood against blood) points along the ink's, at 0.7 of its strength or more, is
-   ink where it joins the stroke and is no wider than it. Blue, green and black are followed only over and beside
-   blood (blue ink absorbs much as haematoxylin does); a red stub that a crossing stroke cuts off goes with its
-   stroke, and so does a stroke's rounded end just past a pool it crossed (red ink on glass is blood's colour:
-   the red beyond the run-on's end, along its axis, where it reaches the glass). A marker also bleeds into the
-   glass beside it and fades out there (a halo, enough to pass for faint stain): the tinted pixels joined to a
-   blue, green or black stroke whose density, less as much of the ink's as they can hold, leaves glass are ink
-   too; H&E's density does not point along those inks', so stain under a halo stays (a faint red is pale
-   eosin's colour as much as red ink's halo's: red halos are left to the stain tests). Ink then grows by
-   up to two pixels into pixels that are not H&E-coloured or pale (a stroke's blurred edge, JPEG ringing), never
-   into stain. Where ink lies over tissue, only the inked pixels go.
+   (outside H&E's purple-to-pink range) form candidate regions, one colour at a time so crossing strokes part: green
+   (green the brightest channel: never in H&E), blue (blue the brightest with red at most half of it), red (blue
+   barely above green; eosin's pink has blue well above green), black (dark grey, or darker than any nucleus). Each
+   region of at least 5,000 um2 is then judged as a whole: green and black regions are ink; a blue region is ink
+   when its mean red/blue is at most 0.42 (blue ink 0.25-0.4; the darkest pixels of dense high-grade tumour reach
+   0.5-0.55, but a tumour region's mean is 0.7 and more, and its few ink-coloured pixels form only specks). A blue
+   or black region is not ink where the tissue beside it is H&E-coloured and the density the region adds over it is
+   H&E's (green absorbed most, blue little) and sizeable (a quarter of the tissue's and more): a fold doubles the
+   tissue's density, so over dense tumour it is as dark as black ink and its red/blue as low as blue ink's, but it
+   adds the tissue's own density, where ink adds its own; in such a region, the pieces of 5,000 um2 or more whose
+   own excess over the tissue beside it, or over the fold's own density, is an ink's (a stroke across the fold) are
+   ink; and in a blue or black region found ink beside H&E-coloured tissue, the pieces of 5,000 um2 or more left
+   off the stroke's strip (a marker leaves a strip of even width along its own line: followed on where it crosses
+   tissue that hides its colour), judged as regions of their own by the same rules, are not (a fold the stroke
+   touches; per pixel it can be as blue as the ink over tumour). A region darker than JPEG can measure in red or
+   blue keeps the colour rules' verdict. A red region is ink only where it is stroke-shaped
+   (``keep_blood``): blood is as red as red ink, but a marker leaves strokes of even width, long for their width,
+   while haemorrhage lies in pools. Each red region is opened by a disc half again as wide as its typical
+   half-width, which keeps the parts wider than a stroke (a pool, even one a stroke touches) as blood; the removed,
+   thin parts are ink where at least 3 times as long as wide. Where what lies under a stroke hides its colour (red
+   ink over dark-blue tumour is a purple H&E also shows; any ink over blood turns dark), the stroke is followed on
+   in optical density: ink adds its own density to what lies under it, so a pixel whose excess density over the
+   tissue of its kind around it (blood against blood) points along the ink's, at 0.7 of its strength or more, is ink
+   where it joins the stroke and is no wider than it. Blue, green and black are followed only over and beside blood,
+   and over folds (blue ink absorbs much as haematoxylin does), and a stroke that reaches a fold also goes on across
+   it along its own line at its own width (a fold hides even black ink's colour); a red stub that a crossing stroke
+   cuts off goes with
+   its stroke, and so does a stroke's rounded end just past a pool it crossed (red ink on glass is blood's colour:
+   the red beyond the run-on's end, along its axis, where it reaches the glass). A marker also bleeds into the glass
+   beside it and fades out there (a halo, enough to pass for faint stain): the tinted pixels joined to a blue, green
+   or black stroke whose density, less as much of the ink's as they can hold, leaves glass are ink too; H&E's
+   density does not point along those inks', so stain under a halo stays (a faint red is pale eosin's colour as much
+   as red ink's halo's: red halos are left to the stain tests). Ink then grows by up to two pixels into pixels that
+   are not H&E-coloured or pale (a stroke's blurred edge, JPEG ringing), never into stain. Where ink lies over
+   tissue, only the inked pixels go.
 3. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
    *stained* when its saturation ``(max - min) / max`` reaches ``saturation_min`` and its brightness (mean of
    R, G, B relative to the glass) is at most ``brightness_max``. *Faint* pixels (darker than
@@ -90,6 +101,16 @@ RED_INK_MAX_BLUE_OVER_GREEN = 0.4  # red ink and blood: (B - G) / (R - G) at mos
 RUN_ON_MIN = 0.7  # ink over tissue adds at least this share of the ink's density (full strokes 0.85-1; a dense
 # tumour beside pale stroma reads as at most 0.56 of blue ink's, haematoxylin absorbing much as blue ink does)
 FAT_CELL_MAX_UM2 = 6000.0  # a fat cell (70 um across, 3,800 um2; up to 90 um): the largest hole a stroke may close
+RING_UM = 24.0  # a blue or black region's excess density is measured over the ring this wide around it,
+RING_TISSUE_OD = 0.15  # over the ring's pixels of at least this summed density (tissue) where they are a quarter
+STAIN_MIN_GREEN_OVER_RED = 0.9  # H&E's density: green at least this share of red (blue ink 0.67, black 1.0;
+STAIN_MAX_BLUE_OVER_GREEN = 0.6  # tumour 1.2-1.9) and blue at most this share of green (black ink 0.93; H&E 0.3-0.5)
+STAIN_MAX_BLUE_OVER_RED = 0.7  # and of red (black ink 0.9-1.07, over a fold 0.74-0.79; H&E 0.36-0.65)
+FOLD_MIN_EXCESS = 0.25  # a fold adds about the tissue's own density (0.45 at the test's densest core; 0.26 over a
+# dense microarray core, green read too light): at least this share of it
+FOLD_MAX_OD = 3.5  # median density above this in a channel (under 1/33 of the glass): JPEG's error hides its hue
+STROKE_EDGE_PX = 2.0  # a stroke found in or beside a fold takes its blurred edge this far with it
+OVER_FOLD_MIN_OD = 0.15  # a stroke over a fold: its pixels add at least this red density to the fold's
 INK_KINDS = ("green", "blue", "black", "red")  # the order candidate colours claim a pixel in
 
 
@@ -285,8 +306,12 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
     ink = np.zeros(r.shape, bool)
     taken = np.zeros(r.shape, bool)
     candidates, decided = {}, []  # each ink colour's candidate pixels; (ink colour, its decided ink)
+    od = None  # optical density, -log of the glass-relative RGB (computed when first needed)
+    folds = np.zeros(r.shape, bool)  # blue and black candidates found to be folds (doubled tissue), not ink
     for kind, pixels in zip(INK_KINDS, ink_colour):
         pixels = candidates[kind] = pixels & ~taken  # each pixel: the first ink colour it has (crossings part)
+        stroke_parts = np.zeros(r.shape, bool)  # this colour's strokes found inside fold regions
+        fold_parts = np.zeros(r.shape, bool)  # folds found inside this colour's ink regions
         taken |= pixels
         labels, n = _label(pixels)
         if n == 0:
@@ -297,18 +322,28 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
         big[0] = False
         if kind == "blue":  # dense tumour's darkest pixels are as blue, but never a whole region
             red_over_blue = np.bincount(at, weights=r[pixels] / np.maximum(b[pixels], 1e-6), minlength=n + 1)
-            kind_ink = (big & (red_over_blue <= INK_MAX_RED_OVER_BLUE * area))[labels]
-        elif kind == "red" and keep_blood:  # blood is as red: strokes are told from pools by their shape
+            big &= red_over_blue <= INK_MAX_RED_OVER_BLUE * area
+        if kind in ("blue", "black") and big.any():  # doubled tissue (a fold) is as dark: its density is H&E's
+            if od is None:
+                od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
+            regions = np.flatnonzero(big)
+            candidates_any = np.logical_or.reduce(ink_colour)
+            stain_like, stroke_parts, fold_parts = _stain_excess(labels, regions, candidates_any, od, mpp)
+            big[regions[stain_like]] = False
+            folds |= (np.isin(labels, regions[stain_like]) & ~stroke_parts) | fold_parts
+        if kind == "red" and keep_blood:  # blood is as red: strokes are told from pools by their shape
             kind_ink = _red_strokes(labels, np.flatnonzero(big))
-        else:  # green and black are never H&E's colours
+        else:  # green is never H&E's colour; blue and black were judged above
             kind_ink = big[labels]
+        kind_ink = (kind_ink | stroke_parts) & ~fold_parts  # a stroke across a fold: each part goes its own way
         ink |= kind_ink
         decided.append((kind, kind_ink))
     red = candidates["red"]
     blood = red & ~ink  # red, not ink: what hides the other inks
     glass = (r + g + b) >= 2.7  # near the glass colour in every channel (glass-relative, 3 = glass)
     if ink.any():  # strokes run on where what lies under them hides their colour
-        od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
+        if od is None:
+            od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
         for kind, kind_ink in decided:
             if not kind_ink.any():
                 continue
@@ -319,7 +354,10 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
                     ink |= _red_stubs(kind_ink, half_width, red, ink)
                     host &= ~ink
             else:  # blue, green and black keep their colour over stain (blue ink and haematoxylin absorb
-                host &= _dilate(blood, 3 * half_width)  # alike), not over blood, so look there only
+                # alike), not over blood or over a fold (as dark as black, as blue as blue ink): look there only
+                host &= _dilate(blood, 3 * half_width) | folds
+                if folds.any():  # a stroke across a fold: its line, at its width, where it joins ink both sides
+                    ink |= _across_folds(kind_ink, folds)
             run_on = _run_on(kind_ink, half_width, host, blood & ~ink, od)
             ink |= run_on
             if kind == "red" and keep_blood:  # where a stroke found over blood pokes out of the pool
@@ -330,6 +368,141 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
     for _ in range(2):
         ink |= _dilate(ink, 1.5) & ~stain
     return ink
+
+
+def _stain_excess(labels: np.ndarray, regions: np.ndarray, candidates: np.ndarray, od: np.ndarray,
+                  mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of ``regions`` (labels of blue or black ink ``candidates``): whether the density it adds over
+    the tissue beside it is H&E's, not an ink's; the inked parts of those that are; and the folded parts of
+    those that are not.
+
+    A fold doubles the tissue's density, so over dense tumour it is as dark as black ink and its red/blue as
+    low as blue ink's; but what it adds over the tissue beside it points along that tissue's own density, where
+    ink adds its own. The excess is the region's median density less the median of the ring around it
+    (``RING_UM`` wide, pixels of any ink colour left out; its pixels of ``RING_TISSUE_OD`` or more, which must be
+    a quarter of it: a region with glass beside it is a stroke or blot on the glass). The ring's median must be
+    H&E's itself (a blot's dark core lies in its own lighter ink), and the excess at least ``FOLD_MIN_EXCESS`` of
+    it (a fold about doubles the tissue). A region whose median is darker than ``FOLD_MAX_OD`` in red or blue
+    keeps the colour rules' verdict: JPEG's error there hides the direction, and a channel read too light makes
+    ink look like H&E. Green may be that dark (a fold over dense tumour is nearly black in green, H&E's darkest
+    channel): green read too light only makes the excess look less like H&E's.
+    It is H&E's when green takes the most of it (``STAIN_MIN_GREEN_OVER_RED`` of red at least: haematoxylin and
+    eosin both absorb green most, blue ink red) and blue little (``STAIN_MAX_BLUE_OVER_GREEN`` of green and
+    ``STAIN_MAX_BLUE_OVER_RED`` of red at most: black ink absorbs all three alike, and over a fold, where green
+    is read too light, it keeps blue near red). A stroke across a fold joins it into one region: in a region
+    found H&E's, the pieces of ``INK_MIN_UM2`` or more whose own excess is not H&E's, over the ring or (with
+    ``OVER_FOLD_MIN_OD`` of red or more: blue and black ink absorb red) over the median of the region's H&E
+    pixels, the fold's, are returned as ink, with their blurred edge (``STROKE_EDGE_PX``). A fold that a stroke
+    or a blot touches joins it into one region too, ink by its median: in a region beside H&E-coloured tissue
+    found ink, the stroke's strip is cut out (``_stroke_strip``: its pixels of an ink's excess, followed on along
+    their line at their width), and each piece left of ``INK_MIN_UM2`` or more is judged as a region of its own
+    (its own ring H&E-coloured tissue, a sizeable H&E excess over it); those found so are returned as folded, not
+    ink, less the stroke's pixels over them that join the strip. Per pixel a fold over haematoxylin-heavy tumour
+    adds green only 1.2 x red, as blue ink over tumour does; the stroke's shape, not the hue, parts them."""
+    stain_like = np.zeros(len(regions), bool)
+    inked = np.zeros(labels.shape, bool)
+    folded = np.zeros(labels.shape, bool)
+    width = max(1, int(round(RING_UM / mpp)))
+    min_px = INK_MIN_UM2 / (mpp * mpp)
+
+    def hne(excess):
+        red, green, blue = excess[..., 0], excess[..., 1], excess[..., 2]
+        return ((green > 0) & (green >= STAIN_MIN_GREEN_OVER_RED * red) & (blue <= STAIN_MAX_BLUE_OVER_GREEN * green)
+                & (blue <= STAIN_MAX_BLUE_OVER_RED * red))
+
+    def tissue_beside(pixels, box):  # the ring's median density where it is H&E-coloured tissue, else None
+        ring = _dilate(pixels, width) & ~candidates[box]
+        if not ring.any():
+            return None
+        beside = ring & (od[box].sum(axis=2) >= RING_TISSUE_OD)  # the tissue beside it, where there is some
+        if beside.sum() < 0.25 * ring.sum():  # glass beside it: a stroke (or a blot) on the glass
+            return None
+        under = np.median(od[box][beside], axis=0)
+        return under if hne(under) else None  # else not H&E-coloured tissue (a blot's own lighter ink)
+
+    def fold_like(densities, under):  # their median adds a sizeable H&E-hued excess over ``under``, the ring's
+        excess = np.median(densities, axis=0) - under
+        return bool(hne(excess)) and excess.sum() >= FOLD_MIN_EXCESS * under.sum()
+
+    for k, region in enumerate(regions):
+        ys, xs = np.nonzero(labels == region)
+        box = (slice(max(ys.min() - width - 1, 0), ys.max() + width + 2),
+               slice(max(xs.min() - width - 1, 0), xs.max() + width + 2))
+        inside = labels[box] == region
+        under = tissue_beside(inside, box)
+        if under is None:
+            continue
+        dark = np.median(od[box][inside], axis=0)
+        if max(dark[0], dark[2]) > FOLD_MAX_OD:  # near black in red or blue: its direction is JPEG's noise
+            continue
+        stain_like[k] = fold_like(od[box][inside], under)
+        pixel_excess = od[box] - under
+        if stain_like[k]:
+            folds, strip = [inside], None
+        else:  # ink as a whole: a fold it joins lies off the stroke's strip; judged as a region of its own
+            strip = _stroke_strip(_drop_small(inside & ~hne(pixel_excess), min_px), inside)
+            rest, n_rest = _label(inside & ~strip)
+            folds = []
+            for piece in (rest == label for label in range(1, n_rest + 1)):
+                piece_under = tissue_beside(piece, box) if piece.sum() >= min_px else None
+                if piece_under is not None and fold_like(od[box][piece], piece_under):
+                    folds.append(piece)
+        for fold_region in folds:
+            fold = fold_region & hne(pixel_excess)
+            ink_part = fold_region & ~hne(pixel_excess)
+            if fold.any():  # ink over the fold itself: what it adds over the fold's density is the ink's
+                over_fold = od[box] - np.median(od[box][fold], axis=0)
+                ink_part |= fold_region & ~hne(over_fold) & (over_fold[..., 0] >= OVER_FOLD_MIN_OD)
+            # a stroke across the fold: of ink's size, or running on from the strip cut out before
+            ink_part = _drop_small(ink_part, min_px) if strip is None else _touching(ink_part, strip) & ink_part
+            ink_part = _dilate(ink_part, STROKE_EDGE_PX) if ink_part.any() else ink_part  # its blurred edge
+            if stain_like[k]:
+                inked[box] |= ink_part
+            else:
+                folded[box] |= fold_region & ~ink_part
+    return stain_like, inked, folded
+
+
+def _stroke_strip(stroke: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The pixels of ``region`` that belong to the marker ``stroke`` in it (pixels of the ink's own colour).
+
+    A marker leaves a strip of even width along a smooth path, so where the stroke crosses tissue that hides
+    its colour (a fold over dense tumour) it goes on along its own line at its own width. Each piece of
+    ``stroke`` long for its width (``STROKE_MIN_ELONGATION``) is followed on both ways along its principal
+    axis, through the region, at its half-width from it; every piece takes its blurred edge
+    (``STROKE_EDGE_PX``)."""
+    strip = _dilate(stroke, STROKE_EDGE_PX) & region
+    pieces, n = _label(stroke)
+    ys, xs = np.nonzero(region)
+    for piece in range(1, n + 1):
+        mask = pieces == piece
+        half_width = _half_width(mask)
+        py, px = np.nonzero(mask)
+        if py.size < STROKE_MIN_ELONGATION * np.pi * half_width ** 2:  # a blot, not a stroke: no line to follow
+            continue
+        centre = np.array([py.mean(), px.mean()])
+        _, _, axes = np.linalg.svd(np.column_stack([py, px]) - centre, full_matrices=False)
+        normal = axes[1]  # across the stroke's principal axis
+        along = np.abs((ys - centre[0]) * normal[0] + (xs - centre[1]) * normal[1]) <= half_width + STROKE_EDGE_PX
+        strip[ys[along], xs[along]] = True
+    return strip
+
+
+def _across_folds(strokes: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """The fold pixels a stroke crosses: the strokes reaching the ``folds`` are followed on through them along
+    their line at their width (``_stroke_strip``), and each piece of that path across a fold is kept where it
+    meets ``strokes`` in two places (the stroke on both sides). A fold hides even black ink's colour; a path that
+    meets it in one place only runs on past the stroke's end (or beside it, along a fold under its edge), over the
+    fold's tumour."""
+    near = 2 * STROKE_EDGE_PX  # a stroke's blurred edge on either side of the fold's
+    reaching = _touching(strokes, strokes & _dilate(folds, near))
+    paths, n = _label(_stroke_strip(reaching, reaching | folds) & folds & ~reaching)
+    across = np.zeros(strokes.shape, bool)
+    for path in range(1, n + 1):
+        at = paths == path
+        if _label(_dilate(at, near) & reaching)[1] >= 2:  # it meets the stroke in two places: both sides
+            across |= at
+    return across
 
 
 def _run_on(strokes: np.ndarray, half_width: float, host: np.ndarray, blood: np.ndarray,
