@@ -436,11 +436,11 @@ def _stain_excess(labels: np.ndarray, regions: np.ndarray, candidates: np.ndarra
         if max(dark[0], dark[2]) > FOLD_MAX_OD:  # near black in red or blue: its direction is JPEG's noise
             continue
         stain_like[k] = fold_like(od[box][inside], under)
-        pixel_excess = od[box] - under
+        pixel_hne = hne(od[box] - under)  # each pixel's own excess over the ring: H&E's or not
         if stain_like[k]:
             folds, strip = [inside], None
         else:  # ink as a whole: a fold it joins lies off the stroke's strip; judged as a region of its own
-            strip = _stroke_strip(_drop_small(inside & ~hne(pixel_excess), min_px), inside)
+            strip = _stroke_strip(_drop_small(inside & ~pixel_hne, min_px), inside)
             rest, n_rest = _label(inside & ~strip)
             folds = []
             for piece in (rest == label for label in range(1, n_rest + 1)):
@@ -448,8 +448,8 @@ def _stain_excess(labels: np.ndarray, regions: np.ndarray, candidates: np.ndarra
                 if piece_under is not None and fold_like(od[box][piece], piece_under):
                     folds.append(piece)
         for fold_region in folds:
-            fold = fold_region & hne(pixel_excess)
-            ink_part = fold_region & ~hne(pixel_excess)
+            fold = fold_region & pixel_hne
+            ink_part = fold_region & ~pixel_hne
             if fold.any():  # ink over the fold itself: what it adds over the fold's density is the ink's
                 over_fold = od[box] - np.median(od[box][fold], axis=0)
                 ink_part |= fold_region & ~hne(over_fold) & (over_fold[..., 0] >= OVER_FOLD_MIN_OD)
