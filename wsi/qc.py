@@ -624,17 +624,24 @@ def _through_bubbles(fold: np.ndarray, bubble: np.ndarray, tissue: np.ndarray, m
 def _bubble_insides(circles: list, tissue: np.ndarray, mpp: float) -> list[tuple[slice, slice, np.ndarray]]:
     """The tissue inside each bubble's disc less :data:`FOLD_BUBBLE_RIM_UM` all round (its outline and the
     bright ring inside it): the disc's box (rows, columns) and the mask within it."""
-    h, w = tissue.shape
     rim = FOLD_BUBBLE_RIM_UM / mpp
     insides = []
     for cx, cy, r in circles:
-        x0, x1 = max(0, math.floor(cx - r)), min(w, math.ceil(cx + r) + 1)
-        y0, y1 = max(0, math.floor(cy - r)), min(h, math.ceil(cy + r) + 1)
-        yy, xx = np.ogrid[y0:y1, x0:x1]
-        inside = ((xx - cx) ** 2 + (yy - cy) ** 2 <= (r - rim) ** 2) & tissue[y0:y1, x0:x1]
+        rows, cols, disc = _disc(cx, cy, r - rim, tissue.shape)
+        inside = disc & tissue[rows, cols]
         if inside.any():
-            insides.append((slice(y0, y1), slice(x0, x1), inside))
+            insides.append((rows, cols, inside))
     return insides
+
+
+def _disc(cx: float, cy: float, radius: float, shape: tuple[int, int]) -> tuple[slice, slice, np.ndarray]:
+    """The pixels of an image of ``shape`` within ``radius`` of (cx, cy), in the disc's box (rows, columns; a
+    pixel beyond it on each side, whatever the rounding, clipped to the image) and the mask within it."""
+    h, w = shape
+    x0, x1 = max(0, math.floor(cx - radius) - 1), min(w, math.ceil(cx + radius) + 2)
+    y0, y1 = max(0, math.floor(cy - radius) - 1), min(h, math.ceil(cy + radius) + 2)
+    yy, xx = np.ogrid[y0:y1, x0:x1]
+    return slice(y0, y1), slice(x0, x1), (xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2
 
 
 def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
@@ -886,11 +893,8 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
         if on_rim.mean() < BUBBLE_MIN_ARC:
             continue
         circles.append((float(cx), float(cy), float(r)))
-        # the rim's outer edge, drawn in the disc's box (a pixel beyond it on each side, whatever the rounding)
-        x0, x1 = max(0, math.floor(cx - r) - 2), min(w, math.ceil(cx + r) + 3)
-        y0, y1 = max(0, math.floor(cy - r) - 2), min(h, math.ceil(cy + r) + 3)
-        yy, xx = np.ogrid[y0:y1, x0:x1]
-        mask[y0:y1, x0:x1] |= (xx - cx) ** 2 + (yy - cy) ** 2 <= (r + 1) ** 2
+        rows, cols, disc = _disc(cx, cy, r + 1, mask.shape)  # out to the rim's outer edge
+        mask[rows, cols] |= disc
     return mask, circles
 
 
