@@ -81,7 +81,7 @@ def main() -> None:
         [result] = tile_slides(out, TileConfig.from_config(config), [path], progress=False).items()
         whole = time.perf_counter() - t
         assert result["cause"] is None, result["cause"]
-        print(f"tile (coordinates only, {result["n_tiles"]} tiles): {whole:.2f} s; "
+        print(f"tile (coordinates only, {result['n_tiles']} tiles): {whole:.2f} s; "
               f"the mask level's check is {checked - plain:.3f} s of it ({(checked - plain) / whole:.1%})")
 
         from wsidicomizer import WsiDicomizer
