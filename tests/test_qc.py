@@ -423,46 +423,6 @@ def test_a_short_fold_band_is_kept_and_a_round_dense_nest_of_its_size_is_not():
     assert not (found.fold & nest).any()
 
 
-def two_pieces_across_glass(doubled) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stroma in two pieces 24 px apart (192 um of glass, as between two cores of a microarray; 8 um/px) with
-    ``doubled(rgb)`` -> (image, truth) drawn over them: (what thumbnail_defects found, the truth, the tissue)."""
-    od, tissue = stroma_thumbnail()
-    glass = np.zeros_like(tissue)
-    glass[:, 190:214] = True
-    tissue &= ~glass
-    od[glass] = 0
-    image, truth = doubled(np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8), tissue)
-    return thumbnail_defects(image, tissue, 8.0), truth, tissue
-
-
-def test_a_fold_band_cut_in_two_by_glass_is_found_on_both_sides():
-    """A fold band 14 px wide crossing the glass between two pieces of stroma: each piece of it (26 x 14 px,
-    ~23,000 um2) is too small alone and as long as a nest is wide, so neither is kept on its own (main found
-    none of it); together they are one band."""
-    fold = dd.Fold(202, 100, 0.0, 38, 14, line_width=0.5)
-    found, truth, _ = two_pieces_across_glass(lambda rgb, tissue: (dd.composite(rgb, [fold]),
-                                                                   dd.composite_truth(tissue, [fold])["fold"]))
-    assert truth.sum() * 64 / 2 < wsi.qc.FOLD_MIN_UM2 <= truth.sum() * 64
-    assert (found.fold & truth).sum() >= 0.9 * truth.sum()  # 720 of 728 px
-    assert not (found.fold & ~truth).any()
-
-
-def test_two_round_dense_nests_facing_each_other_across_glass_are_not_a_band():
-    """Two nests twice as dense as the stroma (radius 10.5 px), one on either side of the same glass, in line as
-    a band's two pieces would be: each as long as wide, they are no band, and neither is kept."""
-    yy, xx = np.mgrid[0:300, 0:400]
-    nests = ((xx - 180) ** 2 + (yy - 200) ** 2 < 10.5 ** 2) | ((xx - 224) ** 2 + (yy - 200) ** 2 < 10.5 ** 2)
-
-    def doubled(rgb, tissue):
-        od = -np.log10(np.maximum(rgb, 1) / 240.0)
-        od[nests & tissue] *= 2
-        return np.clip(240 * 10.0 ** -od, 0, 255).astype(np.uint8), nests & tissue
-
-    found, truth, _ = two_pieces_across_glass(doubled)
-    assert truth.sum() * 64 >= wsi.qc.FOLD_MIN_UM2
-    assert not found.fold.any()
-
-
 def test_a_bubble_cut_by_the_edge_of_the_image_is_found():
     """A bubble (radius 25 px at 8 um/px) composited onto the tissue microarray's glass with its centre 12 px from
     the image's left edge: its outline's box holds no whole circle (the circle reaches past the image, as a

@@ -57,11 +57,7 @@ colour's surroundings. Fold pixels where most pixels within
 pieces of at least :data:`FOLD_MIN_UM2`, or of at least :data:`FOLD_BAND_MIN_UM2` when band-shaped (their
 smallest enclosing rectangle at least :data:`FOLD_BAND_ELONGATION` times as long as wide and at least
 :data:`FOLD_BAND_FILL` full: a fold band cut short where it runs into fat; clusters of nuclei are round or
-ragged), are the fold mask; so are two pieces too small or too short alone that are one band cut in two
-(:func:`_joined_pieces`: a bubble over its middle, the glass between two cores): together at least
-:data:`FOLD_MIN_UM2`, lined up as one band as wide as each, each longer along it than wide, across a gap of at most
-:data:`FOLD_JOIN_GAP_UM` where a fold would not show (under :data:`FOLD_JOIN_SHOWN` of it tissue that is not pale).
-An air bubble (below) darkens the tissue along its outline, and inside it shows
+ragged), are the fold mask. An air bubble (below) darkens the tissue along its outline, and inside it shows
 the section paler, fold and single layer alike: inside its disc less :data:`FOLD_BUBBLE_RIM_UM` all round, a pixel
 is a fold pixel when it is at least :data:`FOLD_DENSITY_RATIO` times as dense, each against its colour's reference,
 as the :data:`FOLD_BUBBLE_QUANTILE` quantile of the tissue inside the same bubble (not judged where that tissue is
@@ -128,7 +124,6 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -167,10 +162,6 @@ FOLD_MIN_UM2 = 40000.0  # fold pieces smaller than this are dropped (a dark nest
 FOLD_BAND_MIN_UM2 = 10000.0  # a smaller piece is kept from this size when band-shaped (a fold cut short by fat):
 FOLD_BAND_ELONGATION = 2.0  # its enclosing rectangle this many times as long as wide (clusters of nuclei are round
 FOLD_BAND_FILL = 0.6  # or ragged) and this share full of it (a band's edges are straight)
-FOLD_JOIN_GAP_UM = 800.0  # pieces too small alone are judged as one band across a gap at most this long
-FOLD_JOIN_OVERLAP = 0.8  # side by side across the band for at least this share of the wider one's extent
-FOLD_JOIN_ELONGATION = 1.25  # each of them at least this times as long along the band as wide across it
-FOLD_JOIN_SHOWN = 0.2  # and the gap under this share tissue where a fold would show (not glass, a bubble, fat)
 FOLD_BUBBLE_REACH_UM = 48.0  # a fold piece this near a bubble's disc (not searched, nor 3 px around it) runs on
 # under the bubble, along its band
 FOLD_BUBBLE_RIM_UM = 40.0  # folds are looked for inside a bubble's disc less this all round (its outline, 10-20 um
@@ -728,55 +719,7 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     shorter[0] = False
     for i in np.nonzero(shorter)[0]:
         keep[i] = _band_shaped(labels, stats[i], i)
-    # a band cut into pieces too small or too short each (a bubble over its middle, the glass between two cores,
-    # fat) is one band: pieces that line up across a gap of no dense tissue are judged together
-    left = np.nonzero(shorter & ~keep & ~under)[0]
-    for pair in _joined_pieces(labels, stats, left, dense, mpp):
-        if stats[list(pair), cv2.CC_STAT_AREA].sum() * mpp * mpp >= FOLD_MIN_UM2:
-            keep[list(pair)] = True
     return keep[labels] if keep.any() else fold
-
-
-def _joined_pieces(labels: np.ndarray, stats: np.ndarray, ids, shown: np.ndarray,
-                   mpp: float) -> list[tuple[int, int]]:
-    """The pairs of pieces ``ids`` of ``labels`` (their ``stats`` rows) that make one band: the pair's smallest
-    enclosing rectangle at least :data:`FOLD_BAND_ELONGATION` times as long as wide, the two side by side across
-    it for at least :data:`FOLD_JOIN_OVERLAP` of the wider one's extent (two cuts of one band are as wide), each
-    at least :data:`FOLD_JOIN_ELONGATION` times as long along it as wide across it, and the gap between them
-    along it at most :data:`FOLD_JOIN_GAP_UM` long and under :data:`FOLD_JOIN_SHOWN` ``shown`` tissue (tissue
-    where a fold would show: not glass, a bubble or fat)."""
-    pixels = {}
-    for i in ids:
-        x, y, w, h = (int(v) for v in stats[i][:4])
-        ys, xs = np.nonzero(labels[y:y + h, x:x + w] == i)
-        pixels[i] = (xs + x, ys + y)
-    pairs = []
-    for a, b in itertools.combinations(ids, 2):
-        (xa, ya, wa, ha), (xb, yb, wb, hb) = stats[a, :4], stats[b, :4]
-        if max(max(xa, xb) - min(xa + wa, xb + wb), max(ya, yb) - min(ya + ha, yb + hb)) * mpp > FOLD_JOIN_GAP_UM:
-            continue  # their boxes too far apart for any gap between them to be short enough (a cheap first test)
-        xs, ys = np.concatenate([pixels[a][0], pixels[b][0]]), np.concatenate([pixels[a][1], pixels[b][1]])
-        cx, cy, length, width, ux, uy = _band_axis(xs, ys)
-        if length < FOLD_BAND_ELONGATION * width:
-            continue
-        along = {i: (pixels[i][0] - cx) * ux + (pixels[i][1] - cy) * uy for i in (a, b)}
-        across = {i: (pixels[i][1] - cy) * ux - (pixels[i][0] - cx) * uy for i in (a, b)}
-        first, second = (a, b) if along[a].mean() < along[b].mean() else (b, a)
-        start, end = float(along[first].max()), float(along[second].min())
-        lo, hi = max(across[a].min(), across[b].min()), min(across[a].max(), across[b].max())
-        wider = max(np.ptp(across[a]), np.ptp(across[b]))
-        if end - start < 1 or (end - start) * mpp > FOLD_JOIN_GAP_UM or hi - lo < FOLD_JOIN_OVERLAP * wider:
-            continue
-        if any(np.ptp(along[i]) + 1 < FOLD_JOIN_ELONGATION * (np.ptp(across[i]) + 1) for i in (a, b)):
-            continue  # a round nest is as long as wide: two facing each other across a gap are no band
-        x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
-        gy, gx = np.mgrid[y0:y1, x0:x1]
-        t = (gx - cx) * ux + (gy - cy) * uy
-        d = (gy - cy) * ux - (gx - cx) * uy
-        gap = (t > start) & (t < end) & (d >= lo) & (d <= hi)
-        if gap.any() and shown[y0:y1, x0:x1][gap].mean() < FOLD_JOIN_SHOWN:
-            pairs.append((int(a), int(b)))
-    return pairs
 
 
 def _colour_steps(channel: np.ndarray, scale: np.ndarray, n: int) -> np.ndarray:
@@ -1083,9 +1026,7 @@ def thresholds() -> dict:
             "fold_colour_local_ratio": FOLD_COLOUR_LOCAL_RATIO, "neighbours_min": NEIGHBOURS_MIN,
             "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2,
             "fold_band_min_um2": FOLD_BAND_MIN_UM2, "fold_band_elongation": FOLD_BAND_ELONGATION,
-            "fold_band_fill": FOLD_BAND_FILL, "fold_join_gap_um": FOLD_JOIN_GAP_UM,
-            "fold_join_overlap": FOLD_JOIN_OVERLAP, "fold_join_elongation": FOLD_JOIN_ELONGATION,
-            "fold_join_shown": FOLD_JOIN_SHOWN, "fold_bubble_reach_um": FOLD_BUBBLE_REACH_UM,
+            "fold_band_fill": FOLD_BAND_FILL, "fold_bubble_reach_um": FOLD_BUBBLE_REACH_UM,
             "fold_bubble_rim_um": FOLD_BUBBLE_RIM_UM, "fold_bubble_quantile": FOLD_BUBBLE_QUANTILE,
             "fold_along_step_um": FOLD_ALONG_STEP_UM, "fold_along_ratio": FOLD_ALONG_RATIO,
             "fold_along_gap_um": FOLD_ALONG_GAP_UM, "fold_along_tissue": FOLD_ALONG_TISSUE,
