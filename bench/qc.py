@@ -2,7 +2,7 @@
 construction, on the generator's slides and on real images; the cost of QC against a whole ``wsi tile``.
 
     python bench/qc.py [--tier generator real nofocus cost] [--families 5] [--slides 4] [--fresh]
-                       [--seed-base N] [--dev]
+                       [--seed-base N] [--dev] [--repeats 5] [--against CHECKOUT]
 
 The design below was written into bench/RESULTS.md ("Slide quality control") before the first run; nothing in
 ``wsi/qc.py`` was tuned on these seeds (development used ``--dev``: seeds 9400+ of the same designs).
@@ -33,8 +33,9 @@ folds and bubbles only; 16-px blocks stand for tiles). Tissue truth: the mask of
 Gaussian and disk) and the same scenes sharp.
 
 **cost**: one 12,000 x 9,000 px slide at 0.5 um/px; whole ``python -m wsi.cli tile`` processes with
-``tiling.qc`` off, flag and exclude (and coordinates-only off / flag), alternated, three of each; the ratio of
-medians is the added cost, measured in one run.
+``tiling.qc`` off, flag and exclude (and coordinates-only off / flag), alternated, ``--repeats`` of each; the ratio
+of medians is the added cost, measured in one run. ``--against CHECKOUT`` adds that checkout's QC off and flag to
+every round, and the two checkouts' added CPU (median flag - median off) side by side.
 
 Figures: blur AUROC (tiles with sigma >= 1.5 um against sharp tiles, the detector 1 - focus score, a tile not
 judged counting as sharp), blur recall by sigma, false flags (any flag) on sharp tiles overall and on dense
@@ -50,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import secrets
 import shutil
 import subprocess
@@ -360,46 +362,66 @@ def tier_nofocus(work: Path) -> dict:
     return {"right": right, "total": len(expected)}
 
 
-def tier_cost(work: Path, repeats: int = 5) -> dict:
+def _tile_process(slide: Path, out: Path, mode: str, pixels: bool, code: Path) -> tuple[float, float, float]:
+    """One whole ``python -m wsi.cli tile`` of ``slide`` with the ``wsi`` of checkout ``code``: wall seconds, CPU
+    seconds (user + system: what the process itself cost, whatever the load) and peak RSS in MB."""
+    shutil.rmtree(out, ignore_errors=True)
+    timer = shutil.which("time") or "/usr/bin/time"
+    start = time.perf_counter()
+    command = [timer, "-f", "%M %U %S", sys.executable, "-m", "wsi.cli", "tile", str(slide), "--out", str(out),
+               "--set", f"tiling.qc={mode}", "--set", f"tiling.store_pixels={str(pixels).lower()}"]
+    done = subprocess.run(command, check=True, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(code)})
+    wall = time.perf_counter() - start
+    kb, user, system = done.stderr.strip().splitlines()[-1].split()
+    return wall, float(user) + float(system), int(kb) / 1024
+
+
+def tier_cost(work: Path, repeats: int = 5, against: Path | None = None) -> dict:
+    """QC's added cost in whole ``wsi tile`` processes, every case alternated in each of ``repeats`` rounds. With
+    ``against`` (another checkout), that checkout's QC off and flag join each round too, and the figure is the two
+    checkouts' added CPU side by side: one run, so the machine's load weighs on both alike."""
     from wsi_synth import HardCases, write_synthetic_slide
 
     slide = work / "cost" / "cost.svs"
     if not slide.exists():
         write_synthetic_slide(slide, width=12000, height=9000, mpp=MPP, seed=8400, tumour_tiles=3,
                               lymphoid_aggregates=2, hard=HardCases(solid_tumours=1, mucin=1, haemorrhage=1))
-    cases = [("off", True), ("flag", True), ("exclude", True), ("off", False), ("flag", False)]
+    cases = [(ROOT, "off", True), (ROOT, "flag", True), (ROOT, "exclude", True), (ROOT, "off", False),
+             (ROOT, "flag", False)]
+    if against is not None:
+        cases += [(against, "off", True), (against, "flag", True)]
     seconds: dict = {c: [] for c in cases}
     rss: dict = {c: [] for c in cases}
-    cpu: dict = {c: [] for c in cases}  # user + system seconds: what the process itself cost, whatever the load
-    timer = shutil.which("time") or "/usr/bin/time"
+    cpu: dict = {c: [] for c in cases}
     for _ in range(repeats):
-        for mode, pixels in cases:
-            out = work / "cost" / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            start = time.perf_counter()
-            done = subprocess.run([timer, "-f", "%M %U %S", sys.executable, "-m", "wsi.cli", "tile", str(slide),
-                                   "--out", str(out), "--set", f"tiling.qc={mode}", "--set",
-                                   f"tiling.store_pixels={str(pixels).lower()}"], check=True, capture_output=True,
-                                  text=True)
-            seconds[(mode, pixels)].append(time.perf_counter() - start)
-            kb, user, system = done.stderr.strip().splitlines()[-1].split()
-            rss[(mode, pixels)].append(int(kb) / 1024)
-            cpu[(mode, pixels)].append(float(user) + float(system))
+        for code, mode, pixels in cases:
+            wall, used, peak = _tile_process(slide, work / "cost" / "out", mode, pixels, code)
+            seconds[(code, mode, pixels)].append(wall)
+            cpu[(code, mode, pixels)].append(used)
+            rss[(code, mode, pixels)].append(peak)
     med = {c: float(np.median(v)) for c, v in seconds.items()}
     mcpu = {c: float(np.median(v)) for c, v in cpu.items()}
-    out = {"flag/off (pixels)": med[("flag", True)] / med[("off", True)],
-           "exclude/off (pixels)": med[("exclude", True)] / med[("off", True)],
-           "flag/off (coordinates only)": med[("flag", False)] / med[("off", False)],
-           "flag/off (pixels), CPU": mcpu[("flag", True)] / mcpu[("off", True)],
-           "exclude/off (pixels), CPU": mcpu[("exclude", True)] / mcpu[("off", True)],
-           "flag/off (coordinates only), CPU": mcpu[("flag", False)] / mcpu[("off", False)]}
+    out = {"flag/off (pixels)": med[(ROOT, "flag", True)] / med[(ROOT, "off", True)],
+           "exclude/off (pixels)": med[(ROOT, "exclude", True)] / med[(ROOT, "off", True)],
+           "flag/off (coordinates only)": med[(ROOT, "flag", False)] / med[(ROOT, "off", False)],
+           "flag/off (pixels), CPU": mcpu[(ROOT, "flag", True)] / mcpu[(ROOT, "off", True)],
+           "exclude/off (pixels), CPU": mcpu[(ROOT, "exclude", True)] / mcpu[(ROOT, "off", True)],
+           "flag/off (coordinates only), CPU": mcpu[(ROOT, "flag", False)] / mcpu[(ROOT, "off", False)]}
+    if against is not None:
+        added = {code: mcpu[(code, "flag", True)] - mcpu[(code, "off", True)] for code in (ROOT, against)}
+        out.update({"against: flag/off (pixels), CPU": mcpu[(against, "flag", True)] / mcpu[(against, "off", True)],
+                    "added CPU s (pixels)": added[ROOT], "against: added CPU s (pixels)": added[against],
+                    "added CPU, this / against": added[ROOT] / added[against]})
     print("\ncost (whole `wsi tile` processes, median of", repeats, "each, seconds of wall clock and of CPU):")
     for c, v in seconds.items():
-        print(f"  qc={c[0]:8s} pixels={c[1]!s:5s} wall {' '.join(f'{s:.2f}' for s in v)}  median {med[c]:.2f}; "
+        code = "" if c[0] == ROOT else f"{c[0]} "
+        print(f"  {code}qc={c[1]:8s} pixels={c[2]!s:5s} wall {' '.join(f'{s:.2f}' for s in v)}  median {med[c]:.2f}; "
               f"CPU {' '.join(f'{s:.2f}' for s in cpu[c])}  median {mcpu[c]:.2f}; peak RSS {max(rss[c]):.0f} MB")
     for k, v in out.items():
         print(f"  {k}: {v:.3f}")
-    out["peak_rss_mb"] = {f"{m}/{'pixels' if p else 'coordinates'}": max(v) for (m, p), v in rss.items()}
+    out["peak_rss_mb"] = {f"{'' if code == ROOT else 'against '}{m}/{'pixels' if p else 'coordinates'}": max(v)
+                          for (code, m, p), v in rss.items()}
     return out
 
 
@@ -413,8 +435,10 @@ def main() -> None:
     parser.add_argument("--seed-base", type=int, help="first family's seed (default 8600)")
     parser.add_argument("--dev", action="store_true", help="development seeds (9400+), never the reported ones")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "qc")
+    parser.add_argument("--repeats", type=int, default=5, help="cost: rounds, each case once per round")
+    parser.add_argument("--against", type=Path, help="cost: another checkout whose QC joins every round")
     args = parser.parse_args()
-    base = DEV_BASE if args.dev else (args.seed_base if args.seed_base is not None else FAMILY_BASE)
+    base = args.seed_base if args.seed_base is not None else (DEV_BASE if args.dev else FAMILY_BASE)
     families = [base + FAMILY_STEP * f for f in range(args.families)]
     if args.fresh:
         families.append(10_000 + secrets.randbelow(10 ** 6))
@@ -430,7 +454,7 @@ def main() -> None:
     if "nofocus" in args.tier:
         report["nofocus"] = tier_nofocus(args.work)
     if "cost" in args.tier:
-        report["cost"] = tier_cost(args.work)
+        report["cost"] = tier_cost(args.work, args.repeats, args.against)
     (args.work / ("results-dev.json" if args.dev else "results.json")).write_text(json.dumps(report, indent=1,
                                                                                               default=str))
 
