@@ -693,15 +693,15 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
         cum = np.cumsum(hist[have], axis=1)
         rank = (FOLD_REFERENCE_QUANTILE * counts[have])[:, None]
         reference[have] = ((cum < rank).sum(axis=1) + 0.5) / _LEVELS_PER_OD
-    # each test is taken at the dense pixels alone (``where``'s and ``values``' order), the only ones it can pass
-    slide_wide = values >= FOLD_DENSITY_RATIO * reference[where]
+    slide_wide = np.zeros((h, w), bool)
+    slide_wide[dense] = values >= FOLD_DENSITY_RATIO * reference[where]
     if slide_wide.any():  # and denser than the tissue around it: a sheet of dense tumour is its own surroundings
-        slide_wide &= values >= FOLD_LOCAL_RATIO * _local_density(density, dense, mpp)[dense]
+        slide_wide &= density >= FOLD_LOCAL_RATIO * _local_density(density, dense, mpp)
     # or denser than the tissue of its colour within its window (a fold over mucin, whose colour elsewhere on
     # the slide may be denser tissue): dense tumour is its own colour's surroundings too
-    local = values >= FOLD_COLOUR_LOCAL_RATIO * _colour_local_density(values, where, dense, n, mpp)
-    candidate = np.zeros((h, w), bool)
-    candidate[dense] = slide_wide | local
+    local = np.zeros((h, w), bool)
+    local[dense] = values >= FOLD_COLOUR_LOCAL_RATIO * _colour_local_density(values, where, dense, n, mpp)
+    candidate = slide_wide | local
     # inside a bubble, against the bubble's own tissue, each pixel as a share of its colour's reference (0 where
     # its colour has none): the bubble pales a fold and the single layer beside it alike. A bubble over tissue
     # that is mostly pale (fat, the tissue's frayed edge; a bubble keeps 0.6-0.85 of the contrast) is not judged
