@@ -500,23 +500,19 @@ def _doubled_segments(tissue: np.ndarray, density: np.ndarray, seg: int, width: 
     area, sums = (cv2.boxFilter(m, -1, (seg, width), normalize=False, borderType=cv2.BORDER_CONSTANT)
                   for m in (tissue, density))
     out = np.zeros(area.shape, bool)
-    full = area >= FOLD_ALONG_TISSUE * seg * width
-    # measured within the box of the pixels with tissue enough (the turned canvas is mostly empty), on the rows with
-    # a flank above and below (the others are never judged), each against the rows a width away
-    x, y, bw, bh = cv2.boundingRect(full.view(np.uint8))
-    if bh <= 2 * width:
+    if area.shape[0] <= 2 * width:  # no row has both flanks
         return out
-    box = (slice(y, y + bh), slice(x, x + bw))
-    mean = sums[box] / np.maximum(area[box], 1e-6)
-    full = full[box]
+    mean = sums / np.maximum(area, 1e-6)
+    full = area >= FOLD_ALONG_TISSUE * seg * width
+    # the rows with a flank above and below (the others are never judged), each against the rows a width away
     here, above, below = mean[width:-width], mean[:-2 * width], mean[2 * width:]
     judged = full[width:-width] & full[:-2 * width]
     judged &= full[2 * width:]
     if not judged.any():
         return out
     flanks = above + below
-    out[y + width:y + bh - width, x:x + bw] = judged & (here >= FOLD_SEARCH_SUM_RATIO * flanks) & (
-        here <= FOLD_SEARCH_SUM_MAX * flanks) & (here >= FOLD_SEARCH_FLANK_RATIO * np.maximum(above, below))
+    out[width:-width] = judged & (here >= FOLD_SEARCH_SUM_RATIO * flanks) & (here <= FOLD_SEARCH_SUM_MAX * flanks) & (
+        here >= FOLD_SEARCH_FLANK_RATIO * np.maximum(above, below))
     return out
 
 
