@@ -659,12 +659,12 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     single tissue beside it alike. ``density`` is the sum of ``od``'s channels; it is not modified."""
     h, w = tissue.shape
     fold = np.zeros((h, w), bool)
-    if np.count_nonzero(tissue) < 64:
+    if tissue.sum() < 64:
         return fold
     # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
     slide_median = float(np.median(density[tissue]))
     dense = tissue & (density >= FOLD_PALE_SHARE * slide_median)
-    if np.count_nonzero(dense) < 64:
+    if dense.sum() < 64:
         return fold
     n = int(math.ceil(1 / FOLD_COLOUR_STEP))
     # each channel's share of the density: the colour (in place, here and above: a thumbnail-sized temporary is
@@ -865,11 +865,10 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     np.minimum(low, excess[2], out=low)
     high = np.maximum(excess[0], excess[1], out=excess[0])
     np.maximum(high, excess[2], out=high)
-    # a candidate's strength is its smallest channel's excess (positive): no thumbnail-sized image of it is made
-    # unless there are outlines to look for circles on
-    rim = low >= RIM_OD_MIN
-    rim &= low >= np.multiply(high, RIM_EVENNESS, out=high)
-    if np.count_nonzero(rim) < 8:
+    even = low >= np.multiply(high, RIM_EVENNESS, out=high)
+    strength = np.where(even, np.maximum(low, 0, out=low), 0)
+    rim = strength >= RIM_OD_MIN
+    if rim.sum() < 8:
         return mask, []
     r_min, r_max = BUBBLE_RADIUS_UM[0] / mpp, BUBBLE_RADIUS_UM[1] / mpp
     # specks (JPEG, nuclei, dust) are no outline: pieces of at least RIM_MIN_PX pixels, grouped when close
@@ -885,7 +884,7 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     wide = [box for box in boxes[1:] if max(box[2], box[3]) >= 1.6 * r_min]  # the others hold no bubble's arc
     if not wide:
         return mask, []
-    strength = np.where(rim, low, 0)
+    strength = np.where(rim, strength, 0)
     image = cv2.GaussianBlur(np.clip(strength / (5 * RIM_OD_MIN) * 255, 0, 255).astype(np.uint8), (3, 3), 0.8)
     proposed = []
     for x, y, bw, bh, _ in wide:  # Hough on each group's box alone: its cost grows with the image
