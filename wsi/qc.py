@@ -410,8 +410,7 @@ def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
     """-log10 of each channel (plus one) over the glass colour's ((3,) or (h, w, 3)), float32, 0 on glass and
     brighter; the 8-bit image through a table (OpenCV's ``LUT``: numpy's indexing would first copy the image
     as 64-bit indices, eight times its size), the rest in place."""
-    log_glass = np.asarray(glass, np.float32) + 1
-    np.log10(log_glass, out=log_glass)
+    log_glass = np.log10(np.asarray(glass, np.float32) + 1)
     od = cv2.LUT(np.ascontiguousarray(rgb, np.uint8), _LOG10)
     np.subtract(log_glass, od, out=od)
     return np.maximum(od, 0, out=od)
@@ -460,7 +459,7 @@ def _straight_bands(density: np.ndarray, searched: np.ndarray, mpp: float) -> np
     scale = max(1, int(round(FOLD_SEARCH_UM / mpp)))
     small = (max(1, w // scale), max(1, h // scale))
     weight = cv2.resize(searched.astype(np.float32), small, interpolation=cv2.INTER_AREA)
-    total = cv2.resize(np.where(searched, density, 0), small, interpolation=cv2.INTER_AREA)  # float32, as density
+    total = cv2.resize(np.where(searched, density, 0).astype(np.float32), small, interpolation=cv2.INTER_AREA)
     found = np.zeros(weight.shape, np.uint8)
     if not weight.any():
         return np.zeros((h, w), bool)
@@ -499,21 +498,17 @@ def _doubled_segments(tissue: np.ndarray, density: np.ndarray, seg: int, width: 
     denser flank, where a tumour sheet's edge is as dense as the sheet."""
     area, sums = (cv2.boxFilter(m, -1, (seg, width), normalize=False, borderType=cv2.BORDER_CONSTANT)
                   for m in (tissue, density))
-    out = np.zeros(area.shape, bool)
-    if area.shape[0] <= 2 * width:  # no row has both flanks
-        return out
     mean = sums / np.maximum(area, 1e-6)
     full = area >= FOLD_ALONG_TISSUE * seg * width
-    # the rows with a flank above and below (the others are never judged), each against the rows a width away
-    here, above, below = mean[width:-width], mean[:-2 * width], mean[2 * width:]
-    judged = full[width:-width] & full[:-2 * width]
-    judged &= full[2 * width:]
-    if not judged.any():
-        return out
+    above, below = np.zeros_like(mean), np.zeros_like(mean)
+    above[width:], below[:-width] = mean[:-width], mean[width:]
+    judged = full.copy()
+    judged[width:] &= full[:-width]
+    judged[:-width] &= full[width:]
+    judged[:width] = judged[-width:] = False
     flanks = above + below
-    out[width:-width] = judged & (here >= FOLD_SEARCH_SUM_RATIO * flanks) & (here <= FOLD_SEARCH_SUM_MAX * flanks) & (
-        here >= FOLD_SEARCH_FLANK_RATIO * np.maximum(above, below))
-    return out
+    return judged & (mean >= FOLD_SEARCH_SUM_RATIO * flanks) & (mean <= FOLD_SEARCH_SUM_MAX * flanks) & (
+        mean >= FOLD_SEARCH_FLANK_RATIO * np.maximum(above, below))
 
 
 def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mpp: float) -> np.ndarray:
@@ -659,6 +654,7 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     single tissue beside it alike. ``density`` is the sum of ``od``'s channels; it is not modified."""
     h, w = tissue.shape
     fold = np.zeros((h, w), bool)
+    red, _, blue = cv2.split(od)
     if tissue.sum() < 64:
         return fold
     # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
@@ -672,11 +668,9 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     scale = np.maximum(density, 1e-6)
     scale *= FOLD_COLOUR_STEP
     np.divide(1, scale, out=scale)
-    # from the red and blue channels where they lie in ``od`` (split's three planes cost more than the product);
-    # the blue's product takes the scale's place, its last use
-    bins = _colour_steps(np.multiply(od[..., 0], scale), n)
+    bins = _colour_steps(red, scale, n)
     bins *= n
-    bins += _colour_steps(np.multiply(od[..., 2], scale, out=scale), n)
+    bins += _colour_steps(blue, scale, n)
     # the slide's reference per colour: the FOLD_REFERENCE_QUANTILE quantile of its (not pale) tissue of that
     # colour, from a histogram of density in steps of 1/_LEVELS_PER_OD per colour bin
     where, values = bins[dense], density[dense]
@@ -695,8 +689,7 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
         slide_wide &= density >= FOLD_LOCAL_RATIO * _local_density(density, dense, mpp)
     # or denser than the tissue of its colour within its window (a fold over mucin, whose colour elsewhere on
     # the slide may be denser tissue): dense tumour is its own colour's surroundings too
-    local = np.zeros((h, w), bool)
-    local[dense] = values >= FOLD_COLOUR_LOCAL_RATIO * _colour_local_density(values, where, dense, n, mpp)
+    local = dense & (density >= FOLD_COLOUR_LOCAL_RATIO * _colour_local_density(density, bins, dense, n, mpp))
     candidate = slide_wide | local
     # inside a bubble, against the bubble's own tissue, each pixel as a share of its colour's reference (0 where
     # its colour has none): the bubble pales a fold and the single layer beside it alike. A bubble over tissue
@@ -715,38 +708,24 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     majority = cv2.medianBlur(candidate.view(np.uint8) * 255, k)  # where most of the pixels around are
     closed = cv2.morphologyEx(majority, cv2.MORPH_CLOSE, _disc_kernel(16 / mpp)).view(bool)
     closed &= judged
-    if not closed.any():
-        return fold
-    box, count, labels, stats = _pieces(closed)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(closed.view(np.uint8), connectivity=8)
     area = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
     # a piece mostly inside a bubble must be band-shaped whatever its size: the bubble shifts the colours of
     # dense tissue (a tumour nest there is measured against another colour's reference), not a band's shape
-    under = np.bincount(labels[judged[box] & ~tissue[box]], minlength=count) > stats[:, cv2.CC_STAT_AREA] / 2
+    under = np.bincount(labels[judged & ~tissue], minlength=count) > stats[:, cv2.CC_STAT_AREA] / 2
     keep = (area >= FOLD_MIN_UM2) & ~under
     keep[0] = False
     shorter = ~keep & (area >= FOLD_BAND_MIN_UM2)
     shorter[0] = False
     for i in np.nonzero(shorter)[0]:
         keep[i] = _band_shaped(labels, stats[i], i)
-    if keep.any():
-        fold[box] = keep[labels]
-    return fold
+    return keep[labels] if keep.any() else fold
 
 
-def _pieces(mask: np.ndarray) -> tuple[tuple[slice, slice], int, np.ndarray, np.ndarray]:
-    """The 8-connected pieces of a bool ``mask`` that has pixels, found in their box alone (labels of the whole
-    thumbnail are fresh memory, whose pages cost CPU too): the box (rows, columns), the count (the background
-    included), the labels within the box and OpenCV's stats (``x``, ``y`` within the box)."""
-    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
-    box = (slice(y, y + h), slice(x, x + w))
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask[box].view(np.uint8), connectivity=8)
-    return box, count, labels, stats
-
-
-def _colour_steps(share: np.ndarray, n: int) -> np.ndarray:
-    """A channel's share of the density in colour steps (``share``: the channel over the density, in steps),
-    truncated to 0..n-1, int32."""
-    steps = share.astype(np.int32)
+def _colour_steps(channel: np.ndarray, scale: np.ndarray, n: int) -> np.ndarray:
+    """A channel's share of the density in colour steps (``channel * scale``, truncated to 0..n-1), int32;
+    ``channel`` is overwritten on the way."""
+    steps = np.multiply(channel, scale, out=channel).astype(np.int32)
     return np.clip(steps, 0, n - 1, out=steps)
 
 
@@ -773,27 +752,26 @@ _LEVELS_PER_OD = 50  # the colour references' density histogram: steps of 0.02
 _DENSITY_LEVELS = 256  # up to a density of 5.1 (denser pixels fall in the last step)
 
 
-def _colour_local_density(density: np.ndarray, colour: np.ndarray, where: np.ndarray, n: int,
+def _colour_local_density(density: np.ndarray, bins: np.ndarray, where: np.ndarray, n: int,
                           mpp: float) -> np.ndarray:
     """The mean density, within :data:`FOLD_WINDOW_UM` of each ``where`` pixel (a square of
     :data:`FOLD_COLOUR_BLOCK_UM` blocks), of the ``where`` pixels whose colour bin is the pixel's or one next to it
-    (inf where there are fewer than :data:`FOLD_MIN_PIXELS`), float32, in the order of ``where``'s pixels, as are
-    their ``density`` and ``colour`` bins given (a thumbnail's pixels off ``where`` would be measured for
-    nothing). Per-block sums per colour bin (one ``bincount``), summed over the window and the neighbouring
-    bins."""
-    h, w = where.shape
+    (inf where there are fewer than :data:`FOLD_MIN_PIXELS`, and off ``where``). Per-block sums per colour bin
+    (one ``bincount``), summed over the window and the neighbouring bins."""
+    h, w = density.shape
     block = max(1, int(round(FOLD_COLOUR_BLOCK_UM / mpp)))
     bh, bw = -(-h // block), -(-w // block)
     side = 2 * max(1, int(round(FOLD_WINDOW_UM / FOLD_COLOUR_BLOCK_UM / 2))) + 1
     rows, cols = np.nonzero(where)
     cell = (rows // block) * bw + cols // block
+    colour = bins[rows, cols]
     size = bh * bw
     present = np.bincount(colour, minlength=n * n) > 0  # the colours used, in order (np.unique sorts)
     used = np.flatnonzero(present)
     col_index = (np.cumsum(present) - 1)[colour]
     flat = col_index * size + cell
     count = np.bincount(flat, minlength=len(used) * size).astype(np.float32).reshape(len(used), size)
-    total = np.bincount(flat, weights=density, minlength=len(used) * size).astype(np.float32)
+    total = np.bincount(flat, weights=density[rows, cols], minlength=len(used) * size).astype(np.float32)
     total = total.reshape(len(used), size)
     # each colour takes its neighbouring colours' sums too (one step in red or blue share: a 3x3 box over the
     # colour grid), then the window's (a box of blocks)
@@ -815,7 +793,9 @@ def _colour_local_density(density: np.ndarray, colour: np.ndarray, where: np.nda
         sums.append(window.reshape(size, len(used)))
     win_count, win_total = sums
     c_here, t_here = win_count[cell, col_index], win_total[cell, col_index]
-    return np.where(c_here >= FOLD_MIN_PIXELS, t_here / np.maximum(c_here, 1), np.inf)
+    out = np.full((h, w), np.inf, np.float32)
+    out[rows, cols] = np.where(c_here >= FOLD_MIN_PIXELS, t_here / np.maximum(c_here, 1), np.inf)
+    return out
 
 
 def _local_density(density: np.ndarray, where: np.ndarray, mpp: float) -> np.ndarray:
@@ -872,13 +852,12 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
         return mask, []
     r_min, r_max = BUBBLE_RADIUS_UM[0] / mpp, BUBBLE_RADIUS_UM[1] / mpp
     # specks (JPEG, nuclei, dust) are no outline: pieces of at least RIM_MIN_PX pixels, grouped when close
-    box, _, labels, stats = _pieces(rim)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(rim.view(np.uint8), connectivity=8)
     big = stats[:, cv2.CC_STAT_AREA] >= RIM_MIN_PX
     big[0] = False
     if not big.any():
         return mask, []
-    rim = np.zeros((h, w), bool)
-    rim[box] = big[labels]
+    rim = big[labels]
     grouped = cv2.dilate(rim.view(np.uint8), np.ones((7, 7), np.uint8))
     count, groups, boxes, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
     wide = [box for box in boxes[1:] if max(box[2], box[3]) >= 1.6 * r_min]  # the others hold no bubble's arc
