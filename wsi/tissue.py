@@ -306,7 +306,8 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
     ink = np.zeros(r.shape, bool)
     taken = np.zeros(r.shape, bool)
     candidates, decided = {}, []  # each ink colour's candidate pixels; (ink colour, its decided ink)
-    od = None  # optical density, -log of the glass-relative RGB (computed when first needed)
+    # optical density, -log of the glass-relative RGB: computed on first use (blue or black regions, or ink at all)
+    optical_density = functools.cache(lambda: -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255)))
     folds = np.zeros(r.shape, bool)  # blue and black candidates found to be folds (doubled tissue), not ink
     for kind, pixels in zip(INK_KINDS, ink_colour):
         pixels = candidates[kind] = pixels & ~taken  # each pixel: the first ink colour it has (crossings part)
@@ -324,8 +325,7 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
             red_over_blue = np.bincount(at, weights=r[pixels] / np.maximum(b[pixels], 1e-6), minlength=n + 1)
             big &= red_over_blue <= INK_MAX_RED_OVER_BLUE * area
         if kind in ("blue", "black") and big.any():  # doubled tissue (a fold) is as dark: its density is H&E's
-            if od is None:
-                od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
+            od = optical_density()
             regions = np.flatnonzero(big)
             candidates_any = np.logical_or.reduce(ink_colour)
             stain_like, stroke_parts, fold_parts = _stain_excess(labels, regions, candidates_any, od, mpp)
@@ -342,8 +342,7 @@ def _ink(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, saturation
     blood = red & ~ink  # red, not ink: what hides the other inks
     glass = (r + g + b) >= 2.7  # near the glass colour in every channel (glass-relative, 3 = glass)
     if ink.any():  # strokes run on where what lies under them hides their colour
-        if od is None:
-            od = -np.log(np.maximum(np.dstack([r, g, b]), 1 / 255))
+        od = optical_density()
         for kind, kind_ink in decided:
             if not kind_ink.any():
                 continue
