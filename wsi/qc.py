@@ -162,6 +162,9 @@ FOLD_MIN_UM2 = 40000.0  # fold pieces smaller than this are dropped (a dark nest
 FOLD_BAND_MIN_UM2 = 10000.0  # a smaller piece is kept from this size when band-shaped (a fold cut short by fat):
 FOLD_BAND_ELONGATION = 2.0  # its enclosing rectangle this many times as long as wide (clusters of nuclei are round
 FOLD_BAND_FILL = 0.6  # or ragged) and this share full of it (a band's edges are straight)
+FOLD_BAND_SPECKS = 0.1  # or so once this share of its pixels either side of its axis is set aside (nuclei specks
+FOLD_BAND_LONG_UM = 400.0  # the closing joins to a narrow fold), when this long (a streak of stroma is shorter) and
+# doubled against its flanks (see _doubled_band)
 FOLD_BUBBLE_REACH_UM = 48.0  # a fold piece this near a bubble's disc (not searched, nor 3 px around it) runs on
 # under the bubble, along its band
 FOLD_BUBBLE_RIM_UM = 40.0  # folds are looked for inside a bubble's disc less this all round (its outline, 10-20 um
@@ -719,7 +722,14 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     shorter[0] = False
     for i in np.nonzero(shorter)[0]:
         keep[i] = _band_shaped(labels, stats[i], i)
-    return keep[labels] if keep.any() else fold
+    if keep.any():
+        fold = keep[labels]
+    for i in np.nonzero(shorter & ~keep)[0]:  # a narrow fold whose piece took in specks beside it
+        x, y, bw, bh = (int(v) for v in stats[i][:4])
+        band = _doubled_band(labels[y:y + bh, x:x + bw] == i, x, y, density, tissue, mpp)
+        if band is not None:
+            fold[y:y + bh, x:x + bw] |= band
+    return fold
 
 
 def _colour_steps(channel: np.ndarray, scale: np.ndarray, n: int) -> np.ndarray:
@@ -736,6 +746,48 @@ def _band_shaped(labels: np.ndarray, stats: np.ndarray, i: int) -> bool:
     ys, xs = np.nonzero(labels[y:y + h, x:x + w] == i)
     _, _, long, short, _, _ = _band_axis(xs, ys)
     return long >= FOLD_BAND_ELONGATION * short and area >= FOLD_BAND_FILL * long * short
+
+
+def _doubled_band(piece: np.ndarray, x: int, y: int, density: np.ndarray, tissue: np.ndarray,
+                  mpp: float) -> np.ndarray | None:
+    """The fold in a ``piece`` (a mask in its box, whose corner is column ``x``, row ``y``) that is a narrow band
+    with specks at its sides (nuclei the closing joined to it), or None: set aside the :data:`FOLD_BAND_SPECKS`
+    share of its pixels farthest out on either side of its axis, the rest spans a rectangle at least
+    :data:`FOLD_BAND_LONG_UM` long, :data:`FOLD_BAND_ELONGATION` times as long as wide and :data:`FOLD_BAND_FILL`
+    full of the piece, and that rectangle is doubled tissue against its two flanks (strips as wide,
+    :data:`FOLD_ALONG_GAP_UM` outside it) as :func:`_doubled_segments` asks: a mean ``density`` over the
+    ``tissue`` of :data:`FOLD_SEARCH_SUM_RATIO` to :data:`FOLD_SEARCH_SUM_MAX` of their sum and at least
+    :data:`FOLD_SEARCH_FLANK_RATIO` times the denser one's, band and flanks at least :data:`FOLD_ALONG_TISSUE`
+    tissue. The fold is the piece within the rectangle."""
+    ys, xs = np.nonzero(piece)
+    cx, cy, long, _, ux, uy = _band_axis(xs, ys)
+    lo, hi = np.quantile((ys - cy) * ux - (xs - cx) * uy, (FOLD_BAND_SPECKS, 1 - FOLD_BAND_SPECKS))
+    width = hi - lo + 1
+    if long * mpp < FOLD_BAND_LONG_UM or long < FOLD_BAND_ELONGATION * width or (
+            len(xs) < FOLD_BAND_FILL * long * width):
+        return None
+    h, w = piece.shape
+    gap = FOLD_ALONG_GAP_UM / mpp
+    reach = int(math.ceil(width + gap)) + 1
+    y0, x0 = max(0, y - reach), max(0, x - reach)
+    rows, cols = slice(y0, min(tissue.shape[0], y + h + reach)), slice(x0, min(tissue.shape[1], x + w + reach))
+    gy, gx = np.ogrid[rows, cols]
+    along = (gx - x - cx) * ux + (gy - y - cy) * uy
+    across = (gy - y - cy) * ux - (gx - x - cx) * uy
+    within = np.abs(along) <= long / 2
+    means = []  # the band's, then its two flanks' mean density over their tissue
+    for a, b in ((lo - 0.5, hi + 0.5), (hi + gap, hi + gap + width), (lo - gap - width, lo - gap)):
+        strip = within & (across >= a) & (across <= b)
+        seen = strip & tissue[rows, cols]
+        if not strip.any() or seen.sum() < FOLD_ALONG_TISSUE * strip.sum():
+            return None
+        means.append(float(density[rows, cols][seen].mean()))
+    band, flanks = means[0], means[1] + means[2]
+    if not (FOLD_SEARCH_SUM_RATIO * flanks <= band <= FOLD_SEARCH_SUM_MAX * flanks
+            and band >= FOLD_SEARCH_FLANK_RATIO * max(means[1:])):
+        return None
+    inside = (across >= lo - 0.5) & (across <= hi + 0.5)
+    return piece & inside[y - y0:y - y0 + h, x - x0:x - x0 + w]
 
 
 def _band_axis(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float, float, float, float]:
