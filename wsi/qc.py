@@ -509,9 +509,16 @@ def _doubled_segments(tissue: np.ndarray, density: np.ndarray, seg: int, width: 
     judged[width:] &= full[:-width]
     judged[:-width] &= full[width:]
     judged[:width] = judged[-width:] = False
-    flanks = above + below
-    return judged & (mean >= FOLD_SEARCH_SUM_RATIO * flanks) & (mean <= FOLD_SEARCH_SUM_MAX * flanks) & (
-        mean >= FOLD_SEARCH_FLANK_RATIO * np.maximum(above, below))
+    return judged & _doubled(mean, above, below)
+
+
+def _doubled(band, one_flank, other_flank):
+    """Whether a band's mean density (arrays, or floats) is doubled tissue against its two flanks': about their
+    sum (:data:`FOLD_SEARCH_SUM_RATIO` to :data:`FOLD_SEARCH_SUM_MAX` of it) and at least
+    :data:`FOLD_SEARCH_FLANK_RATIO` times the denser one's."""
+    flanks = one_flank + other_flank
+    return (band >= FOLD_SEARCH_SUM_RATIO * flanks) & (band <= FOLD_SEARCH_SUM_MAX * flanks) & (
+        band >= FOLD_SEARCH_FLANK_RATIO * np.maximum(one_flank, other_flank))
 
 
 def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mpp: float) -> np.ndarray:
@@ -755,10 +762,8 @@ def _doubled_band(piece: np.ndarray, x: int, y: int, density: np.ndarray, tissue
     share of its pixels farthest out on either side of its axis, the rest spans a rectangle at least
     :data:`FOLD_BAND_LONG_UM` long, :data:`FOLD_BAND_ELONGATION` times as long as wide and :data:`FOLD_BAND_FILL`
     full of the piece, and that rectangle is doubled tissue against its two flanks (strips as wide,
-    :data:`FOLD_ALONG_GAP_UM` outside it) as :func:`_doubled_segments` asks: a mean ``density`` over the
-    ``tissue`` of :data:`FOLD_SEARCH_SUM_RATIO` to :data:`FOLD_SEARCH_SUM_MAX` of their sum and at least
-    :data:`FOLD_SEARCH_FLANK_RATIO` times the denser one's, band and flanks at least :data:`FOLD_ALONG_TISSUE`
-    tissue. The fold is the piece within the rectangle."""
+    :data:`FOLD_ALONG_GAP_UM` outside it; their mean ``density`` over the ``tissue``, :func:`_doubled`), band and
+    flanks at least :data:`FOLD_ALONG_TISSUE` tissue. The fold is the piece within the rectangle."""
     ys, xs = np.nonzero(piece)
     cx, cy, long, _, ux, uy = _band_axis(xs, ys)
     lo, hi = np.quantile((ys - cy) * ux - (xs - cx) * uy, (FOLD_BAND_SPECKS, 1 - FOLD_BAND_SPECKS))
@@ -782,9 +787,7 @@ def _doubled_band(piece: np.ndarray, x: int, y: int, density: np.ndarray, tissue
         if not strip.any() or seen.sum() < FOLD_ALONG_TISSUE * strip.sum():
             return None
         means.append(float(density[rows, cols][seen].mean()))
-    band, flanks = means[0], means[1] + means[2]
-    if not (FOLD_SEARCH_SUM_RATIO * flanks <= band <= FOLD_SEARCH_SUM_MAX * flanks
-            and band >= FOLD_SEARCH_FLANK_RATIO * max(means[1:])):
+    if not _doubled(*means):
         return None
     inside = (across >= lo - 0.5) & (across <= hi + 0.5)
     return piece & inside[y - y0:y - y0 + h, x - x0:x - x0 + w]
