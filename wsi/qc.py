@@ -57,36 +57,37 @@ colour's surroundings. Fold pixels where most pixels within
 pieces of at least :data:`FOLD_MIN_UM2`, or of at least :data:`FOLD_BAND_MIN_UM2` when band-shaped (their
 smallest enclosing rectangle at least :data:`FOLD_BAND_ELONGATION` times as long as wide and at least
 :data:`FOLD_BAND_FILL` full: a fold band cut short where it runs into fat; clusters of nuclei are round or
-ragged), are the fold mask. An air bubble (below) darkens the tissue along its outline, and inside it shows
-the section paler, fold and single layer alike: inside its disc less :data:`FOLD_BUBBLE_RIM_UM` all round, a pixel
-is a fold pixel when it is at least :data:`FOLD_DENSITY_RATIO` times as dense, each against its colour's reference,
-as the :data:`FOLD_BUBBLE_QUANTILE` quantile of the tissue inside the same bubble (not judged where that tissue is
-mostly pale: under :data:`FOLD_PALE_SHARE` of the slide's median density), and a piece mostly inside a bubble is
-kept only when band-shaped (a bubble shifts dense tissue's colour); and a fold piece found outside
-the bubbles within :data:`FOLD_BUBBLE_REACH_UM` of a bubble's disc runs on through it, along its band (its
-enclosing rectangle's width). A band-shaped fold piece is also followed past either end along its band, in
-segments of :data:`FOLD_ALONG_STEP_UM`, for as long as each segment is at least
-:data:`FOLD_ALONG_RATIO` times as dense as the mean of the two strips flanking it (:func:`_along_bands`): per
-pixel, fat's density varies 2x within 100 um, so doubled fat cannot be told from single fat, but a segment's mean
-against its flanks' can, and a flap of stroma over fat, as dense as the stroma beside it, is still about the sum
-of its two flanks; or :data:`FOLD_ALONG_LESSER` times its lesser flank (doubled fat beside stroma is about twice
-the fat, a strip of stroma beside fat many times it). A stretch of segments that are not doubled, up to
-:data:`FOLD_ALONG_BRIDGE_UM` long, is bridged where the band resumes doubled past it (two segments in a row, or one
-that holds another fold piece): a fold's stretch over fat under a flap of stroma is as dense as stroma and cannot
-be seen, but the band goes on past it. Each fold piece that fills at least :data:`FOLD_BAND_FILL` of its convex
-hull is then filled out to its hull (:func:`_filled_bands`): fat under a flap of stroma, and a flap of fat over
-stroma, leave notches and holes in a band. Straight bands are also searched for with no piece to start from
-(:func:`_straight_bands`): on a grid of :data:`FOLD_SEARCH_UM`, in :data:`FOLD_SEARCH_ANGLES` directions, bands of
-:data:`FOLD_SEARCH_WIDTHS_UM` and :data:`FOLD_SEARCH_LENGTH_UM` long each :data:`FOLD_SEARCH_SEGMENT_UM` segment of
-which is doubled tissue against its two flanks (strips as wide): :data:`FOLD_SEARCH_SUM_RATIO` to
-:data:`FOLD_SEARCH_SUM_MAX` of their sum (a fold is about the sum of its flanks, single tissue about their mean, a
-strip of stroma between fat several times their sum) and at least :data:`FOLD_SEARCH_FLANK_RATIO` times the denser
-flank (along a dense tumour sheet's straight edge the band is as dense as the sheet); such bands are fold pieces,
-followed along their band and under bubbles as the others. It finds a fold band over fat where no pixel is a fold
-pixel, and a band's full width where the fold pixels cover part of it. Not seen: a fold over fat or under a flap
-of fat that is neither straight nor doubled over 640 um beside tissue of one kind (fat doubled beside denser
-tissue; a flap of stroma over fat looks like stroma), and a fold that covers much of a slide's tissue of one
-colour within its window (it becomes its own reference).
+ragged), are the fold mask; so is the band within a smaller piece that is not band-shaped only for the nuclei specks the
+closing joined to a narrow fold (:func:`_doubled_band`: with :data:`FOLD_BAND_SPECKS` of its pixels either side of its
+axis set aside, a band at least :data:`FOLD_BAND_LONG_UM` long, doubled against its flanks). An air bubble (below)
+darkens the tissue along its outline, and inside it shows the section paler, fold and single layer alike: inside its
+disc less :data:`FOLD_BUBBLE_RIM_UM` all round, a pixel is a fold pixel when it is at least :data:`FOLD_DENSITY_RATIO`
+times as dense, each against its colour's reference, as the :data:`FOLD_BUBBLE_QUANTILE` quantile of the tissue inside
+the same bubble (not judged where that tissue is mostly pale: under :data:`FOLD_PALE_SHARE` of the slide's median
+density), and a piece mostly inside a bubble is kept only when band-shaped (a bubble shifts dense tissue's colour); and
+a fold piece found outside the bubbles within :data:`FOLD_BUBBLE_REACH_UM` of a bubble's disc runs on through it, along
+its band (its enclosing rectangle's width). A band-shaped fold piece is also followed past either end along its band, in
+segments of :data:`FOLD_ALONG_STEP_UM`, for as long as each segment is at least :data:`FOLD_ALONG_RATIO` times as dense
+as the mean of the two strips flanking it (:func:`_along_bands`): per pixel, fat's density varies 2x within 100 um, so
+doubled fat cannot be told from single fat, but a segment's mean against its flanks' can, and a flap of stroma over fat,
+as dense as the stroma beside it, is still about the sum of its two flanks; or :data:`FOLD_ALONG_LESSER` times its
+lesser flank (doubled fat beside stroma is about twice the fat, a strip of stroma beside fat many times it). A stretch
+of segments that are not doubled, up to :data:`FOLD_ALONG_BRIDGE_UM` long, is bridged where the band resumes doubled
+past it (two segments in a row, or one that holds another fold piece): a fold's stretch over fat under a flap of stroma
+is as dense as stroma and cannot be seen, but the band goes on past it. Each fold piece that fills at least
+:data:`FOLD_BAND_FILL` of its convex hull is then filled out to its hull (:func:`_filled_bands`): fat under a flap of
+stroma, and a flap of fat over stroma, leave notches and holes in a band. Straight bands are also searched for with no
+piece to start from (:func:`_straight_bands`): on a grid of :data:`FOLD_SEARCH_UM`, in :data:`FOLD_SEARCH_ANGLES`
+directions, bands of :data:`FOLD_SEARCH_WIDTHS_UM` and :data:`FOLD_SEARCH_LENGTH_UM` long each
+:data:`FOLD_SEARCH_SEGMENT_UM` segment of which is doubled tissue against its two flanks (strips as wide):
+:data:`FOLD_SEARCH_SUM_RATIO` to :data:`FOLD_SEARCH_SUM_MAX` of their sum (a fold is about the sum of its flanks, single
+tissue about their mean, a strip of stroma between fat several times their sum) and at least
+:data:`FOLD_SEARCH_FLANK_RATIO` times the denser flank (along a dense tumour sheet's straight edge the band is as dense
+as the sheet); such bands are fold pieces, followed along their band and under bubbles as the others. It finds a fold
+band over fat where no pixel is a fold pixel, and a band's full width where the fold pixels cover part of it. Not seen:
+a fold over fat or under a flap of fat that is neither straight nor doubled over 640 um beside tissue of one kind (fat
+doubled beside denser tissue; a flap of stroma over fat looks like stroma), and a fold that covers much of a slide's
+tissue of one colour within its window (it becomes its own reference).
 
 Bubbles (thumbnail)
 -------------------

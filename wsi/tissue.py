@@ -41,15 +41,14 @@ Steps (``rgb`` in, boolean masks out; ``mpp`` is the thumbnail's pixel size):
    where it joins the stroke and is no wider than it. Blue, green and black are followed only over and beside blood,
    and over folds (blue ink absorbs much as haematoxylin does), and a stroke that reaches a fold also goes on across
    it along its own line at its own width (a fold hides even black ink's colour); a red stub that a crossing stroke
-   cuts off goes with
-   its stroke, and so does a stroke's rounded end just past a pool it crossed (red ink on glass is blood's colour:
-   the red beyond the run-on's end, along its axis, where it reaches the glass). A marker also bleeds into the glass
-   beside it and fades out there (a halo, enough to pass for faint stain): the tinted pixels joined to a blue, green
-   or black stroke whose density, less as much of the ink's as they can hold, leaves glass are ink too; H&E's
-   density does not point along those inks', so stain under a halo stays (a faint red is pale eosin's colour as much
-   as red ink's halo's: red halos are left to the stain tests). Ink then grows by up to two pixels into pixels that
-   are not H&E-coloured or pale (a stroke's blurred edge, JPEG ringing), never into stain. Where ink lies over
-   tissue, only the inked pixels go.
+   cuts off goes with its stroke, and so does a stroke's rounded end just past a pool it crossed (red ink on glass is
+   blood's colour: the red beyond the run-on's end, along its axis, where it reaches the glass). A marker also bleeds
+   into the glass beside it and fades out there (a halo, enough to pass for faint stain): the tinted pixels joined to a
+   blue, green or black stroke whose density, less as much of the ink's as they can hold, leaves glass are ink too;
+   H&E's density does not point along those inks', so stain under a halo stays (a faint red is pale eosin's colour as
+   much as red ink's halo's: red halos are left to the stain tests). Ink then grows by up to two pixels into pixels that
+   are not H&E-coloured or pale (a stroke's blurred edge, JPEG ringing), never into stain. Where ink lies over tissue,
+   only the inked pixels go.
 3. **Stain.** H&E absorbs unevenly across R, G, B; glass, smudges and dust absorb evenly. A pixel is
    *stained* when its saturation ``(max - min) / max`` reaches ``saturation_min`` and its brightness (mean of
    R, G, B relative to the glass) is at most ``brightness_max``. *Faint* pixels (darker than
