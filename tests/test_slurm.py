@@ -78,15 +78,17 @@ def slurm():
     yield
 
 
-def job_states(work: Path, states: str = "all") -> dict[str, tuple[str, str]]:
+def job_states(work: Path | None, states: str = "all") -> dict[str, tuple[str, str]]:
     """{job id: (state, job name)} of the jobs that ``work`` is the working folder of (Snakemake's jobs, and the
-    Dask worker jobs of a `wsi` started there) that slurmctld still lists: finished ones for MinJobAge."""
+    Dask worker jobs of a `wsi` started there; None: of any folder) that slurmctld still lists: finished ones for
+    MinJobAge."""
     out = subprocess.run(["squeue", "-h", f"--states={states}", "-o", "%i|%T|%j|%Z"], capture_output=True,
                          text=True).stdout
-    return {i: (t, j) for i, t, j, folder in (line.split("|", 3) for line in out.splitlines()) if Path(folder) == work}
+    return {i: (t, j) for i, t, j, folder in (line.split("|", 3) for line in out.splitlines())
+            if work is None or Path(folder) == work}
 
 
-def live_jobs(work: Path, name: str | None = None) -> list[str]:
+def live_jobs(work: Path | None, name: str | None = None) -> list[str]:
     """Ids of ``work``'s jobs queued or running (of job name ``name``)."""
     return [i for i, (_, j) in job_states(work, LIVE).items() if name is None or j == name]
 
@@ -414,4 +416,5 @@ def test_readme_slurm_command_runs_the_demo_as_slurm_jobs(demo_run):
     assert re.search(r"tile\s+8 done", summary) and re.search(r"heatmap\s+8 done", summary), summary
     assert "sbatch failed" not in proc.console
     assert_clean(work, proc)
+    assert live_jobs(None) == [], job_states(None, LIVE)  # the whole lane, whose other tests are done, left none
     print(f"demo on SLURM: done within {seconds:.0f} s")
