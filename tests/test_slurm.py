@@ -105,20 +105,23 @@ def finish(proc: subprocess.Popen, timeout: float = 900, console: Path | None = 
     """Wait for a started Snakemake; past ``timeout`` (a hang), stop it as Ctrl-C would (so that it cancels its
     jobs) and fail. Returns it finished, its stdout and stderr (read from ``console``/stdout and stderr when it
     wrote there) and ``console``, the two together."""
+    hung = False
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        hung = True
         os.killpg(proc.pid, signal.SIGINT)
         try:
             out, err = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-        pytest.fail(f"snakemake ran past {timeout:.0f} s: {' '.join(proc.args)}\n{((out or '') + (err or ''))[-3000:]}")
     if console is not None:
         out, err = (console / "stdout").read_text(), (console / "stderr").read_text()
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out or "", err or "")
     done.console = done.stdout + done.stderr
+    if hung:
+        pytest.fail(f"snakemake ran past {timeout:.0f} s: {' '.join(proc.args)}\n{done.console[-3000:]}")
     return done
 
 
