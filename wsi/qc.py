@@ -97,9 +97,13 @@ least :data:`RIM_OD_MIN` in every channel, evenly (no channel's excess under :da
 largest), in pieces of at least :data:`RIM_MIN_PX` pixels, are rim candidates. OpenCV's Hough transform
 (``HOUGH_GRADIENT_ALT``, perfectness :data:`HOUGH_PERFECTNESS`) proposes circles of radius
 :data:`BUBBLE_RADIUS_UM` on each group of them (in the group's box grown by the largest radius looked for: an
-outline cut into arcs by a fold across it, or by the image's edge, has its circle reach past each arc); a
-proposed circle along which rim candidates lie (within two pixels) for at least :data:`BUBBLE_MIN_ARC` of its
-circumference is a bubble, and its disc is the bubble mask.
+outline cut into arcs by a fold across it, or by the image's edge, has its circle reach past each arc). OpenCV
+proposes only circles whose edges span 35 of its 64 angular bins, more than the test below asks: so it also runs
+on every candidate, specks too (they close the gaps of an outline whose pieces cover less), and a group of
+candidates that the image's edge cuts (less than that of its circle lies in the image) is also fitted a circle
+by least squares. A proposed circle along which rim candidates in pieces of :data:`RIM_MIN_PX` or more lie
+(within two pixels) for at least :data:`BUBBLE_MIN_ARC` of its circumference is a bubble, and its disc is the
+bubble mask.
 Dense tumour's nuclei and the edges of dark regions also leave candidates, but not along a circle.
 
 Per tile and per slide
@@ -125,6 +129,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -884,10 +889,21 @@ def _disc_kernel(radius_px: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
 
 
+def _circle_through(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float] | None:
+    """The circle (centre x, y, radius) fitted to the points by least squares (x^2 + y^2 + a x + b y + c = 0:
+    linear in a, b, c), None when they fit none (in a line)."""
+    x, y = xs.astype(np.float64), ys.astype(np.float64)
+    (a, b, c), *_ = np.linalg.lstsq(np.stack([x, y, np.ones_like(x)], 1), -(x * x + y * y), rcond=None)
+    r2 = (a * a + b * b) / 4 - c
+    return None if not r2 > 0 else (-a / 2, -b / 2, math.sqrt(r2))
+
+
 def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     """Bubble discs and circles: rim candidates (neutral excess density over the neighbourhood's median),
-    circles proposed by OpenCV's Hough transform on them (``HOUGH_GRADIENT_ALT``), each kept when rim
-    candidates lie along at least :data:`BUBBLE_MIN_ARC` of its circumference (within two pixels)."""
+    circles proposed by OpenCV's Hough transform on them (``HOUGH_GRADIENT_ALT``; on the pieces of
+    :data:`RIM_MIN_PX` or more, then on every candidate) and fitted to groups the image's edge cuts, each kept
+    when rim candidates in such pieces lie along at least :data:`BUBBLE_MIN_ARC` of its circumference (within
+    two pixels)."""
     h, w = od.shape[:2]
     mask = np.zeros((h, w), bool)
     k = min(255, max(3, int(round(RIM_WINDOW_UM / mpp)) | 1))
@@ -913,16 +929,22 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     big[0] = False
     if not big.any():
         return mask, []
+    every = rim
     rim = big[labels]
     grouped = cv2.dilate(rim.view(np.uint8), np.ones((7, 7), np.uint8))
     count, groups, boxes, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
-    wide = [box for box in boxes[1:] if max(box[2], box[3]) >= 1.6 * r_min]  # the others hold no bubble's arc
+    # groups narrower than this hold no bubble's arc
+    wide = [i for i in range(1, count) if max(boxes[i, 2], boxes[i, 3]) >= 1.6 * r_min]
     if not wide:
         return mask, []
-    strength = np.where(rim, strength, 0)
-    image = cv2.GaussianBlur(np.clip(strength / (5 * RIM_OD_MIN) * 255, 0, 255).astype(np.uint8), (3, 3), 0.8)
+    # OpenCV proposes a circle only when its edges span 35 of 64 angular bins (HoughCirclesAlt), more than
+    # BUBBLE_MIN_ARC asks: an outline whose pieces of RIM_MIN_PX or more cover less is proposed from every
+    # candidate (its specks close the gaps), and kept, as any circle, on those pieces alone
+    images = [cv2.GaussianBlur(np.clip(np.where(on, strength, 0) / (5 * RIM_OD_MIN) * 255, 0, 255).astype(np.uint8),
+                               (3, 3), 0.8) for on in (rim, every)]
     proposed = []
-    for x, y, bw, bh, _ in wide:  # Hough on each group's box alone: its cost grows with the image
+    for image, i in itertools.product(images, wide):  # Hough on each group's box alone: its cost grows with the
+        x, y, bw, bh, _ = boxes[i]  # image; the first image's circles first (kept over near-copies from the second)
         r_hi = max(3, int(math.ceil(min(r_max, max(bw, bh) / 2 + 4))))
         # the circle of an arc (an outline cut by a fold across it, or by the image's edge) reaches past the
         # arc's box: the box grows by the largest radius looked for, zeros beyond the image
@@ -933,6 +955,15 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
         found = cv2.HoughCircles(part, cv2.HOUGH_GRADIENT_ALT, dp=1, minDist=max(2.0, r_min), param1=100,
                                  param2=HOUGH_PERFECTNESS, minRadius=max(2, int(r_min)), maxRadius=r_hi)
         proposed += [] if found is None else [(cx + x0, cy + y0, r) for cx, cy, r in found[0]]
+    # nor one with less than 35/64 of it in the image: a group the image's edge cuts is also fitted a circle
+    # (least squares on its pieces), kept as any circle when they lie along BUBBLE_MIN_ARC of it
+    for i in wide:
+        x, y, bw, bh, _ = boxes[i]
+        if x > 0 and y > 0 and x + bw < w and y + bh < h:
+            continue
+        ys, xs = np.nonzero((groups[y:y + bh, x:x + bw] == i) & rim[y:y + bh, x:x + bw])
+        fit = _circle_through(xs + x, ys + y)
+        proposed += [] if fit is None or not r_min <= fit[2] <= r_max else [fit]
     near = cv2.dilate(rim.view(np.uint8), np.ones((5, 5), np.uint8)).view(bool)  # within two pixels
     circles = []
     for cx, cy, r in proposed:
