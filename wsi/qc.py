@@ -919,17 +919,16 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     np.maximum(high, excess[2], out=high)
     even = low >= np.multiply(high, RIM_EVENNESS, out=high)
     strength = np.where(even, np.maximum(low, 0, out=low), 0)
-    rim = strength >= RIM_OD_MIN
-    if rim.sum() < 8:
+    candidate = strength >= RIM_OD_MIN
+    if candidate.sum() < 8:
         return mask, []
     r_min, r_max = BUBBLE_RADIUS_UM[0] / mpp, BUBBLE_RADIUS_UM[1] / mpp
     # specks (JPEG, nuclei, dust) are no outline: pieces of at least RIM_MIN_PX pixels, grouped when close
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(rim.view(np.uint8), connectivity=8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(candidate.view(np.uint8), connectivity=8)
     big = stats[:, cv2.CC_STAT_AREA] >= RIM_MIN_PX
     big[0] = False
     if not big.any():
         return mask, []
-    every = rim
     rim = big[labels]
     grouped = cv2.dilate(rim.view(np.uint8), np.ones((7, 7), np.uint8))
     count, groups, boxes, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
@@ -941,10 +940,12 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     # BUBBLE_MIN_ARC asks: an outline whose pieces of RIM_MIN_PX or more cover less is proposed from every
     # candidate (its specks close the gaps), and kept, as any circle, on those pieces alone
     images = [cv2.GaussianBlur(np.clip(np.where(on, strength, 0) / (5 * RIM_OD_MIN) * 255, 0, 255).astype(np.uint8),
-                               (3, 3), 0.8) for on in (rim, every)]
+                               (3, 3), 0.8) for on in (rim, candidate)]
     proposed = []
-    for image, i in itertools.product(images, wide):  # Hough on each group's box alone: its cost grows with the
-        x, y, bw, bh, _ = boxes[i]  # image; the first image's circles first (kept over near-copies from the second)
+    # Hough on each group's box alone (its cost grows with the image), the pieces' circles first: they are kept
+    # over near-copies proposed from every candidate
+    for image, i in itertools.product(images, wide):
+        x, y, bw, bh, _ = boxes[i]
         r_hi = max(3, int(math.ceil(min(r_max, max(bw, bh) / 2 + 4))))
         # the circle of an arc (an outline cut by a fold across it, or by the image's edge) reaches past the
         # arc's box: the box grows by the largest radius looked for, zeros beyond the image
