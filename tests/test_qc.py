@@ -456,6 +456,25 @@ def test_a_bubble_cut_by_the_edge_of_the_image_is_found():
     assert any(math.hypot(x - 12, y - cy) < 3 and abs(r - 25) < 3 for x, y, r in found.circles)
 
 
+@pytest.mark.parametrize("edge", ["bottom", "right", "top"])
+def test_a_bubble_with_less_than_half_its_outline_in_the_image_is_found(edge):
+    """A bubble of 136 um radius on the real prostate image at 8 um/px (156 x 156 px), its centre beyond the edge so
+    that 45% of its outline lies in the image: too little for OpenCV's Hough to propose it, found as the circle
+    that its outline's arc fits, and nothing else found."""
+    slide = np.asarray(Image.open(DATA / "slide.jpeg").convert("RGB"))  # 0.5 um/px
+    rgb = cv2.resize(slide, (slide.shape[1] // 16, slide.shape[0] // 16), interpolation=cv2.INTER_AREA)
+    tissue = tissue_masks(rgb, 8.0, TissueParams.default()).tissue
+    h, w = tissue.shape
+    radius, beyond = 17.0, 17.0 * math.cos(0.45 * math.pi)  # the chord that leaves 45% of the circle inside
+    cx, cy = {"bottom": (w / 2, h - 1 + beyond), "right": (w - 1 + beyond, h / 2), "top": (w / 2, -beyond)}[edge]
+    assert thumbnail_defects(rgb, tissue, 8.0).circles == ()
+    bubble = dd.Bubble(cx, cy, radius, rim=1.5)
+    found = thumbnail_defects(dd.composite(rgb, [bubble]), tissue, 8.0)
+    [(x, y, r)] = found.circles
+    assert math.hypot(x - cx, y - cy) < 3 and abs(r - radius) < 3, found.circles
+    truth = dd.composite_truth(tissue, [bubble])["bubble"]
+    assert (found.bubble & truth).sum() >= 0.8 * truth.sum()
+
 
 def fold_through_bubble():
     """A fold band (12 px wide at 8 um/px) composited across stroma and through an air bubble (radius 25 px):
