@@ -436,10 +436,15 @@ def tier_cost(work: Path, repeats: int = 5, against: Path | None = None, slides=
                                                      / mcpu[(name, ROOT, "off", False)])})
         if against is not None:
             theirs = mcpu[(name, against, "flag", True)] - mcpu[(name, against, "off", True)]
+            # paired by round (each round's processes meet the same load): what this checkout's flag process
+            # saves on the other's, against the other's added CPU
+            saved = float(np.median(np.subtract(cpu[(name, against, "flag", True)], cpu[(name, ROOT, "flag", True)])))
             figures.update({"against: flag/off (pixels), CPU": (mcpu[(name, against, "flag", True)]
                                                                  / mcpu[(name, against, "off", True)]),
                             "against: added CPU s (pixels)": theirs,
-                            "added CPU, this / against": figures["added CPU s (pixels)"] / theirs})
+                            "added CPU, this / against": figures["added CPU s (pixels)"] / theirs,
+                            "flag CPU saved on against, median of rounds, s": saved,
+                            "flag CPU saved / against's added CPU": saved / theirs})
         figures["peak_rss_mb"] = {f"{'' if code == ROOT else 'against '}{mode}/{'pixels' if pixels else 'coordinates'}":
                                   max(rss[(n, code, mode, pixels)])
                                   for (n, code, mode, pixels) in cases if n == name}
