@@ -509,19 +509,15 @@ def _doubled_segments(tissue: np.ndarray, density: np.ndarray, seg: int, width: 
     area, sums = (cv2.boxFilter(m, -1, (seg, width), normalize=False, borderType=cv2.BORDER_CONSTANT)
                   for m in (tissue, density))
     out = np.zeros(area.shape, bool)
-    full = area >= FOLD_ALONG_TISSUE * seg * width
-    # measured within the box of the pixels with tissue enough (the turned canvas is mostly empty), on the rows
-    # with a flank above and below (the others are never judged), each against the rows a width away
-    x, y, bw, bh = cv2.boundingRect(full.view(np.uint8))
-    if bh <= 2 * width:
+    if area.shape[0] <= 2 * width:  # no row has both flanks
         return out
-    mean = sums[y:y + bh, x:x + bw] / np.maximum(area[y:y + bh, x:x + bw], 1e-6)
-    full = full[y:y + bh, x:x + bw]
+    mean = sums / np.maximum(area, 1e-6)
+    full = area >= FOLD_ALONG_TISSUE * seg * width
+    # the rows with a flank above and below (the others are never judged), each against the rows a width away
     judged = full[width:-width] & full[:-2 * width]
     judged &= full[2 * width:]
     if judged.any():
-        out[y + width:y + bh - width, x:x + bw] = judged & _doubled(mean[width:-width], mean[:-2 * width],
-                                                                    mean[2 * width:])
+        out[width:-width] = judged & _doubled(mean[width:-width], mean[:-2 * width], mean[2 * width:])
     return out
 
 
