@@ -1067,10 +1067,9 @@ def qc_overlay(rgb: np.ndarray, tiles: dict[str, np.ndarray], downsample: float,
     """The QC image with flagged regions tinted in their own colours: blurred tiles blue, fold tiles yellow,
     bubble tiles cyan (``tiles``: bool per tile, keys ``blur``, ``fold``, ``bubble``), and the fold and bubble
     masks outlined in the same colours."""
-    rgb = np.asarray(rgb)[..., :3]
-    h, w = rgb.shape[:2]
+    out = np.asarray(rgb)[..., :3].astype(np.float32, copy=True)
+    h, w = out.shape[:2]
     colours = {"blur": QC_BLUR_RGB, "fold": QC_FOLD_RGB, "bubble": QC_BUBBLE_RGB}
-    tints = []  # (pixels, colour) of each kind flagged
     for kind, colour in colours.items():
         flags = tiles.get(kind)
         if flags is None or not np.any(flags):
@@ -1080,14 +1079,9 @@ def qc_overlay(rgb: np.ndarray, tiles: dict[str, np.ndarray], downsample: float,
             x0, y0 = int(x / downsample), int(y / downsample)
             x1, y1 = int(math.ceil((x + footprint) / downsample)), int(math.ceil((y + footprint) / downsample))
             area[max(0, y0):min(h, y1), max(0, x0):min(w, x1)] = 1
-        tints.append((area.astype(bool), colour))
-    if tints:  # in float, so that a tile flagged twice takes both tints before rounding down
-        out = rgb.astype(np.float32)
-        for tint, colour in tints:
-            out[tint] = 0.55 * out[tint] + 0.45 * np.asarray(colour, np.float32)
-        out = out.astype(np.uint8)
-    else:
-        out = rgb.copy()
+        tint = area.astype(bool)
+        out[tint] = 0.55 * out[tint] + 0.45 * np.asarray(colour, np.float32)
+    out = out.astype(np.uint8)
     if defects is not None:
         for mask, colour in ((defects.fold, QC_FOLD_RGB), (defects.bubble, QC_BUBBLE_RGB)):
             if mask.any():
