@@ -837,17 +837,14 @@ def _colour_local_density(density: np.ndarray, bins: np.ndarray, where: np.ndarr
     # each colour takes its neighbouring colours' sums too (one step in red or blue share: a 3x3 box over the
     # colour grid), then the window's (a box of blocks)
     ur, uc = np.divmod(used, n)
-    neighbours = []  # per step: the colours that have that neighbour, and its row (the same for both grids)
-    for dr, dc in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
-        other = (ur + dr) * n + uc + dc
-        j = np.minimum(np.searchsorted(used, other), len(used) - 1)
-        ok = (used[j] == other) & (ur + dr >= 0) & (ur + dr < n) & (uc + dc >= 0) & (uc + dc < n)
-        neighbours.append((ok, j[ok]))
     sums = []
     for grid in (count, total):
         near = grid.copy()
-        for ok, source in neighbours:
-            near[ok] += grid[source]
+        for dr, dc in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+            other = (ur + dr) * n + uc + dc
+            j = np.minimum(np.searchsorted(used, other), len(used) - 1)
+            ok = (used[j] == other) & (ur + dr >= 0) & (ur + dr < n) & (uc + dc >= 0) & (uc + dc < n)
+            near[ok] += grid[j[ok]]
         planes = np.ascontiguousarray(near.reshape(len(used), bh, bw).transpose(1, 2, 0))
         window = np.empty_like(planes)
         for lo in range(0, len(used), 256):  # OpenCV images have at most 512 channels
