@@ -32,10 +32,14 @@ folds and bubbles only; 16-px blocks stand for tiles). Tissue truth: the mask of
 ``wsi.tiling.tile_slides``: 3,000 x 2,000 px slides at 0.5 um/px blurred everywhere (sigma 1.5, 2, 3 um,
 Gaussian and disk) and the same scenes sharp.
 
-**cost**: one 12,000 x 9,000 px slide at 0.5 um/px; whole ``python -m wsi.cli tile`` processes with
-``tiling.qc`` off, flag and exclude (and coordinates-only off / flag), alternated, ``--repeats`` of each; the ratio
-of medians is the added cost, measured in one run. ``--against CHECKOUT`` adds that checkout's QC off and flag to
-every round, and the two checkouts' added CPU (median flag - median off) side by side.
+**cost**: one 12,000 x 9,000 px slide at 0.5 um/px (``small``, 368 tiles: a biopsy) and, with ``--cost-slides``,
+the same scene on a whole slide's 18 x 13.5 mm at 20x (``full20``, 36,000 x 27,000 px, 2,994 tiles) and at 40x
+(``full40``, 72,000 x 54,000 px at 0.25 um/px, tiled at 0.5 um/px); whole ``python -m wsi.cli tile`` processes with
+``tiling.qc`` off and flag (on the small slide also exclude, and coordinates-only off / flag), alternated,
+``--repeats`` of each; the ratio of medians is the added cost, measured in one run. The process's fixed costs
+(Python and its imports: about 0.4 CPU-s) weigh less on a whole slide, so the ratio grows with the slide.
+``--against CHECKOUT`` adds that checkout's QC off and flag to every round, and the two checkouts' added CPU
+(median flag - median off) side by side.
 
 Figures: blur AUROC (tiles with sigma >= 1.5 um against sharp tiles, the detector 1 - focus score, a tile not
 judged counting as sharp), blur recall by sigma, false flags (any flag) on sharp tiles overall and on dense
@@ -377,51 +381,84 @@ def _tile_process(slide: Path, out: Path, mode: str, pixels: bool, code: Path) -
     return wall, float(user) + float(system), int(kb) / 1024
 
 
-def tier_cost(work: Path, repeats: int = 5, against: Path | None = None) -> dict:
-    """QC's added cost in whole ``wsi tile`` processes, every case alternated in each of ``repeats`` rounds. With
-    ``against`` (another checkout), that checkout's QC off and flag join each round too, and the figure is the two
-    checkouts' added CPU side by side: one run, so the machine's load weighs on both alike."""
+COST_SLIDES = {  # name: (width, height, um/px), the same scene (seed 8400) at each size
+    "small": (12000, 9000, MPP),  # 6 x 4.5 mm at 20x: 368 tiles, a biopsy
+    "full20": (36000, 27000, MPP),  # 18 x 13.5 mm at 20x: 2,994 tiles, a whole resection slide
+    "full40": (72000, 54000, MPP / 2),  # the same 18 x 13.5 mm scanned at 40x, tiled at 0.5 um/px: 2,995 tiles
+}
+
+
+def tier_cost(work: Path, repeats: int = 5, against: Path | None = None, slides=("small",)) -> dict:
+    """QC's added cost in whole ``wsi tile`` processes, every case alternated in each of ``repeats`` rounds, on each
+    of ``slides`` (:data:`COST_SLIDES`; made once under ``work``). On the small slide, ``exclude`` and a
+    coordinates-only store join ``off`` and ``flag``. With ``against`` (another checkout), that checkout's QC off
+    and flag join each round too, and the figure is the two checkouts' added CPU side by side: one run, so the
+    machine's load weighs on both alike."""
     from wsi_synth import HardCases, write_synthetic_slide
 
-    slide = work / "cost" / "cost.svs"
-    if not slide.exists():
-        write_synthetic_slide(slide, width=12000, height=9000, mpp=MPP, seed=8400, tumour_tiles=3,
-                              lymphoid_aggregates=2, hard=HardCases(solid_tumours=1, mucin=1, haemorrhage=1))
-    cases = [(ROOT, "off", True), (ROOT, "flag", True), (ROOT, "exclude", True), (ROOT, "off", False),
-             (ROOT, "flag", False)]
-    if against is not None:
-        cases += [(against, "off", True), (against, "flag", True)]
+    paths = {}
+    for name in slides:
+        width, height, um = COST_SLIDES[name]
+        paths[name] = work / "cost" / ("cost.svs" if name == "small" else f"cost-{name}.svs")
+        if not paths[name].exists():
+            write_synthetic_slide(paths[name], width=width, height=height, mpp=um, seed=8400, tumour_tiles=3,
+                                  lymphoid_aggregates=2, hard=HardCases(solid_tumours=1, mucin=1, haemorrhage=1))
+    cases = []
+    for name in slides:
+        cases += [(name, ROOT, "off", True), (name, ROOT, "flag", True)]
+        if name == "small":
+            cases += [(name, ROOT, "exclude", True), (name, ROOT, "off", False), (name, ROOT, "flag", False)]
+        if against is not None:
+            cases += [(name, against, "off", True), (name, against, "flag", True)]
     seconds: dict = {c: [] for c in cases}
     rss: dict = {c: [] for c in cases}
     cpu: dict = {c: [] for c in cases}
     for _ in range(repeats):
-        for code, mode, pixels in cases:
-            wall, used, peak = _tile_process(slide, work / "cost" / "out", mode, pixels, code)
-            seconds[(code, mode, pixels)].append(wall)
-            cpu[(code, mode, pixels)].append(used)
-            rss[(code, mode, pixels)].append(peak)
+        for case in cases:
+            name, code, mode, pixels = case
+            wall, used, peak = _tile_process(paths[name], work / "cost" / "out", mode, pixels, code)
+            seconds[case].append(wall)
+            cpu[case].append(used)
+            rss[case].append(peak)
     med = {c: float(np.median(v)) for c, v in seconds.items()}
     mcpu = {c: float(np.median(v)) for c, v in cpu.items()}
-    out = {"flag/off (pixels)": med[(ROOT, "flag", True)] / med[(ROOT, "off", True)],
-           "exclude/off (pixels)": med[(ROOT, "exclude", True)] / med[(ROOT, "off", True)],
-           "flag/off (coordinates only)": med[(ROOT, "flag", False)] / med[(ROOT, "off", False)],
-           "flag/off (pixels), CPU": mcpu[(ROOT, "flag", True)] / mcpu[(ROOT, "off", True)],
-           "exclude/off (pixels), CPU": mcpu[(ROOT, "exclude", True)] / mcpu[(ROOT, "off", True)],
-           "flag/off (coordinates only), CPU": mcpu[(ROOT, "flag", False)] / mcpu[(ROOT, "off", False)]}
-    if against is not None:
-        added = {code: mcpu[(code, "flag", True)] - mcpu[(code, "off", True)] for code in (ROOT, against)}
-        out.update({"against: flag/off (pixels), CPU": mcpu[(against, "flag", True)] / mcpu[(against, "off", True)],
-                    "added CPU s (pixels)": added[ROOT], "against: added CPU s (pixels)": added[against],
-                    "added CPU, this / against": added[ROOT] / added[against]})
+    out: dict = {}
+    for name in slides:
+        figures = {"flag/off (pixels)": med[(name, ROOT, "flag", True)] / med[(name, ROOT, "off", True)],
+                   "flag/off (pixels), CPU": mcpu[(name, ROOT, "flag", True)] / mcpu[(name, ROOT, "off", True)],
+                   "added CPU s (pixels)": mcpu[(name, ROOT, "flag", True)] - mcpu[(name, ROOT, "off", True)]}
+        if name == "small":
+            figures.update({
+                "exclude/off (pixels)": med[(name, ROOT, "exclude", True)] / med[(name, ROOT, "off", True)],
+                "flag/off (coordinates only)": med[(name, ROOT, "flag", False)] / med[(name, ROOT, "off", False)],
+                "exclude/off (pixels), CPU": mcpu[(name, ROOT, "exclude", True)] / mcpu[(name, ROOT, "off", True)],
+                "flag/off (coordinates only), CPU": (mcpu[(name, ROOT, "flag", False)]
+                                                     / mcpu[(name, ROOT, "off", False)])})
+        if against is not None:
+            theirs = mcpu[(name, against, "flag", True)] - mcpu[(name, against, "off", True)]
+            # paired by round (each round's processes meet the same load): what this checkout's flag process
+            # saves on the other's, against the other's added CPU
+            saved = float(np.median(np.subtract(cpu[(name, against, "flag", True)], cpu[(name, ROOT, "flag", True)])))
+            figures.update({"against: flag/off (pixels), CPU": (mcpu[(name, against, "flag", True)]
+                                                                 / mcpu[(name, against, "off", True)]),
+                            "against: added CPU s (pixels)": theirs,
+                            "added CPU, this / against": figures["added CPU s (pixels)"] / theirs,
+                            "flag CPU saved on against, median of rounds, s": saved,
+                            "flag CPU saved / against's added CPU": saved / theirs})
+        figures["peak_rss_mb"] = {f"{'' if code == ROOT else 'against '}{mode}/{'pixels' if pixels else 'coordinates'}":
+                                  max(rss[(n, code, mode, pixels)])
+                                  for (n, code, mode, pixels) in cases if n == name}
+        out[name] = figures
     print("\ncost (whole `wsi tile` processes, median of", repeats, "each, seconds of wall clock and of CPU):")
     for c, v in seconds.items():
-        code = "" if c[0] == ROOT else f"{c[0]} "
-        print(f"  {code}qc={c[1]:8s} pixels={c[2]!s:5s} wall {' '.join(f'{s:.2f}' for s in v)}  median {med[c]:.2f}; "
-              f"CPU {' '.join(f'{s:.2f}' for s in cpu[c])}  median {mcpu[c]:.2f}; peak RSS {max(rss[c]):.0f} MB")
-    for k, v in out.items():
-        print(f"  {k}: {v:.3f}")
-    out["peak_rss_mb"] = {f"{'' if code == ROOT else 'against '}{m}/{'pixels' if p else 'coordinates'}": max(v)
-                          for (code, m, p), v in rss.items()}
+        code = "" if c[1] == ROOT else f"{c[1]} "
+        print(f"  {c[0]:6s} {code}qc={c[2]:8s} pixels={c[3]!s:5s} wall {' '.join(f'{s:.2f}' for s in v)}  median "
+              f"{med[c]:.2f}; CPU {' '.join(f'{s:.2f}' for s in cpu[c])}  median {mcpu[c]:.2f}; peak RSS "
+              f"{max(rss[c]):.0f} MB")
+    for name, figures in out.items():
+        for k, v in figures.items():
+            if k != "peak_rss_mb":
+                print(f"  {name} {k}: {v:.3f}")
     return out
 
 
@@ -437,6 +474,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "qc")
     parser.add_argument("--repeats", type=int, default=5, help="cost: rounds, each case once per round")
     parser.add_argument("--against", type=Path, help="cost: another checkout whose QC joins every round")
+    parser.add_argument("--cost-slides", nargs="+", default=["small"], choices=tuple(COST_SLIDES),
+                        help="cost: the slides measured (full20 and full40 take 1 and 4 minutes to make, once)")
     args = parser.parse_args()
     base = args.seed_base if args.seed_base is not None else (DEV_BASE if args.dev else FAMILY_BASE)
     families = [base + FAMILY_STEP * f for f in range(args.families)]
@@ -454,7 +493,7 @@ def main() -> None:
     if "nofocus" in args.tier:
         report["nofocus"] = tier_nofocus(args.work)
     if "cost" in args.tier:
-        report["cost"] = tier_cost(args.work, args.repeats, args.against)
+        report["cost"] = tier_cost(args.work, args.repeats, args.against, args.cost_slides)
     (args.work / ("results-dev.json" if args.dev else "results.json")).write_text(json.dumps(report, indent=1,
                                                                                               default=str))
 
