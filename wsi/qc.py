@@ -59,7 +59,13 @@ smallest enclosing rectangle at least :data:`FOLD_BAND_ELONGATION` times as long
 :data:`FOLD_BAND_FILL` full: a fold band cut short where it runs into fat; clusters of nuclei are round or
 ragged), are the fold mask; so is the band within a smaller piece that is not band-shaped only for the nuclei specks the
 closing joined to a narrow fold (:func:`_doubled_band`: with :data:`FOLD_BAND_SPECKS` of its pixels either side of its
-axis set aside, a band at least :data:`FOLD_BAND_LONG_UM` long, doubled against its flanks). An air bubble (below)
+axis set aside, a band at least :data:`FOLD_BAND_LONG_UM` long, doubled against its flanks); and so is a piece of
+at least :data:`FOLD_RING_MIN_UM2` that is neither but doubled against its ring (:func:`_doubled_ring`: on density
+alone, at least :data:`FOLD_RING_RATIO` times as dense as the tissue within :data:`FOLD_RING_UM` around it, and of its
+colour within :data:`FOLD_RING_COLOUR`): a fold cut short by the image's edge, a lumen or glass, or a flap over
+dense tissue, whose piece is too small or too ragged for the band tests; nests of nuclei and streaks of dense
+collagen are bluer or pinker than the tissue around them. Such a piece is not followed along its band (below):
+its band may be a dense tissue's edge. An air bubble (below)
 darkens the tissue along its outline, and inside it shows the section paler, fold and single layer alike: inside its
 disc less :data:`FOLD_BUBBLE_RIM_UM` all round, a pixel is a fold pixel when it is at least :data:`FOLD_DENSITY_RATIO`
 times as dense, each against its colour's reference, as the :data:`FOLD_BUBBLE_QUANTILE` quantile of the tissue inside
@@ -171,6 +177,13 @@ FOLD_BAND_FILL = 0.6  # or ragged) and this share full of it (a band's edges are
 FOLD_BAND_SPECKS = 0.1  # or so once this share of its pixels either side of its axis is set aside (nuclei specks
 FOLD_BAND_LONG_UM = 400.0  # the closing joins to a narrow fold), when this long (a streak of stroma is shorter) and
 # doubled against its flanks (see _doubled_band)
+FOLD_RING_MIN_UM2 = 8000.0  # a smaller piece that is neither is kept from this size (a fold cut short by the
+# image's edge, a lumen or glass, or a flap over dense tissue) when doubled against its ring (see _doubled_ring):
+FOLD_RING_UM = 48.0  # the tissue within this distance around the piece,
+FOLD_RING_RATIO = 2.0  # the piece's mean density at least this times the ring's (on density alone),
+FOLD_RING_TISSUE = 0.5  # the ring at least this share tissue,
+FOLD_RING_COLOUR = 0.015  # and no channel's share of the piece's density this far from the ring's (a doubled layer
+# keeps its colour; a nest of nuclei or a streak of dense collagen is bluer or pinker than the tissue around it)
 FOLD_BUBBLE_REACH_UM = 48.0  # a fold piece this near a bubble's disc (not searched, nor 3 px around it) runs on
 # under the bubble, along its band
 FOLD_BUBBLE_RIM_UM = 40.0  # folds are looked for inside a bubble's disc less this all round (its outline, 10-20 um
@@ -445,9 +458,13 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     density = np.add(od[..., 0], od[..., 1])
     density += od[..., 2]
     insides = _bubble_insides(circles, tissue, mpp)
-    fold = _folds(od, density, searched, mpp, insides) | _straight_bands(density, searched, mpp)
+    fold, cut = _folds(od, density, searched, mpp, insides)
+    fold |= _straight_bands(density, searched, mpp)
     if fold.any():
-        fold = _filled_bands(_along_bands(fold, density, searched, mpp), searched)
+        fold = _along_bands(fold, density, searched, mpp)
+    fold |= cut  # not followed along: a cut piece's band may be a dense tissue's edge
+    if fold.any():
+        fold = _filled_bands(fold, searched)
     if circles and fold.any():
         # only a piece found outside the bubbles: one found inside is all of the fold there that shows
         outside = fold.copy()
@@ -672,12 +689,12 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     fold = np.zeros((h, w), bool)
     red, _, blue = cv2.split(od)
     if tissue.sum() < 64:
-        return fold
+        return fold, fold.copy()
     # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
     slide_median = float(np.median(density[tissue]))
     dense = tissue & (density >= FOLD_PALE_SHARE * slide_median)
     if dense.sum() < 64:
-        return fold
+        return fold, fold.copy()
     n = int(math.ceil(1 / FOLD_COLOUR_STEP))
     # each channel's share of the density: the colour (in place, here and above: a thumbnail-sized temporary is
     # fresh memory, whose pages cost CPU too)
@@ -742,7 +759,39 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
         band = _doubled_band(labels[y:y + bh, x:x + bw] == i, x, y, density, tissue, mpp)
         if band is not None:
             fold[y:y + bh, x:x + bw] |= band
-    return fold
+            keep[i] = True
+    cut = np.zeros((h, w), bool)
+    ringed = ~keep & ~under & (area >= FOLD_RING_MIN_UM2)
+    ringed[0] = False
+    for i in np.nonzero(ringed)[0]:  # a piece cut short, doubled against the tissue around it
+        x, y, bw, bh = (int(v) for v in stats[i][:4])
+        if _doubled_ring(labels, i, x, y, bw, bh, od, density, tissue, mpp):
+            cut[y:y + bh, x:x + bw] |= labels[y:y + bh, x:x + bw] == i
+    return fold, cut
+
+
+def _doubled_ring(labels: np.ndarray, i: int, x: int, y: int, bw: int, bh: int, od: np.ndarray,
+                  density: np.ndarray, tissue: np.ndarray, mpp: float) -> bool:
+    """Whether piece ``i`` of ``labels`` (its box: corner column ``x``, row ``y``, ``bw`` x ``bh``) is doubled
+    tissue against its ring, the ``tissue`` within :data:`FOLD_RING_UM` around it (at least
+    :data:`FOLD_RING_TISSUE` of the ring): its mean ``density`` over its tissue at least :data:`FOLD_RING_RATIO`
+    times the ring's, and its colour (each channel's share of the summed ``od``) within :data:`FOLD_RING_COLOUR`
+    of the ring's."""
+    r = max(1, int(round(FOLD_RING_UM / mpp)))
+    h, w = labels.shape
+    y0, x0, y1, x1 = max(0, y - r), max(0, x - r), min(h, y + bh + r), min(w, x + bw + r)
+    piece = labels[y0:y1, x0:x1] == i
+    ring = cv2.dilate(piece.view(np.uint8), _disc_kernel(r)).view(bool) & ~piece
+    here = tissue[y0:y1, x0:x1]
+    seen, around = piece & here, ring & here
+    if not seen.any() or around.sum() < FOLD_RING_TISSUE * ring.sum():
+        return False
+    dens = density[y0:y1, x0:x1]
+    if dens[seen].mean() < FOLD_RING_RATIO * dens[around].mean():
+        return False
+    channels = od[y0:y1, x0:x1]
+    own, other = channels[seen].sum(axis=0), channels[around].sum(axis=0)
+    return bool(np.abs(own / max(own.sum(), 1e-6) - other / max(other.sum(), 1e-6)).max() <= FOLD_RING_COLOUR)
 
 
 def _colour_steps(channel: np.ndarray, scale: np.ndarray, n: int) -> np.ndarray:
@@ -1115,7 +1164,9 @@ def thresholds() -> dict:
             "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2,
             "fold_band_min_um2": FOLD_BAND_MIN_UM2, "fold_band_elongation": FOLD_BAND_ELONGATION,
             "fold_band_fill": FOLD_BAND_FILL, "fold_band_specks": FOLD_BAND_SPECKS,
-            "fold_band_long_um": FOLD_BAND_LONG_UM, "fold_bubble_reach_um": FOLD_BUBBLE_REACH_UM,
+            "fold_band_long_um": FOLD_BAND_LONG_UM, "fold_ring_min_um2": FOLD_RING_MIN_UM2,
+            "fold_ring_um": FOLD_RING_UM, "fold_ring_ratio": FOLD_RING_RATIO, "fold_ring_tissue": FOLD_RING_TISSUE,
+            "fold_ring_colour": FOLD_RING_COLOUR, "fold_bubble_reach_um": FOLD_BUBBLE_REACH_UM,
             "fold_bubble_rim_um": FOLD_BUBBLE_RIM_UM, "fold_bubble_quantile": FOLD_BUBBLE_QUANTILE,
             "fold_along_step_um": FOLD_ALONG_STEP_UM, "fold_along_ratio": FOLD_ALONG_RATIO,
             "fold_along_gap_um": FOLD_ALONG_GAP_UM, "fold_along_tissue": FOLD_ALONG_TISSUE,
