@@ -64,8 +64,10 @@ def run(folder: Path, repo: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(repo)}
     config = repo / "configs" / "demo.yaml"
+    # started in ``folder``: ``python -m`` puts its working folder ahead of PYTHONPATH, so from a checkout's root the
+    # Snakefile would import that checkout's wsi, not ``repo``'s
     subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(folder),
-                    "--cores", "2", "--configfile", str(config)], env=env, check=True)
+                    "--cores", "2", "--configfile", str(config)], env=env, check=True, cwd=folder)
     out = folder / "demo" / "out"
     runs = sorted(p.name for p in (out / "models").iterdir() if not p.name.startswith("."))
     slides = sorted(p.name[:-len(".zarr")] for p in (out / "stores").glob("*.zarr"))[:HIGH_RES_SLIDES]

@@ -366,16 +366,29 @@ def tier_nofocus(work: Path) -> dict:
     return {"right": right, "total": len(expected)}
 
 
-def _tile_process(slide: Path, out: Path, mode: str, pixels: bool, code: Path) -> tuple[float, float, float]:
-    """One whole ``python -m wsi.cli tile`` of ``slide`` with the ``wsi`` of checkout ``code``: wall seconds, CPU
-    seconds (user + system: what the process itself cost, whatever the load) and peak RSS in MB."""
+def _checkout_env(code: Path, cwd: Path) -> dict:
+    """The environment under which a process started in ``cwd`` imports the ``wsi`` of checkout ``code``; raises if
+    it would import another. ``python -m`` and ``-c`` put their working folder ahead of ``PYTHONPATH``: started from
+    a checkout's root they import that checkout's ``wsi``, whatever ``PYTHONPATH`` says (so until 2026-12-07 every
+    ``--against`` run from a checkout compared that checkout with itself)."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    found = subprocess.run([sys.executable, "-c", "import wsi; print(wsi.__file__)"], check=True, capture_output=True,
+                           text=True, env=env, cwd=cwd).stdout.strip()
+    if Path(found).resolve().parent.parent != Path(code).resolve():
+        raise SystemExit(f"bench/qc.py: a process meant to run {code}'s wsi imports {found}")
+    return env
+
+
+def _tile_process(slide: Path, out: Path, mode: str, pixels: bool, env: dict) -> tuple[float, float, float]:
+    """One whole ``python -m wsi.cli tile`` of ``slide`` under ``env`` (:func:`_checkout_env`), started in ``out``'s
+    parent: wall seconds, CPU seconds (user + system: what the process itself cost, whatever the load) and peak RSS
+    in MB."""
     shutil.rmtree(out, ignore_errors=True)
     timer = shutil.which("time") or "/usr/bin/time"
     start = time.perf_counter()
     command = [timer, "-f", "%M %U %S", sys.executable, "-m", "wsi.cli", "tile", str(slide), "--out", str(out),
                "--set", f"tiling.qc={mode}", "--set", f"tiling.store_pixels={str(pixels).lower()}"]
-    done = subprocess.run(command, check=True, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(code)})
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=out.parent)
     wall = time.perf_counter() - start
     kb, user, system = done.stderr.strip().splitlines()[-1].split()
     return wall, float(user) + float(system), int(kb) / 1024
@@ -397,6 +410,7 @@ def tier_cost(work: Path, repeats: int = 5, against: Path | None = None, slides=
     from wsi_synth import HardCases, write_synthetic_slide
 
     paths = {}
+    (work / "cost").mkdir(parents=True, exist_ok=True)
     for name in slides:
         width, height, um = COST_SLIDES[name]
         paths[name] = work / "cost" / ("cost.svs" if name == "small" else f"cost-{name}.svs")
@@ -413,10 +427,11 @@ def tier_cost(work: Path, repeats: int = 5, against: Path | None = None, slides=
     seconds: dict = {c: [] for c in cases}
     rss: dict = {c: [] for c in cases}
     cpu: dict = {c: [] for c in cases}
+    envs = {code: _checkout_env(code, work / "cost") for code in {c[1] for c in cases}}
     for _ in range(repeats):
         for case in cases:
             name, code, mode, pixels = case
-            wall, used, peak = _tile_process(paths[name], work / "cost" / "out", mode, pixels, code)
+            wall, used, peak = _tile_process(paths[name], work / "cost" / "out", mode, pixels, envs[code])
             seconds[case].append(wall)
             cpu[case].append(used)
             rss[case].append(peak)
