@@ -432,7 +432,8 @@ def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
     """-log10 of each channel (plus one) over the glass colour's ((3,) or (h, w, 3)), float32, 0 on glass and
     brighter; the 8-bit image through a table (OpenCV's ``LUT``: numpy's indexing would first copy the image
     as 64-bit indices, eight times its size), the rest in place."""
-    log_glass = np.log10(np.asarray(glass, np.float32) + 1)
+    log_glass = np.asarray(glass, np.float32) + 1
+    np.log10(log_glass, out=log_glass)
     od = cv2.LUT(np.ascontiguousarray(rgb, np.uint8), _LOG10)
     np.subtract(log_glass, od, out=od)
     return np.maximum(od, 0, out=od)
@@ -485,7 +486,7 @@ def _straight_bands(density: np.ndarray, searched: np.ndarray, mpp: float) -> np
     scale = max(1, int(round(FOLD_SEARCH_UM / mpp)))
     small = (max(1, w // scale), max(1, h // scale))
     weight = cv2.resize(searched.astype(np.float32), small, interpolation=cv2.INTER_AREA)
-    total = cv2.resize(np.where(searched, density, 0).astype(np.float32), small, interpolation=cv2.INTER_AREA)
+    total = cv2.resize(np.where(searched, density, 0), small, interpolation=cv2.INTER_AREA)  # float32, as density
     found = np.zeros(weight.shape, np.uint8)
     if not weight.any():
         return np.zeros((h, w), bool)
@@ -524,15 +525,21 @@ def _doubled_segments(tissue: np.ndarray, density: np.ndarray, seg: int, width: 
     denser flank, where a tumour sheet's edge is as dense as the sheet."""
     area, sums = (cv2.boxFilter(m, -1, (seg, width), normalize=False, borderType=cv2.BORDER_CONSTANT)
                   for m in (tissue, density))
-    mean = sums / np.maximum(area, 1e-6)
+    out = np.zeros(area.shape, bool)
     full = area >= FOLD_ALONG_TISSUE * seg * width
-    above, below = np.zeros_like(mean), np.zeros_like(mean)
-    above[width:], below[:-width] = mean[:-width], mean[width:]
-    judged = full.copy()
-    judged[width:] &= full[:-width]
-    judged[:-width] &= full[width:]
-    judged[:width] = judged[-width:] = False
-    return judged & _doubled(mean, above, below)
+    # measured within the box of the pixels with tissue enough (the turned canvas is mostly empty), on the rows
+    # with a flank above and below (the others are never judged), each against the rows a width away
+    x, y, bw, bh = cv2.boundingRect(full.view(np.uint8))
+    if bh <= 2 * width:
+        return out
+    mean = sums[y:y + bh, x:x + bw] / np.maximum(area[y:y + bh, x:x + bw], 1e-6)
+    full = full[y:y + bh, x:x + bw]
+    judged = full[width:-width] & full[:-2 * width]
+    judged &= full[2 * width:]
+    if judged.any():
+        out[y + width:y + bh - width, x:x + bw] = judged & _doubled(mean[width:-width], mean[:-2 * width],
+                                                                    mean[2 * width:])
+    return out
 
 
 def _doubled(band, one_flank, other_flank):
@@ -687,7 +694,6 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     single tissue beside it alike. ``density`` is the sum of ``od``'s channels; it is not modified."""
     h, w = tissue.shape
     fold = np.zeros((h, w), bool)
-    red, _, blue = cv2.split(od)
     if tissue.sum() < 64:
         return fold, fold.copy()
     # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
@@ -696,17 +702,12 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     if dense.sum() < 64:
         return fold, fold.copy()
     n = int(math.ceil(1 / FOLD_COLOUR_STEP))
-    # each channel's share of the density: the colour (in place, here and above: a thumbnail-sized temporary is
-    # fresh memory, whose pages cost CPU too)
-    scale = np.maximum(density, 1e-6)
-    scale *= FOLD_COLOUR_STEP
-    np.divide(1, scale, out=scale)
-    bins = _colour_steps(red, scale, n)
-    bins *= n
-    bins += _colour_steps(blue, scale, n)
+    # the colours of the dense pixels alone (the only ones the tests below judge; bubbles' insides take theirs
+    # there): the rest of a thumbnail, mostly glass, would be measured for nothing
+    values = density[dense]
+    where = _colour_bins(od[..., 0][dense], od[..., 2][dense], values, n)
     # the slide's reference per colour: the FOLD_REFERENCE_QUANTILE quantile of its (not pale) tissue of that
     # colour, from a histogram of density in steps of 1/_LEVELS_PER_OD per colour bin
-    where, values = bins[dense], density[dense]
     levels = np.minimum((values * _LEVELS_PER_OD).astype(np.int64), _DENSITY_LEVELS - 1)
     hist = np.bincount(where * _DENSITY_LEVELS + levels, minlength=n * n * _DENSITY_LEVELS).reshape(n * n, -1)
     counts = hist.sum(axis=1)
@@ -716,21 +717,21 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
         cum = np.cumsum(hist[have], axis=1)
         rank = (FOLD_REFERENCE_QUANTILE * counts[have])[:, None]
         reference[have] = ((cum < rank).sum(axis=1) + 0.5) / _LEVELS_PER_OD
-    slide_wide = np.zeros((h, w), bool)
-    slide_wide[dense] = values >= FOLD_DENSITY_RATIO * reference[where]
-    if slide_wide.any():  # and denser than the tissue around it: a sheet of dense tumour is its own surroundings
-        slide_wide &= density >= FOLD_LOCAL_RATIO * _local_density(density, dense, mpp)
+    passed = values >= FOLD_DENSITY_RATIO * reference[where]
+    if passed.any():  # and denser than the tissue around it: a sheet of dense tumour is its own surroundings
+        passed &= values >= FOLD_LOCAL_RATIO * _local_density(density, dense, mpp)[dense]
     # or denser than the tissue of its colour within its window (a fold over mucin, whose colour elsewhere on
     # the slide may be denser tissue): dense tumour is its own colour's surroundings too
-    local = dense & (density >= FOLD_COLOUR_LOCAL_RATIO * _colour_local_density(density, bins, dense, n, mpp))
-    candidate = slide_wide | local
+    passed |= values >= FOLD_COLOUR_LOCAL_RATIO * _colour_local_density(values, where, dense, n, mpp)
+    candidate = np.zeros((h, w), bool)
+    candidate[dense] = passed
     # inside a bubble, against the bubble's own tissue, each pixel as a share of its colour's reference (0 where
     # its colour has none): the bubble pales a fold and the single layer beside it alike. A bubble over tissue
     # that is mostly pale (fat, the tissue's frayed edge; a bubble keeps 0.6-0.85 of the contrast) is not judged
     judged = tissue.copy()
     for rows, cols, inside in insides:
         seen = density[rows, cols][inside]
-        relative = seen / reference[bins[rows, cols][inside]]
+        relative = seen / reference[_colour_bins(od[rows, cols, 0][inside], od[rows, cols, 2][inside], seen, n)]
         if (relative > 0).sum() >= FOLD_MIN_PIXELS and np.median(seen) >= FOLD_PALE_SHARE * slide_median:
             single = float(np.quantile(relative[relative > 0], FOLD_BUBBLE_QUANTILE))
             candidate[rows, cols][inside] = relative >= FOLD_DENSITY_RATIO * single
@@ -741,11 +742,14 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     majority = cv2.medianBlur(candidate.view(np.uint8) * 255, k)  # where most of the pixels around are
     closed = cv2.morphologyEx(majority, cv2.MORPH_CLOSE, _disc_kernel(16 / mpp)).view(bool)
     closed &= judged
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(closed.view(np.uint8), connectivity=8)
+    if not closed.any():
+        return fold, fold.copy()
+    (top, left), count, labels, stats = _pieces(closed)
+    box = (slice(top, top + labels.shape[0]), slice(left, left + labels.shape[1]))
     area = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
     # a piece mostly inside a bubble must be band-shaped whatever its size: the bubble shifts the colours of
     # dense tissue (a tumour nest there is measured against another colour's reference), not a band's shape
-    under = np.bincount(labels[judged & ~tissue], minlength=count) > stats[:, cv2.CC_STAT_AREA] / 2
+    under = np.bincount(labels[judged[box] & ~tissue[box]], minlength=count) > stats[:, cv2.CC_STAT_AREA] / 2
     keep = (area >= FOLD_MIN_UM2) & ~under
     keep[0] = False
     shorter = ~keep & (area >= FOLD_BAND_MIN_UM2)
@@ -753,37 +757,39 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     for i in np.nonzero(shorter)[0]:
         keep[i] = _band_shaped(labels, stats[i], i)
     if keep.any():
-        fold = keep[labels]
+        fold[box] = keep[labels]
     for i in np.nonzero(shorter & ~keep)[0]:  # a narrow fold whose piece took in specks beside it
         x, y, bw, bh = (int(v) for v in stats[i][:4])
-        band = _doubled_band(labels[y:y + bh, x:x + bw] == i, x, y, density, tissue, mpp)
+        band = _doubled_band(labels[y:y + bh, x:x + bw] == i, left + x, top + y, density, tissue, mpp)
         if band is not None:
-            fold[y:y + bh, x:x + bw] |= band
+            fold[top + y:top + y + bh, left + x:left + x + bw] |= band
             keep[i] = True
     cut = np.zeros((h, w), bool)
     ringed = ~keep & ~under & (area >= FOLD_RING_MIN_UM2)
     ringed[0] = False
     for i in np.nonzero(ringed)[0]:  # a piece cut short, doubled against the tissue around it
         x, y, bw, bh = (int(v) for v in stats[i][:4])
-        if _doubled_ring(labels, i, x, y, bw, bh, od, density, tissue, mpp):
-            cut[y:y + bh, x:x + bw] |= labels[y:y + bh, x:x + bw] == i
+        piece = labels[y:y + bh, x:x + bw] == i
+        if _doubled_ring(piece, left + x, top + y, od, density, tissue, mpp):
+            cut[top + y:top + y + bh, left + x:left + x + bw] |= piece
     return fold, cut
 
 
-def _doubled_ring(labels: np.ndarray, i: int, x: int, y: int, bw: int, bh: int, od: np.ndarray,
-                  density: np.ndarray, tissue: np.ndarray, mpp: float) -> bool:
-    """Whether piece ``i`` of ``labels`` (its box: corner column ``x``, row ``y``, ``bw`` x ``bh``) is doubled
-    tissue against its ring, the ``tissue`` within :data:`FOLD_RING_UM` around it (at least
-    :data:`FOLD_RING_TISSUE` of the ring): its mean ``density`` over its tissue at least :data:`FOLD_RING_RATIO`
-    times the ring's, and its colour (each channel's share of the summed ``od``) within :data:`FOLD_RING_COLOUR`
-    of the ring's."""
+def _doubled_ring(piece: np.ndarray, x: int, y: int, od: np.ndarray, density: np.ndarray, tissue: np.ndarray,
+                  mpp: float) -> bool:
+    """Whether a piece (``piece``: its pixels in its box, whose corner is column ``x``, row ``y``) is doubled tissue
+    against its ring, the ``tissue`` within :data:`FOLD_RING_UM` around it (at least :data:`FOLD_RING_TISSUE` of the
+    ring): its mean ``density`` over its tissue at least :data:`FOLD_RING_RATIO` times the ring's, and its colour
+    (each channel's share of the summed ``od``) within :data:`FOLD_RING_COLOUR` of the ring's."""
     r = max(1, int(round(FOLD_RING_UM / mpp)))
-    h, w = labels.shape
+    h, w = tissue.shape
+    bh, bw = piece.shape
     y0, x0, y1, x1 = max(0, y - r), max(0, x - r), min(h, y + bh + r), min(w, x + bw + r)
-    piece = labels[y0:y1, x0:x1] == i
-    ring = cv2.dilate(piece.view(np.uint8), _disc_kernel(r)).view(bool) & ~piece
+    window = np.zeros((y1 - y0, x1 - x0), bool)
+    window[y - y0:y - y0 + bh, x - x0:x - x0 + bw] = piece
+    ring = cv2.dilate(window.view(np.uint8), _disc_kernel(r)).view(bool) & ~window
     here = tissue[y0:y1, x0:x1]
-    seen, around = piece & here, ring & here
+    seen, around = window & here, ring & here
     if not seen.any() or around.sum() < FOLD_RING_TISSUE * ring.sum():
         return False
     dens = density[y0:y1, x0:x1]
@@ -794,10 +800,34 @@ def _doubled_ring(labels: np.ndarray, i: int, x: int, y: int, bw: int, bh: int, 
     return bool(np.abs(own / max(own.sum(), 1e-6) - other / max(other.sum(), 1e-6)).max() <= FOLD_RING_COLOUR)
 
 
-def _colour_steps(channel: np.ndarray, scale: np.ndarray, n: int) -> np.ndarray:
-    """A channel's share of the density in colour steps (``channel * scale``, truncated to 0..n-1), int32;
-    ``channel`` is overwritten on the way."""
-    steps = np.multiply(channel, scale, out=channel).astype(np.int32)
+def _pieces(mask: np.ndarray) -> tuple[tuple[int, int], int, np.ndarray, np.ndarray]:
+    """The 8-connected pieces of a bool ``mask`` that has pixels, labelled within the box of its pixels alone
+    (labels of the whole thumbnail are fresh memory, whose pages cost CPU too): the box's top left (row,
+    column), the count (the background included), the labels within the box and OpenCV's stats (``x``, ``y``
+    within the box)."""
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask[y:y + h, x:x + w].view(np.uint8),
+                                                               connectivity=8)
+    return (y, x), count, labels, stats
+
+
+def _colour_bins(red: np.ndarray, blue: np.ndarray, density: np.ndarray, n: int) -> np.ndarray:
+    """The colour bin of pixels (their red and blue optical densities and their ``density``, the sum of the
+    three): each channel's share of the density in :data:`FOLD_COLOUR_STEP` steps (truncated to 0..n-1), red's
+    times ``n`` plus blue's, int32."""
+    scale = np.maximum(density, 1e-6)
+    scale *= FOLD_COLOUR_STEP
+    np.divide(1, scale, out=scale)
+    bins = _colour_steps(np.multiply(red, scale), n)
+    bins *= n
+    bins += _colour_steps(np.multiply(blue, scale, out=scale), n)
+    return bins
+
+
+def _colour_steps(share: np.ndarray, n: int) -> np.ndarray:
+    """A channel's share of the density in colour steps (``share``: the channel over the density, in steps),
+    truncated to 0..n-1, int32."""
+    steps = share.astype(np.int32)
     return np.clip(steps, 0, n - 1, out=steps)
 
 
@@ -862,38 +892,42 @@ _LEVELS_PER_OD = 50  # the colour references' density histogram: steps of 0.02
 _DENSITY_LEVELS = 256  # up to a density of 5.1 (denser pixels fall in the last step)
 
 
-def _colour_local_density(density: np.ndarray, bins: np.ndarray, where: np.ndarray, n: int,
+def _colour_local_density(density: np.ndarray, colour: np.ndarray, where: np.ndarray, n: int,
                           mpp: float) -> np.ndarray:
     """The mean density, within :data:`FOLD_WINDOW_UM` of each ``where`` pixel (a square of
     :data:`FOLD_COLOUR_BLOCK_UM` blocks), of the ``where`` pixels whose colour bin is the pixel's or one next to it
-    (inf where there are fewer than :data:`FOLD_MIN_PIXELS`, and off ``where``). Per-block sums per colour bin
-    (one ``bincount``), summed over the window and the neighbouring bins."""
-    h, w = density.shape
+    (inf where there are fewer than :data:`FOLD_MIN_PIXELS`), float32, in the order of ``where``'s pixels, as are
+    their ``density`` and ``colour`` bins given (a thumbnail's pixels off ``where`` would be measured for
+    nothing). Per-block sums per colour bin (one ``bincount``), summed over the window and the neighbouring
+    bins."""
+    h, w = where.shape
     block = max(1, int(round(FOLD_COLOUR_BLOCK_UM / mpp)))
     bh, bw = -(-h // block), -(-w // block)
     side = 2 * max(1, int(round(FOLD_WINDOW_UM / FOLD_COLOUR_BLOCK_UM / 2))) + 1
     rows, cols = np.nonzero(where)
     cell = (rows // block) * bw + cols // block
-    colour = bins[rows, cols]
     size = bh * bw
     present = np.bincount(colour, minlength=n * n) > 0  # the colours used, in order (np.unique sorts)
     used = np.flatnonzero(present)
     col_index = (np.cumsum(present) - 1)[colour]
     flat = col_index * size + cell
     count = np.bincount(flat, minlength=len(used) * size).astype(np.float32).reshape(len(used), size)
-    total = np.bincount(flat, weights=density[rows, cols], minlength=len(used) * size).astype(np.float32)
+    total = np.bincount(flat, weights=density, minlength=len(used) * size).astype(np.float32)
     total = total.reshape(len(used), size)
     # each colour takes its neighbouring colours' sums too (one step in red or blue share: a 3x3 box over the
     # colour grid), then the window's (a box of blocks)
     ur, uc = np.divmod(used, n)
+    neighbours = []  # per step: the colours that have that neighbour, and its row (the same for both grids)
+    for dr, dc in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+        other = (ur + dr) * n + uc + dc
+        j = np.minimum(np.searchsorted(used, other), len(used) - 1)
+        ok = (used[j] == other) & (ur + dr >= 0) & (ur + dr < n) & (uc + dc >= 0) & (uc + dc < n)
+        neighbours.append((ok, j[ok]))
     sums = []
     for grid in (count, total):
         near = grid.copy()
-        for dr, dc in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
-            other = (ur + dr) * n + uc + dc
-            j = np.minimum(np.searchsorted(used, other), len(used) - 1)
-            ok = (used[j] == other) & (ur + dr >= 0) & (ur + dr < n) & (uc + dc >= 0) & (uc + dc < n)
-            near[ok] += grid[j[ok]]
+        for ok, source in neighbours:
+            near[ok] += grid[source]
         planes = np.ascontiguousarray(near.reshape(len(used), bh, bw).transpose(1, 2, 0))
         window = np.empty_like(planes)
         for lo in range(0, len(used), 256):  # OpenCV images have at most 512 channels
@@ -903,9 +937,7 @@ def _colour_local_density(density: np.ndarray, bins: np.ndarray, where: np.ndarr
         sums.append(window.reshape(size, len(used)))
     win_count, win_total = sums
     c_here, t_here = win_count[cell, col_index], win_total[cell, col_index]
-    out = np.full((h, w), np.inf, np.float32)
-    out[rows, cols] = np.where(c_here >= FOLD_MIN_PIXELS, t_here / np.maximum(c_here, 1), np.inf)
-    return out
+    return np.where(c_here >= FOLD_MIN_PIXELS, t_here / np.maximum(c_here, 1), np.inf)
 
 
 def _local_density(density: np.ndarray, where: np.ndarray, mpp: float) -> np.ndarray:
@@ -947,6 +979,38 @@ def _circle_through(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float
     return None if not r2 > 0 else (-a / 2, -b / 2, math.sqrt(r2))
 
 
+_RIM_STRIP_ROWS = 64  # the rim test runs in strips of rows: its temporaries stay small (fresh thumbnail-sized
+# memory costs its pages' CPU, and a strip's stay in the cache)
+
+
+def _rim_candidates(od: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rim candidates (bool) and each pixel's smallest channel excess over its neighbourhood (float32; the
+    candidates' strength): excess optical density over a median of :data:`RIM_WINDOW_UM` in every channel of
+    at least :data:`RIM_OD_MIN`, the smallest at least :data:`RIM_EVENNESS` of the largest. Strip by strip,
+    each read with the median's reach of rows around it: the same pixels as over the whole thumbnail."""
+    h, w = od.shape[:2]
+    k = min(255, max(3, int(round(RIM_WINDOW_UM / mpp)) | 1))
+    candidate, low = np.empty((h, w), bool), np.empty((h, w), np.float32)
+    rows = max(_RIM_STRIP_ROWS, 2 * k)  # a wide median's reach is not read again and again
+    for top in range(0, h, rows):
+        bottom = min(h, top + rows)
+        first, last = max(0, top - k // 2), min(h, bottom + k // 2)
+        scaled = od[first:last] * 100  # medianBlur takes 8 bits: 0.01 OD steps (truncated)
+        background = cv2.medianBlur(np.minimum(scaled, 255, out=scaled).astype(np.uint8), k)
+        excess = []  # channel by channel (reductions over an axis of 3 are slow), in place
+        for c, b in enumerate(cv2.split(background[top - first:bottom - first])):
+            e = np.multiply(b, np.float32(0.01), dtype=np.float32)
+            excess.append(np.subtract(od[top:bottom, :, c], e, out=e))
+        least = np.minimum(excess[0], excess[1], out=low[top:bottom])
+        np.minimum(least, excess[2], out=least)
+        high = np.maximum(excess[0], excess[1], out=excess[0])
+        np.maximum(high, excess[2], out=high)
+        # even (the smallest channel's excess at least RIM_EVENNESS of the largest) and at least RIM_OD_MIN
+        np.greater_equal(least, np.multiply(high, RIM_EVENNESS, out=high), out=candidate[top:bottom])
+        candidate[top:bottom] &= least >= RIM_OD_MIN
+    return candidate, low
+
+
 def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     """Bubble discs and circles: rim candidates (neutral excess density over the neighbourhood's median),
     circles proposed by OpenCV's Hough transform on them (``HOUGH_GRADIENT_ALT``; on the pieces of
@@ -955,30 +1019,18 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     two pixels)."""
     h, w = od.shape[:2]
     mask = np.zeros((h, w), bool)
-    k = min(255, max(3, int(round(RIM_WINDOW_UM / mpp)) | 1))
-    scaled = od * 100  # medianBlur takes 8 bits: 0.01 OD steps (truncated)
-    background = cv2.split(cv2.medianBlur(np.minimum(scaled, 255, out=scaled).astype(np.uint8), k))
-    excess = []  # channel by channel (reductions over an axis of 3 are slow), in place (a thumbnail-sized
-    for c, b in enumerate(background):  # temporary is fresh memory, whose pages cost CPU too)
-        e = np.multiply(b, np.float32(0.01), dtype=np.float32)
-        excess.append(np.subtract(od[..., c], e, out=e))
-    low = np.minimum(excess[0], excess[1])
-    np.minimum(low, excess[2], out=low)
-    high = np.maximum(excess[0], excess[1], out=excess[0])
-    np.maximum(high, excess[2], out=high)
-    even = low >= np.multiply(high, RIM_EVENNESS, out=high)
-    strength = np.where(even, np.maximum(low, 0, out=low), 0)
-    candidate = strength >= RIM_OD_MIN
-    if candidate.sum() < 8:
+    candidate, low = _rim_candidates(od, mpp)
+    if np.count_nonzero(candidate) < 8:
         return mask, []
     r_min, r_max = BUBBLE_RADIUS_UM[0] / mpp, BUBBLE_RADIUS_UM[1] / mpp
     # specks (JPEG, nuclei, dust) are no outline: pieces of at least RIM_MIN_PX pixels, grouped when close
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(candidate.view(np.uint8), connectivity=8)
+    (top, left), _, labels, stats = _pieces(candidate)
     big = stats[:, cv2.CC_STAT_AREA] >= RIM_MIN_PX
     big[0] = False
     if not big.any():
         return mask, []
-    rim = big[labels]
+    rim = np.zeros((h, w), bool)
+    rim[top:top + labels.shape[0], left:left + labels.shape[1]] = big[labels]
     grouped = cv2.dilate(rim.view(np.uint8), np.ones((7, 7), np.uint8))
     count, groups, boxes, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
     # groups narrower than this hold no bubble's arc
@@ -988,18 +1040,25 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     # OpenCV proposes a circle only when its edges span 35 of 64 angular bins (HoughCirclesAlt), more than
     # BUBBLE_MIN_ARC asks: an outline whose pieces of RIM_MIN_PX or more cover less is proposed from every
     # candidate (its specks close the gaps), and kept, as any circle, on those pieces alone
-    images = [cv2.GaussianBlur(np.clip(np.where(on, strength, 0) / (5 * RIM_OD_MIN) * 255, 0, 255).astype(np.uint8),
-                               (3, 3), 0.8) for on in (rim, candidate)]
     proposed = []
     # Hough on each group's box alone (its cost grows with the image), the pieces' circles first: they are kept
     # over near-copies proposed from every candidate
-    for image, i in itertools.product(images, wide):
+    for every, i in itertools.product((False, True), wide):
         x, y, bw, bh, _ = boxes[i]
         r_hi = max(3, int(math.ceil(min(r_max, max(bw, bh) / 2 + 4))))
         # the circle of an arc (an outline cut by a fold across it, or by the image's edge) reaches past the
         # arc's box: the box grows by the largest radius looked for, zeros beyond the image
         x0, y0, x1, y1 = x - r_hi, y - r_hi, x + bw + r_hi, y + bh + r_hi
-        part = image[max(0, y0):min(h, y1), max(0, x0):min(w, x1)]
+        # the image Hough sees, made in that box alone with the blur's one pixel of margin (the same pixels as
+        # made over the whole thumbnail); from every candidate only where the box holds specks (else it is the
+        # pieces' image again, and proposes their circles again)
+        rows, cols = slice(max(0, y0 - 1), min(h, y1 + 1)), slice(max(0, x0 - 1), min(w, x1 + 1))
+        on = (candidate if every else rim)[rows, cols]
+        if every and np.array_equal(on, rim[rows, cols]):
+            continue
+        image = np.clip(np.where(on, low[rows, cols], 0) / (5 * RIM_OD_MIN) * 255, 0, 255).astype(np.uint8)
+        image = cv2.GaussianBlur(image, (3, 3), 0.8)
+        part = image[max(0, y0) - rows.start:min(h, y1) - rows.start, max(0, x0) - cols.start:min(w, x1) - cols.start]
         part = cv2.copyMakeBorder(part, max(0, -y0), max(0, y1 - h), max(0, -x0), max(0, x1 - w),
                                   cv2.BORDER_CONSTANT, value=0)
         found = cv2.HoughCircles(part, cv2.HOUGH_GRADIENT_ALT, dp=1, minDist=max(2.0, r_min), param1=100,
@@ -1113,9 +1172,10 @@ def qc_overlay(rgb: np.ndarray, tiles: dict[str, np.ndarray], downsample: float,
     """The QC image with flagged regions tinted in their own colours: blurred tiles blue, fold tiles yellow,
     bubble tiles cyan (``tiles``: bool per tile, keys ``blur``, ``fold``, ``bubble``), and the fold and bubble
     masks outlined in the same colours."""
-    out = np.asarray(rgb)[..., :3].astype(np.float32, copy=True)
-    h, w = out.shape[:2]
+    rgb = np.asarray(rgb)[..., :3]
+    h, w = rgb.shape[:2]
     colours = {"blur": QC_BLUR_RGB, "fold": QC_FOLD_RGB, "bubble": QC_BUBBLE_RGB}
+    tints = []  # (pixels, colour) of each kind flagged
     for kind, colour in colours.items():
         flags = tiles.get(kind)
         if flags is None or not np.any(flags):
@@ -1125,9 +1185,14 @@ def qc_overlay(rgb: np.ndarray, tiles: dict[str, np.ndarray], downsample: float,
             x0, y0 = int(x / downsample), int(y / downsample)
             x1, y1 = int(math.ceil((x + footprint) / downsample)), int(math.ceil((y + footprint) / downsample))
             area[max(0, y0):min(h, y1), max(0, x0):min(w, x1)] = 1
-        tint = area.astype(bool)
-        out[tint] = 0.55 * out[tint] + 0.45 * np.asarray(colour, np.float32)
-    out = out.astype(np.uint8)
+        tints.append((area.astype(bool), colour))
+    if tints:  # in float, so that a tile flagged twice takes both tints before rounding down
+        out = rgb.astype(np.float32)
+        for tint, colour in tints:
+            out[tint] = 0.55 * out[tint] + 0.45 * np.asarray(colour, np.float32)
+        out = out.astype(np.uint8)
+    else:
+        out = rgb.copy()
     if defects is not None:
         for mask, colour in ((defects.fold, QC_FOLD_RGB), (defects.bubble, QC_BUBBLE_RGB)):
             if mask.any():
