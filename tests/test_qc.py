@@ -631,3 +631,37 @@ def test_a_fold_cut_short_by_the_image_edge_is_kept_as_doubled_against_its_ring(
     found = thumbnail_defects(dd.composite(rgb, [fold]), tissue, 8.0).fold
     assert (found & truth).sum() >= 0.9 * truth.sum()
     assert not (found & ~truth).any()
+
+
+def test_a_dense_tissue_edge_whose_ring_holds_glass_is_not_kept_as_a_cut_short_fold():
+    """The real cmu image with a fold, a bubble and two blurred regions composited (dev case cmu 500000 of
+    bench/qc.py's real tier, JPEG-coded as it is): a dense tongue of epidermis at the tissue's edge, some 500 um from
+    the fold, is 2.0x the mean of its ring only because the ring holds glass inside the tissue mask; against the
+    ring's single tissue it is 1.7x, and it is not a fold. The fold itself is found."""
+    import imagecodecs
+
+    from wsi.slide import open_slide
+
+    with open_slide(DATA / "cmu_small_region.svs") as s:
+        rgb = s.read_region(0, 0, 0, s.width, s.height)[..., :3]
+    defects = [
+        dd.BlurRegion(859.0, 2966.0, 481.6425980380323, 503.26370366849056, 2.593363027012284, 5.3994280573972935,
+                      kernel="gaussian", ramp=40.080160320641276, seed=1280787007),
+        dd.BlurRegion(1035.0, 689.0, 391.2701470628768, 457.6390761921092, 2.7761279810826305, 3.7451592187368656,
+                      kernel="disk", ramp=40.080160320641276, seed=612821668),
+        dd.Fold(1614.0, 2711.0, 0.7092915692398898, 686.168839251064, 235.25025021388842,
+                line_width=4.1396896944289745, line_density=1.6211554881217611),
+        dd.Bubble(939.0, 1072.0, 244.95706721504183, rim=29.877587054361868, rim_density=0.6762394991232483,
+                  magnify=1.1103401994727422, sigma=5.815537043068541, contrast=0.8105362836286488),
+    ]
+    image = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(np.ascontiguousarray(dd.composite(rgb, defects)),
+                                                              level=85, outcolorspace="YCBCR", subsampling="420"))
+    h, w = image.shape[:2]
+    thumb = cv2.resize(image, (w // 16, h // 16), interpolation=cv2.INTER_AREA)
+    tissue = tissue_masks(thumb, 8.0, TissueParams.default()).tissue
+    truth = dd.composite_truth(np.ones((h, w), bool), defects)["fold"]
+    truth = cv2.resize(truth.astype(np.float32), (w // 16, h // 16), interpolation=cv2.INTER_AREA) >= 0.5
+    found = thumbnail_defects(thumb, tissue, 8.0).fold
+    assert (found & truth).sum() >= 0.9 * (truth & tissue).sum()
+    near = cv2.dilate(truth.view(np.uint8), np.ones((25, 25), np.uint8)).view(bool)  # 96 um around the fold
+    assert not (found & ~near).any()

@@ -61,7 +61,9 @@ ragged), are the fold mask; so is the band within a smaller piece that is not ba
 closing joined to a narrow fold (:func:`_doubled_band`: with :data:`FOLD_BAND_SPECKS` of its pixels either side of its
 axis set aside, a band at least :data:`FOLD_BAND_LONG_UM` long, doubled against its flanks); and so is a piece of
 at least :data:`FOLD_RING_MIN_UM2` that is neither but doubled against its ring (:func:`_doubled_ring`: on density
-alone, at least :data:`FOLD_RING_RATIO` times as dense as the tissue within :data:`FOLD_RING_UM` around it, and of its
+alone, at least :data:`FOLD_RING_RATIO` times as dense as the tissue within :data:`FOLD_RING_UM` around it and
+:data:`FOLD_RING_SINGLE_RATIO` times its single tissue, its pale pixels left out (under :data:`FOLD_PALE_SHARE` of the
+slide's median: glass at the tissue's edge or a lumen pulls a dense tissue's ring down), and of its
 colour within :data:`FOLD_RING_COLOUR`): a fold cut short by the image's edge, a lumen or glass, or a flap over
 dense tissue, whose piece is too small or too ragged for the band tests; nests of nuclei and streaks of dense
 collagen are bluer or pinker than the tissue around them. Such a piece is not followed along its band (below):
@@ -77,7 +79,9 @@ segments of :data:`FOLD_ALONG_STEP_UM`, for as long as each segment is at least 
 as the mean of the two strips flanking it (:func:`_along_bands`): per pixel, fat's density varies 2x within 100 um, so
 doubled fat cannot be told from single fat, but a segment's mean against its flanks' can, and a flap of stroma over fat,
 as dense as the stroma beside it, is still about the sum of its two flanks; or :data:`FOLD_ALONG_LESSER` times its
-lesser flank (doubled fat beside stroma is about twice the fat, a strip of stroma beside fat many times it). A stretch
+lesser flank when under :data:`FOLD_ALONG_LESSER_DENSER` of its denser flank or under the slide's median density
+(doubled fat beside stroma is about twice the fat, a strip of stroma beside fat many times it, and single tissue along
+a lumen's edge as dense as the tissue beside it). A stretch
 of segments that are not doubled, up to :data:`FOLD_ALONG_BRIDGE_UM` long, is bridged where the band resumes doubled
 past it (two segments in a row, or one that holds another fold piece): a fold's stretch over fat under a flap of stroma
 is as dense as stroma and cannot be seen, but the band goes on past it. Each fold piece that fills at least
@@ -181,6 +185,9 @@ FOLD_RING_MIN_UM2 = 8000.0  # a smaller piece that is neither is kept from this 
 # image's edge, a lumen or glass, or a flap over dense tissue) when doubled against its ring (see _doubled_ring):
 FOLD_RING_UM = 48.0  # the tissue within this distance around the piece,
 FOLD_RING_RATIO = 2.0  # the piece's mean density at least this times the ring's (on density alone),
+FOLD_RING_SINGLE_RATIO = 1.75  # and this times the ring's single tissue (its pixels at least FOLD_PALE_SHARE of the
+# slide's median: glass at the tissue's edge or a lumen in the ring pulls its mean down, and a dense tissue's edge,
+# 1.7x the tissue beside it, passed for doubled),
 FOLD_RING_TISSUE = 0.5  # the ring at least this share tissue,
 FOLD_RING_COLOUR = 0.015  # and no channel's share of the piece's density this far from the ring's (a doubled layer
 # keeps its colour; a nest of nuclei or a streak of dense collagen is bluer or pinker than the tissue around it)
@@ -197,6 +204,9 @@ FOLD_ALONG_TISSUE = 0.5  # a segment is judged only where the band and both flan
 FOLD_ALONG_REACH_UM = 1600.0  # a piece is followed at most this far past its end (bounds the box measured)
 FOLD_ALONG_LESSER = (1.6, 2.6)  # or 1.6-2.6 times its lesser flank: doubled tissue of one flank's kind, the other
 # flank another tissue (doubled fat beside stroma; a strip of stroma beside fat is several times the fat)
+FOLD_ALONG_LESSER_DENSER = 0.9  # when under this share of its denser flank or under the slide's median tissue
+# density (doubled fat beside stroma is paler than the stroma; single tissue along a lumen's or glass's edge is as
+# dense as the tissue beside it and 1.6-2.6 times the lumen)
 FOLD_ALONG_BRIDGE_UM = 256.0  # the run goes on across at most this much of segments not doubled where a doubled one
 # follows (fat under a flap of stroma is as dense as stroma: the fold's stretch over fat cannot be seen)
 FOLD_ALONG_PIECE = 0.1  # where at least this share of the band holds another fold piece
@@ -558,9 +568,13 @@ def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mp
     ``searched`` tissue is at least :data:`FOLD_ALONG_RATIO` times the mean of its two flanks' (strips as wide as
     the band, :data:`FOLD_ALONG_GAP_UM` outside it); it stops at the first segment that is not, or that is under
     :data:`FOLD_ALONG_TISSUE` tissue, band or flanks, or :data:`FOLD_ALONG_REACH_UM` past the end. A segment is
-    doubled too at :data:`FOLD_ALONG_LESSER` times its lesser flank's mean; a stretch of segments not doubled, at
-    most :data:`FOLD_ALONG_BRIDGE_UM` long, is bridged where the band resumes doubled past it (two segments in a
-    row, or one where :data:`FOLD_ALONG_PIECE` of the band is another fold piece)."""
+    doubled too at :data:`FOLD_ALONG_LESSER` times its lesser flank's mean when under
+    :data:`FOLD_ALONG_LESSER_DENSER` of its denser flank's or under the searched tissue's median density; a stretch
+    of segments not doubled, at most :data:`FOLD_ALONG_BRIDGE_UM` long, is bridged where the band resumes doubled
+    past it (two segments in a row, or one where :data:`FOLD_ALONG_PIECE` of the band is another fold piece)."""
+    # the lesser-flank test's doubled tissue is paler than the tissue on its other side, or pale itself: a band
+    # as dense as its denser flank, a lumen or glass on its other side, is single tissue along the lumen's edge
+    median = float(np.median(density[searched])) if searched.any() else 0.0
     count, labels, stats, _ = cv2.connectedComponentsWithStats(fold.view(np.uint8), connectivity=8)
     step, gap = FOLD_ALONG_STEP_UM / mpp, FOLD_ALONG_GAP_UM / mpp
     segments = int(math.ceil(FOLD_ALONG_REACH_UM / FOLD_ALONG_STEP_UM))
@@ -598,7 +612,9 @@ def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mp
             lesser = np.minimum(mean[:, 1], mean[:, 2])
             doubled = (tissue >= FOLD_ALONG_TISSUE * np.maximum(area, 1)).all(axis=1) & (
                 (mean[:, 0] >= FOLD_ALONG_RATIO * (mean[:, 1] + mean[:, 2]) / 2)
-                | ((mean[:, 0] >= FOLD_ALONG_LESSER[0] * lesser) & (mean[:, 0] <= FOLD_ALONG_LESSER[1] * lesser)))
+                | ((mean[:, 0] >= FOLD_ALONG_LESSER[0] * lesser) & (mean[:, 0] <= FOLD_ALONG_LESSER[1] * lesser)
+                   & ((mean[:, 0] < FOLD_ALONG_LESSER_DENSER * np.maximum(mean[:, 1], mean[:, 2]))
+                      | (mean[:, 0] < median))))
             # a stretch of segments not doubled (the fold over fat, a flap of fat over stroma) is bridged when,
             # within FOLD_ALONG_BRIDGE_UM, the band resumes doubled: two segments in a row, or one that holds
             # another fold piece (a nest of dense tumour a little past a fold's end is one doubled segment)
@@ -770,17 +786,20 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
     for i in np.nonzero(ringed)[0]:  # a piece cut short, doubled against the tissue around it
         x, y, bw, bh = (int(v) for v in stats[i][:4])
         piece = labels[y:y + bh, x:x + bw] == i
-        if _doubled_ring(piece, left + x, top + y, od, density, tissue, mpp):
+        if _doubled_ring(piece, left + x, top + y, od, density, tissue, mpp, FOLD_PALE_SHARE * slide_median):
             cut[top + y:top + y + bh, left + x:left + x + bw] |= piece
     return fold, cut
 
 
 def _doubled_ring(piece: np.ndarray, x: int, y: int, od: np.ndarray, density: np.ndarray, tissue: np.ndarray,
-                  mpp: float) -> bool:
+                  mpp: float, pale: float) -> bool:
     """Whether a piece (``piece``: its pixels in its box, whose corner is column ``x``, row ``y``) is doubled tissue
     against its ring, the ``tissue`` within :data:`FOLD_RING_UM` around it (at least :data:`FOLD_RING_TISSUE` of the
-    ring): its mean ``density`` over its tissue at least :data:`FOLD_RING_RATIO` times the ring's, and its colour
-    (each channel's share of the summed ``od``) within :data:`FOLD_RING_COLOUR` of the ring's."""
+    ring): its mean ``density`` over its tissue at least :data:`FOLD_RING_RATIO` times the ring's and at least
+    :data:`FOLD_RING_SINGLE_RATIO` times the ring's single tissue's (the ring's tissue at least ``pale``:
+    :data:`FOLD_PALE_SHARE` of the slide's median density; glass at the tissue's edge and lumens say nothing of one
+    layer), and its colour (each channel's share of the summed ``od``) within :data:`FOLD_RING_COLOUR` of the
+    ring's."""
     r = max(1, int(round(FOLD_RING_UM / mpp)))
     h, w = tissue.shape
     bh, bw = piece.shape
@@ -793,7 +812,10 @@ def _doubled_ring(piece: np.ndarray, x: int, y: int, od: np.ndarray, density: np
     if not seen.any() or around.sum() < FOLD_RING_TISSUE * ring.sum():
         return False
     dens = density[y0:y1, x0:x1]
-    if dens[seen].mean() < FOLD_RING_RATIO * dens[around].mean():
+    single = around & (dens >= pale)
+    mean = dens[seen].mean()
+    if mean < FOLD_RING_RATIO * dens[around].mean() or not single.any() or (
+            mean < FOLD_RING_SINGLE_RATIO * dens[single].mean()):
         return False
     channels = od[y0:y1, x0:x1]
     own, other = channels[seen].sum(axis=0), channels[around].sum(axis=0)
