@@ -469,10 +469,12 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     density = np.add(od[..., 0], od[..., 1])
     density += od[..., 2]
     insides = _bubble_insides(circles, tissue, mpp)
-    fold, cut = _folds(od, density, searched, mpp, insides)
+    # the searched tissue's median density: the single layer the fold tests compare with
+    median = float(np.median(density[searched])) if searched.any() else 0.0
+    fold, cut = _folds(od, density, searched, median, mpp, insides)
     fold |= _straight_bands(density, searched, mpp)
     if fold.any():
-        fold = _along_bands(fold, density, searched, mpp)
+        fold = _along_bands(fold, density, searched, median, mpp)
     fold |= cut  # not followed along: a cut piece's band may be a dense tissue's edge
     if fold.any():
         fold = _filled_bands(fold, searched)
@@ -561,7 +563,8 @@ def _doubled(band, one_flank, other_flank):
         band >= FOLD_SEARCH_FLANK_RATIO * np.maximum(one_flank, other_flank))
 
 
-def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mpp: float) -> np.ndarray:
+def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, median: float,
+                 mpp: float) -> np.ndarray:
     """``fold`` with each band-shaped fold piece (its smallest enclosing rectangle at least
     :data:`FOLD_BAND_ELONGATION` times as long as wide) carried on past either end along its band, segment by
     segment (:data:`FOLD_ALONG_STEP_UM` long, the rectangle's width), while a segment's mean density over the
@@ -569,12 +572,11 @@ def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, mp
     the band, :data:`FOLD_ALONG_GAP_UM` outside it); it stops at the first segment that is not, or that is under
     :data:`FOLD_ALONG_TISSUE` tissue, band or flanks, or :data:`FOLD_ALONG_REACH_UM` past the end. A segment is
     doubled too at :data:`FOLD_ALONG_LESSER` times its lesser flank's mean when under
-    :data:`FOLD_ALONG_LESSER_DENSER` of its denser flank's or under the searched tissue's median density; a stretch
+    :data:`FOLD_ALONG_LESSER_DENSER` of its denser flank's or under the searched tissue's ``median`` density; a stretch
     of segments not doubled, at most :data:`FOLD_ALONG_BRIDGE_UM` long, is bridged where the band resumes doubled
     past it (two segments in a row, or one where :data:`FOLD_ALONG_PIECE` of the band is another fold piece)."""
     # the lesser-flank test's doubled tissue is paler than the tissue on its other side, or pale itself: a band
     # as dense as its denser flank, a lumen or glass on its other side, is single tissue along the lumen's edge
-    median = float(np.median(density[searched])) if searched.any() else 0.0
     count, labels, stats, _ = cv2.connectedComponentsWithStats(fold.view(np.uint8), connectivity=8)
     step, gap = FOLD_ALONG_STEP_UM / mpp, FOLD_ALONG_GAP_UM / mpp
     segments = int(math.ceil(FOLD_ALONG_REACH_UM / FOLD_ALONG_STEP_UM))
@@ -700,20 +702,21 @@ def _disc(cx: float, cy: float, radius: float, shape: tuple[int, int]) -> tuple[
     return slice(y0, y1), slice(x0, x1), (xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2
 
 
-def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, mpp: float,
-           insides: list[tuple[slice, slice, np.ndarray]]) -> np.ndarray:
-    """Fold pixels: tissue at least twice as dense as the slide's tissue of its colour, either the slide's as a
-    whole (and its surroundings) or that colour's within its window (see the module docstring); and inside each
-    bubble (``insides``, from :func:`_bubble_insides`; ``tissue`` leaves them out) tissue at least
-    :data:`FOLD_DENSITY_RATIO` times as dense, against its colour's slide reference, as the
+def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median: float, mpp: float,
+           insides: list[tuple[slice, slice, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Fold pixels, and apart the pieces cut short kept as doubled against their ring (:func:`_doubled_ring`: not
+    followed along their band). Fold pixels: tissue at least twice as dense as the slide's tissue of its colour,
+    either the slide's as a whole (and its surroundings) or that colour's within its window (see the module
+    docstring); and inside each bubble (``insides``, from :func:`_bubble_insides`; ``tissue`` leaves them out)
+    tissue at least :data:`FOLD_DENSITY_RATIO` times as dense, against its colour's slide reference, as the
     :data:`FOLD_BUBBLE_QUANTILE` quantile of the bubble's tissue so measured: the bubble pales a fold and the
-    single tissue beside it alike. ``density`` is the sum of ``od``'s channels; it is not modified."""
+    single tissue beside it alike. ``density`` is the sum of ``od``'s channels (``slide_median`` its median over
+    ``tissue``); it is not modified."""
     h, w = tissue.shape
     fold = np.zeros((h, w), bool)
     if tissue.sum() < 64:
         return fold, fold.copy()
     # pale tissue (fat's vacuoles, lumens, thin mucin) says nothing of how dense one layer of the section is
-    slide_median = float(np.median(density[tissue]))
     dense = tissue & (density >= FOLD_PALE_SHARE * slide_median)
     if dense.sum() < 64:
         return fold, fold.copy()
