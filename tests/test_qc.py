@@ -665,3 +665,38 @@ def test_a_dense_tissue_edge_whose_ring_holds_glass_is_not_kept_as_a_cut_short_f
     assert (found & truth).sum() >= 0.9 * (truth & tissue).sum()
     near = cv2.dilate(truth.view(np.uint8), np.ones((25, 25), np.uint8)).view(bool)  # 96 um around the fold
     assert not (found & ~near).any()
+
+
+def test_a_flap_over_epidermis_whose_candidates_are_a_part_of_it_is_grown_and_found():
+    """The real cmu image with a fold, a bubble and two blurred regions composited (dev case cmu 925000 of
+    bench/qc.py's real tier, JPEG-coded as it is): the fold lays a flap of other tissue over the epidermis, and its
+    mixed colour's reference is dense epidermis, so only part of it is a candidate, a piece 1.9x its ring (the ring
+    holds the rest of the fold). Grown over the tissue dense for its surroundings, it is doubled against its ring and
+    found; nothing farther than 96 um from the fold is flagged."""
+    import imagecodecs
+
+    from wsi.slide import open_slide
+
+    with open_slide(DATA / "cmu_small_region.svs") as s:
+        rgb = s.read_region(0, 0, 0, s.width, s.height)[..., :3]
+    defects = [
+        dd.BlurRegion(1658.0, 2584.0, 422.78356367272113, 306.6529383264978, 1.496709474747094, 5.760527788495206,
+                      kernel="gaussian", ramp=40.080160320641276, seed=1343606381),
+        dd.BlurRegion(1027.0, 1825.0, 561.6267914209517, 404.52761380995594, 1.9478431678313144, 2.3696414975509543,
+                      kernel="disk", ramp=40.080160320641276, seed=138600691),
+        dd.Fold(1226.0, 346.0, 1.209760381396613, 1477.141631587379, 201.4210630118895,
+                line_width=4.7771742444384415, line_density=1.4177483140764915),
+        dd.Bubble(1777.0, 1422.0, 309.8489202728784, rim=23.088436570429128, rim_density=0.5071217707192656,
+                  magnify=1.0544886663316728, sigma=7.249379522524677, contrast=0.6182824427618379),
+    ]
+    image = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(np.ascontiguousarray(dd.composite(rgb, defects)),
+                                                              level=85, outcolorspace="YCBCR", subsampling="420"))
+    h, w = image.shape[:2]
+    thumb = cv2.resize(image, (w // 16, h // 16), interpolation=cv2.INTER_AREA)
+    tissue = tissue_masks(thumb, 8.0, TissueParams.default()).tissue
+    truth = dd.composite_truth(np.ones((h, w), bool), defects)["fold"]
+    truth = cv2.resize(truth.astype(np.float32), (w // 16, h // 16), interpolation=cv2.INTER_AREA) >= 0.5
+    found = thumbnail_defects(thumb, tissue, 8.0).fold
+    assert (found & truth).sum() >= 150
+    near = cv2.dilate(truth.view(np.uint8), np.ones((25, 25), np.uint8)).view(bool)  # 96 um around the fold
+    assert not (found & ~near).any()

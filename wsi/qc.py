@@ -67,7 +67,11 @@ slide's median: glass at the tissue's edge or a lumen pulls a dense tissue's rin
 colour within :data:`FOLD_RING_COLOUR`): a fold cut short by the image's edge, a lumen or glass, or a flap over
 dense tissue, whose piece is too small or too ragged for the band tests; nests of nuclei and streaks of dense
 collagen are bluer or pinker than the tissue around them. Such a piece is not followed along its band (below):
-its band may be a dense tissue's edge. An air bubble (below)
+its band may be a dense tissue's edge. A piece that passes none of these is grown over the tissue around it at least
+:data:`FOLD_GROW_RATIO` times its surroundings (to at most :data:`FOLD_GROW_MAX` times its area) and kept, cut short,
+when the grown piece is at least :data:`FOLD_GROW_MEDIAN` times the slide's median density and doubled against its ring
+(:data:`FOLD_GROW_SINGLE_RATIO`, colour within :data:`FOLD_GROW_COLOUR`): a flap of one tissue over another has a mixed
+colour whose reference may be a denser tissue's, and only part of it is a candidate. An air bubble (below)
 darkens the tissue along its outline, and inside it shows the section paler, fold and single layer alike: inside its
 disc less :data:`FOLD_BUBBLE_RIM_UM` all round, a pixel is a fold pixel when it is at least :data:`FOLD_DENSITY_RATIO`
 times as dense, each against its colour's reference, as the :data:`FOLD_BUBBLE_QUANTILE` quantile of the tissue inside
@@ -189,6 +193,12 @@ FOLD_RING_SINGLE_RATIO = 1.75  # and this times the ring's single tissue (its pi
 # slide's median: glass at the tissue's edge or a lumen in the ring pulls its mean down, and a dense tissue's edge,
 # 1.7x the tissue beside it, passed for doubled),
 FOLD_RING_TISSUE = 0.5  # the ring at least this share tissue,
+FOLD_GROW_RATIO = 1.3  # a piece that fails the ring test is grown over the tissue at least this times its surroundings
+# (FOLD_LOCAL_RATIO's median), the fold's pixels whose mixed colour its colour's reference misjudged, and tested again:
+FOLD_GROW_MAX = 2.0  # grown to at most this times its area (more is a dense tissue, not a fold cut short),
+FOLD_GROW_SINGLE_RATIO = 1.85  # at least this times the ring's single tissue (and FOLD_RING_RATIO times the ring),
+FOLD_GROW_COLOUR = 0.03  # its colour within this of the ring's (a flap of one tissue over another mixes their colours)
+FOLD_GROW_MEDIAN = 1.9  # and at least this times the slide's median density (doubled pale tissue beside paler)
 FOLD_RING_COLOUR = 0.015  # and no channel's share of the piece's density this far from the ring's (a doubled layer
 # keeps its colour; a nest of nuclei or a streak of dense collagen is bluer or pinker than the tissue around it)
 FOLD_BUBBLE_REACH_UM = 48.0  # a fold piece this near a bubble's disc (not searched, nor 3 px around it) runs on
@@ -737,8 +747,10 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median
         rank = (FOLD_REFERENCE_QUANTILE * counts[have])[:, None]
         reference[have] = ((cum < rank).sum(axis=1) + 0.5) / _LEVELS_PER_OD
     passed = values >= FOLD_DENSITY_RATIO * reference[where]
+    local = None
     if passed.any():  # and denser than the tissue around it: a sheet of dense tumour is its own surroundings
-        passed &= values >= FOLD_LOCAL_RATIO * _local_density(density, dense, mpp)[dense]
+        local = _local_density(density, dense, mpp)[dense]
+        passed &= values >= FOLD_LOCAL_RATIO * local
     # or denser than the tissue of its colour within its window (a fold over mucin, whose colour elsewhere on
     # the slide may be denser tissue): dense tumour is its own colour's surroundings too
     passed |= values >= FOLD_COLOUR_LOCAL_RATIO * _colour_local_density(values, where, dense, n, mpp)
@@ -791,11 +803,41 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median
         piece = labels[y:y + bh, x:x + bw] == i
         if _doubled_ring(piece, left + x, top + y, od, density, tissue, mpp, FOLD_PALE_SHARE * slide_median):
             cut[top + y:top + y + bh, left + x:left + x + bw] |= piece
+    # a piece that failed them all, grown over the tissue around it that is dense for its surroundings (a fold's
+    # mixed colour may be a denser tissue's, whose reference leaves most of its pixels out): doubled against its ring
+    seeds = np.zeros((h, w), bool)
+    seeds[box] = (~keep)[labels] & (labels > 0)
+    seeds &= ~cut
+    if seeds.any():
+        if local is None:
+            local = _local_density(density, dense, mpp)[dense]
+        weak = np.zeros((h, w), bool)
+        weak[dense] = values >= FOLD_GROW_RATIO * local
+        weak = cv2.medianBlur(weak.view(np.uint8) * 255, k)
+        weak = cv2.morphologyEx(weak, cv2.MORPH_CLOSE, _disc_kernel(16 / mpp)).view(bool) & tissue
+        weak |= closed
+        (wt, wl), wc, wlab, wst = _pieces(weak)
+        wbox = (slice(wt, wt + wlab.shape[0]), slice(wl, wl + wlab.shape[1]))
+        sarea = np.bincount(wlab[seeds[wbox]], minlength=wc)
+        seeded = (sarea > 0) & (wst[:, cv2.CC_STAT_AREA] <= FOLD_GROW_MAX * sarea)
+        held = np.bincount(wlab[(fold | cut)[wbox]], minlength=wc) > 0
+        wa = wst[:, cv2.CC_STAT_AREA] * mpp * mpp
+        for i in np.nonzero((wa >= FOLD_RING_MIN_UM2) & seeded & ~held)[0]:
+            if i == 0:
+                continue
+            x, y, bw, bh = (int(v) for v in wst[i][:4])
+            piece = wlab[y:y + bh, x:x + bw] == i
+            if density[wt + y:wt + y + bh, wl + x:wl + x + bw][piece].mean() < FOLD_GROW_MEDIAN * slide_median:
+                continue
+            if _doubled_ring(piece, wl + x, wt + y, od, density, tissue, mpp, FOLD_PALE_SHARE * slide_median,
+                             FOLD_RING_RATIO, FOLD_GROW_SINGLE_RATIO, FOLD_GROW_COLOUR):
+                cut[wt + y:wt + y + bh, wl + x:wl + x + bw] |= piece
     return fold, cut
 
 
 def _doubled_ring(piece: np.ndarray, x: int, y: int, od: np.ndarray, density: np.ndarray, tissue: np.ndarray,
-                  mpp: float, pale: float) -> bool:
+                  mpp: float, pale: float, ratio: float | None = None, single_ratio: float | None = None,
+                  colour: float | None = None) -> bool:
     """Whether a piece (``piece``: its pixels in its box, whose corner is column ``x``, row ``y``) is doubled tissue
     against its ring, the ``tissue`` within :data:`FOLD_RING_UM` around it (at least :data:`FOLD_RING_TISSUE` of the
     ring): its mean ``density`` over its tissue at least :data:`FOLD_RING_RATIO` times the ring's and at least
@@ -817,12 +859,15 @@ def _doubled_ring(piece: np.ndarray, x: int, y: int, od: np.ndarray, density: np
     dens = density[y0:y1, x0:x1]
     single = around & (dens >= pale)
     mean = dens[seen].mean()
-    if mean < FOLD_RING_RATIO * dens[around].mean() or not single.any() or (
-            mean < FOLD_RING_SINGLE_RATIO * dens[single].mean()):
+    ratio = FOLD_RING_RATIO if ratio is None else ratio
+    single_ratio = FOLD_RING_SINGLE_RATIO if single_ratio is None else single_ratio
+    colour = FOLD_RING_COLOUR if colour is None else colour
+    if mean < ratio * dens[around].mean() or not single.any() or (
+            mean < single_ratio * dens[single].mean()):
         return False
     channels = od[y0:y1, x0:x1]
     own, other = channels[seen].sum(axis=0), channels[around].sum(axis=0)
-    return bool(np.abs(own / max(own.sum(), 1e-6) - other / max(other.sum(), 1e-6)).max() <= FOLD_RING_COLOUR)
+    return bool(np.abs(own / max(own.sum(), 1e-6) - other / max(other.sum(), 1e-6)).max() <= colour)
 
 
 def _pieces(mask: np.ndarray) -> tuple[tuple[int, int], int, np.ndarray, np.ndarray]:
@@ -1267,7 +1312,9 @@ def thresholds() -> dict:
             "fold_search_angles": FOLD_SEARCH_ANGLES, "fold_search_widths_um": list(FOLD_SEARCH_WIDTHS_UM),
             "fold_search_length_um": FOLD_SEARCH_LENGTH_UM, "fold_search_segment_um": FOLD_SEARCH_SEGMENT_UM,
             "fold_search_sum_ratio": FOLD_SEARCH_SUM_RATIO, "fold_search_sum_max": FOLD_SEARCH_SUM_MAX,
-            "fold_search_flank_ratio": FOLD_SEARCH_FLANK_RATIO,
+            "fold_search_flank_ratio": FOLD_SEARCH_FLANK_RATIO, "fold_grow_ratio": FOLD_GROW_RATIO,
+            "fold_grow_max": FOLD_GROW_MAX, "fold_grow_single_ratio": FOLD_GROW_SINGLE_RATIO,
+            "fold_grow_colour": FOLD_GROW_COLOUR, "fold_grow_median": FOLD_GROW_MEDIAN,
             "rim_od_min": RIM_OD_MIN,
             "bubble_radius_um": list(BUBBLE_RADIUS_UM),
             "hough_perfectness": HOUGH_PERFECTNESS, "bubble_min_arc": BUBBLE_MIN_ARC,
