@@ -633,17 +633,31 @@ def test_a_fold_cut_short_by_the_image_edge_is_kept_as_doubled_against_its_ring(
     assert not (found & ~truth).any()
 
 
-def test_a_dense_tissue_edge_whose_ring_holds_glass_is_not_kept_as_a_cut_short_fold():
-    """The real cmu image with a fold, a bubble and two blurred regions composited (dev case cmu 500000 of
-    bench/qc.py's real tier, JPEG-coded as it is): a dense tongue of epidermis at the tissue's edge, some 500 um from
-    the fold, is 2.0x the mean of its ring only because the ring holds glass inside the tissue mask; against the
-    ring's single tissue it is 1.7x, and it is not a fold. The fold itself is found."""
+def _cmu_case_folds(defects: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A dev case of bench/qc.py's real tier rebuilt: the real cmu image with ``defects`` composited, JPEG-coded as
+    the tier codes it, its 8 um/px thumbnail's tissue mask, the fold truth on that grid (half a pixel or more) and
+    the fold mask found there."""
     import imagecodecs
 
     from wsi.slide import open_slide
 
     with open_slide(DATA / "cmu_small_region.svs") as s:
         rgb = s.read_region(0, 0, 0, s.width, s.height)[..., :3]
+    image = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(np.ascontiguousarray(dd.composite(rgb, defects)),
+                                                              level=85, outcolorspace="YCBCR", subsampling="420"))
+    h, w = image.shape[:2]
+    thumb = cv2.resize(image, (w // 16, h // 16), interpolation=cv2.INTER_AREA)
+    tissue = tissue_masks(thumb, 8.0, TissueParams.default()).tissue
+    truth = dd.composite_truth(np.ones((h, w), bool), defects)["fold"]
+    truth = cv2.resize(truth.astype(np.float32), (w // 16, h // 16), interpolation=cv2.INTER_AREA) >= 0.5
+    return tissue, truth, thumbnail_defects(thumb, tissue, 8.0).fold
+
+
+def test_a_dense_tissue_edge_whose_ring_holds_glass_is_not_kept_as_a_cut_short_fold():
+    """The real cmu image with a fold, a bubble and two blurred regions composited (dev case cmu 500000 of
+    bench/qc.py's real tier, JPEG-coded as it is): a dense tongue of epidermis at the tissue's edge, some 500 um from
+    the fold, is 2.0x the mean of its ring only because the ring holds glass inside the tissue mask; against the
+    ring's single tissue it is 1.7x, and it is not a fold. The fold itself is found."""
     defects = [
         dd.BlurRegion(859.0, 2966.0, 481.6425980380323, 503.26370366849056, 2.593363027012284, 5.3994280573972935,
                       kernel="gaussian", ramp=40.080160320641276, seed=1280787007),
@@ -654,14 +668,7 @@ def test_a_dense_tissue_edge_whose_ring_holds_glass_is_not_kept_as_a_cut_short_f
         dd.Bubble(939.0, 1072.0, 244.95706721504183, rim=29.877587054361868, rim_density=0.6762394991232483,
                   magnify=1.1103401994727422, sigma=5.815537043068541, contrast=0.8105362836286488),
     ]
-    image = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(np.ascontiguousarray(dd.composite(rgb, defects)),
-                                                              level=85, outcolorspace="YCBCR", subsampling="420"))
-    h, w = image.shape[:2]
-    thumb = cv2.resize(image, (w // 16, h // 16), interpolation=cv2.INTER_AREA)
-    tissue = tissue_masks(thumb, 8.0, TissueParams.default()).tissue
-    truth = dd.composite_truth(np.ones((h, w), bool), defects)["fold"]
-    truth = cv2.resize(truth.astype(np.float32), (w // 16, h // 16), interpolation=cv2.INTER_AREA) >= 0.5
-    found = thumbnail_defects(thumb, tissue, 8.0).fold
+    tissue, truth, found = _cmu_case_folds(defects)
     assert (found & truth).sum() >= 0.9 * (truth & tissue).sum()
     near = cv2.dilate(truth.view(np.uint8), np.ones((25, 25), np.uint8)).view(bool)  # 96 um around the fold
     assert not (found & ~near).any()
@@ -673,12 +680,6 @@ def test_a_flap_over_epidermis_whose_candidates_are_a_part_of_it_is_grown_and_fo
     mixed colour's reference is dense epidermis, so only part of it is a candidate, a piece 1.9x its ring (the ring
     holds the rest of the fold). Grown over the tissue dense for its surroundings, it is doubled against its ring and
     found; nothing farther than 96 um from the fold is flagged."""
-    import imagecodecs
-
-    from wsi.slide import open_slide
-
-    with open_slide(DATA / "cmu_small_region.svs") as s:
-        rgb = s.read_region(0, 0, 0, s.width, s.height)[..., :3]
     defects = [
         dd.BlurRegion(1658.0, 2584.0, 422.78356367272113, 306.6529383264978, 1.496709474747094, 5.760527788495206,
                       kernel="gaussian", ramp=40.080160320641276, seed=1343606381),
@@ -689,14 +690,7 @@ def test_a_flap_over_epidermis_whose_candidates_are_a_part_of_it_is_grown_and_fo
         dd.Bubble(1777.0, 1422.0, 309.8489202728784, rim=23.088436570429128, rim_density=0.5071217707192656,
                   magnify=1.0544886663316728, sigma=7.249379522524677, contrast=0.6182824427618379),
     ]
-    image = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(np.ascontiguousarray(dd.composite(rgb, defects)),
-                                                              level=85, outcolorspace="YCBCR", subsampling="420"))
-    h, w = image.shape[:2]
-    thumb = cv2.resize(image, (w // 16, h // 16), interpolation=cv2.INTER_AREA)
-    tissue = tissue_masks(thumb, 8.0, TissueParams.default()).tissue
-    truth = dd.composite_truth(np.ones((h, w), bool), defects)["fold"]
-    truth = cv2.resize(truth.astype(np.float32), (w // 16, h // 16), interpolation=cv2.INTER_AREA) >= 0.5
-    found = thumbnail_defects(thumb, tissue, 8.0).fold
+    _, truth, found = _cmu_case_folds(defects)
     assert (found & truth).sum() >= 150
     near = cv2.dilate(truth.view(np.uint8), np.ones((25, 25), np.uint8)).view(bool)  # 96 um around the fold
     assert not (found & ~near).any()
