@@ -769,9 +769,7 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median
             judged[rows, cols] |= inside
     # a fold is a band tens of microns wide: specks (clusters of nuclei a thumbnail pixel wide) go first, then
     # gaps of a couple of pixels close
-    k = max(1, int(round(FOLD_SPECK_UM / mpp))) * 2 + 1
-    majority = cv2.medianBlur(candidate.view(np.uint8) * 255, k)  # where most of the pixels around are
-    closed = cv2.morphologyEx(majority, cv2.MORPH_CLOSE, _disc_kernel(16 / mpp)).view(bool)
+    closed = _closed(candidate, mpp)
     closed &= judged
     if not closed.any():
         return fold, fold.copy()
@@ -798,10 +796,11 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median
     cut = np.zeros((h, w), bool)
     ringed = ~keep & ~under & (area >= FOLD_RING_MIN_UM2)
     ringed[0] = False
+    pale = FOLD_PALE_SHARE * slide_median
     for i in np.nonzero(ringed)[0]:  # a piece cut short, doubled against the tissue around it
         x, y, bw, bh = (int(v) for v in stats[i][:4])
         piece = labels[y:y + bh, x:x + bw] == i
-        if _doubled_ring(piece, left + x, top + y, od, density, tissue, mpp, FOLD_PALE_SHARE * slide_median):
+        if _doubled_ring(piece, left + x, top + y, od, density, tissue, mpp, pale):
             cut[top + y:top + y + bh, left + x:left + x + bw] |= piece
     # a piece that failed them all, grown over the tissue around it that is dense for its surroundings (a fold's
     # mixed colour may be a denser tissue's, whose reference leaves most of its pixels out): doubled against its ring
@@ -813,38 +812,36 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median
             local = _local_density(density, dense, mpp)[dense]
         weak = np.zeros((h, w), bool)
         weak[dense] = values >= FOLD_GROW_RATIO * local
-        weak = cv2.medianBlur(weak.view(np.uint8) * 255, k)
-        weak = cv2.morphologyEx(weak, cv2.MORPH_CLOSE, _disc_kernel(16 / mpp)).view(bool) & tissue
+        weak = _closed(weak, mpp) & tissue
         weak |= closed
         (wt, wl), wc, wlab, wst = _pieces(weak)
         wbox = (slice(wt, wt + wlab.shape[0]), slice(wl, wl + wlab.shape[1]))
         sarea = np.bincount(wlab[seeds[wbox]], minlength=wc)
         seeded = (sarea > 0) & (wst[:, cv2.CC_STAT_AREA] <= FOLD_GROW_MAX * sarea)
         held = np.bincount(wlab[(fold | cut)[wbox]], minlength=wc) > 0
-        wa = wst[:, cv2.CC_STAT_AREA] * mpp * mpp
-        for i in np.nonzero((wa >= FOLD_RING_MIN_UM2) & seeded & ~held)[0]:
-            if i == 0:
-                continue
+        grown = (wst[:, cv2.CC_STAT_AREA] * mpp * mpp >= FOLD_RING_MIN_UM2) & seeded & ~held
+        grown[0] = False
+        for i in np.nonzero(grown)[0]:
             x, y, bw, bh = (int(v) for v in wst[i][:4])
             piece = wlab[y:y + bh, x:x + bw] == i
             if density[wt + y:wt + y + bh, wl + x:wl + x + bw][piece].mean() < FOLD_GROW_MEDIAN * slide_median:
                 continue
-            if _doubled_ring(piece, wl + x, wt + y, od, density, tissue, mpp, FOLD_PALE_SHARE * slide_median,
-                             FOLD_RING_RATIO, FOLD_GROW_SINGLE_RATIO, FOLD_GROW_COLOUR):
+            if _doubled_ring(piece, wl + x, wt + y, od, density, tissue, mpp, pale,
+                             single_ratio=FOLD_GROW_SINGLE_RATIO, colour=FOLD_GROW_COLOUR):
                 cut[wt + y:wt + y + bh, wl + x:wl + x + bw] |= piece
     return fold, cut
 
 
 def _doubled_ring(piece: np.ndarray, x: int, y: int, od: np.ndarray, density: np.ndarray, tissue: np.ndarray,
-                  mpp: float, pale: float, ratio: float | None = None, single_ratio: float | None = None,
-                  colour: float | None = None) -> bool:
+                  mpp: float, pale: float, single_ratio: float = FOLD_RING_SINGLE_RATIO,
+                  colour: float = FOLD_RING_COLOUR) -> bool:
     """Whether a piece (``piece``: its pixels in its box, whose corner is column ``x``, row ``y``) is doubled tissue
     against its ring, the ``tissue`` within :data:`FOLD_RING_UM` around it (at least :data:`FOLD_RING_TISSUE` of the
     ring): its mean ``density`` over its tissue at least :data:`FOLD_RING_RATIO` times the ring's and at least
-    :data:`FOLD_RING_SINGLE_RATIO` times the ring's single tissue's (the ring's tissue at least ``pale``:
-    :data:`FOLD_PALE_SHARE` of the slide's median density; glass at the tissue's edge and lumens say nothing of one
-    layer), and its colour (each channel's share of the summed ``od``) within :data:`FOLD_RING_COLOUR` of the
-    ring's."""
+    ``single_ratio`` times the ring's single tissue's (the ring's tissue at least ``pale``: :data:`FOLD_PALE_SHARE`
+    of the slide's median density; glass at the tissue's edge and lumens say nothing of one layer), and its colour
+    (each channel's share of the summed ``od``) within ``colour`` of the ring's (a grown piece is judged with
+    :data:`FOLD_GROW_SINGLE_RATIO` and :data:`FOLD_GROW_COLOUR`)."""
     r = max(1, int(round(FOLD_RING_UM / mpp)))
     h, w = tissue.shape
     bh, bw = piece.shape
@@ -859,15 +856,20 @@ def _doubled_ring(piece: np.ndarray, x: int, y: int, od: np.ndarray, density: np
     dens = density[y0:y1, x0:x1]
     single = around & (dens >= pale)
     mean = dens[seen].mean()
-    ratio = FOLD_RING_RATIO if ratio is None else ratio
-    single_ratio = FOLD_RING_SINGLE_RATIO if single_ratio is None else single_ratio
-    colour = FOLD_RING_COLOUR if colour is None else colour
-    if mean < ratio * dens[around].mean() or not single.any() or (
+    if mean < FOLD_RING_RATIO * dens[around].mean() or not single.any() or (
             mean < single_ratio * dens[single].mean()):
         return False
     channels = od[y0:y1, x0:x1]
     own, other = channels[seen].sum(axis=0), channels[around].sum(axis=0)
     return bool(np.abs(own / max(own.sum(), 1e-6) - other / max(other.sum(), 1e-6)).max() <= colour)
+
+
+def _closed(mask: np.ndarray, mpp: float) -> np.ndarray:
+    """Fold candidates as bands: where most pixels within :data:`FOLD_SPECK_UM` are candidates (specks, clusters of
+    nuclei a thumbnail pixel wide, go), then closed over gaps of a couple of pixels (16 um)."""
+    k = max(1, int(round(FOLD_SPECK_UM / mpp))) * 2 + 1
+    majority = cv2.medianBlur(mask.view(np.uint8) * 255, k)  # where most of the pixels around are
+    return cv2.morphologyEx(majority, cv2.MORPH_CLOSE, _disc_kernel(16 / mpp)).view(bool)
 
 
 def _pieces(mask: np.ndarray) -> tuple[tuple[int, int], int, np.ndarray, np.ndarray]:
