@@ -3,6 +3,7 @@ construction, on the generator's slides and on real images; the cost of QC again
 
     python bench/qc.py [--tier generator real nofocus cost] [--families 5] [--slides 4] [--fresh]
                        [--seed-base N] [--dev] [--repeats 5] [--against CHECKOUT]
+                       [--solid-mucin] [--thumbnail-only]
 
 The design below was written into bench/RESULTS.md ("Slide quality control") before the first run; nothing in
 ``wsi/qc.py`` was tuned on these seeds (development used ``--dev``: seeds 9400+ of the same designs).
@@ -49,7 +50,9 @@ Added beside them (second run, qc2; the first definitions are kept and still the
 the tiles the detector scored (a tile it leaves unscored, NaN, neither positive nor negative) with the share of
 positives left unscored, and the fold recall over fold tiles under 10% fat. Added (third, sharpff, 2026-12-07): every
 rate pooled over the families or seeds (numerators and denominators summed) with its Wilson 95% interval: a family's
-few tiles of a class (10-75) cannot tell 1% from 3%, a pool of families can.
+few tiles of a class (10-75) cannot tell 1% from 3%, a pool of families can. ``--solid-mucin`` (added 2026-12-07)
+draws solid tumour and mucin on every generator slide, where a tumour sheet may lie beside mucin of its hue;
+``--thumbnail-only`` renders no tiles (folds and bubbles alone, ten times faster; no blur or any-flag figures).
 """
 
 from __future__ import annotations
@@ -78,14 +81,16 @@ SITES = ("A", "B", "C", "D")
 
 
 # ---------------------------------------------------------------------------------------------- generator
-def cohort(seed_base: int, n: int) -> list[tuple[str, dict, dict]]:
-    """(name, write_synthetic_slide kwargs, draw_defects kwargs) for ``n`` slides from ``seed_base``."""
+def cohort(seed_base: int, n: int, solid_mucin: bool = False) -> list[tuple[str, dict, dict]]:
+    """(name, write_synthetic_slide kwargs, draw_defects kwargs) for ``n`` slides from ``seed_base``; with
+    ``solid_mucin`` every slide holds solid tumour and mucin (otherwise one slide in six holds both)."""
     from wsi_synth import SITE_PROFILES, HardCases
 
     rng = np.random.default_rng(seed_base)
     out = []
     for i in range(n):
-        hard = HardCases(solid_tumours=int(i % 2 == 0), mucin=int(i % 3 == 0), haemorrhage=int(i % 2 == 1))
+        hard = HardCases(solid_tumours=int(solid_mucin or i % 2 == 0), mucin=int(solid_mucin or i % 3 == 0),
+                         haemorrhage=int(i % 2 == 1))
         kwargs = dict(width=8000, height=6000, mpp=MPP, seed=seed_base + i, tumour_tiles=int(rng.integers(1, 4)),
                       lymphoid_aggregates=int(rng.integers(0, 3)), hard=hard, site=SITE_PROFILES[SITES[i % 4]])
         defects = dict(blur=1, stripes=int(i % 2 == 0), folds=1, bubbles=1, sigma_um=(0.5, 3.0),
@@ -101,8 +106,9 @@ def jpeg(rgb: np.ndarray, quality: int = 85) -> np.ndarray:
                                                              outcolorspace="YCBCR", subsampling="420"))
 
 
-def generated(name: str, kwargs: dict, defect_kwargs: dict) -> dict:
-    """Render one slide's thumbnail and kept tiles, run QC as ``wsi tile`` does, and gather per-tile truth."""
+def generated(name: str, kwargs: dict, defect_kwargs: dict, tiles: bool = True) -> dict:
+    """Render one slide's thumbnail and kept tiles (``tiles``; else the thumbnail alone: folds and bubbles, no
+    focus), run QC as ``wsi tile`` does, and gather per-tile truth."""
     from wsi_synth import defects as demo_defects
     from wsi_synth import write_synthetic_slide
 
@@ -119,7 +125,7 @@ def generated(name: str, kwargs: dict, defect_kwargs: dict) -> dict:
     def render(x: int, y: int) -> np.ndarray:
         return jpeg(slide.render_level(1, x, y, TILE, TILE), quality)
 
-    return run_qc(name, thumb, THUMB_DS, cols, rows, render, truth, TRUTH_DS)
+    return run_qc(name, thumb, THUMB_DS, cols, rows, render if tiles else None, truth, TRUTH_DS)
 
 
 def run_qc(name: str, thumb: np.ndarray, thumb_ds: float, cols: int, rows: int, render, truth: dict,
@@ -348,10 +354,10 @@ def summarise(per_family: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- tiers
-def tier_generator(families: list[int], n: int) -> dict:
+def tier_generator(families: list[int], n: int, solid_mucin: bool = False, tiles: bool = True) -> dict:
     results = {}
     for base in families:
-        cases = [generated(*c) for c in cohort(base, n)]
+        cases = [generated(*c, tiles=tiles) for c in cohort(base, n, solid_mucin)]
         results[base] = score(cases)
         show(f"generator family {base} ({n} slides)", results[base])
     return results
@@ -514,6 +520,11 @@ def main() -> None:
     parser.add_argument("--families", type=int, default=5)
     parser.add_argument("--slides", type=int, default=4, help="slides per generator family")
     parser.add_argument("--fresh", action="store_true", help="add a family drawn at run time")
+    parser.add_argument("--solid-mucin", action="store_true",
+                        help="generator: every slide holds solid tumour and mucin (one in six otherwise)")
+    parser.add_argument("--thumbnail-only", action="store_true",
+                        help="generator: no tiles rendered: folds and bubbles alone (no focus, so no blur and no "
+                             "any-flag figures), some ten times faster")
     parser.add_argument("--seed-base", type=int, help="first family's seed (default 8600)")
     parser.add_argument("--dev", action="store_true", help="development seeds (9400+), never the reported ones")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "qc")
@@ -530,7 +541,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     report = {}
     if "generator" in args.tier:
-        report["generator"] = {str(k): v for k, v in tier_generator(families, args.slides).items()}
+        report["generator"] = {str(k): v for k, v in tier_generator(families, args.slides, args.solid_mucin,
+                                                                          not args.thumbnail_only).items()}
         show("generator: min / mean / max over families", summarise(list(report["generator"].values())))
         show_pooled("generator: pooled over families", list(report["generator"].values()))
     if "real" in args.tier:

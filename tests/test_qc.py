@@ -694,3 +694,35 @@ def test_a_flap_over_epidermis_whose_candidates_are_a_part_of_it_is_grown_and_fo
     assert (found & truth).sum() >= 150
     near = cv2.dilate(truth.view(np.uint8), np.ones((25, 25), np.uint8)).view(bool)  # 96 um around the fold
     assert not (found & ~near).any()
+
+
+def test_a_tumour_sheet_beside_mucin_of_its_hue_is_not_a_fold():
+    """Dev case s91100 of bench/qc.py's generator tier rebuilt (the first slide of family 91100: solid tumour and a
+    mucin pool, site A, one fold; its 8 um/px thumbnail JPEG-coded as the tier codes it): the tumour sheet (density
+    about 1.3, the slide's median 0.27) lies beside mucin of its hue at a seventh of its density, one colour step
+    away. Counted in the mean of the sheet's colour and the next colours within the window, the mucin made the
+    sheet 1.4x "its colour": main's code (553084d) flags 1,547 of its 4,718 tumour pixels, six tiles, as fold. With
+    the pale tissue of a denser hue left out of the fold tests, nothing farther than 96 um from the fold is flagged,
+    and the fold is found."""
+    import imagecodecs
+
+    from wsi_synth import SITE_PROFILES
+
+    seed = 91100
+    rng = np.random.default_rng(seed)  # the cohort's draws for this slide, in bench/qc.py's order
+    kwargs = dict(width=8000, height=6000, mpp=MPP, seed=seed, tumour_tiles=int(rng.integers(1, 4)),
+                  lymphoid_aggregates=int(rng.integers(0, 3)), hard=HardCases(solid_tumours=1, mucin=1),
+                  site=SITE_PROFILES["A"])
+    plain = write_synthetic_slide(Path("s91100.svs"), write=False, **kwargs)
+    defects = dd.draw_defects(plain.tissue_boxes, plain.width, plain.height, MPP, np.random.default_rng([seed, 0xDEF]),
+                              blur=1, stripes=1, folds=1, bubbles=1, sigma_um=(0.5, 3.0), kernels=("gaussian",))
+    slide = write_synthetic_slide(Path("s91100.svs"), write=False, defects=defects, **kwargs)
+    thumb = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(
+        np.ascontiguousarray(slide.render_level(16, 0, 0, 500, 375)), level=kwargs["site"].jpeg_quality,
+        outcolorspace="YCBCR", subsampling="420"))
+    truth = slide.truth_masks(16)
+    found = thumbnail_defects(thumb, tissue_masks(thumb, 8.0, TissueParams.default()).tissue, 8.0).fold
+    near = cv2.dilate(truth["fold"].view(np.uint8), np.ones((25, 25), np.uint8)).view(bool)  # 96 um around the fold
+    assert (truth["tumour"] & ~near).sum() > 3000
+    assert not (found & ~near).any()
+    assert (found & truth["fold"]).sum() >= 0.7 * truth["fold"].sum()

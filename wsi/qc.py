@@ -44,7 +44,12 @@ its neighbours: the tissue pixels (leaving out those under :data:`FOLD_PALE_SHAR
 vacuoles, lumens) are binned by colour (:data:`FOLD_COLOUR_STEP`), and a pixel is a fold pixel when it is at least
 :data:`FOLD_DENSITY_RATIO` times as dense as the :data:`FOLD_REFERENCE_QUANTILE` quantile of the tissue of its
 colour (its bin). A fold is a small part of a slide, so that quantile (the median) is single-layer tissue; dense
-tumour is bluer than stroma (its haematoxylin) and has its own reference. A fold pixel must also be at least
+tumour is bluer than stroma (its haematoxylin) and has its own reference. Mucin has that hue too, at a sixth to a
+tenth of dense tumour's density: counted in one reference (or one window's mean, below), it makes a tumour sheet or
+nest beside it read as doubled mucin. So the pixels under :data:`FOLD_HUE_PALE_SHARE` of the
+:data:`FOLD_HUE_QUANTILE` quantile of the slide's tissue of their colour and the next colours are left out of the
+fold tests as pale tissue is (:func:`_hue_dense`); a fold, twice its single layer, leaves that layer in. A fold
+pixel must also be at least
 :data:`FOLD_LOCAL_RATIO` times as dense as its surroundings: the median over the :data:`FOLD_BLOCK_UM` blocks
 within :data:`FOLD_WINDOW_UM` of the (not pale) tissue's mean density per block: a sheet of dense tumour is its own
 surroundings, wherever its colour stands among the slide's. The slide's tissue of one colour is not one tissue,
@@ -169,6 +174,8 @@ NEIGHBOURS_MIN = 3  # a tile too plain to judge takes its judged 8-neighbours' m
 # folds (thumbnail)
 FOLD_PALE_SHARE = 0.5  # the colour references leave out tissue under this share of the slide's median density
 FOLD_COLOUR_STEP = 0.05  # tissue colours (each channel's share of the density, red and blue) binned this finely
+FOLD_HUE_QUANTILE = 0.9  # the references also leave out tissue under FOLD_HUE_PALE_SHARE of this quantile of the
+FOLD_HUE_PALE_SHARE = 0.2  # slide's tissue of its colour and the next colours (mucin beside dense tumour's hue)
 FOLD_REFERENCE_QUANTILE = 0.5  # a colour's reference density: this quantile of the slide's tissue of that colour
 FOLD_DENSITY_RATIO = 1.7  # a fold pixel is at least this times as dense as its colour's reference
 FOLD_SPECK_UM = 8.0  # fold pixels need most of the pixels within this distance to be so too (nuclei specks go)
@@ -735,17 +742,20 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median
     # there): the rest of a thumbnail, mostly glass, would be measured for nothing
     values = density[dense]
     where = _colour_bins(od[..., 0][dense], od[..., 2][dense], values, n)
+    # and of those, the pale ones of a hue whose tissue is many times denser elsewhere on the slide set aside too
+    hued = _hue_dense(values, where, n)
+    if not hued.all():
+        dense[dense] = hued
+        values, where = values[hued], where[hued]
+        if len(values) < 64:
+            return fold, fold.copy()
     # the slide's reference per colour: the FOLD_REFERENCE_QUANTILE quantile of its (not pale) tissue of that
     # colour, from a histogram of density in steps of 1/_LEVELS_PER_OD per colour bin
-    levels = np.minimum((values * _LEVELS_PER_OD).astype(np.int64), _DENSITY_LEVELS - 1)
-    hist = np.bincount(where * _DENSITY_LEVELS + levels, minlength=n * n * _DENSITY_LEVELS).reshape(n * n, -1)
-    counts = hist.sum(axis=1)
+    hist = _colour_histogram(values, where, n)
     reference = np.full(n * n, np.inf, np.float32)
-    have = counts >= FOLD_MIN_PIXELS
+    have = hist.sum(axis=1) >= FOLD_MIN_PIXELS
     if have.any():
-        cum = np.cumsum(hist[have], axis=1)
-        rank = (FOLD_REFERENCE_QUANTILE * counts[have])[:, None]
-        reference[have] = ((cum < rank).sum(axis=1) + 0.5) / _LEVELS_PER_OD
+        reference[have] = _histogram_quantile(hist[have], FOLD_REFERENCE_QUANTILE)
     passed = values >= FOLD_DENSITY_RATIO * reference[where]
     local = None
     if passed.any():  # and denser than the tissue around it: a sheet of dense tumour is its own surroundings
@@ -881,6 +891,32 @@ def _pieces(mask: np.ndarray) -> tuple[tuple[int, int], int, np.ndarray, np.ndar
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask[y:y + h, x:x + w].view(np.uint8),
                                                                connectivity=8)
     return (y, x), count, labels, stats
+
+
+def _hue_dense(values: np.ndarray, where: np.ndarray, n: int) -> np.ndarray:
+    """Which pixels (their ``density`` values and colour bins ``where``) are at least :data:`FOLD_HUE_PALE_SHARE` of
+    the :data:`FOLD_HUE_QUANTILE` quantile of the slide's tissue of their colour or the next colours (one
+    :data:`FOLD_COLOUR_STEP` in red or blue share, as the colour-local test pools them): mucin has the hue of dense
+    tumour's haematoxylin at a sixth to a tenth of its density. In one colour's reference, or its window's mean, a
+    sheet or nest of tumour beside mucin reads as many times that colour's single tissue: doubled. A fold is twice
+    its single tissue, and its colour's denser tissue (the fold itself, at most 2-2.5x) leaves its single layer in."""
+    padded = np.pad(_colour_histogram(values, where, n).reshape(n, n, -1), ((1, 1), (1, 1), (0, 0)))
+    near = sum(padded[1 + dr:n + 1 + dr, 1 + dc:n + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1))
+    top = _histogram_quantile(near.reshape(n * n, -1), FOLD_HUE_QUANTILE)
+    return values >= FOLD_HUE_PALE_SHARE * top[where]
+
+
+def _colour_histogram(values: np.ndarray, where: np.ndarray, n: int) -> np.ndarray:
+    """Per colour bin (``where``, of ``n * n``), the histogram of the pixels' density ``values`` in steps of
+    1/:data:`_LEVELS_PER_OD` (denser pixels in the last step): (n * n, :data:`_DENSITY_LEVELS`) counts."""
+    levels = np.minimum((values * _LEVELS_PER_OD).astype(np.int64), _DENSITY_LEVELS - 1)
+    return np.bincount(where * _DENSITY_LEVELS + levels, minlength=n * n * _DENSITY_LEVELS).reshape(n * n, -1)
+
+
+def _histogram_quantile(hist: np.ndarray, quantile: float) -> np.ndarray:
+    """The ``quantile`` density of each row of :func:`_colour_histogram` counts (the middle of its step), float32."""
+    cum = np.cumsum(hist, axis=1)
+    return (((cum < (quantile * cum[:, -1])[:, None]).sum(axis=1) + 0.5) / _LEVELS_PER_OD).astype(np.float32)
 
 
 def _colour_bins(red: np.ndarray, blue: np.ndarray, density: np.ndarray, n: int) -> np.ndarray:
@@ -1297,6 +1333,7 @@ def thresholds() -> dict:
     return {"structure_min": STRUCTURE_MIN, "focus_blocks": FOCUS_BLOCKS, "focus_block_rows": FOCUS_BLOCK_ROWS,
             "reference_quantile": REFERENCE_QUANTILE, "blur_score_max": BLUR_SCORE_MAX, "sharpness_min": SHARPNESS_MIN,
             "fold_density_ratio": FOLD_DENSITY_RATIO, "fold_reference_quantile": FOLD_REFERENCE_QUANTILE,
+            "fold_hue_quantile": FOLD_HUE_QUANTILE, "fold_hue_pale_share": FOLD_HUE_PALE_SHARE,
             "fold_colour_local_ratio": FOLD_COLOUR_LOCAL_RATIO, "neighbours_min": NEIGHBOURS_MIN,
             "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2,
             "fold_band_min_um2": FOLD_BAND_MIN_UM2, "fold_band_elongation": FOLD_BAND_ELONGATION,
