@@ -71,13 +71,7 @@ its band may be a dense tissue's edge. A piece that passes none of these is grow
 :data:`FOLD_GROW_RATIO` times its surroundings (to at most :data:`FOLD_GROW_MAX` times its area) and kept, cut short,
 when the grown piece is at least :data:`FOLD_GROW_MEDIAN` times the slide's median density and doubled against its ring
 (:data:`FOLD_GROW_SINGLE_RATIO`, colour within :data:`FOLD_GROW_COLOUR`): a flap of one tissue over another has a mixed
-colour whose reference may be a denser tissue's, and only part of it is a candidate. A piece that fails the ring test
-but is at least :data:`FOLD_LINE_RATIO` times its ring, its colour within :data:`FOLD_LINE_COLOUR`, is kept, cut
-short, when it lies along the band of another piece, a kept one or another such (:func:`_on_fold_lines`: the two within
-a rectangle at most :data:`FOLD_LINE_WIDTH_UM` wide, :data:`FOLD_LINE_LENGTH_UM` long and :data:`FOLD_LINE_ELONGATION`
-times as long as wide, at most :data:`FOLD_LINE_WIDEN` times as wide as the other piece, along its axis within
-:data:`FOLD_LINE_TURN_DEG`): a fold cut into sections by fat or lumens, each section's ring holding the next. An air
-bubble (below)
+colour whose reference may be a denser tissue's, and only part of it is a candidate. An air bubble (below)
 darkens the tissue along its outline, and inside it shows the section paler, fold and single layer alike: inside its
 disc less :data:`FOLD_BUBBLE_RIM_UM` all round, a pixel is a fold pixel when it is at least :data:`FOLD_DENSITY_RATIO`
 times as dense, each against its colour's reference, as the :data:`FOLD_BUBBLE_QUANTILE` quantile of the tissue inside
@@ -207,16 +201,6 @@ FOLD_GROW_COLOUR = 0.03  # its colour within this of the ring's (a flap of one t
 FOLD_GROW_MEDIAN = 1.9  # and at least this times the slide's median density (doubled pale tissue beside paler)
 FOLD_RING_COLOUR = 0.015  # and no channel's share of the piece's density this far from the ring's (a doubled layer
 # keeps its colour; a nest of nuclei or a streak of dense collagen is bluer or pinker than the tissue around it)
-FOLD_LINE_RATIO = 1.5  # a piece that fails the ring test but is at least this times its ring's mean density
-FOLD_LINE_COLOUR = 0.03  # with its colour within this of the ring's, is kept when it lies on a fold piece's band (a
-# fold cut into sections by fat or lumens, whose ring holds more of the fold): together with a piece that is kept, or
-# such another, within a rectangle
-FOLD_LINE_WIDTH_UM = 300.0  # at most this wide (folds are 60-250 um wide),
-FOLD_LINE_LENGTH_UM = 1200.0  # at most this long,
-FOLD_LINE_ELONGATION = 3.0  # at least this many times as long as wide,
-FOLD_LINE_WIDEN = 2.0  # at most this many times as wide as the other piece on its own,
-FOLD_LINE_TURN_DEG = 15.0  # and along the other piece's own axis within this angle (a piece points along its band;
-# two nests of nuclei side by side are always in one rectangle, but not along either's axis)
 FOLD_BUBBLE_REACH_UM = 48.0  # a fold piece this near a bubble's disc (not searched, nor 3 px around it) runs on
 # under the bubble, along its band
 FOLD_BUBBLE_RIM_UM = 40.0  # folds are looked for inside a bubble's disc less this all round (its outline, 10-20 um
@@ -730,8 +714,8 @@ def _disc(cx: float, cy: float, radius: float, shape: tuple[int, int]) -> tuple[
 
 def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median: float, mpp: float,
            insides: list[tuple[slice, slice, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Fold pixels, and apart the pieces cut short kept as doubled against their ring (:func:`_doubled_ring`) or as
-    sections of a fold's band (:func:`_on_fold_lines`): not followed along their band. Fold pixels: tissue at least twice as dense as the slide's tissue of its colour,
+    """Fold pixels, and apart the pieces cut short kept as doubled against their ring (:func:`_doubled_ring`: not
+    followed along their band). Fold pixels: tissue at least twice as dense as the slide's tissue of its colour,
     either the slide's as a whole (and its surroundings) or that colour's within its window (see the module
     docstring); and inside each bubble (``insides``, from :func:`_bubble_insides`; ``tissue`` leaves them out)
     tissue at least :data:`FOLD_DENSITY_RATIO` times as dense, against its colour's slide reference, as the
@@ -813,17 +797,11 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median
     ringed = ~keep & ~under & (area >= FOLD_RING_MIN_UM2)
     ringed[0] = False
     pale = FOLD_PALE_SHARE * slide_median
-    lined = np.zeros(count, bool)  # pieces that fail the ring test but may lie on a fold's band
     for i in np.nonzero(ringed)[0]:  # a piece cut short, doubled against the tissue around it
         x, y, bw, bh = (int(v) for v in stats[i][:4])
         piece = labels[y:y + bh, x:x + bw] == i
-        measures = _ring_measures(piece, left + x, top + y, od, density, tissue, mpp, pale)
-        if _doubled_ring(measures):
+        if _doubled_ring(piece, left + x, top + y, od, density, tissue, mpp, pale):
             cut[top + y:top + y + bh, left + x:left + x + bw] |= piece
-            keep[i] = True
-        elif measures is not None:
-            mean, ring, _, colour = measures
-            lined[i] = mean >= FOLD_LINE_RATIO * ring and colour <= FOLD_LINE_COLOUR
     # a piece that failed them all, grown over the tissue around it that is dense for its surroundings (a fold's
     # mixed colour may be a denser tissue's, whose reference leaves most of its pixels out): doubled against its ring
     seeds = np.zeros((h, w), bool)
@@ -848,66 +826,22 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median
             piece = wlab[y:y + bh, x:x + bw] == i
             if density[wt + y:wt + y + bh, wl + x:wl + x + bw][piece].mean() < FOLD_GROW_MEDIAN * slide_median:
                 continue
-            if _doubled_ring(_ring_measures(piece, wl + x, wt + y, od, density, tissue, mpp, pale),
+            if _doubled_ring(piece, wl + x, wt + y, od, density, tissue, mpp, pale,
                              single_ratio=FOLD_GROW_SINGLE_RATIO, colour=FOLD_GROW_COLOUR):
                 cut[wt + y:wt + y + bh, wl + x:wl + x + bw] |= piece
-    # a fold cut into sections by fat or lumens leaves pieces whose ring holds the rest of the fold (1.5-2x it): one
-    # that lies along another piece's band, a kept one or another such, is a section of the same fold
-    if lined.any():
-        cut[box] |= _on_fold_lines(labels, stats, keep | lined, lined, mpp)[labels]
     return fold, cut
 
 
-def _on_fold_lines(labels: np.ndarray, stats: np.ndarray, pieces: np.ndarray, candidates: np.ndarray,
-                   mpp: float) -> np.ndarray:
-    """Which of the ``candidates`` (bool per label of ``labels``, OpenCV's ``stats``) lie on a fold's band with
-    another of the ``pieces``: the two together within a rectangle at most :data:`FOLD_LINE_WIDTH_UM` wide and
-    :data:`FOLD_LINE_LENGTH_UM` long, at least :data:`FOLD_LINE_ELONGATION` times as long as wide, at most
-    :data:`FOLD_LINE_WIDEN` times as wide as the other piece's own and along its own axis within
-    :data:`FOLD_LINE_TURN_DEG`. Bool per label."""
-    points, axes = {}, {}
-    for i in np.nonzero(pieces)[0]:
-        x, y, bw, bh = (int(v) for v in stats[i][:4])
-        ys, xs = np.nonzero(labels[y:y + bh, x:x + bw] == i)
-        points[i] = (xs + x, ys + y)
-        axes[i] = _band_axis(*points[i])
-    on_line = np.zeros(len(stats), bool)
-    turn = math.cos(math.radians(FOLD_LINE_TURN_DEG))
-    for c in np.nonzero(candidates)[0]:
-        for other, (xs, ys) in points.items():
-            if other == c:
-                continue
-            _, _, length, width, ux, uy = _band_axis(np.concatenate([points[c][0], xs]),
-                                                     np.concatenate([points[c][1], ys]))
-            _, _, _, own, oux, ouy = axes[other]
-            if (width * mpp <= FOLD_LINE_WIDTH_UM and length * mpp <= FOLD_LINE_LENGTH_UM
-                    and length >= FOLD_LINE_ELONGATION * width and width <= FOLD_LINE_WIDEN * own
-                    and abs(ux * oux + uy * ouy) >= turn):
-                on_line[c] = True
-                break
-    return on_line
-
-
-def _doubled_ring(measures: tuple | None, single_ratio: float = FOLD_RING_SINGLE_RATIO,
+def _doubled_ring(piece: np.ndarray, x: int, y: int, od: np.ndarray, density: np.ndarray, tissue: np.ndarray,
+                  mpp: float, pale: float, single_ratio: float = FOLD_RING_SINGLE_RATIO,
                   colour: float = FOLD_RING_COLOUR) -> bool:
-    """Whether a piece is doubled tissue against its ring, from its :func:`_ring_measures`: its mean density at least
-    :data:`FOLD_RING_RATIO` times the ring's and at least ``single_ratio`` times the ring's single tissue's, and its
-    colour within ``colour`` of the ring's (a grown piece is judged with :data:`FOLD_GROW_SINGLE_RATIO` and
-    :data:`FOLD_GROW_COLOUR`)."""
-    if measures is None:
-        return False
-    mean, ring, single, distance = measures
-    return bool(mean >= FOLD_RING_RATIO * ring and mean >= single_ratio * single and distance <= colour)
-
-
-def _ring_measures(piece: np.ndarray, x: int, y: int, od: np.ndarray, density: np.ndarray, tissue: np.ndarray,
-                   mpp: float, pale: float) -> tuple | None:
-    """A piece (``piece``: its pixels in its box, whose corner is column ``x``, row ``y``) against its ring, the
-    ``tissue`` within :data:`FOLD_RING_UM` around it: its mean ``density`` over its tissue, the ring's, the ring's
-    single tissue's (the ring's tissue at least ``pale``: :data:`FOLD_PALE_SHARE` of the slide's median density;
-    glass at the tissue's edge and lumens say nothing of one layer) and the largest difference of a channel's share
-    of the summed ``od`` between the piece and the ring; None when the ring is under :data:`FOLD_RING_TISSUE` tissue
-    or holds no single tissue."""
+    """Whether a piece (``piece``: its pixels in its box, whose corner is column ``x``, row ``y``) is doubled tissue
+    against its ring, the ``tissue`` within :data:`FOLD_RING_UM` around it (at least :data:`FOLD_RING_TISSUE` of the
+    ring): its mean ``density`` over its tissue at least :data:`FOLD_RING_RATIO` times the ring's and at least
+    ``single_ratio`` times the ring's single tissue's (the ring's tissue at least ``pale``: :data:`FOLD_PALE_SHARE`
+    of the slide's median density; glass at the tissue's edge and lumens say nothing of one layer), and its colour
+    (each channel's share of the summed ``od``) within ``colour`` of the ring's (a grown piece is judged with
+    :data:`FOLD_GROW_SINGLE_RATIO` and :data:`FOLD_GROW_COLOUR`)."""
     r = max(1, int(round(FOLD_RING_UM / mpp)))
     h, w = tissue.shape
     bh, bw = piece.shape
@@ -918,15 +852,16 @@ def _ring_measures(piece: np.ndarray, x: int, y: int, od: np.ndarray, density: n
     here = tissue[y0:y1, x0:x1]
     seen, around = window & here, ring & here
     if not seen.any() or around.sum() < FOLD_RING_TISSUE * ring.sum():
-        return None
+        return False
     dens = density[y0:y1, x0:x1]
     single = around & (dens >= pale)
-    if not single.any():
-        return None
+    mean = dens[seen].mean()
+    if mean < FOLD_RING_RATIO * dens[around].mean() or not single.any() or (
+            mean < single_ratio * dens[single].mean()):
+        return False
     channels = od[y0:y1, x0:x1]
     own, other = channels[seen].sum(axis=0), channels[around].sum(axis=0)
-    return (dens[seen].mean(), dens[around].mean(), dens[single].mean(),
-            np.abs(own / max(own.sum(), 1e-6) - other / max(other.sum(), 1e-6)).max())
+    return bool(np.abs(own / max(own.sum(), 1e-6) - other / max(other.sum(), 1e-6)).max() <= colour)
 
 
 def _closed(mask: np.ndarray, mpp: float) -> np.ndarray:
@@ -1382,10 +1317,6 @@ def thresholds() -> dict:
             "fold_search_flank_ratio": FOLD_SEARCH_FLANK_RATIO, "fold_grow_ratio": FOLD_GROW_RATIO,
             "fold_grow_max": FOLD_GROW_MAX, "fold_grow_single_ratio": FOLD_GROW_SINGLE_RATIO,
             "fold_grow_colour": FOLD_GROW_COLOUR, "fold_grow_median": FOLD_GROW_MEDIAN,
-            "fold_line_ratio": FOLD_LINE_RATIO, "fold_line_colour": FOLD_LINE_COLOUR,
-            "fold_line_width_um": FOLD_LINE_WIDTH_UM, "fold_line_length_um": FOLD_LINE_LENGTH_UM,
-            "fold_line_elongation": FOLD_LINE_ELONGATION, "fold_line_widen": FOLD_LINE_WIDEN,
-            "fold_line_turn_deg": FOLD_LINE_TURN_DEG,
             "rim_od_min": RIM_OD_MIN,
             "bubble_radius_um": list(BUBBLE_RADIUS_UM),
             "hough_perfectness": HOUGH_PERFECTNESS, "bubble_min_arc": BUBBLE_MIN_ARC,
