@@ -47,7 +47,9 @@ tumour, fat and mucin (>= half the tile), fold recall (>= half the tile in a fol
 with no fold), bubble recall (>= half in a bubble) and false bubble flags; per family, then min and mean.
 Added beside them (second run, qc2; the first definitions are kept and still the headline): the blur AUROC over
 the tiles the detector scored (a tile it leaves unscored, NaN, neither positive nor negative) with the share of
-positives left unscored, and the fold recall over fold tiles under 10% fat.
+positives left unscored, and the fold recall over fold tiles under 10% fat. Added (third, sharpff, 2026-12-07): every
+rate pooled over the families or seeds (numerators and denominators summed) with its Wilson 95% interval: a family's
+few tiles of a class (10-75) cannot tell 1% from 3%, a pool of families can.
 """
 
 from __future__ import annotations
@@ -306,6 +308,34 @@ def show(title: str, figures: dict) -> None:
             print(f"  {k:24s} {v}")
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95% interval of a rate of ``k`` in ``n`` (0 to 1): unlike k/n +- 2 s.e. it stays inside [0, 1]
+    and is not zero-width at k = 0, where the families' few tiles of a class put most of their rates."""
+    if n == 0:
+        return math.nan, math.nan
+    p, z2 = k / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pooled(per_family: list[dict]) -> dict:
+    """Each rate pooled over families (numerators and denominators summed) with its Wilson 95% interval:
+    (rate, k, n, low, high)."""
+    out = {}
+    for key in per_family[0]:
+        counts = [f[key] for f in per_family if isinstance(f.get(key), tuple)]
+        if counts:
+            k, n = sum(c[1] for c in counts), sum(c[2] for c in counts)
+            out[key] = (k / n if n else math.nan, k, n, *wilson(k, n))
+    return out
+
+
+def show_pooled(title: str, per_family: list[dict]) -> None:
+    print(f"\n{title}")
+    for key, (rate, k, n, low, high) in pooled(per_family).items():
+        print(f"  {key:24s} {rate:.4f} ({k}/{n}) Wilson 95% {low:.4f}-{high:.4f}")
+
+
 def summarise(per_family: list[dict]) -> dict:
     """min and mean over families of each figure (rates as shares)."""
     out = {}
@@ -502,9 +532,11 @@ def main() -> None:
     if "generator" in args.tier:
         report["generator"] = {str(k): v for k, v in tier_generator(families, args.slides).items()}
         show("generator: min / mean / max over families", summarise(list(report["generator"].values())))
+        show_pooled("generator: pooled over families", list(report["generator"].values()))
     if "real" in args.tier:
         report["real"] = {str(k): v for k, v in tier_real(families).items()}
         show("real: min / mean / max over seeds", summarise(list(report["real"].values())))
+        show_pooled("real: pooled over seeds", list(report["real"].values()))
     if "nofocus" in args.tier:
         report["nofocus"] = tier_nofocus(args.work)
     if "cost" in args.tier:
