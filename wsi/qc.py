@@ -742,16 +742,17 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median
     # there): the rest of a thumbnail, mostly glass, would be measured for nothing
     values = density[dense]
     where = _colour_bins(od[..., 0][dense], od[..., 2][dense], values, n)
-    # and of those, the pale ones of a hue whose tissue is many times denser elsewhere on the slide set aside too
-    hued = _hue_dense(values, where, n)
+    # the slide's reference per colour: the FOLD_REFERENCE_QUANTILE quantile of its (not pale) tissue of that
+    # colour, from a histogram of density in steps of 1/_LEVELS_PER_OD per colour bin; and of those pixels, the pale
+    # ones of a hue whose tissue is many times denser elsewhere on the slide set aside first (their counts taken out)
+    hist = _colour_histogram(values, where, n)
+    hued = _hue_dense(values, where, hist, n)
     if not hued.all():
+        hist -= _colour_histogram(values[~hued], where[~hued], n)
         dense[dense] = hued
         values, where = values[hued], where[hued]
         if len(values) < 64:
             return fold, fold.copy()
-    # the slide's reference per colour: the FOLD_REFERENCE_QUANTILE quantile of its (not pale) tissue of that
-    # colour, from a histogram of density in steps of 1/_LEVELS_PER_OD per colour bin
-    hist = _colour_histogram(values, where, n)
     reference = np.full(n * n, np.inf, np.float32)
     have = hist.sum(axis=1) >= FOLD_MIN_PIXELS
     if have.any():
@@ -893,14 +894,14 @@ def _pieces(mask: np.ndarray) -> tuple[tuple[int, int], int, np.ndarray, np.ndar
     return (y, x), count, labels, stats
 
 
-def _hue_dense(values: np.ndarray, where: np.ndarray, n: int) -> np.ndarray:
-    """Which pixels (their ``density`` values and colour bins ``where``) are at least :data:`FOLD_HUE_PALE_SHARE` of
-    the :data:`FOLD_HUE_QUANTILE` quantile of the slide's tissue of their colour or the next colours (one
-    :data:`FOLD_COLOUR_STEP` in red or blue share, as the colour-local test pools them): mucin has the hue of dense
-    tumour's haematoxylin at a sixth to a tenth of its density. In one colour's reference, or its window's mean, a
+def _hue_dense(values: np.ndarray, where: np.ndarray, hist: np.ndarray, n: int) -> np.ndarray:
+    """Which pixels (their ``density`` values and colour bins ``where``, whose :func:`_colour_histogram` is ``hist``)
+    are at least :data:`FOLD_HUE_PALE_SHARE` of the :data:`FOLD_HUE_QUANTILE` quantile of the slide's tissue of
+    their colour or the next colours (one :data:`FOLD_COLOUR_STEP` in red or blue share, as the colour-local test
+    pools them): mucin has the hue of dense tumour's haematoxylin at a sixth to a tenth of its density. In one colour's reference, or its window's mean, a
     sheet or nest of tumour beside mucin reads as many times that colour's single tissue: doubled. A fold is twice
     its single tissue, and its colour's denser tissue (the fold itself, at most 2-2.5x) leaves its single layer in."""
-    padded = np.pad(_colour_histogram(values, where, n).reshape(n, n, -1), ((1, 1), (1, 1), (0, 0)))
+    padded = np.pad(hist.reshape(n, n, -1), ((1, 1), (1, 1), (0, 0)))
     near = sum(padded[1 + dr:n + 1 + dr, 1 + dc:n + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1))
     top = _histogram_quantile(near.reshape(n * n, -1), FOLD_HUE_QUANTILE)
     return values >= FOLD_HUE_PALE_SHARE * top[where]
