@@ -898,9 +898,10 @@ def _hue_dense(values: np.ndarray, where: np.ndarray, hist: np.ndarray, n: int) 
     """Which pixels (their ``density`` values and colour bins ``where``, whose :func:`_colour_histogram` is ``hist``)
     are at least :data:`FOLD_HUE_PALE_SHARE` of the :data:`FOLD_HUE_QUANTILE` quantile of the slide's tissue of
     their colour or the next colours (one :data:`FOLD_COLOUR_STEP` in red or blue share, as the colour-local test
-    pools them): mucin has the hue of dense tumour's haematoxylin at a sixth to a tenth of its density. In one colour's reference, or its window's mean, a
-    sheet or nest of tumour beside mucin reads as many times that colour's single tissue: doubled. A fold is twice
-    its single tissue, and its colour's denser tissue (the fold itself, at most 2-2.5x) leaves its single layer in."""
+    pools them): mucin has the hue of dense tumour's haematoxylin at a sixth to a tenth of its density. In one
+    colour's reference, or its window's mean, a sheet or nest of tumour beside mucin reads as many times that
+    colour's single tissue: doubled. A fold is twice its single tissue, and its colour's denser tissue (the fold
+    itself, at most 2-2.5x) leaves its single layer in."""
     padded = np.pad(hist.reshape(n, n, -1), ((1, 1), (1, 1), (0, 0)))
     near = sum(padded[1 + dr:n + 1 + dr, 1 + dc:n + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1))
     top = _histogram_quantile(near.reshape(n * n, -1), FOLD_HUE_QUANTILE)
