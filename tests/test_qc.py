@@ -633,6 +633,12 @@ def test_a_fold_cut_short_by_the_image_edge_is_kept_as_doubled_against_its_ring(
     assert not (found & ~truth).any()
 
 
+def _within_96_um(fold: np.ndarray) -> np.ndarray:
+    """The pixels of an 8 um/px mask within 96 um (12 px) of ``fold``: as far as a found fold may reach past the
+    true one before the dev-case tests call it a false flag."""
+    return cv2.dilate(fold.view(np.uint8), np.ones((25, 25), np.uint8)).view(bool)
+
+
 def _cmu_case_folds(defects: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A dev case of bench/qc.py's real tier rebuilt: the real cmu image with ``defects`` composited, JPEG-coded as
     the tier codes it, its 8 um/px thumbnail's tissue mask, the fold truth on that grid (half a pixel or more) and
@@ -670,7 +676,7 @@ def test_a_dense_tissue_edge_whose_ring_holds_glass_is_not_kept_as_a_cut_short_f
     ]
     tissue, truth, found = _cmu_case_folds(defects)
     assert (found & truth).sum() >= 0.9 * (truth & tissue).sum()
-    near = cv2.dilate(truth.view(np.uint8), np.ones((25, 25), np.uint8)).view(bool)  # 96 um around the fold
+    near = _within_96_um(truth)
     assert not (found & ~near).any()
 
 
@@ -692,7 +698,7 @@ def test_a_flap_over_epidermis_whose_candidates_are_a_part_of_it_is_grown_and_fo
     ]
     _, truth, found = _cmu_case_folds(defects)
     assert (found & truth).sum() >= 150
-    near = cv2.dilate(truth.view(np.uint8), np.ones((25, 25), np.uint8)).view(bool)  # 96 um around the fold
+    near = _within_96_um(truth)
     assert not (found & ~near).any()
 
 
@@ -722,7 +728,7 @@ def test_a_tumour_sheet_beside_mucin_of_its_hue_is_not_a_fold():
         outcolorspace="YCBCR", subsampling="420"))
     truth = slide.truth_masks(16)
     found = thumbnail_defects(thumb, tissue_masks(thumb, 8.0, TissueParams.default()).tissue, 8.0).fold
-    near = cv2.dilate(truth["fold"].view(np.uint8), np.ones((25, 25), np.uint8)).view(bool)  # 96 um around the fold
+    near = _within_96_um(truth["fold"])
     assert (truth["tumour"] & ~near).sum() > 3000
     assert not (found & ~near).any()
     assert (found & truth["fold"]).sum() >= 0.7 * truth["fold"].sum()
