@@ -458,11 +458,15 @@ _LOG10 = np.log10(np.arange(256, dtype=np.float32) + 1)  # log10(v + 1) of every
 def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
     """-log10 of each channel (plus one) over the glass colour's ((3,) or (h, w, 3)), float32, 0 on glass and
     brighter; the 8-bit image through a table (OpenCV's ``LUT``: numpy's indexing would first copy the image
-    as 64-bit indices, eight times its size), the rest in place."""
-    log_glass = np.asarray(glass, np.float32) + 1
-    np.log10(log_glass, out=log_glass)
+    as 64-bit indices, eight times its size), the rest in place; a glass field's log strip by strip, so that no
+    second thumbnail-sized float image is made (fresh memory costs its pages' CPU)."""
+    glass = np.asarray(glass, np.float32)
     od = cv2.LUT(np.ascontiguousarray(rgb, np.uint8), _LOG10)
-    np.subtract(log_glass, od, out=od)
+    rows = len(od) if glass.ndim == 1 else _RIM_STRIP_ROWS
+    for top in range(0, len(od), rows):
+        log_glass = glass[top:top + rows] + 1 if glass.ndim > 1 else glass + 1
+        np.log10(log_glass, out=log_glass)
+        np.subtract(log_glass, od[top:top + rows], out=od[top:top + rows])
     return np.maximum(od, 0, out=od)
 
 
@@ -1010,12 +1014,16 @@ def _colour_local_density(density: np.ndarray, colour: np.ndarray, where: np.nda
     their ``density`` and ``colour`` bins given (a thumbnail's pixels off ``where`` would be measured for
     nothing). Per-block sums per colour bin (one ``bincount``), summed over the window and the neighbouring
     bins."""
-    h, w = where.shape
     block = max(1, int(round(FOLD_COLOUR_BLOCK_UM / mpp)))
-    bh, bw = -(-h // block), -(-w // block)
     side = 2 * max(1, int(round(FOLD_WINDOW_UM / FOLD_COLOUR_BLOCK_UM / 2))) + 1
     rows, cols = np.nonzero(where)
-    cell = (rows // block) * bw + cols // block
+    rows, cols = rows // block, cols // block
+    # the grid of blocks over the box of the blocks that hold ``where`` pixels alone (a slide's tissue is a part of
+    # its thumbnail, and the grids below are one plane per colour): the window's sums beyond it are zeros, as
+    # its border is, and sums of float32 densities in OpenCV's float64 box filter are exact either way
+    top, left = int(rows.min()), int(cols.min())
+    bh, bw = int(rows.max()) - top + 1, int(cols.max()) - left + 1
+    cell = (rows - top) * bw + cols - left
     size = bh * bw
     present = np.bincount(colour, minlength=n * n) > 0  # the colours used, in order (np.unique sorts)
     used = np.flatnonzero(present)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -203,7 +205,7 @@ def tile_slide(out_dir, params: TileConfig, path, *, mpp_overrides: dict | None 
                                         tissue_fraction=fractions, levels=_level_check_attrs(slide, levels))
         # QC's folds and bubbles need only the thumbnail: found in a thread while the tiles are read (OpenCV
         # releases the GIL), off the tile path's critical path
-        with ThreadPoolExecutor(1) as defects_pool:
+        with ThreadPoolExecutor(1) as defects_pool, _opencv_serial():
             try:
                 defects = None
                 if tiling.qc != "off":
@@ -227,6 +229,19 @@ def tile_slide(out_dir, params: TileConfig, path, *, mpp_overrides: dict | None 
         if row is not None:
             record(row)
         return store
+
+
+@contextmanager
+def _opencv_serial():
+    """OpenCV single-threaded while a slide's tiles stream: the stage's own threads (tiles read and written, QC's
+    focus and its thumbnail step) keep the cores busy then, and OpenCV's pool would only add its hand-offs to the
+    CPU the process costs. Its thread count is put back after."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def _quality_control(writer: TileStoreWriter, slide: Slide, tiling: TilingAttrs, out_dir, defects,
