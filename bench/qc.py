@@ -438,11 +438,11 @@ COST_SLIDES = {  # name: (width, height, um/px), the same scene (seed 8400) at e
 
 
 def tier_cost(work: Path, repeats: int = 5, against: Path | None = None, slides=("small",)) -> dict:
-    """QC's added cost in whole ``wsi tile`` processes, every case alternated in each of ``repeats`` rounds, on each
-    of ``slides`` (:data:`COST_SLIDES`; made once under ``work``). On the small slide, ``exclude`` and a
-    coordinates-only store join ``off`` and ``flag``. With ``against`` (another checkout), that checkout's QC off
-    and flag join each round too, and the figure is the two checkouts' added CPU side by side: one run, so the
-    machine's load weighs on both alike."""
+    """QC's added cost in whole ``wsi tile`` processes, every case alternated in each of ``repeats`` rounds (every
+    other round in reverse order), on each of ``slides`` (:data:`COST_SLIDES`; made once under ``work``). On the
+    small slide, ``exclude`` and a coordinates-only store join ``off`` and ``flag``. With ``against`` (another
+    checkout), that checkout's QC off and flag join each round too, and the figure is the two checkouts' added CPU
+    side by side: one run, so the machine's load weighs on both alike."""
     from wsi_synth import HardCases, write_synthetic_slide
 
     paths = {}
@@ -464,8 +464,10 @@ def tier_cost(work: Path, repeats: int = 5, against: Path | None = None, slides=
     rss: dict = {c: [] for c in cases}
     cpu: dict = {c: [] for c in cases}
     envs = {code: _checkout_env(code, work / "cost") for code in {c[1] for c in cases}}
-    for _ in range(repeats):
-        for case in cases:
+    for round_ in range(repeats):
+        # every other round in reverse: no case always follows the same one (a process straight after another
+        # slide's, or first of its round, meets another cache and load)
+        for case in cases if round_ % 2 == 0 else cases[::-1]:
             name, code, mode, pixels = case
             wall, used, peak = _tile_process(paths[name], work / "cost" / "out", mode, pixels, envs[code])
             seconds[case].append(wall)
