@@ -85,6 +85,20 @@ def test_tiles_cover_the_tissue_and_skip_glass(slide_025, tmp_path):
     assert (tiles.reshape(len(tiles), -1).mean(axis=1) < 235).all()  # no tile is bare glass
 
 
+def test_tiling_leaves_the_callers_opencv_thread_count_as_it_was(slide_025, tmp_path):
+    """The stage runs OpenCV single-threaded while tiles stream (its own threads fill the cores then); a notebook's
+    or another stage's OpenCV keeps the thread count it had."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        tile([slide_025.path], tmp_path)
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+
+
 @pytest.mark.parametrize("path_kind", ["real", "synthetic"])
 def test_both_backends_give_the_same_tiles(path_kind, slide_025, tmp_path):
     path = REAL_SLIDE if path_kind == "real" else slide_025.path
