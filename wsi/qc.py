@@ -453,6 +453,8 @@ class ThumbnailDefects:
 
 
 _LOG10 = np.log10(np.arange(256, dtype=np.float32) + 1)  # log10(v + 1) of every 8-bit value
+_STRIP_ROWS = 64  # the rim test and the glass field's log run in strips of rows: their temporaries stay small
+# (fresh thumbnail-sized memory costs its pages' CPU, and a strip's stay in the cache)
 
 
 def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
@@ -462,7 +464,7 @@ def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
     second thumbnail-sized float image is made (fresh memory costs its pages' CPU)."""
     glass = np.asarray(glass, np.float32)
     od = cv2.LUT(np.ascontiguousarray(rgb, np.uint8), _LOG10)
-    rows = len(od) if glass.ndim == 1 else _RIM_STRIP_ROWS
+    rows = len(od) if glass.ndim == 1 else _STRIP_ROWS
     for top in range(0, len(od), rows):
         log_glass = glass[top:top + rows] + 1 if glass.ndim > 1 else glass + 1
         np.log10(log_glass, out=log_glass)
@@ -1097,10 +1099,6 @@ def _circle_through(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float
     return None if not r2 > 0 else (-a / 2, -b / 2, math.sqrt(r2))
 
 
-_RIM_STRIP_ROWS = 64  # the rim test runs in strips of rows: its temporaries stay small (fresh thumbnail-sized
-# memory costs its pages' CPU, and a strip's stay in the cache)
-
-
 def _rim_candidates(od: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
     """Rim candidates (bool) and each pixel's smallest channel excess over its neighbourhood (float32; the
     candidates' strength): excess optical density over a median of :data:`RIM_WINDOW_UM` in every channel of
@@ -1109,7 +1107,7 @@ def _rim_candidates(od: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]
     h, w = od.shape[:2]
     k = min(255, max(3, int(round(RIM_WINDOW_UM / mpp)) | 1))
     candidate, low = np.empty((h, w), bool), np.empty((h, w), np.float32)
-    rows = max(_RIM_STRIP_ROWS, 2 * k)  # a wide median's reach is not read again and again
+    rows = max(_STRIP_ROWS, 2 * k)  # a wide median's reach is not read again and again
     for top in range(0, h, rows):
         bottom = min(h, top + rows)
         first, last = max(0, top - k // 2), min(h, bottom + k // 2)
