@@ -464,11 +464,11 @@ def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
     second thumbnail-sized float image is made (fresh memory costs its pages' CPU)."""
     glass = np.asarray(glass, np.float32)
     od = cv2.LUT(np.ascontiguousarray(rgb, np.uint8), _LOG10)
-    rows = len(od) if glass.ndim == 1 else _STRIP_ROWS
-    for top in range(0, len(od), rows):
-        log_glass = glass[top:top + rows] + 1 if glass.ndim > 1 else glass + 1
-        np.log10(log_glass, out=log_glass)
-        np.subtract(log_glass, od[top:top + rows], out=od[top:top + rows])
+    if glass.ndim == 1:
+        np.subtract(np.log10(glass + 1), od, out=od)
+    for top in range(0, len(od) if glass.ndim > 1 else 0, _STRIP_ROWS):
+        strip = od[top:top + _STRIP_ROWS]
+        np.subtract(np.log10(glass[top:top + _STRIP_ROWS] + 1), strip, out=strip)
     return np.maximum(od, 0, out=od)
 
 
