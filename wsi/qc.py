@@ -466,9 +466,10 @@ def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
     od = cv2.LUT(np.ascontiguousarray(rgb, np.uint8), _LOG10)
     if glass.ndim == 1:
         np.subtract(np.log10(glass + 1), od, out=od)
-    for top in range(0, len(od) if glass.ndim > 1 else 0, _STRIP_ROWS):
-        strip = od[top:top + _STRIP_ROWS]
-        np.subtract(np.log10(glass[top:top + _STRIP_ROWS] + 1), strip, out=strip)
+    else:
+        for top in range(0, len(od), _STRIP_ROWS):
+            strip = od[top:top + _STRIP_ROWS]
+            np.subtract(np.log10(glass[top:top + _STRIP_ROWS] + 1), strip, out=strip)
     return np.maximum(od, 0, out=od)
 
 
