@@ -492,6 +492,32 @@ def test_a_fold_over_dense_tumour_is_tissue_not_ink():
     assert masks.tissue[core].mean() >= 0.995 and masks.tissue[doubled].all()
 
 
+def test_a_fold_over_the_real_slides_epidermis_is_tissue_not_ink():
+    """A fold across the real Aperio slide's epidermis, drawn at full resolution and seen on a 16x thumbnail as
+    tiling sees it: the doubled epidermis is as blue as blue ink, and its haematoxylin is bluer than the
+    generator's (blue 0.6 of green, 1.0 of red), but the density it adds points along the tissue's own, so it
+    stays tissue and nothing is called ink (the mask before this fix, branch hue, called 0.4 of it ink and kept
+    0.86 of the clean mask)."""
+    from wsi.slide import open_slide
+    from wsi_synth import defects as dd
+
+    with open_slide(DATA / "cmu_small_region.svs") as slide:
+        rgb, um = slide.read_region(0, 0, 0, slide.width, slide.height), slide.mpp_x
+    h, w = rgb.shape[:2]
+    fold = dd.Fold(1207.0, 748.0, 1.365, 1012.0, 255.0, line_width=6.9, line_density=1.38)  # 130 um wide, 1 mm long
+    on_thumbnail = dd.Fold(1207.0 / 16, 748.0 / 16, 1.365, 1012.0 / 16, 255.0 / 16, line_width=1.0)
+
+    def thumbnail(image: np.ndarray) -> np.ndarray:
+        return cv2.resize(image, (w // 16, h // 16), interpolation=cv2.INTER_AREA)
+
+    clean = tissue_masks(thumbnail(rgb), 16 * um, PARAMS).tissue
+    masks = tissue_masks(thumbnail(dd.composite(rgb, [fold])), 16 * um, PARAMS)
+    doubled = dd.composite_truth(clean, [on_thumbnail])["fold"]
+    assert doubled.sum() > 800
+    assert not masks.ink.any()
+    assert masks.tissue[doubled].mean() >= 0.98 and masks.tissue[clean].mean() >= 0.99
+
+
 @pytest.mark.parametrize("colour", ["black", "blue"])
 def test_ink_over_dense_tumour_still_goes(colour):
     """A black or blue marker stroke across the real microarray's dense dark core (its density added to the
