@@ -390,7 +390,9 @@ def _stain_excess(labels: np.ndarray, regions: np.ndarray, candidates: np.ndarra
     It is H&E's when green takes the most of it (``STAIN_MIN_GREEN_OVER_RED`` of red at least: haematoxylin and
     eosin both absorb green most, blue ink red) and blue little (``STAIN_MAX_BLUE_OVER_GREEN`` of green and
     ``STAIN_MAX_BLUE_OVER_RED`` of red at most: black ink absorbs all three alike, and over a fold, where green
-    is read too light, it keeps blue near red). A stroke across a fold joins it into one region: in a region
+    is read too light, it keeps blue near red), blue over red unbounded where green is ``STAIN_GREEN_DOMINANT``
+    times red or more (haematoxylin-rich epidermis absorbs as much blue as red, as black ink does, but green far
+    more than either). A stroke across a fold joins it into one region: in a region
     found H&E's, the pieces of ``INK_MIN_UM2`` or more whose own excess is not H&E's, over the ring or (with
     ``OVER_FOLD_MIN_OD`` of red or more: blue and black ink absorb red) over the median of the region's H&E
     pixels, the fold's, are returned as ink, with their blurred edge (``STROKE_EDGE_PX``). A fold that a stroke
