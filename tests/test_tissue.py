@@ -492,15 +492,12 @@ def test_a_fold_over_dense_tumour_is_tissue_not_ink():
     assert masks.tissue[core].mean() >= 0.995 and masks.tissue[doubled].all()
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: a fold over the real slide's bluer epidermis reads as blue ink")
 def test_a_fold_over_the_real_slides_epidermis_is_tissue_not_ink():
     """A fold across the real Aperio slide's epidermis, drawn at full resolution and seen on a 16x thumbnail as
     tiling sees it: the doubled epidermis is as blue as blue ink, and its haematoxylin is bluer than the
-    generator's (blue 0.6 of green, 1.0 of red), but the density it adds points along the tissue's own: it
-    should stay tissue with nothing called ink. A known limit: the mask calls 0.4 of it blue ink and keeps 0.86 of
-    the clean mask. The fix that passes this (branch hue: H&E's blue up to 0.7 of green, and above 0.7 of red
-    where green is 1.3 x red) also let QC's fold masks spill onto the epidermis beside the folds, and failed its
-    frozen run (bench/RESULTS.md); when a fix lands, this test passes and its mark goes."""
+    generator's (blue 0.6 of green, 1.0 of red), but the density it adds points along the tissue's own, so it
+    stays tissue and nothing is called ink (the mask before this fix, branch hue, called 0.4 of it ink and kept
+    0.86 of the clean mask)."""
     from wsi.slide import open_slide
     from wsi_synth import defects as dd
 

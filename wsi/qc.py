@@ -215,7 +215,8 @@ FOLD_BUBBLE_RIM_UM = 40.0  # folds are looked for inside a bubble's disc less th
 FOLD_BUBBLE_QUANTILE = 0.2  # against this quantile of the bubble's tissue (a fold may cover half of it)
 FOLD_ALONG_STEP_UM = 128.0  # a band-shaped fold piece is followed along its band in segments this long (fat's
 # density varies 2x within 100 um per pixel; a segment's mean does not)
-FOLD_ALONG_RATIO = 1.4  # a segment is fold when at least this times as dense as the mean of its two flanks
+FOLD_ALONG_RATIO = 1.5  # a segment is fold when at least this times as dense as the mean of its two flanks (at 1.4
+# single stroma between a prostate's glands was followed for 600 um past a fold's end)
 FOLD_ALONG_GAP_UM = 8.0  # the flanks (each as wide as the band) start this far outside it: the band's blurred edge
 FOLD_ALONG_TISSUE = 0.5  # a segment is judged only where the band and both flanks are at least this share tissue
 FOLD_ALONG_REACH_UM = 1600.0  # a piece is followed at most this far past its end (bounds the box measured)

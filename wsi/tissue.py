@@ -103,8 +103,11 @@ FAT_CELL_MAX_UM2 = 6000.0  # a fat cell (70 um across, 3,800 um2; up to 90 um): 
 RING_UM = 24.0  # a blue or black region's excess density is measured over the ring this wide around it,
 RING_TISSUE_OD = 0.15  # over the ring's pixels of at least this summed density (tissue) where they are a quarter
 STAIN_MIN_GREEN_OVER_RED = 0.9  # H&E's density: green at least this share of red (blue ink 0.67, black 1.0;
-STAIN_MAX_BLUE_OVER_GREEN = 0.6  # tumour 1.2-1.9) and blue at most this share of green (black ink 0.93; H&E 0.3-0.5)
-STAIN_MAX_BLUE_OVER_RED = 0.7  # and of red (black ink 0.9-1.07, over a fold 0.74-0.79; H&E 0.36-0.65)
+STAIN_MAX_BLUE_OVER_GREEN = 0.7  # tumour 1.2-1.9) and blue at most this share of green (black ink 0.93; H&E 0.3-0.5,
+# the real Aperio slide's epidermis 0.61-0.64)
+STAIN_MAX_BLUE_OVER_RED = 0.7  # and of red (black ink 0.9-1.07, over a fold 0.74-0.79; H&E 0.36-0.65),
+STAIN_GREEN_DOMINANT = 1.3  # unless green is at least this times red (haematoxylin-rich epidermis: blue 1.0-1.07
+# of red, green 1.6-1.8; black ink absorbs all three alike, green about red)
 FOLD_MIN_EXCESS = 0.25  # a fold adds about the tissue's own density (0.45 at the test's densest core; 0.26 over a
 # dense microarray core, green read too light): at least this share of it
 FOLD_MAX_OD = 3.5  # median density above this in a channel (under 1/33 of the glass): JPEG's error hides its hue
@@ -387,7 +390,9 @@ def _stain_excess(labels: np.ndarray, regions: np.ndarray, candidates: np.ndarra
     It is H&E's when green takes the most of it (``STAIN_MIN_GREEN_OVER_RED`` of red at least: haematoxylin and
     eosin both absorb green most, blue ink red) and blue little (``STAIN_MAX_BLUE_OVER_GREEN`` of green and
     ``STAIN_MAX_BLUE_OVER_RED`` of red at most: black ink absorbs all three alike, and over a fold, where green
-    is read too light, it keeps blue near red). A stroke across a fold joins it into one region: in a region
+    is read too light, it keeps blue near red), blue over red unbounded where green is ``STAIN_GREEN_DOMINANT``
+    times red or more (haematoxylin-rich epidermis absorbs as much blue as red, as black ink does, but green far
+    more than either). A stroke across a fold joins it into one region: in a region
     found H&E's, the pieces of ``INK_MIN_UM2`` or more whose own excess is not H&E's, over the ring or (with
     ``OVER_FOLD_MIN_OD`` of red or more: blue and black ink absorb red) over the median of the region's H&E
     pixels, the fold's, are returned as ink, with their blurred edge (``STROKE_EDGE_PX``). A fold that a stroke
@@ -406,7 +411,7 @@ def _stain_excess(labels: np.ndarray, regions: np.ndarray, candidates: np.ndarra
     def hne(excess):
         red, green, blue = excess[..., 0], excess[..., 1], excess[..., 2]
         return ((green > 0) & (green >= STAIN_MIN_GREEN_OVER_RED * red) & (blue <= STAIN_MAX_BLUE_OVER_GREEN * green)
-                & (blue <= STAIN_MAX_BLUE_OVER_RED * red))
+                & ((blue <= STAIN_MAX_BLUE_OVER_RED * red) | (green >= STAIN_GREEN_DOMINANT * red)))
 
     def tissue_beside(pixels, box):  # the ring's median density where it is H&E-coloured tissue, else None
         ring = _dilate(pixels, width) & ~candidates[box]
