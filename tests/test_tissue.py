@@ -505,7 +505,8 @@ def test_a_fold_over_the_real_slides_epidermis_is_tissue_not_ink():
         rgb, um = slide.read_region(0, 0, 0, slide.width, slide.height), slide.mpp_x
     h, w = rgb.shape[:2]
     fold = dd.Fold(1207.0, 748.0, 1.365, 1012.0, 255.0, line_width=6.9, line_density=1.38)  # 130 um wide, 1 mm long
-    on_thumbnail = dd.Fold(1207.0 / 16, 748.0 / 16, 1.365, 1012.0 / 16, 255.0 / 16, line_width=1.0)
+    on_thumbnail = dataclasses.replace(fold, x=fold.x / 16, y=fold.y / 16, length=fold.length / 16,
+                                       width=fold.width / 16, line_width=1.0)
 
     def thumbnail(image: np.ndarray) -> np.ndarray:
         return cv2.resize(image, (w // 16, h // 16), interpolation=cv2.INTER_AREA)
