@@ -383,6 +383,29 @@ def test_tiles_too_plain_to_judge_take_their_judged_neighbours_focus():
     assert np.isnan(alone.score[plain]).all() and not alone.blurred[plain].any()
 
 
+def test_a_blurred_regions_plain_edge_is_judged_by_its_own_low_score():
+    """A 6 x 4 grid of tiles: the left column blurred (score 0.3), the rest sharp (1.0). Plain tiles (too little
+    structure to judge) beside it, most of their 8 neighbours sharp, so the neighbours' median calls them sharp.
+    Blurred secretion reads 0.35 of the reference itself: the tile beside the blurred column and the one beside
+    that (touching no judged blurred tile) are blurred. A plain tile reading 0.45 there (sharp, smooth mucin reads
+    0.43-0.7) keeps its neighbours' score, and so does one reading 0.35 that touches no blurred tile."""
+    reference = 4.0
+    coords = np.array([(x * 256, y * 256) for y in range(4) for x in range(6)])
+    sharpness = np.array([0.3 * reference if x == 0 else reference for y in range(4) for x in range(6)], np.float32)
+    structure = np.full(len(coords), 50.0, np.float32)
+    secretion, secretion_beyond, mucin_at_edge, apart = 1 * 6 + 1, 1 * 6 + 2, 2 * 6 + 1, 2 * 6 + 4
+    for tile, own in ((secretion, 0.35), (secretion_beyond, 0.35), (mucin_at_edge, 0.45), (apart, 0.35)):
+        structure[tile], sharpness[tile] = 1.0, own * reference
+    focus = wsi.qc.score_focus(sharpness, structure, coords, 256)
+    assert focus.reference == reference
+    assert focus.blurred[[secretion, secretion_beyond]].all()
+    assert focus.score[secretion] == focus.score[secretion_beyond] == np.float32(0.35)
+    assert not focus.blurred[[mucin_at_edge, apart]].any()
+    assert focus.score[mucin_at_edge] == np.float32(0.65)  # the median of 3 blurred and 3 sharp neighbours
+    assert focus.score[apart] == 1.0
+    assert focus.blurred.sum() == 4 + 2  # the blurred column and the secretion
+
+
 def test_a_tile_inside_a_pool_too_plain_to_judge_takes_the_next_ring_of_tiles_focus():
     """A 7 x 5 grid of tiles: its left three columns blurred (score 0.3), the rest sharp; a 3 x 3 block of tiles
     too plain to judge (a mucin pool) in the blurred part. The block's centre has no judged 8-neighbour, but the

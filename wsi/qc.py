@@ -33,7 +33,12 @@ judged tile) has **no in-focus tissue**: tiling fails it with that cause, a ``fa
 too plain to judge takes the median score of its judged neighbours on the tile grid (8-neighbours, at least
 :data:`NEIGHBOURS_MIN` of them judged, else the 24 of the 5 x 5 tiles around it; :func:`neighbour_scores`) and is
 flagged by it, so mucin inside a blurred region is flagged with it; with fewer judged tiles around its score stays
-NaN and it is never flagged.
+NaN and it is never flagged. The median misses a blurred region's plain edge, where most of a tile's neighbours
+lie outside the region (a gland's pale secretion, blurred, loses the little structure it had). So a tile not
+judged whose own score (its sharpness over the reference) is below :data:`PLAIN_BLUR_SCORE_MAX` takes that score
+when it touches a blurred judged tile, directly or through other such tiles (8-connected on the tile grid;
+:func:`neighbour_scores`). The bound is stricter than a judged tile's, because a plain tile's own ratio is mostly
+its noise: sharp, smooth mucin reads 0.43-0.7 of the reference, blurred secretion 0.3-0.4.
 
 Folds (thumbnail)
 -----------------
@@ -169,6 +174,7 @@ SHARPNESS_MIN = 2.2  # a slide whose reference sharpness is below this has no in
 FOCUS_BLOCKS = 4  # a tile's sharpness: the lower median of its 4 x 4 blocks' (32 um at 256 px, 0.5 um/px)
 FOCUS_BLOCK_ROWS = 2  # of which the central 2 rows of blocks are measured: half the tile's pixels, for half the cost
 NEIGHBOURS_MIN = 3  # a tile too plain to judge takes its judged 8-neighbours' median score when this many are judged
+PLAIN_BLUR_SCORE_MAX = 0.4  # or its own score, when below this and it touches a blurred judged tile
 # (else the judged tiles' of the 5 x 5 around it, when this many are judged there)
 
 # folds (thumbnail)
@@ -407,19 +413,23 @@ def score_focus(sharpness: np.ndarray, structure: np.ndarray, coords: np.ndarray
     if not judged.any():
         return FocusResult(np.full(len(sharpness), np.nan, np.float32), np.zeros(len(sharpness), bool), math.nan, 0)
     reference = float(np.quantile(sharpness[judged], REFERENCE_QUANTILE))
-    score = np.where(judged, sharpness / max(reference, 1e-6), np.nan).astype(np.float32)
+    own = (sharpness / max(reference, 1e-6)).astype(np.float32)
+    score = np.where(judged, own, np.nan).astype(np.float32)
     if coords is not None and footprint and not judged.all():
-        score = neighbour_scores(score, coords, footprint)
+        score = neighbour_scores(score, coords, footprint, own)
     return FocusResult(score, ~np.isnan(score) & (score < BLUR_SCORE_MAX), reference, int(judged.sum()))
 
 
-def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float) -> np.ndarray:
+def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float,
+                     own: np.ndarray | None = None) -> np.ndarray:
     """``score`` with each NaN (a tile not judged) replaced by the median of its judged 8-neighbours' scores on
     the tile grid, where at least :data:`NEIGHBOURS_MIN` of them are judged; where fewer are, by the median of
     the judged tiles of the next ring too (the 5 x 5 tiles around it: a tile inside a pool of mucin whose
-    neighbours are mucin too), again when at least :data:`NEIGHBOURS_MIN` are judged (else it stays NaN). The
-    grid's step is the smallest spacing of the coordinates (``footprint`` when they have none: one tile a
-    row)."""
+    neighbours are mucin too), again when at least :data:`NEIGHBOURS_MIN` are judged (else it stays NaN). With
+    the tiles' ``own`` scores, a tile not judged whose own score is below :data:`PLAIN_BLUR_SCORE_MAX` and which
+    touches a blurred judged tile, directly or through other such tiles, takes its own score where that is lower
+    (see the module docstring). The grid's step is the smallest spacing of the coordinates (``footprint`` when
+    they have none: one tile a row)."""
     coords = np.asarray(coords, np.float64)
     step = []
     for axis in (0, 1):
@@ -440,7 +450,24 @@ def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float) ->
         if enough.any():
             out[missing[enough]] = np.nanmedian(around[enough], axis=1)
         missing = missing[~enough]
+    if own is not None:
+        plain = np.isnan(score) & (own < PLAIN_BLUR_SCORE_MAX)
+        reached = _reached_from_blurred(cells, (h, w), plain, score < BLUR_SCORE_MAX)
+        out[reached] = np.fmin(out[reached], own[reached])
     return out
+
+
+def _reached_from_blurred(cells: np.ndarray, shape: tuple[int, int], plain: np.ndarray,
+                          blurred: np.ndarray) -> np.ndarray:
+    """Which ``plain`` tiles (bool per tile) touch a ``blurred`` tile on the grid (``cells``: each tile's column
+    and row), directly or through other plain ones: their 8-connected pieces that hold a blurred tile."""
+    if not plain.any() or not blurred.any():
+        return np.zeros(len(plain), bool)
+    grid = np.zeros(shape, np.uint8)
+    grid[cells[plain | blurred, 1], cells[plain | blurred, 0]] = 1
+    _, labels = cv2.connectedComponents(grid, connectivity=8)
+    pieces = labels[cells[:, 1], cells[:, 0]]
+    return plain & np.isin(pieces, np.unique(pieces[blurred]))
 
 
 # --------------------------------------------------------------------------------------------- thumbnail
@@ -1345,6 +1372,7 @@ def thresholds() -> dict:
             "fold_density_ratio": FOLD_DENSITY_RATIO, "fold_reference_quantile": FOLD_REFERENCE_QUANTILE,
             "fold_hue_quantile": FOLD_HUE_QUANTILE, "fold_hue_pale_share": FOLD_HUE_PALE_SHARE,
             "fold_colour_local_ratio": FOLD_COLOUR_LOCAL_RATIO, "neighbours_min": NEIGHBOURS_MIN,
+            "plain_blur_score_max": PLAIN_BLUR_SCORE_MAX,
             "rim_window_um": RIM_WINDOW_UM, "fold_min_um2": FOLD_MIN_UM2,
             "fold_band_min_um2": FOLD_BAND_MIN_UM2, "fold_band_elongation": FOLD_BAND_ELONGATION,
             "fold_band_fill": FOLD_BAND_FILL, "fold_band_specks": FOLD_BAND_SPECKS,
