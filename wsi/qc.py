@@ -174,8 +174,8 @@ SHARPNESS_MIN = 2.2  # a slide whose reference sharpness is below this has no in
 FOCUS_BLOCKS = 4  # a tile's sharpness: the lower median of its 4 x 4 blocks' (32 um at 256 px, 0.5 um/px)
 FOCUS_BLOCK_ROWS = 2  # of which the central 2 rows of blocks are measured: half the tile's pixels, for half the cost
 NEIGHBOURS_MIN = 3  # a tile too plain to judge takes its judged 8-neighbours' median score when this many are judged
-PLAIN_BLUR_SCORE_MAX = 0.4  # or its own score, when below this and it touches a blurred judged tile
 # (else the judged tiles' of the 5 x 5 around it, when this many are judged there)
+PLAIN_BLUR_SCORE_MAX = 0.4  # or its own score, when below this and it touches a blurred judged tile
 
 # folds (thumbnail)
 FOLD_PALE_SHARE = 0.5  # the colour references leave out tissue under this share of the slide's median density
