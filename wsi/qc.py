@@ -162,7 +162,7 @@ import numpy as np
 
 from .atomic import write_text
 from .layout import Layout
-from .tissue import glass_colour, tissue_fractions
+from .tissue import glass_colour, tissue_fractions, touching
 
 QC_MODES = ("off", "flag", "exclude")  # tiling.qc: off | flag (keep and mark) | exclude (drop flagged tiles)
 
@@ -450,24 +450,14 @@ def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float,
         if enough.any():
             out[missing[enough]] = np.nanmedian(around[enough], axis=1)
         missing = missing[~enough]
-    if own is not None:
-        plain = np.isnan(score) & (own < PLAIN_BLUR_SCORE_MAX)
-        reached = _reached_from_blurred(cells, (h, w), plain, score < BLUR_SCORE_MAX)
+    if own is not None:  # a blurred region's plain edge: plain tiles touching a blurred one, or through others
+        plain, blurred = np.isnan(score) & (own < PLAIN_BLUR_SCORE_MAX), score < BLUR_SCORE_MAX
+        on_grid = np.zeros((2, h, w), bool)
+        on_grid[0, cells[plain, 1], cells[plain, 0]] = True
+        on_grid[1, cells[blurred, 1], cells[blurred, 0]] = True
+        reached = plain & touching(on_grid[0], on_grid[1])[cells[:, 1], cells[:, 0]]
         out[reached] = np.fmin(out[reached], own[reached])
     return out
-
-
-def _reached_from_blurred(cells: np.ndarray, shape: tuple[int, int], plain: np.ndarray,
-                          blurred: np.ndarray) -> np.ndarray:
-    """Which ``plain`` tiles (bool per tile) touch a ``blurred`` tile on the grid (``cells``: each tile's column
-    and row), directly or through other plain ones: their 8-connected pieces that hold a blurred tile."""
-    if not plain.any() or not blurred.any():
-        return np.zeros(len(plain), bool)
-    grid = np.zeros(shape, np.uint8)
-    grid[cells[plain | blurred, 1], cells[plain | blurred, 0]] = 1
-    _, labels = cv2.connectedComponents(grid, connectivity=8)
-    pieces = labels[cells[:, 1], cells[:, 0]]
-    return plain & np.isin(pieces, np.unique(pieces[blurred]))
 
 
 # --------------------------------------------------------------------------------------------- thumbnail
