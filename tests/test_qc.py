@@ -580,6 +580,21 @@ def test_a_fold_running_on_over_fat_is_followed_along_its_band():
 
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_a_straight_fold_band_wholly_over_fat_is_found_with_no_piece_to_follow(seed):
+    """A fold band (20 px wide at 8 um/px, 240 px long) composited onto fat alone: doubled fat is still pale, so no
+    pixel is a fold pixel and there is no piece to follow along its band; the straight band, about the sum of its
+    two flanks over its whole length, is found by the search for straight bands; the fat away from it stays
+    clear. (The fourth version finds none of it.)"""
+    rgb, tissue, _ = fat_thumbnail(seed)
+    fold = dd.Fold(200, 150, 0.4, 120, 20, line_width=0.5)
+    found = thumbnail_defects(dd.composite(rgb, [fold]), tissue, 8.0)
+    truth = dd.composite_truth(tissue, [fold])["fold"]
+    assert (found.fold & truth).sum() >= 0.8 * truth.sum()
+    away = cv2.distanceTransform((~truth).view(np.uint8), cv2.DIST_L2, 3) > 16  # over 128 um from the band
+    assert not (found.fold & away).any()
+
+
 def test_the_straight_edge_of_a_dense_tumour_sheet_is_not_a_fold_band():
     """A sheet of dense tumour (2.5x the stroma's density) with straight edges 260 px long beside stroma: a band
     along its edge is about the mean of its flanks and no denser than the sheet, so it is not a fold."""

@@ -100,9 +100,17 @@ of segments that are not doubled, up to :data:`FOLD_ALONG_BRIDGE_UM` long, is br
 past it (two segments in a row, or one that holds another fold piece): a fold's stretch over fat under a flap of stroma
 is as dense as stroma and cannot be seen, but the band goes on past it. Each fold piece that fills at least
 :data:`FOLD_BAND_FILL` of its convex hull is then filled out to its hull (:func:`_filled_bands`): fat under a flap of
-stroma, and a flap of fat over stroma, leave notches and holes in a band. Not seen: a fold wholly over fat, with no
-fold piece over denser tissue to run on from (doubled fat is still paler than single stroma), a fold under a flap of
-fat (a flap of stroma over fat looks like stroma), and a fold that covers much of a slide's
+stroma, and a flap of fat over stroma, leave notches and holes in a band. Straight bands are also searched for with no
+piece to start from (:func:`_straight_bands`): on a grid of :data:`FOLD_SEARCH_UM`, in :data:`FOLD_SEARCH_ANGLES`
+directions, bands of :data:`FOLD_SEARCH_WIDTHS_UM` and :data:`FOLD_SEARCH_LENGTH_UM` long each
+:data:`FOLD_SEARCH_SEGMENT_UM` segment of which is doubled tissue against its two flanks (strips as wide):
+:data:`FOLD_SEARCH_SUM_RATIO` to :data:`FOLD_SEARCH_SUM_MAX` of their sum (a fold is about the sum of its flanks, single
+tissue about their mean, a strip of stroma between fat several times their sum) and at least
+:data:`FOLD_SEARCH_FLANK_RATIO` times the denser flank (along a dense tumour sheet's straight edge the band is as dense
+as the sheet); such bands are fold pieces, followed along their band and under bubbles as the others. It finds a fold
+band over fat where no pixel is a fold pixel, and a band's full width where the fold pixels cover part of it. Not seen:
+a fold over fat or under a flap of fat that is neither straight nor doubled over 640 um beside tissue of one kind (fat
+doubled beside denser tissue; a flap of stroma over fat looks like stroma), and a fold that covers much of a slide's
 tissue of one colour within its window (it becomes its own reference).
 
 Bubbles (thumbnail)
@@ -226,10 +234,16 @@ FOLD_ALONG_LESSER_DENSER = 0.9  # when under this share of its denser flank or u
 FOLD_ALONG_BRIDGE_UM = 256.0  # the run goes on across at most this much of segments not doubled where a doubled one
 # follows (fat under a flap of stroma is as dense as stroma: the fold's stretch over fat cannot be seen)
 FOLD_ALONG_PIECE = 0.1  # where at least this share of the band holds another fold piece
-# doubled tissue against its two flanks (strips as wide either side; _doubled: a narrow band's test):
-FOLD_DOUBLED_SUM_RATIO = 0.95  # at least this share of the sum of its two flanks' mean densities (single tissue: about
-FOLD_DOUBLED_SUM_MAX = 1.3  # half of it) and at most this share (a strip of stroma between fat: several times it)
-FOLD_DOUBLED_FLANK_RATIO = 1.2  # and at least this times as dense as its denser flank (a tumour sheet's edge: 1x)
+FOLD_SEARCH_UM = 32.0  # straight bands of doubled tissue are also searched for with no piece to start from, on a
+# grid this coarse (its cost grows with the area searched: ~15 ms a 6 x 4.5 mm slide)
+FOLD_SEARCH_ANGLES = 16  # in this many directions (11.25 degrees apart)
+FOLD_SEARCH_WIDTHS_UM = (96.0, 176.0)  # bands this wide (folds are 60-250 um wide), each flank as wide
+FOLD_SEARCH_LENGTH_UM = 640.0  # and this long: straight over it (a nest of tumour, a bend of stroma is not)
+FOLD_SEARCH_SEGMENT_UM = 160.0  # every segment this long along it is doubled tissue (fat's density varies 2x within
+# 100 um per pixel; a segment's mean does not):
+FOLD_SEARCH_SUM_RATIO = 0.95  # at least this share of the sum of its two flanks' mean densities (single tissue: about
+FOLD_SEARCH_SUM_MAX = 1.3  # half of it) and at most this share (a strip of stroma between fat: several times it)
+FOLD_SEARCH_FLANK_RATIO = 1.2  # and at least this times as dense as its denser flank (a tumour sheet's edge: 1x)
 # bubbles (thumbnail)
 RIM_WINDOW_UM = 40.0  # a pixel's neighbourhood for the rim test (a median filter this wide: 5 px at 8 um/px)
 RIM_OD_MIN = 0.07  # rim candidates exceed their neighbourhood's optical density by this in every channel
@@ -500,6 +514,7 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     # the searched tissue's median density: the single layer the fold tests compare with
     median = float(np.median(density[searched])) if searched.any() else 0.0
     fold, cut = _folds(od, density, searched, median, mpp, insides)
+    fold |= _straight_bands(density, searched, mpp)
     if fold.any():
         fold = _along_bands(fold, density, searched, median, mpp)
     fold |= cut  # not followed along: a cut piece's band may be a dense tissue's edge
@@ -514,13 +529,80 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     return ThumbnailDefects(fold=fold, bubble=bubble, circles=tuple(circles))
 
 
+def _straight_bands(density: np.ndarray, searched: np.ndarray, mpp: float) -> np.ndarray:
+    """Straight bands of doubled tissue, found with no fold piece to start from: on a grid of
+    :data:`FOLD_SEARCH_UM`, in :data:`FOLD_SEARCH_ANGLES` directions, each of :data:`FOLD_SEARCH_WIDTHS_UM` wide and
+    :data:`FOLD_SEARCH_LENGTH_UM` long, bands every :data:`FOLD_SEARCH_SEGMENT_UM` segment of which is, in mean
+    density over the ``searched`` tissue, :data:`FOLD_SEARCH_SUM_RATIO` to :data:`FOLD_SEARCH_SUM_MAX` of the sum
+    of its two flanks' (strips as wide, either side) and at least :data:`FOLD_SEARCH_FLANK_RATIO` times the denser
+    flank's, band and flanks at least :data:`FOLD_ALONG_TISSUE` tissue."""
+    h, w = searched.shape
+    scale = max(1, int(round(FOLD_SEARCH_UM / mpp)))
+    small = (max(1, w // scale), max(1, h // scale))
+    weight = cv2.resize(searched.astype(np.float32), small, interpolation=cv2.INTER_AREA)
+    total = cv2.resize(np.where(searched, density, 0), small, interpolation=cv2.INTER_AREA)  # float32, as density
+    found = np.zeros(weight.shape, np.uint8)
+    if not weight.any():
+        return np.zeros((h, w), bool)
+    # the search runs over the tissue's box alone (its cost grows with the area turned), turned about its centre
+    # onto a canvas that holds it at any angle
+    x, y, bw, bh = cv2.boundingRect((weight > 0).view(np.uint8))
+    weight, total = weight[y:y + bh, x:x + bw], total[y:y + bh, x:x + bw]
+    side = int(math.ceil(math.hypot(bw, bh))) + 2
+    seg = max(1, int(round(FOLD_SEARCH_SEGMENT_UM / (mpp * scale))))
+    length = max(seg, int(round(FOLD_SEARCH_LENGTH_UM / (mpp * scale))))
+    for k in range(FOLD_SEARCH_ANGLES):
+        turn = cv2.getRotationMatrix2D((bw / 2, bh / 2), 180.0 * k / FOLD_SEARCH_ANGLES, 1.0)
+        turn[:, 2] += ((side - bw) / 2, (side - bh) / 2)
+        tissue, dens = (cv2.warpAffine(m, turn, (side, side), flags=cv2.INTER_LINEAR) for m in (weight, total))
+        hit = np.zeros((side, side), np.uint8)
+        for width_um in FOLD_SEARCH_WIDTHS_UM:
+            width = max(1, int(round(width_um / (mpp * scale))))
+            band = _doubled_segments(tissue, dens, seg, width)
+            # every segment of a band's length doubled: a straight band, not a nest or a bend of stroma
+            band = cv2.erode(band.view(np.uint8), np.ones((1, length - seg + 1), np.uint8))
+            if band.any():
+                hit |= cv2.dilate(band, np.ones((width, length), np.uint8))
+        if hit.any():
+            found[y:y + bh, x:x + bw] |= cv2.warpAffine(hit, turn, (bw, bh),
+                                                        flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    if not found.any():
+        return np.zeros((h, w), bool)
+    return cv2.resize(found, (w, h), interpolation=cv2.INTER_NEAREST).view(bool) & searched
+
+
+def _doubled_segments(tissue: np.ndarray, density: np.ndarray, seg: int, width: int) -> np.ndarray:
+    """Where a horizontal segment ``seg`` long and ``width`` wide centred on a pixel is doubled tissue against
+    the strips of its width above and below it, from per-pixel ``tissue`` shares and tissue ``density`` sums
+    (see :func:`_straight_bands`). A fold is doubled tissue, about the sum of its two flanks, where single
+    tissue is about their mean and a strip of stroma between fat several times their sum; and denser than the
+    denser flank, where a tumour sheet's edge is as dense as the sheet."""
+    area, sums = (cv2.boxFilter(m, -1, (seg, width), normalize=False, borderType=cv2.BORDER_CONSTANT)
+                  for m in (tissue, density))
+    out = np.zeros(area.shape, bool)
+    full = area >= FOLD_ALONG_TISSUE * seg * width
+    # measured within the box of the pixels with tissue enough (the turned canvas is mostly empty), on the rows
+    # with a flank above and below (the others are never judged), each against the rows a width away
+    x, y, bw, bh = cv2.boundingRect(full.view(np.uint8))
+    if bh <= 2 * width:
+        return out
+    mean = sums[y:y + bh, x:x + bw] / np.maximum(area[y:y + bh, x:x + bw], 1e-6)
+    full = full[y:y + bh, x:x + bw]
+    judged = full[width:-width] & full[:-2 * width]
+    judged &= full[2 * width:]
+    if judged.any():
+        out[y + width:y + bh - width, x:x + bw] = judged & _doubled(mean[width:-width], mean[:-2 * width],
+                                                                    mean[2 * width:])
+    return out
+
+
 def _doubled(band, one_flank, other_flank):
     """Whether a band's mean density (arrays, or floats) is doubled tissue against its two flanks': about their
-    sum (:data:`FOLD_DOUBLED_SUM_RATIO` to :data:`FOLD_DOUBLED_SUM_MAX` of it) and at least
-    :data:`FOLD_DOUBLED_FLANK_RATIO` times the denser one's."""
+    sum (:data:`FOLD_SEARCH_SUM_RATIO` to :data:`FOLD_SEARCH_SUM_MAX` of it) and at least
+    :data:`FOLD_SEARCH_FLANK_RATIO` times the denser one's."""
     flanks = one_flank + other_flank
-    return (band >= FOLD_DOUBLED_SUM_RATIO * flanks) & (band <= FOLD_DOUBLED_SUM_MAX * flanks) & (
-        band >= FOLD_DOUBLED_FLANK_RATIO * np.maximum(one_flank, other_flank))
+    return (band >= FOLD_SEARCH_SUM_RATIO * flanks) & (band <= FOLD_SEARCH_SUM_MAX * flanks) & (
+        band >= FOLD_SEARCH_FLANK_RATIO * np.maximum(one_flank, other_flank))
 
 
 def _along_bands(fold: np.ndarray, density: np.ndarray, searched: np.ndarray, median: float,
@@ -1293,9 +1375,11 @@ def thresholds() -> dict:
             "fold_along_gap_um": FOLD_ALONG_GAP_UM, "fold_along_tissue": FOLD_ALONG_TISSUE,
             "fold_along_reach_um": FOLD_ALONG_REACH_UM, "fold_along_lesser": list(FOLD_ALONG_LESSER),
             "fold_along_lesser_denser": FOLD_ALONG_LESSER_DENSER, "fold_along_bridge_um": FOLD_ALONG_BRIDGE_UM,
-            "fold_along_piece": FOLD_ALONG_PIECE, "fold_doubled_sum_ratio": FOLD_DOUBLED_SUM_RATIO,
-            "fold_doubled_sum_max": FOLD_DOUBLED_SUM_MAX,
-            "fold_doubled_flank_ratio": FOLD_DOUBLED_FLANK_RATIO, "fold_grow_ratio": FOLD_GROW_RATIO,
+            "fold_along_piece": FOLD_ALONG_PIECE, "fold_search_um": FOLD_SEARCH_UM,
+            "fold_search_angles": FOLD_SEARCH_ANGLES, "fold_search_widths_um": list(FOLD_SEARCH_WIDTHS_UM),
+            "fold_search_length_um": FOLD_SEARCH_LENGTH_UM, "fold_search_segment_um": FOLD_SEARCH_SEGMENT_UM,
+            "fold_search_sum_ratio": FOLD_SEARCH_SUM_RATIO, "fold_search_sum_max": FOLD_SEARCH_SUM_MAX,
+            "fold_search_flank_ratio": FOLD_SEARCH_FLANK_RATIO, "fold_grow_ratio": FOLD_GROW_RATIO,
             "fold_grow_max": FOLD_GROW_MAX, "fold_grow_single_ratio": FOLD_GROW_SINGLE_RATIO,
             "fold_grow_colour": FOLD_GROW_COLOUR, "fold_grow_median": FOLD_GROW_MEDIAN,
             "rim_od_min": RIM_OD_MIN,
