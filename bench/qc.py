@@ -40,7 +40,9 @@ the same scene on a whole slide's 18 x 13.5 mm at 20x (``full20``, 36,000 x 27,0
 ``--repeats`` of each; the ratio of medians is the added cost, measured in one run. The process's fixed costs
 (Python and its imports: about 0.4 CPU-s) weigh less on a whole slide, so the ratio grows with the slide.
 ``--against CHECKOUT`` adds that checkout's QC off and flag to every round, and the two checkouts' added CPU
-(median flag - median off) side by side.
+(median flag - median off) side by side; paired by round, the flag CPU this checkout saves (median and sd of the
+rounds), beside the same pairing of the two ``off`` processes (QC's code does not run there: what the machine
+alone makes pairs differ, so a saving under about its sd / sqrt(rounds) cannot be told from noise).
 
 Figures: blur AUROC (tiles with sigma >= 1.5 um against sharp tiles, the detector 1 - focus score, a tile not
 judged counting as sharp), blur recall by sigma, false flags (any flag) on sharp tiles overall and on dense
@@ -502,13 +504,21 @@ def tier_cost(work: Path, repeats: int = 5, against: Path | None = None, slides=
             theirs = mcpu[(name, against, "flag", True)] - mcpu[(name, against, "off", True)]
             # paired by round (each round's processes meet the same load): what this checkout's flag process
             # saves on the other's, against the other's added CPU
-            saved = float(np.median(np.subtract(cpu[(name, against, "flag", True)], cpu[(name, ROOT, "flag", True)])))
+            pairs = np.subtract(cpu[(name, against, "flag", True)], cpu[(name, ROOT, "flag", True)])
+            saved = float(np.median(pairs))
+            # what the instrument can resolve: the same pairing of the two checkouts' ``off`` processes, whose QC
+            # code does not run, spreads as much as the machine makes whole processes vary
+            control = np.subtract(cpu[(name, against, "off", True)], cpu[(name, ROOT, "off", True)])
             figures.update({"against: flag/off (pixels), CPU": (mcpu[(name, against, "flag", True)]
                                                                  / mcpu[(name, against, "off", True)]),
                             "against: added CPU s (pixels)": theirs,
                             "added CPU, this / against": figures["added CPU s (pixels)"] / theirs,
                             "flag CPU saved on against, median of rounds, s": saved,
-                            "flag CPU saved / against's added CPU": saved / theirs})
+                            "flag CPU saved / against's added CPU": saved / theirs,
+                            "flag CPU saved, sd of rounds, s": float(np.std(pairs, ddof=1)) if repeats > 1 else 0.0,
+                            "off CPU, against less this (same code), median of rounds, s": float(np.median(control)),
+                            "off CPU, against less this, sd of rounds, s": (float(np.std(control, ddof=1))
+                                                                            if repeats > 1 else 0.0)})
         figures["peak_rss_mb"] = {f"{'' if code == ROOT else 'against '}{mode}/{'pixels' if pixels else 'coordinates'}":
                                   max(rss[(n, code, mode, pixels)])
                                   for (n, code, mode, pixels) in cases if n == name}
