@@ -443,6 +443,11 @@ def _tile_process(slide: Path, out: Path, mode: str, pixels: bool, env: dict) ->
     return wall, float(user) + float(system), int(kb) / 1024
 
 
+def _spread(values: np.ndarray) -> float:
+    """The sample standard deviation of per-round figures (0 for a single round)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 COST_SLIDES = {  # name: (width, height, um/px), the same scene (seed 8400) at each size
     "small": (12000, 9000, MPP),  # 6 x 4.5 mm at 20x: 368 tiles, a biopsy
     "full20": (36000, 27000, MPP),  # 18 x 13.5 mm at 20x: 2,994 tiles, a whole resection slide
@@ -515,10 +520,9 @@ def tier_cost(work: Path, repeats: int = 5, against: Path | None = None, slides=
                             "added CPU, this / against": figures["added CPU s (pixels)"] / theirs,
                             "flag CPU saved on against, median of rounds, s": saved,
                             "flag CPU saved / against's added CPU": saved / theirs,
-                            "flag CPU saved, sd of rounds, s": float(np.std(pairs, ddof=1)) if repeats > 1 else 0.0,
+                            "flag CPU saved, sd of rounds, s": _spread(pairs),
                             "off CPU, against less this (same code), median of rounds, s": float(np.median(control)),
-                            "off CPU, against less this, sd of rounds, s": (float(np.std(control, ddof=1))
-                                                                            if repeats > 1 else 0.0)})
+                            "off CPU, against less this, sd of rounds, s": _spread(control)})
         figures["peak_rss_mb"] = {f"{'' if code == ROOT else 'against '}{mode}/{'pixels' if pixels else 'coordinates'}":
                                   max(rss[(n, code, mode, pixels)])
                                   for (n, code, mode, pixels) in cases if n == name}
