@@ -379,16 +379,17 @@ def test_tiles_too_plain_to_judge_take_their_judged_neighbours_focus():
     assert not focus.blurred[plain[1]] and focus.score[plain[1]] > 0.9
     assert np.isnan(focus.score[plain[2]]) and not focus.blurred[plain[2]]
     assert focus.judged == len(coords) - 3
-    alone = wsi.qc.score_focus(sharpness, structure)  # without coordinates nothing is inferred
-    assert np.isnan(alone.score[plain]).all() and not alone.blurred[plain].any()
+    alone = wsi.qc.score_focus(sharpness, structure)  # without coordinates no neighbour's score is taken: a plain
+    assert np.isnan(alone.score[plain[1:]]).all() and not alone.blurred[plain[1:]].any()  # tile keeps NaN unless
+    assert alone.blurred[plain[0]] and alone.score[plain[0]] == np.float32(0.3)  # its own score is low (0.3 here)
 
 
-def test_a_blurred_regions_plain_edge_is_judged_by_its_own_low_score():
+def test_a_plain_tile_is_judged_by_its_own_low_score_wherever_it_lies():
     """A 6 x 4 grid of tiles: the left column blurred (score 0.3), the rest sharp (1.0). Plain tiles (too little
     structure to judge) beside it, most of their 8 neighbours sharp, so the neighbours' median calls them sharp.
-    Blurred secretion reads 0.35 of the reference itself: the tile beside the blurred column and the one beside
-    that (touching no judged blurred tile) are blurred. A plain tile reading 0.45 there (sharp, smooth mucin reads
-    0.43-0.7) keeps its neighbours' score, and so does one reading 0.35 that touches no blurred tile."""
+    Blurred secretion reads 0.35 of the reference itself: the tile beside the blurred column, the one beside that
+    and one far from the column, among sharp tiles alone, are blurred. A plain tile reading 0.45 at the column
+    (sharp, smooth mucin reads 0.43-0.7) keeps its neighbours' score."""
     reference = 4.0
     coords = np.array([(x * 256, y * 256) for y in range(4) for x in range(6)])
     sharpness = np.array([0.3 * reference if x == 0 else reference for y in range(4) for x in range(6)], np.float32)
@@ -398,12 +399,11 @@ def test_a_blurred_regions_plain_edge_is_judged_by_its_own_low_score():
         structure[tile], sharpness[tile] = 1.0, own * reference
     focus = wsi.qc.score_focus(sharpness, structure, coords, 256)
     assert focus.reference == reference
-    assert focus.blurred[[secretion, secretion_beyond]].all()
-    assert focus.score[secretion] == focus.score[secretion_beyond] == np.float32(0.35)
-    assert not focus.blurred[[mucin_at_edge, apart]].any()
+    assert focus.blurred[[secretion, secretion_beyond, apart]].all()
+    assert focus.score[secretion] == focus.score[secretion_beyond] == focus.score[apart] == np.float32(0.35)
+    assert not focus.blurred[mucin_at_edge]
     assert focus.score[mucin_at_edge] == np.float32(0.65)  # the median of 3 blurred and 3 sharp neighbours
-    assert focus.score[apart] == 1.0
-    assert focus.blurred.sum() == 4 + 2  # the blurred column and the secretion
+    assert focus.blurred.sum() == 4 + 3  # the blurred column and the secretion
 
 
 def test_a_tile_inside_a_pool_too_plain_to_judge_takes_the_next_ring_of_tiles_focus():

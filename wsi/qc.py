@@ -36,9 +36,8 @@ flagged by it, so mucin inside a blurred region is flagged with it; with fewer j
 NaN and it is never flagged. The median misses a blurred region's plain edge, where most of a tile's neighbours
 lie outside the region (a gland's pale secretion, blurred, loses the little structure it had). So a tile not
 judged whose own score (its sharpness over the reference) is below :data:`PLAIN_BLUR_SCORE_MAX` takes that score
-when it touches a blurred judged tile, directly or through other such tiles (8-connected on the tile grid;
-:func:`neighbour_scores`). The bound is stricter than a judged tile's, because a plain tile's own ratio is mostly
-its noise: sharp, smooth mucin reads 0.43-0.7 of the reference, blurred secretion 0.3-0.4.
+where it is lower, wherever the tile lies. The bound is stricter than a judged tile's, because a plain tile's own
+ratio is mostly its noise: sharp, smooth mucin reads 0.43-0.7 of the reference, blurred secretion 0.3-0.4.
 
 Folds (thumbnail)
 -----------------
@@ -162,7 +161,7 @@ import numpy as np
 
 from .atomic import write_text
 from .layout import Layout
-from .tissue import glass_colour, tissue_fractions, touching
+from .tissue import glass_colour, tissue_fractions
 
 QC_MODES = ("off", "flag", "exclude")  # tiling.qc: off | flag (keep and mark) | exclude (drop flagged tiles)
 
@@ -175,7 +174,7 @@ FOCUS_BLOCKS = 4  # a tile's sharpness: the lower median of its 4 x 4 blocks' (3
 FOCUS_BLOCK_ROWS = 2  # of which the central 2 rows of blocks are measured: half the tile's pixels, for half the cost
 NEIGHBOURS_MIN = 3  # a tile too plain to judge takes its judged 8-neighbours' median score when this many are judged
 # (else the judged tiles' of the 5 x 5 around it, when this many are judged there)
-PLAIN_BLUR_SCORE_MAX = 0.4  # or its own score, when below this and it touches a blurred judged tile
+PLAIN_BLUR_SCORE_MAX = 0.4  # or its own score, when below this
 
 # folds (thumbnail)
 FOLD_PALE_SHARE = 0.5  # the colour references leave out tissue under this share of the slide's median density
@@ -416,20 +415,18 @@ def score_focus(sharpness: np.ndarray, structure: np.ndarray, coords: np.ndarray
     own = (sharpness / max(reference, 1e-6)).astype(np.float32)
     score = np.where(judged, own, np.nan).astype(np.float32)
     if coords is not None and footprint and not judged.all():
-        score = neighbour_scores(score, coords, footprint, own)
+        score = neighbour_scores(score, coords, footprint)
+    plain = ~judged & (own < PLAIN_BLUR_SCORE_MAX)  # a blurred plain tile: its own low score (module docstring)
+    score[plain] = np.fmin(score[plain], own[plain])
     return FocusResult(score, ~np.isnan(score) & (score < BLUR_SCORE_MAX), reference, int(judged.sum()))
 
 
-def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float,
-                     own: np.ndarray | None = None) -> np.ndarray:
+def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float) -> np.ndarray:
     """``score`` with each NaN (a tile not judged) replaced by the median of its judged 8-neighbours' scores on
     the tile grid, where at least :data:`NEIGHBOURS_MIN` of them are judged; where fewer are, by the median of
     the judged tiles of the next ring too (the 5 x 5 tiles around it: a tile inside a pool of mucin whose
-    neighbours are mucin too), again when at least :data:`NEIGHBOURS_MIN` are judged (else it stays NaN). With
-    the tiles' ``own`` scores, a tile not judged whose own score is below :data:`PLAIN_BLUR_SCORE_MAX` and which
-    touches a blurred judged tile, directly or through other such tiles, takes its own score where that is lower
-    (see the module docstring). The grid's step is the smallest spacing of the coordinates (``footprint`` when
-    they have none: one tile a row)."""
+    neighbours are mucin too), again when at least :data:`NEIGHBOURS_MIN` are judged (else it stays NaN). The
+    grid's step is the smallest spacing of the coordinates (``footprint`` when they have none: one tile a row)."""
     coords = np.asarray(coords, np.float64)
     step = []
     for axis in (0, 1):
@@ -450,13 +447,6 @@ def neighbour_scores(score: np.ndarray, coords: np.ndarray, footprint: float,
         if enough.any():
             out[missing[enough]] = np.nanmedian(around[enough], axis=1)
         missing = missing[~enough]
-    if own is not None:  # a blurred region's plain edge: plain tiles touching a blurred one, or through others
-        plain, blurred = np.isnan(score) & (own < PLAIN_BLUR_SCORE_MAX), score < BLUR_SCORE_MAX
-        on_grid = np.zeros((2, h, w), bool)
-        on_grid[0, cells[plain, 1], cells[plain, 0]] = True
-        on_grid[1, cells[blurred, 1], cells[blurred, 0]] = True
-        reached = plain & touching(on_grid[0], on_grid[1])[cells[:, 1], cells[:, 0]]
-        out[reached] = np.fmin(out[reached], own[reached])
     return out
 
 

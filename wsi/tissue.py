@@ -204,7 +204,7 @@ def tissue_masks(rgb: np.ndarray, mpp: float, params: TissueParams) -> TissueMas
         saturation[ink] = 0
     stained = (brightness <= params.brightness_max) & (saturation >= params.saturation_min)
     faint = ((brightness <= params.brightness_max) | stain_tint) & ~ink  # no bridge over a stroke to a smudge
-    tissue = (stained | (faint & touching(faint, stained))) & ~ink
+    tissue = (stained | (faint & _touching(faint, stained))) & ~ink
 
     radius = params.close_um / mpp
     if radius >= 0.5:
@@ -457,7 +457,7 @@ def _stain_excess(labels: np.ndarray, regions: np.ndarray, candidates: np.ndarra
                 over_fold = od[box] - np.median(od[box][fold], axis=0)
                 ink_part |= fold_region & ~hne(over_fold) & (over_fold[..., 0] >= OVER_FOLD_MIN_OD)
             # a stroke across the fold: of ink's size, or running on from the strip cut out before
-            ink_part = _drop_small(ink_part, min_px) if strip is None else touching(ink_part, strip) & ink_part
+            ink_part = _drop_small(ink_part, min_px) if strip is None else _touching(ink_part, strip) & ink_part
             ink_part = _dilate(ink_part, STROKE_EDGE_PX) if ink_part.any() else ink_part  # its blurred edge
             if stain_like[k]:
                 inked[box] |= ink_part
@@ -498,7 +498,7 @@ def _across_folds(strokes: np.ndarray, folds: np.ndarray) -> np.ndarray:
     meets it in one place only runs on past the stroke's end (or beside it, along a fold under its edge), over the
     fold's tumour."""
     near = 2 * STROKE_EDGE_PX  # a stroke's blurred edge on either side of the fold's
-    reaching = touching(strokes, strokes & _dilate(folds, near))
+    reaching = _touching(strokes, strokes & _dilate(folds, near))
     paths, n = _label(_stroke_strip(reaching, reaching | folds) & folds & ~reaching)
     across = np.zeros(strokes.shape, bool)
     for path in range(1, n + 1):
@@ -544,7 +544,7 @@ def _run_on(strokes: np.ndarray, half_width: float, host: np.ndarray, blood: np.
     excess_sq = np.einsum("...c,...c->...", excess, excess)
     off_line_sq = excess_sq - along * along * strength  # squared distance from the ink's line
     inked = measured & (along >= RUN_ON_MIN) & (off_line_sq <= 0.25 * along * along * strength)
-    joined = touching(inked, _dilate(strokes, half_width)) & inked & ~strokes  # a rim pixel or two may part them
+    joined = _touching(inked, _dilate(strokes, half_width)) & inked & ~strokes  # a rim pixel or two may part them
     run_on[box] = _narrow(joined, 1.5 * half_width)
     return run_on
 
@@ -565,7 +565,7 @@ def _tinted_glass(strokes: np.ndarray, tinted: np.ndarray, od: np.ndarray, param
     left of pale septa may have blue as dark as green)."""
     ink_od = np.median(od[strokes], axis=0)
     strong = ink_od >= 0.1 * ink_od.max()  # channels the ink absorbs in (a near-clear one says nothing)
-    ys, xs = np.nonzero(touching(tinted, strokes) & ~strokes)  # a halo can only lie among these
+    ys, xs = np.nonzero(_touching(tinted, strokes) & ~strokes)  # a halo can only lie among these
     pixels = [od[ys, xs, c] for c in range(3)]  # channel by channel: reductions over 3 columns are slow
     share = np.maximum(np.minimum.reduce([pixels[c] / ink_od[c] for c in np.flatnonzero(strong)]), 0)
     ink_part = [np.exp(-share * ink_od[c]) for c in range(3)]  # transmittance of the ink alone, and of what
@@ -582,7 +582,7 @@ def _tinted_glass(strokes: np.ndarray, tinted: np.ndarray, od: np.ndarray, param
     glass_under = inked & ~stain_tint & (mean > params.brightness_max)
     halo = np.zeros(strokes.shape, bool)
     halo[ys[glass_under], xs[glass_under]] = True
-    return touching(halo, strokes) & ~strokes
+    return _touching(halo, strokes) & ~strokes
 
 
 def _stroke_ends(run_on: np.ndarray, half_width: float, red: np.ndarray, glass: np.ndarray) -> np.ndarray:
@@ -617,7 +617,7 @@ def _stroke_ends(run_on: np.ndarray, half_width: float, red: np.ndarray, glass: 
     along = np.abs(vx * np.cos(angle[piece]) + vy * np.sin(angle[piece]))
     end = np.zeros(red.shape, bool)
     end[py, px] = elongated[piece] & (along >= 0.8 * np.hypot(vy, vx))
-    return touching(end, _dilate(glass, 1.5) & end)
+    return _touching(end, _dilate(glass, 1.5) & end)
 
 
 def _local_mean(values: np.ndarray, where: np.ndarray, window: float) -> tuple[np.ndarray, np.ndarray]:
@@ -760,9 +760,8 @@ def _erode(mask: np.ndarray, radius: float, outside: int) -> np.ndarray:
                      borderValue=outside).view(bool)
 
 
-def touching(region: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-    """Pixels of ``region`` (or ``seeds``) whose connected piece of both (8-connected) holds a pixel of ``seeds``;
-    QC uses it on the tile grid too (:func:`wsi.qc.neighbour_scores`)."""
+def _touching(region: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Pixels of ``region`` (or ``seeds``) whose connected piece of both (8-connected) holds a pixel of ``seeds``."""
     labels, n = _label(region | seeds)
     hit = np.zeros(n + 1, bool)
     hit[labels[seeds]] = True
