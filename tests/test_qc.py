@@ -379,9 +379,10 @@ def test_tiles_too_plain_to_judge_take_their_judged_neighbours_focus():
     assert not focus.blurred[plain[1]] and focus.score[plain[1]] > 0.9
     assert np.isnan(focus.score[plain[2]]) and not focus.blurred[plain[2]]
     assert focus.judged == len(coords) - 3
-    alone = wsi.qc.score_focus(sharpness, structure)  # without coordinates no neighbour's score is taken: a plain
-    assert np.isnan(alone.score[plain[1:]]).all() and not alone.blurred[plain[1:]].any()  # tile keeps NaN unless
-    assert alone.blurred[plain[0]] and alone.score[plain[0]] == np.float32(0.3)  # its own score is low (0.3 here)
+    # without coordinates no neighbour's score is taken: a plain tile keeps NaN unless its own score is low (0.3)
+    alone = wsi.qc.score_focus(sharpness, structure)
+    assert np.isnan(alone.score[plain[1:]]).all() and not alone.blurred[plain[1:]].any()
+    assert alone.blurred[plain[0]] and alone.score[plain[0]] == np.float32(0.3)
 
 
 def test_a_plain_tile_is_judged_by_its_own_low_score_wherever_it_lies():
