@@ -378,11 +378,16 @@ def test_scancel_of_a_tile_job_ends_the_run_naming_that_batch_and_a_rerun_finish
         job = ids[0] if ids else None
         time.sleep(0 if job else 0.2)
     assert job, "the tile job of batch-00001 never ran"
-    # cancelled as soon as its `wsi tile` has started tiling (its first progress line): its three small slides take
-    # about a second, so a slower look (a squeue call each time) could find the job already done
+    # cancelled while its `wsi tile` tiles: its three small slides take about a second, less than scancel takes to
+    # reach the job, so the command is frozen (SIGSTOP, on this one-node cluster) at its first progress line, and
+    # scancel's SIGCONT before its SIGTERM wakes it to that signal mid-tiling
     while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
     assert log.exists() and log.stat().st_size, "the tile job of batch-00001 never started tiling"
+    tiler = [p for p in wsi_processes(log) if p.cmdline()[1:4] == ["-m", "wsi.cli", "tile"]]
+    assert len(tiler) == 1, [p.cmdline() for p in tiler]
+    tiler[0].suspend()
+    assert "slides done" not in log.read_text(), "batch-00001 was tiled before it could be stopped"
     subprocess.run(["scancel", job], check=True)
     start = time.monotonic()
     console, _ = proc.communicate(timeout=240)
