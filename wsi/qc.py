@@ -108,11 +108,11 @@ tissue about their mean, a strip of stroma between fat several times their sum) 
 :data:`FOLD_SEARCH_FLANK_RATIO` times the denser flank (along a dense tumour sheet's straight edge the band is as dense
 as the sheet), with no band as wide within half a width across it reading over :data:`FOLD_SEARCH_SUM_MAX` of its own
 flanks' sum (a strip of stroma in fat: a band holding part of it and fat reads about the sum of its flanks, one fat,
-the other the rest of the strip); such bands are fold pieces, followed along their band and under bubbles as the others. It finds a fold
-band over fat where no pixel is a fold pixel, and a band's full width where the fold pixels cover part of it. Not seen:
-a fold over fat or under a flap of fat that is neither straight nor doubled over 640 um beside tissue of one kind (fat
-doubled beside denser tissue; a flap of stroma over fat looks like stroma), and a fold that covers much of a slide's
-tissue of one colour within its window (it becomes its own reference).
+the other the rest of the strip); such bands are fold pieces, followed along their band and under bubbles as the
+others. It finds a fold band over fat where no pixel is a fold pixel, and a band's full width where the fold pixels
+cover part of it. Not seen: a fold over fat or under a flap of fat that is neither straight nor doubled over 640 um
+beside tissue of one kind (fat doubled beside denser tissue; a flap of stroma over fat looks like stroma), and a fold
+that covers much of a slide's tissue of one colour within its window (it becomes its own reference).
 
 Bubbles (thumbnail)
 -------------------
@@ -585,7 +585,7 @@ def _doubled_segments(tissue: np.ndarray, density: np.ndarray, seg: int, width: 
     if judged.any():
         band, above, below = mean[width:-width], mean[:-2 * width], mean[2 * width:]
         doubled = judged & _doubled(band, above, below)
-        if doubled.any() and width >= 2:
+        if doubled.any():
             # a strip of dense tissue between paler, found a little across (at most half a width): a band that
             # holds part of it and the fat beside it reads about the sum of its flanks, one of which holds the rest
             strip = (judged & (band > FOLD_SEARCH_SUM_MAX * (above + below))).view(np.uint8)
