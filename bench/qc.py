@@ -55,6 +55,9 @@ rate pooled over the families or seeds (numerators and denominators summed) with
 few tiles of a class (10-75) cannot tell 1% from 3%, a pool of families can. ``--solid-mucin`` (added 2026-12-07)
 draws solid tumour and mucin on every generator slide, where a tumour sheet may lie beside mucin of its hue;
 ``--thumbnail-only`` renders no tiles (folds and bubbles alone, ten times faster; no blur or any-flag figures).
+Added (fourth, sharpff2, 2026-12-08): the blur flags among the flags on sharp, clean dense tumour, fat and mucin
+tiles (``false_blur_<class>``; the rest of each class's flags are fold and bubble flags, ``fold_false_<class>``
+counting fold flags on every tile of the class without a fold).
 A generator slide whose scene cannot be laid out (no room for a hard case) is skipped with a one-line note, and
 its family is scored on the rest (added 2026-12-07: seed 439600 had stopped the whole tier).
 """
@@ -292,6 +295,9 @@ def score(cases: list[dict]) -> dict:
             sel = neg & (cat[k] >= 0.5)
             out[f"false_flags_{k}"] = rate(anyflag & sel, sel)
         out["false_blur_sharp"] = rate(flags["blur"] & neg, neg)
+        for k in ("tumour", "fat", "mucin"):  # a breakdown (added 2026-12-08, sharpff2): the blur flags among them
+            sel = neg & (cat[k] >= 0.5)
+            out[f"false_blur_{k}"] = rate(flags["blur"] & sel, sel)
     fold_pos, fold_neg = cat["fold"] >= 0.5, cat["fold"] == 0
     out["fold_recall"] = rate(flags["fold"] & fold_pos, fold_pos)
     lean = fold_pos & (cat["fat"] < 0.1)  # a breakdown (added 2026-12-06, qc2): fold tiles under 10% fat
