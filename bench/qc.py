@@ -291,13 +291,11 @@ def score(cases: list[dict]) -> dict:
             band = tiles & (cat["sigma"] >= lo) & (cat["sigma"] < hi) & (cat["fold"] == 0) & (cat["bubble"] == 0)
             out[f"blur_recall_{lo}-{hi}"] = rate(flags["blur"] & band, band)
         out["false_flags_sharp"] = rate(anyflag & neg, neg)
+        out["false_blur_sharp"] = rate(flags["blur"] & neg, neg)
         for k in ("tumour", "fat", "mucin"):
             sel = neg & (cat[k] >= 0.5)
             out[f"false_flags_{k}"] = rate(anyflag & sel, sel)
-        out["false_blur_sharp"] = rate(flags["blur"] & neg, neg)
-        for k in ("tumour", "fat", "mucin"):  # a breakdown (added 2026-12-08, sharpff2): the blur flags among them
-            sel = neg & (cat[k] >= 0.5)
-            out[f"false_blur_{k}"] = rate(flags["blur"] & sel, sel)
+            out[f"false_blur_{k}"] = rate(flags["blur"] & sel, sel)  # the blur flags among them (added 2026-12-08)
     fold_pos, fold_neg = cat["fold"] >= 0.5, cat["fold"] == 0
     out["fold_recall"] = rate(flags["fold"] & fold_pos, fold_pos)
     lean = fold_pos & (cat["fat"] < 0.1)  # a breakdown (added 2026-12-06, qc2): fold tiles under 10% fat
