@@ -1,7 +1,7 @@
 """Slide quality control benchmark: blur, folds and air bubbles found by :mod:`wsi.qc`, scored against truth by
 construction, on the generator's slides and on real images; the cost of QC against a whole ``wsi tile``.
 
-    python bench/qc.py [--tier generator real nofocus cost] [--families 5] [--slides 4] [--fresh]
+    python bench/qc.py [--tier generator real clean nofocus cost] [--families 5] [--slides 4] [--fresh]
                        [--seed-base N] [--dev] [--repeats 5] [--against CHECKOUT]
                        [--solid-mucin] [--thumbnail-only]
 
@@ -28,6 +28,10 @@ about 0.5 um/px judged from its nuclei) at full resolution, each with two blur r
 256 px, the thumbnail their 16x area average; and ``tma_spots.jpeg`` (dense dark tumour cores) and the needle
 core of ``slide_with_ink.jpeg`` at 8 um/px, whose thumbnails take a fold and a bubble each (no tile pixels:
 folds and bubbles only; 16-px blocks stand for tiles). Tissue truth: the mask of the clean image.
+
+**clean** (added 2026-12-08): the four real images as they are, with no defect, as read and JPEG-coded at q95,
+q85 and q75; every flag there is a false flag on clean tissue (the real tier scores composites only, and a gland
+lumen of the needle core was seen read as a bubble at three of those codings).
 
 **nofocus**: whole slides out of focus must fail (``no in-focus tissue``), sharp ones must not, through
 ``wsi.tiling.tile_slides``: 3,000 x 2,000 px slides at 0.5 um/px blurred everywhere (sigma 1.5, 2, 3 um,
@@ -200,8 +204,9 @@ def real_images() -> list[tuple[str, np.ndarray, float]]:
     return [("cmu", cmu, um), ("prostate", prostate, 0.5), ("tma", tma, 8.0), ("needle", core, 8.0)]
 
 
-def real_case(name: str, rgb: np.ndarray, um: float, seed: int) -> dict:
-    """One composite of a real image, QC'd; see the module docstring."""
+def real_case(name: str, rgb: np.ndarray, um: float, seed: int | None, quality: int | None = 85) -> dict:
+    """One composite of a real image, QC'd; see the module docstring. ``seed`` None: the image with no defect
+    (the clean tier); ``quality`` None: not re-coded."""
     import cv2
 
     from wsi.tissue import TissueParams, tissue_masks
@@ -225,29 +230,31 @@ def real_case(name: str, rgb: np.ndarray, um: float, seed: int) -> dict:
         return float(xs[i]), float(ys[i])
 
     defects = []
-    if full:
-        for k in range(2):
-            cx, cy = spot()
-            defects.append(dd.BlurRegion(cx, cy, rng.uniform(150, 300) * px, rng.uniform(150, 300) * px,
-                                         rng.uniform(0, math.pi), rng.uniform(0.5, 3.0) * px,
-                                         kernel=("gaussian", "disk")[(seed + k) % 2], ramp=20 * px,
-                                         seed=int(rng.integers(1, 2 ** 31))))
-    cx, cy = spot()
-    defects.append(dd.Fold(cx, cy, rng.uniform(0, math.pi), rng.uniform(300, 800) * px, rng.uniform(60, 150) * px,
-                           line_width=rng.uniform(2, 4) * px if full else 1.0, line_density=rng.uniform(1.0, 2.0)))
-    cx, cy = spot()
-    defects.append(dd.Bubble(cx, cy, rng.uniform(80, 200) * px, rim=max(rng.uniform(10, 20) * px, 1.0),
-                             rim_density=rng.uniform(0.45, 0.7), magnify=rng.uniform(1.03, 1.12),
-                             sigma=rng.uniform(1.5, 4) * px, contrast=rng.uniform(0.6, 0.85)))
-    image = jpeg(dd.composite(rgb, defects))
+    if seed is not None:
+        if full:
+            for k in range(2):
+                cx, cy = spot()
+                defects.append(dd.BlurRegion(cx, cy, rng.uniform(150, 300) * px, rng.uniform(150, 300) * px,
+                                             rng.uniform(0, math.pi), rng.uniform(0.5, 3.0) * px,
+                                             kernel=("gaussian", "disk")[(seed + k) % 2], ramp=20 * px,
+                                             seed=int(rng.integers(1, 2 ** 31))))
+        cx, cy = spot()
+        defects.append(dd.Fold(cx, cy, rng.uniform(0, math.pi), rng.uniform(300, 800) * px, rng.uniform(60, 150) * px,
+                               line_width=rng.uniform(2, 4) * px if full else 1.0, line_density=rng.uniform(1.0, 2.0)))
+        cx, cy = spot()
+        defects.append(dd.Bubble(cx, cy, rng.uniform(80, 200) * px, rim=max(rng.uniform(10, 20) * px, 1.0),
+                                 rim_density=rng.uniform(0.45, 0.7), magnify=rng.uniform(1.03, 1.12),
+                                 sigma=rng.uniform(1.5, 4) * px, contrast=rng.uniform(0.6, 0.85)))
+    image = dd.composite(rgb, defects) if defects else rgb
+    image = image if quality is None else jpeg(image, quality)
     truth = {"tissue": tissue, **dd.composite_truth(tissue, defects)}
     truth["blur_um"] = truth.pop("blur_sigma") * um
     if full:
         thumb = cv2.resize(image, (w // THUMB_DS, h // THUMB_DS), interpolation=cv2.INTER_AREA)
-        return run_qc(f"{name}:{seed}", thumb, THUMB_DS, w // TILE, h // TILE,
+        return run_qc(f"{name}:{seed}:{quality}", thumb, THUMB_DS, w // TILE, h // TILE,
                       lambda x, y: image[y:y + TILE, x:x + TILE], truth, 1.0)
     # an 8 um/px image is its own thumbnail; tiles of 256 px at 0.5 um/px are 16 of its pixels
-    return run_qc(f"{name}:{seed}", image, THUMB_DS, w // 16, h // 16, None, truth, THUMB_DS)
+    return run_qc(f"{name}:{seed}:{quality}", image, THUMB_DS, w // 16, h // 16, None, truth, THUMB_DS)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -387,6 +394,26 @@ def tier_real(seeds: list[int]) -> dict:
         cases = [real_case(name, rgb, um, seed * 10 + i) for i, (name, rgb, um) in enumerate(images)]
         results[seed] = score(cases)
         show(f"real composites, seed {seed}", results[seed])
+    return results
+
+
+def tier_clean() -> dict:
+    """Each real image with no defect at four codings (as read, JPEG q95, q85, q75): every flag is a false flag
+    on clean tissue."""
+    results = {}
+    for name, rgb, um in real_images():
+        for quality in (None, 95, 85, 75):
+            case = real_case(name, rgb, um, None, quality)
+            flags = {k: int(case[k].sum()) for k in ("blur", "fold", "bubble")}
+            flags["any"] = int((case["blur"] | case["fold"] | case["bubble"]).sum())
+            key = f"{name}:{'as read' if quality is None else f'q{quality}'}"
+            results[key] = {"tiles": len(case["focus"]), **flags}
+            counts = "  ".join(f"{k} {v}" for k, v in flags.items())
+            print(f"  clean {key:16s} tiles {len(case['focus']):5d}  {counts}", flush=True)
+    total = {k: sum(r[k] for r in results.values()) for k in ("tiles", "blur", "fold", "bubble", "any")}
+    low, high = wilson(total["any"], total["tiles"])
+    print(f"  clean, all images and codings: {total['any']}/{total['tiles']} tiles flagged "
+          f"({total['any'] / total['tiles']:.4f}, Wilson 95% {low:.4f}-{high:.4f})")
     return results
 
 
@@ -546,8 +573,8 @@ def tier_cost(work: Path, repeats: int = 5, against: Path | None = None, slides=
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tier", nargs="+", default=["generator", "real", "nofocus", "cost"],
-                        choices=("generator", "real", "nofocus", "cost"))
+    parser.add_argument("--tier", nargs="+", default=["generator", "real", "clean", "nofocus", "cost"],
+                        choices=("generator", "real", "clean", "nofocus", "cost"))
     parser.add_argument("--families", type=int, default=5)
     parser.add_argument("--slides", type=int, default=4, help="slides per generator family")
     parser.add_argument("--fresh", action="store_true", help="add a family drawn at run time")
@@ -580,6 +607,8 @@ def main() -> None:
         report["real"] = {str(k): v for k, v in tier_real(families).items()}
         show("real: min / mean / max over seeds", summarise(list(report["real"].values())))
         show_pooled("real: pooled over seeds", list(report["real"].values()))
+    if "clean" in args.tier:
+        report["clean"] = tier_clean()
     if "nofocus" in args.tier:
         report["nofocus"] = tier_nofocus(args.work)
     if "cost" in args.tier:
