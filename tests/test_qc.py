@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import doctest
+import io
 import math
 from html import unescape
 from pathlib import Path
@@ -470,16 +471,38 @@ def test_a_narrow_fold_band_with_nuclei_specks_beside_it_is_kept_without_them():
 
 
 def test_a_bubble_cut_by_the_edge_of_the_image_is_found():
-    """A bubble (radius 25 px at 8 um/px) composited onto the tissue microarray's glass with its centre 12 px from
-    the image's left edge: its outline's box holds no whole circle (the circle reaches past the image, as a
-    circle reaches past an arc that a fold across it leaves); the circle is found all the same."""
-    rgb = tma_cores()[:, 200:]
+    """A bubble (radius 25 px at 8 um/px) composited onto a tumour core of the tissue microarray (radius 36 px) whose
+    centre lies 12 px from the image's left edge: its outline's box holds no whole circle (the circle reaches past
+    the image, as a circle reaches past an arc that a fold across it leaves); the circle is found all the same."""
+    rgb = tma_cores()[:, 280:]
     tissue = tissue_masks(rgb, 8.0, TissueParams.default()).tissue
-    cy = rgb.shape[0] / 2
+    cy = 116
+    assert tissue[cy, :30].all()
     found = thumbnail_defects(dd.composite(rgb, [dd.Bubble(12, cy, 25, rim=2)]), tissue, 8.0)
     assert any(math.hypot(x - 12, y - cy) < 3 and abs(r - 25) < 3 for x, y, r in found.circles)
 
 
+def test_a_gland_lumen_lined_by_dark_cells_is_not_a_bubble_and_a_bubble_over_glass_alone_is_not_reported():
+    """The real needle core (8 um/px) holds an oval lumen about 0.5 mm long lined by dark epithelium: a bright hole
+    with a dark outline, whose upper half a circle fits. A bubble shows the tissue under it; the lumen is glass
+    within, so it is no bubble at any coding. A bubble composited onto the glass beside the core is not reported
+    either (it covers no tissue), while the same bubble on the core is."""
+    core = np.asarray(Image.open(DATA / "slide_with_ink.jpeg").convert("RGB"))[:, :3400]
+    lumen = core[150:450, 1650:2000]  # the lumen's centre near (168, 150)
+    tissue = tissue_masks(lumen, 8.0, TissueParams.default()).tissue
+    assert not tissue[140:160, 160:176].any() and tissue.mean() > 0.5
+    for quality in (None, 95, 85, 75):
+        coded = lumen
+        if quality is not None:
+            buffer = io.BytesIO()
+            Image.fromarray(lumen).save(buffer, "JPEG", quality=quality)
+            coded = np.asarray(Image.open(buffer))
+        assert thumbnail_defects(coded, tissue, 8.0).circles == (), quality
+    assert not tissue[15:46, 45:76].any() and tissue[185:216, 85:116].all()
+    on_glass = thumbnail_defects(dd.composite(lumen, [dd.Bubble(60, 30, 20, rim=1.5)]), tissue, 8.0)
+    assert on_glass.circles == () and not on_glass.bubble.any()
+    [(x, y, r)] = thumbnail_defects(dd.composite(lumen, [dd.Bubble(100, 200, 20, rim=1.5)]), tissue, 8.0).circles
+    assert math.hypot(x - 100, y - 200) < 3 and abs(r - 20) < 3
 @pytest.mark.parametrize("edge", ["bottom", "right", "top"])
 def test_a_bubble_with_less_than_half_its_outline_in_the_image_is_found(edge):
     """A bubble of 136 um radius on the real prostate image at 8 um/px (156 x 156 px), its centre beyond the edge so

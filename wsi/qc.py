@@ -253,6 +253,9 @@ RIM_EVENNESS = 0.55  # and evenly: the smallest channel's excess at least this s
 BUBBLE_RADIUS_UM = (50.0, 2000.0)  # the bubbles looked for
 HOUGH_PERFECTNESS = 0.6  # OpenCV's HOUGH_GRADIENT_ALT param2: how circular an outline must be to be proposed
 BUBBLE_MIN_ARC = 0.4  # a proposed circle is a bubble when rim candidates lie along this share of it
+BUBBLE_TISSUE_MIN = 0.05  # and tissue fills at least this share of its inside (less FOLD_BUBBLE_RIM_UM all round): a
+# bubble shows the tissue under it, a gland's lumen lined by dark cells is glass within (a bubble over glass alone
+# flags no tissue)
 
 DEFECT_TILE_SHARE = 0.15  # a tile is a fold (bubble) tile when the fold (bubble) mask covers this share of it
 
@@ -485,15 +488,15 @@ def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
 
 def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_field_um: float = 1000.0,
                       glass: np.ndarray | None = None) -> ThumbnailDefects:
-    """Folds (within ``tissue``) and bubbles (anywhere) on an RGB uint8 thumbnail whose pixels are ``mpp`` um
+    """Folds (within ``tissue``) and bubbles (over it) on an RGB uint8 thumbnail whose pixels are ``mpp`` um
     wide; ``glass`` is the glass colour the tissue mask found (:class:`wsi.tissue.TissueMasks`), estimated the
     same way (``tissue.glass_field_um``) when not given."""
 
     rgb = np.asarray(rgb)[..., :3]
     glass = glass_colour(rgb, mpp, glass_field_um) if glass is None else glass
     od = optical_density(rgb, glass)
-    bubble, circles = _bubbles(od, mpp)
     tissue = np.asarray(tissue, bool)
+    bubble, circles = _bubbles(od, tissue, mpp)
     # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through it is paler:
     # folds are measured there only against the tissue inside the same bubble, and a fold found running into a
     # bubble runs on under it
@@ -1144,12 +1147,12 @@ def _rim_candidates(od: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]
     return candidate, low
 
 
-def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
+def _bubbles(od: np.ndarray, tissue: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
     """Bubble discs and circles: rim candidates (neutral excess density over the neighbourhood's median),
     circles proposed by OpenCV's Hough transform on them (``HOUGH_GRADIENT_ALT``; on the pieces of
     :data:`RIM_MIN_PX` or more, then on every candidate) and fitted to groups the image's edge cuts, each kept
     when rim candidates in such pieces lie along at least :data:`BUBBLE_MIN_ARC` of its circumference (within
-    two pixels)."""
+    two pixels) and ``tissue`` fills :data:`BUBBLE_TISSUE_MIN` of its inside."""
     h, w = od.shape[:2]
     mask = np.zeros((h, w), bool)
     candidate, low = _rim_candidates(od, mpp)
@@ -1220,6 +1223,9 @@ def _bubbles(od: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
         on_rim = np.zeros(len(angles), bool)
         on_rim[inside] = near[py[inside], px[inside]]
         if on_rim.mean() < BUBBLE_MIN_ARC:
+            continue
+        rows, cols, inside = _disc(cx, cy, r - FOLD_BUBBLE_RIM_UM / mpp, mask.shape)
+        if np.count_nonzero(tissue[rows, cols] & inside) < BUBBLE_TISSUE_MIN * np.count_nonzero(inside):
             continue
         circles.append((float(cx), float(cy), float(r)))
         rows, cols, disc = _disc(cx, cy, r + 1, mask.shape)  # out to the rim's outer edge
