@@ -503,6 +503,8 @@ def test_a_gland_lumen_lined_by_dark_cells_is_not_a_bubble_and_a_bubble_over_gla
     assert on_glass.circles == () and not on_glass.bubble.any()
     [(x, y, r)] = thumbnail_defects(dd.composite(lumen, [dd.Bubble(100, 200, 20, rim=1.5)]), tissue, 8.0).circles
     assert math.hypot(x - 100, y - 200) < 3 and abs(r - 20) < 3
+
+
 @pytest.mark.parametrize("edge", ["bottom", "right", "top"])
 def test_a_bubble_with_less_than_half_its_outline_in_the_image_is_found(edge):
     """A bubble of 136 um radius on the real prostate image at 8 um/px (156 x 156 px), its centre beyond the edge so

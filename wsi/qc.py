@@ -128,7 +128,9 @@ on every candidate, specks too (they close the gaps of an outline whose pieces c
 candidates that the image's edge cuts (less than that of its circle lies in the image) is also fitted a circle
 by least squares. A proposed circle along which rim candidates in pieces of :data:`RIM_MIN_PX` or more lie
 (within two pixels) for at least :data:`BUBBLE_MIN_ARC` of its circumference is a bubble, and its disc is the
-bubble mask.
+bubble mask, where tissue fills at least :data:`BUBBLE_TISSUE_MIN` of its inside (its disc less
+:data:`FOLD_BUBBLE_RIM_UM` all round): a bubble shows the tissue under it, where a gland's lumen lined by dark cells
+is a bright hole with a dark outline, glass within. A bubble over glass alone is not kept either; it covers no tissue.
 Dense tumour's nuclei and the edges of dark regions also leave candidates, but not along a circle.
 
 Per tile and per slide
@@ -1224,8 +1226,8 @@ def _bubbles(od: np.ndarray, tissue: np.ndarray, mpp: float) -> tuple[np.ndarray
         on_rim[inside] = near[py[inside], px[inside]]
         if on_rim.mean() < BUBBLE_MIN_ARC:
             continue
-        rows, cols, inside = _disc(cx, cy, r - FOLD_BUBBLE_RIM_UM / mpp, mask.shape)
-        if np.count_nonzero(tissue[rows, cols] & inside) < BUBBLE_TISSUE_MIN * np.count_nonzero(inside):
+        rows, cols, interior = _disc(cx, cy, r - FOLD_BUBBLE_RIM_UM / mpp, mask.shape)
+        if np.count_nonzero(tissue[rows, cols] & interior) < BUBBLE_TISSUE_MIN * np.count_nonzero(interior):
             continue
         circles.append((float(cx), float(cy), float(r)))
         rows, cols, disc = _disc(cx, cy, r + 1, mask.shape)  # out to the rim's outer edge
