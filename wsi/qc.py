@@ -498,7 +498,7 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     glass = glass_colour(rgb, mpp, glass_field_um) if glass is None else glass
     od = optical_density(rgb, glass)
     tissue = np.asarray(tissue, bool)
-    bubble, circles = _bubbles(od, tissue, mpp)
+    bubble, circles, insides = _bubbles(od, tissue, mpp)
     # a bubble's outline darkens the tissue without changing its colour, and the tissue seen through it is paler:
     # folds are measured there only against the tissue inside the same bubble, and a fold found running into a
     # bubble runs on under it
@@ -507,7 +507,6 @@ def thumbnail_defects(rgb: np.ndarray, tissue: np.ndarray, mpp: float, *, glass_
     # strided channels, as sum(cv2.split(od)) adds them: split's three planes cost more than the sum)
     density = np.add(od[..., 0], od[..., 1])
     density += od[..., 2]
-    insides = _bubble_insides(circles, tissue, mpp)
     # the searched tissue's median density: the single layer the fold tests compare with
     median = float(np.median(density[searched])) if searched.any() else 0.0
     fold, cut = _folds(od, density, searched, median, mpp, insides)
@@ -724,19 +723,6 @@ def _through_bubbles(fold: np.ndarray, bubble: np.ndarray, tissue: np.ndarray, m
     return out
 
 
-def _bubble_insides(circles: list, tissue: np.ndarray, mpp: float) -> list[tuple[slice, slice, np.ndarray]]:
-    """The tissue inside each bubble's disc less :data:`FOLD_BUBBLE_RIM_UM` all round (its outline and the
-    bright ring inside it): the disc's box (rows, columns) and the mask within it."""
-    rim = FOLD_BUBBLE_RIM_UM / mpp
-    insides = []
-    for cx, cy, r in circles:
-        rows, cols, disc = _disc(cx, cy, r - rim, tissue.shape)
-        inside = disc & tissue[rows, cols]
-        if inside.any():
-            insides.append((rows, cols, inside))
-    return insides
-
-
 def _disc(cx: float, cy: float, radius: float, shape: tuple[int, int]) -> tuple[slice, slice, np.ndarray]:
     """The pixels of an image of ``shape`` within ``radius`` of (cx, cy), in the disc's box (rows, columns; a
     pixel beyond it on each side, whatever the rounding, clipped to the image) and the mask within it."""
@@ -752,7 +738,7 @@ def _folds(od: np.ndarray, density: np.ndarray, tissue: np.ndarray, slide_median
     """Fold pixels, and apart the pieces cut short kept as doubled against their ring (:func:`_doubled_ring`: not
     followed along their band). Fold pixels: tissue at least twice as dense as the slide's tissue of its colour,
     either the slide's as a whole (and its surroundings) or that colour's within its window (see the module
-    docstring); and inside each bubble (``insides``, from :func:`_bubble_insides`; ``tissue`` leaves them out)
+    docstring); and inside each bubble (``insides``, from :func:`_bubbles`; ``tissue`` leaves them out)
     tissue at least :data:`FOLD_DENSITY_RATIO` times as dense, against its colour's slide reference, as the
     :data:`FOLD_BUBBLE_QUANTILE` quantile of the bubble's tissue so measured: the bubble pales a fold and the
     single tissue beside it alike. ``density`` is the sum of ``od``'s channels (``slide_median`` its median over
@@ -1149,24 +1135,27 @@ def _rim_candidates(od: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]
     return candidate, low
 
 
-def _bubbles(od: np.ndarray, tissue: np.ndarray, mpp: float) -> tuple[np.ndarray, list]:
-    """Bubble discs and circles: rim candidates (neutral excess density over the neighbourhood's median),
+def _bubbles(od: np.ndarray, tissue: np.ndarray,
+             mpp: float) -> tuple[np.ndarray, list, list[tuple[slice, slice, np.ndarray]]]:
+    """Bubble discs, circles and insides: rim candidates (neutral excess density over the neighbourhood's median),
     circles proposed by OpenCV's Hough transform on them (``HOUGH_GRADIENT_ALT``; on the pieces of
     :data:`RIM_MIN_PX` or more, then on every candidate) and fitted to groups the image's edge cuts, each kept
     when rim candidates in such pieces lie along at least :data:`BUBBLE_MIN_ARC` of its circumference (within
-    two pixels) and ``tissue`` fills :data:`BUBBLE_TISSUE_MIN` of its inside."""
+    two pixels) and ``tissue`` fills :data:`BUBBLE_TISSUE_MIN` of its inside. A bubble's inside is the tissue within
+    its disc less :data:`FOLD_BUBBLE_RIM_UM` all round (its outline and the bright ring inside it), as its disc's box
+    (rows, columns) and the mask within it; a circle with none has no inside listed."""
     h, w = od.shape[:2]
     mask = np.zeros((h, w), bool)
     candidate, low = _rim_candidates(od, mpp)
     if np.count_nonzero(candidate) < 8:
-        return mask, []
+        return mask, [], []
     r_min, r_max = BUBBLE_RADIUS_UM[0] / mpp, BUBBLE_RADIUS_UM[1] / mpp
     # specks (JPEG, nuclei, dust) are no outline: pieces of at least RIM_MIN_PX pixels, grouped when close
     (top, left), _, labels, stats = _pieces(candidate)
     big = stats[:, cv2.CC_STAT_AREA] >= RIM_MIN_PX
     big[0] = False
     if not big.any():
-        return mask, []
+        return mask, [], []
     rim = np.zeros((h, w), bool)
     rim[top:top + labels.shape[0], left:left + labels.shape[1]] = big[labels]
     grouped = cv2.dilate(rim.view(np.uint8), np.ones((7, 7), np.uint8))
@@ -1174,7 +1163,7 @@ def _bubbles(od: np.ndarray, tissue: np.ndarray, mpp: float) -> tuple[np.ndarray
     # groups narrower than this hold no bubble's arc
     wide = [i for i in range(1, count) if max(boxes[i, 2], boxes[i, 3]) >= 1.6 * r_min]
     if not wide:
-        return mask, []
+        return mask, [], []
     # OpenCV proposes a circle only when its edges span 35 of 64 angular bins (HoughCirclesAlt), more than
     # BUBBLE_MIN_ARC asks: an outline whose pieces of RIM_MIN_PX or more cover less is proposed from every
     # candidate (its specks close the gaps), and kept, as any circle, on those pieces alone
@@ -1212,27 +1201,30 @@ def _bubbles(od: np.ndarray, tissue: np.ndarray, mpp: float) -> tuple[np.ndarray
         fit = _circle_through(xs + x, ys + y)
         proposed += [] if fit is None or not r_min <= fit[2] <= r_max else [fit]
     near = cv2.dilate(rim.view(np.uint8), np.ones((5, 5), np.uint8)).view(bool)  # within two pixels
-    circles = []
+    circles, insides = [], []
     for cx, cy, r in proposed:
         if any(math.hypot(cx - x, cy - y) < r_min and abs(r - q) < r_min for x, y, q in circles):
             continue  # the same circle, proposed again from the other arc of its outline
         angles = np.linspace(0, 2 * math.pi, max(36, int(2 * math.pi * r)), endpoint=False)
         px = np.round(cx + r * np.cos(angles)).astype(int)
         py = np.round(cy + r * np.sin(angles)).astype(int)
-        inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
-        if inside.mean() < BUBBLE_MIN_ARC:
+        in_image = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+        if in_image.mean() < BUBBLE_MIN_ARC:
             continue
         on_rim = np.zeros(len(angles), bool)
-        on_rim[inside] = near[py[inside], px[inside]]
+        on_rim[in_image] = near[py[in_image], px[in_image]]
         if on_rim.mean() < BUBBLE_MIN_ARC:
             continue
         rows, cols, interior = _disc(cx, cy, r - FOLD_BUBBLE_RIM_UM / mpp, mask.shape)
-        if np.count_nonzero(tissue[rows, cols] & interior) < BUBBLE_TISSUE_MIN * np.count_nonzero(interior):
+        inside = tissue[rows, cols] & interior
+        if np.count_nonzero(inside) < BUBBLE_TISSUE_MIN * np.count_nonzero(interior):
             continue
         circles.append((float(cx), float(cy), float(r)))
+        if inside.any():
+            insides.append((rows, cols, inside))
         rows, cols, disc = _disc(cx, cy, r + 1, mask.shape)  # out to the rim's outer edge
         mask[rows, cols] |= disc
-    return mask, circles
+    return mask, circles, insides
 
 
 def defect_shares(defects: ThumbnailDefects, downsample: float, coords: np.ndarray,
