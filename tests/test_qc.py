@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import doctest
-import io
 import math
 from html import unescape
 from pathlib import Path
@@ -292,6 +291,14 @@ def test_a_tiles_focus_is_measured_on_its_central_half_of_rows():
     assert sharpness[2] < 0.6 * sharpness[0]
 
 
+def jpeg_coded(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """``rgb`` through JPEG at ``quality`` as a slide's levels are coded (YCbCr, 4:2:0) and decoded."""
+    import imagecodecs
+
+    return imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(np.ascontiguousarray(rgb), level=quality,
+                                                             outcolorspace="YCBCR", subsampling="420"))
+
+
 def tma_cores() -> np.ndarray:
     """The upper blocks of tests/data/tma_spots.jpeg (8 um/px): some 40 cores, the darkest tumour ones among them."""
     return np.asarray(Image.open(DATA / "tma_spots.jpeg").convert("RGB"))[1150:1900]
@@ -492,11 +499,7 @@ def test_a_gland_lumen_lined_by_dark_cells_is_not_a_bubble_and_a_bubble_over_gla
     tissue = tissue_masks(lumen, 8.0, TissueParams.default()).tissue
     assert not tissue[140:160, 160:176].any() and tissue.mean() > 0.5
     for quality in (None, 95, 85, 75):
-        coded = lumen
-        if quality is not None:
-            buffer = io.BytesIO()
-            Image.fromarray(lumen).save(buffer, "JPEG", quality=quality)
-            coded = np.asarray(Image.open(buffer))
+        coded = lumen if quality is None else jpeg_coded(lumen, quality)
         assert thumbnail_defects(coded, tissue, 8.0).circles == (), quality
     assert not tissue[15:46, 45:76].any() and tissue[185:216, 85:116].all()
     on_glass = thumbnail_defects(dd.composite(lumen, [dd.Bubble(60, 30, 20, rim=1.5)]), tissue, 8.0)
@@ -708,14 +711,11 @@ def _cmu_case_folds(defects: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A dev case of bench/qc.py's real tier rebuilt: the real cmu image with ``defects`` composited, JPEG-coded as
     the tier codes it, its 8 um/px thumbnail's tissue mask, the fold truth on that grid (half a pixel or more) and
     the fold mask found there."""
-    import imagecodecs
-
     from wsi.slide import open_slide
 
     with open_slide(DATA / "cmu_small_region.svs") as s:
         rgb = s.read_region(0, 0, 0, s.width, s.height)[..., :3]
-    image = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(np.ascontiguousarray(dd.composite(rgb, defects)),
-                                                              level=85, outcolorspace="YCBCR", subsampling="420"))
+    image = jpeg_coded(dd.composite(rgb, defects), 85)
     h, w = image.shape[:2]
     thumb = cv2.resize(image, (w // 16, h // 16), interpolation=cv2.INTER_AREA)
     tissue = tissue_masks(thumb, 8.0, TissueParams.default()).tissue
@@ -775,8 +775,6 @@ def test_a_tumour_sheet_beside_mucin_of_its_hue_is_not_a_fold():
     sheet 1.4x "its colour": main's code (553084d) flags 1,547 of its 4,718 tumour pixels, six tiles, as fold. With
     the pale tissue of a denser hue left out of the fold tests, nothing farther than 96 um from the fold is flagged,
     and the fold is found."""
-    import imagecodecs
-
     from wsi_synth import SITE_PROFILES
 
     seed = 91100
@@ -788,9 +786,7 @@ def test_a_tumour_sheet_beside_mucin_of_its_hue_is_not_a_fold():
     defects = dd.draw_defects(plain.tissue_boxes, plain.width, plain.height, MPP, np.random.default_rng([seed, 0xDEF]),
                               blur=1, stripes=1, folds=1, bubbles=1, sigma_um=(0.5, 3.0), kernels=("gaussian",))
     slide = write_synthetic_slide(Path("s91100.svs"), write=False, defects=defects, **kwargs)
-    thumb = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(
-        np.ascontiguousarray(slide.render_level(16, 0, 0, 500, 375)), level=kwargs["site"].jpeg_quality,
-        outcolorspace="YCBCR", subsampling="420"))
+    thumb = jpeg_coded(slide.render_level(16, 0, 0, 500, 375), kwargs["site"].jpeg_quality)
     truth = slide.truth_masks(16)
     found = thumbnail_defects(thumb, tissue_masks(thumb, 8.0, TissueParams.default()).tissue, 8.0).fold
     near = _within_96_um(truth["fold"])
